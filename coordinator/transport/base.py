@@ -1,0 +1,67 @@
+"""The round engine's view of the clients: an abstract transport.
+
+Two implementations: in-process (simulation; virtual clients run the same
+``takfl.training.train_local`` an agent runs) and MQTT (real agents). The
+engine never knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from takfl.config.base import ModelSpec
+
+
+@dataclass
+class Task:
+    """One client's work for one round."""
+
+    round_id: int
+    prototype: str
+    client_id: str
+    model: ModelSpec
+    global_state: dict[str, torch.Tensor]  # the prototype's global weights, CPU
+    deadline: float  # unix time after which the update is no longer wanted
+
+
+@dataclass
+class ClientUpdate:
+    """A client's validated answer to a task: full trained weights (the transport
+    reconstructs them from a delta when it carried one)."""
+
+    round_id: int
+    prototype: str
+    client_id: str
+    num_samples: int
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)  # train loss, seconds, ...
+
+
+class Transport(ABC):
+    """How the engine reaches clients. Implementations must be safe to call from
+    the engine's thread only; they may run their own threads internally."""
+
+    @abstractmethod
+    def clients(self) -> dict[str, list[str]]:
+        """Clients currently available, by prototype."""
+
+    @abstractmethod
+    def send_tasks(self, tasks: list[Task]) -> None:
+        """Deliver tasks; returns without waiting for the work."""
+
+    @abstractmethod
+    def next_update(self, timeout: float) -> ClientUpdate | None:
+        """The next validated update of the current round, or None after ``timeout`` s.
+
+        Refused updates are logged and counted by the transport, never returned.
+        """
+
+    def publish_global(self, round_id: int, prototype: str, state: dict[str, torch.Tensor]) -> None:
+        """Announce a prototype's new global model (no-op where nobody listens)."""
+        return None
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,1 @@
+"""Bundled device profiles (``devices/``) and federation configs (``federations/``)."""

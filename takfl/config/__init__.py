@@ -1,0 +1,39 @@
+"""Typed, validated configuration: device profiles and federation configs."""
+
+from takfl.config.base import ModelSpec
+from takfl.config.federation import (
+    ALGORITHMS,
+    AlgorithmSpec,
+    DistillSpec,
+    FederationConfig,
+    LambdaSpec,
+    PrototypeSpec,
+)
+from takfl.config.loader import (
+    ConfigError,
+    Problem,
+    bundled_names,
+    load_federation,
+    load_profile,
+    parse,
+    prototype_model,
+)
+from takfl.config.profile import DeviceProfile
+
+__all__ = [
+    "ALGORITHMS",
+    "AlgorithmSpec",
+    "ConfigError",
+    "DeviceProfile",
+    "DistillSpec",
+    "FederationConfig",
+    "LambdaSpec",
+    "ModelSpec",
+    "Problem",
+    "PrototypeSpec",
+    "bundled_names",
+    "load_federation",
+    "load_profile",
+    "parse",
+    "prototype_model",
+]

@@ -1,0 +1,103 @@
+"""Federation config: data, partition, prototypes, rounds and the algorithm."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from takfl.config.base import ModelSpec, Strict
+
+Algorithm = Literal["takfl", "takfl-reg", "feddf", "fedet", "fedavg"]
+ALGORITHMS: tuple[str, ...] = ("takfl", "takfl-reg", "feddf", "fedet", "fedavg")
+
+
+class DataSpec(Strict):
+    dataset: Literal["digits", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    data_dir: str | None = None  # folder (CIFAR, image folder) or file (.npz)
+    # Public (unlabelled) data from another data set, e.g. CIFAR-100 for CIFAR-10.
+    public_dataset: Literal["cifar10", "cifar100", "npz", "imagefolder"] | None = None
+    public_data_dir: str | None = None
+    test_from_split: bool = False  # take the test set from the data set's own test split
+    test_size: int = Field(0, ge=0)  # carved from the pool when not test_from_split
+    validation_size: int = Field(100, ge=0)
+    public_size: int = Field(300, ge=0)
+
+
+class PartitionSpec(Strict):
+    alpha: float = Field(0.3, gt=0)  # Dirichlet concentration across a prototype's clients
+    min_per_client: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class PrototypeSpec(Strict):
+    name: str
+    profile: str  # bundled device profile name or a path to a YAML file
+    model: ModelSpec | None = None  # overrides the profile's model when given
+    clients: int = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)  # fraction of clients sampled per round
+    data_ratio: float = Field(gt=0, le=1)  # share of the private data
+
+
+class DistillSpec(Strict):
+    steps: int = Field(100, ge=0)  # optimiser steps per (student, teacher) distillation
+    batch_size: int = Field(64, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    temperature: float = Field(3.0, gt=0)  # T, teacher/student softening
+    self_reg_weight: float = Field(1.0, ge=0)  # gamma (takfl-reg); ignored by plain takfl
+    self_reg_temperature: float = Field(20.0, gt=0)  # Ts
+
+
+class LambdaSpec(Strict):
+    strategy: Literal["fixed", "search", "learned", "unsupervised"] = "search"
+    # fixed: matrix[student][teacher]; rows are projected onto the simplex.
+    matrix: list[list[float]] | None = None
+    search_candidates: int = Field(32, ge=1)  # random simplex points scored (plus vertices, uniform)
+    learn_steps: int = Field(50, ge=1)  # gradient steps for learned/unsupervised
+    learn_rate: float = Field(0.05, gt=0)
+    scale: float = Field(1.0, gt=0)  # global task-vector scaling
+
+
+class FedETSpec(Strict):
+    diversity_weight: float = Field(0.1, ge=0)  # weight of the diversity regulariser
+
+
+class AlgorithmSpec(Strict):
+    name: Algorithm = "takfl"
+    distill: DistillSpec = DistillSpec()
+    lambdas: LambdaSpec = LambdaSpec()
+    fedet: FedETSpec = FedETSpec()
+
+
+class FederationConfig(Strict):
+    """Parsed from a YAML file in ``profiles/federations/`` or a user path."""
+
+    name: str
+    description: str = ""
+    data: DataSpec = DataSpec()
+    partition: PartitionSpec = PartitionSpec()
+    prototypes: list[PrototypeSpec] = Field(min_length=1)
+    rounds: int = Field(10, gt=0)
+    algorithm: AlgorithmSpec = AlgorithmSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        names = [p.name for p in self.prototypes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"prototype names must be unique, got {names}")
+        total = sum(p.data_ratio for p in self.prototypes)
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"prototypes' data_ratio values must sum to 1, they sum to {total:g}"
+            )
+        m = self.algorithm.lambdas.matrix
+        if m is not None and (len(m) != len(names) or any(len(r) != len(names) for r in m)):
+            raise ValueError(f"algorithm.lambdas.matrix must be {len(names)}x{len(names)}")
+        return self
+
+    def prototype(self, name: str) -> PrototypeSpec:
+        for p in self.prototypes:
+            if p.name == name:
+                return p
+        raise KeyError(f"no prototype {name!r}; have {[p.name for p in self.prototypes]}")

@@ -1,0 +1,57 @@
+"""Device profile: what one kind of device trains, runs and sends, and within which limits."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from takfl.config.base import ModelSpec, Strict
+
+HardwareClass = Literal["workstation", "jetson", "raspberry-pi", "phone", "microcontroller"]
+
+
+class TrainingSpec(Strict):
+    backend: Literal["torch"] = "torch"  # local training engine
+    epochs: int = Field(1, gt=0)  # local epochs per round (E)
+    batch_size: int = Field(32, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)  # torch intra-op threads
+    memory_limit_mb: int | None = Field(None, gt=0)  # address-space cap for the agent process
+    time_budget_s: float | None = Field(None, gt=0)  # stop local training after this long
+
+
+class InferenceSpec(Strict):
+    runtime: Literal["onnxruntime", "ai-edge-litert", "tflite-runtime", "torch"] = "onnxruntime"
+    format: Literal["onnx", "tflite", "torch"] = "onnx"
+    quantization: Literal["none", "int8", "dynamic"] = "none"
+    threads: int = Field(1, ge=1)
+
+
+class CommsSpec(Strict):
+    chunk_size_kib: int = Field(128, gt=0, le=16384)  # MQTT payload chunk size
+    compression: Literal["fp32", "fp16", "int8"] = "fp16"  # update delta encoding
+    qos: Literal[0, 1, 2] = 1
+    keepalive_s: int = Field(30, gt=0)
+
+
+class ScheduleSpec(Strict):
+    max_tasks_per_hour: int | None = Field(None, gt=0)
+    require_charging: bool = False  # phones: train only while charging
+    task_deadline_s: float = Field(300.0, gt=0)  # give up a task after this long
+
+
+class DeviceProfile(Strict):
+    """One device tier: parsed from a YAML file in ``profiles/devices/`` or a user path."""
+
+    name: str
+    prototype: str  # the prototype (tier) these devices belong to
+    hardware_class: HardwareClass
+    description: str = ""
+    model: ModelSpec
+    training: TrainingSpec = TrainingSpec()
+    inference: InferenceSpec = InferenceSpec()
+    comms: CommsSpec = CommsSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
