@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from takfl.config.base import ModelSpec
+from takfl.config.profile import TrainingSpec
 
 
 @dataclass
@@ -25,6 +26,8 @@ class Task:
     model: ModelSpec
     global_state: dict[str, torch.Tensor]  # the prototype's global weights, CPU
     deadline: float  # unix time after which the update is no longer wanted
+    seed: int = 0  # local-training seed: the same task trains identically everywhere
+    training: TrainingSpec | None = None  # epochs/batch/lr dictated for this prototype
 
 
 @dataclass

@@ -17,6 +17,7 @@ from takfl.config.loader import (
     load_profile,
     parse,
     prototype_model,
+    prototype_training,
 )
 from takfl.config.profile import DeviceProfile
 
@@ -36,4 +37,5 @@ __all__ = [
     "load_profile",
     "parse",
     "prototype_model",
+    "prototype_training",
 ]

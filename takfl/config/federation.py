@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from takfl.config.base import ModelSpec, Strict
 
@@ -31,6 +31,17 @@ class PartitionSpec(Strict):
     seed: int = 0
 
 
+class TrainingOverride(Strict):
+    """Local-training settings the coordinator dictates for a prototype; the device
+    profile keeps its own limits (threads, memory, time budget)."""
+
+    epochs: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    optimizer: Literal["adam", "sgd"] | None = None
+    learning_rate: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+
 class PrototypeSpec(Strict):
     name: str
     profile: str  # bundled device profile name or a path to a YAML file
@@ -38,6 +49,7 @@ class PrototypeSpec(Strict):
     clients: int = Field(gt=0)
     sample_rate: float = Field(gt=0, le=1)  # fraction of clients sampled per round
     data_ratio: float = Field(gt=0, le=1)  # share of the private data
+    training: TrainingOverride | None = None  # overrides the profile's local training
 
 
 class DistillSpec(Strict):
@@ -53,10 +65,14 @@ class LambdaSpec(Strict):
     strategy: Literal["fixed", "search", "learned", "unsupervised"] = "search"
     # fixed: matrix[student][teacher]; rows are projected onto the simplex.
     matrix: list[list[float]] | None = None
-    search_candidates: int = Field(32, ge=1)  # random simplex points scored (plus vertices, uniform)
+    search_candidates: int = Field(32, ge=1)  # random simplex points (plus vertices, uniform)
     learn_steps: int = Field(50, ge=1)  # gradient steps for learned/unsupervised
     learn_rate: float = Field(0.05, gt=0)
-    scale: float = Field(1.0, gt=0)  # global task-vector scaling
+    # Task-vector scaling coefficient (Ilharco et al. 2023): a number, or "auto" to
+    # choose it on the validation set from scale_grid (search) or learn it (learned);
+    # 0 keeps theta_avg. "unsupervised" has no labels to anchor it and uses 1.0 under auto.
+    scale: float | Literal["auto"] = "auto"
+    scale_grid: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 class FedETSpec(Strict):
@@ -81,19 +97,23 @@ class FederationConfig(Strict):
     rounds: int = Field(10, gt=0)
     algorithm: AlgorithmSpec = AlgorithmSpec()
 
-    @model_validator(mode="after")
-    def _consistent(self) -> FederationConfig:
-        names = [p.name for p in self.prototypes]
+    @field_validator("prototypes")
+    @classmethod
+    def _prototypes_consistent(cls, value: list[PrototypeSpec]) -> list[PrototypeSpec]:
+        names = [p.name for p in value]
         if len(set(names)) != len(names):
             raise ValueError(f"prototype names must be unique, got {names}")
-        total = sum(p.data_ratio for p in self.prototypes)
+        total = sum(p.data_ratio for p in value)
         if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise ValueError(
-                f"prototypes' data_ratio values must sum to 1, they sum to {total:g}"
-            )
+            raise ValueError(f"prototypes' data_ratio values must sum to 1, they sum to {total:g}")
+        return value
+
+    @model_validator(mode="after")
+    def _matrix_matches(self) -> FederationConfig:
         m = self.algorithm.lambdas.matrix
-        if m is not None and (len(m) != len(names) or any(len(r) != len(names) for r in m)):
-            raise ValueError(f"algorithm.lambdas.matrix must be {len(names)}x{len(names)}")
+        n = len(self.prototypes)
+        if m is not None and (len(m) != n or any(len(r) != n for r in m)):
+            raise ValueError(f"algorithm.lambdas.matrix must be {n}x{n}, one row per prototype")
         return self
 
     def prototype(self, name: str) -> PrototypeSpec:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from takfl.config.base import ModelSpec
 from takfl.config.federation import FederationConfig
-from takfl.config.profile import DeviceProfile
+from takfl.config.profile import DeviceProfile, TrainingSpec
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -113,6 +113,8 @@ def load_federation(name_or_path: str | Path) -> FederationConfig:
         ref = proto.profile
         if not Path(ref).is_absolute() and (path.parent / ref).is_file():
             ref = str(path.parent / ref)
+            proto.profile = ref  # later lookups need not know where the config lived
+            proto.profile = ref  # later lookups must not depend on the working directory
         try:
             prof = load_profile(ref)
         except ConfigError as e:
@@ -126,6 +128,15 @@ def load_federation(name_or_path: str | Path) -> FederationConfig:
     if problems:
         raise ConfigError(str(path), problems)
     return cfg
+
+
+def prototype_training(cfg: FederationConfig, name: str) -> TrainingSpec:
+    """The prototype's profile training settings with the federation's overrides applied."""
+    proto = cfg.prototype(name)
+    base = load_profile(proto.profile).training
+    if proto.training is None:
+        return base
+    return base.model_copy(update=proto.training.model_dump(exclude_none=True))
 
 
 def prototype_model(cfg: FederationConfig, name: str) -> ModelSpec:

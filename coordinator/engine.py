@@ -1,0 +1,232 @@
+"""The round engine: sampling, collection, streaming aggregation, server step, evaluation.
+
+Transport-agnostic: the same engine drives virtual clients (simulation) and
+real agents over MQTT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from coordinator.transport.base import ClientUpdate, Task, Transport
+from takfl.config.base import ModelSpec
+from takfl.config import FederationConfig, prototype_training
+from takfl.fedavg import FedAvgAccumulator
+from takfl.logits import MeanLogits
+from takfl.models import build_model
+from takfl.server import EvalData, PrototypeInput, server_step
+from takfl.training import accuracy, predict_logits
+
+log = logging.getLogger(__name__)
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    deadline_s: float = 120.0  # a round closes this long after its tasks went out...
+    quorum: float = 1.0  # ...once this fraction of each prototype's sampled clients replied
+    max_wait_s: float = 600.0  # past the deadline, wait at most this long for a quorum
+
+
+@dataclass
+class ServerData:
+    """Tensors on the compute device."""
+
+    public_x: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+@dataclass
+class RoundResult:
+    round_id: int
+    accuracy: dict[str, float]  # prototype -> test accuracy, percent
+    lambdas: dict[str, dict[str, float] | None]
+    received: dict[str, int]  # prototype -> accepted updates
+    sampled: dict[str, int]
+    timings: dict[str, float]
+    info: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class _Collector:
+    """Streaming state of one round for one prototype: FedAvg sums and teacher logits."""
+
+    def __init__(self, keep_client_logits: bool) -> None:
+        self.fedavg = FedAvgAccumulator()
+        self.logits = MeanLogits()
+        self.client_logits: list[torch.Tensor] = []
+        self.keep = keep_client_logits
+
+
+def sample_clients(
+    available: list[str], total: int, rate: float, rng: np.random.Generator
+) -> list[str]:
+    """ceil(rate * total) clients, at most those available, at least one if any."""
+    want = max(1, math.ceil(rate * total - 1e-9))
+    k = min(want, len(available))
+    return sorted(rng.choice(sorted(available), size=k, replace=False).tolist()) if k else []
+
+
+class RoundEngine:
+    """Runs TAKFL (or a baseline) rounds over any :class:`Transport`."""
+
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        models: dict[str, ModelSpec],
+        data: ServerData,
+        transport: Transport,
+        *,
+        algorithm: str | None = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        policy: RoundPolicy | None = None,
+        on_update: Callable[[ClientUpdate], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.algorithm = algorithm or cfg.algorithm.name
+        self.models = models
+        self.data = data
+        self.transport = transport
+        self.device = torch.device(device)
+        self.seed = seed
+        self.policy = policy or RoundPolicy()
+        self.on_update = on_update
+        self.clock = clock
+        self.scratch: dict[str, nn.Module] = {}
+        self.globals: dict[str, State] = {}
+        for i, p in enumerate(cfg.prototypes):
+            torch.manual_seed(seed * 100 + i)
+            model = build_model(models[p.name].builder, data.num_classes, data.input_shape,
+                                **models[p.name].args)
+            self.globals[p.name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.scratch[p.name] = model.to(self.device)
+        self.trainings = {p.name: prototype_training(cfg, p.name) for p in cfg.prototypes}
+        self.rejected = 0
+
+    # -- sampling and tasks -------------------------------------------------
+    def plan(self, round_id: int) -> dict[str, list[str]]:
+        rng = np.random.default_rng([self.seed, round_id])
+        available = self.transport.clients()
+        return {p.name: sample_clients(available.get(p.name, []), p.clients, p.sample_rate, rng)
+                for p in self.cfg.prototypes}
+
+    def tasks(self, round_id: int, plan: dict[str, list[str]]) -> list[Task]:
+        deadline = self.clock() + self.policy.deadline_s
+        out = []
+        for proto, ids in plan.items():
+            for cid in ids:
+                seed = int(np.random.default_rng([self.seed, round_id, *cid.encode()]).integers(2**31))
+                out.append(Task(round_id, proto, cid, self.models[proto], self.globals[proto],
+                                deadline, seed, self.trainings[proto]))
+        return out
+
+    # -- collection ---------------------------------------------------------
+    def absorb(self, upd: ClientUpdate, col: _Collector) -> None:
+        """Fold one update into the round's aggregates; the client model is then dropped."""
+        col.fedavg.add(upd.state, float(upd.num_samples))
+        model = self.scratch[upd.prototype]
+        model.load_state_dict(upd.state)
+        logits = predict_logits(model, self.data.public_x)
+        col.logits.add(logits)
+        if col.keep:
+            col.client_logits.append(logits)
+
+    def _quorum_met(self, plan: dict[str, list[str]], got: dict[str, set[str]]) -> bool:
+        return all(len(got[p]) >= math.ceil(self.policy.quorum * len(ids) - 1e-9)
+                   for p, ids in plan.items() if ids)
+
+    def collect(
+        self, round_id: int, plan: dict[str, list[str]], collectors: dict[str, _Collector],
+        got: dict[str, set[str]] | None = None,
+    ) -> dict[str, set[str]]:
+        """Receive updates until all arrived, or the deadline passed with a quorum,
+        or the hard limit passed."""
+        got = got if got is not None else {p: set() for p in plan}
+        expected = {p: set(ids) for p, ids in plan.items()}
+        start = self.clock()
+        deadline, hard = start + self.policy.deadline_s, start + self.policy.deadline_s + \
+            self.policy.max_wait_s
+        while any(expected[p] - got[p] for p in plan):
+            now = self.clock()
+            if now >= hard or (now >= deadline and self._quorum_met(plan, got)):
+                missing = {p: sorted(expected[p] - got[p]) for p in plan if expected[p] - got[p]}
+                log.warning("round %d closes without %s", round_id, missing)
+                break
+            upd = self.transport.next_update(timeout=min(1.0, max(0.05, deadline - now)))
+            if upd is None:
+                continue
+            if (upd.round_id != round_id or upd.prototype not in expected
+                    or upd.client_id not in expected[upd.prototype]
+                    or upd.client_id in got[upd.prototype]):
+                self.rejected += 1
+                log.info("ignoring update from %s for round %d", upd.client_id, upd.round_id)
+                continue
+            self.absorb(upd, collectors[upd.prototype])
+            got[upd.prototype].add(upd.client_id)
+            if self.on_update is not None:
+                self.on_update(upd)
+        return got
+
+    # -- one round ----------------------------------------------------------
+    def run_round(
+        self, round_id: int, resumed: list[ClientUpdate] | None = None,
+        plan: dict[str, list[str]] | None = None,
+    ) -> RoundResult:
+        """One full round. ``resumed`` are updates of this round persisted before a restart;
+        they are folded in and their clients are not asked again."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        plan = plan if plan is not None else self.plan(round_id)
+        keep = self.algorithm == "fedet"
+        collectors = {p: _Collector(keep) for p in plan}
+        got: dict[str, set[str]] = {p: set() for p in plan}
+        for upd in resumed or []:
+            if upd.prototype in plan and upd.client_id in plan[upd.prototype]:
+                self.absorb(upd, collectors[upd.prototype])
+                got[upd.prototype].add(upd.client_id)
+        todo = [t for t in self.tasks(round_id, plan) if t.client_id not in got[t.prototype]]
+        self.transport.send_tasks(todo)
+        self.collect(round_id, plan, collectors, got)
+        timings["collect_s"] = time.perf_counter() - t0
+
+        protos = []
+        for p in self.cfg.prototypes:
+            col = collectors[p.name]
+            has = col.fedavg.count > 0
+            protos.append(PrototypeInput(
+                p.name, self.scratch[p.name],
+                col.fedavg.result() if has else self.globals[p.name],
+                col.logits.mean() if has else None, col.logits.count, col.client_logits))
+        d = self.data
+        outputs, step_times = server_step(protos, EvalData(d.public_x, d.val_x, d.val_y),
+                                          self.cfg.algorithm, self.algorithm,
+                                          seed=self.seed * 10_000 + round_id)
+        timings.update(step_times)
+        t1 = time.perf_counter()
+        acc = {}
+        for name, out in outputs.items():
+            self.globals[name] = out.state
+            model = self.scratch[name]
+            model.load_state_dict(out.state)
+            acc[name] = accuracy(model, d.test_x, d.test_y)
+            self.transport.publish_global(round_id, name, out.state)
+        timings["eval_s"] = time.perf_counter() - t1
+        return RoundResult(
+            round_id, acc, {n: o.lambdas for n, o in outputs.items()},
+            {p: len(got[p]) for p in plan}, {p: len(ids) for p, ids in plan.items()}, timings,
+            {n: o.info for n, o in outputs.items()},
+        )
