@@ -1,0 +1,136 @@
+"""The run directory: state, per-round global models, metrics, pending updates, exports.
+
+    RUN/config.yaml                         the federation config the run uses
+    RUN/state.json                          last completed round, plan of the current one,
+                                            lambdas, accuracies, registered agents
+    RUN/models/<prototype>/round-<r>.safetensors
+    RUN/metrics.jsonl                       one line per round per prototype
+    RUN/pending/round-<r>/<client>.safetensors   accepted updates of the open round
+    RUN/exports/
+
+Every write goes to a temporary file in the same folder and is renamed into
+place, so a coordinator killed at any point leaves either the old or the new
+file, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from coordinator.transport.base import ClientUpdate
+from takfl.checkpoint import CheckpointMeta, atomic_write_bytes, save_checkpoint
+from takfl.config import FederationConfig
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+MODELS_DIR = "models"
+PENDING_DIR = "pending"
+EXPORTS_DIR = "exports"
+
+
+class RunStoreError(RuntimeError):
+    """The run directory is missing, incomplete or inconsistent."""
+
+
+class RunStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- paths --------------------------------------------------------------
+    def model_path(self, prototype: str, round_id: int) -> Path:
+        return self.root / MODELS_DIR / prototype / f"round-{round_id}.safetensors"
+
+    def pending_dir(self, round_id: int) -> Path:
+        return self.root / PENDING_DIR / f"round-{round_id}"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / EXPORTS_DIR
+
+    # -- state and config ---------------------------------------------------
+    def exists(self) -> bool:
+        return (self.root / STATE_FILE).is_file()
+
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write_bytes(self.root / name, json.dumps(data, indent=2, sort_keys=True).encode())
+
+    def read_state(self) -> dict[str, Any]:
+        path = self.root / STATE_FILE
+        if not path.is_file():
+            raise RunStoreError(f"{self.root} has no {STATE_FILE}; is it a run directory?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunStoreError(f"{path} is not valid JSON ({e})") from e
+        if not isinstance(data, dict) or "round" not in data:
+            raise RunStoreError(f"{path} lacks the 'round' entry")
+        return data
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.write_json(STATE_FILE, state)
+
+    def write_config(self, cfg: FederationConfig) -> None:
+        text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        atomic_write_bytes(self.root / CONFIG_FILE, text.encode())
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    # -- models -------------------------------------------------------------
+    def save_global(self, meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> Path:
+        path = self.model_path(meta.prototype, meta.round)
+        save_checkpoint(path, state, meta)
+        return path
+
+    def load_global(self, prototype: str, round_id: int) -> dict[str, torch.Tensor]:
+        path = self.model_path(prototype, round_id)
+        if not path.is_file():
+            raise RunStoreError(f"missing global model {path}")
+        return load_file(str(path))
+
+    # -- metrics ------------------------------------------------------------
+    def append_metrics(self, records: list[dict[str, Any]]) -> None:
+        path = self.root / METRICS_FILE
+        old = path.read_bytes() if path.is_file() else b""
+        new = "".join(json.dumps(r) + "\n" for r in records).encode()
+        atomic_write_bytes(path, old + new)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.root / METRICS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    # -- pending updates of the open round ----------------------------------
+    def save_pending(self, upd: ClientUpdate) -> None:
+        from safetensors.torch import save
+
+        meta = {"prototype": upd.prototype, "client_id": upd.client_id,
+                "round": str(upd.round_id), "num_samples": str(upd.num_samples),
+                "metrics": json.dumps(upd.metrics)}
+        blob = save({k: v.contiguous() for k, v in upd.state.items()}, metadata=meta)
+        atomic_write_bytes(self.pending_dir(upd.round_id) / f"{upd.client_id}.safetensors", blob)
+
+    def pending(self, round_id: int) -> list[ClientUpdate]:
+        folder = self.pending_dir(round_id)
+        out = []
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            out.append(ClientUpdate(int(meta["round"]), meta["prototype"], meta["client_id"],
+                                    int(meta["num_samples"]), load_file(str(path)),
+                                    json.loads(meta.get("metrics", "{}"))))
+        return out
+
+    def clear_pending(self, round_id: int) -> None:
+        shutil.rmtree(self.pending_dir(round_id), ignore_errors=True)
