@@ -127,8 +127,11 @@ def check_state_matches(
     """Raise :class:`CheckpointError` naming every missing, extra or mis-shaped tensor."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
-    shapes = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or extra or shapes:
         parts = []
         if missing:

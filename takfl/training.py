@@ -23,10 +23,12 @@ class LocalResult:
 
 def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
     if spec.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=spec.learning_rate,
-                                weight_decay=spec.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=0.9,
-                           weight_decay=spec.weight_decay)
+        return torch.optim.Adam(
+            model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=spec.learning_rate, momentum=0.9, weight_decay=spec.weight_decay
+    )
 
 
 def train_local(
@@ -76,14 +78,13 @@ def train_local(
         if stopped:
             break
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    return LocalResult(state, len(x), total / max(steps, 1), steps, time.monotonic() - start,
-                       stopped)
+    return LocalResult(
+        state, len(x), total / max(steps, 1), steps, time.monotonic() - start, stopped
+    )
 
 
 @torch.inference_mode()
-def predict_logits(
-    model: nn.Module, x: torch.Tensor, batch_size: int = 512
-) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Logits (N, classes) of ``model`` in eval mode on x (N, C, H, W), on x's device."""
     model.eval()
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])

@@ -72,7 +72,7 @@ class LambdaSpec(Strict):
     # choose it on the validation set from scale_grid (search) or learn it (learned);
     # 0 keeps theta_avg. "unsupervised" has no labels to anchor it and uses 1.0 under auto.
     scale: float | Literal["auto"] = "auto"
-    scale_grid: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    scale_grid: list[float] = [0.0, 0.5, 1.0]
 
 
 class FedETSpec(Strict):

@@ -53,8 +53,10 @@ def _problems(err: ValidationError) -> list[Problem]:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the bundled files for the schema)"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(
-            e["input"], dict | list
+        elif (
+            "input" in e
+            and e["type"] not in ("missing",)
+            and not isinstance(e["input"], dict | list)
         ):
             msg = f"{msg} (got {e['input']!r})"
         out.append(Problem(loc, msg))
@@ -78,8 +80,13 @@ def resolve(name_or_path: str | Path, kind: str) -> Path:
         return bundled
     raise ConfigError(
         str(name_or_path),
-        [Problem("", f"no such file and no bundled {kind} entry; bundled: "
-                     f"{', '.join(bundled_names(kind))}")],
+        [
+            Problem(
+                "",
+                f"no such file and no bundled {kind} entry; bundled: "
+                f"{', '.join(bundled_names(kind))}",
+            )
+        ],
     )
 
 
@@ -112,19 +119,18 @@ def load_federation(name_or_path: str | Path) -> FederationConfig:
     for i, proto in enumerate(cfg.prototypes):
         ref = proto.profile
         if not Path(ref).is_absolute() and (path.parent / ref).is_file():
-            ref = str(path.parent / ref)
+            ref = str((path.parent / ref).resolve())
             proto.profile = ref  # later lookups need not know where the config lived
-            proto.profile = ref  # later lookups must not depend on the working directory
         try:
             prof = load_profile(ref)
         except ConfigError as e:
             problems += [Problem(f"prototypes.{i}.profile", str(p)) for p in e.problems]
             continue
         if prof.prototype != proto.name:
-            problems.append(Problem(
-                f"prototypes.{i}.profile",
-                f"profile {prof.name!r} is for prototype {prof.prototype!r}, not {proto.name!r}",
-            ))
+            message = (
+                f"profile {prof.name!r} is for prototype {prof.prototype!r}, not {proto.name!r}"
+            )
+            problems.append(Problem(f"prototypes.{i}.profile", message))
     if problems:
         raise ConfigError(str(path), problems)
     return cfg

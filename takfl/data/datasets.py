@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -53,8 +55,9 @@ class TensorDataset:
 
     def subset(self, indices: np.ndarray | Sequence[int]) -> TensorDataset:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return TensorDataset(self.x[idx], self.y[idx], self.class_names, self.mean, self.std,
-                             self.name)
+        return TensorDataset(
+            self.x[idx], self.y[idx], self.class_names, self.mean, self.std, self.name
+        )
 
 
 def normalise(images: np.ndarray) -> tuple[np.ndarray, list[float], list[float]]:
@@ -69,8 +72,9 @@ def _from_arrays(
     images: np.ndarray, labels: np.ndarray, class_names: list[str], name: str
 ) -> TensorDataset:
     x, mean, std = normalise(images.astype(np.float32))
-    return TensorDataset(torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)),
-                         class_names, mean, std, name)
+    return TensorDataset(
+        torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)), class_names, mean, std, name
+    )
 
 
 def load_digits() -> TensorDataset:
@@ -92,13 +96,17 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     run code.
     """
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    }
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.numeric", "_frombuffer"),  # arrays in pickle protocol 5
+            ("numpy._core.numeric", "_frombuffer"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self._ALLOWED:
@@ -106,35 +114,57 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _text(value: object) -> str:
+    """A key or class name from a batch: ``bytes`` (files written with bytes keys) or ``str``."""
+    return value.decode("latin1") if isinstance(value, bytes) else str(value)
+
+
 def _read_cifar_batch(path: Path) -> dict[str, object]:
+    """One CIFAR python batch as a dict with ``str`` keys; refuses anything but arrays."""
     if not path.is_file():
         raise DataError(f"missing CIFAR batch {path}; download and unpack the python version")
     with path.open("rb") as f:
-        data = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
-    if not isinstance(data, dict) or "data" not in data:
-        raise DataError(f"{path} is not a CIFAR python batch (no 'data' entry)")
-    return {str(k): v for k, v in data.items()}
+        try:
+            data = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+        except DataError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise DataError(f"{path} is not a readable CIFAR python batch ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a CIFAR python batch (not a dict)")
+    return {_text(k): v for k, v in data.items()}
 
 
-def load_cifar(data_dir: str | Path, variant: str = "cifar10", split: str = "train") -> TensorDataset:
+def load_cifar(
+    data_dir: str | Path, variant: str = "cifar10", split: str = "train"
+) -> TensorDataset:
     """CIFAR-10/100 from the standard python batches.
 
     ``data_dir`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that folder).
     """
     root = Path(data_dir)
+    if split not in ("train", "test"):
+        raise DataError(f"unknown CIFAR split {split!r}; use train or test")
     if variant == "cifar10":
-        folder = root if (root / "batches.meta").exists() else root / "cifar-10-batches-py"
+        subdir = "cifar-10-batches-py"
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         label_key, meta_file, names_key = "labels", "batches.meta", "label_names"
     elif variant == "cifar100":
-        folder = root if (root / "meta").exists() else root / "cifar-100-python"
-        files = ["train" if split == "train" else "test"]
+        subdir = "cifar-100-python"
+        files = [split]
         label_key, meta_file, names_key = "fine_labels", "meta", "fine_label_names"
     else:
         raise DataError(f"unknown CIFAR variant {variant!r}; use cifar10 or cifar100")
+    is_folder = (root / meta_file).is_file() or (root / files[0]).is_file()
+    folder = root if is_folder else root / subdir
     images, labels = [], []
     for name in files:
         batch = _read_cifar_batch(folder / name)
+        if "data" not in batch or label_key not in batch:
+            raise DataError(
+                f"{folder / name} is not a {variant} batch: it needs 'data' and '{label_key}' "
+                f"entries (has {sorted(batch)})"
+            )
         arr = np.asarray(batch["data"], dtype=np.uint8)
         if arr.ndim != 2 or arr.shape[1] != 3072:
             raise DataError(f"{folder / name}: expected rows of 3072 bytes, got {arr.shape}")
@@ -143,8 +173,11 @@ def load_cifar(data_dir: str | Path, variant: str = "cifar10", split: str = "tra
     meta = _read_cifar_batch(folder / meta_file) if (folder / meta_file).exists() else {}
     n_classes = 10 if variant == "cifar10" else 100
     names_obj = meta.get(names_key)
-    names = [str(n) for n in names_obj] if isinstance(names_obj, list) else [
-        str(i) for i in range(n_classes)]
+    names = (
+        [_text(n) for n in names_obj]
+        if isinstance(names_obj, list)
+        else [str(i) for i in range(n_classes)]
+    )
     x = np.concatenate(images).astype(np.float32) / 255.0
     return _from_arrays(x, np.concatenate(labels), names, f"{variant}-{split}")
 
@@ -157,18 +190,29 @@ def load_npz(path: str | Path) -> TensorDataset:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no such .npz file: {p}")
-    with np.load(p, allow_pickle=False) as f:
-        if "x" not in f or "y" not in f:
-            raise DataError(f"{p} must contain arrays 'x' and 'y' (has {sorted(f.files)})")
-        x, y = np.asarray(f["x"]), np.asarray(f["y"])
-        names = [str(n) for n in f["class_names"]] if "class_names" in f else None
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise DataError(f"{p} must contain arrays 'x' and 'y' (has {sorted(f.files)})")
+            x, y = np.asarray(f["x"]), np.asarray(f["y"])
+            names = [str(n) for n in f["class_names"]] if "class_names" in f else None
+    except DataError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile) as e:  # not an archive, or object arrays
+        raise DataError(f"{p} is not a readable .npz of plain arrays ({e})") from e
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(f"{p}: 'x' must be (N, C, H, W) or (N, H, W), got {x.shape}")
     x = x.astype(np.float32) / (255.0 if np.issubdtype(x.dtype, np.integer) else 1.0)
+    if y.ndim != 1 or len(y) == 0 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(
+            f"{p}: 'y' must be a non-empty (N,) integer label array, got {y.dtype} {y.shape}"
+        )
     if names is None:
         names = [str(i) for i in range(int(y.max()) + 1)]
+    if y.min() < 0 or y.max() >= len(names):
+        raise DataError(f"{p}: labels must lie in [0, {len(names)}), got {y.min()}..{y.max()}")
     return _from_arrays(x, y, names, p.stem)
 
 
@@ -179,7 +223,9 @@ def load_image_folder(path: str | Path, size: tuple[int, int] = (32, 32)) -> Ten
     except ImportError as e:
         raise DataError("image folders need Pillow: pip install pillow") from e
     root = Path(path)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        raise DataError(f"no such image folder: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
     images, labels = [], []
@@ -196,7 +242,9 @@ def load_image_folder(path: str | Path, size: tuple[int, int] = (32, 32)) -> Ten
     return _from_arrays(np.stack(images), np.asarray(labels), classes, root.name)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, split: str = "train") -> TensorDataset:
+def load_dataset(
+    name: str, data_dir: str | Path | None = None, split: str = "train"
+) -> TensorDataset:
     """Load by name: ``digits``, ``cifar10``, ``cifar100``, ``npz`` (data_dir is the file),
     ``imagefolder`` (data_dir is the root)."""
     if name == "digits":

@@ -70,6 +70,8 @@ def dirichlet_split(
     Redraws until every client has ``min_per_client`` samples; after ``max_tries``
     the largest clients give samples to the short ones, so the minimum always holds.
     """
+    if clients < 1:
+        raise PartitionError(f"a prototype needs at least one client, got {clients}")
     if clients * min_per_client > len(indices):
         raise PartitionError(
             f"{len(indices)} samples cannot give {clients} clients {min_per_client} each; "
@@ -143,8 +145,12 @@ def make_partition(
     for proto, size in zip(prototypes, sizes, strict=True):
         share = private_pool[start : start + size]
         start += size
-        private[proto.name] = dirichlet_split(labels, share, proto.clients, alpha,
-                                              min_per_client, rng)
+        try:
+            private[proto.name] = dirichlet_split(
+                labels, share, proto.clients, alpha, min_per_client, rng
+            )
+        except PartitionError as e:
+            raise PartitionError(f"prototype {proto.name!r} (ratio {proto.ratio:g}): {e}") from e
     return Partition(test, validation, public, private)
 
 

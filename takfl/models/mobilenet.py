@@ -13,8 +13,15 @@ from takfl.models.registry import register
 
 # (expansion t, output channels c, repeats n, stride s) as in the paper's table 2,
 # with the first two strides set to 1 for 32x32 inputs.
-_STAGES = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-           (6, 160, 3, 2), (6, 320, 1, 1)]
+_STAGES = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
 def _conv_bn(in_ch: int, out_ch: int, k: int, stride: int, groups: int = 1) -> nn.Sequential:
@@ -30,8 +37,11 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = in_ch * expand
         layers: list[nn.Module] = [] if expand == 1 else [_conv_bn(in_ch, hidden, 1, 1)]
-        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden),
-                   nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
+        layers += [
+            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and in_ch == out_ch
 
@@ -44,6 +54,7 @@ class MobileNetV2(nn.Module):
         self, num_classes: int, input_shape: tuple[int, int, int], width_mult: float = 1.0
     ) -> None:
         super().__init__()
+
         def scaled(c: int) -> int:
             return max(8, int(c * width_mult + 4) // 8 * 8)
 
@@ -67,8 +78,9 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register("mobilenetv2", family="mobilenet", default_input_shape=(3, 32, 32),
-          reference="Sandler 2018")
+@register(
+    "mobilenetv2", family="mobilenet", default_input_shape=(3, 32, 32), reference="Sandler 2018"
+)
 def mobilenetv2(
     num_classes: int, input_shape: tuple[int, int, int], width_mult: float = 1.0
 ) -> nn.Module:

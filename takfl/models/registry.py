@@ -87,7 +87,9 @@ def build_model(
     shape = tuple(input_shape) if input_shape is not None else entry.default_input_shape
     if len(shape) != 3 or any(int(s) <= 0 for s in shape):
         raise ValueError(f"input_shape must be (channels, height, width), got {shape}")
-    return entry.builder(num_classes=num_classes, input_shape=tuple(int(s) for s in shape), **kwargs)
+    return entry.builder(
+        num_classes=num_classes, input_shape=tuple(int(s) for s in shape), **kwargs
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

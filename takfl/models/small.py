@@ -36,7 +36,10 @@ class SmallCNN(nn.Module):
     """Two 3x3 conv stages (each conv-BN-ReLU, then 2x2 max-pool) and a linear head."""
 
     def __init__(
-        self, num_classes: int, input_shape: tuple[int, int, int], widths: tuple[int, int],
+        self,
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        widths: tuple[int, int],
         hidden: int,
     ) -> None:
         super().__init__()

@@ -12,8 +12,27 @@ from torch import nn
 from takfl.models.registry import register
 
 # Channel counts; "M" is a 2x2 max-pool.
-VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
-VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+VGG11: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+VGG16: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+]
 
 
 class VGG(nn.Module):
@@ -30,8 +49,11 @@ class VGG(nn.Module):
                     size //= 2
                 continue
             out_ch = int(item)
-            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+            ]
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
