@@ -55,7 +55,8 @@ def simulate(
     seeds: int = typer.Option(1, min=1, help="Independent seeds (partition, init, sampling)."),
     rounds: int = typer.Option(None, min=1, help="Rounds (default: config's)."),
     alpha: float = typer.Option(None, min=1e-6, help="Dirichlet alpha override."),
-    compression: str = typer.Option(None, help="Apply the wire codec to updates: fp32|fp16|int8."),
+    compression: str = typer.Option(None, help="Apply the wire codec to updates: fp32|fp16|"
+                                    "int8, or 'profile' (each device profile's own)."),
     lambda_strategy: str = typer.Option(None, "--lambda-strategy",
                                         help="fixed|search|learned|unsupervised override."),
     data_dir: str = typer.Option(None, help="Folder of CIFAR batches / .npz / image folder."),
@@ -71,8 +72,8 @@ def simulate(
     bad = [a for a in algs if a not in ALGORITHMS]
     if bad:
         raise fail(f"unknown algorithm(s) {bad}; choose from {', '.join(ALGORITHMS)}")
-    if compression not in (None, "fp32", "fp16", "int8"):
-        raise fail(f"unknown compression {compression!r}; use fp32, fp16 or int8")
+    if compression not in (None, "fp32", "fp16", "int8", "profile"):
+        raise fail(f"unknown compression {compression!r}; use fp32, fp16, int8 or profile")
     if lambda_strategy is not None:
         if lambda_strategy not in ("fixed", "search", "learned", "unsupervised"):
             raise fail(f"unknown lambda strategy {lambda_strategy!r}")
@@ -129,8 +130,156 @@ def partition(
     console.print(table)
 
 
+def _round_printer(table_rows: list[tuple[int, dict[str, float]]]):  # type: ignore[no-untyped-def]
+    def on_round(res) -> None:  # type: ignore[no-untyped-def]
+        table_rows.append((res.round_id, res.accuracy))
+        acc = "  ".join(f"{p}={a:.1f}%" for p, a in res.accuracy.items())
+        got = " ".join(f"{p}:{res.received[p]}/{res.sampled[p]}" for p in res.received)
+        console.print(f"[bold]round {res.round_id}[/bold] accuracy {acc}  updates {got}  "
+                      f"({sum(res.timings.values()):.1f}s)")
+
+    return on_round
+
+
+def accuracy_table(rows: list[tuple[int, dict[str, float]]], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("round", justify="right")
+    protos = list(rows[0][1]) if rows else []
+    for p in protos:
+        table.add_column(p, justify="right")
+    for r, acc in rows:
+        table.add_row(str(r), *[f"{acc[p]:.2f}" for p in protos])
+    return table
+
+
+@app.command()
+def serve(
+    config: str = typer.Option(..., help="Bundled federation name or path to a YAML file."),
+    broker: str = typer.Option("embedded", help="'embedded' (loopback amqtt) or "
+                               "mqtt[s]://user:pass@host:port"),
+    port: int = typer.Option(1883, help="Port of the embedded broker."),
+    run_dir: Path = typer.Option(Path("runs/serve"), help="Run directory."),
+    agents: Path = typer.Option(None, help="Agent registry (default RUN_DIR/agents.json)."),
+    resume: bool = typer.Option(False, help="Continue the run in RUN_DIR after a stop."),
+    rounds: int = typer.Option(None, min=1, help="Rounds (default: config's)."),
+    deadline: float = typer.Option(120.0, help="Seconds a round waits for its updates."),
+    quorum: float = typer.Option(1.0, min=0.0, max=1.0,
+                                 help="Fraction of each prototype's sampled clients needed."),
+    max_wait: float = typer.Option(600.0, help="Past the deadline, wait this long for a quorum."),
+    fleet: str = typer.Option(None, help="Fleet name in the topics (default: config name)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    export: bool = typer.Option(True, help="Export every prototype at the end."),
+) -> None:
+    """Run TAKFL rounds with real agents over MQTT, writing the run directory."""
+    from coordinator.inputs import pick_device
+    from coordinator.registry import RegistryError
+    from coordinator.serve import ServeSettings
+    from coordinator.serve import serve as run_serve
+    from coordinator.store import RunStoreError
+    from takfl.mqtt.client import MqttConnectError
+
+    cfg = load_config_or_exit(config)
+    settings = ServeSettings(broker=broker, embedded_port=port, fleet=fleet, rounds=rounds,
+                             resume=resume, agents_file=agents, deadline_s=deadline,
+                             quorum=quorum, max_wait_s=max_wait, export=export)
+    rows: list[tuple[int, dict[str, float]]] = []
+    try:
+        run_serve(cfg, run_dir, settings, pick_device(device), on_round=_round_printer(rows),
+                  report=lambda m: console.print(m))
+    except (RegistryError, RunStoreError, MqttConnectError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    if rows:
+        console.print(accuracy_table(rows, f"{cfg.name}: test accuracy (%) per prototype"))
+
+
+@app.command()
+def provision(
+    config: str = typer.Option(..., help="Bundled federation name or path."),
+    out: Path = typer.Option(..., help="Folder for agents.json, secrets/ and mosquitto/."),
+    mosquitto_port: int = typer.Option(None, help="Also write a Mosquitto config for this port."),
+    fleet: str = typer.Option(None, help="Fleet name (default: config name)."),
+) -> None:
+    """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
+    from coordinator.serve import provision as do_provision
+
+    cfg = load_config_or_exit(config)
+    records, files, _ = do_provision(cfg, out, fleet=fleet, mosquitto_port=mosquitto_port)
+    console.print(f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
+                  f"{out / 'secrets'} (copy each to its device, mode 600)")
+    if files is not None:
+        console.print(f"mosquitto: mosquitto -c {files.conf}  (coordinator password in "
+                      f"{out / 'coordinator.password'})")
+
+
+@app.command()
+def status(
+    run_dir: Path = typer.Option(None, help="Read the state of this run directory."),
+    broker: str = typer.Option(None, help="Also ask this broker which agents are online."),
+    fleet: str = typer.Option(None, help="Fleet name (default: the run's config name)."),
+    listen: float = typer.Option(2.0, help="Seconds to collect retained presence messages."),
+) -> None:
+    """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy."""
+    from coordinator.status import broker_presence, run_status
+
+    if run_dir is None and broker is None:
+        raise fail("give --run-dir, --broker, or both")
+    if run_dir is not None:
+        try:
+            state, fleet_name = run_status(run_dir)
+        except (OSError, ValueError) as e:
+            raise fail(str(e)) from None
+        fleet = fleet or fleet_name
+        table = Table(title=f"run {run_dir}")
+        table.add_column("field")
+        table.add_column("value")
+        for k, v in state.items():
+            table.add_row(k, str(v))
+        console.print(table)
+    if broker is not None:
+        if fleet is None:
+            raise fail("--fleet is needed with --broker when no --run-dir is given")
+        try:
+            agents_seen = broker_presence(broker, fleet, listen)
+        except (ValueError, OSError) as e:
+            raise fail(str(e)) from None
+        table = Table(title=f"agents of fleet {fleet!r} seen on {broker}")
+        for col in ("agent", "prototype", "state", "last seen"):
+            table.add_column(col)
+        for aid, info in sorted(agents_seen.items()):
+            table.add_row(aid, info.get("prototype", "?"), info.get("state", "?"),
+                          info.get("last_seen", "?"))
+        console.print(table)
+
+
+@app.command()
+def demo(
+    config: str = typer.Option("digits", help="Bundled federation name or path."),
+    rounds: int = typer.Option(3, min=1, help="Rounds to run."),
+    run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (replaced)."),
+    deadline: float = typer.Option(90.0, help="Seconds a round waits for its updates."),
+    export: bool = typer.Option(False, help="Export the final models (adds a few minutes)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+) -> None:
+    """Embedded broker + coordinator + one agent process per client, a few real rounds."""
+    from coordinator.demo import DemoSettings, run_demo
+    from coordinator.inputs import pick_device
+
+    cfg = load_config_or_exit(config)
+    rows: list[tuple[int, dict[str, float]]] = []
+    t0 = __import__("time").monotonic()
+    run_demo(cfg, run_dir, DemoSettings(config, rounds, deadline, export=export),
+             pick_device(device), on_round=_round_printer(rows),
+             report=lambda m: console.print(m))
+    console.print(accuracy_table(rows, f"{cfg.name} demo over MQTT: test accuracy (%)"))
+    console.print(f"finished in {__import__('time').monotonic() - t0:.0f}s; run directory "
+                  f"{run_dir} (state.json, models/, metrics.jsonl, agents/*.log)")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The embedded broker's own log is noisy under load (take-overs, internal retries).
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    logging.getLogger("transitions").setLevel(logging.CRITICAL)
     app()
 
 

@@ -15,7 +15,7 @@ import torch
 from coordinator.engine import RoundEngine, RoundResult
 from coordinator.inputs import prototype_models, server_data
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
-from takfl.config import FederationConfig, prototype_training
+from takfl.config import FederationConfig, load_profile, prototype_training
 from takfl.federation_data import build_federation_data
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,8 +29,15 @@ class SimulationSpec:
     seeds: int = 1
     rounds: int | None = None  # None: the config's
     alpha: float | None = None  # None: the config's
-    compression: str | None = None  # apply the wire codec to every update
+    compression: str | None = None  # apply the wire codec: fp32|fp16|int8|profile
     data_dir: str | None = None
+
+
+def profile_compression(cfg: FederationConfig, mode: str | None) -> str | dict[str, str] | None:
+    """``profile``: each prototype's device-profile compression, as real agents send."""
+    if mode != "profile":
+        return mode
+    return {p.name: load_profile(p.profile).comms.compression for p in cfg.prototypes}
 
 
 def metrics_line(algorithm: str, seed: int, res: RoundResult) -> list[dict[str, Any]]:
@@ -74,7 +81,7 @@ def run_simulation(
                        for cid, (proto, x, y) in data.clients.items()]
             transport = InProcessTransport(clients, num_classes=data.num_classes,
                                            input_shape=data.input_shape, device=device,
-                                           compression=spec.compression)
+                                           compression=profile_compression(cfg, spec.compression))
             engine = RoundEngine(cfg, models, sdata, transport, algorithm=alg, device=device,
                                  seed=seed)
             per_proto: dict[str, list[float]] = {p.name: [] for p in cfg.prototypes}

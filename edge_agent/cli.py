@@ -176,6 +176,9 @@ def validate(
 
 # --- subcommands defined in their own modules --------------------------------------------
 # Register them here, e.g. ``app.command("run")(run_agent.run)``.
+from edge_agent import run_command  # noqa: E402
+
+app.command("run")(run_command.run)
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -13,27 +12,42 @@ log = logging.getLogger(__name__)
 
 
 def apply_limits(spec: TrainingSpec) -> dict[str, object]:
-    """Set torch's thread count and, where the OS allows, cap the address space.
+    """Set torch's thread count; return what applies, for the agent's status line.
 
-    Returns what was applied, for the agent's status line.
+    The memory limit is not enforced with ``RLIMIT_AS``: torch reserves far more
+    address space than it touches, so such a cap breaks thread creation long
+    before memory is short. The agent checks its peak resident size after each
+    task instead (:func:`peak_rss_mb`), and a hard cap belongs to the service
+    manager (systemd ``MemoryMax=``, see firmware_notes/).
     """
-    applied: dict[str, object] = {}
     torch.set_num_threads(spec.threads)
-    applied["threads"] = spec.threads
+    applied: dict[str, object] = {"threads": spec.threads}
     if spec.memory_limit_mb is not None:
-        try:
-            import resource
-
-            limit = spec.memory_limit_mb * 1024 * 1024
-            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-            if hard != resource.RLIM_INFINITY:
-                limit = min(limit, hard)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-            applied["memory_limit_mb"] = spec.memory_limit_mb
-        except (ImportError, ValueError, OSError) as e:  # not on this OS, or not allowed
-            log.warning("could not cap memory at %d MB: %s", spec.memory_limit_mb, e)
-    applied["pid"] = os.getpid()
+        applied["memory_limit_mb"] = spec.memory_limit_mb
+    if spec.time_budget_s is not None:
+        applied["time_budget_s"] = spec.time_budget_s
     return applied
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB (None where the OS does not say)."""
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
+    except (ImportError, OSError):
+        return None
+
+
+def over_memory(spec: TrainingSpec) -> str | None:
+    """A warning when the peak resident size exceeded the profile's limit, else None."""
+    peak = peak_rss_mb()
+    if spec.memory_limit_mb is None or peak is None or peak <= spec.memory_limit_mb:
+        return None
+    return (f"peak memory {peak:.0f} MB exceeded the profile's {spec.memory_limit_mb} MB; "
+            "lower the batch size or choose a smaller model for this tier")
 
 
 def effective_training(profile: TrainingSpec, dictated: TrainingSpec | None) -> TrainingSpec:

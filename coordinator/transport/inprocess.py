@@ -39,8 +39,9 @@ def codec_roundtrip(
 class InProcessTransport(Transport):
     """Trains a virtual client when the engine asks for the next update.
 
-    ``compression`` (fp32/fp16/int8) applies the wire codec to each delta, so
-    a simulation sees exactly what the coordinator would reconstruct.
+    ``compression`` (fp32/fp16/int8, or one per prototype) applies the wire codec
+    to each delta, so a simulation sees exactly what the coordinator would
+    reconstruct from real agents.
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class InProcessTransport(Transport):
         num_classes: int,
         input_shape: tuple[int, int, int],
         device: torch.device | str = "cpu",
-        compression: str | None = None,
+        compression: str | dict[str, str] | None = None,
     ) -> None:
         self._clients = {c.client_id: c for c in clients}
         self._queue: deque[Task] = deque()
@@ -89,7 +90,9 @@ class InProcessTransport(Transport):
         result = train_local(model, client.x, client.y, spec, seed=task.seed,
                              device=self.device)
         state = result.state
-        if self.compression is not None:
-            state = codec_roundtrip(state, task.global_state, self.compression)
+        mode = (self.compression.get(task.prototype) if isinstance(self.compression, dict)
+                else self.compression)
+        if mode is not None:
+            state = codec_roundtrip(state, task.global_state, mode)
         return ClientUpdate(task.round_id, task.prototype, task.client_id, result.num_samples,
                             state, {"train_loss": result.mean_loss, "train_s": result.seconds})

@@ -1,0 +1,321 @@
+"""Mosquitto provisioning: configuration directory, password file, ACL, and a runner.
+
+``write_mosquitto_config`` writes into one directory::
+
+    mosquitto.conf   listener on host:port (+ optional TLS listener), no anonymous access,
+                     password_file, acl_file, persistence, client id forced to the username
+    passwords        user:$7$... hashes (PBKDF2-SHA512), by ``mosquitto_passwd`` when installed
+    acl              the coordinator user reads/writes takfl/<fleet>/#; each agent (username =
+                     agent id) writes only its own up/ tree and reads only its own down/ tree
+                     and the fleet's broadcasts
+    data/            the persistence database
+
+``MosquittoProcess`` runs ``mosquitto -c mosquitto.conf`` and waits for the port.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from coordinator.broker.errors import BrokerStartError
+from coordinator.broker.net import LOOPBACK, port_accepts, wait_port
+from takfl.wire.topics import Topics, check_ident
+
+log = logging.getLogger(__name__)
+
+MOSQUITTO = "mosquitto"
+MOSQUITTO_PASSWD = "mosquitto_passwd"
+CONF_NAME = "mosquitto.conf"
+PASSWORDS_NAME = "passwords"
+ACL_NAME = "acl"
+DATA_DIR = "data"
+LOG_NAME = "mosquitto.log"
+PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.x writes
+SALT_BYTES = 12
+SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
+
+
+@dataclass(frozen=True)
+class MosquittoTls:
+    """A TLS listener next to the plain one."""
+
+    port: int
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    require_certificate: bool = False  # mutual TLS
+
+
+@dataclass(frozen=True)
+class MosquittoFiles:
+    """Paths written by :func:`write_mosquitto_config` and where the broker listens."""
+
+    directory: Path
+    conf: Path
+    passwords: Path
+    acl: Path
+    data: Path
+    log: Path
+    host: str
+    port: int
+    password_method: str  # "mosquitto_passwd" or "python"
+
+
+def find_mosquitto(name: str = MOSQUITTO) -> str | None:
+    """Path of a Mosquitto binary (PATH first, then the usual sbin folders), or None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in SBIN_DIRS:
+        p = Path(d) / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+def hash_password(
+    password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS
+) -> str:
+    """Mosquitto 2 password hash: ``$7$<iterations>$<b64 salt>$<b64 PBKDF2-SHA512>``."""
+    salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def _check_credentials(credentials: Mapping[str, str]) -> None:
+    for user, password in credentials.items():
+        check_ident(user, "MQTT username")
+        if not password or any(c in password for c in "\r\n\0"):
+            raise ValueError(f"password of {user!r} is empty or holds a line break")
+
+
+def write_password_file(
+    path: Path, credentials: Mapping[str, str], *, use_tool: bool | None = None
+) -> str:
+    """Write a Mosquitto password file (mode 0600); returns the method used.
+
+    ``use_tool``: True requires ``mosquitto_passwd``, False hashes in Python,
+    None uses the tool when installed.
+    """
+    _check_credentials(credentials)
+    tool = find_mosquitto(MOSQUITTO_PASSWD) if use_tool is not False else None
+    if use_tool and tool is None:
+        raise BrokerStartError(f"{MOSQUITTO_PASSWD} not found; install mosquitto or use_tool=False")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    if tool is None:
+        path.write_text("".join(f"{u}:{hash_password(p)}\n" for u, p in credentials.items()))
+        return "python"
+    for user, password in credentials.items():
+        # -b takes the password on the command line: acceptable for provisioning on the
+        # coordinator host; use_tool=False avoids it.
+        subprocess.run(
+            [tool, "-b", str(path), user, password], check=True, capture_output=True, timeout=30
+        )
+    return MOSQUITTO_PASSWD
+
+
+def acl_text(topics: Topics, coordinator_user: str, agents: Iterable[str]) -> str:
+    """ACL file: the coordinator may do anything under the fleet; each agent (username =
+    agent id) writes only its own ``up/`` tree and reads its own ``down/`` tree and the
+    fleet's broadcasts. Everything else is denied."""
+    lines = [
+        f"# takfl fleet {topics.fleet}: generated; agents connect with username = agent id",
+        f"user {check_ident(coordinator_user, 'coordinator username')}",
+        f"topic readwrite {topics.fleet_filter()}",
+    ]
+    for agent in agents:
+        lines += [
+            "",
+            f"user {check_ident(agent, 'agent id')}",
+            f"topic write {topics.acl_tree(agent, 'up')}",
+            f"topic read {topics.acl_tree(agent, 'down')}",
+            f"topic read {topics.broadcast_filter()}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def conf_text(
+    *,
+    host: str,
+    port: int,
+    passwords: Path,
+    acl: Path,
+    data: Path,
+    log_file: Path,
+    persistence: bool = True,
+    autosave_interval_s: int = 60,
+    tls: MosquittoTls | None = None,
+    run_as: str | None = None,
+    max_queued_messages: int = 10_000,
+) -> str:
+    """``mosquitto.conf`` text (Mosquitto 2.x)."""
+    lines = [
+        "# takfl: generated Mosquitto configuration",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {passwords.resolve()}",
+        f"acl_file {acl.resolve()}",
+        f"persistence {'true' if persistence else 'false'}",
+        f"persistence_location {data.resolve()}/",
+        f"autosave_interval {autosave_interval_s}",
+        "persistent_client_expiration 14d",
+        # a persistent session may queue a whole blob's chunks while its client is away
+        f"max_queued_messages {max_queued_messages}",
+        f"log_dest file {log_file.resolve()}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+    ]
+    if run_as is not None:
+        lines.append(f"user {run_as}")
+    lines += ["", f"listener {port} {host}", "use_username_as_clientid true"]
+    if tls is not None:
+        lines += [
+            "",
+            f"listener {tls.port} {host}",
+            "use_username_as_clientid true",
+            f"certfile {tls.cert_file}",
+            f"keyfile {tls.key_file}",
+            f"require_certificate {'true' if tls.require_certificate else 'false'}",
+        ]
+        if tls.ca_file is not None:
+            lines.append(f"cafile {tls.ca_file}")
+    return "\n".join(lines) + "\n"
+
+
+def write_mosquitto_config(
+    directory: str | Path,
+    *,
+    fleet: str,
+    port: int,
+    coordinator: tuple[str, str],
+    agents: Mapping[str, str],
+    host: str = LOOPBACK,
+    persistence: bool = True,
+    autosave_interval_s: int = 60,
+    tls: MosquittoTls | None = None,
+    run_as: str | None = None,
+    use_tool: bool | None = None,
+) -> MosquittoFiles:
+    """Write a complete Mosquitto configuration for one fleet.
+
+    Args:
+        coordinator: (username, password) of the coordinator.
+        agents: agent id (its username) -> password.
+        run_as: ``user`` option (the account mosquitto drops to when started as root).
+        use_tool: see :func:`write_password_file`.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    topics = Topics(fleet)
+    if coordinator[0] in agents:
+        raise ValueError(f"coordinator username {coordinator[0]!r} is also an agent id")
+    files_conf, passwords, acl = d / CONF_NAME, d / PASSWORDS_NAME, d / ACL_NAME
+    data, log_file = d / DATA_DIR, d / LOG_NAME
+    data.mkdir(exist_ok=True)
+    method = write_password_file(
+        passwords, {coordinator[0]: coordinator[1], **agents}, use_tool=use_tool
+    )
+    acl.write_text(acl_text(topics, coordinator[0], agents))
+    os.chmod(acl, 0o600)
+    files_conf.write_text(
+        conf_text(
+            host=host,
+            port=port,
+            passwords=passwords,
+            acl=acl,
+            data=data,
+            log_file=log_file,
+            persistence=persistence,
+            autosave_interval_s=autosave_interval_s,
+            tls=tls,
+            run_as=run_as,
+        )
+    )
+    return MosquittoFiles(d, files_conf, passwords, acl, data, log_file, host, port, method)
+
+
+class MosquittoProcess:
+    """``mosquitto -c <conf>`` as a child process."""
+
+    def __init__(self, files: MosquittoFiles, *, binary: str | None = None) -> None:
+        self.files = files
+        self.binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return self.files.host
+
+    @property
+    def port(self) -> int:
+        return self.files.port
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _log_tail(self) -> str:
+        try:
+            return self.files.log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Start and wait until the port accepts; :class:`BrokerStartError` otherwise."""
+        if self.running:
+            return self
+        binary = self.binary or find_mosquitto()
+        if binary is None:
+            raise BrokerStartError("mosquitto not found: install it (apt install mosquitto)")
+        if port_accepts(self.host, self.port):
+            raise BrokerStartError(f"{self.host}:{self.port} is already in use; pick another port")
+        stderr_path = self.files.directory / "mosquitto.stderr"
+        with open(stderr_path, "wb") as err:
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(self.files.conf)], stdout=subprocess.DEVNULL, stderr=err
+            )
+        if not wait_port(self.host, self.port, timeout) or not self.running:
+            code = self._proc.poll()
+            self.stop()
+            raise BrokerStartError(
+                f"mosquitto did not listen on {self.host}:{self.port} (exit {code}); log:\n"
+                f"{self._log_tail()}{stderr_path.read_text(errors='replace')[-2000:]}"
+            )
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (mosquitto saves its persistence database), then SIGKILL if needed."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("mosquitto did not stop in %.0f s; killing it", timeout)
+            proc.kill()
+            proc.wait(timeout)
+
+    def __enter__(self) -> MosquittoProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

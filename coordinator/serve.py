@@ -1,0 +1,156 @@
+"""``takfl-coordinator serve``: a federation of real agents over MQTT.
+
+Wires the pieces together: the broker (embedded or given), the agent registry,
+the MQTT transport, the resumable federation run, and the export at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from coordinator.broker.embedded import EmbeddedBroker
+from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
+from coordinator.engine import RoundPolicy, RoundResult
+from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, provision_agents
+from coordinator.service import FederationRun, ServeOptions
+from coordinator.store import RunStore
+from coordinator.transport.mqtt import MqttTransport, TransportPolicy
+from takfl.config import FederationConfig, load_profile
+from takfl.federation_data import build_federation_data
+from takfl.mqtt.client import MqttSettings
+from takfl.mqtt.credentials import mqtt_password
+from takfl.mqtt.url import parse_broker_url
+from takfl.wire import validation
+
+log = logging.getLogger(__name__)
+COORDINATOR_USER = "takfl-coordinator"
+
+
+@dataclass
+class ServeSettings:
+    broker: str = "embedded"  # "embedded" or mqtt[s]://[user:pass@]host:port
+    embedded_port: int = 1883
+    fleet: str | None = None  # default: the config's name
+    rounds: int | None = None
+    seed: int = 0
+    resume: bool = False
+    agents_file: Path | None = None  # default: RUN/agents.json
+    deadline_s: float = 120.0
+    quorum: float = 1.0
+    max_wait_s: float = 600.0
+    wait_agents_s: float = 600.0  # wait this long for at least one agent per prototype
+    export: bool = True
+
+
+@contextmanager
+def broker_for(settings: ServeSettings) -> Iterator[MqttSettings]:
+    """Start the embedded broker when asked; otherwise parse the URL."""
+    if settings.broker == "embedded":
+        broker = EmbeddedBroker(settings.embedded_port).start()
+        log.info("embedded broker on %s:%d", broker.host, broker.port)
+        try:
+            yield MqttSettings(host=broker.host, port=broker.port)
+        finally:
+            broker.stop()
+    else:
+        yield parse_broker_url(settings.broker)
+
+
+def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
+    return {a: validation.AgentRecord(a, r.prototype, r.secret) for a, r in records.items()}
+
+
+def transport_policy(cfg: FederationConfig) -> TransportPolicy:
+    """Each prototype's agents encode updates as their device profile says."""
+    comms = {p.name: load_profile(p.profile).comms for p in cfg.prototypes}
+    return TransportPolicy(comms_by_prototype=comms)
+
+
+def provision(cfg: FederationConfig, out_dir: Path, *, fleet: str | None = None,
+              mosquitto_port: int | None = None) -> tuple[list[AgentRecord],
+                                                           MosquittoFiles | None, str]:
+    """Secrets and registry for every configured client; optionally a Mosquitto config
+    (password file, per-agent ACL) with a fresh coordinator password."""
+    records = provision_agents(cfg, out_dir)
+    coord_password = secrets.token_hex(16)
+    files = None
+    if mosquitto_port is not None:
+        files = write_mosquitto_config(
+            out_dir / "mosquitto", fleet=fleet or cfg.name, port=mosquitto_port,
+            coordinator=(COORDINATOR_USER, coord_password),
+            agents={r.agent_id: mqtt_password(r.secret) for r in records})
+        (out_dir / "coordinator.password").write_text(coord_password + "\n")
+        (out_dir / "coordinator.password").chmod(0o600)
+    return records, files, coord_password
+
+
+def wait_for_prototypes(transport: MqttTransport, cfg: FederationConfig, timeout: float,
+                        report: Callable[[str], None]) -> None:
+    """Block until every prototype has at least one registered agent online (or timeout)."""
+    end = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < end:
+        online = transport.clients()
+        line = ", ".join(f"{p.name}: {len(online.get(p.name, []))}/{p.clients}"
+                         for p in cfg.prototypes)
+        if line != last:
+            report(f"agents online {line}")
+            last = line
+        if all(online.get(p.name) for p in cfg.prototypes):
+            return
+        time.sleep(0.5)
+    report("timed out waiting for agents; rounds run with whoever is online")
+
+
+def serve(cfg: FederationConfig, run_dir: Path, settings: ServeSettings, device: torch.device,
+          *, on_round: Callable[[RoundResult], None] | None = None,
+          report: Callable[[str], None] = print) -> list[RoundResult]:
+    """Run the federation to its last round; export every prototype at the end."""
+    store = RunStore(run_dir)
+    agents_file = settings.agents_file or run_dir / REGISTRY_FILE
+    registry = load_registry(agents_file)
+    data = build_federation_data(cfg, settings.seed)
+    fleet = settings.fleet or cfg.name
+    policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
+    with broker_for(settings) as mqtt:
+        transport = MqttTransport(mqtt, fleet, wire_registry(registry),
+                                  num_classes=data.num_classes, input_shape=data.input_shape,
+                                  policy=transport_policy(cfg)).start(timeout=30)
+        try:
+            report(f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
+                   f"{len(registry)} provisioned agents, run dir {run_dir}")
+            wait_for_prototypes(transport, cfg, settings.wait_agents_s, report)
+            run = FederationRun(cfg, data, transport, store, device,
+                                ServeOptions(settings.rounds or cfg.rounds, settings.seed,
+                                             settings.resume, policy),
+                                on_round=on_round,
+                                on_phase=lambda phase, r: report(f"round {r}: {phase}"))
+            results = run.run()
+            c = transport.counters
+            report(f"updates accepted {c.accepted}, refused {dict(c.refused) or 0}")
+        finally:
+            transport.close()
+    if settings.export:
+        export_run_dir(run_dir, report)
+    return results
+
+
+def export_run_dir(run_dir: Path, report: Callable[[str], None]) -> None:
+    """Export every prototype's final model as its device profile asks (needs the
+    export extra; a missing toolchain is reported, not fatal)."""
+    try:
+        from export.run_export import export_run
+    except ImportError as e:
+        report(f"skipping export ({e}); install takfl-edge[export] and run takfl-export --run")
+        return
+    report("exporting every prototype's final model (ONNX / TFLite)...")
+    export_run(run_dir)
+    report(f"exports written under {run_dir / 'exports'}")

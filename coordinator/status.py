@@ -1,0 +1,69 @@
+"""What ``takfl-coordinator status`` shows: the run's state and agents' presence."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from coordinator.store import RunStore
+from takfl.mqtt.client import MqttClient
+from takfl.mqtt.url import parse_broker_url
+from takfl.wire.errors import WireError
+from takfl.wire.messages import Registration, Status, decode_message
+from takfl.wire.topics import Topics, Up
+
+
+def run_status(run_dir: Path) -> tuple[dict[str, Any], str]:
+    """A flat view of state.json plus the fleet (config) name."""
+    store = RunStore(run_dir)
+    state = store.read_state()
+    view: dict[str, Any] = {
+        "round": state.get("round"), "phase": state.get("phase"),
+        "algorithm": state.get("algorithm"), "config": state.get("config"),
+    }
+    for proto, acc in (state.get("accuracy") or {}).items():
+        view[f"accuracy {proto}"] = f"{acc:.2f}%"
+    for proto, lam in (state.get("lambdas") or {}).items():
+        if lam:
+            view[f"lambdas {proto}"] = ", ".join(f"{k}={v:.2f}" for k, v in lam.items())
+    if state.get("updated"):
+        view["updated"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state["updated"]))
+    return view, str(state.get("config") or "")
+
+
+def broker_presence(url: str, fleet: str, listen_s: float) -> dict[str, dict[str, str]]:
+    """Retained registrations and statuses of the fleet's agents, collected for ``listen_s``."""
+    topics = Topics(fleet)
+    seen: dict[str, dict[str, str]] = {}
+    lock = threading.Lock()
+
+    def on_status(topic: str, payload: bytes) -> None:
+        try:
+            st = decode_message(Status, payload)
+        except WireError:
+            return
+        with lock:
+            info = seen.setdefault(st.agent_id, {})
+            info["state"] = st.state
+            if st.time > 0:
+                info["last_seen"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.time))
+
+    def on_register(topic: str, payload: bytes) -> None:
+        try:
+            reg = decode_message(Registration, payload)
+        except WireError:
+            return
+        with lock:
+            seen.setdefault(reg.agent_id, {})["prototype"] = reg.prototype
+
+    client = MqttClient(parse_broker_url(url), f"takfl-status-{int(time.time())}")
+    client.route(topics.up_filter(Up.STATUS), on_status)
+    client.route(topics.up_filter(Up.REGISTER), on_register)
+    client.start(timeout=10)
+    try:
+        time.sleep(listen_s)
+    finally:
+        client.stop()
+    return seen

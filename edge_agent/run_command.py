@@ -1,0 +1,79 @@
+"""``takfl-agent run``: join a federation and serve its tasks."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from takfl.config import ConfigError, load_profile
+
+console = Console()
+
+
+def run(
+    profile: str = typer.Option(..., help="Bundled device profile name or YAML path."),
+    broker: str = typer.Option(..., help="mqtt://host:port or mqtts://host:port "
+                               "(user:password@ optional; else derived from the secret)."),
+    agent_id: str = typer.Option(..., "--id", help="This agent's id, as provisioned."),
+    secret_file: Path = typer.Option(..., help="The agent's secret (hex, mode 600)."),
+    data: Path = typer.Option(None, help="Private data: a .npz file (x, y) or image folder."),
+    demo_shard: int = typer.Option(None, help="Use shard K of a bundled demo federation."),
+    federation: str = typer.Option("digits", help="Federation of --demo-shard."),
+    fleet: str = typer.Option(None, help="Fleet name (default: --federation's name)."),
+    threads: int = typer.Option(None, min=1, help="Override the profile's training threads."),
+    ca_file: str = typer.Option(None, help="CA certificate for mqtts."),
+    max_tasks: int = typer.Option(None, min=1, help="Exit after this many tasks."),
+) -> None:
+    """Train on local data for the coordinator, within the device profile's limits."""
+    from edge_agent.data import load_demo_shard, load_local_data
+    from edge_agent.runner import Agent, RegistrationRefused
+    from takfl.data import DataError
+    from takfl.mqtt.credentials import mqtt_password
+    from takfl.mqtt.url import parse_broker_url
+    from takfl.wire.errors import WireError
+    from takfl.wire.signing import load_secret_file
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        prof = load_profile(profile)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    if threads is not None:
+        prof.training.threads = threads
+    if (data is None) == (demo_shard is None):
+        console.print("[red]give exactly one of --data DIR and --demo-shard K[/red]")
+        raise typer.Exit(2)
+    try:
+        secret = load_secret_file(secret_file)
+        settings = parse_broker_url(broker, ca_file=ca_file)
+        if settings.username is None:
+            from dataclasses import replace
+
+            settings = replace(settings, username=agent_id, password=mqtt_password(secret))
+        if demo_shard is not None:
+            _, x, y = load_demo_shard(federation, prof.prototype, demo_shard)
+        else:
+            x, y = load_local_data(data)
+    except (WireError, DataError, ValueError, ConfigError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if fleet is None:
+        from takfl.config import load_federation
+
+        fleet = load_federation(federation).name
+    agent = Agent(prof, settings, fleet, agent_id, secret, x, y,
+                  report=lambda m: console.print(m))
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
+    try:
+        stats = agent.run(max_tasks=max_tasks)
+    except KeyboardInterrupt:
+        stats = agent.stats
+    except RegistrationRefused as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(3) from None
+    console.print(f"stopped after {stats.tasks_done} task(s)")
