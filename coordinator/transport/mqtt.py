@@ -31,7 +31,7 @@ from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
-from takfl.wire.chunking import ReassemblyLimits
+from takfl.wire.chunking import ReassemblyLimits, blob_ref
 from takfl.wire.codec import State, apply_delta, encode_state, max_encoded_bytes
 from takfl.wire.errors import BlobTooLarge, DigestMismatch, WireError
 from takfl.wire.messages import (
@@ -253,8 +253,7 @@ class MqttTransport(Transport):
 
     def publish_global(self, round_id: int, prototype: str, state: dict[str, torch.Tensor]) -> None:
         """Announce (retained) the digest and size of a prototype's new global model."""
-        blob = encode_state(state, GLOBAL_ENCODING)
-        ref = self.sender.keep(blob, self.policy.global_chunk_size)
+        ref = blob_ref(encode_state(state, GLOBAL_ENCODING), self.policy.global_chunk_size)
         ann = GlobalAnnouncement(
             round_id=round_id, prototype=prototype, digest=ref.digest, size=ref.size
         )

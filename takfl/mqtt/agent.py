@@ -1,0 +1,404 @@
+"""The agent's end of the MQTT protocol: register, receive tasks with their global
+model, send signed compressed updates.
+
+Usage::
+
+    with AgentLink(settings, "lab", identity) as link:
+        task = link.next_task(timeout=60)          # TaskMessage + decoded global state
+        ...train from task.global_state...
+        header = link.send_update(task, trained_state, num_samples=n)
+        ack = link.wait_ack(header.blob.digest, timeout=60)
+
+Presence: a retained ``online`` status on connect, ``offline`` as last will and
+on close. The signed registration is published (retained) on every connect.
+A task is acknowledged on receipt; its global blob is reassembled and missing
+chunks are asked for again. An update header is announced again every
+``ack_timeout_s`` until the coordinator acknowledges it or the task's deadline
+passes; the blob stays in a bounded store to answer chunk requests. The latest
+announcement of the prototype's new global model is kept (``wait_global``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+
+from takfl.config.profile import HardwareClass
+from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
+from takfl.mqtt.client import MqttClient, MqttSettings, Will
+from takfl.wire.chunking import ReassemblyLimits
+from takfl.wire.codec import decode_state
+from takfl.wire.errors import WireError
+from takfl.wire.messages import (
+    Ack,
+    ChunkRequest,
+    Compression,
+    GlobalAnnouncement,
+    Registration,
+    Status,
+    TaskMessage,
+    UpdateHeader,
+    decode_chunk,
+    decode_message,
+    encode_message,
+)
+from takfl.wire.signing import sign, verify
+from takfl.wire.topics import Down, Topics, Up, check_ident
+from takfl.wire.update import PreparedUpdate, prepare_update
+
+log = logging.getLogger(__name__)
+
+COORDINATOR = "coordinator"  # blob source name of the coordinator
+REGISTER_KEY = "register"  # key of the registration ack in wait_ack
+MEMORY = 256  # task keys and acks remembered (oldest forgotten first)
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    """Who this agent is, as provisioned on the coordinator."""
+
+    agent_id: str
+    prototype: str
+    secret: bytes = field(repr=False)
+    profile: str = "custom"
+    hardware_class: HardwareClass = "raspberry-pi"
+    num_samples: int = 0
+
+
+@dataclass(frozen=True)
+class LinkPolicy:
+    quiet_s: float = 5.0  # ask again for missing global-model chunks after this long
+    ack_timeout_s: float = 15.0  # announce an update header again after this long without ack
+    limits: ReassemblyLimits = field(
+        default_factory=lambda: ReassemblyLimits(max_pending=4, timeout_s=600.0)
+    )
+    max_sent_blobs: int = 4  # update blobs kept to answer chunk requests
+    max_tasks: int = 16  # received tasks waiting for next_task
+
+
+@dataclass(frozen=True)
+class ReceivedTask:
+    message: TaskMessage
+    global_state: dict[str, torch.Tensor]  # decoded global model (float32 / exact ints)
+
+
+@dataclass
+class LinkCounters:
+    tasks: int = 0
+    bad_tasks: int = 0  # undecodable, badly signed or not for this agent
+    blob_errors: int = 0  # chunks refused, digests failed, undecodable blobs
+    ignored_chunks: int = 0  # chunks of no expected blob
+    requests_answered: int = 0
+    header_retries: int = 0
+
+
+@dataclass
+class _Outgoing:
+    header: UpdateHeader
+    last_sent: float
+    deadline: float  # unix time
+
+
+class AgentLink:
+    """One agent's connection to the coordinator (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        fleet: str,
+        identity: AgentIdentity,
+        *,
+        policy: LinkPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        check_ident(identity.agent_id, "agent id")
+        self.identity = identity
+        self.policy = policy or LinkPolicy()
+        self.topics = Topics(fleet)
+        self.clock = clock
+        self.counters = LinkCounters()
+        me = identity.agent_id
+        offline = Status(agent_id=me, state="offline", time=0.0)
+        self.client = MqttClient(
+            settings, me, will=Will(self.topics.up(me, Up.STATUS), encode_message(offline))
+        )
+        self.sender = BlobSender(self.client, BlobStore(max_blobs=self.policy.max_sent_blobs))
+        self.receiver = BlobReceiver(self.policy.limits, quiet_s=self.policy.quiet_s, clock=clock)
+        self._waiting: dict[str, list[TaskMessage]] = {}  # global digest -> tasks needing it
+        self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()  # (round, global digest)
+        self._ready: queue.Queue[ReceivedTask] = queue.Queue(maxsize=self.policy.max_tasks)
+        self._outgoing: dict[str, _Outgoing] = {}
+        self._acks: OrderedDict[str, Ack] = OrderedDict()
+        self._cond = threading.Condition()
+        self._global: GlobalAnnouncement | None = None  # latest of this agent's prototype
+        self.client.route(self.topics.down(me, Down.TASK), self._on_task)
+        self.client.route(self.topics.down(me, Down.CHUNK), self._on_chunk)
+        self.client.route(self.topics.down(me, Down.REQUEST), self._on_request)
+        self.client.route(self.topics.down(me, Down.ACK), self._on_ack)
+        self.client.route(self.topics.global_model(identity.prototype), self._on_global)
+        self.client.on_connected(self._announce)
+        self.client.every_tick(self._tick)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, timeout: float | None = 10.0) -> AgentLink:
+        self.client.start(timeout)
+        return self
+
+    def close(self) -> None:
+        me = self.identity.agent_id
+        offline = Status(agent_id=me, state="offline", time=time.time())
+        self.client.stop(final=(self.topics.up(me, Up.STATUS), encode_message(offline)))
+
+    def __enter__(self) -> AgentLink:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- public API -----------------------------------------------------------------------
+    def registration(self) -> Registration:
+        i = self.identity
+        reg = Registration(
+            agent_id=i.agent_id,
+            prototype=i.prototype,
+            profile=i.profile,
+            hardware_class=i.hardware_class,
+            num_samples=i.num_samples,
+            sent_at=time.time(),
+        )
+        return sign(reg, i.secret)
+
+    def next_task(self, timeout: float) -> ReceivedTask | None:
+        """The next task whose global model has fully arrived, or None after ``timeout`` s."""
+        try:
+            return self._ready.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def send_update(
+        self,
+        task: ReceivedTask,
+        trained: Mapping[str, torch.Tensor],
+        *,
+        num_samples: int,
+        metrics: Mapping[str, float] | None = None,
+        compression: Compression | None = None,
+    ) -> UpdateHeader:
+        """Encode ``trained - global`` as the task asks, sign, and send header and chunks."""
+        prepared = prepare_update(
+            task.message,
+            trained,
+            task.global_state,
+            secret=self.identity.secret,
+            num_samples=num_samples,
+            metrics=metrics,
+            compression=compression,
+        )
+        self.send_prepared(prepared, deadline=task.message.deadline)
+        return prepared.header
+
+    def send_prepared(
+        self,
+        prepared: PreparedUpdate,
+        *,
+        deadline: float,
+        chunk_indices: Iterable[int] | None = None,
+    ) -> None:
+        """Send a prepared update: keep the blob, publish the header, then the chunks
+        (all, or only ``chunk_indices``; the rest can be requested)."""
+        header = prepared.header
+        self.sender.keep(prepared.blob, header.blob.chunk_size)
+        with self._cond:
+            self._acks.pop(header.blob.digest, None)  # wait_ack waits for the answer to this send
+            self._outgoing[header.blob.digest] = _Outgoing(header, self.clock(), deadline)
+        me = self.identity.agent_id
+        self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
+        self.sender.publish(self.topics.up(me, Up.CHUNK), header.blob.digest, chunk_indices)
+
+    def wait_global(self, min_round: int, timeout: float) -> GlobalAnnouncement | None:
+        """The latest announcement of this prototype's global model once its round is at
+        least ``min_round``, or None after ``timeout`` s."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._global is not None and self._global.round_id >= min_round, timeout
+            )
+            g = self._global
+        return g if g is not None and g.round_id >= min_round else None
+
+    def wait_ack(self, key: str, timeout: float) -> Ack | None:
+        """The coordinator's ack of an update (key: blob digest) or of the registration
+        (key: ``REGISTER_KEY``), or None after ``timeout`` s."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while key not in self._acks:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self._acks[key]
+
+    # -- handlers (dispatcher thread) -----------------------------------------------------------
+    def _announce(self) -> None:
+        me = self.identity.agent_id
+        online = Status(agent_id=me, state="online", time=time.time())
+        self.client.publish(self.topics.up(me, Up.STATUS), encode_message(online), retain=True)
+        self.client.publish(
+            self.topics.up(me, Up.REGISTER), encode_message(self.registration()), retain=True
+        )
+
+    def _ack_task(self, task: TaskMessage, accepted: bool, reason: str = "ok") -> None:
+        ack = Ack(
+            subject="task",
+            agent_id=self.identity.agent_id,
+            round_id=task.round_id,
+            digest=task.blob.digest,
+            accepted=accepted,
+            reason=reason,
+        )
+        self.client.publish(self.topics.up(self.identity.agent_id, Up.ACK), encode_message(ack))
+
+    def _on_task(self, _topic: str, payload: bytes) -> None:
+        try:
+            task = decode_message(TaskMessage, payload)
+        except WireError as e:
+            self.counters.bad_tasks += 1
+            log.warning("%s: malformed task: %s", self.identity.agent_id, e)
+            return
+        i = self.identity
+        if (
+            not verify(task, i.secret)
+            or task.agent_id != i.agent_id
+            or task.prototype != i.prototype
+        ):
+            self.counters.bad_tasks += 1
+            log.warning(
+                "%s: refusing a task not signed for it (round %d)", i.agent_id, task.round_id
+            )
+            return
+        key = (task.round_id, task.blob.digest)
+        if key in self._seen:
+            self._ack_task(task, True)
+            return
+        try:
+            self.receiver.expect(COORDINATOR, task.blob)
+        except WireError as e:
+            self.counters.bad_tasks += 1
+            log.warning(
+                "%s: cannot take the global model of round %d: %s", i.agent_id, task.round_id, e
+            )
+            self._ack_task(task, False, "too_large")
+            return
+        self._seen[key] = None
+        if len(self._seen) > MEMORY:
+            self._seen.popitem(last=False)
+        self._waiting.setdefault(task.blob.digest, []).append(task)
+        self.counters.tasks += 1
+        self._ack_task(task, True)
+
+    def _on_chunk(self, _topic: str, payload: bytes) -> None:
+        try:
+            chunk = decode_chunk(payload)
+            if not self.receiver.is_pending(COORDINATOR, chunk.hex_digest):
+                self.counters.ignored_chunks += 1
+                return
+            blob = self.receiver.add(COORDINATOR, chunk)
+        except WireError as e:
+            self.counters.blob_errors += 1
+            log.warning("%s: bad global-model chunk: %s", self.identity.agent_id, e)
+            return
+        if blob is None:
+            return
+        tasks = self._waiting.pop(chunk.hex_digest, [])
+        try:
+            state = decode_state(blob, max_bytes=self.policy.limits.max_blob_bytes)
+        except WireError as e:
+            self.counters.blob_errors += 1
+            log.warning("%s: undecodable global model: %s", self.identity.agent_id, e)
+            return
+        for task in tasks:
+            try:
+                self._ready.put_nowait(ReceivedTask(task, state))
+            except queue.Full:
+                log.warning(
+                    "%s: task queue full; dropped round %d", self.identity.agent_id, task.round_id
+                )
+
+    def _on_request(self, _topic: str, payload: bytes) -> None:
+        try:
+            request = decode_message(ChunkRequest, payload)
+        except WireError as e:
+            log.warning("%s: malformed chunk request: %s", self.identity.agent_id, e)
+            return
+        topic = self.topics.up(self.identity.agent_id, Up.CHUNK)
+        self.counters.requests_answered += int(self.sender.answer(topic, request) > 0)
+
+    def _on_global(self, _topic: str, payload: bytes) -> None:
+        try:
+            ann = decode_message(GlobalAnnouncement, payload)
+        except WireError as e:
+            log.warning("%s: malformed global announcement: %s", self.identity.agent_id, e)
+            return
+        if ann.prototype != self.identity.prototype:
+            return
+        with self._cond:
+            if self._global is None or ann.round_id >= self._global.round_id:
+                self._global = ann
+            self._cond.notify_all()
+
+    def _on_ack(self, _topic: str, payload: bytes) -> None:
+        try:
+            ack = decode_message(Ack, payload)
+        except WireError as e:
+            log.warning("%s: malformed ack: %s", self.identity.agent_id, e)
+            return
+        if ack.agent_id != self.identity.agent_id:
+            return
+        key = REGISTER_KEY if ack.subject == "register" else ack.digest
+        if key is None:
+            return
+        if not ack.accepted:
+            log.warning(
+                "%s: coordinator refused %s: %s %s",
+                self.identity.agent_id,
+                ack.subject,
+                ack.reason,
+                ack.detail,
+            )
+        with self._cond:
+            self._outgoing.pop(key, None)
+            self._acks[key] = ack
+            if len(self._acks) > MEMORY:
+                self._acks.popitem(last=False)
+            self._cond.notify_all()
+
+    def _tick(self) -> None:
+        me = self.identity.agent_id
+        for _source, request in self.receiver.due_requests():
+            self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(request))
+        for _source, digest in self.receiver.expire():
+            dropped = self._waiting.pop(digest, [])
+            log.warning(
+                "%s: global model %s timed out; %d task(s) dropped", me, digest[:12], len(dropped)
+            )
+        now, wall = self.clock(), time.time()
+        with self._cond:
+            for digest, out in list(self._outgoing.items()):
+                if wall > out.deadline:
+                    del self._outgoing[digest]
+                elif now - out.last_sent >= self.policy.ack_timeout_s:
+                    out.last_sent = now
+                    self.counters.header_retries += 1
+                    self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(out.header))

@@ -1,0 +1,286 @@
+"""Typed wire messages: JSON headers and the compact binary chunk.
+
+Every JSON message carries ``schema`` (the wire schema version) and ``kind``
+(which message it is), and is decoded strictly: unknown keys, wrong types,
+out-of-range values or a version/kind that does not match raise
+:class:`~takfl.wire.errors.MalformedMessage`.
+
+A chunk is ``CHUNK_HEADER`` (44 bytes, big-endian) followed by the payload::
+
+    magic b"TKC" | version u8 | sha256 digest of the whole blob (32 bytes) | index u32 | count u32
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from takfl.config.profile import HardwareClass
+from takfl.wire.errors import MalformedChunk, MalformedMessage
+from takfl.wire.topics import IDENT_RE
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024  # a JSON message larger than this is refused unread
+MAX_METRICS = 32  # metric entries in an update header
+MAX_MISSING = 4096  # chunk indices in one ChunkRequest
+DIGEST_BYTES = 32  # SHA-256
+
+Compression = Literal["fp32", "fp16", "int8"]
+COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+
+Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Ident = Annotated[str, StringConstraints(pattern=f"^{IDENT_RE}$")]
+Signature = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NonNegInt = Annotated[int, Field(ge=0, le=2**53)]
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Chunks a blob of ``size`` bytes splits into (an empty blob is one empty chunk)."""
+    if size < 0 or chunk_size <= 0:
+        raise ValueError(f"bad blob size {size} or chunk size {chunk_size}")
+    return max(1, math.ceil(size / chunk_size))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+class BlobRef(_Strict):
+    """A content-addressed blob as announced before its chunks."""
+
+    digest: Digest  # SHA-256 of the whole blob, hex
+    size: Annotated[int, Field(ge=0, le=2**40)]  # bytes
+    chunk_size: Annotated[int, Field(gt=0, le=2**26)]  # every chunk but the last has this size
+    count: Annotated[int, Field(ge=1, le=2**32 - 1)]  # number of chunks
+
+    @model_validator(mode="after")
+    def _count_matches(self) -> BlobRef:
+        if self.count != chunk_count(self.size, self.chunk_size):
+            raise ValueError(
+                f"count {self.count} does not match size {self.size} / chunk_size {self.chunk_size}"
+            )
+        return self
+
+
+class ModelRef(_Strict):
+    """Which zoo builder an agent builds (see ``takfl.models``)."""
+
+    builder: Ident
+    args: dict[str, Any] = {}
+
+
+class TrainingRef(_Strict):
+    """Local-training settings the coordinator dictates for a task (the device keeps
+    its own threads, memory cap and time budget)."""
+
+    epochs: Annotated[int, Field(ge=1, le=10_000)]
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)]
+    optimizer: Literal["adam", "sgd"]
+    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+
+
+class WireMessage(_Strict):
+    """Base of every JSON message."""
+
+    schema_version: Literal[1] = Field(1, alias="schema")  # SCHEMA_VERSION
+
+
+class SignedMessage(WireMessage):
+    """A message authenticated with the sender's per-agent secret (see ``takfl.wire.signing``)."""
+
+    signature: Signature = ""
+
+    def signing_payload(self) -> bytes:
+        """Canonical bytes covered by the signature: every field but ``signature``, sorted keys."""
+        fields = self.model_dump(mode="json", by_alias=True, exclude={"signature"})
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+class Registration(SignedMessage):
+    kind: Literal["register"] = "register"
+    agent_id: Ident
+    prototype: Ident
+    profile: Label  # device profile name
+    hardware_class: HardwareClass
+    num_samples: NonNegInt  # private training samples on the device
+    sent_at: FiniteFloat  # unix time
+
+
+class TaskMessage(SignedMessage):
+    """One agent's work for one round; the global model follows as chunks of ``blob``."""
+
+    kind: Literal["task"] = "task"
+    round_id: NonNegInt
+    agent_id: Ident
+    prototype: Ident
+    model: ModelRef
+    num_classes: Annotated[int, Field(ge=2, le=1_000_000)]
+    input_shape: tuple[
+        Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]
+    ]
+    seed: NonNegInt
+    deadline: FiniteFloat  # unix time after which the update is no longer wanted
+    compression: Compression  # how the agent encodes its update delta
+    chunk_size: Annotated[int, Field(gt=0, le=2**26)]  # chunk size for the agent's update
+    blob: BlobRef  # the global model, encode_state(..., "fp32")
+    training: TrainingRef | None = None  # None: the agent's profile decides
+
+
+class UpdateHeader(SignedMessage):
+    """An agent's answer to a task; the delta blob follows as chunks of ``blob``."""
+
+    kind: Literal["update"] = "update"
+    round_id: NonNegInt
+    agent_id: Ident
+    prototype: Ident
+    base_digest: Digest  # digest of the global blob the delta is relative to
+    blob: BlobRef  # encode_state(trained - global, compression)
+    compression: Compression
+    num_samples: NonNegInt
+    metrics: Annotated[
+        dict[Annotated[str, StringConstraints(max_length=64)], FiniteFloat],
+        Field(max_length=MAX_METRICS),
+    ] = {}
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        """Idempotency key: (round id, agent id, blob digest)."""
+        return (self.round_id, self.agent_id, self.blob.digest)
+
+
+class ChunkRequest(WireMessage):
+    """Ask the sender of ``digest`` to publish these chunk indices again."""
+
+    kind: Literal["chunk_request"] = "chunk_request"
+    digest: Digest
+    missing: Annotated[
+        list[Annotated[int, Field(ge=0, le=2**32 - 2)]], Field(min_length=1, max_length=MAX_MISSING)
+    ]
+
+
+AckSubject = Literal["register", "task", "update"]
+
+
+class Ack(WireMessage):
+    """What was accepted or refused, and why (``reason`` is ``"ok"`` or a Refusal value)."""
+
+    kind: Literal["ack"] = "ack"
+    subject: AckSubject
+    agent_id: Ident
+    round_id: NonNegInt | None = None
+    digest: Digest | None = None
+    accepted: bool
+    reason: Annotated[str, StringConstraints(max_length=64)] = "ok"
+    detail: Annotated[str, StringConstraints(max_length=512)] = ""
+
+
+class Status(WireMessage):
+    """Presence of an agent or of the coordinator (retained; ``offline`` is the last will)."""
+
+    kind: Literal["status"] = "status"
+    agent_id: Ident  # "coordinator" for the coordinator
+    state: Literal["online", "offline"]
+    time: FiniteFloat
+
+
+class GlobalAnnouncement(WireMessage):
+    """A prototype's new global model exists (retained on its broadcast topic)."""
+
+    kind: Literal["global"] = "global"
+    round_id: NonNegInt
+    prototype: Ident
+    digest: Digest
+    size: NonNegInt
+
+
+M = TypeVar("M", bound=WireMessage)
+
+
+def encode_message(message: WireMessage) -> bytes:
+    """Compact JSON bytes of ``message``."""
+    return message.model_dump_json(by_alias=True).encode()
+
+
+def decode_message(cls: type[M], data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Parse and validate ``data`` as a ``cls`` message; :class:`MalformedMessage` otherwise."""
+    if not isinstance(data, bytes | bytearray):
+        raise MalformedMessage(f"{cls.__name__}: expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise MalformedMessage(f"{cls.__name__}: {len(data)} bytes exceeds the {max_bytes} cap")
+    try:
+        return cls.model_validate_json(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in e.errors()[:5]
+        )
+        raise MalformedMessage(f"{cls.__name__}: {problems}") from e
+
+
+# -- binary chunks ------------------------------------------------------------------
+CHUNK_MAGIC = b"TKC"
+CHUNK_VERSION = 1
+_CHUNK_HEADER = struct.Struct(">3sB32sII")
+CHUNK_HEADER_BYTES = _CHUNK_HEADER.size
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Piece ``index`` of ``count`` of the blob whose SHA-256 is ``digest``."""
+
+    digest: bytes
+    index: int
+    count: int
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != DIGEST_BYTES:
+            raise MalformedChunk(f"digest must be {DIGEST_BYTES} bytes, got {len(self.digest)}")
+        if not 1 <= self.count <= 2**32 - 1:
+            raise MalformedChunk(f"chunk count {self.count} out of range")
+        if not 0 <= self.index < self.count:
+            raise MalformedChunk(f"chunk index {self.index} not in [0, {self.count})")
+
+    @property
+    def hex_digest(self) -> str:
+        return self.digest.hex()
+
+
+def encode_chunk(chunk: Chunk) -> bytes:
+    """Binary form of ``chunk``: fixed header, then the payload."""
+    header = _CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, chunk.digest, chunk.index, chunk.count)
+    return header + chunk.payload
+
+
+def decode_chunk(data: bytes, *, max_payload: int | None = None) -> Chunk:
+    """Parse a binary chunk; :class:`MalformedChunk` on a bad header or an oversized payload."""
+    if not isinstance(data, bytes | bytearray):
+        raise MalformedChunk(f"expected bytes, got {type(data).__name__}")
+    if len(data) < CHUNK_HEADER_BYTES:
+        raise MalformedChunk(
+            f"{len(data)} bytes is shorter than the {CHUNK_HEADER_BYTES}-byte header"
+        )
+    magic, version, digest, index, count = _CHUNK_HEADER.unpack_from(data)
+    if magic != CHUNK_MAGIC:
+        raise MalformedChunk(f"bad magic {magic!r}")
+    if version != CHUNK_VERSION:
+        raise MalformedChunk(f"unsupported chunk version {version}")
+    payload = bytes(data[CHUNK_HEADER_BYTES:])
+    if max_payload is not None and len(payload) > max_payload:
+        raise MalformedChunk(f"payload of {len(payload)} bytes exceeds the {max_payload} cap")
+    return Chunk(digest, index, count, payload)

@@ -1,0 +1,97 @@
+"""HMAC-SHA256 authentication of wire headers with per-agent secrets.
+
+The signature covers the canonical encoding of every header field except the
+signature itself (see :meth:`SignedMessage.signing_payload`): the message kind,
+round id, agent id, prototype and, for updates, the digest of the blob, so a
+header cannot be replayed for another round, agent or blob. Comparison is
+constant-time.
+
+A secret file holds one line: the secret in hex (at least 16 bytes).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import stat
+from hashlib import sha256
+from pathlib import Path
+from typing import TypeVar
+
+from takfl.wire.errors import SecretError
+from takfl.wire.messages import SignedMessage
+
+log = logging.getLogger(__name__)
+
+SECRET_BYTES = 32  # generated secrets
+MIN_SECRET_BYTES = 16  # shortest secret accepted from a file
+DOMAIN = b"takfl-wire-v1\x00"  # prefix of every signed payload
+
+S = TypeVar("S", bound=SignedMessage)
+
+
+def generate_secret() -> bytes:
+    """A fresh random secret of ``SECRET_BYTES`` bytes."""
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def hmac_hex(secret: bytes, payload: bytes) -> str:
+    """Hex HMAC-SHA256 of ``payload`` under ``secret`` (domain-separated)."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise SecretError(f"secret of {len(secret)} bytes is too short (min {MIN_SECRET_BYTES})")
+    return hmac.new(secret, DOMAIN + payload, sha256).hexdigest()
+
+
+def sign(message: S, secret: bytes) -> S:
+    """A copy of ``message`` with its ``signature`` set."""
+    return message.model_copy(update={"signature": hmac_hex(secret, message.signing_payload())})
+
+
+def verify(message: SignedMessage, secret: bytes) -> bool:
+    """True iff ``message.signature`` is the HMAC of its other fields under ``secret``."""
+    if not message.signature:
+        return False
+    expected = hmac_hex(secret, message.signing_payload())
+    return hmac.compare_digest(expected, message.signature)
+
+
+def write_secret_file(
+    path: str | Path, secret: bytes | None = None, *, overwrite: bool = False
+) -> bytes:
+    """Write ``secret`` (a new one when None) as hex to ``path`` with mode 0600; returns it."""
+    p = Path(path)
+    secret = secret if secret is not None else generate_secret()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise SecretError(f"secret of {len(secret)} bytes is too short (min {MIN_SECRET_BYTES})")
+    if p.exists() and not overwrite:
+        raise SecretError(f"{p} exists; pass overwrite=True to replace it")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex() + "\n")
+    os.replace(tmp, p)
+    return secret
+
+
+def load_secret_file(path: str | Path) -> bytes:
+    """Read a secret written by :func:`write_secret_file` (``--secret-file``)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="ascii").strip()
+        mode = p.stat().st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecretError(f"cannot read secret file {p} ({e})") from e
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError as e:
+        raise SecretError(f"{p} does not hold a hex secret; regenerate it") from e
+    if len(secret) < MIN_SECRET_BYTES:
+        raise SecretError(
+            f"{p}: secret of {len(secret)} bytes is too short (min {MIN_SECRET_BYTES})"
+        )
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("secret file %s is readable by other users; chmod 600 it", p)
+    return secret

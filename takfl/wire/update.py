@@ -1,0 +1,59 @@
+"""Building signed tasks and updates (pure: tensors and messages in, messages and bytes out)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from takfl.wire.chunking import blob_ref
+from takfl.wire.codec import encode_state, make_delta
+from takfl.wire.messages import Compression, TaskMessage, UpdateHeader
+from takfl.wire.signing import sign
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """A signed update header and the delta blob it announces."""
+
+    header: UpdateHeader
+    blob: bytes
+
+
+def prepare_update(
+    task: TaskMessage,
+    trained: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    *,
+    secret: bytes,
+    num_samples: int,
+    metrics: Mapping[str, float] | None = None,
+    compression: Compression | None = None,
+    chunk_size: int | None = None,
+) -> PreparedUpdate:
+    """Encode ``trained - base`` as the task asks and sign the header announcing it.
+
+    Args:
+        task: the task being answered (round, agent, prototype, base digest, defaults).
+        trained: the locally trained state dict; base: the task's global state.
+        compression, chunk_size: override the task's choices.
+    """
+    blob = encode_state(make_delta(trained, base), compression or task.compression)
+    header = UpdateHeader(
+        round_id=task.round_id,
+        agent_id=task.agent_id,
+        prototype=task.prototype,
+        base_digest=task.blob.digest,
+        blob=blob_ref(blob, chunk_size or task.chunk_size),
+        compression=compression or task.compression,
+        num_samples=num_samples,
+        metrics=dict(metrics or {}),
+    )
+    return PreparedUpdate(sign(header, secret), blob)
+
+
+def signed_update_header(header: UpdateHeader, secret: bytes, **changes: object) -> UpdateHeader:
+    """A copy of ``header`` with ``changes`` applied (validated) and signed again."""
+    fields = header.model_dump(by_alias=True) | changes | {"signature": ""}
+    return sign(UpdateHeader.model_validate(fields, strict=False), secret)

@@ -1,0 +1,196 @@
+"""Checks a received update passes before it may touch any aggregate.
+
+Every check returns a :class:`Verdict` (accepted, or refused with a named
+:class:`Refusal` and a human-readable detail); nothing here raises on bad
+input. The order is: who sent it (known agent, signature, prototype binding),
+whether it is wanted (current round, assigned task, declared size), then the
+content (digest, decodable, names/shapes/dtypes, finite, norm bound).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from takfl.wire.chunking import sha256
+from takfl.wire.codec import State, decode_state
+from takfl.wire.errors import CodecError
+from takfl.wire.messages import Registration, UpdateHeader
+from takfl.wire.signing import verify
+
+
+class Refusal(str, Enum):
+    """Why an update (or registration) was refused."""
+
+    UNKNOWN_AGENT = "unknown_agent"  # not in the registry
+    WRONG_PROTOTYPE = "wrong_prototype"  # agent is bound to another prototype
+    STALE_ROUND = "stale_round"  # for an earlier round (replay or late)
+    FUTURE_ROUND = "future_round"  # for a round not started
+    NOT_ASSIGNED = "not_assigned"  # the agent has no task this round
+    DUPLICATE = "duplicate"  # the agent already delivered another update this round
+    WRONG_BASE = "wrong_base"  # delta not relative to this round's global model
+    BAD_SIGNATURE = "bad_signature"  # HMAC does not verify
+    DIGEST_MISMATCH = "digest_mismatch"  # assembled blob does not hash to the declared digest
+    TOO_LARGE = "too_large"  # declared size or chunk count over the cap
+    SHAPE_MISMATCH = "shape_mismatch"  # tensor names/shapes/dtypes differ from the prototype's
+    NON_FINITE = "non_finite"  # NaN or inf
+    NORM_BOUND = "norm_bound"  # L2 norm of the delta over the bound
+    MALFORMED = "malformed"  # undecodable header, chunk or blob
+    EXPIRED = "expired"  # incomplete when its time ran out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: Refusal | None = None
+    detail: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+    def __str__(self) -> str:
+        return "accepted" if self.reason is None else f"{self.reason.value}: {self.detail}"
+
+
+ACCEPTED = Verdict()
+
+
+def refuse(reason: Refusal, detail: str) -> Verdict:
+    return Verdict(reason, detail)
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """A provisioned agent: its secret and the prototype it trains."""
+
+    agent_id: str
+    prototype: str
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class UpdateBounds:
+    max_delta_norm: float = 1e4  # L2 norm over every floating tensor of the delta
+    max_blob_bytes: int = (
+        256 * 1024 * 1024
+    )  # declared blob size cap (per-prototype caps may be lower)
+
+
+def check_registration(msg: Registration, registry: Mapping[str, AgentRecord]) -> Verdict:
+    """Known agent, valid signature, prototype it was provisioned for."""
+    record = registry.get(msg.agent_id)
+    if record is None:
+        return refuse(Refusal.UNKNOWN_AGENT, f"agent {msg.agent_id!r} is not provisioned")
+    if not verify(msg, record.secret):
+        return refuse(Refusal.BAD_SIGNATURE, f"registration of {msg.agent_id!r}")
+    if msg.prototype != record.prototype:
+        return refuse(
+            Refusal.WRONG_PROTOTYPE,
+            f"{msg.agent_id!r} is bound to {record.prototype!r}, not {msg.prototype!r}",
+        )
+    return ACCEPTED
+
+
+def check_header(
+    header: UpdateHeader,
+    registry: Mapping[str, AgentRecord],
+    *,
+    current_round: int,
+    base_digest: str | None,
+    max_blob_bytes: int,
+) -> Verdict:
+    """Checks on an update header, before any chunk is stored.
+
+    Args:
+        current_round: the round now collecting updates.
+        base_digest: digest of the global blob in this agent's task of this round,
+            None if the agent has no task.
+        max_blob_bytes: cap on the declared blob size.
+    """
+    record = registry.get(header.agent_id)
+    if record is None:
+        return refuse(Refusal.UNKNOWN_AGENT, f"agent {header.agent_id!r} is not provisioned")
+    if not verify(header, record.secret):
+        return refuse(Refusal.BAD_SIGNATURE, f"update header of {header.agent_id!r}")
+    if header.prototype != record.prototype:
+        return refuse(
+            Refusal.WRONG_PROTOTYPE,
+            f"{header.agent_id!r} is bound to {record.prototype!r}, sent for {header.prototype!r}",
+        )
+    if header.round_id < current_round:
+        return refuse(Refusal.STALE_ROUND, f"round {header.round_id}, current {current_round}")
+    if header.round_id > current_round:
+        return refuse(Refusal.FUTURE_ROUND, f"round {header.round_id}, current {current_round}")
+    if base_digest is None:
+        return refuse(
+            Refusal.NOT_ASSIGNED, f"{header.agent_id!r} has no task in round {current_round}"
+        )
+    if header.base_digest != base_digest:
+        return refuse(
+            Refusal.WRONG_BASE,
+            f"delta against {header.base_digest[:12]}, round's global is {base_digest[:12]}",
+        )
+    if header.blob.size > max_blob_bytes:
+        return refuse(Refusal.TOO_LARGE, f"declared {header.blob.size} bytes, cap {max_blob_bytes}")
+    return ACCEPTED
+
+
+def delta_norm(delta: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm over all floating tensors of ``delta`` (non-floating ones are not deltas)."""
+    total = 0.0
+    for t in delta.values():
+        if t.is_floating_point():
+            total += float(torch.linalg.vector_norm(t.to(torch.float64)) ** 2)
+    return math.sqrt(total)
+
+
+def check_delta(
+    delta: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *, max_norm: float
+) -> Verdict:
+    """Names, shapes and dtypes equal to ``reference`` (floating -> float32 after decoding),
+    all values finite, L2 norm within ``max_norm``."""
+    missing, extra = sorted(set(reference) - set(delta)), sorted(set(delta) - set(reference))
+    if missing or extra:
+        return refuse(Refusal.SHAPE_MISMATCH, f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, ref in reference.items():
+        t = delta[name]
+        if t.shape != ref.shape:
+            return refuse(
+                Refusal.SHAPE_MISMATCH,
+                f"{name}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}",
+            )
+        want = torch.float32 if ref.is_floating_point() else ref.dtype
+        if t.dtype != want:
+            return refuse(Refusal.SHAPE_MISMATCH, f"{name}: dtype {t.dtype}, expected {want}")
+    for name, t in delta.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return refuse(Refusal.NON_FINITE, f"{name} has NaN or inf values")
+    norm = delta_norm(delta)
+    if norm > max_norm:
+        return refuse(Refusal.NORM_BOUND, f"delta norm {norm:.4g} > bound {max_norm:.4g}")
+    return ACCEPTED
+
+
+def decode_update(
+    header: UpdateHeader,
+    blob: bytes,
+    reference: Mapping[str, torch.Tensor],
+    *,
+    bounds: UpdateBounds,
+) -> tuple[Verdict, State | None]:
+    """Check a complete blob against its (already checked) header and decode the delta.
+
+    Returns ``(ACCEPTED, delta)`` or ``(refusal, None)``.
+    """
+    if len(blob) != header.blob.size or sha256(blob).hex() != header.blob.digest:
+        return refuse(Refusal.DIGEST_MISMATCH, "blob does not match its declared digest"), None
+    try:
+        delta = decode_state(blob, max_bytes=bounds.max_blob_bytes)
+    except CodecError as e:
+        return refuse(Refusal.MALFORMED, str(e)), None
+    verdict = check_delta(delta, reference, max_norm=bounds.max_delta_norm)
+    return (verdict, delta) if verdict.accepted else (verdict, None)

@@ -1,0 +1,142 @@
+"""The paho client layer on real brokers: bounded queues, last will, persistent
+sessions (MQTT 3.1.1 and 5), backoff."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from coordinator.broker import EmbeddedBroker
+from takfl.mqtt.client import MqttClient, MqttSettings, Will, backoff_delay
+from takfl.wire.messages import Status, decode_message, encode_message
+from takfl.wire.topics import Topics, Up
+from tests.brokers import COORDINATOR_USER, MOSQUITTO, SKIP_NO_MOSQUITTO, running_broker
+
+SETTINGS = MqttSettings(keepalive_s=5, reconnect_min_s=1, reconnect_max_s=2)
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    b = EmbeddedBroker().start()
+    yield b
+    b.stop()
+
+
+def test_full_inbox_drops_and_counts(broker: EmbeddedBroker) -> None:
+    release = threading.Event()
+    handled: list[bytes] = []
+
+    def slow(_topic: str, payload: bytes) -> None:
+        release.wait(10)
+        handled.append(payload)
+
+    sub = MqttClient(replace(SETTINGS, port=broker.port, inbox_size=2), "sub")
+    sub.route("t/#", slow)
+    sub.start(timeout=10)
+    pub = MqttClient(replace(SETTINGS, port=broker.port), "pub")
+    pub.start(timeout=10)
+    try:
+        for i in range(8):
+            pub.publish("t/x", bytes([i]))
+        end = time.monotonic() + 10
+        while sub.counters.received < 8 and time.monotonic() < end:
+            time.sleep(0.05)
+        release.set()
+        assert sub.counters.received == 8
+        end = time.monotonic() + 10
+        while len(handled) + sub.counters.dropped < 8 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert sub.counters.dropped >= 5  # one in the handler, two queued
+        assert len(handled) + sub.counters.dropped == 8
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_full_outbox_refuses_and_counts() -> None:
+    client = MqttClient(replace(SETTINGS, port=1, outbox_size=2), "offline")  # never started
+    assert client.publish("t/1", b"a") and client.publish("t/1", b"b")
+    assert not client.publish("t/1", b"c")
+    assert client.counters.publish_refused == 1
+
+
+def test_last_will_marks_a_vanished_client_offline(broker: EmbeddedBroker) -> None:
+    seen: list[Status] = []
+    got = threading.Event()
+
+    def on_status(_topic: str, payload: bytes) -> None:
+        seen.append(decode_message(Status, payload))
+        got.set()
+
+    watcher = MqttClient(replace(SETTINGS, port=broker.port), "watcher")
+    watcher.route("presence/#", on_status)
+    watcher.start(timeout=10)
+    offline = encode_message(Status(agent_id="a1", state="offline", time=0.0))
+    doomed = MqttClient(
+        replace(SETTINGS, port=broker.port), "a1", will=Will("presence/a1", offline)
+    )
+    doomed.start(timeout=10)
+    try:
+        doomed._client.loop_stop()  # vanish without DISCONNECT: the broker sends the will
+        sock = doomed._client.socket()
+        assert sock is not None
+        sock.close()
+        assert got.wait(15)
+        assert seen[-1].agent_id == "a1" and seen[-1].state == "offline"
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_backoff_grows_with_jitter_within_bounds(seed: int) -> None:
+    rng = random.Random(seed)
+    delays = [[backoff_delay(n, 1, 30, rng) for n in range(1, 9)] for _ in range(20)]
+    for run in delays:
+        for n, d in enumerate(run, start=1):
+            cap = min(30, 2 ** (n - 1))
+            assert max(1, round(cap / 2)) <= d <= cap
+    assert len({tuple(run) for run in delays}) > 1  # jitter: not every run identical
+
+
+@SKIP_NO_MOSQUITTO
+@pytest.mark.mosquitto
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_persistent_session_keeps_messages_while_away(
+    tmp_path: Path, protocol: Literal["3.1.1", "5"]
+) -> None:
+    with running_broker(MOSQUITTO, tmp_path, agents=["a1"]) as broker:
+        topics = Topics(broker.fleet)
+        coord_settings = replace(broker.coordinator_settings, protocol=protocol)
+        got: list[bytes] = []
+        arrived = threading.Event()
+
+        def on_update(_topic: str, payload: bytes) -> None:
+            got.append(payload)
+            arrived.set()
+
+        first = MqttClient(coord_settings, COORDINATOR_USER)
+        first.route(topics.up_filter(Up.UPDATE), on_update)
+        first.start(timeout=10)
+        first.stop()  # away; the session (and its subscription) stays on the broker
+        agent = MqttClient(replace(broker.settings_for("a1"), protocol=protocol), "a1")
+        agent.start(timeout=10)
+        try:
+            agent.publish(topics.up("a1", Up.UPDATE), b"sent while away")
+            time.sleep(0.3)
+            back = MqttClient(coord_settings, COORDINATOR_USER)
+            back.route(topics.up_filter(Up.UPDATE), on_update)
+            back.start(timeout=10)
+            try:
+                assert arrived.wait(10)
+                assert got == [b"sent while away"]
+            finally:
+                back.stop()
+        finally:
+            agent.stop()

@@ -1,0 +1,198 @@
+"""Every refusal of a received update has its own named reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from takfl.wire.chunking import blob_ref
+from takfl.wire.codec import encode_state
+from takfl.wire.messages import BlobRef, ModelRef, Registration, TaskMessage, UpdateHeader
+from takfl.wire.signing import sign
+from takfl.wire.update import PreparedUpdate, prepare_update, signed_update_header
+from takfl.wire.validation import (
+    AgentRecord,
+    Refusal,
+    UpdateBounds,
+    check_delta,
+    check_header,
+    check_registration,
+    decode_update,
+    delta_norm,
+)
+
+torch.set_num_threads(1)
+SECRET = b"s" * 32
+REGISTRY = {
+    "pi-1": AgentRecord("pi-1", "S", SECRET),
+    "jet-1": AgentRecord("jet-1", "M", b"m" * 32),
+}
+GLOBAL_DIGEST = "0f" * 32
+BOUNDS = UpdateBounds(max_delta_norm=10.0, max_blob_bytes=1 << 20)
+
+
+def reference() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(4, 3, generator=g),
+        "b": torch.zeros(3),
+        "n": torch.tensor(4, dtype=torch.int64),
+    }
+
+
+def task(round_id: int = 5, agent: str = "pi-1", prototype: str = "S") -> TaskMessage:
+    return TaskMessage(
+        round_id=round_id,
+        agent_id=agent,
+        prototype=prototype,
+        model=ModelRef(builder="mlp_digits"),
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        seed=0,
+        deadline=1e12,
+        compression="fp32",
+        chunk_size=64,
+        blob=BlobRef(digest=GLOBAL_DIGEST, size=1, chunk_size=64, count=1),
+    )
+
+
+def good_update() -> PreparedUpdate:
+    base = reference()
+    trained = {k: v + 0.1 if v.is_floating_point() else v + 1 for k, v in base.items()}
+    return prepare_update(task(), trained, base, secret=SECRET, num_samples=10)
+
+
+def header_verdict(
+    header: UpdateHeader, *, current_round: int = 5, base: str | None = GLOBAL_DIGEST
+) -> Refusal | None:
+    return check_header(
+        header,
+        REGISTRY,
+        current_round=current_round,
+        base_digest=base,
+        max_blob_bytes=BOUNDS.max_blob_bytes,
+    ).reason
+
+
+def test_good_update_is_accepted_and_decoded() -> None:
+    up = good_update()
+    assert header_verdict(up.header) is None
+    verdict, delta = decode_update(up.header, up.blob, reference(), bounds=BOUNDS)
+    assert verdict.accepted, verdict
+    assert delta is not None
+    torch.testing.assert_close(delta["w"], torch.full((4, 3), 0.1))
+    assert int(delta["n"]) == 5
+
+
+def test_header_refusals_are_named() -> None:
+    h = good_update().header
+    assert header_verdict(h.model_copy(update={"agent_id": "ghost"})) is Refusal.UNKNOWN_AGENT
+    assert header_verdict(h.model_copy(update={"num_samples": 10_000})) is Refusal.BAD_SIGNATURE
+    assert header_verdict(sign(h, b"x" * 32)) is Refusal.BAD_SIGNATURE
+    assert header_verdict(signed_update_header(h, SECRET, prototype="M")) is Refusal.WRONG_PROTOTYPE
+    assert header_verdict(h, current_round=6) is Refusal.STALE_ROUND
+    assert header_verdict(h, current_round=4) is Refusal.FUTURE_ROUND
+    assert header_verdict(h, base=None) is Refusal.NOT_ASSIGNED
+    assert header_verdict(h, base="1f" * 32) is Refusal.WRONG_BASE
+    huge = BlobRef(digest="aa" * 32, size=(1 << 20) + 1, chunk_size=1 << 16, count=17)
+    assert header_verdict(signed_update_header(h, SECRET, blob=huge)) is Refusal.TOO_LARGE
+
+
+def test_blob_refusals_are_named() -> None:
+    up = good_update()
+    ref = reference()
+
+    def verdict_of(header: UpdateHeader, blob: bytes) -> Refusal | None:
+        return decode_update(header, blob, ref, bounds=BOUNDS)[0].reason
+
+    assert verdict_of(up.header, up.blob[:-1] + b"\x00") is Refusal.DIGEST_MISMATCH
+    garbage = PreparedUpdate(up.header, b"\x00" * 64)
+    g_header = signed_update_header(up.header, SECRET, blob=blob_ref(garbage.blob, 64))
+    assert verdict_of(g_header, garbage.blob) is Refusal.MALFORMED
+
+
+@pytest.mark.parametrize(
+    ("delta", "reason"),
+    [
+        ({"w": torch.zeros(4, 3), "b": torch.zeros(3)}, Refusal.SHAPE_MISMATCH),
+        (
+            {
+                "w": torch.zeros(4, 3),
+                "b": torch.zeros(3),
+                "n": torch.tensor(1),
+                "x": torch.zeros(1),
+            },
+            Refusal.SHAPE_MISMATCH,
+        ),
+        (
+            {"w": torch.zeros(3, 4), "b": torch.zeros(3), "n": torch.tensor(1)},
+            Refusal.SHAPE_MISMATCH,
+        ),
+        (
+            {"w": torch.zeros(4, 3), "b": torch.zeros(3), "n": torch.tensor(1.0)},
+            Refusal.SHAPE_MISMATCH,
+        ),
+        (
+            {
+                "w": torch.zeros(4, 3, dtype=torch.float16),
+                "b": torch.zeros(3),
+                "n": torch.tensor(1),
+            },
+            Refusal.SHAPE_MISMATCH,
+        ),
+        (
+            {
+                "w": torch.tensor([[float("nan")] * 3] * 4),
+                "b": torch.zeros(3),
+                "n": torch.tensor(1),
+            },
+            Refusal.NON_FINITE,
+        ),
+        (
+            {
+                "w": torch.zeros(4, 3),
+                "b": torch.tensor([0.0, float("inf"), 0.0]),
+                "n": torch.tensor(1),
+            },
+            Refusal.NON_FINITE,
+        ),
+        (
+            {"w": torch.full((4, 3), 3.0), "b": torch.zeros(3), "n": torch.tensor(1)},
+            Refusal.NORM_BOUND,
+        ),
+        ({"w": torch.full((4, 3), 2.0), "b": torch.zeros(3), "n": torch.tensor(10**9)}, None),
+    ],
+    ids=["missing", "extra", "shape", "int-as-float", "fp16", "nan", "inf", "norm", "ok"],
+)
+def test_delta_checks(delta: dict[str, torch.Tensor], reason: Refusal | None) -> None:
+    assert check_delta(delta, reference(), max_norm=10.0).reason is reason
+
+
+def test_delta_norm_ignores_integer_tensors() -> None:
+    assert delta_norm({"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(100)}) == 5.0
+
+
+def test_wrong_shapes_inside_a_genuine_blob_are_refused() -> None:
+    up = good_update()
+    bad = {"w": torch.zeros(2, 2), "b": torch.zeros(3), "n": torch.tensor(1)}
+    blob = encode_state(bad, "fp32")
+    h = signed_update_header(up.header, SECRET, blob=blob_ref(blob, 64))
+    assert header_verdict(h) is None
+    assert decode_update(h, blob, reference(), bounds=BOUNDS)[0].reason is Refusal.SHAPE_MISMATCH
+
+
+def test_registration_checks() -> None:
+    reg = Registration(
+        agent_id="pi-1",
+        prototype="S",
+        profile="raspberry-pi-4",
+        hardware_class="raspberry-pi",
+        num_samples=3,
+        sent_at=0.0,
+    )
+    assert check_registration(sign(reg, SECRET), REGISTRY).accepted
+    assert check_registration(reg, REGISTRY).reason is Refusal.BAD_SIGNATURE
+    ghost = reg.model_copy(update={"agent_id": "ghost"})
+    assert check_registration(sign(ghost, SECRET), REGISTRY).reason is Refusal.UNKNOWN_AGENT
+    wrong = reg.model_copy(update={"prototype": "M"})
+    assert check_registration(sign(wrong, SECRET), REGISTRY).reason is Refusal.WRONG_PROTOTYPE
