@@ -1,0 +1,109 @@
+"""``takfl-export``: checkpoints to verified ONNX / TFLite artifacts.
+
+    takfl-export --checkpoint M.safetensors --config digits --prototype M \\
+                 --formats onnx,tflite --quantize none,int8 --out exports/M
+    takfl-export --run runs/demo
+
+Exit status: 0 every artifact verified; 1 an artifact FAILED or did not match
+PyTorch; 2 bad input (checkpoint, config, prototype, format), nothing exported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from export.common import FORMATS, QUANTIZATIONS, REPORT_FILE, ExportError, parse_choices
+
+app = typer.Typer(
+    add_completion=False,
+    help="Export prototype checkpoints to ONNX and TFLite, "
+    "quantise them, and verify every artifact against PyTorch.",
+)
+err = Console(stderr=True)
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from takfl.checkpoint import CheckpointError
+    from takfl.config import ConfigError
+    from takfl.data import DataError
+
+    return CheckpointError, ConfigError, DataError, ExportError
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(None, help="Prototype checkpoint (.safetensors)."),
+    config: str = typer.Option(None, help="Federation config: bundled name or YAML path."),
+    prototype: str = typer.Option(None, help="Prototype of the checkpoint (default: its own)."),
+    formats: str = typer.Option(",".join(FORMATS), help=f"Comma list of {', '.join(FORMATS)}."),
+    quantize: str = typer.Option(
+        "none",
+        help=f"Comma list of {', '.join(QUANTIZATIONS)} (the float model is always exported).",
+    ),
+    out: Path = typer.Option(None, help="Output folder (default: exports/<prototype>)."),
+    run: Path = typer.Option(
+        None,
+        help="Run directory: export every prototype's latest "
+        "checkpoint as its device profile asks, into RUN/exports/.",
+    ),
+    threads: int = typer.Option(
+        None,
+        min=1,
+        help="Runtime threads for measurements "
+        "(default: the prototype's profile, capped at the cores here).",
+    ),
+    latency_iters: int = typer.Option(100, min=1, help="Timed single-sample runs per runtime."),
+    slim: bool = typer.Option(True, help="Slim ONNX graphs with onnxslim when installed."),
+) -> None:
+    """Export, quantise and verify; print one table and write report.json."""
+    from export.report import print_reports
+
+    if (checkpoint is None) == (run is None):
+        raise _fail("give either --checkpoint (with --config) or --run")
+    try:
+        if run is not None:
+            from export.run_export import EXPORTS_DIR, export_run
+
+            result = export_run(run, threads=threads, latency_iters=latency_iters)
+            print_reports(result.reports, f"Exports of {run}")
+            for name, why in result.errors.items():
+                err.print(f"[red]{name}: not exported:[/red] {why}", highlight=False)
+            err.print(f"report: {Path(run) / EXPORTS_DIR / REPORT_FILE}", highlight=False)
+            if result.errors:
+                raise typer.Exit(EXIT_BAD_INPUT)
+            raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED_ROWS)
+        if config is None:
+            raise _fail("--checkpoint needs --config (bundled federation name or YAML path)")
+        from export.pipeline import ExportOptions, export_checkpoint
+
+        options = ExportOptions(
+            formats=parse_choices(formats, FORMATS, "format"),
+            quantizations=parse_choices(quantize, QUANTIZATIONS, "quantization"),
+            threads=threads,
+            latency_iters=latency_iters,
+            slim=slim,
+        )
+        report = export_checkpoint(checkpoint, config, out, prototype=prototype, options=options)
+    except _input_errors() as e:
+        raise _fail(str(e)) from None
+    print_reports([report], f"Export of {checkpoint}")
+    err.print(f"report: {Path(report.out_dir) / REPORT_FILE}", highlight=False)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED_ROWS)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""What every exported artifact says about itself, and the JSON sidecar that carries it.
+
+An artifact (``model.onnx``, ``model.tflite``) is accompanied by
+``model.onnx.json``: the metadata below plus the artifact's SHA-256 and size,
+so a device can check what it downloaded and knows the class names and the
+normalisation without the checkpoint. The same metadata is embedded in the
+artifact itself (ONNX ``metadata_props``; a TFLite metadata entry named
+``takfl``) where the format allows.
+
+This module imports only the standard library and NumPy: the edge agent reads
+metadata with nothing else installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from export.common import (
+    ARTIFACT_SCHEMA,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SIDECAR_SUFFIX,
+    TFLITE_METADATA_NAME,
+    ArtifactError,
+    format_of,
+)
+
+if TYPE_CHECKING:
+    from takfl.checkpoint import CheckpointMeta
+
+_JSON_FIELDS = ("builder_args", "input_shape", "class_names", "mean", "std")
+_INT_FIELDS = ("schema", "round", "num_classes")
+_OPTIONAL_INT_FIELDS = ("batch", "opset")
+
+
+def _producer() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"takfl-edge {version('takfl-edge')}"
+    except Exception:  # not installed as a distribution (source tree)
+        return "takfl-edge"
+
+
+@dataclass(frozen=True)
+class ArtifactMetadata:
+    """Identity, interface and preprocessing of one exported model."""
+
+    prototype: str
+    round: int
+    builder: str  # model zoo name, e.g. "cnn_digits_small"
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W) of one sample
+    format: str  # "onnx" | "tflite"
+    quantization: str  # "none" | "int8" | "dynamic"
+    builder_args: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)  # per channel, see normalise()
+    std: list[float] = field(default_factory=list)
+    batch: int | None = None  # fixed batch size of the graph; None = dynamic
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    opset: int | None = None  # ONNX opset; None for TFLite
+    producer: str = field(default_factory=_producer)
+    schema: int = ARTIFACT_SCHEMA
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        meta: CheckpointMeta,
+        fmt: str,
+        quantization: str,
+        *,
+        batch: int | None,
+        opset: int | None = None,
+        input_name: str = INPUT_NAME,
+        output_name: str = OUTPUT_NAME,
+    ) -> ArtifactMetadata:
+        """Metadata of an artifact exported from a checkpoint described by ``meta``."""
+        return cls(
+            prototype=meta.prototype,
+            round=int(meta.round),
+            builder=meta.builder,
+            num_classes=int(meta.num_classes),
+            input_shape=(
+                int(meta.input_shape[0]),
+                int(meta.input_shape[1]),
+                int(meta.input_shape[2]),
+            ),
+            format=fmt,
+            quantization=quantization,
+            builder_args=dict(meta.builder_args),
+            class_names=list(meta.class_names),
+            mean=[float(v) for v in meta.mean],
+            std=[float(v) for v in meta.std],
+            batch=batch,
+            opset=opset,
+            input_name=input_name,
+            output_name=output_name,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["input_shape"] = list(self.input_shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> ArtifactMetadata:
+        """Inverse of :meth:`to_dict`; unknown keys (sha256, size...) are ignored."""
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            values = {k: v for k, v in data.items() if k in known}
+            shape = values["input_shape"]
+            values["input_shape"] = (int(shape[0]), int(shape[1]), int(shape[2]))
+            for k in _INT_FIELDS:
+                if k in values:
+                    values[k] = int(values[k])
+            for k in _OPTIONAL_INT_FIELDS:
+                if values.get(k) is not None:
+                    values[k] = int(values[k])
+            return cls(**values)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ArtifactError(f"{source}: metadata is incomplete or malformed ({e})") from e
+
+    def to_strings(self) -> dict[str, str]:
+        """Flat string map (ONNX ``metadata_props``): lists and mappings as JSON."""
+        out: dict[str, str] = {}
+        for k, v in self.to_dict().items():
+            if k in _JSON_FIELDS:
+                out[k] = json.dumps(v, sort_keys=True)
+            else:
+                out[k] = "" if v is None else str(v)
+        return out
+
+    @classmethod
+    def from_strings(cls, props: dict[str, str], source: str = "metadata") -> ArtifactMetadata:
+        """Inverse of :meth:`to_strings`."""
+        data: dict[str, Any] = {}
+        try:
+            for k, v in props.items():
+                if k in _JSON_FIELDS:
+                    data[k] = json.loads(v)
+                elif k in _OPTIONAL_INT_FIELDS:
+                    data[k] = int(v) if v else None
+                else:
+                    data[k] = v
+        except ValueError as e:
+            raise ArtifactError(f"{source}: metadata field is not valid JSON ({e})") from e
+        return cls.from_dict(data, source)
+
+    def normalise(self, images: np.ndarray) -> np.ndarray:
+        """Apply the per-channel standardisation the model was trained with.
+
+        ``images``: float (N, C, H, W), scaled as the data set's loader scales
+        raw pixels (digits: value / 16; image data sets: value / 255). Returns
+        float32 (N, C, H, W) ready for the model. Identity when no statistics
+        were recorded.
+        """
+        x = np.asarray(images, dtype=np.float32)
+        if not self.mean:
+            return x
+        if x.ndim != 4 or x.shape[1] != len(self.mean):
+            raise ArtifactError(
+                f"expected images (N, {len(self.mean)}, H, W), got shape {tuple(x.shape)}"
+            )
+        mean = np.asarray(self.mean, dtype=np.float32)[None, :, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[None, :, None, None]
+        return ((x - mean) / std).astype(np.float32)
+
+
+def sidecar_path(artifact: str | Path) -> Path:
+    """``model.tflite`` -> ``model.tflite.json``."""
+    p = Path(artifact)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_sidecar(artifact: str | Path, meta: ArtifactMetadata, **extra: Any) -> Path:
+    """Write ``<artifact>.json``: metadata, file name, SHA-256 and size, plus ``extra``."""
+    p = Path(artifact)
+    body = (
+        meta.to_dict()
+        | extra
+        | {
+            "file": p.name,
+            "sha256": file_sha256(p),
+            "size_bytes": p.stat().st_size,
+        }
+    )
+    out = sidecar_path(p)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def read_sidecar(artifact: str | Path, *, check_digest: bool = True) -> dict[str, Any]:
+    """The sidecar of ``artifact`` as a dict; with ``check_digest`` the artifact's
+    SHA-256 must equal the recorded one (a replaced or truncated file is refused)."""
+    p = Path(artifact)
+    side = sidecar_path(p)
+    try:
+        data = json.loads(side.read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"no sidecar {side} for {p}") from e
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{side} is not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{side}: expected a JSON object")
+    if check_digest and data.get("sha256") != file_sha256(p):
+        raise ArtifactError(
+            f"{p} does not match the SHA-256 in {side.name}; the file was replaced or "
+            "damaged: download or export it again"
+        )
+    return data
+
+
+def read_metadata(artifact: str | Path, *, check_digest: bool = True) -> ArtifactMetadata:
+    """Metadata of an artifact: from its sidecar when present, else embedded in the file."""
+    p = Path(artifact)
+    if not p.is_file():
+        raise ArtifactError(f"no artifact at {p}")
+    if sidecar_path(p).is_file():
+        return ArtifactMetadata.from_dict(read_sidecar(p, check_digest=check_digest), str(p))
+    embedded = read_embedded_metadata(p)
+    if embedded is None:
+        raise ArtifactError(
+            f"{p} has neither a sidecar ({sidecar_path(p).name}) nor "
+            "embedded metadata readable with the packages installed"
+        )
+    return embedded
+
+
+def read_embedded_metadata(artifact: str | Path) -> ArtifactMetadata | None:
+    """Metadata stored inside the artifact, or None when absent or not readable here."""
+    p = Path(artifact)
+    fmt = format_of(str(p))
+    if fmt == "onnx":
+        props = read_onnx_metadata(p)
+        return ArtifactMetadata.from_strings(props, str(p)) if "builder" in props else None
+    payload = read_tflite_metadata(p)
+    if payload is None:
+        return None
+    try:
+        return ArtifactMetadata.from_dict(json.loads(payload), str(p))
+    except ValueError as e:
+        raise ArtifactError(f"{p}: embedded metadata is not valid JSON ({e})") from e
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+# ---- ONNX: model-level metadata_props ---------------------------------------------------
+
+
+def set_onnx_metadata(path: str | Path, props: dict[str, str]) -> None:
+    """Set ``props`` as model-level ``metadata_props`` of the file (replacing equal keys)."""
+    import onnx
+
+    p = Path(path)
+    proto = onnx.load(str(p))
+    keep = [e for e in proto.metadata_props if e.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    _replace_atomically(p, proto.SerializeToString())
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """Model-level ``metadata_props`` via onnx, else via onnxruntime; {} if neither imports."""
+    p = str(path)
+    if importlib.util.find_spec("onnx") is not None:
+        import onnx
+
+        try:
+            proto = onnx.load(p, load_external_data=False)
+        except Exception as e:  # protobuf decode errors have no common base class
+            raise ArtifactError(f"{p} is not a readable ONNX model ({e})") from e
+        return {e.key: e.value for e in proto.metadata_props}
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {}
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(p, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ArtifactError(f"{p} is not a readable ONNX model ({e})") from e
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+# ---- TFLite: a named entry of the flatbuffer's metadata table ---------------------------
+
+
+def embed_tflite_metadata(
+    path: str | Path, payload: bytes, name: str = TFLITE_METADATA_NAME
+) -> bool:
+    """Store ``payload`` in the model's metadata table under ``name``, in place.
+
+    Uses the flatbuffer schema shipped with ai-edge-litert. Returns False (file
+    untouched) when that is not installed or when the model keeps its weights
+    outside the flatbuffer (models over 2 GB), where a rewrite would lose them.
+    """
+    try:
+        import flatbuffers
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return False
+    p = Path(path)
+    buf = p.read_bytes()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(buf, 0))
+    if any(getattr(b, "offset", 0) > 1 for b in model.buffers or []):
+        return False
+    entry_buffer = schema.BufferT()
+    entry_buffer.data = np.frombuffer(payload, dtype=np.uint8)
+    model.buffers.append(entry_buffer)
+    entry = schema.MetadataT()
+    entry.name = name
+    entry.buffer = len(model.buffers) - 1
+    old = [m for m in (model.metadata or []) if _text(m.name) != name]
+    model.metadata = [*old, entry]
+    builder = flatbuffers.Builder(len(buf) + len(payload) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    _replace_atomically(p, bytes(builder.Output()))
+    return True
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_tflite_metadata(path: str | Path, name: str = TFLITE_METADATA_NAME) -> bytes | None:
+    """The payload stored under ``name``; None when absent or the schema is not installed."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return None
+    p = Path(path)
+    buf = p.read_bytes()
+    try:
+        model = schema.Model.GetRootAsModel(buf, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry is not None and _text(entry.Name()) == name:
+                data = model.Buffers(entry.Buffer())
+                return bytes(data.DataAsNumpy()) if data is not None else None
+    except Exception as e:  # flatbuffers raises struct/index errors on garbage
+        raise ArtifactError(f"{p} is not a readable TFLite model ({e})") from e
+    return None
