@@ -197,13 +197,16 @@ def provision(
     config: str = typer.Option(..., help="Bundled federation name or path."),
     out: Path = typer.Option(..., help="Folder for agents.json, secrets/ and mosquitto/."),
     mosquitto_port: int = typer.Option(None, help="Also write a Mosquitto config for this port."),
+    mosquitto_user: str = typer.Option(None, help="Account mosquitto drops to when started as "
+                                       "root (must be able to read the generated files)."),
     fleet: str = typer.Option(None, help="Fleet name (default: config name)."),
 ) -> None:
     """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
-    records, files, _ = do_provision(cfg, out, fleet=fleet, mosquitto_port=mosquitto_port)
+    records, files, _ = do_provision(cfg, out, fleet=fleet, mosquitto_port=mosquitto_port,
+                                     mosquitto_user=mosquitto_user)
     console.print(f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
                   f"{out / 'secrets'} (copy each to its device, mode 600)")
     if files is not None:

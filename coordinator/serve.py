@@ -75,7 +75,8 @@ def transport_policy(cfg: FederationConfig) -> TransportPolicy:
 
 
 def provision(cfg: FederationConfig, out_dir: Path, *, fleet: str | None = None,
-              mosquitto_port: int | None = None) -> tuple[list[AgentRecord],
+              mosquitto_port: int | None = None,
+              mosquitto_user: str | None = None) -> tuple[list[AgentRecord],
                                                            MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
     (password file, per-agent ACL) with a fresh coordinator password."""
@@ -86,7 +87,8 @@ def provision(cfg: FederationConfig, out_dir: Path, *, fleet: str | None = None,
         files = write_mosquitto_config(
             out_dir / "mosquitto", fleet=fleet or cfg.name, port=mosquitto_port,
             coordinator=(COORDINATOR_USER, coord_password),
-            agents={r.agent_id: mqtt_password(r.secret) for r in records})
+            agents={r.agent_id: mqtt_password(r.secret) for r in records},
+            run_as=mosquitto_user)
         (out_dir / "coordinator.password").write_text(coord_password + "\n")
         (out_dir / "coordinator.password").chmod(0o600)
     return records, files, coord_password

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class AgentStats:
     tasks_done: int = 0
-    tasks_skipped: int = 0  # past their deadline, or repeats
+    tasks_skipped: int = 0  # arrived past their deadline
     last_round: int = -1
     seconds_training: float = 0.0
     rounds: list[int] = field(default_factory=list)
@@ -65,19 +65,18 @@ class Agent:
         self.report = report
         self.stats = AgentStats()
         self.stop_event = threading.Event()
-        self._done: set[tuple[int, str]] = set()
+
         identity = AgentIdentity(agent_id, profile.prototype, secret, profile.name,
                                  profile.hardware_class, len(x))
         self.link = AgentLink(settings, fleet, identity)
 
     def handle(self, task: ReceivedTask) -> None:
-        """Train on one task and send the update (duplicates and late tasks are skipped)."""
+        """Train on one task and send the update; a late task is skipped. (Repeated tasks
+        never get here: the link answers them with the update it already sent.)"""
         msg = task.message
-        key = (msg.round_id, msg.blob.digest)
-        if key in self._done or time.time() > msg.deadline:
+        if time.time() > msg.deadline:
             self.stats.tasks_skipped += 1
-            log.info("skipping task of round %d (%s)", msg.round_id,
-                     "repeat" if key in self._done else "past its deadline")
+            log.info("skipping task of round %d: past its deadline", msg.round_id)
             return
         model = build_model(msg.model.builder, msg.num_classes, tuple(msg.input_shape),
                             **msg.model.args)
@@ -91,7 +90,6 @@ class Agent:
         warning = over_memory(spec)
         if warning:
             log.warning(warning)
-        self._done.add(key)
         self.stats.tasks_done += 1
         self.stats.last_round = msg.round_id
         self.stats.rounds.append(msg.round_id)

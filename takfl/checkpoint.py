@@ -70,7 +70,15 @@ class CheckpointMeta:
             raise CheckpointError(f"{source}: metadata is incomplete or malformed ({e})") from e
 
     def build(self) -> nn.Module:
-        return build_model(self.builder, self.num_classes, self.input_shape, **self.builder_args)
+        """The model this metadata names (weights freshly initialised)."""
+        try:
+            return build_model(
+                self.builder, self.num_classes, self.input_shape, **self.builder_args
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint names a model that cannot be built: {e}"
+            ) from e
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

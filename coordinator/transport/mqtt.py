@@ -71,6 +71,11 @@ MEMORY = 4096  # decided (round, agent, digest) keys remembered for idempotent r
 # Refusals of headers whose sender is not authenticated are not remembered: a forged
 # header must not decide the fate of a genuine one with the same key.
 UNAUTHENTICATED = frozenset({Refusal.UNKNOWN_AGENT, Refusal.BAD_SIGNATURE, Refusal.MALFORMED})
+# Refusals that depend on where the coordinator itself is (an update that arrives before
+# the coordinator, e.g. restarted with --resume, has sent that round's tasks) are not
+# remembered either: the same update is welcome once the round is open.
+NOT_YET = frozenset({Refusal.FUTURE_ROUND, Refusal.NOT_ASSIGNED})
+NOT_REMEMBERED = UNAUTHENTICATED | NOT_YET
 
 
 @dataclass(frozen=True)
@@ -334,7 +339,7 @@ class MqttTransport(Transport):
             reason=reason.value,
             detail=verdict.detail[:500],
         )
-        if header is not None and reason not in UNAUTHENTICATED:
+        if header is not None and reason not in NOT_REMEMBERED:
             self._decide(header, ack)
         self._ack(agent, ack)
 

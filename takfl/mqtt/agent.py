@@ -136,6 +136,9 @@ class AgentLink:
         self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()  # (round, global digest)
         self._ready: queue.Queue[ReceivedTask] = queue.Queue(maxsize=self.policy.max_tasks)
         self._outgoing: dict[str, _Outgoing] = {}
+        # Updates already sent, by (round, global digest): a task repeated by a coordinator
+        # that restarted mid-round is answered with the same update, not trained again.
+        self._answered: OrderedDict[tuple[int, str], tuple[UpdateHeader, float]] = OrderedDict()
         self._acks: OrderedDict[str, Ack] = OrderedDict()
         self._cond = threading.Condition()
         self._global: GlobalAnnouncement | None = None  # latest of this agent's prototype
@@ -224,6 +227,9 @@ class AgentLink:
         with self._cond:
             self._acks.pop(header.blob.digest, None)  # wait_ack waits for the answer to this send
             self._outgoing[header.blob.digest] = _Outgoing(header, self.clock(), deadline)
+            self._answered[(header.round_id, header.base_digest)] = (header, deadline)
+            while len(self._answered) > self.policy.max_sent_blobs:
+                self._answered.popitem(last=False)
         me = self.identity.agent_id
         self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
         self.sender.publish(self.topics.up(me, Up.CHUNK), header.blob.digest, chunk_indices)
@@ -291,6 +297,7 @@ class AgentLink:
         key = (task.round_id, task.blob.digest)
         if key in self._seen:
             self._ack_task(task, True)
+            self._answer_again(key)
             return
         try:
             self.receiver.expect(COORDINATOR, task.blob)
@@ -307,6 +314,20 @@ class AgentLink:
         self._waiting.setdefault(task.blob.digest, []).append(task)
         self.counters.tasks += 1
         self._ack_task(task, True)
+
+    def _answer_again(self, key: tuple[int, str]) -> None:
+        """Re-announce the update already sent for a repeated task, if its blob is kept."""
+        with self._cond:
+            answered = self._answered.get(key)
+            if answered is None:
+                return
+            header, deadline = answered
+            self._acks.pop(header.blob.digest, None)
+            self._outgoing[header.blob.digest] = _Outgoing(header, self.clock(), deadline)
+        me = self.identity.agent_id
+        log.info("%s: task of round %d repeated; sending the same update again", me, key[0])
+        self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
+        self.sender.publish(self.topics.up(me, Up.CHUNK), header.blob.digest)
 
     def _on_chunk(self, _topic: str, payload: bytes) -> None:
         try:

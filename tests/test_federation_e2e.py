@@ -1,0 +1,119 @@
+"""A real federation: coordinator and agents as separate processes over real brokers.
+
+Each test provisions secrets (and, for Mosquitto, a password file and per-agent
+ACL), starts the broker, ``takfl-coordinator serve`` and ``takfl-agent run``
+processes, and checks what lands in the run directory.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from coordinator.simulate import SimulationSpec, run_simulation
+from takfl.config import load_federation
+from takfl.wire.signing import write_secret_file
+from tests.federation_harness import (
+    MOSQUITTO_MISSING,
+    federation,
+    metrics,
+    read_state,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+needs_mosquitto = pytest.mark.skipif(MOSQUITTO_MISSING, reason="mosquitto is not installed "
+                                     "(apt-get install mosquitto); .ci/install installs it")
+
+
+def by_round(records: list[dict]) -> dict[tuple[int, str], float]:  # type: ignore[type-arg]
+    return {(r["round"], r["prototype"]): r["test_accuracy"] for r in records}
+
+
+@needs_mosquitto
+def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with federation(tmp_path, "mosquitto", rounds=2) as fed:
+        fed.start_all_agents()
+        coord = fed.start_coordinator("--deadline", "120")
+        assert coord.wait(400) == 0, fed.logs()
+        served = metrics(fed.run_dir)
+        state = read_state(fed.run_dir)
+        assert state["round"] == 2 and state["phase"] == "finished"
+        assert all(r["clients"] == r["sampled"] for r in served), served
+
+        # The same engine in process: same seed, partition, training function and codec.
+        torch.set_num_threads(1)
+        cfg = load_federation(fed.cfg_path)
+        sim = tmp_path / "sim"
+        run_simulation(cfg, SimulationSpec(["takfl"], 1, 2, compression="profile"), sim,
+                       torch.device("cpu"))
+        simulated = by_round(metrics(sim))
+        deployed = by_round(served)
+        assert deployed.keys() == simulated.keys()
+        for key in deployed:
+            # Identical up to floating-point summation order across processes.
+            assert deployed[key] == pytest.approx(simulated[key], abs=0.5), (key, deployed,
+                                                                             simulated)
+
+
+@needs_mosquitto
+def test_coordinator_killed_mid_round_resumes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with federation(tmp_path, "mosquitto", rounds=3) as fed:
+        fed.start_all_agents()
+        fed.start_coordinator("--deadline", "120")
+        wait_until(lambda: read_state(fed.run_dir).get("round") == 1
+                   and read_state(fed.run_dir).get("phase") == "collecting", 300,
+                   "round 2 to open")
+        wait_until(lambda: any((fed.run_dir / "pending" / "round-2").glob("*.safetensors")),
+                   120, "a persisted update of round 2")
+        fed.kill("coordinator-0", signal.SIGKILL)
+        assert read_state(fed.run_dir)["round"] == 1
+
+        resumed = fed.start_coordinator("--resume", "--deadline", "120")
+        assert resumed.wait(400) == 0, fed.logs()
+        state = read_state(fed.run_dir)
+        assert state["round"] == 3 and state["phase"] == "finished"
+        rounds = [r["round"] for r in metrics(fed.run_dir)]
+        assert sorted(rounds) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+        for r in (1, 2, 3):
+            assert (fed.run_dir / "models" / "L" / f"round-{r}.safetensors").is_file()
+
+
+@needs_mosquitto
+def test_round_closes_at_deadline_with_quorum_when_an_agent_dies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with federation(tmp_path, "mosquitto", rounds=1) as fed:
+        fed.start_all_agents()
+        coord = fed.start_coordinator("--deadline", "15", "--quorum", "0.5", "--max-wait", "60")
+        wait_until(lambda: read_state(fed.run_dir).get("phase") == "collecting", 300,
+                   "round 1 to open")
+        fed.kill("M-001", signal.SIGKILL)
+        assert coord.wait(300) == 0, fed.logs()
+        m = {r["prototype"]: r for r in metrics(fed.run_dir)}
+        assert m["M"]["sampled"] == 2
+        assert m["M"]["clients"] <= 2 and m["M"]["clients"] >= 1
+        assert read_state(fed.run_dir)["round"] == 1
+        if m["M"]["clients"] == 1:
+            assert "closes without" in fed.log("coordinator-0")
+
+
+def test_early_agents_join_and_impostors_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with federation(tmp_path, "embedded", rounds=1) as fed:
+        # Agents first: the broker (embedded in the coordinator) is not up yet.
+        fed.start_all_agents()
+        unknown_secret = tmp_path / "unknown.secret"
+        write_secret_file(unknown_secret)
+        unknown = fed.start_agent("Z-000", profile="workstation", shard=0, secret=unknown_secret)
+        wrong = fed.start_agent("L-000", profile="android-phone", shard=0)  # L's id, S's profile
+        fed.procs["L-000-impostor"] = fed.procs.pop("L-000")
+        fed.start_agent("L-000")  # the genuine L-000
+        coord = fed.start_coordinator("--deadline", "120")
+
+        assert unknown.wait(300) == 3, fed.log("Z-000")
+        assert "unknown" in fed.log("Z-000").lower()
+        assert wrong.wait(300) == 3
+        assert coord.wait(400) == 0, fed.logs()
+        state = read_state(fed.run_dir)
+        assert state["round"] == 1 and state["phase"] == "finished"
+        assert all(r["clients"] == r["sampled"] for r in metrics(fed.run_dir))
