@@ -1,0 +1,95 @@
+"""``takfl-agent predict``: run an exported model through the device profile's runtime."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from takfl.config import ConfigError, load_profile
+
+console = Console()
+_ROUND = re.compile(r"-round-(\d+)-")
+
+
+def pick_artifact(model: Path, fmt: str, quantization: str) -> Path:
+    """``model`` itself if a file; in a folder (e.g. RUN/exports/<P>/) the newest round's
+    artifact of the profile's format and quantisation (``none`` means fp32)."""
+    if model.is_file():
+        return model
+    if not model.is_dir():
+        raise FileNotFoundError(f"no model file or export folder at {model}")
+    quant = "fp32" if quantization == "none" else quantization
+    found = [p for p in model.glob(f"*-{quant}.{fmt}")]
+    if not found:
+        raise FileNotFoundError(f"{model} holds no {quant} .{fmt} artifact; export one with "
+                                f"takfl-export, or pass the file itself")
+
+    def round_of(p: Path) -> int:
+        m = _ROUND.search(p.name)
+        return int(m.group(1)) if m else -1
+
+    return max(found, key=round_of)
+
+
+def load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (N, C, H, W) scaled as the training loader scales them, and labels if present.
+
+    ``.npz`` with ``x`` (and optional ``y``), or ``digits`` for scikit-learn's bundled digits.
+    """
+    if str(path) == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return (d.images / 16.0).astype(np.float32)[:, None], d.target
+    if path.suffix != ".npz" or not path.is_file():
+        raise FileNotFoundError(f"--input {path}: expected a .npz file with 'x' (and 'y')")
+    with np.load(path, allow_pickle=False) as f:
+        x = np.asarray(f["x"], dtype=np.float32)
+        y = np.asarray(f["y"]) if "y" in f else None
+    return (x[:, None] if x.ndim == 3 else x), y
+
+
+def predict(
+    profile: str = typer.Option(..., help="Device profile: picks runtime, format, threads."),
+    model: Path = typer.Option(..., help="An .onnx/.tflite file or an export folder."),
+    inputs: Path = typer.Option(..., "--input", help="A .npz with x (and y), or 'digits'."),
+    runtime: str = typer.Option(None, help="Override the profile's runtime."),
+    show: int = typer.Option(10, min=0, help="Predictions to print."),
+) -> None:
+    """Classify inputs with the exported model, as the device would."""
+    from export.runtimes import ArtifactError, load_artifact, softmax
+
+    try:
+        prof = load_profile(profile)
+        inf = prof.inference
+        fmt = "onnx" if inf.format == "torch" else inf.format
+        path = pick_artifact(model, fmt, inf.quantization)
+        runner = load_artifact(path, runtime=runtime or (None if inf.runtime == "torch"
+                                                         else inf.runtime), threads=inf.threads)
+        x, y = load_inputs(inputs)
+    except (ConfigError, ArtifactError, FileNotFoundError, KeyError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    meta = runner.metadata
+    if meta is not None:
+        x = meta.normalise(x)
+    logits = runner.run(x)
+    probs = softmax(logits)
+    names = meta.class_names if meta is not None and meta.class_names else None
+    table = Table(title=f"{path.name} on {getattr(runner, 'runtime', inf.runtime)} "
+                        f"({inf.threads} threads)")
+    for col in ("#", "prediction", "confidence", "label"):
+        table.add_column(col)
+    for i in range(min(show, len(x))):
+        k = int(probs[i].argmax())
+        label = "" if y is None else str(names[int(y[i])] if names else int(y[i]))
+        table.add_row(str(i), names[k] if names else str(k), f"{probs[i, k]:.3f}", label)
+    console.print(table)
+    if y is not None:
+        acc = float((probs.argmax(1) == y).mean()) * 100
+        console.print(f"accuracy on {len(x)} labelled inputs: {acc:.2f}%")

@@ -1,0 +1,79 @@
+"""``takfl-agent predict``: an exported model run through the profile's runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edge_agent.cli import app
+from edge_agent.predict_command import pick_artifact
+from export.pipeline import ExportOptions, export_checkpoint
+from takfl.checkpoint import CheckpointMeta, save_checkpoint
+from takfl.config import load_federation
+from takfl.config.profile import TrainingSpec
+from takfl.federation_data import build_federation_data
+from takfl.models import build_model
+from takfl.training import accuracy, train_local
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, Path]:
+    """L's model trained on the digits private pool, exported to ONNX fp32."""
+    root = tmp_path_factory.mktemp("predict")
+    cfg = load_federation("digits")
+    data = build_federation_data(cfg, 0)
+    xs = torch.cat([x for p, x, _ in data.clients.values() if p == "L"])
+    ys = torch.cat([y for p, _, y in data.clients.values() if p == "L"])
+    torch.manual_seed(0)
+    model = build_model("cnn_digits_large", 10, (1, 8, 8))
+    res = train_local(model, xs, ys, TrainingSpec(epochs=5, batch_size=32), seed=0)
+    acc = accuracy(model, data.test_x, data.test_y)
+    meta = CheckpointMeta("L", 5, "cnn_digits_large", 10, (1, 8, 8), {},
+                          data.pool.class_names, data.pool.mean, data.pool.std)
+    ckpt = root / "L.safetensors"
+    save_checkpoint(ckpt, res.state, meta)
+    out = root / "exports" / "L"
+    export_checkpoint(ckpt, "digits", out, prototype="L",
+                      options=ExportOptions(formats=["onnx"], latency_iters=2))
+    # raw (un-normalised) test images, as a device would hold them
+    raw = data.test_x.numpy() * np.asarray(data.pool.std)[None, :, None, None] + \
+        np.asarray(data.pool.mean)[None, :, None, None]
+    npz = root / "test.npz"
+    np.savez(npz, x=raw.astype(np.float32), y=data.test_y.numpy())
+    return out, acc, npz
+
+
+def test_predict_runs_the_export_with_the_profiles_runtime(exported) -> None:  # type: ignore[no-untyped-def]
+    folder, torch_acc, npz = exported
+    result = CliRunner().invoke(app, ["predict", "--profile", "workstation", "--model",
+                                      str(folder), "--input", str(npz), "--show", "3"])
+    assert result.exit_code == 0, result.output
+    assert "L-round-5-fp32.onnx" in result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("accuracy on"))
+    assert float(line.split(":")[1].strip().rstrip("%")) == pytest.approx(torch_acc, abs=0.01)
+
+
+def test_pick_artifact_prefers_the_newest_round(tmp_path: Path) -> None:
+    for r in (2, 10, 9):
+        (tmp_path / f"M-round-{r}-int8.tflite").write_bytes(b"x")
+    (tmp_path / "M-round-11-fp32.tflite").write_bytes(b"x")
+    assert pick_artifact(tmp_path, "tflite", "int8").name == "M-round-10-int8.tflite"
+    assert pick_artifact(tmp_path, "tflite", "none").name == "M-round-11-fp32.tflite"
+    with pytest.raises(FileNotFoundError, match="no fp32 .onnx"):
+        pick_artifact(tmp_path, "onnx", "none")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--profile", "workstation", "--model", "/nonexistent", "--input", "digits"],
+     "no model file"),
+    (["--profile", "no-such-profile", "--model", ".", "--input", "digits"], "no such file"),
+])
+def test_predict_errors_are_clear(args: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(app, ["predict", *args])
+    assert result.exit_code == 2
+    assert fragment in result.output
+    assert "Traceback" not in result.output
