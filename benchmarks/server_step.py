@@ -53,8 +53,9 @@ def client_models(cfg, data, models):  # type: ignore[no-untyped-def]
     inits: dict[str, State] = {}
     for i, p in enumerate(cfg.prototypes):
         torch.manual_seed(i)
-        inits[p.name] = build_model(models[p.name].builder, data.num_classes, data.input_shape,
-                                    **models[p.name].args).state_dict()
+        inits[p.name] = build_model(
+            models[p.name].builder, data.num_classes, data.input_shape, **models[p.name].args
+        ).state_dict()
     for cid, (proto, x, y) in data.clients.items():
         spec = models[proto]
         m = build_model(spec.builder, data.num_classes, data.input_shape, **spec.args)
@@ -70,8 +71,9 @@ def aggregate(cfg, clients, models, data, device, keep: bool):  # type: ignore[n
     public = data.public_x.to(device)
     for p in cfg.prototypes:
         spec = models[p.name]
-        scratch = build_model(spec.builder, data.num_classes, data.input_shape,
-                              **spec.args).to(device)
+        scratch = build_model(spec.builder, data.num_classes, data.input_shape, **spec.args).to(
+            device
+        )
         col = _Collector(keep)
         for state, n in clients[p.name]:
             col.fedavg.add(state, float(n))
@@ -80,8 +82,16 @@ def aggregate(cfg, clients, models, data, device, keep: bool):  # type: ignore[n
             col.logits.add(logits)
             if keep:
                 col.client_logits.append(logits)
-        protos.append(PrototypeInput(p.name, scratch, col.fedavg.result(), col.logits.mean(),
-                                     col.logits.count, col.client_logits))
+        protos.append(
+            PrototypeInput(
+                p.name,
+                scratch,
+                col.fedavg.result(),
+                col.logits.mean(),
+                col.logits.count,
+                col.client_logits,
+            )
+        )
     return protos
 
 
@@ -102,8 +112,9 @@ def naive_step(cfg, clients, models, data, device, seed: int) -> None:  # type: 
             teachers[p.name].append(m.to(device))
         from takfl.fedavg import fedavg
 
-        avgs[p.name] = fedavg([s for s, _ in clients[p.name]],
-                              [float(n) for _, n in clients[p.name]])
+        avgs[p.name] = fedavg(
+            [s for s, _ in clients[p.name]], [float(n) for _, n in clients[p.name]]
+        )
     for j, student in enumerate(cfg.prototypes):
         spec = models[student.name]
         base_model = build_model(spec.builder, data.num_classes, data.input_shape, **spec.args)
@@ -121,8 +132,9 @@ def naive_step(cfg, clients, models, data, device, seed: int) -> None:  # type: 
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            vectors.append(task_vector({k: v.cpu() for k, v in model.state_dict().items()},
-                                       avgs[student.name]))
+            vectors.append(
+                task_vector({k: v.cpu() for k, v in model.state_dict().items()}, avgs[student.name])
+            )
         best = -1.0
         for scale in lam_spec.scale_grid:
             for lam in simplex_candidates(len(vectors), lam_spec.search_candidates, seed):
@@ -169,17 +181,21 @@ def main() -> None:
         def run() -> None:
             protos = aggregate(cfg, clients, models, data, device, algorithm == "fedet")
             server_step(protos, ev, cfg.algorithm, algorithm, seed=0)
+
         return run
 
     rows = {
         "takfl": timed(ours("takfl"), args.repeats, device),
         "feddf": timed(ours("feddf"), args.repeats, device),
-        "naive-takfl": timed(lambda: naive_step(cfg, clients, models, data, device, 0),
-                             args.repeats, device),
+        "naive-takfl": timed(
+            lambda: naive_step(cfg, clients, models, data, device, 0), args.repeats, device
+        ),
     }
     med = {k: statistics.median(v) for k, v in rows.items()}
-    table = Table(title=f"one server step, {cfg.name}, {device} ({args.threads} threads), "
-                        f"median of {args.repeats}")
+    table = Table(
+        title=f"one server step, {cfg.name}, {device} ({args.threads} threads), "
+        f"median of {args.repeats}"
+    )
     for col in ("variant", "median s", "min s", "vs takfl"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     for k, v in rows.items():
@@ -187,20 +203,28 @@ def main() -> None:
     Console().print(table)
     d = cfg.algorithm.distill
     record = {
-        "config": cfg.name, "device": str(device), "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "distill_steps": d.steps, "batch_size": d.batch_size,
+        "config": cfg.name,
+        "device": str(device),
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "distill_steps": d.steps,
+        "batch_size": d.batch_size,
         "candidates_per_student": (cfg.algorithm.lambdas.search_candidates + 4)
-        * len([s for s in cfg.algorithm.lambdas.scale_grid if s > 0]) + 1,
-        "seconds": rows, "median_s": med,
+        * len([s for s in cfg.algorithm.lambdas.scale_grid if s > 0])
+        + 1,
+        "seconds": rows,
+        "median_s": med,
         "naive_over_takfl": med["naive-takfl"] / med["takfl"],
         "takfl_over_feddf": med["takfl"] / med["feddf"],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
-    print(f"naive/takfl = {record['naive_over_takfl']:.2f}x, "
-          f"takfl/feddf = {record['takfl_over_feddf']:.2f}x; wrote {out}")
+    print(
+        f"naive/takfl = {record['naive_over_takfl']:.2f}x, "
+        f"takfl/feddf = {record['takfl_over_feddf']:.2f}x; wrote {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from takfl.config import ALGORITHMS, ConfigError, load_federation
+from coordinator.engine import RoundResult
+from takfl.config import (
+    ALGORITHMS,
+    ConfigError,
+    FederationConfig,
+    LambdaSpec,
+    load_federation,
+)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Coordinator of a takfl-edge federation (TAKFL across device tiers).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Coordinator of a takfl-edge federation (TAKFL across device tiers).",
+)
 console = Console()
 
 
@@ -22,7 +34,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_config_or_exit(name: str):  # type: ignore[no-untyped-def]
+def load_config_or_exit(name: str) -> FederationConfig:
     try:
         return load_federation(name)
     except ConfigError as e:
@@ -32,7 +44,7 @@ def load_config_or_exit(name: str):  # type: ignore[no-untyped-def]
         raise typer.Exit(2) from None
 
 
-def results_table(results: dict, title: str) -> Table:  # type: ignore[type-arg]
+def results_table(results: dict[str, dict[str, dict[str, Any]]], title: str) -> Table:
     """Algorithms as rows, prototypes (and their average) as columns: mean ± std."""
     protos = list(next(iter(results.values())).keys()) if results else []
     table = Table(title=title)
@@ -50,15 +62,23 @@ def results_table(results: dict, title: str) -> Table:  # type: ignore[type-arg]
 @app.command()
 def simulate(
     config: str = typer.Option("digits", help="Bundled federation name or path to a YAML file."),
-    algorithm: str = typer.Option(None, help=f"One of {', '.join(ALGORITHMS)} (default: config's)."),
-    compare: str = typer.Option(None, help="Comma-separated algorithms run on identical partitions."),
+    algorithm: str = typer.Option(
+        None, help=f"One of {', '.join(ALGORITHMS)} (default: config's)."
+    ),
+    compare: str = typer.Option(
+        None, help="Comma-separated algorithms run on identical partitions."
+    ),
     seeds: int = typer.Option(1, min=1, help="Independent seeds (partition, init, sampling)."),
     rounds: int = typer.Option(None, min=1, help="Rounds (default: config's)."),
     alpha: float = typer.Option(None, min=1e-6, help="Dirichlet alpha override."),
-    compression: str = typer.Option(None, help="Apply the wire codec to updates: fp32|fp16|"
-                                    "int8, or 'profile' (each device profile's own)."),
-    lambda_strategy: str = typer.Option(None, "--lambda-strategy",
-                                        help="fixed|search|learned|unsupervised override."),
+    compression: str = typer.Option(
+        None,
+        help="Apply the wire codec to updates: fp32|fp16|"
+        "int8, or 'profile' (each device profile's own).",
+    ),
+    lambda_strategy: str = typer.Option(
+        None, "--lambda-strategy", help="fixed|search|learned|unsupervised override."
+    ),
     data_dir: str = typer.Option(None, help="Folder of CIFAR batches / .npz / image folder."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto (CUDA when present)."),
     out: Path = typer.Option(Path("runs/simulate"), help="Output folder."),
@@ -77,32 +97,44 @@ def simulate(
     if lambda_strategy is not None:
         if lambda_strategy not in ("fixed", "search", "learned", "unsupervised"):
             raise fail(f"unknown lambda strategy {lambda_strategy!r}")
-        cfg.algorithm.lambdas.strategy = lambda_strategy  # type: ignore[assignment]
+        cfg.algorithm.lambdas = LambdaSpec.model_validate(
+            {**cfg.algorithm.lambdas.model_dump(), "strategy": lambda_strategy}
+        )
     try:
         dev = pick_device(device)
     except ValueError as e:
         raise fail(str(e)) from None
     spec = SimulationSpec(algs, seeds, rounds, alpha, compression, data_dir)
     n_rounds = rounds or cfg.rounds
-    console.print(f"[bold]{cfg.name}[/bold]: {', '.join(algs)} x {seeds} seed(s) x {n_rounds} "
-                  f"rounds on {dev}; writing to {out}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[acc]}"),
-                  console=console) as progress:
+    console.print(
+        f"[bold]{cfg.name}[/bold]: {', '.join(algs)} x {seeds} seed(s) x {n_rounds} "
+        f"rounds on {dev}; writing to {out}"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[acc]}"),
+        console=console,
+    ) as progress:
         bar = progress.add_task("rounds", total=len(algs) * seeds * n_rounds, acc="")
 
-        def on_round(alg: str, seed: int, res) -> None:  # type: ignore[no-untyped-def]
+        def on_round(alg: str, seed: int, res: RoundResult) -> None:
             acc = " ".join(f"{p}={a:.1f}" for p, a in res.accuracy.items())
-            progress.update(bar, advance=1, description=f"{alg} seed {seed} round {res.round_id}",
-                            acc=acc)
+            progress.update(
+                bar, advance=1, description=f"{alg} seed {seed} round {res.round_id}", acc=acc
+            )
 
         try:
             results = run_simulation(cfg, spec, out, dev, on_round)
         except (ValueError, OSError) as e:
             raise fail(str(e)) from e
     console.print(results_table(results, f"final test accuracy (%), {seeds} seed(s)"))
-    console.print(f"metrics: {out / 'metrics.jsonl'}  results: {out / 'results.json'}  "
-                  f"plot: {out / 'accuracy.png'}")
+    console.print(
+        f"metrics: {out / 'metrics.jsonl'}  results: {out / 'results.json'}  "
+        f"plot: {out / 'accuracy.png'}"
+    )
 
 
 @app.command()
@@ -130,13 +162,17 @@ def partition(
     console.print(table)
 
 
-def _round_printer(table_rows: list[tuple[int, dict[str, float]]]):  # type: ignore[no-untyped-def]
-    def on_round(res) -> None:  # type: ignore[no-untyped-def]
+def _round_printer(
+    table_rows: list[tuple[int, dict[str, float]]],
+) -> Callable[[RoundResult], None]:
+    def on_round(res: RoundResult) -> None:
         table_rows.append((res.round_id, res.accuracy))
         acc = "  ".join(f"{p}={a:.1f}%" for p, a in res.accuracy.items())
         got = " ".join(f"{p}:{res.received[p]}/{res.sampled[p]}" for p in res.received)
-        console.print(f"[bold]round {res.round_id}[/bold] accuracy {acc}  updates {got}  "
-                      f"({sum(res.timings.values()):.1f}s)")
+        console.print(
+            f"[bold]round {res.round_id}[/bold] accuracy {acc}  updates {got}  "
+            f"({sum(res.timings.values()):.1f}s)"
+        )
 
     return on_round
 
@@ -155,16 +191,18 @@ def accuracy_table(rows: list[tuple[int, dict[str, float]]], title: str) -> Tabl
 @app.command()
 def serve(
     config: str = typer.Option(..., help="Bundled federation name or path to a YAML file."),
-    broker: str = typer.Option("embedded", help="'embedded' (loopback amqtt) or "
-                               "mqtt[s]://user:pass@host:port"),
+    broker: str = typer.Option(
+        "embedded", help="'embedded' (loopback amqtt) or mqtt[s]://user:pass@host:port"
+    ),
     port: int = typer.Option(1883, help="Port of the embedded broker."),
     run_dir: Path = typer.Option(Path("runs/serve"), help="Run directory."),
     agents: Path = typer.Option(None, help="Agent registry (default RUN_DIR/agents.json)."),
     resume: bool = typer.Option(False, help="Continue the run in RUN_DIR after a stop."),
     rounds: int = typer.Option(None, min=1, help="Rounds (default: config's)."),
     deadline: float = typer.Option(120.0, help="Seconds a round waits for its updates."),
-    quorum: float = typer.Option(1.0, min=0.0, max=1.0,
-                                 help="Fraction of each prototype's sampled clients needed."),
+    quorum: float = typer.Option(
+        1.0, min=0.0, max=1.0, help="Fraction of each prototype's sampled clients needed."
+    ),
     max_wait: float = typer.Option(600.0, help="Past the deadline, wait this long for a quorum."),
     fleet: str = typer.Option(None, help="Fleet name in the topics (default: config name)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
@@ -179,13 +217,28 @@ def serve(
     from takfl.mqtt.client import MqttConnectError
 
     cfg = load_config_or_exit(config)
-    settings = ServeSettings(broker=broker, embedded_port=port, fleet=fleet, rounds=rounds,
-                             resume=resume, agents_file=agents, deadline_s=deadline,
-                             quorum=quorum, max_wait_s=max_wait, export=export)
+    settings = ServeSettings(
+        broker=broker,
+        embedded_port=port,
+        fleet=fleet,
+        rounds=rounds,
+        resume=resume,
+        agents_file=agents,
+        deadline_s=deadline,
+        quorum=quorum,
+        max_wait_s=max_wait,
+        export=export,
+    )
     rows: list[tuple[int, dict[str, float]]] = []
     try:
-        run_serve(cfg, run_dir, settings, pick_device(device), on_round=_round_printer(rows),
-                  report=lambda m: console.print(m))
+        run_serve(
+            cfg,
+            run_dir,
+            settings,
+            pick_device(device),
+            on_round=_round_printer(rows),
+            report=lambda m: console.print(m),
+        )
     except (RegistryError, RunStoreError, MqttConnectError, ValueError, OSError) as e:
         raise fail(str(e)) from None
     if rows:
@@ -197,21 +250,29 @@ def provision(
     config: str = typer.Option(..., help="Bundled federation name or path."),
     out: Path = typer.Option(..., help="Folder for agents.json, secrets/ and mosquitto/."),
     mosquitto_port: int = typer.Option(None, help="Also write a Mosquitto config for this port."),
-    mosquitto_user: str = typer.Option(None, help="Account mosquitto drops to when started as "
-                                       "root (must be able to read the generated files)."),
+    mosquitto_user: str = typer.Option(
+        None,
+        help="Account mosquitto drops to when started as "
+        "root (must be able to read the generated files).",
+    ),
     fleet: str = typer.Option(None, help="Fleet name (default: config name)."),
 ) -> None:
     """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
-    records, files, _ = do_provision(cfg, out, fleet=fleet, mosquitto_port=mosquitto_port,
-                                     mosquitto_user=mosquitto_user)
-    console.print(f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
-                  f"{out / 'secrets'} (copy each to its device, mode 600)")
+    records, files, _ = do_provision(
+        cfg, out, fleet=fleet, mosquitto_port=mosquitto_port, mosquitto_user=mosquitto_user
+    )
+    console.print(
+        f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
+        f"{out / 'secrets'} (copy each to its device, mode 600)"
+    )
     if files is not None:
-        console.print(f"mosquitto: mosquitto -c {files.conf}  (coordinator password in "
-                      f"{out / 'coordinator.password'})")
+        console.print(
+            f"mosquitto: mosquitto -c {files.conf}  (coordinator password in "
+            f"{out / 'coordinator.password'})"
+        )
 
 
 @app.command()
@@ -249,8 +310,9 @@ def status(
         for col in ("agent", "prototype", "state", "last seen"):
             table.add_column(col)
         for aid, info in sorted(agents_seen.items()):
-            table.add_row(aid, info.get("prototype", "?"), info.get("state", "?"),
-                          info.get("last_seen", "?"))
+            table.add_row(
+                aid, info.get("prototype", "?"), info.get("state", "?"), info.get("last_seen", "?")
+            )
         console.print(table)
 
 
@@ -270,12 +332,19 @@ def demo(
     cfg = load_config_or_exit(config)
     rows: list[tuple[int, dict[str, float]]] = []
     t0 = __import__("time").monotonic()
-    run_demo(cfg, run_dir, DemoSettings(config, rounds, deadline, export=export),
-             pick_device(device), on_round=_round_printer(rows),
-             report=lambda m: console.print(m))
+    run_demo(
+        cfg,
+        run_dir,
+        DemoSettings(config, rounds, deadline, export=export),
+        pick_device(device),
+        on_round=_round_printer(rows),
+        report=lambda m: console.print(m),
+    )
     console.print(accuracy_table(rows, f"{cfg.name} demo over MQTT: test accuracy (%)"))
-    console.print(f"finished in {__import__('time').monotonic() - t0:.0f}s; run directory "
-                  f"{run_dir} (state.json, models/, metrics.jsonl, agents/*.log)")
+    console.print(
+        f"finished in {__import__('time').monotonic() - t0:.0f}s; run directory "
+        f"{run_dir} (state.json, models/, metrics.jsonl, agents/*.log)"
+    )
 
 
 def main() -> None:

@@ -32,16 +32,34 @@ class DemoSettings:
     export: bool = False
 
 
-def agent_command(cfg_ref: str, profile: str, port: int, agent_id: str, secret: Path,
-                  shard: int, threads: int) -> list[str]:
-    return [sys.executable, "-m", "edge_agent.cli", "run", "--profile", profile,
-            "--broker", f"mqtt://127.0.0.1:{port}", "--id", agent_id, "--secret-file",
-            str(secret), "--federation", cfg_ref, "--demo-shard", str(shard),
-            "--threads", str(threads)]
+def agent_command(
+    cfg_ref: str, profile: str, port: int, agent_id: str, secret: Path, shard: int, threads: int
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "edge_agent.cli",
+        "run",
+        "--profile",
+        profile,
+        "--broker",
+        f"mqtt://127.0.0.1:{port}",
+        "--id",
+        agent_id,
+        "--secret-file",
+        str(secret),
+        "--federation",
+        cfg_ref,
+        "--demo-shard",
+        str(shard),
+        "--threads",
+        str(threads),
+    ]
 
 
-def start_agents(cfg: FederationConfig, cfg_ref: str, run_dir: Path, port: int,
-                 threads: int) -> list[subprocess.Popen[bytes]]:
+def start_agents(
+    cfg: FederationConfig, cfg_ref: str, run_dir: Path, port: int, threads: int
+) -> list[subprocess.Popen[bytes]]:
     """One process per configured client; logs in RUN/agents/<id>.log."""
     logs = run_dir / "agents"
     logs.mkdir(parents=True, exist_ok=True)
@@ -50,8 +68,9 @@ def start_agents(cfg: FederationConfig, cfg_ref: str, run_dir: Path, port: int,
         profile = load_profile(p.profile).name if not Path(p.profile).is_file() else p.profile
         for k in range(p.clients):
             aid = f"{p.name}-{k:03d}"
-            cmd = agent_command(cfg_ref, profile, port, aid, run_dir / "secrets" / f"{aid}.secret",
-                                k, threads)
+            cmd = agent_command(
+                cfg_ref, profile, port, aid, run_dir / "secrets" / f"{aid}.secret", k, threads
+            )
             with (logs / f"{aid}.log").open("wb") as log:
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
     return procs
@@ -70,9 +89,15 @@ def stop_agents(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> 
             proc.wait()
 
 
-def run_demo(cfg: FederationConfig, run_dir: Path, demo: DemoSettings, device: torch.device,
-             *, on_round: Callable[[RoundResult], None] | None = None,
-             report: Callable[[str], None] = print) -> list[RoundResult]:
+def run_demo(
+    cfg: FederationConfig,
+    run_dir: Path,
+    demo: DemoSettings,
+    device: torch.device,
+    *,
+    on_round: Callable[[RoundResult], None] | None = None,
+    report: Callable[[str], None] = print,
+) -> list[RoundResult]:
     """Provision, start broker and agents, serve ``demo.rounds`` rounds, stop everything."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -82,11 +107,18 @@ def run_demo(cfg: FederationConfig, run_dir: Path, demo: DemoSettings, device: t
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs = start_agents(cfg, demo.config_name, run_dir, broker.port, demo.agent_threads)
-        report(f"embedded broker on 127.0.0.1:{broker.port}; started {len(procs)} agent "
-               f"processes (logs in {run_dir / 'agents'})")
-        settings = ServeSettings(broker=f"mqtt://127.0.0.1:{broker.port}", rounds=demo.rounds,
-                                 deadline_s=demo.deadline_s, max_wait_s=demo.deadline_s,
-                                 wait_agents_s=180.0, export=demo.export)
+        report(
+            f"embedded broker on 127.0.0.1:{broker.port}; started {len(procs)} agent "
+            f"processes (logs in {run_dir / 'agents'})"
+        )
+        settings = ServeSettings(
+            broker=f"mqtt://127.0.0.1:{broker.port}",
+            rounds=demo.rounds,
+            deadline_s=demo.deadline_s,
+            max_wait_s=demo.deadline_s,
+            wait_agents_s=180.0,
+            export=demo.export,
+        )
         return serve(cfg, run_dir, settings, device, on_round=on_round, report=report)
     finally:
         stop_agents(procs)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from coordinator.transport.base import ClientUpdate, Task, Transport
-from takfl.config.base import ModelSpec
 from takfl.config import FederationConfig, prototype_training
+from takfl.config.base import ModelSpec
 from takfl.fedavg import FedAvgAccumulator
 from takfl.logits import MeanLogits
 from takfl.models import build_model
@@ -110,8 +110,9 @@ class RoundEngine:
         self.globals: dict[str, State] = {}
         for i, p in enumerate(cfg.prototypes):
             torch.manual_seed(seed * 100 + i)
-            model = build_model(models[p.name].builder, data.num_classes, data.input_shape,
-                                **models[p.name].args)
+            model = build_model(
+                models[p.name].builder, data.num_classes, data.input_shape, **models[p.name].args
+            )
             self.globals[p.name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             self.scratch[p.name] = model.to(self.device)
         self.trainings = {p.name: prototype_training(cfg, p.name) for p in cfg.prototypes}
@@ -121,17 +122,31 @@ class RoundEngine:
     def plan(self, round_id: int) -> dict[str, list[str]]:
         rng = np.random.default_rng([self.seed, round_id])
         available = self.transport.clients()
-        return {p.name: sample_clients(available.get(p.name, []), p.clients, p.sample_rate, rng)
-                for p in self.cfg.prototypes}
+        return {
+            p.name: sample_clients(available.get(p.name, []), p.clients, p.sample_rate, rng)
+            for p in self.cfg.prototypes
+        }
 
     def tasks(self, round_id: int, plan: dict[str, list[str]]) -> list[Task]:
         deadline = self.clock() + self.policy.deadline_s
         out = []
         for proto, ids in plan.items():
             for cid in ids:
-                seed = int(np.random.default_rng([self.seed, round_id, *cid.encode()]).integers(2**31))
-                out.append(Task(round_id, proto, cid, self.models[proto], self.globals[proto],
-                                deadline, seed, self.trainings[proto]))
+                seed = int(
+                    np.random.default_rng([self.seed, round_id, *cid.encode()]).integers(2**31)
+                )
+                out.append(
+                    Task(
+                        round_id,
+                        proto,
+                        cid,
+                        self.models[proto],
+                        self.globals[proto],
+                        deadline,
+                        seed,
+                        self.trainings[proto],
+                    )
+                )
         return out
 
     # -- collection ---------------------------------------------------------
@@ -146,11 +161,17 @@ class RoundEngine:
             col.client_logits.append(logits)
 
     def _quorum_met(self, plan: dict[str, list[str]], got: dict[str, set[str]]) -> bool:
-        return all(len(got[p]) >= math.ceil(self.policy.quorum * len(ids) - 1e-9)
-                   for p, ids in plan.items() if ids)
+        return all(
+            len(got[p]) >= math.ceil(self.policy.quorum * len(ids) - 1e-9)
+            for p, ids in plan.items()
+            if ids
+        )
 
     def collect(
-        self, round_id: int, plan: dict[str, list[str]], collectors: dict[str, _Collector],
+        self,
+        round_id: int,
+        plan: dict[str, list[str]],
+        collectors: dict[str, _Collector],
         got: dict[str, set[str]] | None = None,
     ) -> dict[str, set[str]]:
         """Receive updates until all arrived, or the deadline passed with a quorum,
@@ -158,8 +179,10 @@ class RoundEngine:
         got = got if got is not None else {p: set() for p in plan}
         expected = {p: set(ids) for p, ids in plan.items()}
         start = self.clock()
-        deadline, hard = start + self.policy.deadline_s, start + self.policy.deadline_s + \
-            self.policy.max_wait_s
+        deadline, hard = (
+            start + self.policy.deadline_s,
+            start + self.policy.deadline_s + self.policy.max_wait_s,
+        )
         while any(expected[p] - got[p] for p in plan):
             now = self.clock()
             if now >= hard or (now >= deadline and self._quorum_met(plan, got)):
@@ -169,9 +192,12 @@ class RoundEngine:
             upd = self.transport.next_update(timeout=min(1.0, max(0.05, deadline - now)))
             if upd is None:
                 continue
-            if (upd.round_id != round_id or upd.prototype not in expected
-                    or upd.client_id not in expected[upd.prototype]
-                    or upd.client_id in got[upd.prototype]):
+            if (
+                upd.round_id != round_id
+                or upd.prototype not in expected
+                or upd.client_id not in expected[upd.prototype]
+                or upd.client_id in got[upd.prototype]
+            ):
                 self.rejected += 1
                 log.info("ignoring update from %s for round %d", upd.client_id, upd.round_id)
                 continue
@@ -183,7 +209,9 @@ class RoundEngine:
 
     # -- one round ----------------------------------------------------------
     def run_round(
-        self, round_id: int, resumed: list[ClientUpdate] | None = None,
+        self,
+        round_id: int,
+        resumed: list[ClientUpdate] | None = None,
         plan: dict[str, list[str]] | None = None,
     ) -> RoundResult:
         """One full round. ``resumed`` are updates of this round persisted before a restart;
@@ -207,14 +235,24 @@ class RoundEngine:
         for p in self.cfg.prototypes:
             col = collectors[p.name]
             has = col.fedavg.count > 0
-            protos.append(PrototypeInput(
-                p.name, self.scratch[p.name],
-                col.fedavg.result() if has else self.globals[p.name],
-                col.logits.mean() if has else None, col.logits.count, col.client_logits))
+            protos.append(
+                PrototypeInput(
+                    p.name,
+                    self.scratch[p.name],
+                    col.fedavg.result() if has else self.globals[p.name],
+                    col.logits.mean() if has else None,
+                    col.logits.count,
+                    col.client_logits,
+                )
+            )
         d = self.data
-        outputs, step_times = server_step(protos, EvalData(d.public_x, d.val_x, d.val_y),
-                                          self.cfg.algorithm, self.algorithm,
-                                          seed=self.seed * 10_000 + round_id)
+        outputs, step_times = server_step(
+            protos,
+            EvalData(d.public_x, d.val_x, d.val_y),
+            self.cfg.algorithm,
+            self.algorithm,
+            seed=self.seed * 10_000 + round_id,
+        )
         timings.update(step_times)
         t1 = time.perf_counter()
         acc = {}
@@ -226,7 +264,11 @@ class RoundEngine:
             self.transport.publish_global(round_id, name, out.state)
         timings["eval_s"] = time.perf_counter() - t1
         return RoundResult(
-            round_id, acc, {n: o.lambdas for n, o in outputs.items()},
-            {p: len(got[p]) for p in plan}, {p: len(ids) for p, ids in plan.items()}, timings,
+            round_id,
+            acc,
+            {n: o.lambdas for n, o in outputs.items()},
+            {p: len(got[p]) for p in plan},
+            {p: len(ids) for p, ids in plan.items()},
+            timings,
             {n: o.info for n, o in outputs.items()},
         )

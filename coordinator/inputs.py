@@ -11,7 +11,7 @@ from takfl.federation_data import FederationData
 
 
 def pick_device(name: str | None) -> torch.device:
-    """``cuda`` when present unless told otherwise; a clear error if CUDA is asked for but absent."""
+    """``cuda`` when present unless told otherwise; an error if CUDA is asked for but absent."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -26,6 +26,11 @@ def prototype_models(cfg: FederationConfig) -> dict[str, ModelSpec]:
 def server_data(data: FederationData, device: torch.device) -> ServerData:
     """Public, validation and test tensors moved once to the compute device."""
     return ServerData(
-        data.public_x.to(device), data.val_x.to(device), data.val_y.to(device),
-        data.test_x.to(device), data.test_y.to(device), data.num_classes, data.input_shape,
+        data.public_x.to(device),
+        data.val_x.to(device),
+        data.val_y.to(device),
+        data.test_x.to(device),
+        data.test_y.to(device),
+        data.num_classes,
+        data.input_shape,
     )

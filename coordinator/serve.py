@@ -74,10 +74,14 @@ def transport_policy(cfg: FederationConfig) -> TransportPolicy:
     return TransportPolicy(comms_by_prototype=comms)
 
 
-def provision(cfg: FederationConfig, out_dir: Path, *, fleet: str | None = None,
-              mosquitto_port: int | None = None,
-              mosquitto_user: str | None = None) -> tuple[list[AgentRecord],
-                                                           MosquittoFiles | None, str]:
+def provision(
+    cfg: FederationConfig,
+    out_dir: Path,
+    *,
+    fleet: str | None = None,
+    mosquitto_port: int | None = None,
+    mosquitto_user: str | None = None,
+) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
     (password file, per-agent ACL) with a fresh coordinator password."""
     records = provision_agents(cfg, out_dir)
@@ -85,24 +89,29 @@ def provision(cfg: FederationConfig, out_dir: Path, *, fleet: str | None = None,
     files = None
     if mosquitto_port is not None:
         files = write_mosquitto_config(
-            out_dir / "mosquitto", fleet=fleet or cfg.name, port=mosquitto_port,
+            out_dir / "mosquitto",
+            fleet=fleet or cfg.name,
+            port=mosquitto_port,
             coordinator=(COORDINATOR_USER, coord_password),
             agents={r.agent_id: mqtt_password(r.secret) for r in records},
-            run_as=mosquitto_user)
+            run_as=mosquitto_user,
+        )
         (out_dir / "coordinator.password").write_text(coord_password + "\n")
         (out_dir / "coordinator.password").chmod(0o600)
     return records, files, coord_password
 
 
-def wait_for_prototypes(transport: MqttTransport, cfg: FederationConfig, timeout: float,
-                        report: Callable[[str], None]) -> None:
+def wait_for_prototypes(
+    transport: MqttTransport, cfg: FederationConfig, timeout: float, report: Callable[[str], None]
+) -> None:
     """Block until every prototype has at least one registered agent online (or timeout)."""
     end = time.monotonic() + timeout
     last = ""
     while time.monotonic() < end:
         online = transport.clients()
-        line = ", ".join(f"{p.name}: {len(online.get(p.name, []))}/{p.clients}"
-                         for p in cfg.prototypes)
+        line = ", ".join(
+            f"{p.name}: {len(online.get(p.name, []))}/{p.clients}" for p in cfg.prototypes
+        )
         if line != last:
             report(f"agents online {line}")
             last = line
@@ -112,9 +121,15 @@ def wait_for_prototypes(transport: MqttTransport, cfg: FederationConfig, timeout
     report("timed out waiting for agents; rounds run with whoever is online")
 
 
-def serve(cfg: FederationConfig, run_dir: Path, settings: ServeSettings, device: torch.device,
-          *, on_round: Callable[[RoundResult], None] | None = None,
-          report: Callable[[str], None] = print) -> list[RoundResult]:
+def serve(
+    cfg: FederationConfig,
+    run_dir: Path,
+    settings: ServeSettings,
+    device: torch.device,
+    *,
+    on_round: Callable[[RoundResult], None] | None = None,
+    report: Callable[[str], None] = print,
+) -> list[RoundResult]:
     """Run the federation to its last round; export every prototype at the end."""
     store = RunStore(run_dir)
     agents_file = settings.agents_file or run_dir / REGISTRY_FILE
@@ -123,18 +138,30 @@ def serve(cfg: FederationConfig, run_dir: Path, settings: ServeSettings, device:
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
     with broker_for(settings) as mqtt:
-        transport = MqttTransport(mqtt, fleet, wire_registry(registry),
-                                  num_classes=data.num_classes, input_shape=data.input_shape,
-                                  policy=transport_policy(cfg)).start(timeout=30)
+        transport = MqttTransport(
+            mqtt,
+            fleet,
+            wire_registry(registry),
+            num_classes=data.num_classes,
+            input_shape=data.input_shape,
+            policy=transport_policy(cfg),
+        ).start(timeout=30)
         try:
-            report(f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
-                   f"{len(registry)} provisioned agents, run dir {run_dir}")
+            report(
+                f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
+                f"{len(registry)} provisioned agents, run dir {run_dir}"
+            )
             wait_for_prototypes(transport, cfg, settings.wait_agents_s, report)
-            run = FederationRun(cfg, data, transport, store, device,
-                                ServeOptions(settings.rounds or cfg.rounds, settings.seed,
-                                             settings.resume, policy),
-                                on_round=on_round,
-                                on_phase=lambda phase, r: report(f"round {r}: {phase}"))
+            run = FederationRun(
+                cfg,
+                data,
+                transport,
+                store,
+                device,
+                ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
+                on_round=on_round,
+                on_phase=lambda phase, r: report(f"round {r}: {phase}"),
+            )
             results = run.run()
             c = transport.counters
             report(f"updates accepted {c.accepted}, refused {dict(c.refused) or 0}")

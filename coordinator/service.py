@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,29 +33,56 @@ class ServeOptions:
     rounds: int
     seed: int = 0
     resume: bool = False
-    policy: RoundPolicy = RoundPolicy()
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
 
 
-def checkpoint_meta(cfg: FederationConfig, data: FederationData, models: dict[str, Any],
-                    prototype: str, round_id: int) -> CheckpointMeta:
+def checkpoint_meta(
+    cfg: FederationConfig,
+    data: FederationData,
+    models: dict[str, Any],
+    prototype: str,
+    round_id: int,
+) -> CheckpointMeta:
     spec = models[prototype]
-    return CheckpointMeta(prototype, round_id, spec.builder, data.num_classes, data.input_shape,
-                          dict(spec.args), list(data.pool.class_names), list(data.pool.mean),
-                          list(data.pool.std))
+    return CheckpointMeta(
+        prototype,
+        round_id,
+        spec.builder,
+        data.num_classes,
+        data.input_shape,
+        dict(spec.args),
+        list(data.pool.class_names),
+        list(data.pool.mean),
+        list(data.pool.std),
+    )
 
 
 class FederationRun:
     """Owns the engine and the run directory for one federation."""
 
-    def __init__(self, cfg: FederationConfig, data: FederationData, transport: Transport,
-                 store: RunStore, device: torch.device, options: ServeOptions,
-                 on_round: Callable[[RoundResult], None] | None = None,
-                 on_phase: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        data: FederationData,
+        transport: Transport,
+        store: RunStore,
+        device: torch.device,
+        options: ServeOptions,
+        on_round: Callable[[RoundResult], None] | None = None,
+        on_phase: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.cfg, self.data, self.store, self.options = cfg, data, store, options
         self.models = prototype_models(cfg)
-        self.engine = RoundEngine(cfg, self.models, server_data(data, device), transport,
-                                  device=device, seed=options.seed, policy=options.policy,
-                                  on_update=store.save_pending)
+        self.engine = RoundEngine(
+            cfg,
+            self.models,
+            server_data(data, device),
+            transport,
+            device=device,
+            seed=options.seed,
+            policy=options.policy,
+            on_update=store.save_pending,
+        )
         self.on_round = on_round
         self.on_phase = on_phase or (lambda phase, r: None)
         self.completed = 0
@@ -71,16 +98,25 @@ class FederationRun:
             log.info("resuming after round %d", self.completed)
             return
         if self.store.exists() and not self.options.resume:
-            raise RunStoreError(f"{self.store.root} already holds a run; pass --resume to "
-                                "continue it or choose another --run-dir")
+            raise RunStoreError(
+                f"{self.store.root} already holds a run; pass --resume to "
+                "continue it or choose another --run-dir"
+            )
         self.store.root.mkdir(parents=True, exist_ok=True)
         self.store.write_config(self.cfg)
         for p in self.cfg.prototypes:
             meta = checkpoint_meta(self.cfg, self.data, self.models, p.name, 0)
             self.store.save_global(meta, self.engine.globals[p.name])
-        self.state = {"round": 0, "phase": "starting", "config": self.cfg.name,
-                      "algorithm": self.engine.algorithm, "seed": self.options.seed,
-                      "accuracy": {}, "lambdas": {}, "open_round": None}
+        self.state = {
+            "round": 0,
+            "phase": "starting",
+            "config": self.cfg.name,
+            "algorithm": self.engine.algorithm,
+            "seed": self.options.seed,
+            "accuracy": {},
+            "lambdas": {},
+            "open_round": None,
+        }
         self.store.write_state(self.state)
 
     def _save_state(self, **changes: Any) -> None:
@@ -100,11 +136,17 @@ class FederationRun:
             self.on_phase("collecting", r)
             res = self.engine.run_round(r, resumed=resumed, plan=plan)
             for name, state in self.engine.globals.items():
-                self.store.save_global(checkpoint_meta(self.cfg, self.data, self.models, name, r),
-                                       state)
+                self.store.save_global(
+                    checkpoint_meta(self.cfg, self.data, self.models, name, r), state
+                )
             self.store.append_metrics(metrics_line(self.engine.algorithm, self.options.seed, res))
-            self._save_state(round=r, phase="round complete", open_round=None,
-                             accuracy=res.accuracy, lambdas=res.lambdas)
+            self._save_state(
+                round=r,
+                phase="round complete",
+                open_round=None,
+                accuracy=res.accuracy,
+                lambdas=res.lambdas,
+            )
             self.store.clear_pending(r)
             results.append(res)
             if self.on_round is not None:

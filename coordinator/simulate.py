@@ -42,19 +42,32 @@ def profile_compression(cfg: FederationConfig, mode: str | None) -> str | dict[s
 
 def metrics_line(algorithm: str, seed: int, res: RoundResult) -> list[dict[str, Any]]:
     """One JSON-able record per prototype for a finished round."""
-    return [{
-        "algorithm": algorithm, "seed": seed, "round": res.round_id, "prototype": proto,
-        "test_accuracy": acc, "lambdas": res.lambdas.get(proto),
-        "clients": res.received.get(proto, 0), "sampled": res.sampled.get(proto, 0),
-        "timings": res.timings, "info": res.info.get(proto, {}),
-    } for proto, acc in res.accuracy.items()]
+    return [
+        {
+            "algorithm": algorithm,
+            "seed": seed,
+            "round": res.round_id,
+            "prototype": proto,
+            "test_accuracy": acc,
+            "lambdas": res.lambdas.get(proto),
+            "clients": res.received.get(proto, 0),
+            "sampled": res.sampled.get(proto, 0),
+            "timings": res.timings,
+            "info": res.info.get(proto, {}),
+        }
+        for proto, acc in res.accuracy.items()
+    ]
 
 
 def summarise(final: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """algorithm -> prototype -> {mean, std, per_seed} of final test accuracy."""
-    return {alg: {p: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
-                  for p, v in protos.items()}
-            for alg, protos in final.items()}
+    return {
+        alg: {
+            p: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
+            for p, v in protos.items()
+        }
+        for alg, protos in final.items()
+    }
 
 
 def run_simulation(
@@ -77,13 +90,20 @@ def run_simulation(
         data = build_federation_data(cfg, seed, spec.data_dir, spec.alpha)
         sdata = server_data(data, device)
         for alg in spec.algorithms:
-            clients = [VirtualClient(cid, proto, x, y, trainings[proto])
-                       for cid, (proto, x, y) in data.clients.items()]
-            transport = InProcessTransport(clients, num_classes=data.num_classes,
-                                           input_shape=data.input_shape, device=device,
-                                           compression=profile_compression(cfg, spec.compression))
-            engine = RoundEngine(cfg, models, sdata, transport, algorithm=alg, device=device,
-                                 seed=seed)
+            clients = [
+                VirtualClient(cid, proto, x, y, trainings[proto])
+                for cid, (proto, x, y) in data.clients.items()
+            ]
+            transport = InProcessTransport(
+                clients,
+                num_classes=data.num_classes,
+                input_shape=data.input_shape,
+                device=device,
+                compression=profile_compression(cfg, spec.compression),
+            )
+            engine = RoundEngine(
+                cfg, models, sdata, transport, algorithm=alg, device=device, seed=seed
+            )
             per_proto: dict[str, list[float]] = {p.name: [] for p in cfg.prototypes}
             for r in range(1, rounds + 1):
                 res = engine.run_round(r)
@@ -98,10 +118,19 @@ def run_simulation(
                 final[alg].setdefault(p, []).append(accs[-1])
                 curves[alg].setdefault(p, []).append(accs)
     results = summarise(final)
-    (out_dir / RESULTS_FILE).write_text(json.dumps(
-        {"config": cfg.name, "rounds": rounds, "seeds": spec.seeds,
-         "compression": spec.compression, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-         "results": results}, indent=2))
+    (out_dir / RESULTS_FILE).write_text(
+        json.dumps(
+            {
+                "config": cfg.name,
+                "rounds": rounds,
+                "seeds": spec.seeds,
+                "compression": spec.compression,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     plot_curves(curves, out_dir / PLOT_FILE, title=f"{cfg.name}: test accuracy per round")
     return results
 
@@ -113,8 +142,12 @@ def plot_curves(curves: dict[str, dict[str, list[list[float]]]], path: Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    protos = sorted({p for c in curves.values() for p in c}, key=lambda s: list(
-        next(iter(curves.values()))).index(s) if s in next(iter(curves.values())) else 0)
+    protos = sorted(
+        {p for c in curves.values() for p in c},
+        key=lambda s: (
+            list(next(iter(curves.values()))).index(s) if s in next(iter(curves.values())) else 0
+        ),
+    )
     fig, axes = plt.subplots(1, len(protos), figsize=(4.5 * len(protos), 3.6), squeeze=False)
     for ax, proto in zip(axes[0], protos, strict=True):
         for alg, by_proto in curves.items():

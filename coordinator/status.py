@@ -20,8 +20,10 @@ def run_status(run_dir: Path) -> tuple[dict[str, Any], str]:
     store = RunStore(run_dir)
     state = store.read_state()
     view: dict[str, Any] = {
-        "round": state.get("round"), "phase": state.get("phase"),
-        "algorithm": state.get("algorithm"), "config": state.get("config"),
+        "round": state.get("round"),
+        "phase": state.get("phase"),
+        "algorithm": state.get("algorithm"),
+        "config": state.get("config"),
     }
     for proto, acc in (state.get("accuracy") or {}).items():
         view[f"accuracy {proto}"] = f"{acc:.2f}%"

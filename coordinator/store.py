@@ -115,9 +115,13 @@ class RunStore:
     def save_pending(self, upd: ClientUpdate) -> None:
         from safetensors.torch import save
 
-        meta = {"prototype": upd.prototype, "client_id": upd.client_id,
-                "round": str(upd.round_id), "num_samples": str(upd.num_samples),
-                "metrics": json.dumps(upd.metrics)}
+        meta = {
+            "prototype": upd.prototype,
+            "client_id": upd.client_id,
+            "round": str(upd.round_id),
+            "num_samples": str(upd.num_samples),
+            "metrics": json.dumps(upd.metrics),
+        }
         blob = save({k: v.contiguous() for k, v in upd.state.items()}, metadata=meta)
         atomic_write_bytes(self.pending_dir(upd.round_id) / f"{upd.client_id}.safetensors", blob)
 
@@ -127,9 +131,16 @@ class RunStore:
         for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            out.append(ClientUpdate(int(meta["round"]), meta["prototype"], meta["client_id"],
-                                    int(meta["num_samples"]), load_file(str(path)),
-                                    json.loads(meta.get("metrics", "{}"))))
+            out.append(
+                ClientUpdate(
+                    int(meta["round"]),
+                    meta["prototype"],
+                    meta["client_id"],
+                    int(meta["num_samples"]),
+                    load_file(str(path)),
+                    json.loads(meta.get("metrics", "{}")),
+                )
+            )
         return out
 
     def clear_pending(self, round_id: int) -> None:

@@ -46,8 +46,10 @@ def over_memory(spec: TrainingSpec) -> str | None:
     peak = peak_rss_mb()
     if spec.memory_limit_mb is None or peak is None or peak <= spec.memory_limit_mb:
         return None
-    return (f"peak memory {peak:.0f} MB exceeded the profile's {spec.memory_limit_mb} MB; "
-            "lower the batch size or choose a smaller model for this tier")
+    return (
+        f"peak memory {peak:.0f} MB exceeded the profile's {spec.memory_limit_mb} MB; "
+        "lower the batch size or choose a smaller model for this tier"
+    )
 
 
 def effective_training(profile: TrainingSpec, dictated: TrainingSpec | None) -> TrainingSpec:
@@ -55,8 +57,10 @@ def effective_training(profile: TrainingSpec, dictated: TrainingSpec | None) -> 
     keeps its own threads, memory cap and time budget."""
     if dictated is None:
         return profile
-    return dictated.model_copy(update={
-        "threads": profile.threads,
-        "memory_limit_mb": profile.memory_limit_mb,
-        "time_budget_s": profile.time_budget_s,
-    })
+    return dictated.model_copy(
+        update={
+            "threads": profile.threads,
+            "memory_limit_mb": profile.memory_limit_mb,
+            "time_budget_s": profile.time_budget_s,
+        }
+    )

@@ -26,8 +26,10 @@ def pick_artifact(model: Path, fmt: str, quantization: str) -> Path:
     quant = "fp32" if quantization == "none" else quantization
     found = [p for p in model.glob(f"*-{quant}.{fmt}")]
     if not found:
-        raise FileNotFoundError(f"{model} holds no {quant} .{fmt} artifact; export one with "
-                                f"takfl-export, or pass the file itself")
+        raise FileNotFoundError(
+            f"{model} holds no {quant} .{fmt} artifact; export one with "
+            f"takfl-export, or pass the file itself"
+        )
 
     def round_of(p: Path) -> int:
         m = _ROUND.search(p.name)
@@ -69,8 +71,11 @@ def predict(
         inf = prof.inference
         fmt = "onnx" if inf.format == "torch" else inf.format
         path = pick_artifact(model, fmt, inf.quantization)
-        runner = load_artifact(path, runtime=runtime or (None if inf.runtime == "torch"
-                                                         else inf.runtime), threads=inf.threads)
+        runner = load_artifact(
+            path,
+            runtime=runtime or (None if inf.runtime == "torch" else inf.runtime),
+            threads=inf.threads,
+        )
         x, y = load_inputs(inputs)
     except (ConfigError, ArtifactError, FileNotFoundError, KeyError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
@@ -81,8 +86,9 @@ def predict(
     logits = runner.run(x)
     probs = softmax(logits)
     names = meta.class_names if meta is not None and meta.class_names else None
-    table = Table(title=f"{path.name} on {getattr(runner, 'runtime', inf.runtime)} "
-                        f"({inf.threads} threads)")
+    table = Table(
+        title=f"{path.name} on {getattr(runner, 'runtime', inf.runtime)} ({inf.threads} threads)"
+    )
     for col in ("#", "prediction", "confidence", "label"):
         table.add_column(col)
     for i in range(min(show, len(x))):

@@ -16,8 +16,11 @@ console = Console()
 
 def run(
     profile: str = typer.Option(..., help="Bundled device profile name or YAML path."),
-    broker: str = typer.Option(..., help="mqtt://host:port or mqtts://host:port "
-                               "(user:password@ optional; else derived from the secret)."),
+    broker: str = typer.Option(
+        ...,
+        help="mqtt://host:port or mqtts://host:port "
+        "(user:password@ optional; else derived from the secret).",
+    ),
     agent_id: str = typer.Option(..., "--id", help="This agent's id, as provisioned."),
     secret_file: Path = typer.Option(..., help="The agent's secret (hex, mode 600)."),
     data: Path = typer.Option(None, help="Private data: a .npz file (x, y) or image folder."),
@@ -66,8 +69,7 @@ def run(
         from takfl.config import load_federation
 
         fleet = load_federation(federation).name
-    agent = Agent(prof, settings, fleet, agent_id, secret, x, y,
-                  report=lambda m: console.print(m))
+    agent = Agent(prof, settings, fleet, agent_id, secret, x, y, report=lambda m: console.print(m))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
     try:
         stats = agent.run(max_tasks=max_tasks)

@@ -66,8 +66,9 @@ class Agent:
         self.stats = AgentStats()
         self.stop_event = threading.Event()
 
-        identity = AgentIdentity(agent_id, profile.prototype, secret, profile.name,
-                                 profile.hardware_class, len(x))
+        identity = AgentIdentity(
+            agent_id, profile.prototype, secret, profile.name, profile.hardware_class, len(x)
+        )
         self.link = AgentLink(settings, fleet, identity)
 
     def handle(self, task: ReceivedTask) -> None:
@@ -78,15 +79,22 @@ class Agent:
             self.stats.tasks_skipped += 1
             log.info("skipping task of round %d: past its deadline", msg.round_id)
             return
-        model = build_model(msg.model.builder, msg.num_classes, tuple(msg.input_shape),
-                            **msg.model.args)
+        c, h, w = msg.input_shape
+        model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
         model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
         result = train_local(model, self.x, self.y, spec, seed=msg.seed)
         header = self.link.send_update(
-            task, result.state, num_samples=result.num_samples,
-            metrics={"train_loss": result.mean_loss, "train_s": result.seconds,
-                     "steps": float(result.steps), "peak_rss_mb": peak_rss_mb() or 0.0})
+            task,
+            result.state,
+            num_samples=result.num_samples,
+            metrics={
+                "train_loss": result.mean_loss,
+                "train_s": result.seconds,
+                "steps": float(result.steps),
+                "peak_rss_mb": peak_rss_mb() or 0.0,
+            },
+        )
         warning = over_memory(spec)
         if warning:
             log.warning(warning)
@@ -94,15 +102,19 @@ class Agent:
         self.stats.last_round = msg.round_id
         self.stats.rounds.append(msg.round_id)
         self.stats.seconds_training += result.seconds
-        self.report(f"round {msg.round_id}: trained {result.steps} steps in {result.seconds:.1f}s "
-                    f"(loss {result.mean_loss:.3f}), sent {header.blob.size / 1024:.0f} KiB "
-                    f"{header.compression}")
+        self.report(
+            f"round {msg.round_id}: trained {result.steps} steps in {result.seconds:.1f}s "
+            f"(loss {result.mean_loss:.3f}), sent {header.blob.size / 1024:.0f} KiB "
+            f"{header.compression}"
+        )
 
     def run(self, max_tasks: int | None = None) -> AgentStats:
         """Serve tasks until stopped (or after ``max_tasks``). Reconnects on its own."""
         applied = apply_limits(self.profile.training)
-        self.report(f"agent {self.link.identity.agent_id} ({self.profile.name}, prototype "
-                    f"{self.profile.prototype}, {len(self.x)} samples, limits {applied})")
+        self.report(
+            f"agent {self.link.identity.agent_id} ({self.profile.name}, prototype "
+            f"{self.profile.prototype}, {len(self.x)} samples, limits {applied})"
+        )
         self.link.start(timeout=None)  # keeps trying in the background until the broker is up
         registered = False
         try:
@@ -112,7 +124,8 @@ class Agent:
                     if ack is not None and not ack.accepted:
                         raise RegistrationRefused(
                             f"the coordinator refused agent {self.link.identity.agent_id}: "
-                            f"{ack.reason} {ack.detail}".strip())
+                            f"{ack.reason} {ack.detail}".strip()
+                        )
                     if ack is not None:
                         registered = True
                         self.report("registered with the coordinator")

@@ -23,7 +23,9 @@ def feddf_target(mean_logits: list[torch.Tensor], counts: list[int]) -> torch.Te
     """
     if not mean_logits or sum(counts) <= 0:
         raise ValueError("FedDF needs at least one client's logits")
-    total = sum(z.to(torch.float64) * c for z, c in zip(mean_logits, counts, strict=True))
+    total = torch.zeros_like(mean_logits[0], dtype=torch.float64)
+    for z, c in zip(mean_logits, counts, strict=True):
+        total += z.to(torch.float64) * c
     return (total / sum(counts)).to(torch.float32)
 
 
@@ -73,7 +75,8 @@ def fedet_objective(
         mask = has_diverse[idx]
         if diversity_weight > 0 and bool(mask.any()):
             loss = loss + diversity_weight * soft_target_loss(
-                s[mask], diverse[idx][mask], temperature)
+                s[mask], diverse[idx][mask], temperature
+            )
         return loss
 
     return objective

@@ -76,9 +76,7 @@ class CheckpointMeta:
                 self.builder, self.num_classes, self.input_shape, **self.builder_args
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"checkpoint names a model that cannot be built: {e}"
-            ) from e
+            raise CheckpointError(f"checkpoint names a model that cannot be built: {e}") from e
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -36,8 +36,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return kl * t * t
 
 
-def soft_target_loss(student: torch.Tensor, target_probs: torch.Tensor, temperature: float
-                     ) -> torch.Tensor:
+def soft_target_loss(
+    student: torch.Tensor, target_probs: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """T^2 * KL(p || softmax(student/T)) for a target given as probabilities p (B, C)."""
     t = temperature
     log_p_student = F.log_softmax(student / t, dim=1)

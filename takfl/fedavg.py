@@ -30,8 +30,10 @@ class FedAvgAccumulator:
             contrib = value.detach().to(torch.float64) * weight
             if key in self._sums:
                 if self._sums[key].shape != value.shape:
-                    raise ValueError(f"{key}: shape {tuple(value.shape)} differs from earlier "
-                                     f"{tuple(self._sums[key].shape)}")
+                    raise ValueError(
+                        f"{key}: shape {tuple(value.shape)} differs from earlier "
+                        f"{tuple(self._sums[key].shape)}"
+                    )
                 self._sums[key] += contrib.to(self._sums[key].device)
             else:
                 self._sums[key] = contrib.clone()

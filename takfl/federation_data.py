@@ -57,7 +57,9 @@ class FederationData:
 
 
 def build_federation_data(
-    cfg: FederationConfig, seed: int = 0, data_dir: str | Path | None = None,
+    cfg: FederationConfig,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
     alpha: float | None = None,
 ) -> FederationData:
     """Load the config's data set and partition it with ``cfg.partition.seed + seed``."""
@@ -68,9 +70,14 @@ def build_federation_data(
     public_size = 0 if d.public_dataset else d.public_size
     shares = [PrototypeShare(p.name, p.data_ratio, p.clients) for p in cfg.prototypes]
     part = make_partition(
-        pool.y.numpy(), shares, test_size=test_size, validation_size=d.validation_size,
-        public_size=public_size, alpha=alpha if alpha is not None else cfg.partition.alpha,
-        min_per_client=cfg.partition.min_per_client, seed=cfg.partition.seed + seed,
+        pool.y.numpy(),
+        shares,
+        test_size=test_size,
+        validation_size=d.validation_size,
+        public_size=public_size,
+        alpha=alpha if alpha is not None else cfg.partition.alpha,
+        min_per_client=cfg.partition.min_per_client,
+        seed=cfg.partition.seed + seed,
     )
 
     def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,9 @@ class MeanLogits:
         if self._sum is None:
             self._sum = x.clone()
         elif self._sum.shape != x.shape:
-            raise ValueError(f"logits {tuple(x.shape)} differ from earlier {tuple(self._sum.shape)}")
+            raise ValueError(
+                f"logits {tuple(x.shape)} differ from earlier {tuple(self._sum.shape)}"
+            )
         else:
             self._sum += x
         self.count += 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from takfl.baselines import fedet_objective, fedet_targets, feddf_objective, feddf_target
+from takfl.baselines import feddf_objective, feddf_target, fedet_objective, fedet_targets
 from takfl.config.federation import AlgorithmSpec
 from takfl.distill import DistillSettings, distill, takfl_objective
 from takfl.task_arithmetic import (
@@ -76,15 +76,27 @@ def choose_lambdas(
         scales = lam.scale_grid if fixed_scale is None else [fixed_scale]
         return lambdas_search(scorer, data.val_x, data.val_y, lam.search_candidates, seed, scales)
     if lam.strategy == "learned":
-        return lambdas_learned(scorer, data.val_x, data.val_y, lam.learn_steps, lam.learn_rate,
-                               seed, fixed_scale)
-    return lambdas_unsupervised(scorer, data.public_x, lam.learn_steps, lam.learn_rate, seed,
-                                1.0 if fixed_scale is None else fixed_scale)
+        return lambdas_learned(
+            scorer, data.val_x, data.val_y, lam.learn_steps, lam.learn_rate, seed, fixed_scale
+        )
+    return lambdas_unsupervised(
+        scorer,
+        data.public_x,
+        lam.learn_steps,
+        lam.learn_rate,
+        seed,
+        1.0 if fixed_scale is None else fixed_scale,
+    )
 
 
 def takfl_step(
-    protos: list[PrototypeInput], data: EvalData, spec: AlgorithmSpec, *, self_reg: bool,
-    seed: int, timings: dict[str, float],
+    protos: list[PrototypeInput],
+    data: EvalData,
+    spec: AlgorithmSpec,
+    *,
+    self_reg: bool,
+    seed: int,
+    timings: dict[str, float],
 ) -> dict[str, StepOutput]:
     """TAKFL: every student distils independently from every teacher, then merges."""
     teachers = [p for p in protos if p.mean_logits is not None]
@@ -106,10 +118,17 @@ def takfl_step(
             teacher_logits = teacher.mean_logits
             if teacher_logits is None:  # filtered above; keeps type checkers honest
                 continue
-            objective = takfl_objective(teacher_logits, self_logits, d.temperature, gamma,
-                                        d.self_reg_temperature)
-            theta = distill(student.model, student.avg_state, data.public_x, objective, settings,
-                            seed=seed * 1000 + j)
+            objective = takfl_objective(
+                teacher_logits, self_logits, d.temperature, gamma, d.self_reg_temperature
+            )
+            theta = distill(
+                student.model,
+                student.avg_state,
+                data.public_x,
+                objective,
+                settings,
+                seed=seed * 1000 + j,
+            )
             vectors.append(task_vector(theta, student.avg_state))
         t1 = time.perf_counter()
         scorer = MergeScorer(student.model, student.avg_state, vectors, data.public_x.device)
@@ -125,8 +144,13 @@ def takfl_step(
 
 
 def single_target_step(
-    protos: list[PrototypeInput], data: EvalData, spec: AlgorithmSpec, algorithm: str, *,
-    seed: int, timings: dict[str, float],
+    protos: list[PrototypeInput],
+    data: EvalData,
+    spec: AlgorithmSpec,
+    algorithm: str,
+    *,
+    seed: int,
+    timings: dict[str, float],
 ) -> dict[str, StepOutput]:
     """FedDF and FedET: one shared target for every student."""
     teachers = [p for p in protos if p.mean_logits is not None]
@@ -134,8 +158,10 @@ def single_target_step(
         return {p.name: StepOutput(p.avg_state, None) for p in protos}
     t = spec.distill.temperature
     if algorithm == "feddf":
-        target = feddf_target([p.mean_logits for p in teachers if p.mean_logits is not None],
-                              [p.num_clients for p in teachers])
+        target = feddf_target(
+            [p.mean_logits for p in teachers if p.mean_logits is not None],
+            [p.num_clients for p in teachers],
+        )
         objective = feddf_objective(target, t)
     else:
         logits = [z for p in teachers for z in p.client_logits]
@@ -143,15 +169,23 @@ def single_target_step(
         objective = fedet_objective(tgt, diverse, has, t, spec.fedet.diversity_weight)
     settings = _settings(spec)
     t0 = time.perf_counter()
-    out = {p.name: StepOutput(distill(p.model, p.avg_state, data.public_x, objective, settings,
-                                      seed=seed * 1000 + j), None)
-           for j, p in enumerate(protos)}
+    out = {
+        p.name: StepOutput(
+            distill(p.model, p.avg_state, data.public_x, objective, settings, seed=seed * 1000 + j),
+            None,
+        )
+        for j, p in enumerate(protos)
+    }
     timings["distill_s"] = timings.get("distill_s", 0.0) + time.perf_counter() - t0
     return out
 
 
 def server_step(
-    protos: list[PrototypeInput], data: EvalData, spec: AlgorithmSpec, algorithm: str, *,
+    protos: list[PrototypeInput],
+    data: EvalData,
+    spec: AlgorithmSpec,
+    algorithm: str,
+    *,
     seed: int,
 ) -> tuple[dict[str, StepOutput], dict[str, float]]:
     """Run the post-aggregation step of ``algorithm`` for every prototype.
@@ -163,9 +197,11 @@ def server_step(
     if algorithm == "fedavg":
         return {p.name: StepOutput(p.avg_state, None) for p in protos}, timings
     if algorithm in ("takfl", "takfl-reg"):
-        return takfl_step(protos, data, spec, self_reg=algorithm == "takfl-reg", seed=seed,
-                          timings=timings), timings
+        return takfl_step(
+            protos, data, spec, self_reg=algorithm == "takfl-reg", seed=seed, timings=timings
+        ), timings
     if algorithm in ("feddf", "fedet"):
-        return single_target_step(protos, data, spec, algorithm, seed=seed,
-                                  timings=timings), timings
+        return single_target_step(
+            protos, data, spec, algorithm, seed=seed, timings=timings
+        ), timings
     raise ValueError(f"unknown algorithm {algorithm!r}")

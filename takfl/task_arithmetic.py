@@ -72,12 +72,16 @@ class MergeScorer:
     weights are never changed. Task vectors are stacked per entry, (m, *shape).
     """
 
-    def __init__(self, model: nn.Module, base: State, vectors: list[State],
-                 device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, base: State, vectors: list[State], device: torch.device
+    ) -> None:
         self.model = model.to(device).eval()
         self.base = {k: v.to(device) for k, v in base.items()}
-        self.stacked = {k: torch.stack([vec[k] for vec in vectors]).to(device)
-                        for k, v in base.items() if v.is_floating_point()}
+        self.stacked = {
+            k: torch.stack([vec[k] for vec in vectors]).to(device)
+            for k, v in base.items()
+            if v.is_floating_point()
+        }
         self.m = len(vectors)
         self.param_names = {name for name, _ in model.named_parameters()}
         self._scratch = {k: v.clone() for k, v in self.base.items()}
@@ -105,17 +109,26 @@ class MergeScorer:
         for k, v in self.base.items():
             target = self._scratch[k]
             if k in self.stacked:
-                torch.add(v, torch.tensordot(lambdas.to(v.device), self.stacked[k], dims=1),
-                          alpha=scale, out=target)
+                torch.add(
+                    v,
+                    torch.tensordot(lambdas.to(v.device), self.stacked[k], dims=1),
+                    alpha=scale,
+                    out=target,
+                )
         return self._scratch
 
     def logits(self, state: State, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        return torch.cat([functional_call(self.model, state, (x[i : i + batch_size],))
-                          for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [
+                functional_call(self.model, state, (x[i : i + batch_size],))
+                for i in range(0, len(x), batch_size)
+            ]
+        )
 
     @torch.inference_mode()
-    def score(self, lambdas: torch.Tensor, scale: float, x: torch.Tensor, y: torch.Tensor
-              ) -> tuple[float, float]:
+    def score(
+        self, lambdas: torch.Tensor, scale: float, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[float, float]:
         """(accuracy in [0, 1], mean cross-entropy) of the merge on labelled (x, y)."""
         out = self.logits(self._fill_scratch(lambdas, scale), x)
         return float((out.argmax(1) == y).float().mean()), float(F.cross_entropy(out, y))
@@ -127,7 +140,11 @@ def lambdas_fixed(row: list[float]) -> torch.Tensor:
 
 
 def lambdas_search(
-    scorer: MergeScorer, val_x: torch.Tensor, val_y: torch.Tensor, n_random: int, seed: int,
+    scorer: MergeScorer,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    n_random: int,
+    seed: int,
     scales: list[float],
 ) -> tuple[torch.Tensor, float, dict[str, float]]:
     """The (lambda, scale) candidate with the best validation accuracy (ties: lower loss).
@@ -140,8 +157,9 @@ def lambdas_search(
     uniform = torch.full((scorer.m,), 1.0 / scorer.m)
     best_acc, best_loss, best_lam, best_scale = -1.0, float("inf"), uniform, 0.0
     for scale in sorted(set(scales)):
-        candidates = [uniform] if scale == 0.0 else list(simplex_candidates(scorer.m, n_random,
-                                                                            seed))
+        candidates = (
+            [uniform] if scale == 0.0 else list(simplex_candidates(scorer.m, n_random, seed))
+        )
         for lam in candidates:
             acc, loss = scorer.score(lam, scale, val_x, val_y)
             if (acc, -loss) > (best_acc, -best_loss):
@@ -185,15 +203,21 @@ def _optimise_on_simplex(
 
 
 def lambdas_learned(
-    scorer: MergeScorer, val_x: torch.Tensor, val_y: torch.Tensor, steps: int, lr: float,
-    seed: int, scale: float | None,
+    scorer: MergeScorer,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    steps: int,
+    lr: float,
+    seed: int,
+    scale: float | None,
 ) -> tuple[torch.Tensor, float, dict[str, float]]:
     """Coefficients on the simplex (and the scale, if None) optimised by gradient of the
     validation cross-entropy."""
     if len(val_x) == 0:
         raise ValueError("the learned strategy needs a labelled validation set")
-    lam, sc, loss = _optimise_on_simplex(scorer, lambda out, y: F.cross_entropy(out, y),
-                                         val_x, val_y, steps, lr, seed, scale)
+    lam, sc, loss = _optimise_on_simplex(
+        scorer, lambda out, y: F.cross_entropy(out, y), val_x, val_y, steps, lr, seed, scale
+    )
     return lam, sc, {"val_loss": loss}
 
 
@@ -207,6 +231,7 @@ def lambdas_unsupervised(
     scorer: MergeScorer, public_x: torch.Tensor, steps: int, lr: float, seed: int, scale: float
 ) -> tuple[torch.Tensor, float, dict[str, float]]:
     """AdaMerging-style: minimise prediction entropy on unlabelled public data; no labels."""
-    lam, sc, ent = _optimise_on_simplex(scorer, lambda out, _: prediction_entropy(out),
-                                        public_x, None, steps, lr, seed, scale)
+    lam, sc, ent = _optimise_on_simplex(
+        scorer, lambda out, _: prediction_entropy(out), public_x, None, steps, lr, seed, scale
+    )
     return lam, sc, {"public_entropy": ent}

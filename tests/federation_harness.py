@@ -91,17 +91,39 @@ class Federation:
         self.procs[name] = proc
         return proc
 
-    def start_agent(self, agent_id: str, *, profile: str | None = None, shard: int | None = None,
-                    secret: Path | None = None) -> subprocess.Popen[bytes]:
+    def start_agent(
+        self,
+        agent_id: str,
+        *,
+        profile: str | None = None,
+        shard: int | None = None,
+        secret: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
         proto, _, idx = agent_id.rpartition("-")
         prof = profile or next(p.profile for p in self.cfg.prototypes if p.name == proto)
-        return self._spawn(agent_id, [
-            sys.executable, "-m", "edge_agent.cli", "run", "--profile", prof,
-            "--broker", self.broker_url_agents, "--id", agent_id,
-            "--secret-file", str(secret or self.work / "secrets" / f"{agent_id}.secret"),
-            "--federation", str(self.cfg_path), "--demo-shard", str(shard if shard is not None
-                                                                    else int(idx)),
-            "--threads", "1"])
+        return self._spawn(
+            agent_id,
+            [
+                sys.executable,
+                "-m",
+                "edge_agent.cli",
+                "run",
+                "--profile",
+                prof,
+                "--broker",
+                self.broker_url_agents,
+                "--id",
+                agent_id,
+                "--secret-file",
+                str(secret or self.work / "secrets" / f"{agent_id}.secret"),
+                "--federation",
+                str(self.cfg_path),
+                "--demo-shard",
+                str(shard if shard is not None else int(idx)),
+                "--threads",
+                "1",
+            ],
+        )
 
     def start_all_agents(self) -> None:
         for p in self.cfg.prototypes:
@@ -110,11 +132,29 @@ class Federation:
 
     def start_coordinator(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
         name = f"coordinator-{sum(1 for n in self.procs if n.startswith('coordinator'))}"
-        return self._spawn(name, [
-            sys.executable, "-m", "coordinator.cli", "serve", "--config", str(self.cfg_path),
-            "--broker", broker or self.broker_url_coordinator, "--run-dir", str(self.run_dir),
-            "--agents", str(self.work / "agents.json"), "--device", "cpu", "--no-export",
-            "--port", str(self.port), *extra])
+        return self._spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "coordinator.cli",
+                "serve",
+                "--config",
+                str(self.cfg_path),
+                "--broker",
+                broker or self.broker_url_coordinator,
+                "--run-dir",
+                str(self.run_dir),
+                "--agents",
+                str(self.work / "agents.json"),
+                "--device",
+                "cpu",
+                "--no-export",
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+        )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
@@ -148,12 +188,22 @@ def federation(tmp_path: Path, broker: str, rounds: int = 2) -> Iterator[Federat
     work = tmp_path / "fed"
     port = free_port()
     records, files, coord_password = provision(
-        cfg, work, mosquitto_port=port if broker == "mosquitto" else None,
-        mosquitto_user=getpass.getuser())
+        cfg,
+        work,
+        mosquitto_port=port if broker == "mosquitto" else None,
+        mosquitto_user=getpass.getuser(),
+    )
     del records
-    fed = Federation(cfg_path, cfg, work, f"mqtt://127.0.0.1:{port}",
-                     f"mqtt://takfl-coordinator:{coord_password}@127.0.0.1:{port}"
-                     if broker == "mosquitto" else "embedded", port)
+    fed = Federation(
+        cfg_path,
+        cfg,
+        work,
+        f"mqtt://127.0.0.1:{port}",
+        f"mqtt://takfl-coordinator:{coord_password}@127.0.0.1:{port}"
+        if broker == "mosquitto"
+        else "embedded",
+        port,
+    )
     if isinstance(files, MosquittoFiles):
         fed.mosquitto = MosquittoProcess(files).start()
     try:

@@ -32,16 +32,28 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, Pat
     model = build_model("cnn_digits_large", 10, (1, 8, 8))
     res = train_local(model, xs, ys, TrainingSpec(epochs=5, batch_size=32), seed=0)
     acc = accuracy(model, data.test_x, data.test_y)
-    meta = CheckpointMeta("L", 5, "cnn_digits_large", 10, (1, 8, 8), {},
-                          data.pool.class_names, data.pool.mean, data.pool.std)
+    meta = CheckpointMeta(
+        "L",
+        5,
+        "cnn_digits_large",
+        10,
+        (1, 8, 8),
+        {},
+        data.pool.class_names,
+        data.pool.mean,
+        data.pool.std,
+    )
     ckpt = root / "L.safetensors"
     save_checkpoint(ckpt, res.state, meta)
     out = root / "exports" / "L"
-    export_checkpoint(ckpt, "digits", out, prototype="L",
-                      options=ExportOptions(formats=["onnx"], latency_iters=2))
+    export_checkpoint(
+        ckpt, "digits", out, prototype="L", options=ExportOptions(formats=["onnx"], latency_iters=2)
+    )
     # raw (un-normalised) test images, as a device would hold them
-    raw = data.test_x.numpy() * np.asarray(data.pool.std)[None, :, None, None] + \
-        np.asarray(data.pool.mean)[None, :, None, None]
+    raw = (
+        data.test_x.numpy() * np.asarray(data.pool.std)[None, :, None, None]
+        + np.asarray(data.pool.mean)[None, :, None, None]
+    )
     npz = root / "test.npz"
     np.savez(npz, x=raw.astype(np.float32), y=data.test_y.numpy())
     return out, acc, npz
@@ -49,8 +61,20 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, Pat
 
 def test_predict_runs_the_export_with_the_profiles_runtime(exported) -> None:  # type: ignore[no-untyped-def]
     folder, torch_acc, npz = exported
-    result = CliRunner().invoke(app, ["predict", "--profile", "workstation", "--model",
-                                      str(folder), "--input", str(npz), "--show", "3"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--profile",
+            "workstation",
+            "--model",
+            str(folder),
+            "--input",
+            str(npz),
+            "--show",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "L-round-5-fp32.onnx" in result.output
     line = next(x for x in result.output.splitlines() if x.startswith("accuracy on"))
@@ -63,15 +87,20 @@ def test_pick_artifact_prefers_the_newest_round(tmp_path: Path) -> None:
     (tmp_path / "M-round-11-fp32.tflite").write_bytes(b"x")
     assert pick_artifact(tmp_path, "tflite", "int8").name == "M-round-10-int8.tflite"
     assert pick_artifact(tmp_path, "tflite", "none").name == "M-round-11-fp32.tflite"
-    with pytest.raises(FileNotFoundError, match="no fp32 .onnx"):
+    with pytest.raises(FileNotFoundError, match=r"no fp32 \.onnx"):
         pick_artifact(tmp_path, "onnx", "none")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--profile", "workstation", "--model", "/nonexistent", "--input", "digits"],
-     "no model file"),
-    (["--profile", "no-such-profile", "--model", ".", "--input", "digits"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (
+            ["--profile", "workstation", "--model", "/nonexistent", "--input", "digits"],
+            "no model file",
+        ),
+        (["--profile", "no-such-profile", "--model", ".", "--input", "digits"], "no such file"),
+    ],
+)
 def test_predict_errors_are_clear(args: list[str], fragment: str) -> None:
     result = CliRunner().invoke(app, ["predict", *args])
     assert result.exit_code == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from takfl.baselines import fedet_targets, feddf_target
+from takfl.baselines import feddf_target, fedet_targets
 from takfl.distill import DistillSettings, distill, kd_loss, takfl_objective
 from takfl.fedavg import FedAvgAccumulator, fedavg
 from takfl.logits import MeanLogits
@@ -43,8 +43,9 @@ def test_fedavg_respects_weights_including_batchnorm_buffers() -> None:
     a["features.1.num_batches_tracked"] = torch.tensor(10)
     b["features.1.num_batches_tracked"] = torch.tensor(20)
     avg = fedavg([a, b], [3.0, 1.0])
-    torch.testing.assert_close(avg["features.1.running_mean"],
-                               torch.full_like(a["features.1.running_mean"], 2.0))
+    torch.testing.assert_close(
+        avg["features.1.running_mean"], torch.full_like(a["features.1.running_mean"], 2.0)
+    )
     assert avg["features.1.num_batches_tracked"].dtype == torch.int64
     assert int(avg["features.1.num_batches_tracked"]) == round((3 * 10 + 20) / 4)
     k = "head.1.weight"
@@ -142,8 +143,14 @@ def test_scorer_matches_an_explicit_merge() -> None:
     scorer, x, y = _scorer()
     lam = torch.tensor([0.2, 0.3, 0.5])
     model = build_model("mlp_digits", 10, (1, 8, 8), width=8).eval()
-    model.load_state_dict(merge(scorer.base, [
-        {k: scorer.stacked[k][i] for k in scorer.stacked} for i in range(3)], lam, 0.7))
+    model.load_state_dict(
+        merge(
+            scorer.base,
+            [{k: scorer.stacked[k][i] for k in scorer.stacked} for i in range(3)],
+            lam,
+            0.7,
+        )
+    )
     acc, loss = scorer.score(lam, 0.7, x, y)
     with torch.no_grad():
         out = model(x)
@@ -206,8 +213,9 @@ def test_self_regularisation_keeps_the_student_closer_to_its_start() -> None:
     settings = DistillSettings(60, 32, 1e-2)
 
     def drift(gamma: float) -> float:
-        theta = distill(student, start, x, takfl_objective(teacher, own, 3.0, gamma, 20.0),
-                        settings, seed=0)
+        theta = distill(
+            student, start, x, takfl_objective(teacher, own, 3.0, gamma, 20.0), settings, seed=0
+        )
         return sum(float((theta[k] - start[k]).norm()) for k in start)
 
     assert drift(10.0) < drift(0.0)

@@ -24,8 +24,10 @@ from tests.federation_harness import (
 )
 
 pytestmark = pytest.mark.slow
-needs_mosquitto = pytest.mark.skipif(MOSQUITTO_MISSING, reason="mosquitto is not installed "
-                                     "(apt-get install mosquitto); .ci/install installs it")
+needs_mosquitto = pytest.mark.skipif(
+    MOSQUITTO_MISSING,
+    reason="mosquitto is not installed (apt-get install mosquitto); .ci/install installs it",
+)
 
 
 def by_round(records: list[dict]) -> dict[tuple[int, str], float]:  # type: ignore[type-arg]
@@ -47,15 +49,19 @@ def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[n
         torch.set_num_threads(1)
         cfg = load_federation(fed.cfg_path)
         sim = tmp_path / "sim"
-        run_simulation(cfg, SimulationSpec(["takfl"], 1, 2, compression="profile"), sim,
-                       torch.device("cpu"))
+        run_simulation(
+            cfg, SimulationSpec(["takfl"], 1, 2, compression="profile"), sim, torch.device("cpu")
+        )
         simulated = by_round(metrics(sim))
         deployed = by_round(served)
         assert deployed.keys() == simulated.keys()
         for key in deployed:
             # Identical up to floating-point summation order across processes.
-            assert deployed[key] == pytest.approx(simulated[key], abs=0.5), (key, deployed,
-                                                                             simulated)
+            assert deployed[key] == pytest.approx(simulated[key], abs=0.5), (
+                key,
+                deployed,
+                simulated,
+            )
 
 
 @needs_mosquitto
@@ -63,11 +69,19 @@ def test_coordinator_killed_mid_round_resumes(tmp_path) -> None:  # type: ignore
     with federation(tmp_path, "mosquitto", rounds=3) as fed:
         fed.start_all_agents()
         fed.start_coordinator("--deadline", "120")
-        wait_until(lambda: read_state(fed.run_dir).get("round") == 1
-                   and read_state(fed.run_dir).get("phase") == "collecting", 300,
-                   "round 2 to open")
-        wait_until(lambda: any((fed.run_dir / "pending" / "round-2").glob("*.safetensors")),
-                   120, "a persisted update of round 2")
+        wait_until(
+            lambda: (
+                read_state(fed.run_dir).get("round") == 1
+                and read_state(fed.run_dir).get("phase") == "collecting"
+            ),
+            300,
+            "round 2 to open",
+        )
+        wait_until(
+            lambda: any((fed.run_dir / "pending" / "round-2").glob("*.safetensors")),
+            120,
+            "a persisted update of round 2",
+        )
         fed.kill("coordinator-0", signal.SIGKILL)
         assert read_state(fed.run_dir)["round"] == 1
 
@@ -86,8 +100,9 @@ def test_round_closes_at_deadline_with_quorum_when_an_agent_dies(tmp_path) -> No
     with federation(tmp_path, "mosquitto", rounds=1) as fed:
         fed.start_all_agents()
         coord = fed.start_coordinator("--deadline", "15", "--quorum", "0.5", "--max-wait", "60")
-        wait_until(lambda: read_state(fed.run_dir).get("phase") == "collecting", 300,
-                   "round 1 to open")
+        wait_until(
+            lambda: read_state(fed.run_dir).get("phase") == "collecting", 300, "round 1 to open"
+        )
         fed.kill("M-001", signal.SIGKILL)
         assert coord.wait(300) == 0, fed.logs()
         m = {r["prototype"]: r for r in metrics(fed.run_dir)}

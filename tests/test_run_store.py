@@ -27,16 +27,24 @@ def setup():  # type: ignore[no-untyped-def]
 
 
 def transport(cfg, data) -> InProcessTransport:  # type: ignore[no-untyped-def]
-    clients = [VirtualClient(cid, p, x, y, prototype_training(cfg, p))
-               for cid, (p, x, y) in data.clients.items()]
+    clients = [
+        VirtualClient(cid, p, x, y, prototype_training(cfg, p))
+        for cid, (p, x, y) in data.clients.items()
+    ]
     return InProcessTransport(clients, num_classes=10, input_shape=(1, 8, 8))
 
 
-def make_run(cfg, data, root: Path, rounds: int, resume: bool = False,
-             tr: InProcessTransport | None = None) -> FederationRun:  # type: ignore[no-untyped-def]
-    return FederationRun(cfg, data, tr or transport(cfg, data), RunStore(root),
-                         torch.device("cpu"),
-                         ServeOptions(rounds, resume=resume, policy=RoundPolicy(deadline_s=30)))
+def make_run(
+    cfg, data, root: Path, rounds: int, resume: bool = False, tr: InProcessTransport | None = None
+) -> FederationRun:  # type: ignore[no-untyped-def]
+    return FederationRun(
+        cfg,
+        data,
+        tr or transport(cfg, data),
+        RunStore(root),
+        torch.device("cpu"),
+        ServeOptions(rounds, resume=resume, policy=RoundPolicy(deadline_s=30)),
+    )
 
 
 def test_a_run_writes_the_documented_layout(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -49,7 +57,7 @@ def test_a_run_writes_the_documented_layout(setup, tmp_path: Path) -> None:  # t
     for p in ("S", "M", "L"):
         for r in (0, 1, 2):
             assert store.model_path(p, r).is_file()
-    model, meta = load_model(store.model_path("L", 2))
+    _model, meta = load_model(store.model_path("L", 2))
     assert meta.round == 2 and meta.prototype == "L" and meta.builder == "cnn_digits_large"
     assert len(store.metrics()) == 2 * 3
     assert not store.pending_dir(1).exists()

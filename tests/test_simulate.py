@@ -35,8 +35,21 @@ def run_cli(args: list[str]) -> str:
 def test_simulate_writes_metrics_results_and_plot(tmp_path: Path) -> None:
     config = small_digits_config(tmp_path)
     out = tmp_path / "run"
-    output = run_cli(["simulate", "--config", str(config), "--compare", "takfl,fedavg",
-                      "--rounds", "2", "--out", str(out), "--device", "cpu"])
+    output = run_cli(
+        [
+            "simulate",
+            "--config",
+            str(config),
+            "--compare",
+            "takfl,fedavg",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "final test accuracy" in output
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -64,10 +77,27 @@ def test_same_seed_gives_same_partition_and_numbers(tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        run_cli(["simulate", "--config", str(config), "--algorithm", "takfl-reg",
-                 "--rounds", "2", "--out", str(out), "--device", "cpu"])
-        runs.append([(r["prototype"], r["test_accuracy"], r["lambdas"])
-                     for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())])
+        run_cli(
+            [
+                "simulate",
+                "--config",
+                str(config),
+                "--algorithm",
+                "takfl-reg",
+                "--rounds",
+                "2",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        runs.append(
+            [
+                (r["prototype"], r["test_accuracy"], r["lambdas"])
+                for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            ]
+        )
     assert runs[0] == runs[1]
 
 
@@ -75,20 +105,38 @@ def test_same_seed_gives_same_partition_and_numbers(tmp_path: Path) -> None:
 def test_baselines_run_through_the_same_engine(tmp_path: Path, algorithm: str) -> None:
     config = small_digits_config(tmp_path)
     out = tmp_path / algorithm
-    run_cli(["simulate", "--config", str(config), "--algorithm", algorithm, "--rounds", "1",
-             "--out", str(out), "--device", "cpu"])
+    run_cli(
+        [
+            "simulate",
+            "--config",
+            str(config),
+            "--algorithm",
+            algorithm,
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())["results"]
     assert set(results[algorithm]) == {"S", "M", "L"}
 
 
 @pytest.mark.parametrize("strategy", ["fixed", "learned", "unsupervised"])
 def test_every_lambda_strategy_runs(tmp_path: Path, strategy: str) -> None:
-    lambdas = {"strategy": strategy, "learn_steps": 3, "search_candidates": 4,
-               "matrix": [[0.2, 0.3, 0.5], [0.1, 0.2, 0.7], [0.0, 0.0, 1.0]]}
+    lambdas = {
+        "strategy": strategy,
+        "learn_steps": 3,
+        "search_candidates": 4,
+        "matrix": [[0.2, 0.3, 0.5], [0.1, 0.2, 0.7], [0.0, 0.0, 1.0]],
+    }
     config = small_digits_config(tmp_path, lambdas=lambdas)
     out = tmp_path / strategy
-    run_cli(["simulate", "--config", str(config), "--rounds", "1", "--out", str(out),
-             "--device", "cpu"])
+    run_cli(
+        ["simulate", "--config", str(config), "--rounds", "1", "--out", str(out), "--device", "cpu"]
+    )
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     if strategy == "fixed":
         lam = {r["prototype"]: r["lambdas"] for r in rec}
@@ -112,9 +160,26 @@ def test_console_script_runs_a_real_process(tmp_path: Path) -> None:
     config = small_digits_config(tmp_path)
     out = tmp_path / "proc"
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "simulate", "--config", str(config),
-         "--algorithm", "fedavg", "--rounds", "1", "--out", str(out), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "simulate",
+            "--config",
+            str(config),
+            "--algorithm",
+            "fedavg",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert (out / "results.json").exists()

@@ -76,7 +76,8 @@ class InProcessTransport(Transport):
     def _model(self, task: Task) -> nn.Module:
         if task.prototype not in self._models:
             self._models[task.prototype] = build_model(
-                task.model.builder, self.num_classes, self.input_shape, **task.model.args)
+                task.model.builder, self.num_classes, self.input_shape, **task.model.args
+            )
         return self._models[task.prototype]
 
     def next_update(self, timeout: float) -> ClientUpdate | None:
@@ -87,12 +88,20 @@ class InProcessTransport(Transport):
         model = self._model(task)
         model.load_state_dict(task.global_state)
         spec = task.training or client.training
-        result = train_local(model, client.x, client.y, spec, seed=task.seed,
-                             device=self.device)
+        result = train_local(model, client.x, client.y, spec, seed=task.seed, device=self.device)
         state = result.state
-        mode = (self.compression.get(task.prototype) if isinstance(self.compression, dict)
-                else self.compression)
+        mode = (
+            self.compression.get(task.prototype)
+            if isinstance(self.compression, dict)
+            else self.compression
+        )
         if mode is not None:
             state = codec_roundtrip(state, task.global_state, mode)
-        return ClientUpdate(task.round_id, task.prototype, task.client_id, result.num_samples,
-                            state, {"train_loss": result.mean_loss, "train_s": result.seconds})
+        return ClientUpdate(
+            task.round_id,
+            task.prototype,
+            task.client_id,
+            result.num_samples,
+            state,
+            {"train_loss": result.mean_loss, "train_s": result.seconds},
+        )
