@@ -270,8 +270,8 @@ def provision(
     )
     if files is not None:
         console.print(
-            f"mosquitto: mosquitto -c {files.conf}  (coordinator password in "
-            f"{out / 'coordinator.password'})"
+            f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator and "
+            f"of the read-only takfl-monitor for status in {out}/*.password)"
         )
 
 

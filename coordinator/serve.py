@@ -32,6 +32,7 @@ from takfl.wire import validation
 
 log = logging.getLogger(__name__)
 COORDINATOR_USER = "takfl-coordinator"
+MONITOR_USER = "takfl-monitor"  # read-only, for takfl-coordinator status
 
 
 @dataclass
@@ -88,6 +89,7 @@ def provision(
     coord_password = secrets.token_hex(16)
     files = None
     if mosquitto_port is not None:
+        monitor_password = secrets.token_hex(16)
         files = write_mosquitto_config(
             out_dir / "mosquitto",
             fleet=fleet or cfg.name,
@@ -95,9 +97,12 @@ def provision(
             coordinator=(COORDINATOR_USER, coord_password),
             agents={r.agent_id: mqtt_password(r.secret) for r in records},
             run_as=mosquitto_user,
+            monitor=(MONITOR_USER, monitor_password),
         )
-        (out_dir / "coordinator.password").write_text(coord_password + "\n")
-        (out_dir / "coordinator.password").chmod(0o600)
+        for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
+            path = out_dir / f"{name}.password"
+            path.write_text(password + "\n")
+            path.chmod(0o600)
     return records, files, coord_password
 
 

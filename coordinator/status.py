@@ -60,7 +60,10 @@ def broker_presence(url: str, fleet: str, listen_s: float) -> dict[str, dict[str
         with lock:
             seen.setdefault(reg.agent_id, {})["prototype"] = reg.prototype
 
-    client = MqttClient(parse_broker_url(url), f"takfl-status-{int(time.time())}")
+    # A clean session: a probe must leave nothing behind on the broker. With Mosquitto's
+    # use_username_as_clientid, connect as the read-only monitor user, never as the
+    # coordinator (that would take over the running coordinator's session).
+    client = MqttClient(parse_broker_url(url), f"takfl-status-{int(time.time())}", persistent=False)
     client.route(topics.up_filter(Up.STATUS), on_status)
     client.route(topics.up_filter(Up.REGISTER), on_register)
     client.start(timeout=10)

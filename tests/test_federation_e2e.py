@@ -11,7 +11,9 @@ import signal
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from coordinator.cli import app
 from coordinator.simulate import SimulationSpec, run_simulation
 from takfl.config import load_federation
 from takfl.wire.signing import write_secret_file
@@ -44,6 +46,20 @@ def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[n
         state = read_state(fed.run_dir)
         assert state["round"] == 2 and state["phase"] == "finished"
         assert all(r["clients"] == r["sampled"] for r in served), served
+
+        # status through the read-only monitor account sees every agent, online
+        monitor = (fed.work / "monitor.password").read_text().strip()
+        url = f"mqtt://takfl-monitor:{monitor}@127.0.0.1:{fed.port}"
+        out = CliRunner().invoke(
+            app,
+            ["status", "--run-dir", str(fed.run_dir), "--broker", url, "--listen", "3"],
+            terminal_width=200,
+        )
+        assert out.exit_code == 0, out.output
+        for aid in ("S-000", "S-001", "M-000", "M-001", "L-000"):
+            row = next(line for line in out.output.splitlines() if aid in line)
+            assert "online" in row
+        assert "finished" in out.output
 
         # The same engine in process: same seed, partition, training function and codec.
         torch.set_num_threads(1)

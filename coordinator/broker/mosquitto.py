@@ -126,15 +126,24 @@ def write_password_file(
     return MOSQUITTO_PASSWD
 
 
-def acl_text(topics: Topics, coordinator_user: str, agents: Iterable[str]) -> str:
+def acl_text(
+    topics: Topics, coordinator_user: str, agents: Iterable[str], monitor_user: str | None = None
+) -> str:
     """ACL file: the coordinator may do anything under the fleet; each agent (username =
     agent id) writes only its own ``up/`` tree and reads its own ``down/`` tree and the
-    fleet's broadcasts. Everything else is denied."""
+    fleet's broadcasts; the optional monitor (``takfl-coordinator status``) only reads.
+    Everything else is denied."""
     lines = [
         f"# takfl fleet {topics.fleet}: generated; agents connect with username = agent id",
         f"user {check_ident(coordinator_user, 'coordinator username')}",
         f"topic readwrite {topics.fleet_filter()}",
     ]
+    if monitor_user is not None:
+        lines += [
+            "",
+            f"user {check_ident(monitor_user, 'monitor username')}",
+            f"topic read {topics.fleet_filter()}",
+        ]
     for agent in agents:
         lines += [
             "",
@@ -208,11 +217,13 @@ def write_mosquitto_config(
     tls: MosquittoTls | None = None,
     run_as: str | None = None,
     use_tool: bool | None = None,
+    monitor: tuple[str, str] | None = None,
 ) -> MosquittoFiles:
     """Write a complete Mosquitto configuration for one fleet.
 
     Args:
         coordinator: (username, password) of the coordinator.
+        monitor: (username, password) of a read-only observer, e.g. for status probes.
         agents: agent id (its username) -> password.
         run_as: ``user`` option (the account mosquitto drops to when started as root).
         use_tool: see :func:`write_password_file`.
@@ -225,10 +236,11 @@ def write_mosquitto_config(
     files_conf, passwords, acl = d / CONF_NAME, d / PASSWORDS_NAME, d / ACL_NAME
     data, log_file = d / DATA_DIR, d / LOG_NAME
     data.mkdir(exist_ok=True)
-    method = write_password_file(
-        passwords, {coordinator[0]: coordinator[1], **agents}, use_tool=use_tool
-    )
-    acl.write_text(acl_text(topics, coordinator[0], agents))
+    users = {coordinator[0]: coordinator[1], **agents}
+    if monitor is not None:
+        users[monitor[0]] = monitor[1]
+    method = write_password_file(passwords, users, use_tool=use_tool)
+    acl.write_text(acl_text(topics, coordinator[0], agents, monitor[0] if monitor else None))
     os.chmod(acl, 0o600)
     files_conf.write_text(
         conf_text(
