@@ -85,6 +85,39 @@ def _atomic_target(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}{dst.suffix}")
 
 
+def compact_names(path: Path) -> None:
+    """Rename internal tensors and nodes of an ONNX file to short ids, in place.
+
+    The quantiser names every QuantizeLinear/DequantizeLinear tensor after the
+    tensor it wraps (``/features/features.0/Conv_output_0_QuantizeLinear_Output``);
+    each name is stored at every use. In small int8 models these debug labels are
+    a fifth of the file. The graph's inputs and outputs keep their names.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
+    mapping: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in mapping:
+            mapping[name] = f"t{len(mapping)}"
+        return mapping[name]
+
+    for t in graph.initializer:
+        t.name = short(t.name)
+    for i, node in enumerate(graph.node):
+        node.name = f"n{i}"
+        node.input[:] = [short(x) for x in node.input]
+        node.output[:] = [short(x) for x in node.output]
+    for v in graph.value_info:
+        v.name = short(v.name)
+    onnx.save(model, str(path))
+
+
 def quantize_onnx_static(
     src: str | Path,
     dst: str | Path,
@@ -119,6 +152,7 @@ def quantize_onnx_static(
                     weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
                 )
+            compact_names(tmp)
             tmp.replace(out)
         finally:
             tmp.unlink(missing_ok=True)
@@ -136,6 +170,7 @@ def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> QuantizeResult:
         try:
             with quiet():
                 quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
+            compact_names(tmp)
             tmp.replace(out)
         finally:
             tmp.unlink(missing_ok=True)
