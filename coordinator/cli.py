@@ -205,6 +205,11 @@ def serve(
     ),
     max_wait: float = typer.Option(600.0, help="Past the deadline, wait this long for a quorum."),
     fleet: str = typer.Option(None, help="Fleet name in the topics (default: config name)."),
+    wait_all: float = typer.Option(
+        60.0,
+        help="Before round 1, wait this long for every "
+        "provisioned agent; then start with those online.",
+    ),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     export: bool = typer.Option(True, help="Export every prototype at the end."),
 ) -> None:
@@ -227,6 +232,7 @@ def serve(
         deadline_s=deadline,
         quorum=quorum,
         max_wait_s=max_wait,
+        wait_all_s=wait_all,
         export=export,
     )
     rows: list[tuple[int, dict[str, float]]] = []

@@ -116,6 +116,7 @@ def run_demo(
             rounds=demo.rounds,
             deadline_s=demo.deadline_s,
             max_wait_s=demo.deadline_s,
+            wait_all_s=180.0,
             wait_agents_s=180.0,
             export=demo.export,
         )

@@ -153,6 +153,8 @@ class RoundEngine:
     def absorb(self, upd: ClientUpdate, col: _Collector) -> None:
         """Fold one update into the round's aggregates; the client model is then dropped."""
         col.fedavg.add(upd.state, float(upd.num_samples))
+        if self.algorithm == "fedavg":
+            return  # no distillation: teacher logits would go unused
         model = self.scratch[upd.prototype]
         model.load_state_dict(upd.state)
         logits = predict_logits(model, self.data.public_x)
@@ -240,7 +242,7 @@ class RoundEngine:
                     p.name,
                     self.scratch[p.name],
                     col.fedavg.result() if has else self.globals[p.name],
-                    col.logits.mean() if has else None,
+                    col.logits.mean() if has and col.logits.count else None,
                     col.logits.count,
                     col.client_logits,
                 )

@@ -47,7 +47,8 @@ class ServeSettings:
     deadline_s: float = 120.0
     quorum: float = 1.0
     max_wait_s: float = 600.0
-    wait_agents_s: float = 600.0  # wait this long for at least one agent per prototype
+    wait_all_s: float = 60.0  # wait this long for every provisioned agent before round 1...
+    wait_agents_s: float = 600.0  # ...and at most this long for one agent per prototype
     export: bool = True
 
 
@@ -98,6 +99,7 @@ def provision(
             agents={r.agent_id: mqtt_password(r.secret) for r in records},
             run_as=mosquitto_user,
             monitor=(MONITOR_USER, monitor_password),
+            use_tool=False,  # the built-in PBKDF2-SHA512 hasher: one file write, not one per agent
         )
         for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
             path = out_dir / f"{name}.password"
@@ -106,24 +108,41 @@ def provision(
     return records, files, coord_password
 
 
-def wait_for_prototypes(
-    transport: MqttTransport, cfg: FederationConfig, timeout: float, report: Callable[[str], None]
+def wait_for_agents(
+    transport: MqttTransport,
+    cfg: FederationConfig,
+    expected: int,
+    patience_s: float,
+    limit_s: float,
+    report: Callable[[str], None],
 ) -> None:
-    """Block until every prototype has at least one registered agent online (or timeout)."""
-    end = time.monotonic() + timeout
+    """Before the first round: wait up to ``patience_s`` for all ``expected`` provisioned
+    agents, then go on with whoever is online once every prototype has at least one, waiting
+    at most ``limit_s`` in all. Sampling is then over the agents really there."""
+    start = time.monotonic()
     last = ""
-    while time.monotonic() < end:
+    while True:
         online = transport.clients()
+        count = sum(len(v) for v in online.values())
         line = ", ".join(
             f"{p.name}: {len(online.get(p.name, []))}/{p.clients}" for p in cfg.prototypes
         )
         if line != last:
             report(f"agents online {line}")
             last = line
-        if all(online.get(p.name) for p in cfg.prototypes):
+        waited = time.monotonic() - start
+        every_tier = all(online.get(p.name) for p in cfg.prototypes)
+        if count >= expected or (every_tier and waited >= patience_s):
+            if count < expected:
+                report(
+                    f"{expected - count} provisioned agent(s) still offline after "
+                    f"{patience_s:.0f}s; starting with those online"
+                )
+            return
+        if waited >= limit_s:
+            report("timed out waiting for agents; rounds run with whoever is online")
             return
         time.sleep(0.5)
-    report("timed out waiting for agents; rounds run with whoever is online")
 
 
 def serve(
@@ -156,7 +175,9 @@ def serve(
                 f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
                 f"{len(registry)} provisioned agents, run dir {run_dir}"
             )
-            wait_for_prototypes(transport, cfg, settings.wait_agents_s, report)
+            wait_for_agents(
+                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
+            )
             run = FederationRun(
                 cfg,
                 data,

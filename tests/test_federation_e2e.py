@@ -40,9 +40,11 @@ def by_round(records: list[dict]) -> dict[tuple[int, str], float]:  # type: igno
 def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with federation(tmp_path, "mosquitto", rounds=2) as fed:
         fed.start_all_agents()
-        coord = fed.start_coordinator("--deadline", "120")
-        assert coord.wait(400) == 0, fed.logs()
+        # Every agent must be there for round 1, as every virtual client is in simulation.
+        coord = fed.start_coordinator("--deadline", "120", "--wait-all", "300")
+        assert coord.wait(600) == 0, fed.logs()
         served = metrics(fed.run_dir)
+        assert {r["prototype"]: r["sampled"] for r in served} == {"S": 2, "M": 2, "L": 1}
         state = read_state(fed.run_dir)
         assert state["round"] == 2 and state["phase"] == "finished"
         assert all(r["clients"] == r["sampled"] for r in served), served
@@ -132,19 +134,22 @@ def test_round_closes_at_deadline_with_quorum_when_an_agent_dies(tmp_path) -> No
 def test_early_agents_join_and_impostors_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with federation(tmp_path, "embedded", rounds=1) as fed:
         # Agents first: the broker (embedded in the coordinator) is not up yet.
-        fed.start_all_agents()
+        for aid in ("S-000", "M-000", "M-001", "L-000"):
+            fed.start_agent(aid)
         unknown_secret = tmp_path / "unknown.secret"
         write_secret_file(unknown_secret)
         unknown = fed.start_agent("Z-000", profile="workstation", shard=0, secret=unknown_secret)
-        wrong = fed.start_agent("L-000", profile="android-phone", shard=0)  # L's id, S's profile
-        fed.procs["L-000-impostor"] = fed.procs.pop("L-000")
-        fed.start_agent("L-000")  # the genuine L-000
-        coord = fed.start_coordinator("--deadline", "120")
+        # S-001 is provisioned for prototype S; this process claims M (a Raspberry Pi 5).
+        wrong = fed.start_agent("S-001", profile="raspberry-pi-5", shard=1)
+        coord = fed.start_coordinator("--deadline", "120", "--wait-all", "20")
 
         assert unknown.wait(300) == 3, fed.log("Z-000")
-        assert "unknown" in fed.log("Z-000").lower()
-        assert wrong.wait(300) == 3
+        assert "unknown_agent" in fed.log("Z-000")
+        assert wrong.wait(300) == 3, fed.log("S-001")
+        assert "wrong_prototype" in fed.log("S-001")
         assert coord.wait(400) == 0, fed.logs()
         state = read_state(fed.run_dir)
         assert state["round"] == 1 and state["phase"] == "finished"
-        assert all(r["clients"] == r["sampled"] for r in metrics(fed.run_dir))
+        sampled = {r["prototype"]: (r["clients"], r["sampled"]) for r in metrics(fed.run_dir)}
+        assert sampled == {"S": (1, 1), "M": (2, 2), "L": (1, 1)}
+        assert "refused" in fed.log("coordinator-0")

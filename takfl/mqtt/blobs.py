@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from takfl.mqtt.client import MqttClient
 from takfl.wire.chunking import (
@@ -31,12 +32,16 @@ REQUEST_BATCH = 1024  # indices asked for in one ChunkRequest
 
 
 class BlobStore:
-    """Recently sent blobs, to answer chunk requests. Thread-safe."""
+    """Recently sent blobs, to answer chunk requests. Thread-safe.
+
+    Chunks are kept encoded (header + payload): a global model sent to N agents is
+    encoded once, and every publish shares the same bytes objects.
+    """
 
     def __init__(self, max_blobs: int = 16, max_bytes: int = 2 * 1024**3) -> None:
         self.max_blobs = max_blobs
         self.max_bytes = max_bytes
-        self._blobs: OrderedDict[str, tuple[BlobRef, list[Chunk]]] = OrderedDict()
+        self._blobs: OrderedDict[str, tuple[BlobRef, list[Chunk], list[bytes]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def put(self, blob: bytes, chunk_size: int) -> BlobRef:
@@ -46,29 +51,37 @@ class BlobStore:
             if ref.digest in self._blobs and self._blobs[ref.digest][0] == ref:
                 self._blobs.move_to_end(ref.digest)
                 return ref
-            self._blobs[ref.digest] = (ref, split(blob, chunk_size))
+            parts = split(blob, chunk_size)
+            self._blobs[ref.digest] = (ref, parts, [encode_chunk(c) for c in parts])
             self._evict()
         return ref
 
     def _evict(self) -> None:
-        total = sum(r.size for r, _ in self._blobs.values())
+        total = sum(entry[0].size for entry in self._blobs.values())
         while len(self._blobs) > 1 and (
             len(self._blobs) > self.max_blobs or total > self.max_bytes
         ):
-            _, (ref, _) = self._blobs.popitem(last=False)
+            _, (ref, _, _) = self._blobs.popitem(last=False)
             total -= ref.size
 
-    def chunks(self, digest: str, indices: Iterable[int] | None = None) -> list[Chunk]:
-        """The stored chunks of ``digest`` (all, or those at ``indices``); [] if unknown."""
+    def _select(self, digest: str, indices: Iterable[int] | None, which: int) -> list[Any]:
         with self._lock:
             entry = self._blobs.get(digest)
             if entry is None:
                 return []
             self._blobs.move_to_end(digest)
-            chunks = entry[1]
+            items: list[Any] = entry[which]  # type: ignore[assignment]
         if indices is None:
-            return list(chunks)
-        return [chunks[i] for i in sorted(set(indices)) if 0 <= i < len(chunks)]
+            return list(items)
+        return [items[i] for i in sorted(set(indices)) if 0 <= i < len(items)]
+
+    def chunks(self, digest: str, indices: Iterable[int] | None = None) -> list[Chunk]:
+        """The stored chunks of ``digest`` (all, or those at ``indices``); [] if unknown."""
+        return self._select(digest, indices, 1)
+
+    def encoded(self, digest: str, indices: Iterable[int] | None = None) -> list[bytes]:
+        """The same chunks as wire bytes, encoded once when the blob was stored."""
+        return self._select(digest, indices, 2)
 
     def __contains__(self, digest: object) -> bool:
         with self._lock:
@@ -90,8 +103,8 @@ class BlobSender:
     def publish(self, topic: str, digest: str, indices: Iterable[int] | None = None) -> int:
         """Publish stored chunks of ``digest`` on ``topic``; returns how many went out."""
         sent = 0
-        for chunk in self.store.chunks(digest, indices):
-            sent += int(self.client.publish(topic, encode_chunk(chunk)))
+        for payload in self.store.encoded(digest, indices):
+            sent += int(self.client.publish(topic, payload))
         return sent
 
     def send(self, topic: str, blob: bytes, chunk_size: int) -> BlobRef:

@@ -143,6 +143,10 @@ class MqttClient:
             client_id=client_id,
             clean_session=None if v5 else not persistent,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            # A message is acknowledged after its handler ran, not on arrival: what the
+            # broker sees acknowledged has been handled, and its in-flight window holds
+            # further deliveries back while the handlers are behind.
+            manual_ack=True,
         )
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
@@ -166,10 +170,11 @@ class MqttClient:
         def enqueue(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             self.counters.received += 1
             try:
-                self._inbox.put_nowait((handler, msg.topic, bytes(msg.payload)))
+                self._inbox.put_nowait((handler, msg.topic, bytes(msg.payload), msg.mid, msg.qos))
             except queue.Full:
+                # Not acknowledged, so the broker delivers it again after a reconnect.
                 self.counters.dropped += 1
-                log.warning("%s: inbox full, dropped a message on %s", self.client_id, msg.topic)
+                log.warning("%s: inbox full, deferred a message on %s", self.client_id, msg.topic)
 
         self._client.message_callback_add(topic_filter, enqueue)
         if self._connected.is_set():
@@ -342,6 +347,8 @@ class MqttClient:
 
     def _on_unrouted(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self.counters.unrouted += 1
+        if msg.qos > 0:
+            self._client.ack(msg.mid, msg.qos)  # nobody handles it; don't hold the window
 
     # -- dispatcher thread ------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -354,12 +361,14 @@ class MqttClient:
             if item is _STOP:
                 break
             if item is not None:
-                handler, topic, payload = item
+                handler, topic, payload, mid, qos = item
                 try:
                     handler(topic, payload)
                 except Exception:
                     self.counters.handler_errors += 1
                     log.exception("%s: handler for %s failed", self.client_id, topic)
+                if qos > 0:
+                    self._client.ack(mid, qos)
             if time.monotonic() >= next_tick:
                 for hook in self._tick_hooks:
                     try:
