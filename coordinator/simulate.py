@@ -142,12 +142,7 @@ def plot_curves(curves: dict[str, dict[str, list[list[float]]]], path: Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    protos = sorted(
-        {p for c in curves.values() for p in c},
-        key=lambda s: (
-            list(next(iter(curves.values()))).index(s) if s in next(iter(curves.values())) else 0
-        ),
-    )
+    protos = list(next(iter(curves.values()), {}))  # config order; all algorithms share it
     fig, axes = plt.subplots(1, len(protos), figsize=(4.5 * len(protos), 3.6), squeeze=False)
     for ax, proto in zip(axes[0], protos, strict=True):
         for alg, by_proto in curves.items():
