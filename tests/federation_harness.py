@@ -84,6 +84,9 @@ class Federation:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        if name in self.procs:
+            # Every process must stay reachable, or close() could not stop it.
+            raise ValueError(f"a process named {name!r} is already running in this test")
         (self.work / "logs").mkdir(exist_ok=True)
         out = (self.work / "logs" / f"{name}.log").open("ab")
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
