@@ -20,7 +20,8 @@ from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.engine import RoundResult
 from coordinator.registry import provision_agents
 from coordinator.serve import ServeSettings, serve
-from takfl.config import FederationConfig, load_profile
+from takfl.config import FederationConfig
+from takfl.federation_data import client_id
 
 
 @dataclass
@@ -65,11 +66,10 @@ def start_agents(
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for p in cfg.prototypes:
-        profile = load_profile(p.profile).name if not Path(p.profile).is_file() else p.profile
         for k in range(p.clients):
-            aid = f"{p.name}-{k:03d}"
+            aid = client_id(p.name, k)
             cmd = agent_command(
-                cfg_ref, profile, port, aid, run_dir / "secrets" / f"{aid}.secret", k, threads
+                cfg_ref, p.profile, port, aid, run_dir / "secrets" / f"{aid}.secret", k, threads
             )
             with (logs / f"{aid}.log").open("wb") as log:
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))

@@ -7,12 +7,12 @@ agent that is not in it, or claims another prototype, is refused.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from takfl.config import FederationConfig
 from takfl.federation_data import client_id
+from takfl.files import atomic_write_text
 from takfl.wire.signing import generate_secret, write_secret_file
 
 REGISTRY_FILE = "agents.json"
@@ -35,12 +35,9 @@ class AgentRecord:
 
 
 def save_registry(path: Path, agents: list[AgentRecord]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"agents": [asdict(a) for a in agents]}, f, indent=2)
-    os.replace(tmp, path)
+    """Atomically write the registry, readable by its owner only (it holds the secrets)."""
+    body = json.dumps({"agents": [asdict(a) for a in agents]}, indent=2)
+    atomic_write_text(path, body, mode=0o600)
 
 
 def load_registry(path: Path) -> dict[str, AgentRecord]:

@@ -23,8 +23,9 @@ from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, prov
 from coordinator.service import FederationRun, ServeOptions
 from coordinator.store import RunStore
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
-from takfl.config import FederationConfig, load_profile
+from takfl.config import FederationConfig, prototype_profile
 from takfl.federation_data import build_federation_data
+from takfl.files import atomic_write_text
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
@@ -72,7 +73,7 @@ def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.Agent
 
 def transport_policy(cfg: FederationConfig) -> TransportPolicy:
     """Each prototype's agents encode updates as their device profile says."""
-    comms = {p.name: load_profile(p.profile).comms for p in cfg.prototypes}
+    comms = {p.name: prototype_profile(cfg, p.name).comms for p in cfg.prototypes}
     return TransportPolicy(comms_by_prototype=comms)
 
 
@@ -102,9 +103,7 @@ def provision(
             use_tool=False,  # the built-in PBKDF2-SHA512 hasher: one file write, not one per agent
         )
         for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
-            path = out_dir / f"{name}.password"
-            path.write_text(password + "\n")
-            path.chmod(0o600)
+            atomic_write_text(out_dir / f"{name}.password", password + "\n", mode=0o600)
     return records, files, coord_password
 
 

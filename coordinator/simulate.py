@@ -15,7 +15,7 @@ import torch
 from coordinator.engine import RoundEngine, RoundResult
 from coordinator.inputs import prototype_models, server_data
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
-from takfl.config import FederationConfig, load_profile, prototype_training
+from takfl.config import FederationConfig, prototype_profile, prototype_training
 from takfl.federation_data import build_federation_data
 
 METRICS_FILE = "metrics.jsonl"
@@ -37,7 +37,7 @@ def profile_compression(cfg: FederationConfig, mode: str | None) -> str | dict[s
     """``profile``: each prototype's device-profile compression, as real agents send."""
     if mode != "profile":
         return mode
-    return {p.name: load_profile(p.profile).comms.compression for p in cfg.prototypes}
+    return {p.name: prototype_profile(cfg, p.name).comms.compression for p in cfg.prototypes}
 
 
 def metrics_line(algorithm: str, seed: int, res: RoundResult) -> list[dict[str, Any]]:

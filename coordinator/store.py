@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from coordinator.transport.base import ClientUpdate
-from takfl.checkpoint import CheckpointMeta, atomic_write_bytes, save_checkpoint
+from takfl.checkpoint import CheckpointMeta, save_checkpoint
 from takfl.config import FederationConfig
+from takfl.files import atomic_write_bytes
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"

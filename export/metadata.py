@@ -31,6 +31,7 @@ from export.common import (
     ArtifactError,
     format_of,
 )
+from takfl.files import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from takfl.checkpoint import CheckpointMeta
@@ -202,9 +203,7 @@ def write_sidecar(artifact: str | Path, meta: ArtifactMetadata, **extra: Any) ->
         }
     )
     out = sidecar_path(p)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(body, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -261,12 +260,6 @@ def read_embedded_metadata(artifact: str | Path) -> ArtifactMetadata | None:
         raise ArtifactError(f"{p}: embedded metadata is not valid JSON ({e})") from e
 
 
-def _replace_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 # ---- ONNX: model-level metadata_props ---------------------------------------------------
 
 
@@ -282,7 +275,7 @@ def set_onnx_metadata(path: str | Path, props: dict[str, str]) -> None:
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    _replace_atomically(p, proto.SerializeToString())
+    atomic_write_bytes(p, proto.SerializeToString())
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
@@ -339,7 +332,7 @@ def embed_tflite_metadata(
     model.metadata = [*old, entry]
     builder = flatbuffers.Builder(len(buf) + len(payload) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    _replace_atomically(p, bytes(builder.Output()))
+    atomic_write_bytes(p, bytes(builder.Output()))
     return True
 
 

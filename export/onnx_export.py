@@ -8,8 +8,6 @@ The graph takes ``input`` (B, C, H, W) float32 and returns ``logits``
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from export.common import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, ExportError, quiet
+from takfl.files import atomic_path
 
 # Node-level metadata the exporter records (stack traces with local paths, FX
 # node text): useful while debugging an export, dead weight and a leak on a device.
@@ -86,15 +85,8 @@ def save_onnx(proto: Any, path: Path) -> None:
     """Atomically write a self-contained model (no external data; < 2 GB)."""
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp, save_as_external_data=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
 
 
 def export_onnx(

@@ -15,8 +15,7 @@ Two modes per format, named as device profiles name them:
 from __future__ import annotations
 
 import tempfile
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from export.common import INPUT_NAME, ExportError, quiet
+from takfl.files import atomic_path
 
 CALIBRATION_BATCH = 32  # samples per calibration step when the graph has a dynamic batch
 
@@ -79,12 +79,6 @@ def _preprocess_onnx(src: Path, workdir: Path) -> tuple[Path, list[str]]:
     return out, []
 
 
-def _atomic_target(dst: Path) -> Path:
-    """A not-yet-existing temporary path next to ``dst``, renamed onto it when complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}{dst.suffix}")
-
-
 def compact_names(path: Path) -> None:
     """Rename internal tensors and nodes of an ONNX file to short ids, in place.
 
@@ -118,6 +112,18 @@ def compact_names(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def _quantize_onnx(src: Path, dst: Path, run: Callable[[Path, Path], None]) -> QuantizeResult:
+    """Pre-process ``src``, quantise it with ``run(preprocessed, tmp)``, compact the names
+    and move the result onto ``dst`` atomically."""
+    with tempfile.TemporaryDirectory(prefix="takfl-quant-") as work:
+        pre, notes = _preprocess_onnx(src, Path(work))
+        with atomic_path(dst) as tmp:
+            with quiet():
+                run(pre, tmp)
+            compact_names(tmp)
+    return QuantizeResult(dst, notes)
+
+
 def quantize_onnx_static(
     src: str | Path,
     dst: str | Path,
@@ -136,45 +142,30 @@ def quantize_onnx_static(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     x = _check_calibration(calibration)
-    out = Path(dst)
-    with tempfile.TemporaryDirectory(prefix="takfl-quant-") as work:
-        pre, notes = _preprocess_onnx(Path(src), Path(work))
-        tmp = _atomic_target(out)
-        try:
-            with quiet():
-                quantize_static(
-                    str(pre),
-                    str(tmp),
-                    _ort_reader(input_name, x, batch or CALIBRATION_BATCH),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel,
-                    activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
-                )
-            compact_names(tmp)
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return QuantizeResult(out, notes)
+
+    def run(pre: Path, tmp: Path) -> None:
+        quantize_static(
+            str(pre),
+            str(tmp),
+            _ort_reader(input_name, x, batch or CALIBRATION_BATCH),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+
+    return _quantize_onnx(Path(src), Path(dst), run)
 
 
 def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> QuantizeResult:
     """Dynamic-range quantisation: int8 weights, activations quantised at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out = Path(dst)
-    with tempfile.TemporaryDirectory(prefix="takfl-quant-") as work:
-        pre, notes = _preprocess_onnx(Path(src), Path(work))
-        tmp = _atomic_target(out)
-        try:
-            with quiet():
-                quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
-            compact_names(tmp)
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return QuantizeResult(out, notes)
+    def run(pre: Path, tmp: Path) -> None:
+        quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
+
+    return _quantize_onnx(Path(src), Path(dst), run)
 
 
 def _tflite_signature(src: Path) -> tuple[str, str]:
@@ -219,18 +210,13 @@ def _aeq_quantize(
 
     qt = quantizer.Quantizer(str(src))
     qt.load_quantization_recipe(recipe)
-    tmp = _atomic_target(dst)
-    try:
-        with quiet():
-            ranges = None
-            if qt.need_calibration:
-                if calibration is None:
-                    raise ExportError("this recipe needs calibration data")
-                ranges = _aeq_ranges(src, recipe, calibration, threads)
-            qt.quantize(ranges, enable_progress_bar=False).export_model(str(tmp), overwrite=True)
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dst) as tmp, quiet():
+        ranges = None
+        if qt.need_calibration:
+            if calibration is None:
+                raise ExportError("this recipe needs calibration data")
+            ranges = _aeq_ranges(src, recipe, calibration, threads)
+        qt.quantize(ranges, enable_progress_bar=False).export_model(str(tmp), overwrite=True)
 
 
 def quantize_tflite_static(

@@ -10,6 +10,7 @@ from typing import Any
 
 from export.common import QUANT_TAGS
 from export.verify import FAILED, MISMATCH, SKIPPED, VerifyRow
+from takfl.files import atomic_write_text
 
 _PROBLEMS = (FAILED, MISMATCH)
 
@@ -124,8 +125,5 @@ def print_reports(reports: Sequence[ExportReport], title: str = "Export verifica
 def write_json(path: str | Path, payload: Any) -> Path:
     """Atomically write ``payload`` as indented JSON."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(p)
+    atomic_write_text(p, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return p

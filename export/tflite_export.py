@@ -9,7 +9,6 @@ runner in :mod:`export.runtimes` loops over larger batches.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from export.common import ExportError, quiet
+from takfl.files import atomic_path
 
 TFLITE_BATCH = 1
 
@@ -93,20 +93,15 @@ def export_tflite(model: nn.Module, sample: torch.Tensor, path: str | Path) -> T
         raise ExportError(reason)
     model.eval()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tflite")
-    os.close(fd)
     previous = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
     os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
     try:
         import litert_torch
 
-        with quiet():
+        with atomic_path(out) as tmp, quiet():
             edge = litert_torch.convert(model, (sample[:TFLITE_BATCH].contiguous(),))
-            edge.export(tmp)
-        os.replace(tmp, out)
+            edge.export(str(tmp))
     finally:
-        Path(tmp).unlink(missing_ok=True)
         if previous is None:
             os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
         else:

@@ -8,17 +8,16 @@ mean/std (JSON, per-channel normalisation already applied to inputs).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from takfl.files import atomic_write_bytes
 from takfl.models import build_model
 
 
@@ -79,34 +78,10 @@ class CheckpointMeta:
             raise CheckpointError(f"checkpoint names a model that cannot be built: {e}") from e
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: CheckpointMeta) -> None:
     """Atomically save ``state`` (CPU tensors) with ``meta``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        save_file(tensors, tmp, metadata=meta.to_strings())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write_bytes(path, save(tensors, metadata=meta.to_strings()))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:

@@ -20,6 +20,7 @@ from coordinator.broker.mosquitto import MosquittoFiles, MosquittoProcess, find_
 from coordinator.broker.net import free_port
 from coordinator.serve import provision
 from takfl.config import FederationConfig, load_federation
+from takfl.federation_data import client_id
 
 MOSQUITTO_MISSING = find_mosquitto() is None
 # One thread per process keeps runs reproducible and lets 2-core machines cope.
@@ -131,7 +132,7 @@ class Federation:
     def start_all_agents(self) -> None:
         for p in self.cfg.prototypes:
             for k in range(p.clients):
-                self.start_agent(f"{p.name}-{k:03d}")
+                self.start_agent(client_id(p.name, k))
 
     def start_coordinator(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
         name = f"coordinator-{sum(1 for n in self.procs if n.startswith('coordinator'))}"

@@ -29,6 +29,7 @@ from types import TracebackType
 
 from coordinator.broker.errors import BrokerStartError
 from coordinator.broker.net import LOOPBACK, port_accepts, wait_port
+from takfl.files import atomic_write_text
 from takfl.wire.topics import Topics, check_ident
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,13 @@ def write_password_file(
     tool = find_mosquitto(MOSQUITTO_PASSWD) if use_tool is not False else None
     if use_tool and tool is None:
         raise BrokerStartError(f"{MOSQUITTO_PASSWD} not found; install mosquitto or use_tool=False")
+    if tool is None:
+        lines = "".join(f"{u}:{hash_password(p)}\n" for u, p in credentials.items())
+        atomic_write_text(path, lines, mode=0o600)
+        return "python"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.close(fd)
-    if tool is None:
-        path.write_text("".join(f"{u}:{hash_password(p)}\n" for u, p in credentials.items()))
-        return "python"
     for user, password in credentials.items():
         # -b takes the password on the command line: acceptable for provisioning on the
         # coordinator host; use_tool=False avoids it.

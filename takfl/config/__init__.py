@@ -17,6 +17,7 @@ from takfl.config.loader import (
     load_profile,
     parse,
     prototype_model,
+    prototype_profile,
     prototype_training,
 )
 from takfl.config.profile import DeviceProfile
@@ -37,5 +38,6 @@ __all__ = [
     "load_profile",
     "parse",
     "prototype_model",
+    "prototype_profile",
     "prototype_training",
 ]

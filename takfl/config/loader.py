@@ -136,10 +136,16 @@ def load_federation(name_or_path: str | Path) -> FederationConfig:
     return cfg
 
 
+def prototype_profile(cfg: FederationConfig, name: str) -> DeviceProfile:
+    """The device profile of prototype ``name`` (a path in the config is already
+    absolute once :func:`load_federation` has read it)."""
+    return load_profile(cfg.prototype(name).profile)
+
+
 def prototype_training(cfg: FederationConfig, name: str) -> TrainingSpec:
     """The prototype's profile training settings with the federation's overrides applied."""
     proto = cfg.prototype(name)
-    base = load_profile(proto.profile).training
+    base = prototype_profile(cfg, name).training
     if proto.training is None:
         return base
     return base.model_copy(update=proto.training.model_dump(exclude_none=True))
@@ -148,4 +154,4 @@ def prototype_training(cfg: FederationConfig, name: str) -> TrainingSpec:
 def prototype_model(cfg: FederationConfig, name: str) -> ModelSpec:
     """The model of prototype ``name``: its own override, else its profile's model."""
     proto = cfg.prototype(name)
-    return proto.model if proto.model is not None else load_profile(proto.profile).model
+    return proto.model if proto.model is not None else prototype_profile(cfg, name).model

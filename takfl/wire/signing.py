@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
 import stat
 from hashlib import sha256
 from pathlib import Path
 from typing import TypeVar
 
+from takfl.files import atomic_write_text
 from takfl.wire.errors import SecretError
 from takfl.wire.messages import SignedMessage
 
@@ -67,12 +67,7 @@ def write_secret_file(
         raise SecretError(f"secret of {len(secret)} bytes is too short (min {MIN_SECRET_BYTES})")
     if p.exists() and not overwrite:
         raise SecretError(f"{p} exists; pass overwrite=True to replace it")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret.hex() + "\n")
-    os.replace(tmp, p)
+    atomic_write_text(p, secret.hex() + "\n", mode=0o600)
     return secret
 
 
