@@ -189,3 +189,51 @@ def test_partition_command_prints_every_client() -> None:
     output = run_cli(["partition", "--config", "digits"])
     for name in ("test", "validation", "public", "S/client-9", "M/client-4", "L/client-1"):
         assert name in output
+
+
+def _write_cifar(root: Path) -> None:
+    """Random images in the standard python-batch layout, large enough for the paper's
+    100/20/4-client partition (CIFAR-10 train 12,000, test 500; CIFAR-100 train 6,000)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def batch(n: int, classes: int, label_key: str) -> dict:  # type: ignore[type-arg]
+        return {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, classes, n).tolist(),
+        }
+
+    c10 = root / "cifar-10-batches-py"
+    c10.mkdir(parents=True)
+    for i in range(1, 6):
+        (c10 / f"data_batch_{i}").write_bytes(pickle.dumps(batch(2400, 10, "labels")))
+    (c10 / "test_batch").write_bytes(pickle.dumps(batch(500, 10, "labels")))
+    (c10 / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    c100 = root / "cifar-100-python"
+    c100.mkdir()
+    (c100 / "train").write_bytes(pickle.dumps(batch(6000, 100, "fine_labels")))
+    (c100 / "test").write_bytes(pickle.dumps(batch(100, 100, "fine_labels")))
+
+
+def test_paper_cifar_config_loads_and_partitions_from_local_batches(tmp_path: Path) -> None:
+    _write_cifar(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        ["partition", "--config", "cifar10-homo", "--data-dir", str(tmp_path)],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    output = result.output
+    assert "S/client-99" in output and "M/client-19" in output and "L/client-3" in output
+
+    from takfl.federation_data import build_federation_data
+
+    data = build_federation_data(load_federation("cifar10-homo"), 0, tmp_path)
+    assert data.input_shape == (3, 32, 32) and data.num_classes == 10
+    assert len(data.test_x) == 500  # CIFAR-10's own test split
+    assert len(data.public_x) == 5000  # drawn from CIFAR-100
+    assert len(data.val_x) == 1000
+    assert sum(len(y) for _, _, y in data.clients.values()) == 12000 - 1000
