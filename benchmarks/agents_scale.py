@@ -92,7 +92,7 @@ from coordinator.transport.mqtt import GLOBAL_ENCODING, MqttTransport
 from takfl.config import ConfigError, load_federation, load_profile
 from takfl.data import PartitionError
 from takfl.federation_data import build_federation_data
-from takfl.mqtt.agent import AgentIdentity, AgentLink, ReceivedTask
+from edge_agent.link import AgentIdentity, AgentLink, ReceivedTask
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.wire.codec import encode_state

@@ -52,7 +52,7 @@ from takfl.config.loader import bundled_names
 from takfl.config.profile import DeviceProfile
 from takfl.data import load_digits
 from takfl.models import build_model, count_parameters, get_entry
-from takfl.mqtt.agent import AgentIdentity, AgentLink, LinkPolicy
+from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
 from takfl.mqtt.blobs import BlobReceiver
 from takfl.mqtt.client import MqttClient, MqttSettings
 from takfl.training import train_local

@@ -17,7 +17,7 @@ import torch
 from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
-from takfl.mqtt.agent import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
+from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
 from takfl.mqtt.client import MqttSettings
 from takfl.training import train_local
 

@@ -30,7 +30,7 @@ from coordinator.broker import EmbeddedBroker, MosquittoProcess, find_mosquitto,
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.broker.net import LOOPBACK
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
-from takfl.mqtt.agent import AgentIdentity, AgentLink, LinkPolicy
+from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
 from takfl.mqtt.client import MqttSettings
 from takfl.wire.signing import generate_secret
 from takfl.wire.validation import AgentRecord

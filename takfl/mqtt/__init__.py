@@ -2,25 +2,21 @@
 
 ``client``: the connection (persistent session, QoS 1, routing, bounded inbox,
 reconnect with backoff and jitter); ``blobs``: chunked blob transfer with
-requests for missing chunks; ``agent``: the agent's end of the protocol.
+requests for missing chunks. The agent's end of the protocol lives in
+``edge_agent.link``; the coordinator's in ``coordinator.transport.mqtt``.
 paho-mqtt is imported here only: install the ``agent`` or ``coordinator`` extra.
 """
 
-from takfl.mqtt.agent import AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttConnectError, MqttSettings, TlsSettings, Will
 
 __all__ = [
-    "AgentIdentity",
-    "AgentLink",
     "BlobReceiver",
     "BlobSender",
     "BlobStore",
-    "LinkPolicy",
     "MqttClient",
     "MqttConnectError",
     "MqttSettings",
-    "ReceivedTask",
     "TlsSettings",
     "Will",
 ]
