@@ -19,7 +19,13 @@ import torch
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.engine import RoundPolicy, RoundResult
-from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, provision_agents
+from coordinator.registry import (
+    REGISTRY_FILE,
+    AgentRecord,
+    AllowanceBook,
+    load_registry,
+    provision_agents,
+)
 from coordinator.service import FederationRun, ServeOptions
 from coordinator.store import RunStore
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
@@ -68,13 +74,24 @@ def broker_for(settings: ServeSettings) -> Iterator[MqttSettings]:
 
 
 def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
-    return {a: validation.AgentRecord(a, r.prototype, r.secret) for a, r in records.items()}
+    return {
+        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        for a, r in records.items()
+    }
+
+
+def update_bounds(cfg: FederationConfig) -> validation.UpdateBounds:
+    """The config's bound on update norms, relative to each prototype's global model."""
+    return validation.UpdateBounds(
+        norm_factor=cfg.intake.max_norm_factor, norm_floor=cfg.intake.norm_floor
+    )
 
 
 def transport_policy(cfg: FederationConfig) -> TransportPolicy:
-    """Each prototype's agents encode updates as their device profile says."""
+    """Each prototype's agents encode updates as their device profile says; updates are
+    bounded as the config's intake section says."""
     comms = {p.name: prototype_profile(cfg, p.name).comms for p in cfg.prototypes}
-    return TransportPolicy(comms_by_prototype=comms)
+    return TransportPolicy(comms_by_prototype=comms, bounds=update_bounds(cfg))
 
 
 def provision(
@@ -84,10 +101,12 @@ def provision(
     fleet: str | None = None,
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
+    max_samples: int | None = None,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
-    (password file, per-agent ACL) with a fresh coordinator password."""
-    records = provision_agents(cfg, out_dir)
+    (password file, per-agent ACL) with a fresh coordinator password. ``max_samples``
+    caps each agent's claimed sample count (None: its first registration pins it)."""
+    records = provision_agents(cfg, out_dir, max_samples=max_samples)
     coord_password = secrets.token_hex(16)
     files = None
     if mosquitto_port is not None:
@@ -160,6 +179,7 @@ def serve(
     data = build_federation_data(cfg, settings.seed)
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
+    allowances = AllowanceBook(agents_file, registry)
     with broker_for(settings) as mqtt:
         transport = MqttTransport(
             mqtt,
@@ -168,6 +188,7 @@ def serve(
             num_classes=data.num_classes,
             input_shape=data.input_shape,
             policy=transport_policy(cfg),
+            on_allowance=allowances.pin,
         ).start(timeout=30)
         try:
             report(
