@@ -26,7 +26,7 @@ from coordinator.registry import (
     load_registry,
     provision_agents,
 )
-from coordinator.service import FederationRun, ServeOptions
+from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
@@ -78,13 +78,6 @@ def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.Agent
         a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
         for a, r in records.items()
     }
-
-
-def update_bounds(cfg: FederationConfig) -> validation.UpdateBounds:
-    """The config's bound on update norms, relative to each prototype's global model."""
-    return validation.UpdateBounds(
-        norm_factor=cfg.intake.max_norm_factor, norm_floor=cfg.intake.norm_floor
-    )
 
 
 def transport_policy(cfg: FederationConfig) -> TransportPolicy:
@@ -195,9 +188,6 @@ def serve(
                 f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
                 f"{len(registry)} provisioned agents, run dir {run_dir}"
             )
-            wait_for_agents(
-                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
-            )
             run = FederationRun(
                 cfg,
                 data,
@@ -207,6 +197,11 @@ def serve(
                 ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
+                registry=transport.registry,
+            )
+            run.prepare()  # a bad run directory fails here, before waiting for agents
+            wait_for_agents(
+                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             results = run.run()
             c = transport.counters
