@@ -56,3 +56,22 @@ def test_non_finite_server_output_keeps_the_previous_global() -> None:
     assert lines["L"]["kept_previous"] and "NaN" in lines["L"]["kept_previous"]
     # the honest tiers learnt (random guessing is 10%)
     assert res.accuracy["M"] > 30.0
+
+
+def test_weights_are_clipped_to_the_allowance_and_zero_is_refused() -> None:
+    cfg = load_federation("digits")
+    data = build_federation_data(cfg, 0)
+    transport = InProcessTransport([], num_classes=10, input_shape=(1, 8, 8))
+    caps = {"L-000": 100}
+    engine = RoundEngine(
+        cfg,
+        prototype_models(cfg),
+        server_data(data, torch.device("cpu")),
+        transport,
+        weight_cap=caps.get,
+    )
+    state = engine.globals["L"]
+    assert engine.weight(ClientUpdate(1, "L", "L-000", 5000, state)) == 100.0
+    assert engine.weight(ClientUpdate(1, "L", "L-000", 40, state)) == 40.0
+    assert engine.weight(ClientUpdate(1, "L", "L-001", 5000, state)) == 5000.0  # no cap known
+    assert engine.weight(ClientUpdate(1, "L", "L-000", 0, state)) is None
