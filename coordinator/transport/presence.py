@@ -1,0 +1,98 @@
+"""Presence: which provisioned agents have registered and are online. No broker: the
+MQTT transport hands it received registrations and statuses and publishes the acks it
+returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from coordinator.transport.inbound import Inbound
+from takfl.wire.messages import Ack, Registration, Status
+from takfl.wire.validation import AgentRecord, Refusal, Verdict, check_registration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentState:
+    registration: Registration | None = None  # accepted registration
+    online: bool = False
+
+
+class Presence:
+    """Registered and online agents. Thread-safe; waiters are woken on every change."""
+
+    def __init__(self, registry: Mapping[str, AgentRecord]) -> None:
+        self.registry = registry
+        self._agents: dict[str, AgentState] = {a: AgentState() for a in registry}
+        self._cond = threading.Condition()
+        self.registrations = 0
+
+    def register(self, received: Inbound[Registration]) -> tuple[Verdict, Ack | None]:
+        """Check a registration; the verdict and the ack to send (None: nobody to answer)."""
+        agent, msg = received.agent, received.message
+        if agent is None:
+            return received.verdict, None
+        verdict = received.verdict
+        if msg is not None and verdict.accepted:
+            verdict = check_registration(msg, self.registry)
+        if msg is None or not verdict.accepted:
+            reason = verdict.reason or Refusal.MALFORMED
+            ack = Ack(
+                subject="register",
+                agent_id=agent,
+                accepted=False,
+                reason=reason.value,
+                detail=verdict.detail[:500],
+            )
+            return verdict, ack
+        with self._cond:
+            self._agents[agent].registration = msg
+            self._cond.notify_all()
+        self.registrations += 1
+        return verdict, Ack(subject="register", agent_id=agent, accepted=True)
+
+    def status(self, received: Inbound[Status]) -> bool:
+        """Apply an agent's presence; True if it changed anything."""
+        agent, msg = received.agent, received.message
+        if not received.ok or agent is None or msg is None:
+            log.info("ignored status on %s's topic: %s", agent, received.verdict)
+            return False
+        with self._cond:
+            st = self._agents.get(agent)
+            if st is None:
+                return False
+            st.online = msg.state == "online"
+            self._cond.notify_all()
+        return True
+
+    def clients(self) -> dict[str, list[str]]:
+        """Registered agents that are online, by prototype."""
+        out: dict[str, list[str]] = {}
+        with self._cond:
+            for agent, st in sorted(self._agents.items()):
+                if st.registration is not None and st.online:
+                    out.setdefault(self.registry[agent].prototype, []).append(agent)
+        return out
+
+    def wait_for(self, agents: list[str], timeout: float) -> bool:
+        """Wait until every agent in ``agents`` is registered and online."""
+
+        def ready() -> bool:
+            return all(
+                (st := self._agents.get(a)) is not None
+                and st.online
+                and st.registration is not None
+                for a in agents
+            )
+
+        with self._cond:
+            return self._cond.wait_for(ready, timeout)
+
+    def snapshot(self) -> dict[str, AgentState]:
+        with self._cond:
+            return {a: AgentState(s.registration, s.online) for a, s in self._agents.items()}
