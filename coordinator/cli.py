@@ -192,8 +192,16 @@ def accuracy_table(rows: list[tuple[int, dict[str, float]]], title: str) -> Tabl
 def serve(
     config: str = typer.Option(..., help="Bundled federation name or path to a YAML file."),
     broker: str = typer.Option(
-        "embedded", help="'embedded' (loopback amqtt) or mqtt[s]://user:pass@host:port"
+        "embedded", help="'embedded' (loopback amqtt) or mqtt[s]://USER@host:port"
     ),
+    password_file: Path = typer.Option(
+        None,
+        help="File holding the broker password (mode 600); else $TAKFL_BROKER_PASSWORD. "
+        "Never put it in --broker: the process list shows it to every user.",
+    ),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
+    cert_file: str = typer.Option(None, help="mqtts: client certificate (mutual TLS)."),
+    key_file: str = typer.Option(None, help="mqtts: key of the client certificate."),
     port: int = typer.Option(1883, help="Port of the embedded broker."),
     run_dir: Path = typer.Option(Path("runs/serve"), help="Run directory."),
     agents: Path = typer.Option(None, help="Agent registry (default RUN_DIR/agents.json)."),
@@ -220,10 +228,21 @@ def serve(
     from coordinator.serve import serve as run_serve
     from coordinator.store import RunStoreError
     from takfl.mqtt.client import MqttConnectError
+    from takfl.mqtt.url import parse_broker_url, read_password
 
     cfg = load_config_or_exit(config)
+    try:
+        password = None if broker == "embedded" else read_password(password_file)
+        if broker != "embedded":  # refuse a bad URL or TLS option before anything starts
+            parse_broker_url(broker, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    except ValueError as e:
+        raise fail(str(e)) from None
     settings = ServeSettings(
         broker=broker,
+        password=password,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
         embedded_port=port,
         fleet=fleet,
         rounds=rounds,
@@ -284,12 +303,19 @@ def provision(
 @app.command()
 def status(
     run_dir: Path = typer.Option(None, help="Read the state of this run directory."),
-    broker: str = typer.Option(None, help="Also ask this broker which agents are online."),
+    broker: str = typer.Option(
+        None, help="Also ask this broker which agents are online (mqtt[s]://USER@host:port)."
+    ),
+    password_file: Path = typer.Option(
+        None, help="File holding the broker password; else $TAKFL_BROKER_PASSWORD."
+    ),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
     fleet: str = typer.Option(None, help="Fleet name (default: the run's config name)."),
     listen: float = typer.Option(2.0, help="Seconds to collect retained presence messages."),
 ) -> None:
     """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy."""
     from coordinator.status import broker_presence, run_status
+    from takfl.mqtt.url import read_password
 
     if run_dir is None and broker is None:
         raise fail("give --run-dir, --broker, or both")
@@ -309,7 +335,9 @@ def status(
         if fleet is None:
             raise fail("--fleet is needed with --broker when no --run-dir is given")
         try:
-            agents_seen = broker_presence(broker, fleet, listen)
+            agents_seen = broker_presence(
+                broker, fleet, listen, password=read_password(password_file), ca_file=ca_file
+            )
         except (ValueError, OSError) as e:
             raise fail(str(e)) from None
         table = Table(title=f"agents of fleet {fleet!r} seen on {broker}")

@@ -11,11 +11,12 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.engine import RoundPolicy, RoundResult
@@ -36,9 +37,13 @@ COORDINATOR_USER = "takfl-coordinator"
 MONITOR_USER = "takfl-monitor"  # read-only, for takfl-coordinator status
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeSettings:
-    broker: str = "embedded"  # "embedded" or mqtt[s]://[user:pass@]host:port
+    broker: str = "embedded"  # "embedded" or mqtt[s]://[user@]host:port
+    password: str | None = field(default=None, repr=False)  # broker password (file or env)
+    ca_file: str | None = None  # mqtts: CA that signed the broker's certificate
+    cert_file: str | None = None  # mqtts: client certificate and key (mutual TLS)
+    key_file: str | None = None
     embedded_port: int = 1883
     fleet: str | None = None  # default: the config's name
     rounds: int | None = None
@@ -53,18 +58,44 @@ class ServeSettings:
     export: bool = True
 
 
+def embedded_access(
+    fleet: str, registry: dict[str, AgentRecord], coordinator_password: str
+) -> BrokerAccess:
+    """Logins of the embedded broker: the coordinator, and every provisioned agent with the
+    password derived from its secret (what ``takfl-agent run`` uses), under the fleet's ACL."""
+    return BrokerAccess.for_fleet(
+        fleet,
+        (COORDINATOR_USER, coordinator_password),
+        {a: mqtt_password(r.secret) for a, r in registry.items()},
+    )
+
+
 @contextmanager
-def broker_for(settings: ServeSettings) -> Iterator[MqttSettings]:
-    """Start the embedded broker when asked; otherwise parse the URL."""
+def broker_for(
+    settings: ServeSettings, fleet: str, registry: dict[str, AgentRecord]
+) -> Iterator[MqttSettings]:
+    """Start the embedded broker when asked (its coordinator password lives only in this
+    process); otherwise parse the URL."""
     if settings.broker == "embedded":
-        broker = EmbeddedBroker(settings.embedded_port).start()
+        password = secrets.token_hex(16)
+        broker = EmbeddedBroker(
+            settings.embedded_port, access=embedded_access(fleet, registry, password)
+        ).start()
         log.info("embedded broker on %s:%d", broker.host, broker.port)
         try:
-            yield MqttSettings(host=broker.host, port=broker.port)
+            yield MqttSettings(
+                host=broker.host, port=broker.port, username=COORDINATOR_USER, password=password
+            )
         finally:
             broker.stop()
     else:
-        yield parse_broker_url(settings.broker)
+        yield parse_broker_url(
+            settings.broker,
+            password=settings.password,
+            ca_file=settings.ca_file,
+            cert_file=settings.cert_file,
+            key_file=settings.key_file,
+        )
 
 
 def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
@@ -160,7 +191,7 @@ def serve(
     data = build_federation_data(cfg, settings.seed)
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
-    with broker_for(settings) as mqtt:
+    with broker_for(settings, fleet, registry) as mqtt:
         transport = MqttTransport(
             mqtt,
             fleet,

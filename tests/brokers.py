@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from coordinator.broker import EmbeddedBroker, MosquittoProcess, find_mosquitto, free_port
+from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.broker.net import LOOPBACK
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
@@ -75,7 +76,8 @@ class BrokerHandle:
     def start(self) -> None:
         """Start again on the same port (Mosquitto: same persistence directory)."""
         if self.kind == EMBEDDED:
-            self._server = EmbeddedBroker(self.port, host=self.host).start()
+            access = self._server.access
+            self._server = EmbeddedBroker(self.port, host=self.host, access=access).start()
         else:
             self._server.start()
 
@@ -116,17 +118,27 @@ def running_broker(
 ) -> Iterator[BrokerHandle]:
     """Start a broker of ``kind`` ("embedded" or "mosquitto") on a free loopback port.
 
-    Mosquitto gets a generated configuration in ``tmp_path/mosquitto`` with a user per
-    agent (username = agent id) plus the coordinator user, the fleet's ACL and
+    Both get a user per agent (username = agent id) plus the coordinator user and the
+    fleet's ACL; Mosquitto's generated configuration in ``tmp_path/mosquitto`` also has
     persistence. The broker is stopped on exit, also when the body raises.
     """
     agent_ids = list(agents)
     handle: BrokerHandle
     if kind == EMBEDDED:
-        server = EmbeddedBroker(host=LOOPBACK).start()
+        passwords = {a: secrets.token_hex(8) for a in agent_ids}
+        coord_pw = secrets.token_hex(8)
+        access = BrokerAccess.for_fleet(fleet, (COORDINATOR_USER, coord_pw), passwords)
+        server = EmbeddedBroker(host=LOOPBACK, access=access).start()
         base = replace(BASE_SETTINGS, port=server.port)
         handle = BrokerHandle(
-            kind, server.host, server.port, fleet, base, {a: base for a in agent_ids}, None, server
+            kind,
+            server.host,
+            server.port,
+            fleet,
+            replace(base, username=COORDINATOR_USER, password=coord_pw),
+            {a: replace(base, username=a, password=passwords[a]) for a in agent_ids},
+            None,
+            server,
         )
     elif kind == MOSQUITTO:
         if MOSQUITTO_MISSING:

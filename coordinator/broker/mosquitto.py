@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from coordinator.broker.acl import fleet_acl, mosquitto_acl_text
 from coordinator.broker.errors import BrokerStartError
 from coordinator.broker.net import LOOPBACK, port_accepts, wait_port
 from takfl.files import atomic_write_text
@@ -131,30 +132,8 @@ def write_password_file(
 def acl_text(
     topics: Topics, coordinator_user: str, agents: Iterable[str], monitor_user: str | None = None
 ) -> str:
-    """ACL file: the coordinator may do anything under the fleet; each agent (username =
-    agent id) writes only its own ``up/`` tree and reads its own ``down/`` tree and the
-    fleet's broadcasts; the optional monitor (``takfl-coordinator status``) only reads.
-    Everything else is denied."""
-    lines = [
-        f"# takfl fleet {topics.fleet}: generated; agents connect with username = agent id",
-        f"user {check_ident(coordinator_user, 'coordinator username')}",
-        f"topic readwrite {topics.fleet_filter()}",
-    ]
-    if monitor_user is not None:
-        lines += [
-            "",
-            f"user {check_ident(monitor_user, 'monitor username')}",
-            f"topic read {topics.fleet_filter()}",
-        ]
-    for agent in agents:
-        lines += [
-            "",
-            f"user {check_ident(agent, 'agent id')}",
-            f"topic write {topics.acl_tree(agent, 'up')}",
-            f"topic read {topics.acl_tree(agent, 'down')}",
-            f"topic read {topics.broadcast_filter()}",
-        ]
-    return "\n".join(lines) + "\n"
+    """ACL file of the fleet (rules in :mod:`coordinator.broker.acl`)."""
+    return mosquitto_acl_text(fleet_acl(topics, coordinator_user, agents, monitor_user))
 
 
 def conf_text(

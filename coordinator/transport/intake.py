@@ -16,7 +16,6 @@ even one announcing the same blob, is judged on its own.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -27,11 +26,12 @@ from dataclasses import dataclass, field
 from coordinator.transport.base import ClientUpdate
 from coordinator.transport.dispatch import TaskDispatch
 from coordinator.transport.inbound import Inbound
-from takfl.mqtt.blobs import BlobReceiver
+from takfl.mqtt.blobs import BlobReceiver, Missing
 from takfl.wire.chunking import ReassemblyLimits
 from takfl.wire.codec import apply_delta, max_encoded_bytes
 from takfl.wire.errors import BlobTooLarge, DigestMismatch, WireError
-from takfl.wire.messages import Ack, ChunkRequest, UpdateHeader, decode_chunk
+from takfl.wire.messages import Ack, UpdateHeader, decode_chunk
+from takfl.wire.signing import message_ref
 from takfl.wire.validation import (
     AgentRecord,
     Refusal,
@@ -92,11 +92,6 @@ class Decision:
 NOTHING = Decision(None, Verdict())
 
 
-def header_key(header: UpdateHeader) -> str:
-    """Identity of one exact header: its signed fields and its signature."""
-    return hashlib.sha256(header.signing_payload() + header.signature.encode()).hexdigest()
-
-
 class UpdateIntake:
     """Judges update headers and chunks. ``header``, ``chunk`` and ``tick`` run on one
     thread (the transport's dispatcher); ``pending`` may be called from any."""
@@ -120,7 +115,7 @@ class UpdateIntake:
         self._lock = threading.Lock()
         self._incoming: dict[tuple[str, str], UpdateHeader] = {}  # (agent, digest) -> header
         self._accepted: set[tuple[int, str]] = set()  # (round, agent)
-        self._decided: OrderedDict[str, Ack] = OrderedDict()  # header_key -> answer
+        self._decided: OrderedDict[str, Ack] = OrderedDict()  # message_ref -> answer
 
     # -- verdicts -----------------------------------------------------------------------
     def _refuse(self, agent: str, verdict: Verdict, header: UpdateHeader | None) -> Decision:
@@ -147,7 +142,7 @@ class UpdateIntake:
 
     def _remember(self, header: UpdateHeader, ack: Ack) -> None:
         with self._lock:
-            self._decided[header_key(header)] = ack
+            self._decided[message_ref(header)] = ack
             while len(self._decided) > MEMORY:
                 self._decided.popitem(last=False)
 
@@ -163,7 +158,9 @@ class UpdateIntake:
         with self._lock:
             # a repeated header of this round gets the same answer; one of an earlier
             # round is checked again (and refused as stale)
-            decided = self._decided.get(header_key(header)) if header.round_id == round_id else None
+            decided = (
+                self._decided.get(message_ref(header)) if header.round_id == round_id else None
+            )
             in_progress = (agent, header.blob.digest) in self._incoming
         if decided is not None:
             return Decision(agent, Verdict(), decided)
@@ -275,7 +272,7 @@ class UpdateIntake:
         with self._lock:
             self._accepted = {k for k in self._accepted if k[0] >= round_id}
 
-    def tick(self) -> tuple[list[tuple[str, ChunkRequest]], list[Decision]]:
+    def tick(self) -> tuple[list[Missing], list[Decision]]:
         """Chunk requests now due, and refusals of blobs that expired or went stale."""
         requests = self.receiver.due_requests()
         self.counters.chunk_requests_sent += len(requests)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TypeVar
 
 import torch
 
@@ -31,6 +32,7 @@ from coordinator.transport.presence import AgentState, Presence
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
+from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
 from takfl.wire.codec import encode_state
 from takfl.wire.messages import (
@@ -39,14 +41,17 @@ from takfl.wire.messages import (
     ChunkRequest,
     GlobalAnnouncement,
     Registration,
+    SignedMessage,
     Status,
     UpdateHeader,
     encode_message,
 )
+from takfl.wire.signing import sign
 from takfl.wire.topics import Down, Topics, Up
 from takfl.wire.validation import AgentRecord, UpdateBounds
 
 log = logging.getLogger(__name__)
+S = TypeVar("S", bound=SignedMessage)
 
 COORDINATOR_ID = "coordinator"  # agent_id of the coordinator's own Status
 GLOBAL_ENCODING = "fp32"  # global models travel uncompressed
@@ -67,6 +72,7 @@ class TransportPolicy:
     task_retry_s: float = 15.0  # send a task again when the agent has not acknowledged it
     max_sent_blobs: int = 16  # global blobs kept to answer chunk requests
     max_sent_bytes: int = 4 * 1024**3
+    resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
 
     def intake(self) -> IntakePolicy:
         return IntakePolicy(
@@ -116,7 +122,11 @@ class MqttTransport(Transport):
             client_id,
             will=Will(self.topics.coordinator_status(), encode_message(offline)),
         )
-        self.sender = BlobSender(self.client, BlobStore(p.max_sent_blobs, p.max_sent_bytes))
+        self.sender = BlobSender(
+            self.client,
+            BlobStore(p.max_sent_blobs, p.max_sent_bytes),
+            ResendLimiter(p.resend, clock=clock),
+        )
         self._updates: queue.Queue[ClientUpdate] = queue.Queue()
         t = self.topics
         self.client.route(t.up_filter(Up.REGISTER), self._on_register)
@@ -196,12 +206,18 @@ class MqttTransport(Transport):
             return None
 
     def publish_global(self, round_id: int, prototype: str, state: dict[str, torch.Tensor]) -> None:
-        """Announce (retained) the digest and size of a prototype's new global model."""
+        """Announce (retained) the digest and size of a prototype's new global model: to
+        monitors on the broadcast topic, and signed to each of the prototype's agents."""
         ref = blob_ref(encode_state(state, GLOBAL_ENCODING), self.policy.global_chunk_size)
         ann = GlobalAnnouncement(
             round_id=round_id, prototype=prototype, digest=ref.digest, size=ref.size
         )
         self.client.publish(self.topics.global_model(prototype), encode_message(ann), retain=True)
+        for agent, record in sorted(self.registry.items()):
+            if record.prototype == prototype:
+                signed = sign(ann.model_copy(update={"agent_id": agent}), record.secret)
+                topic = self.topics.down(agent, Down.GLOBAL)
+                self.client.publish(topic, encode_message(signed), retain=True)
 
     # -- inspection --------------------------------------------------------------------------------
     @property
@@ -230,8 +246,16 @@ class MqttTransport(Transport):
         online = Status(agent_id=COORDINATOR_ID, state="online", time=time.time())
         self.client.publish(self.topics.coordinator_status(), encode_message(online), retain=True)
 
+    def _signed(self, agent: str, message: S) -> S:
+        """``message`` signed with the agent's secret (unsigned for an unknown agent, which
+        cannot verify it anyway)."""
+        record = self.registry.get(agent)
+        return message if record is None else sign(message, record.secret)
+
     def _ack(self, agent: str, ack: Ack) -> None:
-        self.client.publish(self.topics.down(agent, Down.ACK), encode_message(ack))
+        self.client.publish(
+            self.topics.down(agent, Down.ACK), encode_message(self._signed(agent, ack))
+        )
 
     def _decided(self, decision: Decision) -> None:
         if decision.update is not None:
@@ -270,7 +294,7 @@ class MqttTransport(Transport):
             log.info("ignored chunk request on %s: %s", topic, received.verdict)
             return
         if self.dispatch.may_fetch(agent, request.digest):
-            n = self.sender.answer(self.topics.down(agent, Down.CHUNK), request)
+            n = self.sender.answer(self.topics.down(agent, Down.CHUNK), request, agent)
             self._counters.chunks_resent += n
 
     def _on_update(self, topic: str, payload: bytes) -> None:
@@ -285,8 +309,12 @@ class MqttTransport(Transport):
 
     def _tick(self) -> None:
         requests, decisions = self.intake.tick()
-        for agent, request in requests:
-            self.client.publish(self.topics.down(agent, Down.REQUEST), encode_message(request))
+        for m in requests:
+            request = ChunkRequest(agent_id=m.source, digest=m.digest, missing=m.indices)
+            self.client.publish(
+                self.topics.down(m.source, Down.REQUEST),
+                encode_message(self._signed(m.source, request)),
+            )
         for decision in decisions:
             self._decided(decision)
         for msg in self.dispatch.due_retries():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from coordinator.transport.inbound import Inbound
 from takfl.wire.messages import Ack, Registration, Status
+from takfl.wire.signing import message_ref
 from takfl.wire.validation import AgentRecord, Refusal, Verdict, check_registration
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,21 @@ class AgentState:
     online: bool = False
 
 
+_RANK = {"online": 0, "offline": 1}  # within one connection, the will comes last
+
+
+def status_order(msg: Status) -> tuple[float, int]:
+    """Order of an agent's statuses: by connection start, then online before offline."""
+    return (msg.time, _RANK[msg.state])
+
+
 class Presence:
     """Registered and online agents. Thread-safe; waiters are woken on every change."""
 
     def __init__(self, registry: Mapping[str, AgentRecord]) -> None:
         self.registry = registry
         self._agents: dict[str, AgentState] = {a: AgentState() for a in registry}
+        self._latest: dict[str, tuple[float, int]] = {}  # newest status order applied
         self._cond = threading.Condition()
         self.registrations = 0
 
@@ -40,11 +50,13 @@ class Presence:
         verdict = received.verdict
         if msg is not None and verdict.accepted:
             verdict = check_registration(msg, self.registry)
+        ref = None if msg is None else message_ref(msg)
         if msg is None or not verdict.accepted:
             reason = verdict.reason or Refusal.MALFORMED
             ack = Ack(
                 subject="register",
                 agent_id=agent,
+                digest=ref,
                 accepted=False,
                 reason=reason.value,
                 detail=verdict.detail[:500],
@@ -54,18 +66,25 @@ class Presence:
             self._agents[agent].registration = msg
             self._cond.notify_all()
         self.registrations += 1
-        return verdict, Ack(subject="register", agent_id=agent, accepted=True)
+        return verdict, Ack(subject="register", agent_id=agent, digest=ref, accepted=True)
 
     def status(self, received: Inbound[Status]) -> bool:
-        """Apply an agent's presence; True if it changed anything."""
+        """Apply an agent's signed presence unless an equal or newer one was applied (a
+        replayed old status changes nothing); True if applied."""
         agent, msg = received.agent, received.message
         if not received.ok or agent is None or msg is None:
-            log.info("ignored status on %s's topic: %s", agent, received.verdict)
+            log.warning("ignored status on %s's topic: %s", agent, received.verdict)
             return False
+        order = status_order(msg)
         with self._cond:
             st = self._agents.get(agent)
             if st is None:
                 return False
+            latest = self._latest.get(agent)
+            if latest is not None and order <= latest:
+                log.info("ignored an old %s status of %s", msg.state, agent)
+                return False
+            self._latest[agent] = order
             st.online = msg.state == "online"
             self._cond.notify_all()
         return True

@@ -9,7 +9,9 @@
   all run on the same thread; periodic hooks run on that thread too;
 - reconnects with exponential backoff and jitter (``reconnect_delay_set`` is
   re-armed with a jittered delay after every disconnect or failed attempt);
-- presence through a last will given at construction;
+- presence through a last will, armed afresh before every connection attempt when
+  given as a function of the connection's start time (``connection_time``), so that
+  a signed will and the ``online`` status sent on the connection carry the same time;
 - username/password and optional TLS.
 """
 
@@ -113,7 +115,7 @@ class MqttClient:
         settings: MqttSettings,
         client_id: str,
         *,
-        will: Will | None = None,
+        will: Will | Callable[[float], Will] | None = None,
         tick_s: float = 0.25,
         seed: int | None = None,
         persistent: bool = True,
@@ -153,10 +155,20 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_unrouted
-        if will is not None:
-            self._client.will_set(will.topic, will.payload, qos=settings.qos, retain=will.retain)
+        self._will = will
+        self.connection_time = 0.0  # wall-clock time the current connection's will was armed
+        self._arm_will()
         self._client.max_inflight_messages_set(settings.max_inflight)
         self._client.max_queued_messages_set(settings.outbox_size)
+
+    def _arm_will(self) -> None:
+        """Set the will for the next connection attempt (before paho reconnects)."""
+        self.connection_time = time.time()
+        will = self._will(self.connection_time) if callable(self._will) else self._will
+        if will is not None:
+            self._client.will_set(
+                will.topic, will.payload, qos=self.settings.qos, retain=will.retain
+            )
 
     # -- configuration (before start) --------------------------------------------------
     def route(self, topic_filter: str, handler: Handler) -> None:
@@ -250,6 +262,12 @@ class MqttClient:
     def is_connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def refused(self) -> str | None:
+        """Why the broker refused the latest connection attempt (e.g. not authorised), or
+        None while it has not refused one since the last success."""
+        return self.last_connect_error if self._refused.is_set() else None
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
@@ -295,6 +313,7 @@ class MqttClient:
             log.warning("%s: connection refused: %s", self.client_id, reason_code)
             return
         self._attempt = 0
+        self._refused.clear()
         client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_min_s)
         if self._filters:
             qos = int(self.settings.qos)
@@ -318,6 +337,7 @@ class MqttClient:
 
     def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
         self.last_connect_error = "connection failed"
+        self._arm_will()
         self._schedule_backoff()
 
     def _on_disconnect(
@@ -330,6 +350,7 @@ class MqttClient:
             return
         self.counters.disconnects += int(was_connected)
         log.info("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
+        self._arm_will()
         self._schedule_backoff()
 
     def _on_subscribe(
