@@ -281,14 +281,36 @@ def provision(
         "root (must be able to read the generated files).",
     ),
     fleet: str = typer.Option(None, help="Fleet name (default: config name)."),
+    tls: bool = typer.Option(
+        False, help="Also create a fleet CA, a server certificate and a TLS listener."
+    ),
+    tls_host: list[str] = typer.Option(
+        None, help="Host name or IP address agents use to reach the broker (repeatable)."
+    ),
+    tls_port: int = typer.Option(8883, help="Port of the TLS listener."),
 ) -> None:
     """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
+    from coordinator.broker.errors import BrokerStartError
+    from coordinator.serve import TLS_DIR
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
-    records, files, _ = do_provision(
-        cfg, out, fleet=fleet, mosquitto_port=mosquitto_port, mosquitto_user=mosquitto_user
-    )
+    if tls and not tls_host:
+        raise fail("--tls needs at least one --tls-host (the name or address agents connect to)")
+    if tls_host and not tls:
+        raise fail("--tls-host is only used with --tls")
+    try:
+        records, files, _ = do_provision(
+            cfg,
+            out,
+            fleet=fleet,
+            mosquitto_port=mosquitto_port,
+            mosquitto_user=mosquitto_user,
+            tls_hosts=list(tls_host) if tls else None,
+            tls_port=tls_port,
+        )
+    except (ValueError, BrokerStartError, OSError) as e:
+        raise fail(str(e)) from None
     console.print(
         f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
         f"{out / 'secrets'} (copy each to its device, mode 600)"
@@ -297,6 +319,12 @@ def provision(
         console.print(
             f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator and "
             f"of the read-only takfl-monitor for status in {out}/*.password)"
+        )
+    if tls:
+        console.print(
+            f"TLS: listener on port {tls_port} for {', '.join(tls_host)}; copy "
+            f"{out / TLS_DIR / 'ca.crt'} to every device (takfl-agent run --ca-file) and keep "
+            f"{out / TLS_DIR / 'ca.key'} private"
         )
 
 

@@ -18,7 +18,8 @@ import torch
 
 from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.embedded import EmbeddedBroker
-from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
+from coordinator.broker.mosquitto import MosquittoFiles, MosquittoTls, write_mosquitto_config
+from coordinator.broker.tls import make_fleet_tls
 from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, provision_agents
 from coordinator.service import FederationRun, ServeOptions
@@ -33,6 +34,7 @@ from takfl.mqtt.url import parse_broker_url
 from takfl.wire import validation
 
 log = logging.getLogger(__name__)
+TLS_DIR = "tls"  # provision's CA and server certificate
 COORDINATOR_USER = "takfl-coordinator"
 MONITOR_USER = "takfl-monitor"  # read-only, for takfl-coordinator status
 
@@ -115,9 +117,24 @@ def provision(
     fleet: str | None = None,
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
+    tls_hosts: list[str] | None = None,
+    tls_port: int = 8883,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
-    (password file, per-agent ACL) with a fresh coordinator password."""
+    (password file, per-agent ACL) with a fresh coordinator password, and with
+    ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
+    a TLS listener on ``tls_port`` (all interfaces; the plain one stays on loopback)."""
+    if tls_hosts and mosquitto_port is None:
+        raise ValueError("a TLS listener needs a Mosquitto configuration: add --mosquitto-port")
+    tls = None
+    if tls_hosts:
+        material = make_fleet_tls(out_dir / TLS_DIR, tls_hosts, fleet=fleet or cfg.name)
+        tls = MosquittoTls(
+            port=tls_port,
+            cert_file=str(material.server_cert.resolve()),
+            key_file=str(material.server_key.resolve()),
+            bind="",
+        )
     records = provision_agents(cfg, out_dir)
     coord_password = secrets.token_hex(16)
     files = None
@@ -131,6 +148,7 @@ def provision(
             agents={r.agent_id: mqtt_password(r.secret) for r in records},
             run_as=mosquitto_user,
             monitor=(MONITOR_USER, monitor_password),
+            tls=tls,
             use_tool=False,  # the built-in PBKDF2-SHA512 hasher: one file write, not one per agent
         )
         for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):

@@ -33,6 +33,7 @@ from coordinator.broker.net import LOOPBACK
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
 from takfl.mqtt.client import MqttSettings
+from takfl.wire.messages import MAX_PACKET_BYTES
 from takfl.wire.signing import generate_secret
 from takfl.wire.validation import AgentRecord
 
@@ -77,7 +78,12 @@ class BrokerHandle:
         """Start again on the same port (Mosquitto: same persistence directory)."""
         if self.kind == EMBEDDED:
             access = self._server.access
-            self._server = EmbeddedBroker(self.port, host=self.host, access=access).start()
+            self._server = EmbeddedBroker(
+                self.port,
+                host=self.host,
+                access=access,
+                max_packet_bytes=self._server.max_packet_bytes,
+            ).start()
         else:
             self._server.start()
 
@@ -87,7 +93,12 @@ class BrokerHandle:
 
 
 def _mosquitto(
-    tmp_path: Path, fleet: str, agents: list[str], persistence: bool, use_tool: bool | None
+    tmp_path: Path,
+    fleet: str,
+    agents: list[str],
+    persistence: bool,
+    use_tool: bool | None,
+    max_packet_bytes: int,
 ) -> tuple[MosquittoProcess, dict[str, str], str]:
     passwords = {a: secrets.token_hex(8) for a in agents}
     coordinator_password = secrets.token_hex(8)
@@ -102,6 +113,7 @@ def _mosquitto(
         autosave_interval_s=1,
         run_as=getpass.getuser(),
         use_tool=use_tool,
+        max_packet_bytes=max_packet_bytes,
     )
     return MosquittoProcess(files), passwords, coordinator_password
 
@@ -115,6 +127,7 @@ def running_broker(
     agents: Iterable[str] = ("a1", "a2"),
     persistence: bool = True,
     use_tool: bool | None = None,
+    max_packet_bytes: int = MAX_PACKET_BYTES,
 ) -> Iterator[BrokerHandle]:
     """Start a broker of ``kind`` ("embedded" or "mosquitto") on a free loopback port.
 
@@ -128,7 +141,9 @@ def running_broker(
         passwords = {a: secrets.token_hex(8) for a in agent_ids}
         coord_pw = secrets.token_hex(8)
         access = BrokerAccess.for_fleet(fleet, (COORDINATOR_USER, coord_pw), passwords)
-        server = EmbeddedBroker(host=LOOPBACK, access=access).start()
+        server = EmbeddedBroker(
+            host=LOOPBACK, access=access, max_packet_bytes=max_packet_bytes
+        ).start()
         base = replace(BASE_SETTINGS, port=server.port)
         handle = BrokerHandle(
             kind,
@@ -143,7 +158,9 @@ def running_broker(
     elif kind == MOSQUITTO:
         if MOSQUITTO_MISSING:
             pytest.skip("mosquitto binary not installed")
-        proc, passwords, coord_pw = _mosquitto(tmp_path, fleet, agent_ids, persistence, use_tool)
+        proc, passwords, coord_pw = _mosquitto(
+            tmp_path, fleet, agent_ids, persistence, use_tool, max_packet_bytes
+        )
         proc.start()
         base = replace(BASE_SETTINGS, port=proc.port)
         handle = BrokerHandle(

@@ -31,6 +31,7 @@ from coordinator.broker.acl import fleet_acl, mosquitto_acl_text
 from coordinator.broker.errors import BrokerStartError
 from coordinator.broker.net import LOOPBACK, port_accepts, wait_port
 from takfl.files import atomic_write_text
+from takfl.wire.messages import CHUNK_HEADER_BYTES, MAX_CHUNK_BYTES, MAX_PACKET_BYTES
 from takfl.wire.topics import Topics, check_ident
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class MosquittoTls:
     key_file: str
     ca_file: str | None = None
     require_certificate: bool = False  # mutual TLS
+    bind: str | None = None  # address to listen on; None: the plain listener's, "": all
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,14 @@ def conf_text(
     tls: MosquittoTls | None = None,
     run_as: str | None = None,
     max_queued_messages: int = 10_000,
+    max_packet_bytes: int = MAX_PACKET_BYTES,
 ) -> str:
-    """``mosquitto.conf`` text (Mosquitto 2.x)."""
+    """``mosquitto.conf`` text (Mosquitto 2.x).
+
+    Sizes: a PUBLISH whose payload is over ``message_size_limit`` (a full chunk and its
+    header) is dropped by the broker; a packet over ``max_packet_size`` closes the
+    sender's connection before the broker buffers it.
+    """
     lines = [
         "# takfl: generated Mosquitto configuration",
         "per_listener_settings false",
@@ -163,6 +171,8 @@ def conf_text(
         "persistent_client_expiration 14d",
         # a persistent session may queue a whole blob's chunks while its client is away
         f"max_queued_messages {max_queued_messages}",
+        f"message_size_limit {MAX_CHUNK_BYTES + CHUNK_HEADER_BYTES}",
+        f"max_packet_size {max_packet_bytes}",
         f"log_dest file {log_file.resolve()}",
         "log_type error",
         "log_type warning",
@@ -172,9 +182,10 @@ def conf_text(
         lines.append(f"user {run_as}")
     lines += ["", f"listener {port} {host}", "use_username_as_clientid true"]
     if tls is not None:
+        bind = host if tls.bind is None else tls.bind
         lines += [
             "",
-            f"listener {tls.port} {host}",
+            f"listener {tls.port} {bind}".rstrip(),
             "use_username_as_clientid true",
             f"certfile {tls.cert_file}",
             f"keyfile {tls.key_file}",
@@ -199,6 +210,7 @@ def write_mosquitto_config(
     run_as: str | None = None,
     use_tool: bool | None = None,
     monitor: tuple[str, str] | None = None,
+    max_packet_bytes: int = MAX_PACKET_BYTES,
 ) -> MosquittoFiles:
     """Write a complete Mosquitto configuration for one fleet.
 
@@ -235,6 +247,7 @@ def write_mosquitto_config(
             autosave_interval_s=autosave_interval_s,
             tls=tls,
             run_as=run_as,
+            max_packet_bytes=max_packet_bytes,
         )
     )
     return MosquittoFiles(d, files_conf, passwords, acl, data, log_file, host, port, method)
