@@ -151,13 +151,14 @@ def conf_text(
     tls: MosquittoTls | None = None,
     run_as: str | None = None,
     max_queued_messages: int = 10_000,
-    max_packet_bytes: int = MAX_PACKET_BYTES,
+    max_packet_bytes: int | None = MAX_PACKET_BYTES,
 ) -> str:
     """``mosquitto.conf`` text (Mosquitto 2.x).
 
     Sizes: a PUBLISH whose payload is over ``message_size_limit`` (a full chunk and its
     header) is dropped by the broker; a packet over ``max_packet_size`` closes the
-    sender's connection before the broker buffers it.
+    sender's connection before the broker buffers it. ``max_packet_bytes=None`` writes
+    neither (Mosquitto's default: no limit; for measurements only).
     """
     lines = [
         "# takfl: generated Mosquitto configuration",
@@ -171,13 +172,16 @@ def conf_text(
         "persistent_client_expiration 14d",
         # a persistent session may queue a whole blob's chunks while its client is away
         f"max_queued_messages {max_queued_messages}",
-        f"message_size_limit {MAX_CHUNK_BYTES + CHUNK_HEADER_BYTES}",
-        f"max_packet_size {max_packet_bytes}",
         f"log_dest file {log_file.resolve()}",
         "log_type error",
         "log_type warning",
         "log_type notice",
     ]
+    if max_packet_bytes is not None:
+        lines += [
+            f"message_size_limit {MAX_CHUNK_BYTES + CHUNK_HEADER_BYTES}",
+            f"max_packet_size {max_packet_bytes}",
+        ]
     if run_as is not None:
         lines.append(f"user {run_as}")
     lines += ["", f"listener {port} {host}", "use_username_as_clientid true"]
@@ -210,7 +214,7 @@ def write_mosquitto_config(
     run_as: str | None = None,
     use_tool: bool | None = None,
     monitor: tuple[str, str] | None = None,
-    max_packet_bytes: int = MAX_PACKET_BYTES,
+    max_packet_bytes: int | None = MAX_PACKET_BYTES,
 ) -> MosquittoFiles:
     """Write a complete Mosquitto configuration for one fleet.
 
