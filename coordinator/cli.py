@@ -281,6 +281,12 @@ def provision(
         "root (must be able to read the generated files).",
     ),
     fleet: str = typer.Option(None, help="Fleet name (default: config name)."),
+    max_samples: int = typer.Option(
+        None,
+        min=1,
+        help="Most training samples any agent may claim (its FedAvg weight); "
+        "default: what the agent's first registration says.",
+    ),
     tls: bool = typer.Option(
         False, help="Also create a fleet CA, a server certificate and a TLS listener."
     ),
@@ -291,6 +297,7 @@ def provision(
 ) -> None:
     """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
     from coordinator.broker.errors import BrokerStartError
+    from coordinator.registry import RegistryError
     from coordinator.serve import TLS_DIR
     from coordinator.serve import provision as do_provision
 
@@ -306,10 +313,11 @@ def provision(
             fleet=fleet,
             mosquitto_port=mosquitto_port,
             mosquitto_user=mosquitto_user,
+            max_samples=max_samples,
             tls_hosts=list(tls_host) if tls else None,
             tls_port=tls_port,
         )
-    except (ValueError, BrokerStartError, OSError) as e:
+    except (RegistryError, ValueError, BrokerStartError, OSError) as e:
         raise fail(str(e)) from None
     console.print(
         f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "

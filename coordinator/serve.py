@@ -21,8 +21,14 @@ from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.broker.mosquitto import MosquittoFiles, MosquittoTls, write_mosquitto_config
 from coordinator.broker.tls import make_fleet_tls
 from coordinator.engine import RoundPolicy, RoundResult
-from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, provision_agents
-from coordinator.service import FederationRun, ServeOptions
+from coordinator.registry import (
+    REGISTRY_FILE,
+    AgentRecord,
+    AllowanceBook,
+    load_registry,
+    provision_agents,
+)
+from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
@@ -101,13 +107,17 @@ def broker_for(
 
 
 def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
-    return {a: validation.AgentRecord(a, r.prototype, r.secret) for a, r in records.items()}
+    return {
+        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        for a, r in records.items()
+    }
 
 
 def transport_policy(cfg: FederationConfig) -> TransportPolicy:
-    """Each prototype's agents encode updates as their device profile says."""
+    """Each prototype's agents encode updates as their device profile says; updates are
+    bounded as the config's intake section says."""
     comms = {p.name: prototype_profile(cfg, p.name).comms for p in cfg.prototypes}
-    return TransportPolicy(comms_by_prototype=comms)
+    return TransportPolicy(comms_by_prototype=comms, bounds=update_bounds(cfg))
 
 
 def provision(
@@ -117,13 +127,16 @@ def provision(
     fleet: str | None = None,
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
+    max_samples: int | None = None,
     tls_hosts: list[str] | None = None,
     tls_port: int = 8883,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
     (password file, per-agent ACL) with a fresh coordinator password, and with
     ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
-    a TLS listener on ``tls_port`` (all interfaces; the plain one stays on loopback)."""
+    a TLS listener on ``tls_port`` (all interfaces; the plain one stays on loopback).
+    ``max_samples`` caps each agent's claimed sample count (None: its first registration
+    pins it)."""
     if tls_hosts and mosquitto_port is None:
         raise ValueError("a TLS listener needs a Mosquitto configuration: add --mosquitto-port")
     tls = None
@@ -135,7 +148,7 @@ def provision(
             key_file=str(material.server_key.resolve()),
             bind="",
         )
-    records = provision_agents(cfg, out_dir)
+    records = provision_agents(cfg, out_dir, max_samples=max_samples)
     coord_password = secrets.token_hex(16)
     files = None
     if mosquitto_port is not None:
@@ -209,6 +222,7 @@ def serve(
     data = build_federation_data(cfg, settings.seed)
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
+    allowances = AllowanceBook(agents_file, registry)
     with broker_for(settings, fleet, registry) as mqtt:
         transport = MqttTransport(
             mqtt,
@@ -217,14 +231,12 @@ def serve(
             num_classes=data.num_classes,
             input_shape=data.input_shape,
             policy=transport_policy(cfg),
+            on_allowance=allowances.pin,
         ).start(timeout=30)
         try:
             report(
                 f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
                 f"{len(registry)} provisioned agents, run dir {run_dir}"
-            )
-            wait_for_agents(
-                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             run = FederationRun(
                 cfg,
@@ -235,6 +247,11 @@ def serve(
                 ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
+                registry=transport.registry,
+            )
+            run.prepare()  # a bad run directory fails here, before waiting for agents
+            wait_for_agents(
+                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             results = run.run()
             c = transport.counters

@@ -48,7 +48,7 @@ from takfl.wire.messages import (
 )
 from takfl.wire.signing import sign
 from takfl.wire.topics import Down, Topics, Up
-from takfl.wire.validation import AgentRecord, UpdateBounds
+from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=SignedMessage)
@@ -105,14 +105,17 @@ class MqttTransport(Transport):
         policy: TransportPolicy | None = None,
         client_id: str = "takfl-coordinator",
         clock: Callable[[], float] = time.monotonic,
+        on_allowance: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``on_allowance(agent, n)`` is called when an agent's first accepted registration
+        pins its sample allowance (to persist it)."""
         self.topics = Topics(fleet)
         self.registry = dict(registry)
         self.num_classes = num_classes
         self.input_shape = input_shape
         self.policy = policy or TransportPolicy()
         p = self.policy
-        self.presence = Presence(self.registry)
+        self.presence = Presence(self.registry, on_allowance=on_allowance)
         self.dispatch = TaskDispatch(self.registry, retry_s=p.task_retry_s, clock=clock)
         self.intake = UpdateIntake(self.registry, self.dispatch, p.intake(), clock=clock)
         self._counters = TransportCounters()
@@ -219,6 +222,15 @@ class MqttTransport(Transport):
                 topic = self.topics.down(agent, Down.GLOBAL)
                 self.client.publish(topic, encode_message(signed), retain=True)
 
+    @property
+    def on_allowance(self) -> Callable[[str, int], None] | None:
+        """Called with (agent, n) when a first registration pins an allowance."""
+        return self.presence.on_allowance
+
+    @on_allowance.setter
+    def on_allowance(self, hook: Callable[[str, int], None] | None) -> None:
+        self.presence.on_allowance = hook
+
     # -- inspection --------------------------------------------------------------------------------
     @property
     def counters(self) -> IntakeCounters:
@@ -270,6 +282,7 @@ class MqttTransport(Transport):
         )
         verdict, ack = self.presence.register(received)
         if not verdict.accepted:
+            self.counters.refused[(verdict.reason or Refusal.MALFORMED).value] += 1
             log.warning("refused registration on %s: %s", topic, verdict)
         if ack is not None and received.agent is not None:
             self._ack(received.agent, ack)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from coordinator.transport.inbound import Inbound
 from takfl.wire.messages import Ack, Registration, Status
@@ -35,8 +35,17 @@ def status_order(msg: Status) -> tuple[float, int]:
 class Presence:
     """Registered and online agents. Thread-safe; waiters are woken on every change."""
 
-    def __init__(self, registry: Mapping[str, AgentRecord]) -> None:
+    def __init__(
+        self,
+        registry: dict[str, AgentRecord],
+        *,
+        on_allowance: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """``registry`` is shared with the other units: an agent's first accepted
+        registration pins its sample allowance in it, and ``on_allowance(agent, n)``
+        is called to persist it."""
         self.registry = registry
+        self.on_allowance = on_allowance
         self._agents: dict[str, AgentState] = {a: AgentState() for a in registry}
         self._latest: dict[str, tuple[float, int]] = {}  # newest status order applied
         self._cond = threading.Condition()
@@ -62,9 +71,16 @@ class Presence:
                 detail=verdict.detail[:500],
             )
             return verdict, ack
+        pinned = None
         with self._cond:
             self._agents[agent].registration = msg
+            record = self.registry[agent]
+            if record.max_samples is None:  # registered once: the first count is the cap
+                self.registry[agent] = replace(record, max_samples=msg.num_samples)
+                pinned = msg.num_samples
             self._cond.notify_all()
+        if pinned is not None and self.on_allowance is not None:
+            self.on_allowance(agent, pinned)
         self.registrations += 1
         return verdict, Ack(subject="register", agent_id=agent, digest=ref, accepted=True)
 
