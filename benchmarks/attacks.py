@@ -15,7 +15,8 @@
    without a payload cap (before) against the generated configuration and the client's
    cap (after).
 
-Prints tables and writes benchmarks/results/attacks.json.
+Prints tables and writes benchmarks/results/attacks.json (with ``--skip-oversize``, the
+oversize figures already in that file are kept).
 """
 
 from __future__ import annotations
@@ -103,8 +104,14 @@ def broker(
         )
 
 
-def settle(read: Callable[[], int], quiet_s: float = 1.5, limit_s: float = 120.0) -> int:
-    """``read()`` once it has not changed for ``quiet_s``."""
+def settle(
+    read: Callable[[], int], quiet_s: float = 3.0, limit_s: float = 180.0, first_s: float = 60.0
+) -> int:
+    """``read()`` once it has moved from 0 (or ``first_s`` passed: a broker may still be
+    delivering an earlier flood) and then not changed for ``quiet_s``."""
+    end = time.monotonic() + first_s
+    while read() == 0 and time.monotonic() < end:
+        time.sleep(0.2)
     end = time.monotonic() + limit_s
     last, since = read(), time.monotonic()
     while time.monotonic() < end:
@@ -369,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                 over.append(oversize(limits, args.oversize_count, args.oversize_mb, sub))
             console.print(oversize_table(over))
             result["oversize"] = over
+    if "oversize" not in result and args.output.exists():  # skipped: keep earlier figures
+        earlier = json.loads(args.output.read_text())
+        if "oversize" in earlier:
+            result["oversize"] = earlier["oversize"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {args.output}")
