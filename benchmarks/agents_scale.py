@@ -347,9 +347,9 @@ def coordinator_main(spec_path: Path) -> int:
 
     def timed_absorb(upd: ClientUpdate, collector: Any) -> bool:
         t = time.perf_counter()
-        counted = absorb(upd, collector)
+        taken = absorb(upd, collector)
         absorbing[0] += time.perf_counter() - t
-        return counted
+        return taken
 
     engine.absorb = timed_absorb  # type: ignore[method-assign,assignment]
     rec: dict[str, Any] = {"rss_setup_mb": peak_rss_mb()}
