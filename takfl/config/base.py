@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+from takfl.model_catalog import MODEL_OPTIONS, catalog_names
 
 
 class Strict(BaseModel):
@@ -23,10 +24,8 @@ class ModelSpec(Strict):
     @field_validator("builder")
     @classmethod
     def _known_builder(cls, value: str) -> str:
-        from takfl.models import model_names
-
-        if value not in model_names():
-            known = ", ".join(model_names())
+        if value not in MODEL_OPTIONS:
+            known = ", ".join(catalog_names())
             raise ValueError(f"unknown model {value!r}; expected one of: {known}")
         return value
 
@@ -36,12 +35,7 @@ class ModelSpec(Strict):
         builder = info.data.get("builder")
         if builder is None:  # the builder itself was invalid and is reported already
             return value
-        from takfl.models import get_entry
-
-        params = inspect.signature(get_entry(builder).builder).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return value  # the builder takes any keyword
-        accepted = sorted(set(params) - {"num_classes", "input_shape"})
+        accepted = sorted(MODEL_OPTIONS[builder])
         unknown = sorted(set(value) - set(accepted))
         if unknown:
             raise ValueError(

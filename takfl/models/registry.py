@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+from takfl.model_catalog import MODEL_OPTIONS
 
 Builder = Callable[..., nn.Module]
 
@@ -48,10 +51,22 @@ def register(
     def wrap(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
+        options = tuple(sorted(builder_options(builder)))
+        if MODEL_OPTIONS.get(name) != options:
+            raise ValueError(
+                f"model {name!r} takes options {options}; add it to "
+                f"takfl/model_catalog.py as MODEL_OPTIONS[{name!r}] = {options}"
+            )
         _REGISTRY[name] = ModelEntry(name, builder, family, default_input_shape, reference)
         return builder
 
     return wrap
+
+
+def builder_options(builder: Builder) -> set[str]:
+    """The keyword options of a builder besides ``num_classes`` and ``input_shape``."""
+    params = inspect.signature(builder).parameters
+    return set(params) - {"num_classes", "input_shape"}
 
 
 def model_names() -> list[str]:
