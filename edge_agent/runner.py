@@ -23,6 +23,7 @@ from takfl.models import build_model
 from takfl.mqtt.client import UNSUPPORTED_PROTOCOL, MqttSettings
 from takfl.mqtt.probe import connack_reason
 from takfl.training import train_local
+from takfl.wire.validation import check_layout
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0  # wait for the broker's answer to the MQTT 5 question
@@ -33,6 +34,7 @@ PROBE_RETRY_S = 2.0  # between questions while the broker is not up
 class AgentStats:
     tasks_done: int = 0
     tasks_skipped: int = 0  # arrived past their deadline
+    tasks_refused: int = 0  # global model mismatched, non-finite or unbuildable
     last_round: int = -1
     seconds_training: float = 0.0
     rounds: list[int] = field(default_factory=list)
@@ -45,7 +47,13 @@ def dictated_training(task: ReceivedTask) -> TrainingSpec | None:
 
 
 class RegistrationRefused(RuntimeError):
-    """The coordinator refused this agent (unknown id, wrong prototype, bad signature)."""
+    """The coordinator refused this agent (unknown id, wrong prototype, bad signature), or
+    the broker refused its login."""
+
+
+def login_refused(reason: str | None) -> bool:
+    """True for a broker answer that retrying with the same credentials cannot change."""
+    return reason is not None and any(w in reason.lower() for w in ("authori", "password"))
 
 
 class Agent:
@@ -110,8 +118,9 @@ class Agent:
         """Report what keeps the agent waiting, with the fix (no silent waits)."""
         client = self.link.client
         error = client.last_connect_error
-        if not client.is_connected and error is not None and error != "connection failed":
-            line = watch.refused(error)
+        refused = client.refused  # a CONNACK refusal, not a failed TCP or TLS connection
+        if not client.is_connected and refused is not None:
+            line = watch.refused(refused)
             if line:
                 self.report(line)
         while not self._denials.empty():
@@ -133,7 +142,17 @@ class Agent:
             log.info("skipping task of round %d: past its deadline", msg.round_id)
             return
         c, h, w = msg.input_shape
-        model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
+        try:
+            model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
+        except (KeyError, TypeError, ValueError) as e:
+            self.stats.tasks_refused += 1
+            log.warning("refusing task of round %d: cannot build its model (%s)", msg.round_id, e)
+            return
+        verdict = check_layout(task.global_state, model.state_dict())
+        if not verdict.accepted:  # a mismatched or non-finite global: refuse, keep serving
+            self.stats.tasks_refused += 1
+            log.warning("refusing the global model of round %d: %s", msg.round_id, verdict)
+            return
         model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
         result = train_local(model, self.x, self.y, spec, seed=msg.seed)
@@ -182,6 +201,13 @@ class Agent:
         try:
             while not self.stop_event.is_set():
                 self._watch(watch, registered)
+                refused = self.link.client.refused
+                if not registered and login_refused(refused):
+                    raise RegistrationRefused(
+                        f"the broker refused the login of agent {self.link.identity.agent_id} "
+                        f"({refused}): it is not provisioned there, or its secret or "
+                        "password is wrong"
+                    )
                 if not registered:
                     ack = self.link.wait_ack(REGISTER_KEY, timeout=0.0)
                     if ack is not None and not ack.accepted:
