@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,9 @@ def fleet_with_coordinator(tmp_path: Path) -> Iterator[Federation]:
     """Provisioned digits fleet on Mosquitto, with the coordinator's transport online."""
     with federation(tmp_path, "mosquitto") as fed:
         # the coordinator's transport announces itself online; no agent needs registering
+        password = (fed.work / "coordinator.password").read_text().strip()
         transport = MqttTransport(
-            parse_broker_url(fed.broker_url_coordinator),
+            replace(parse_broker_url(fed.broker_url_coordinator), password=password),
             fed.cfg.name,
             {},
             num_classes=10,

@@ -111,9 +111,16 @@ def test_run_reports_a_refused_connection_and_a_refused_message(tmp_path: Path) 
 def test_run_falls_back_to_mqtt_311_and_reports_a_missing_coordinator(tmp_path: Path) -> None:
     secret = tmp_path / "a.secret"
     write_secret_file(secret, generate_secret())
-    with running_broker(EMBEDDED, tmp_path, agents=[M0]) as broker:
-        url = f"mqtt://{broker.host}:{broker.port}"
-        agent = AgentProcess(*agent_args(url, secret, "--fleet", "lonely", "--patience", "2"))
+    with running_broker(EMBEDDED, tmp_path, fleet="lonely", agents=[M0]) as broker:
+        password = tmp_path / "broker.password"
+        password.write_text(f"{broker.settings_for(M0).password}\n")
+        password.chmod(0o600)
+        url = f"mqtt://{M0}@{broker.host}:{broker.port}"
+        agent = AgentProcess(
+            *agent_args(url, secret, "--fleet", "lonely", "--patience", "2"),
+            "--password-file",
+            str(password),
+        )
         try:
             agent.wait_for("speaks MQTT 3.1.1 only")
             agent.wait_for("no coordinator of fleet lonely", "Fix:")
