@@ -257,7 +257,6 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
         cwd=REPO,
     )
     fleet = work / "fleet"
-    coord_pw = (fleet / "coordinator.password").read_text().strip()
     board_dir = root / "root" / "trial"
     shutil.rmtree(board_dir, ignore_errors=True)
     (board_dir / "data").mkdir(parents=True)
@@ -298,7 +297,9 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
                 "--config",
                 str(cfg_path),
                 "--broker",
-                f"mqtt://takfl-coordinator:{coord_pw}@127.0.0.1:{port}",
+                f"mqtt://takfl-coordinator@127.0.0.1:{port}",
+                "--password-file",
+                str(fleet / "coordinator.password"),
                 "--run-dir",
                 str(work / "run"),
                 "--agents",
