@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from takfl.config import ConfigError, load_profile
+
+if TYPE_CHECKING:
+    import numpy as np
 
 console = Console()
 _ROUND = re.compile(r"-round-(\d+)-")
@@ -43,6 +46,8 @@ def load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
     ``.npz`` with ``x`` (and optional ``y``), or ``digits`` for scikit-learn's bundled digits.
     """
+    import numpy as np  # here, so that the CLI's other commands start without it
+
     if str(path) == "digits":
         from sklearn.datasets import load_digits
 

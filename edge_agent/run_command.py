@@ -36,6 +36,14 @@ def run(
     cert_file: str = typer.Option(None, help="mqtts: client certificate (mutual TLS)."),
     key_file: str = typer.Option(None, help="mqtts: key of the client certificate."),
     max_tasks: int = typer.Option(None, min=1, help="Exit after this many tasks."),
+    mqtt_protocol: str = typer.Option(
+        "5",
+        help="MQTT version: 5 (a refused connection or message comes with a reason; falls "
+        "back to 3.1.1 on a broker without MQTT 5) or 3.1.1.",
+    ),
+    patience: float = typer.Option(
+        60.0, min=1.0, help="Seconds without broker or coordinator before saying so."
+    ),
 ) -> None:
     """Train on local data for the coordinator, within the device profile's limits."""
     from edge_agent.data import load_demo_shard, load_local_data
@@ -57,9 +65,13 @@ def run(
     if (data is None) == (demo_shard is None):
         console.print("[red]give exactly one of --data DIR and --demo-shard K[/red]")
         raise typer.Exit(2)
+    if mqtt_protocol not in ("5", "3.1.1"):
+        console.print(f"[red]--mqtt-protocol {mqtt_protocol}: expected 5 or 3.1.1[/red]")
+        raise typer.Exit(2)
     try:
         secret = load_secret_file(secret_file)
         settings = parse_broker_url(broker, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        settings = replace(settings, protocol="5" if mqtt_protocol == "5" else "3.1.1")
         if settings.username is not None:
             settings = replace(settings, password=read_password(password_file))
         else:
@@ -75,7 +87,17 @@ def run(
         from takfl.config import load_federation
 
         fleet = load_federation(federation).name
-    agent = Agent(prof, settings, fleet, agent_id, secret, x, y, report=lambda m: console.print(m))
+    agent = Agent(
+        prof,
+        settings,
+        fleet,
+        agent_id,
+        secret,
+        x,
+        y,
+        report=lambda m: console.print(m, markup=False, highlight=False),
+        patience_s=patience,
+    )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
     try:
         stats = agent.run(max_tasks=max_tasks)

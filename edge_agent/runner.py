@@ -7,22 +7,27 @@ coordinator's simulation runs for its virtual clients.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
 from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
+from edge_agent.watch import LinkWatch
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
-from takfl.mqtt.client import MqttSettings
+from takfl.mqtt.client import UNSUPPORTED_PROTOCOL, MqttSettings
+from takfl.mqtt.probe import connack_reason
 from takfl.training import train_local
 from takfl.wire.validation import check_layout
 
 log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 10.0  # wait for the broker's answer to the MQTT 5 question
+PROBE_RETRY_S = 2.0  # between questions while the broker is not up
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Agent:
         y: torch.Tensor,
         *,
         report: Callable[[str], None] = print,
+        patience_s: float = 60.0,
     ) -> None:
         if len(x) == 0:
             raise ValueError("the agent has no private data to train on")
@@ -73,11 +79,59 @@ class Agent:
         self.report = report
         self.stats = AgentStats()
         self.stop_event = threading.Event()
-
-        identity = AgentIdentity(
+        self.settings = settings
+        self.fleet = fleet
+        self.patience_s = patience_s
+        self._denials: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self.identity = AgentIdentity(
             agent_id, profile.prototype, secret, profile.name, profile.hardware_class, len(x)
         )
-        self.link = AgentLink(settings, fleet, identity)
+        self.link = self._new_link()
+
+    def _new_link(self) -> AgentLink:
+        link = AgentLink(self.settings, self.fleet, self.identity)
+        link.client.on_publish_denied(lambda topic, reason: self._denials.put((topic, reason)))
+        return link
+
+    def _choose_protocol(self, watch: LinkWatch) -> None:
+        """With MQTT 5 asked for, ask the broker first (waiting, with reports, until it
+        answers); a 3.1.1-only broker such as the embedded one gets 3.1.1."""
+        while self.settings.protocol == "5" and not self.stop_event.is_set():
+            reason = connack_reason(self.settings, PROBE_TIMEOUT_S)
+            if reason == UNSUPPORTED_PROTOCOL:
+                self.settings = replace(self.settings, protocol="3.1.1")
+                self.link = self._new_link()
+                self.report(
+                    f"the broker at {self.settings.host}:{self.settings.port} speaks MQTT 3.1.1 "
+                    "only; using 3.1.1, where a refused message is not reported"
+                )
+            if reason is not None:
+                return
+            line = watch.tick(
+                time.monotonic(), connected=False, registered=False, last_error="no answer"
+            )
+            if line:
+                self.report(line)
+            self.stop_event.wait(PROBE_RETRY_S)
+
+    def _watch(self, watch: LinkWatch, registered: bool) -> None:
+        """Report what keeps the agent waiting, with the fix (no silent waits)."""
+        client = self.link.client
+        error = client.last_connect_error
+        refused = client.refused  # a CONNACK refusal, not a failed TCP or TLS connection
+        if not client.is_connected and refused is not None:
+            line = watch.refused(refused)
+            if line:
+                self.report(line)
+        while not self._denials.empty():
+            line = watch.denied(*self._denials.get())
+            if line:
+                self.report(line)
+        line = watch.tick(
+            time.monotonic(), connected=client.is_connected, registered=registered, last_error=error
+        )
+        if line:
+            self.report(line)
 
     def handle(self, task: ReceivedTask) -> None:
         """Train on one task and send the update; a late task is skipped. (Repeated tasks
@@ -102,6 +156,7 @@ class Agent:
         model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
         result = train_local(model, self.x, self.y, spec, seed=msg.seed)
+        peak = peak_rss_mb() or 0.0
         header = self.link.send_update(
             task,
             result.state,
@@ -110,7 +165,7 @@ class Agent:
                 "train_loss": result.mean_loss,
                 "train_s": result.seconds,
                 "steps": float(result.steps),
-                "peak_rss_mb": peak_rss_mb() or 0.0,
+                "peak_rss_mb": peak,
             },
         )
         warning = over_memory(spec)
@@ -122,8 +177,8 @@ class Agent:
         self.stats.seconds_training += result.seconds
         self.report(
             f"round {msg.round_id}: trained {result.steps} steps in {result.seconds:.1f}s "
-            f"(loss {result.mean_loss:.3f}), sent {header.blob.size / 1024:.0f} KiB "
-            f"{header.compression}"
+            f"(loss {result.mean_loss:.3f}), sent {header.blob.size} bytes "
+            f"{header.compression}, peak RSS {peak:.0f} MB"
         )
 
     def run(self, max_tasks: int | None = None) -> AgentStats:
@@ -133,10 +188,19 @@ class Agent:
             f"agent {self.link.identity.agent_id} ({self.profile.name}, prototype "
             f"{self.profile.prototype}, {len(self.x)} samples, limits {applied})"
         )
-        self.link.start(timeout=None)  # keeps trying in the background until the broker is up
         registered = False
+        watch = LinkWatch(
+            agent_id=self.identity.agent_id,
+            fleet=self.fleet,
+            broker=f"{self.settings.host}:{self.settings.port}",
+            started=time.monotonic(),
+            patience_s=self.patience_s,
+        )
+        self._choose_protocol(watch)
+        self.link.start(timeout=None)  # keeps trying in the background until the broker is up
         try:
             while not self.stop_event.is_set():
+                self._watch(watch, registered)
                 refused = self.link.client.refused
                 if not registered and login_refused(refused):
                     raise RegistrationRefused(

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from takfl.model_catalog import MODEL_OPTIONS
 from takfl.models import (
     UnknownModelError,
     build_model,
@@ -17,7 +18,7 @@ from takfl.models import (
     get_entry,
     model_names,
 )
-from takfl.models.registry import register
+from takfl.models.registry import builder_options, register
 
 ZOO = [
     "cnn_digits_large",
@@ -174,3 +175,18 @@ def test_a_name_cannot_be_registered_twice() -> None:
             lambda num_classes, input_shape: nn.Identity()
         )
     assert get_entry("resnet8").family == "resnet"
+
+
+def test_the_torch_free_catalogue_matches_every_builder() -> None:
+    # the config schema validates against MODEL_OPTIONS without importing torch
+    assert sorted(MODEL_OPTIONS) == model_names()
+    for name in model_names():
+        assert MODEL_OPTIONS[name] == builder_options(get_entry(name).builder)
+
+
+def test_a_builder_missing_from_the_catalogue_is_refused() -> None:
+    with pytest.raises(ValueError, match="model_catalog"):
+        register("resnet_unlisted", family="resnet", default_input_shape=(3, 32, 32))(
+            lambda num_classes, input_shape: nn.Identity()
+        )
+    assert "resnet_unlisted" not in model_names()

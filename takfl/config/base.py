@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-import typing
 from typing import Any
 
 from pydantic import (
@@ -15,6 +13,8 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+
+from takfl.model_catalog import MODEL_OPTIONS, catalog_names
 
 MAX_MODEL_ARG = 1_000_000  # magnitude cap of a numeric model argument
 
@@ -34,10 +34,8 @@ class ModelSpec(Strict):
     @field_validator("builder")
     @classmethod
     def _known_builder(cls, value: str) -> str:
-        from takfl.models import model_names
-
-        if value not in model_names():
-            known = ", ".join(model_names())
+        if value not in MODEL_OPTIONS:
+            known = ", ".join(catalog_names())
             raise ValueError(f"unknown model {value!r}; expected one of: {known}")
         return value
 
@@ -47,19 +45,14 @@ class ModelSpec(Strict):
         builder = info.data.get("builder")
         if builder is None:  # the builder itself was invalid and is reported already
             return value
-        from takfl.models import get_entry
-
-        params = inspect.signature(get_entry(builder).builder).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return value  # the builder takes any keyword
-        accepted = sorted(set(params) - {"num_classes", "input_shape"})
+        accepted = sorted(MODEL_OPTIONS[builder])
         unknown = sorted(set(value) - set(accepted))
         if unknown:
             raise ValueError(
                 f"{builder} takes no argument(s) {', '.join(unknown)}; "
                 f"it accepts: {', '.join(accepted) or 'none'}"
             )
-        hints = typing.get_type_hints(get_entry(builder).builder)
+        hints = MODEL_OPTIONS[builder]
         problems = [
             problem
             for name, arg in value.items()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+from takfl.model_catalog import MODEL_OPTIONS
 
 Builder = Callable[..., nn.Module]
 
@@ -48,10 +52,25 @@ def register(
     def wrap(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
+        options = builder_options(builder)
+        if MODEL_OPTIONS.get(name) != options:
+            shown = {k: v.__name__ for k, v in sorted(options.items())}
+            raise ValueError(
+                f"model {name!r} takes options {shown}; list them in takfl/model_catalog.py "
+                f"as MODEL_OPTIONS[{name!r}]"
+            )
         _REGISTRY[name] = ModelEntry(name, builder, family, default_input_shape, reference)
         return builder
 
     return wrap
+
+
+def builder_options(builder: Builder) -> dict[str, Any]:
+    """The keyword options of a builder besides ``num_classes`` and ``input_shape``, with
+    their annotations (``Any`` where there is none)."""
+    hints = typing.get_type_hints(builder)
+    params = set(inspect.signature(builder).parameters) - {"num_classes", "input_shape"}
+    return {name: hints.get(name, Any) for name in params}
 
 
 def model_names() -> list[str]:

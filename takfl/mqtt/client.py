@@ -12,6 +12,9 @@
 - presence through a last will, armed afresh before every connection attempt when
   given as a function of the connection's start time (``connection_time``), so that
   a signed will and the ``online`` status sent on the connection carry the same time;
+- with MQTT 5 (``protocol="5"``) a refused publish is visible: the broker's PUBACK carries
+  a reason code (e.g. "Not authorized" from an ACL), counted, logged and passed to the
+  ``on_publish_denied`` hooks; MQTT 3.1.1 acknowledges a denied publish like any other;
 - username/password and optional TLS; a failed TLS handshake is logged with its reason
   (paho only says that the connection failed, so the handshake is tried once more
   directly to learn why);
@@ -29,6 +32,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 Hook = Callable[[], None]
+DenialHook = Callable[[str, str], None]  # (topic, reason)
+UNSUPPORTED_PROTOCOL = "Unsupported protocol version"  # CONNACK of a 3.1.1-only broker to MQTT 5
 
 
 class MqttConnectError(ConnectionError):
@@ -100,6 +106,7 @@ class ClientCounters:
     oversized: int = 0  # dropped for exceeding max_payload_bytes
     publish_refused: int = 0  # outbox full
     subscribe_refused: int = 0  # broker refused a subscription (ACL)
+    publish_denied: int = 0  # MQTT 5: the broker's PUBACK refused a message (ACL)
 
 
 def backoff_delay(attempt: int, min_s: int, max_s: int, rng: random.Random) -> int:
@@ -179,6 +186,14 @@ class MqttClient:
         self._refused = threading.Event()  # the broker answered a CONNECT with a refusal
         self._settled = threading.Condition()  # notified when subscribed or refused
         self._sub_mid: int | None = None
+        # PUBACK bookkeeping. Never held while calling paho: paho runs on_publish under its
+        # own lock, which its publish() takes too.
+        self._pub_lock = threading.Lock()
+        self._pub_topics: OrderedDict[int, str] = OrderedDict()  # mid -> topic, awaiting PUBACK
+        self._early: OrderedDict[int, ReasonCode] = OrderedDict()  # PUBACKs before bookkeeping
+        self._confirm: dict[int, tuple[threading.Event, list[ReasonCode]]] = {}
+        self._denial_hooks: list[DenialHook] = []
+        self.last_publish_denial: tuple[str, str] | None = None  # (topic, reason)
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         v5 = settings.protocol == "5"
@@ -196,6 +211,7 @@ class MqttClient:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
         self._client.on_message = self._on_unrouted
         self._ssl_context: ssl.SSLContext | None = None
         self._will = will
@@ -251,6 +267,11 @@ class MqttClient:
     def on_connected(self, hook: Hook) -> None:
         """Run ``hook`` after every successful (re)connect, on the network thread."""
         self._connect_hooks.append(hook)
+
+    def on_publish_denied(self, hook: DenialHook) -> None:
+        """Run ``hook(topic, reason)`` on the network thread when the broker refuses a
+        publish (MQTT 5 only)."""
+        self._denial_hooks.append(hook)
 
     def every_tick(self, hook: Hook) -> None:
         """Run ``hook`` every ``tick_s`` seconds on the dispatcher thread."""
@@ -349,13 +370,83 @@ class MqttClient:
         While disconnected, QoS > 0 messages wait in the outbox and go out on reconnect.
         """
         info = self._client.publish(topic, payload, qos=self.settings.qos, retain=retain)
+        if self.settings.qos > 0 and info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            self._track(info.mid, topic)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             self.counters.publish_refused += 1
             log.warning("%s: outbox full, refused a message on %s", self.client_id, topic)
             return False
         return info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
 
+    def publish_confirmed(
+        self, topic: str, payload: bytes, timeout: float, *, retain: bool = False
+    ) -> ReasonCode | None:
+        """Publish at QoS 1 and wait for the broker's PUBACK: its reason code (a failure when
+        an MQTT 5 broker refuses the message), or None if none came within ``timeout`` s."""
+        done = threading.Event()
+        box: list[ReasonCode] = []
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        self._track(info.mid, topic, (done, box))
+        done.wait(timeout)
+        with self._pub_lock:
+            self._confirm.pop(info.mid, None)
+        return box[0] if box else None
+
+    def _track(
+        self,
+        mid: int,
+        topic: str,
+        waiter: tuple[threading.Event, list[ReasonCode]] | None = None,
+    ) -> None:
+        """Remember which topic ``mid`` went to until its PUBACK; handle one already here."""
+        cap = self.settings.outbox_size + self.settings.max_inflight
+        with self._pub_lock:
+            early = self._early.pop(mid, None)
+            if early is None:
+                self._pub_topics[mid] = topic
+                if waiter is not None:
+                    self._confirm[mid] = waiter
+                while len(self._pub_topics) > cap:
+                    self._pub_topics.popitem(last=False)  # lost with a dropped session
+        if early is not None:
+            self._puback(topic, early, waiter)
+
     # -- paho callbacks (network thread): thin ----------------------------------------------
+    def _on_publish(
+        self, _c: mqtt.Client, _u: Any, mid: int, reason_code: ReasonCode, _props: Any
+    ) -> None:
+        with self._pub_lock:
+            topic = self._pub_topics.pop(mid, None)
+            waiter = self._confirm.pop(mid, None)
+            if topic is None:  # publish() has not recorded it yet
+                self._early[mid] = reason_code
+                while len(self._early) > self.settings.max_inflight + 16:
+                    self._early.popitem(last=False)  # QoS 0 messages are never tracked
+                return
+        self._puback(topic, reason_code, waiter)
+
+    def _puback(
+        self,
+        topic: str,
+        reason_code: ReasonCode,
+        waiter: tuple[threading.Event, list[ReasonCode]] | None,
+    ) -> None:
+        if waiter is not None:
+            waiter[1].append(reason_code)
+            waiter[0].set()
+        if not reason_code.is_failure:
+            return
+        self.counters.publish_denied += 1
+        self.last_publish_denial = (topic, str(reason_code))
+        log.warning(
+            "%s: the broker refused a message on %s: %s", self.client_id, topic, reason_code
+        )
+        for hook in self._denial_hooks:
+            try:
+                hook(topic, str(reason_code))
+            except Exception:
+                log.exception("%s: publish-denied hook failed", self.client_id)
+
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _flags: Any, reason_code: ReasonCode, _props: Any
     ) -> None:
@@ -366,6 +457,7 @@ class MqttClient:
             log.warning("%s: connection refused: %s", self.client_id, reason_code)
             return
         self._attempt = 0
+        self.last_connect_error = None
         self._refused.clear()
         client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_min_s)
         if self._filters:
