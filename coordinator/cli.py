@@ -13,11 +13,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.engine import RoundResult
+from takfl.algorithms import AlgorithmError, resolve_algorithm
 from takfl.config import (
     ALGORITHMS,
+    LAMBDA_STRATEGIES,
     ConfigError,
     FederationConfig,
-    LambdaSpec,
     load_federation,
 )
 
@@ -77,7 +78,13 @@ def simulate(
         "int8, or 'profile' (each device profile's own).",
     ),
     lambda_strategy: str = typer.Option(
-        None, "--lambda-strategy", help="fixed|search|learned|unsupervised override."
+        None, "--lambda-strategy", help=f"Override: {'|'.join(LAMBDA_STRATEGIES)}."
+    ),
+    validation: bool = typer.Option(
+        None,
+        "--validation/--no-validation",
+        help="Give labelled validation to every method, or withhold it from every method "
+        "(default: the config's algorithm.validation).",
     ),
     data_dir: str = typer.Option(None, help="Folder of CIFAR batches / .npz / image folder."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto (CUDA when present)."),
@@ -89,22 +96,29 @@ def simulate(
 
     cfg = load_config_or_exit(config)
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
-    bad = [a for a in algs if a not in ALGORITHMS]
-    if bad:
-        raise fail(f"unknown algorithm(s) {bad}; choose from {', '.join(ALGORITHMS)}")
     if compression not in (None, "fp32", "fp16", "int8", "profile"):
         raise fail(f"unknown compression {compression!r}; use fp32, fp16, int8 or profile")
-    if lambda_strategy is not None:
-        if lambda_strategy not in ("fixed", "search", "learned", "unsupervised"):
-            raise fail(f"unknown lambda strategy {lambda_strategy!r}")
-        cfg.algorithm.lambdas = LambdaSpec.model_validate(
-            {**cfg.algorithm.lambdas.model_dump(), "strategy": lambda_strategy}
-        )
+    try:
+        resolved = [
+            resolve_algorithm(
+                cfg.algorithm, a, lambda_strategy=lambda_strategy, validation=validation
+            )
+            for a in algs
+        ]
+    except AlgorithmError as e:
+        raise fail(str(e)) from None
     try:
         dev = pick_device(device)
     except ValueError as e:
         raise fail(str(e)) from None
-    spec = SimulationSpec(algs, seeds, rounds, alpha, compression, data_dir)
+    spec = SimulationSpec(
+        algorithms=resolved,
+        seeds=seeds,
+        rounds=rounds,
+        alpha=alpha,
+        compression=compression,
+        data_dir=data_dir,
+    )
     n_rounds = rounds or cfg.rounds
     console.print(
         f"[bold]{cfg.name}[/bold]: {', '.join(algs)} x {seeds} seed(s) x {n_rounds} "

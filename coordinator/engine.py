@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from coordinator.transport.base import ClientUpdate, Task, Transport
+from takfl.algorithms import Algorithm, resolve_algorithm
 from takfl.config import FederationConfig, prototype_training
 from takfl.config.base import ModelSpec
 from takfl.fedavg import FedAvgAccumulator
@@ -89,7 +90,7 @@ class RoundEngine:
         data: ServerData,
         transport: Transport,
         *,
-        algorithm: str | None = None,
+        algorithm: Algorithm | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
         policy: RoundPolicy | None = None,
@@ -97,7 +98,7 @@ class RoundEngine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
-        self.algorithm = algorithm or cfg.algorithm.name
+        self.algorithm = algorithm if algorithm is not None else resolve_algorithm(cfg.algorithm)
         self.models = models
         self.data = data
         self.transport = transport
@@ -153,7 +154,7 @@ class RoundEngine:
     def absorb(self, upd: ClientUpdate, col: _Collector) -> None:
         """Fold one update into the round's aggregates; the client model is then dropped."""
         col.fedavg.add(upd.state, float(upd.num_samples))
-        if self.algorithm == "fedavg":
+        if not self.algorithm.needs_teacher_logits:
             return  # no distillation: teacher logits would go unused
         model = self.scratch[upd.prototype]
         model.load_state_dict(upd.state)
@@ -221,7 +222,7 @@ class RoundEngine:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         plan = plan if plan is not None else self.plan(round_id)
-        keep = self.algorithm == "fedet"
+        keep = self.algorithm.needs_client_logits
         collectors = {p: _Collector(keep) for p in plan}
         got: dict[str, set[str]] = {p: set() for p in plan}
         for upd in resumed or []:
@@ -239,19 +240,18 @@ class RoundEngine:
             has = col.fedavg.count > 0
             protos.append(
                 PrototypeInput(
-                    p.name,
-                    self.scratch[p.name],
-                    col.fedavg.result() if has else self.globals[p.name],
-                    col.logits.mean() if has and col.logits.count else None,
-                    col.logits.count,
-                    col.client_logits,
+                    name=p.name,
+                    model=self.scratch[p.name],
+                    avg_state=col.fedavg.result() if has else self.globals[p.name],
+                    mean_logits=col.logits.mean() if has and col.logits.count else None,
+                    num_clients=col.logits.count,
+                    client_logits=col.client_logits,
                 )
             )
         d = self.data
         outputs, step_times = server_step(
             protos,
             EvalData(d.public_x, d.val_x, d.val_y),
-            self.cfg.algorithm,
             self.algorithm,
             seed=self.seed * 10_000 + round_id,
         )

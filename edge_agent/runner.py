@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
+from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
-from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
 from takfl.mqtt.client import MqttSettings
 from takfl.training import train_local
 
