@@ -150,6 +150,9 @@ def test_entropy_is_lower_for_confident_predictions() -> None:
     assert float(prediction_entropy(sharp)) < 1e-3
 
 
+SETTINGS = DistillSettings(steps=100, batch_size=32, learning_rate=1e-2)
+
+
 def test_distillation_moves_the_student_toward_the_teacher_and_keeps_start() -> None:
     torch.manual_seed(0)
     student = build_model("mlp_digits", 10, (1, 8, 8), width=16)
@@ -159,12 +162,12 @@ def test_distillation_moves_the_student_toward_the_teacher_and_keeps_start() -> 
         teacher = build_model("mlp_digits", 10, (1, 8, 8), width=16)(x) * 5
         before = float(kd_loss(student(x), teacher, 3.0))
     obj = takfl_objective(teacher, None, 3.0)
-    theta = distill(student, start, x, obj, DistillSettings(steps=100, batch_size=32, learning_rate=1e-2), seed=0)
+    theta = distill(student, start, x, obj, SETTINGS, seed=0)
     student.load_state_dict(theta)
     with torch.no_grad():
         assert float(kd_loss(student(x), teacher, 3.0)) < 0.5 * before
     # the same seed gives the same distilled weights
-    again = distill(student, start, x, obj, DistillSettings(steps=100, batch_size=32, learning_rate=1e-2), seed=0)
+    again = distill(student, start, x, obj, SETTINGS, seed=0)
     for k in theta:
         torch.testing.assert_close(theta[k], again[k])
 

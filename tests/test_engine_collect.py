@@ -81,7 +81,7 @@ def make_engine(
         (
             (
                 start + t,
-                ClientUpdate(round_id, cid.split("-")[0], cid, 5, engine.globals[cid.split("-")[0]]),
+                ClientUpdate(round_id, cid[0], cid, 5, engine.globals[cid[0]]),
             )
             for cid, t in arrivals.items()
         ),

@@ -186,7 +186,8 @@ def _context(strategy: str, **spec_changes: object) -> LambdaContext:
     vectors = []
     for s in (1, 2, 3):
         torch.manual_seed(s)
-        vectors.append(task_vector(build_model("mlp_digits", 10, SHAPE, width=8).state_dict(), base))
+        other = build_model("mlp_digits", 10, SHAPE, width=8).state_dict()
+        vectors.append(task_vector(other, base))
     x = torch.randn(64, *SHAPE)
     lam_spec = tiny_spec().lambdas.model_copy(update={"strategy": strategy, **spec_changes})
     return LambdaContext(
