@@ -17,7 +17,8 @@ LAMBDA_STRATEGIES: tuple[str, ...] = get_args(LambdaStrategy)
 
 
 class DataSpec(Strict):
-    dataset: Literal["digits", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    dataset: Literal["digits", "sensors", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    layout: Literal["images", "signals"] = "images"  # npz: (N, C, H, W) or (N, C, L)
     data_dir: str | None = None  # folder (CIFAR, image folder) or file (.npz)
     # Public (unlabelled) data from another data set, e.g. CIFAR-100 for CIFAR-10.
     public_dataset: Literal["cifar10", "cifar100", "npz", "imagefolder"] | None = None
