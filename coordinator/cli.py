@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.engine import RoundResult
+from coordinator.reproduce import PAPER_ALGORITHMS
 from takfl.algorithms import AlgorithmError, resolve_algorithm
 from takfl.config import (
     ALGORITHMS,
@@ -70,6 +71,9 @@ def simulate(
         None, help="Comma-separated algorithms run on identical partitions."
     ),
     seeds: int = typer.Option(1, min=1, help="Independent seeds (partition, init, sampling)."),
+    first_seed: int = typer.Option(
+        0, min=0, help="First seed, so seeds can run as separate processes and be merged."
+    ),
     rounds: int = typer.Option(None, min=1, help="Rounds (default: config's)."),
     alpha: float = typer.Option(None, min=1e-6, help="Dirichlet alpha override."),
     compression: str = typer.Option(
@@ -124,6 +128,7 @@ def simulate(
     spec = SimulationSpec(
         algorithms=resolved,
         seeds=seeds,
+        first_seed=first_seed,
         rounds=rounds,
         alpha=alpha,
         compression=compression,
@@ -159,6 +164,102 @@ def simulate(
         f"metrics: {out / 'metrics.jsonl'}  results: {out / 'results.json'}  "
         f"plot: {out / 'accuracy.png'}"
     )
+
+
+@app.command()
+def reproduce(
+    settings: str = typer.Option(
+        "cifar10-homo",
+        help="Comma-separated bundled settings (cifar10-homo, cifar10-homo-dir01, "
+        "cifar10-hetero, cifar100-homo, cifar100-hetero) or YAML paths.",
+    ),
+    data_dir: str = typer.Option(None, help="Folder of the CIFAR python batches."),
+    public_data_dir: str = typer.Option(
+        None, help="Folder of the public set when it is not CIFAR (an image folder)."
+    ),
+    algorithms: str = typer.Option(",".join(PAPER_ALGORITHMS), help="Comma-separated."),
+    seeds: int = typer.Option(1, min=1),
+    rounds: int = typer.Option(None, min=1, help="Rounds (default: the setting's, 60)."),
+    paper_table: Path = typer.Option(None, help="The paper's values (default: bundled)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto (CUDA when present)."),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads."),
+    out: Path = typer.Option(Path("runs/reproduce"), help="Output folder."),
+) -> None:
+    """Run the paper's comparison on its settings and print the paper's numbers beside ours."""
+    from coordinator.inputs import pick_device
+    from coordinator.reproduce import comparison_rows, load_paper_table, run_setting
+
+    try:
+        paper = load_paper_table(paper_table)
+        dev = pick_device(device)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    algs = [a.strip() for a in algorithms.split(",") if a.strip()]
+    console.print(f"paper values: {paper.source} ({paper.table or 'table not transcribed'})")
+    for name in [s.strip() for s in settings.split(",") if s.strip()]:
+        cfg = load_config_or_exit(name)
+        if public_data_dir is not None:
+            cfg.data.public_data_dir = public_data_dir
+        console.print(f"[bold]{cfg.name}[/bold] on {dev}: {', '.join(algs)} x {seeds} seed(s)")
+        try:
+            results = run_setting(
+                cfg,
+                algorithms=algs,
+                seeds=seeds,
+                rounds=rounds,
+                data_dir=data_dir,
+                out=out / cfg.name,
+                device=dev,
+            )
+        except AlgorithmError as e:
+            raise fail(str(e)) from None
+        except (ValueError, OSError) as e:
+            raise fail(str(e)) from e
+        tiers = [p.name for p in cfg.prototypes]
+        table = Table(title=f"{cfg.name}: final test accuracy (%), ours (paper)")
+        for col in ["algorithm", *tiers, "average"]:
+            table.add_column(col, justify="left" if col == "algorithm" else "right")
+        for row in comparison_rows(cfg.name, tiers, results, paper):
+            table.add_row(*row)
+        console.print(table)
+        console.print(f"results: {out / cfg.name / 'results.json'}")
+
+
+@app.command("compare-runs")
+def compare_runs(
+    runs: list[Path] = typer.Argument(..., help="simulate output folders (e.g. one per seed)."),
+    lambdas_of: str = typer.Option("takfl", help="Algorithm whose lambdas per round are plotted."),
+    plot: Path = typer.Option(None, help="Where to write the lambda plot (PNG)."),
+) -> None:
+    """Merge runs: final-round accuracy (mean ± std over seeds) and lambdas per round."""
+    from coordinator.compare import (
+        final_accuracy,
+        lambdas_per_round,
+        plot_lambdas,
+        read_metrics,
+        scale_counts,
+    )
+
+    try:
+        records = read_metrics(runs)
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    results = final_accuracy(records)
+    seeds = sorted({int(r["seed"]) for r in records})
+    console.print(results_table(results, f"final test accuracy (%), seeds {seeds}"))
+    counts = scale_counts(records)
+    if counts:
+        console.print(f"takfl-scaled: scale chosen {counts} (student-rounds)")
+    if plot is not None:
+        lams = lambdas_per_round(records, lambdas_of)
+        if not lams:
+            raise fail(f"no lambdas recorded for {lambdas_of!r} in these runs")
+        plot_lambdas(lams, plot, f"{lambdas_of}: lambda per round")
+        console.print(f"plot: {plot}")
 
 
 @app.command()

@@ -28,6 +28,7 @@ PLOT_FILE = "accuracy.png"
 class SimulationSpec:
     algorithms: list[Algorithm]  # resolved at the entry point, run in this order
     seeds: int = 1
+    first_seed: int = 0  # seeds run are first_seed .. first_seed + seeds - 1
     rounds: int | None = None  # None: the config's
     alpha: float | None = None  # None: the config's
     compression: str | None = None  # apply the wire codec: fp32|fp16|int8|profile
@@ -93,7 +94,7 @@ def run_simulation(
     curves: dict[str, dict[str, list[list[float]]]] = {a: {} for a in names}
     metrics_path = out_dir / METRICS_FILE
     metrics_path.write_text("")
-    for seed in range(spec.seeds):
+    for seed in range(spec.first_seed, spec.first_seed + spec.seeds):
         data = build_federation_data(cfg, seed, spec.data_dir, spec.alpha)
         sdata = server_data(data, device)
         for algo in spec.algorithms:
@@ -131,7 +132,7 @@ def run_simulation(
             {
                 "config": cfg.name,
                 "rounds": rounds,
-                "seeds": spec.seeds,
+                "seeds": list(range(spec.first_seed, spec.first_seed + spec.seeds)),
                 "compression": spec.compression,
                 "validation": {a.name: a.validation for a in spec.algorithms},
                 "lambda_strategy": {
