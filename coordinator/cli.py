@@ -249,8 +249,10 @@ def compare_runs(
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
     results = final_accuracy(records)
-    seeds = sorted({int(r["seed"]) for r in records})
-    console.print(results_table(results, f"final test accuracy (%), seeds {seeds}"))
+    seeds = sorted(
+        {s for by_tier in results.values() for c in by_tier.values() for s in c["seeds"]}
+    )
+    console.print(results_table(results, f"final test accuracy (%), complete seeds {seeds}"))
     counts = scale_counts(records)
     if counts:
         console.print(f"takfl-scaled: scale chosen {counts} (student-rounds)")
