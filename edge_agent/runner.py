@@ -20,6 +20,7 @@ from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.training import train_local
+from takfl.wire.validation import check_layout
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 class AgentStats:
     tasks_done: int = 0
     tasks_skipped: int = 0  # arrived past their deadline
+    tasks_refused: int = 0  # global model mismatched, non-finite or unbuildable
     last_round: int = -1
     seconds_training: float = 0.0
     rounds: list[int] = field(default_factory=list)
@@ -40,7 +42,13 @@ def dictated_training(task: ReceivedTask) -> TrainingSpec | None:
 
 
 class RegistrationRefused(RuntimeError):
-    """The coordinator refused this agent (unknown id, wrong prototype, bad signature)."""
+    """The coordinator refused this agent (unknown id, wrong prototype, bad signature), or
+    the broker refused its login."""
+
+
+def login_refused(reason: str | None) -> bool:
+    """True for a broker answer that retrying with the same credentials cannot change."""
+    return reason is not None and any(w in reason.lower() for w in ("authori", "password"))
 
 
 class Agent:
@@ -80,7 +88,17 @@ class Agent:
             log.info("skipping task of round %d: past its deadline", msg.round_id)
             return
         c, h, w = msg.input_shape
-        model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
+        try:
+            model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
+        except (KeyError, TypeError, ValueError) as e:
+            self.stats.tasks_refused += 1
+            log.warning("refusing task of round %d: cannot build its model (%s)", msg.round_id, e)
+            return
+        verdict = check_layout(task.global_state, model.state_dict())
+        if not verdict.accepted:  # a mismatched or non-finite global: refuse, keep serving
+            self.stats.tasks_refused += 1
+            log.warning("refusing the global model of round %d: %s", msg.round_id, verdict)
+            return
         model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
         result = train_local(model, self.x, self.y, spec, seed=msg.seed)
@@ -119,6 +137,13 @@ class Agent:
         registered = False
         try:
             while not self.stop_event.is_set():
+                refused = self.link.client.refused
+                if not registered and login_refused(refused):
+                    raise RegistrationRefused(
+                        f"the broker refused the login of agent {self.link.identity.agent_id} "
+                        f"({refused}): it is not provisioned there, or its secret or "
+                        "password is wrong"
+                    )
                 if not registered:
                     ack = self.link.wait_ack(REGISTER_KEY, timeout=0.0)
                     if ack is not None and not ack.accepted:

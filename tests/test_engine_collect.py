@@ -91,7 +91,8 @@ def make_engine(
 
 
 def collect(engine: RoundEngine) -> dict[str, set[str]]:
-    return engine.collect(1, PLAN, {p: _Collector(False) for p in PLAN})
+    collectors = {p: _Collector(engine.aggregator, engine.globals[p], False) for p in PLAN}
+    return engine.collect(1, PLAN, collectors)
 
 
 EVERYONE = {cid: 1.0 + i for i, cid in enumerate(c for ids in PLAN.values() for c in ids)}
