@@ -90,6 +90,7 @@ from coordinator.serve import COORDINATOR_USER, provision, transport_policy, wir
 from coordinator.transport.base import ClientUpdate
 from coordinator.transport.mqtt import GLOBAL_ENCODING, MqttTransport
 from edge_agent.link import AgentIdentity, AgentLink, ReceivedTask
+from takfl.algorithms import resolve_algorithm
 from takfl.config import ConfigError, load_federation, load_profile
 from takfl.data import PartitionError
 from takfl.federation_data import build_federation_data
@@ -336,7 +337,7 @@ def coordinator_main(spec_path: Path) -> int:
         prototype_models(cfg),
         server_data(data, torch.device("cpu")),
         first,
-        algorithm="fedavg",
+        algorithm=resolve_algorithm(cfg.algorithm, "fedavg"),
         device="cpu",
         seed=spec["seed"],
         on_update=on_update,

@@ -36,6 +36,7 @@ from rich.table import Table
 
 from coordinator.engine import _Collector
 from coordinator.inputs import pick_device, prototype_models
+from takfl.algorithms import resolve_algorithm
 from takfl.config import load_federation, prototype_training
 from takfl.distill import kd_loss
 from takfl.federation_data import build_federation_data
@@ -86,12 +87,12 @@ def aggregate(cfg, clients, models, data, device, keep: bool):  # type: ignore[n
                 col.client_logits.append(logits)
         protos.append(
             PrototypeInput(
-                p.name,
-                scratch,
-                col.fedavg.result(),
-                col.logits.mean(),
-                col.logits.count,
-                col.client_logits,
+                name=p.name,
+                model=scratch,
+                avg_state=col.fedavg.result(),
+                mean_logits=col.logits.mean(),
+                num_clients=col.logits.count,
+                client_logits=col.client_logits,
             )
         )
     return protos
@@ -138,16 +139,15 @@ def naive_step(cfg, clients, models, data, device, seed: int) -> None:  # type: 
                 task_vector({k: v.cpu() for k, v in model.state_dict().items()}, avgs[student.name])
             )
         best = -1.0
-        for scale in lam_spec.scale_grid:
-            for lam in simplex_candidates(len(vectors), lam_spec.search_candidates, seed):
-                cand = copy.deepcopy(base_model)
-                cand.load_state_dict(merge(avgs[student.name], vectors, lam, scale))
-                cand.to(device).eval()
-                with torch.no_grad():
-                    out = cand(val_x)
-                    acc = float((out.argmax(1) == val_y).float().mean())
-                    F.cross_entropy(out, val_y)
-                best = max(best, acc)
+        for lam in simplex_candidates(len(vectors), lam_spec.search_candidates, seed):
+            cand = copy.deepcopy(base_model)
+            cand.load_state_dict(merge(avgs[student.name], vectors, lam))
+            cand.to(device).eval()
+            with torch.no_grad():
+                out = cand(val_x)
+                acc = float((out.argmax(1) == val_y).float().mean())
+                F.cross_entropy(out, val_y)
+            best = max(best, acc)
 
 
 def timed(fn, repeats: int, device: torch.device) -> list[float]:  # type: ignore[no-untyped-def]
@@ -179,10 +179,12 @@ def main() -> None:
     clients = client_models(cfg, data, models)
     ev = EvalData(data.public_x.to(device), data.val_x.to(device), data.val_y.to(device))
 
-    def ours(algorithm: str):  # type: ignore[no-untyped-def]
+    def ours(name: str):  # type: ignore[no-untyped-def]
+        algo = resolve_algorithm(cfg.algorithm, name, lambda_strategy="search")
+
         def run() -> None:
-            protos = aggregate(cfg, clients, models, data, device, algorithm == "fedet")
-            server_step(protos, ev, cfg.algorithm, algorithm, seed=0)
+            protos = aggregate(cfg, clients, models, data, device, algo.needs_client_logits)
+            server_step(protos, ev, algo, seed=0)
 
         return run
 
@@ -212,9 +214,7 @@ def main() -> None:
         "torch": torch.__version__,
         "distill_steps": d.steps,
         "batch_size": d.batch_size,
-        "candidates_per_student": (cfg.algorithm.lambdas.search_candidates + 4)
-        * len([s for s in cfg.algorithm.lambdas.scale_grid if s > 0])
-        + 1,
+        "candidates_per_student": cfg.algorithm.lambdas.search_candidates + 4,
         "seconds": rows,
         "median_s": med,
         "naive_over_takfl": med["naive-takfl"] / med["takfl"],

@@ -13,11 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.engine import RoundResult
+from coordinator.reproduce import PAPER_ALGORITHMS
+from takfl.algorithms import AlgorithmError, resolve_algorithm
 from takfl.config import (
     ALGORITHMS,
+    LAMBDA_STRATEGIES,
     ConfigError,
     FederationConfig,
-    LambdaSpec,
     load_federation,
 )
 
@@ -69,6 +71,9 @@ def simulate(
         None, help="Comma-separated algorithms run on identical partitions."
     ),
     seeds: int = typer.Option(1, min=1, help="Independent seeds (partition, init, sampling)."),
+    first_seed: int = typer.Option(
+        0, min=0, help="First seed, so seeds can run as separate processes and be merged."
+    ),
     rounds: int = typer.Option(None, min=1, help="Rounds (default: config's)."),
     alpha: float = typer.Option(None, min=1e-6, help="Dirichlet alpha override."),
     compression: str = typer.Option(
@@ -77,10 +82,22 @@ def simulate(
         "int8, or 'profile' (each device profile's own).",
     ),
     lambda_strategy: str = typer.Option(
-        None, "--lambda-strategy", help="fixed|search|learned|unsupervised override."
+        None, "--lambda-strategy", help=f"Override: {'|'.join(LAMBDA_STRATEGIES)}."
+    ),
+    validation: bool = typer.Option(
+        None,
+        "--validation/--no-validation",
+        help="Give labelled validation to every method, or withhold it from every method "
+        "(default: the config's algorithm.validation).",
     ),
     data_dir: str = typer.Option(None, help="Folder of CIFAR batches / .npz / image folder."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto (CUDA when present)."),
+    threads: int = typer.Option(
+        None,
+        min=1,
+        help="torch CPU threads (default: torch's). On a busy machine 1 is much faster: "
+        "small models' kernels do not amortise thread hand-offs.",
+    ),
     out: Path = typer.Option(Path("runs/simulate"), help="Output folder."),
 ) -> None:
     """Simulate a federation in process and compare algorithms like the paper's Table 1."""
@@ -89,22 +106,34 @@ def simulate(
 
     cfg = load_config_or_exit(config)
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
-    bad = [a for a in algs if a not in ALGORITHMS]
-    if bad:
-        raise fail(f"unknown algorithm(s) {bad}; choose from {', '.join(ALGORITHMS)}")
     if compression not in (None, "fp32", "fp16", "int8", "profile"):
         raise fail(f"unknown compression {compression!r}; use fp32, fp16, int8 or profile")
-    if lambda_strategy is not None:
-        if lambda_strategy not in ("fixed", "search", "learned", "unsupervised"):
-            raise fail(f"unknown lambda strategy {lambda_strategy!r}")
-        cfg.algorithm.lambdas = LambdaSpec.model_validate(
-            {**cfg.algorithm.lambdas.model_dump(), "strategy": lambda_strategy}
-        )
+    try:
+        resolved = [
+            resolve_algorithm(
+                cfg.algorithm, a, lambda_strategy=lambda_strategy, validation=validation
+            )
+            for a in algs
+        ]
+    except AlgorithmError as e:
+        raise fail(str(e)) from None
     try:
         dev = pick_device(device)
     except ValueError as e:
         raise fail(str(e)) from None
-    spec = SimulationSpec(algs, seeds, rounds, alpha, compression, data_dir)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    spec = SimulationSpec(
+        algorithms=resolved,
+        seeds=seeds,
+        first_seed=first_seed,
+        rounds=rounds,
+        alpha=alpha,
+        compression=compression,
+        data_dir=data_dir,
+    )
     n_rounds = rounds or cfg.rounds
     console.print(
         f"[bold]{cfg.name}[/bold]: {', '.join(algs)} x {seeds} seed(s) x {n_rounds} "
@@ -135,6 +164,104 @@ def simulate(
         f"metrics: {out / 'metrics.jsonl'}  results: {out / 'results.json'}  "
         f"plot: {out / 'accuracy.png'}"
     )
+
+
+@app.command()
+def reproduce(
+    settings: str = typer.Option(
+        "cifar10-homo",
+        help="Comma-separated bundled settings (cifar10-homo, cifar10-homo-dir01, "
+        "cifar10-hetero, cifar100-homo, cifar100-hetero) or YAML paths.",
+    ),
+    data_dir: str = typer.Option(None, help="Folder of the CIFAR python batches."),
+    public_data_dir: str = typer.Option(
+        None, help="Folder of the public set when it is not CIFAR (an image folder)."
+    ),
+    algorithms: str = typer.Option(",".join(PAPER_ALGORITHMS), help="Comma-separated."),
+    seeds: int = typer.Option(1, min=1),
+    rounds: int = typer.Option(None, min=1, help="Rounds (default: the setting's, 60)."),
+    paper_table: Path = typer.Option(None, help="The paper's values (default: bundled)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto (CUDA when present)."),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads."),
+    out: Path = typer.Option(Path("runs/reproduce"), help="Output folder."),
+) -> None:
+    """Run the paper's comparison on its settings and print the paper's numbers beside ours."""
+    from coordinator.inputs import pick_device
+    from coordinator.reproduce import comparison_rows, load_paper_table, run_setting
+
+    try:
+        paper = load_paper_table(paper_table)
+        dev = pick_device(device)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    algs = [a.strip() for a in algorithms.split(",") if a.strip()]
+    console.print(f"paper values: {paper.source} ({paper.table or 'table not transcribed'})")
+    for name in [s.strip() for s in settings.split(",") if s.strip()]:
+        cfg = load_config_or_exit(name)
+        if public_data_dir is not None:
+            cfg.data.public_data_dir = public_data_dir
+        console.print(f"[bold]{cfg.name}[/bold] on {dev}: {', '.join(algs)} x {seeds} seed(s)")
+        try:
+            results = run_setting(
+                cfg,
+                algorithms=algs,
+                seeds=seeds,
+                rounds=rounds,
+                data_dir=data_dir,
+                out=out / cfg.name,
+                device=dev,
+            )
+        except AlgorithmError as e:
+            raise fail(str(e)) from None
+        except (ValueError, OSError) as e:
+            raise fail(str(e)) from e
+        tiers = [p.name for p in cfg.prototypes]
+        table = Table(title=f"{cfg.name}: final test accuracy (%), ours (paper)")
+        for col in ["algorithm", *tiers, "average"]:
+            table.add_column(col, justify="left" if col == "algorithm" else "right")
+        for row in comparison_rows(cfg.name, tiers, results, paper):
+            table.add_row(*row)
+        console.print(table)
+        console.print(f"results: {out / cfg.name / 'results.json'}")
+
+
+@app.command("compare-runs")
+def compare_runs(
+    runs: list[Path] = typer.Argument(..., help="simulate output folders (e.g. one per seed)."),
+    lambdas_of: str = typer.Option("takfl", help="Algorithm whose lambdas per round are plotted."),
+    plot: Path = typer.Option(None, help="Where to write the lambda plot (PNG)."),
+) -> None:
+    """Merge runs: final-round accuracy (mean ± std over seeds) and lambdas per round."""
+    from coordinator.compare import (
+        final_accuracy,
+        lambdas_per_round,
+        plot_lambdas,
+        read_metrics,
+        scale_counts,
+    )
+
+    try:
+        records = read_metrics(runs)
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    results = final_accuracy(records)
+    seeds = sorted(
+        {s for by_tier in results.values() for c in by_tier.values() for s in c["seeds"]}
+    )
+    console.print(results_table(results, f"final test accuracy (%), complete seeds {seeds}"))
+    counts = scale_counts(records)
+    if counts:
+        console.print(f"takfl-scaled: scale chosen {counts} (student-rounds)")
+    if plot is not None:
+        lams = lambdas_per_round(records, lambdas_of)
+        if not lams:
+            raise fail(f"no lambdas recorded for {lambdas_of!r} in these runs")
+        plot_lambdas(lams, plot, f"{lambdas_of}: lambda per round")
+        console.print(f"plot: {plot}")
 
 
 @app.command()

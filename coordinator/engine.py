@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from coordinator.transport.base import ClientUpdate, Task, Transport
+from takfl.algorithms import Algorithm, resolve_algorithm
 from takfl.config import FederationConfig, prototype_training
 from takfl.config.base import ModelSpec
 from takfl.models import build_model
@@ -99,7 +100,7 @@ class RoundEngine:
         data: ServerData,
         transport: Transport,
         *,
-        algorithm: str | None = None,
+        algorithm: Algorithm | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
         policy: RoundPolicy | None = None,
@@ -110,7 +111,7 @@ class RoundEngine:
         """``weight_cap(client)``: the most samples (FedAvg weight) a client may count for,
         None for no cap; weights above it are clipped to it."""
         self.cfg = cfg
-        self.algorithm = algorithm or cfg.algorithm.name
+        self.algorithm = algorithm if algorithm is not None else resolve_algorithm(cfg.algorithm)
         self.models = models
         self.data = data
         self.transport = transport
@@ -189,7 +190,7 @@ class RoundEngine:
             log.warning("ignoring update of %s: %d samples", upd.client_id, upd.num_samples)
             return False
         col.fedavg.add(upd.state, weight)
-        if self.algorithm == "fedavg":
+        if not self.algorithm.needs_teacher_logits:
             return True  # no distillation: teacher logits would go unused
         model = self.scratch[upd.prototype]
         model.load_state_dict(upd.state)
@@ -260,7 +261,7 @@ class RoundEngine:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         plan = plan if plan is not None else self.plan(round_id)
-        keep = self.algorithm == "fedet"
+        keep = self.algorithm.needs_client_logits
         collectors = {p: _Collector(self.aggregator, self.globals[p], keep) for p in plan}
         got: dict[str, set[str]] = {p: set() for p in plan}
         for upd in resumed or []:
@@ -288,19 +289,18 @@ class RoundEngine:
                 teacher = None
             protos.append(
                 PrototypeInput(
-                    p.name,
-                    self.scratch[p.name],
-                    avg,
-                    teacher,
-                    col.logits.count if teacher is not None else 0,
-                    col.client_logits if teacher is not None else [],
+                    name=p.name,
+                    model=self.scratch[p.name],
+                    avg_state=avg,
+                    mean_logits=teacher,
+                    num_clients=col.logits.count if teacher is not None else 0,
+                    client_logits=col.client_logits if teacher is not None else [],
                 )
             )
         d = self.data
         outputs, step_times = server_step(
             protos,
             EvalData(d.public_x, d.val_x, d.val_y),
-            self.cfg.algorithm,
             self.algorithm,
             seed=self.seed * 10_000 + round_id,
         )
@@ -313,7 +313,7 @@ class RoundEngine:
                 self.globals[name] = out.state
             else:
                 kept[name] = (
-                    f"{self.algorithm} server step gave NaN/inf in {bad}; previous global kept"
+                    f"{self.algorithm.name} server step gave NaN/inf in {bad}; previous global kept"
                 )
                 log.warning("round %d, prototype %s: %s", round_id, name, kept[name])
             model = self.scratch[name]

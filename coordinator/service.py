@@ -21,6 +21,7 @@ from coordinator.inputs import prototype_models, server_data
 from coordinator.simulate import metrics_line
 from coordinator.store import RunStore, RunStoreError
 from coordinator.transport.base import ClientUpdate, Transport
+from takfl.algorithms import resolve_algorithm
 from takfl.checkpoint import CheckpointMeta
 from takfl.config import FederationConfig
 from takfl.federation_data import FederationData
@@ -93,6 +94,7 @@ class FederationRun:
             self.models,
             server_data(data, device),
             transport,
+            algorithm=resolve_algorithm(cfg.algorithm),
             device=device,
             seed=options.seed,
             policy=options.policy,
@@ -148,7 +150,7 @@ class FederationRun:
             "round": 0,
             "phase": "starting",
             "config": self.cfg.name,
-            "algorithm": self.engine.algorithm,
+            "algorithm": self.engine.algorithm.name,
             "seed": self.options.seed,
             "accuracy": {},
             "lambdas": {},

@@ -15,6 +15,7 @@ import torch
 from coordinator.engine import RoundEngine, RoundResult
 from coordinator.inputs import prototype_models, server_data
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
+from takfl.algorithms import Algorithm
 from takfl.config import FederationConfig, prototype_profile, prototype_training
 from takfl.federation_data import build_federation_data
 
@@ -23,10 +24,11 @@ RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SimulationSpec:
-    algorithms: list[str]
+    algorithms: list[Algorithm]  # resolved at the entry point, run in this order
     seeds: int = 1
+    first_seed: int = 0  # seeds run are first_seed .. first_seed + seeds - 1
     rounds: int | None = None  # None: the config's
     alpha: float | None = None  # None: the config's
     compression: str | None = None  # apply the wire codec: fp32|fp16|int8|profile
@@ -40,11 +42,14 @@ def profile_compression(cfg: FederationConfig, mode: str | None) -> str | dict[s
     return {p.name: prototype_profile(cfg, p.name).comms.compression for p in cfg.prototypes}
 
 
-def metrics_line(algorithm: str, seed: int, res: RoundResult) -> list[dict[str, Any]]:
+def metrics_line(algorithm: Algorithm, seed: int, res: RoundResult) -> list[dict[str, Any]]:
     """One JSON-able record per prototype for a finished round."""
+    strategy = algorithm.lambda_strategy
     return [
         {
-            "algorithm": algorithm,
+            "algorithm": algorithm.name,
+            "lambda_strategy": strategy.name if strategy is not None else None,
+            "validation": algorithm.validation,
             "seed": seed,
             "round": res.round_id,
             "prototype": proto,
@@ -83,14 +88,18 @@ def run_simulation(
     rounds = spec.rounds or cfg.rounds
     models = prototype_models(cfg)
     trainings = {p.name: prototype_training(cfg, p.name) for p in cfg.prototypes}
-    final: dict[str, dict[str, list[float]]] = {a: {} for a in spec.algorithms}
-    curves: dict[str, dict[str, list[list[float]]]] = {a: {} for a in spec.algorithms}
+    names = [a.name for a in spec.algorithms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each algorithm may run once per simulation, got {names}")
+    final: dict[str, dict[str, list[float]]] = {a: {} for a in names}
+    curves: dict[str, dict[str, list[list[float]]]] = {a: {} for a in names}
     metrics_path = out_dir / METRICS_FILE
     metrics_path.write_text("")
-    for seed in range(spec.seeds):
+    for seed in range(spec.first_seed, spec.first_seed + spec.seeds):
         data = build_federation_data(cfg, seed, spec.data_dir, spec.alpha)
         sdata = server_data(data, device)
-        for alg in spec.algorithms:
+        for algo in spec.algorithms:
+            alg = algo.name
             clients = [
                 VirtualClient(cid, proto, x, y, trainings[proto])
                 for cid, (proto, x, y) in data.clients.items()
@@ -103,13 +112,13 @@ def run_simulation(
                 compression=profile_compression(cfg, spec.compression),
             )
             engine = RoundEngine(
-                cfg, models, sdata, transport, algorithm=alg, device=device, seed=seed
+                cfg, models, sdata, transport, algorithm=algo, device=device, seed=seed
             )
             per_proto: dict[str, list[float]] = {p.name: [] for p in cfg.prototypes}
             for r in range(1, rounds + 1):
                 res = engine.run_round(r)
                 with metrics_path.open("a") as f:
-                    for rec in metrics_line(alg, seed, res):
+                    for rec in metrics_line(algo, seed, res):
                         f.write(json.dumps(rec) + "\n")
                 for p, a in res.accuracy.items():
                     per_proto[p].append(a)
@@ -124,8 +133,12 @@ def run_simulation(
             {
                 "config": cfg.name,
                 "rounds": rounds,
-                "seeds": spec.seeds,
+                "seeds": list(range(spec.first_seed, spec.first_seed + spec.seeds)),
                 "compression": spec.compression,
+                "validation": {a.name: a.validation for a in spec.algorithms},
+                "lambda_strategy": {
+                    a.name: a.lambda_strategy.name for a in spec.algorithms if a.lambda_strategy
+                },
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "results": results,
             },

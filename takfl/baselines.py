@@ -1,16 +1,19 @@
 """Targets of the baselines that share TAKFL's code path.
 
 FedDF (Lin et al. 2020): one target for every student, the mean logits of all
-clients of all prototypes. FedET (Cho et al. 2022): a variance-weighted
-ensemble of client predictions plus a diversity term toward the clients that
-disagree with the ensemble.
+clients of all prototypes. FedET (Cho et al. 2022, "Heterogeneous Ensemble
+Knowledge Transfer for Training Large Models in Federated Learning", IJCAI):
+hard pseudo-labels from a confidence-weighted (logit-variance) consensus of
+every client, plus a diversity term toward the weighted logits of the clients
+that disagree with it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from takfl.distill import Objective, kd_loss, soft_target_loss
+from takfl.distill import Objective, kd_loss
 
 
 def feddf_target(mean_logits: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
@@ -36,47 +39,61 @@ def feddf_objective(target_logits: torch.Tensor, temperature: float) -> Objectiv
     return objective
 
 
-def fedet_targets(
-    client_logits: list[torch.Tensor], temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FedET's ensemble target and diversity target.
+def _variance_weighted(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample, the average of the masked clients' logits weighted by each one's
+    confidence, the variance of its logit vector.
 
-    Each client k's softened prediction p_k = softmax(z_k / T) (N, K) is weighted
-    per sample by its confidence, the variance of p_k over classes.
-
+    Args:
+        logits: (clients, N, K). mask: (clients, N) bool, which clients take part.
     Returns:
-        target (N, K) probabilities sum_k w_k p_k / sum_k w_k;
-        diverse (N, K) mean prediction of the clients whose top-1 differs from
-        the target's (zeros where all agree);
-        has_diverse (N,) bool, where at least one client disagrees.
+        (N, K); zeros where no client takes part.
+    """
+    w = logits.var(dim=2, unbiased=False) * mask  # (clients, N)
+    total = w.sum(0)  # (N,)
+    out = (w.unsqueeze(2) * logits).sum(0) / total.clamp_min(1e-12).unsqueeze(1)
+    return torch.where((total > 0).unsqueeze(1), out, torch.zeros_like(out))
+
+
+def fedet_targets(
+    client_logits: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FedET's consensus label and diversity target (Cho et al. 2022, section 4).
+
+    Each client's confidence on a sample is the variance of its logits; the
+    consensus is the confidence-weighted average of all clients' logits and its
+    top-1 class the pseudo-label. The diversity target is the confidence-weighted
+    average of the logits of the clients whose top-1 differs from that label.
+
+    Args:
+        client_logits: per client (N, K) logits on the public set.
+    Returns:
+        labels (N,) int64 pseudo-labels; diverse (N, K) logits (zeros where all
+        agree); has_diverse (N,) bool, where at least one client disagrees.
     """
     if not client_logits:
         raise ValueError("FedET needs at least one client's logits")
-    probs = torch.stack([torch.softmax(z.float() / temperature, dim=1) for z in client_logits])
-    weights = probs.var(dim=2, unbiased=False) + 1e-12  # (clients, N)
-    target = (weights.unsqueeze(2) * probs).sum(0) / weights.sum(0).unsqueeze(1)
-    disagree = probs.argmax(2) != target.argmax(1).unsqueeze(0)  # (clients, N)
-    n_dis = disagree.sum(0)  # (N,)
-    diverse = (disagree.unsqueeze(2) * probs).sum(0) / n_dis.clamp_min(1).unsqueeze(1)
-    return target, diverse, n_dis > 0
+    z = torch.stack([c.float() for c in client_logits])  # (clients, N, K)
+    every = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+    labels = _variance_weighted(z, every).argmax(1)
+    dissent = z.argmax(2) != labels.unsqueeze(0)  # (clients, N)
+    return labels, _variance_weighted(z, dissent), dissent.any(0)
 
 
 def fedet_objective(
-    target: torch.Tensor,
+    labels: torch.Tensor,
     diverse: torch.Tensor,
     has_diverse: torch.Tensor,
     temperature: float,
     diversity_weight: float,
 ) -> Objective:
-    """KD to the variance-weighted ensemble + diversity_weight * KD to the dissenters."""
+    """Cross-entropy to the consensus label + diversity_weight * T^2 KL to the dissenters'
+    softened logits, on the samples that have dissenters."""
 
     def objective(s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        loss = soft_target_loss(s, target[idx], temperature)
+        loss = F.cross_entropy(s, labels[idx])
         mask = has_diverse[idx]
         if diversity_weight > 0 and bool(mask.any()):
-            loss = loss + diversity_weight * soft_target_loss(
-                s[mask], diverse[idx][mask], temperature
-            )
+            loss = loss + diversity_weight * kd_loss(s[mask], diverse[idx][mask], temperature)
         return loss
 
     return objective

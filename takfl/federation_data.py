@@ -65,7 +65,7 @@ def build_federation_data(
     """Load the config's data set and partition it with ``cfg.partition.seed + seed``."""
     d = cfg.data
     root = data_dir if data_dir is not None else d.data_dir
-    pool = load_dataset(d.dataset, root, "train")
+    pool = load_dataset(d.dataset, root, "train", d.layout)
     test_size = 0 if d.test_from_split else d.test_size
     public_size = 0 if d.public_dataset else d.public_size
     shares = [PrototypeShare(p.name, p.data_ratio, p.clients) for p in cfg.prototypes]
@@ -85,12 +85,12 @@ def build_federation_data(
         return pool.x[t], pool.y[t]
 
     if d.test_from_split:
-        test = load_dataset(d.dataset, root, "test")
+        test = load_dataset(d.dataset, root, "test", d.layout)
         test_x, test_y = test.x, test.y
     else:
         test_x, test_y = take(part.test)
     if d.public_dataset:
-        public = load_dataset(d.public_dataset, d.public_data_dir or root, "train")
+        public = load_dataset(d.public_dataset, d.public_data_dir or root, "train", d.layout)
         gen = torch.Generator().manual_seed(cfg.partition.seed + seed)
         pick = torch.randperm(len(public), generator=gen)[: d.public_size]
         public_x = public.x[pick]

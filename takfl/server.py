@@ -1,35 +1,34 @@
 """One server step after aggregation: distillation and merging, per algorithm.
 
 Pure: modules, tensors and state dicts in; state dicts, coefficients and
-timings out. The round engine (coordinator) and the benchmarks call this.
+timings out. The round engine (coordinator) and the benchmarks call
+:func:`server_step` with an algorithm resolved once by :mod:`takfl.algorithms`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from takfl.baselines import feddf_objective, feddf_target, fedet_objective, fedet_targets
 from takfl.config.federation import AlgorithmSpec
-from takfl.distill import DistillSettings, distill, takfl_objective
-from takfl.task_arithmetic import (
-    MergeScorer,
-    lambdas_fixed,
-    lambdas_learned,
-    lambdas_search,
-    lambdas_unsupervised,
-    merge,
-    task_vector,
-)
-from takfl.training import predict_logits
+from takfl.distill import DistillSettings, EarlyStopping, Objective, distill, takfl_objective
+from takfl.lambdas import LambdaContext
+from takfl.task_arithmetic import MergeScorer, best_on_validation, merge, task_vector
+from takfl.training import accuracy, predict_logits
+
+if TYPE_CHECKING:
+    from takfl.algorithms import Algorithm
 
 State = dict[str, torch.Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PrototypeInput:
     """What the server knows of one prototype after the round's updates arrived."""
 
@@ -50,58 +49,64 @@ class StepOutput:
 
 @dataclass
 class EvalData:
-    """Tensors on the compute device. ``public_x`` unlabelled; validation labelled."""
+    """Tensors on the compute device. ``public_x`` unlabelled; validation labelled,
+    None when the run withholds it from every method."""
 
     public_x: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_x is not None and self.val_y is not None and len(self.val_x) > 0
 
 
-def _settings(spec: AlgorithmSpec) -> DistillSettings:
+def distill_settings(spec: AlgorithmSpec) -> DistillSettings:
     d = spec.distill
-    return DistillSettings(d.steps, d.batch_size, d.learning_rate)
-
-
-def choose_lambdas(
-    scorer: MergeScorer, spec: AlgorithmSpec, student_index: int, data: EvalData, seed: int
-) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """Coefficients and task-vector scale for one student by the configured strategy."""
-    lam = spec.lambdas
-    fixed_scale = None if lam.scale == "auto" else float(lam.scale)
-    if lam.strategy == "fixed":
-        if lam.matrix is None:
-            raise ValueError("lambda strategy 'fixed' needs algorithm.lambdas.matrix")
-        return lambdas_fixed(lam.matrix[student_index]), fixed_scale or 1.0, {}
-    if lam.strategy == "search":
-        scales = lam.scale_grid if fixed_scale is None else [fixed_scale]
-        return lambdas_search(scorer, data.val_x, data.val_y, lam.search_candidates, seed, scales)
-    if lam.strategy == "learned":
-        return lambdas_learned(
-            scorer, data.val_x, data.val_y, lam.learn_steps, lam.learn_rate, seed, fixed_scale
-        )
-    return lambdas_unsupervised(
-        scorer,
-        data.public_x,
-        lam.learn_steps,
-        lam.learn_rate,
-        seed,
-        1.0 if fixed_scale is None else fixed_scale,
+    return DistillSettings(
+        steps=d.steps,
+        epochs=d.epochs,
+        batch_size=d.batch_size,
+        learning_rate=d.learning_rate,
+        weight_decay=d.weight_decay,
     )
+
+
+def _add(timings: dict[str, float], key: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + (now - since)
+    return now
+
+
+def fedavg_step(
+    protos: list[PrototypeInput],
+    data: EvalData,
+    algo: Algorithm,
+    seed: int,
+    timings: dict[str, float],
+) -> dict[str, StepOutput]:
+    """FedAvg within each prototype: nothing after aggregation."""
+    return {p.name: StepOutput(p.avg_state, None) for p in protos}
 
 
 def takfl_step(
     protos: list[PrototypeInput],
     data: EvalData,
-    spec: AlgorithmSpec,
-    *,
-    self_reg: bool,
+    algo: Algorithm,
     seed: int,
     timings: dict[str, float],
+    *,
+    self_reg: bool,
+    scaled: bool,
 ) -> dict[str, StepOutput]:
-    """TAKFL: every student distils independently from every teacher, then merges."""
-    teachers = [p for p in protos if p.mean_logits is not None]
-    settings = _settings(spec)
-    d = spec.distill
+    """TAKFL: every student distils independently from every teacher, then merges with
+    lambda on the simplex. ``scaled`` (ablation) also picks a task-vector scale on
+    validation from the configured grid and records it in the info."""
+    teachers = [(i, p) for i, p in enumerate(protos) if p.mean_logits is not None]
+    if algo.lambda_strategy is None:
+        raise ValueError(f"{algo.name} needs a lambda strategy")
+    settings = distill_settings(algo.spec)
+    d = algo.spec.distill
     gamma = d.self_reg_weight if self_reg else 0.0
     out: dict[str, StepOutput] = {}
     for j, student in enumerate(protos):
@@ -114,12 +119,11 @@ def takfl_step(
             student.model.load_state_dict(student.avg_state)
             self_logits = predict_logits(student.model, data.public_x)
         vectors = []
-        for teacher in teachers:
-            teacher_logits = teacher.mean_logits
-            if teacher_logits is None:  # filtered above; keeps type checkers honest
+        for _, teacher in teachers:
+            if teacher.mean_logits is None:  # filtered above; keeps type checkers honest
                 continue
             objective = takfl_objective(
-                teacher_logits, self_logits, d.temperature, gamma, d.self_reg_temperature
+                teacher.mean_logits, self_logits, d.temperature, gamma, d.self_reg_temperature
             )
             theta = distill(
                 student.model,
@@ -130,78 +134,137 @@ def takfl_step(
                 seed=seed * 1000 + j,
             )
             vectors.append(task_vector(theta, student.avg_state))
-        t1 = time.perf_counter()
+        t1 = _add(timings, "distill_s", t0)
         scorer = MergeScorer(student.model, student.avg_state, vectors, data.public_x.device)
-        lam, scale, info = choose_lambdas(scorer, spec, j, data, seed * 1000 + j)
-        state = merge(student.avg_state, vectors, lam, scale)
-        info["scale"] = scale
-        t2 = time.perf_counter()
-        timings["distill_s"] = timings.get("distill_s", 0.0) + (t1 - t0)
-        timings["merge_s"] = timings.get("merge_s", 0.0) + (t2 - t1)
-        names = [t.name for t in teachers]
-        out[student.name] = StepOutput(state, dict(zip(names, lam.tolist(), strict=True)), info)
+        ctx = LambdaContext(
+            scorer=scorer,
+            spec=algo.spec.lambdas,
+            student=j,
+            teachers=[i for i, _ in teachers],
+            public_x=data.public_x,
+            val_x=data.val_x,
+            val_y=data.val_y,
+            seed=seed * 1000 + j,
+        )
+        choice = algo.lambda_strategy.choose(ctx)
+        info = dict(choice.info)
+        scale = 1.0
+        if scaled:
+            scale = choose_scale(scorer, choice.lambdas, algo.spec.lambdas.scale_grid, data)
+            info["scale"] = scale
+        state = merge(student.avg_state, vectors, choice.lambdas, scale)
+        _add(timings, "merge_s", t1)
+        names = [t.name for _, t in teachers]
+        lam = dict(zip(names, choice.lambdas.tolist(), strict=True))
+        out[student.name] = StepOutput(state, lam, info)
     return out
 
 
-def single_target_step(
+def choose_scale(
+    scorer: MergeScorer, lambdas: torch.Tensor, grid: list[float], data: EvalData
+) -> float:
+    """The scale s in ``grid`` whose merge theta_avg + s * sum lambda tau scores best on
+    validation (ties: the smaller s)."""
+    if data.val_x is None or data.val_y is None:
+        raise ValueError("takfl-scaled chooses its scale on validation; it needs one")
+    best_acc, best_loss, best = -1.0, float("inf"), 0.0
+    for s in sorted(set(grid)):
+        _, acc, loss = best_on_validation(scorer, [lambdas], data.val_x, data.val_y, s)
+        if (acc, -loss) > (best_acc, -best_loss):
+            best_acc, best_loss, best = acc, loss, s
+    return best
+
+
+def _val_accuracy(model: nn.Module, *, x: torch.Tensor, y: torch.Tensor) -> float:
+    return accuracy(model, x, y)
+
+
+def _single_target(
     protos: list[PrototypeInput],
     data: EvalData,
-    spec: AlgorithmSpec,
-    algorithm: str,
-    *,
+    algo: Algorithm,
+    seed: int,
+    timings: dict[str, float],
+    objective: Objective,
+) -> dict[str, StepOutput]:
+    """Every prototype distils from ``objective`` starting at its theta_avg; with
+    validation given, the best checkpoint on it (the start included) is kept."""
+    settings = distill_settings(algo.spec)
+    d = algo.spec.distill
+    t0 = time.perf_counter()
+    out = {}
+    for j, p in enumerate(protos):
+        stopper = None
+        if data.has_validation and data.val_x is not None and data.val_y is not None:
+            stopper = EarlyStopping(
+                score=partial(_val_accuracy, x=data.val_x, y=data.val_y),
+                every=d.eval_every,
+                patience=d.patience,
+            )
+        state = distill(
+            p.model,
+            p.avg_state,
+            data.public_x,
+            objective,
+            settings,
+            seed=seed * 1000 + j,
+            early_stopping=stopper,
+        )
+        out[p.name] = StepOutput(state, None)
+    _add(timings, "distill_s", t0)
+    return out
+
+
+def feddf_step(
+    protos: list[PrototypeInput],
+    data: EvalData,
+    algo: Algorithm,
     seed: int,
     timings: dict[str, float],
 ) -> dict[str, StepOutput]:
-    """FedDF and FedET: one shared target for every student."""
+    """FedDF: every prototype distils from the mean logits of all clients."""
     teachers = [p for p in protos if p.mean_logits is not None]
     if not teachers:
-        return {p.name: StepOutput(p.avg_state, None) for p in protos}
-    t = spec.distill.temperature
-    if algorithm == "feddf":
-        target = feddf_target(
-            [p.mean_logits for p in teachers if p.mean_logits is not None],
-            [p.num_clients for p in teachers],
-        )
-        objective = feddf_objective(target, t)
-    else:
-        logits = [z for p in teachers for z in p.client_logits]
-        tgt, diverse, has = fedet_targets(logits, t)
-        objective = fedet_objective(tgt, diverse, has, t, spec.fedet.diversity_weight)
-    settings = _settings(spec)
-    t0 = time.perf_counter()
-    out = {
-        p.name: StepOutput(
-            distill(p.model, p.avg_state, data.public_x, objective, settings, seed=seed * 1000 + j),
-            None,
-        )
-        for j, p in enumerate(protos)
-    }
-    timings["distill_s"] = timings.get("distill_s", 0.0) + time.perf_counter() - t0
-    return out
+        return fedavg_step(protos, data, algo, seed, timings)
+    target = feddf_target(
+        [p.mean_logits for p in teachers if p.mean_logits is not None],
+        [p.num_clients for p in teachers],
+    )
+    objective = feddf_objective(target, algo.spec.distill.temperature)
+    return _single_target(protos, data, algo, seed, timings, objective)
+
+
+def fedet_step(
+    protos: list[PrototypeInput],
+    data: EvalData,
+    algo: Algorithm,
+    seed: int,
+    timings: dict[str, float],
+) -> dict[str, StepOutput]:
+    """FedET: every prototype learns the consensus pseudo-labels plus the diversity term."""
+    logits = [z for p in protos for z in p.client_logits]
+    if not logits:
+        return fedavg_step(protos, data, algo, seed, timings)
+    labels, diverse, has = fedet_targets(logits)
+    objective = fedet_objective(
+        labels, diverse, has, algo.spec.distill.temperature, algo.spec.fedet.diversity_weight
+    )
+    return _single_target(protos, data, algo, seed, timings, objective)
 
 
 def server_step(
     protos: list[PrototypeInput],
     data: EvalData,
-    spec: AlgorithmSpec,
-    algorithm: str,
+    algo: Algorithm,
     *,
     seed: int,
 ) -> tuple[dict[str, StepOutput], dict[str, float]]:
-    """Run the post-aggregation step of ``algorithm`` for every prototype.
+    """Run the post-aggregation step of ``algo`` for every prototype.
 
     Returns:
         per prototype its new state (and lambdas for TAKFL), and phase timings in seconds.
     """
     timings: dict[str, float] = {}
-    if algorithm == "fedavg":
-        return {p.name: StepOutput(p.avg_state, None) for p in protos}, timings
-    if algorithm in ("takfl", "takfl-reg"):
-        return takfl_step(
-            protos, data, spec, self_reg=algorithm == "takfl-reg", seed=seed, timings=timings
-        ), timings
-    if algorithm in ("feddf", "fedet"):
-        return single_target_step(
-            protos, data, spec, algorithm, seed=seed, timings=timings
-        ), timings
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+    if not algo.validation:
+        data = EvalData(data.public_x)
+    return algo.unit.step(protos, data, algo, seed, timings), timings

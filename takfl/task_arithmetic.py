@@ -1,7 +1,10 @@
 """Task vectors, merging and the adaptive coefficient (lambda) strategies of TAKFL step 6.
 
     tau_ij    = theta_ij - theta_avg_j
-    theta_new = theta_avg_j + scale * sum_i lambda_i * tau_ij,   lambda on the simplex
+    theta_new = theta_avg_j + sum_i lambda_i * tau_ij,   lambda on the simplex
+
+(``scale`` multiplies the sum only in the takfl-scaled ablation.) The strategies
+that choose lambda are registered in :mod:`takfl.lambdas`.
 
 Candidate merges are scored through ``torch.func.functional_call`` on one
 scratch state per student: no module is ever deep-copied.
@@ -134,40 +137,26 @@ class MergeScorer:
         return float((out.argmax(1) == y).float().mean()), float(F.cross_entropy(out, y))
 
 
-def lambdas_fixed(row: list[float]) -> torch.Tensor:
-    """A configured row, projected onto the simplex."""
-    return project_simplex(torch.tensor(row, dtype=torch.float32))
-
-
-def lambdas_search(
+def best_on_validation(
     scorer: MergeScorer,
+    candidates: list[torch.Tensor],
     val_x: torch.Tensor,
     val_y: torch.Tensor,
-    n_random: int,
-    seed: int,
-    scales: list[float],
-) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """The (lambda, scale) candidate with the best validation accuracy (ties: lower loss).
-
-    Candidates: :func:`simplex_candidates` times ``scales``; scale 0 (theta_avg
-    itself) is scored once.
-    """
+    scale: float = 1.0,
+) -> tuple[int, float, float]:
+    """Index of the candidate lambda with the best validation accuracy (ties: the
+    lower loss, then the earlier candidate), with its accuracy in [0, 1] and loss."""
     if len(val_x) == 0:
-        raise ValueError("the search strategy needs a labelled validation set")
-    uniform = torch.full((scorer.m,), 1.0 / scorer.m)
-    best_acc, best_loss, best_lam, best_scale = -1.0, float("inf"), uniform, 0.0
-    for scale in sorted(set(scales)):
-        candidates = (
-            [uniform] if scale == 0.0 else list(simplex_candidates(scorer.m, n_random, seed))
-        )
-        for lam in candidates:
-            acc, loss = scorer.score(lam, scale, val_x, val_y)
-            if (acc, -loss) > (best_acc, -best_loss):
-                best_acc, best_loss, best_lam, best_scale = acc, loss, lam, scale
-    return best_lam, best_scale, {"val_accuracy": best_acc * 100.0, "val_loss": best_loss}
+        raise ValueError("choosing coefficients on validation needs a labelled validation set")
+    best, best_acc, best_loss = 0, -1.0, float("inf")
+    for i, lam in enumerate(candidates):
+        acc, loss = scorer.score(lam, scale, val_x, val_y)
+        if (acc, -loss) > (best_acc, -best_loss):
+            best, best_acc, best_loss = i, acc, loss
+    return best, best_acc, best_loss
 
 
-def _optimise_on_simplex(
+def optimise_on_simplex(
     scorer: MergeScorer,
     loss_of_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -175,63 +164,29 @@ def _optimise_on_simplex(
     steps: int,
     lr: float,
     seed: int,
-    scale: float | None,
     batch_size: int = 256,
-) -> tuple[torch.Tensor, float, float]:
+) -> tuple[torch.Tensor, float]:
     """Minimise a loss over lambda = softmax(alpha), alpha starting at 0 (uniform).
 
-    ``scale`` None learns it too, as sigmoid(beta) in (0, 1), starting at 0.5.
-    Returns (lambda, scale, last loss).
+    Returns (lambda (m,), last loss).
     """
     alpha = torch.zeros(scorer.m, requires_grad=True)
-    beta = torch.zeros((), requires_grad=scale is None)
-    opt = torch.optim.Adam([alpha, beta] if scale is None else [alpha], lr=lr)
+    opt = torch.optim.Adam([alpha], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     last = float("nan")
     for _ in range(steps):
         idx = torch.randperm(len(x), generator=gen)[:batch_size].to(x.device)
         lam = torch.softmax(alpha, 0)
-        s = torch.sigmoid(beta) if scale is None else scale
-        out = functional_call(scorer.model, scorer.merged(lam, s), (x[idx],))
+        out = functional_call(scorer.model, scorer.merged(lam, 1.0), (x[idx],))
         loss = loss_of_logits(out, y[idx] if y is not None else idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         last = float(loss.detach())
-    final_scale = float(torch.sigmoid(beta.detach())) if scale is None else float(scale)
-    return torch.softmax(alpha.detach(), 0), final_scale, last
-
-
-def lambdas_learned(
-    scorer: MergeScorer,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
-    steps: int,
-    lr: float,
-    seed: int,
-    scale: float | None,
-) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """Coefficients on the simplex (and the scale, if None) optimised by gradient of the
-    validation cross-entropy."""
-    if len(val_x) == 0:
-        raise ValueError("the learned strategy needs a labelled validation set")
-    lam, sc, loss = _optimise_on_simplex(
-        scorer, lambda out, y: F.cross_entropy(out, y), val_x, val_y, steps, lr, seed, scale
-    )
-    return lam, sc, {"val_loss": loss}
+    return torch.softmax(alpha.detach(), 0), last
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy of softmax(logits) (B, K) -> scalar."""
     logp = F.log_softmax(logits, dim=1)
     return -(logp.exp() * logp).sum(1).mean()
-
-
-def lambdas_unsupervised(
-    scorer: MergeScorer, public_x: torch.Tensor, steps: int, lr: float, seed: int, scale: float
-) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """AdaMerging-style: minimise prediction entropy on unlabelled public data; no labels."""
-    lam, sc, ent = _optimise_on_simplex(
-        scorer, lambda out, _: prediction_entropy(out), public_x, None, steps, lr, seed, scale
-    )
-    return lam, sc, {"public_entropy": ent}

@@ -29,7 +29,15 @@ BUNDLED_DEVICES = [
     "raspberry-pi-5",
     "workstation",
 ]
-BUNDLED_FEDERATIONS = ["cifar10-homo", "digits"]
+BUNDLED_FEDERATIONS = [
+    "cifar10-hetero",
+    "cifar10-homo",
+    "cifar10-homo-dir01",
+    "cifar100-hetero",
+    "cifar100-homo",
+    "digits",
+    "sensors",
+]
 
 GOOD_PROFILE: dict[str, Any] = {
     "name": "test-board",

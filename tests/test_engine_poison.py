@@ -52,7 +52,7 @@ def test_non_finite_server_output_keeps_the_previous_global() -> None:
     assert "L" in res.kept_previous, res.kept_previous
     for key, t in before.items():
         assert torch.equal(engine.globals["L"][key], t), key
-    lines = {r["prototype"]: r for r in metrics_line("takfl", 0, res)}
+    lines = {r["prototype"]: r for r in metrics_line(engine.algorithm, 0, res)}
     assert lines["L"]["kept_previous"] and "NaN" in lines["L"]["kept_previous"]
     # the honest tiers learnt (random guessing is 10%)
     assert res.accuracy["M"] > 30.0

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from coordinator.simulate import SimulationSpec, run_simulation
+from takfl.algorithms import resolve_algorithm
 from takfl.config import load_federation
 from takfl.wire.signing import write_secret_file
 from tests.federation_harness import (
@@ -73,7 +74,15 @@ def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[n
         cfg = load_federation(fed.cfg_path)
         sim = tmp_path / "sim"
         run_simulation(
-            cfg, SimulationSpec(["takfl"], 1, 2, compression="profile"), sim, torch.device("cpu")
+            cfg,
+            SimulationSpec(
+                algorithms=[resolve_algorithm(cfg.algorithm, "takfl")],
+                seeds=1,
+                rounds=2,
+                compression="profile",
+            ),
+            sim,
+            torch.device("cpu"),
         )
         simulated = by_round(metrics(sim))
         deployed = by_round(served)

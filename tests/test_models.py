@@ -20,7 +20,9 @@ from takfl.models import (
 )
 from takfl.models.registry import builder_options, register
 
+SIGNAL_ZOO = ["cnn1d_small", "mlp1d", "resnet1d"]
 ZOO = [
+    *SIGNAL_ZOO,
     "cnn_digits_large",
     "cnn_digits_small",
     "mlp_digits",
@@ -61,7 +63,29 @@ def test_builds_and_runs_on_its_default_shape(name: str) -> None:
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", SIGNAL_ZOO)
+def test_signal_models_train_on_signals_in_both_layouts(name: str) -> None:
+    """(B, C, 1, L) as the data path carries them, and plain (B, C, L)."""
+    model = build_model(name, NUM_CLASSES, (2, 1, 40)).train()
+    x = torch.randn(4, 2, 1, 40)
+    out = model(x)
+    nn.functional.cross_entropy(out, torch.arange(4) % NUM_CLASSES).backward()
+    assert out.shape == (4, NUM_CLASSES)
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    torch.testing.assert_close(model(x), model(x.flatten(2)))
+    with pytest.raises(ValueError, match="input shape"):
+        build_model(name, NUM_CLASSES, (1, 8, 8))
+
+
+def test_signal_tiers_are_far_apart_in_size() -> None:
+    shape = (3, 1, 64)
+    mlp = count_parameters(build_model("mlp1d", 8, shape, width=16))
+    res = count_parameters(build_model("resnet1d", 8, shape))
+    assert res > 15 * mlp
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if n not in SIGNAL_ZOO])
 def test_trains_on_8x8_digits(name: str) -> None:
     """Every family runs on one-channel 8x8 input and every parameter receives a gradient."""
     model = build_model(name, NUM_CLASSES, DIGITS_SHAPE).train()

@@ -124,7 +124,7 @@ def test_baselines_run_through_the_same_engine(tmp_path: Path, algorithm: str) -
     assert set(results[algorithm]) == {"S", "M", "L"}
 
 
-@pytest.mark.parametrize("strategy", ["fixed", "learned", "unsupervised"])
+@pytest.mark.parametrize("strategy", ["fixed", "learned", "unsupervised", "heuristic"])
 def test_every_lambda_strategy_runs(tmp_path: Path, strategy: str) -> None:
     lambdas = {
         "strategy": strategy,
@@ -147,6 +147,8 @@ def test_every_lambda_strategy_runs(tmp_path: Path, strategy: str) -> None:
 def test_bad_arguments_exit_with_a_message(tmp_path: Path) -> None:
     for args, fragment in [
         (["simulate", "--algorithm", "fedprox"], "unknown algorithm"),
+        (["simulate", "--lambda-strategy", "magic"], "unknown lambda strategy"),
+        (["simulate", "--algorithm", "takfl", "--no-validation"], "withholds"),
         (["simulate", "--compression", "bf8"], "unknown compression"),
         (["simulate", "--config", str(tmp_path / "missing.yaml")], "file not found"),
     ]:

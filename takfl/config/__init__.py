@@ -3,6 +3,7 @@
 from takfl.config.base import ModelSpec
 from takfl.config.federation import (
     ALGORITHMS,
+    LAMBDA_STRATEGIES,
     AlgorithmSpec,
     DistillSpec,
     FederationConfig,
@@ -24,6 +25,7 @@ from takfl.config.profile import DeviceProfile
 
 __all__ = [
     "ALGORITHMS",
+    "LAMBDA_STRATEGIES",
     "AlgorithmSpec",
     "ConfigError",
     "DeviceProfile",

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
 from takfl.config.base import ModelSpec, Strict
 
-Algorithm = Literal["takfl", "takfl-reg", "feddf", "fedet", "fedavg"]
-ALGORITHMS: tuple[str, ...] = ("takfl", "takfl-reg", "feddf", "fedet", "fedavg")
+# Names of the registered units (takfl.algorithms, takfl.lambdas); a test keeps them equal.
+Algorithm = Literal["takfl", "takfl-reg", "takfl-scaled", "feddf", "fedet", "fedavg"]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+LambdaStrategy = Literal["heuristic", "fixed", "search", "learned", "unsupervised"]
+LAMBDA_STRATEGIES: tuple[str, ...] = get_args(LambdaStrategy)
 
 
 class DataSpec(Strict):
-    dataset: Literal["digits", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    dataset: Literal["digits", "sensors", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    layout: Literal["images", "signals"] = "images"  # npz: (N, C, H, W) or (N, C, L)
     data_dir: str | None = None  # folder (CIFAR, image folder) or file (.npz)
     # Public (unlabelled) data from another data set, e.g. CIFAR-100 for CIFAR-10.
     public_dataset: Literal["cifar10", "cifar100", "npz", "imagefolder"] | None = None
@@ -53,25 +57,37 @@ class PrototypeSpec(Strict):
 
 
 class DistillSpec(Strict):
-    steps: int = Field(100, ge=0)  # optimiser steps per (student, teacher) distillation
+    steps: int = Field(100, ge=0)  # optimiser steps per distillation (when epochs is unset)
+    epochs: int | None = Field(None, gt=0)  # passes over the public set; overrides steps
     batch_size: int = Field(64, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)  # Adam
+    weight_decay: float = Field(0.0, ge=0)  # Adam weight decay
     temperature: float = Field(3.0, gt=0)  # T, teacher/student softening
-    self_reg_weight: float = Field(1.0, ge=0)  # gamma (takfl-reg); ignored by plain takfl
+    self_reg_weight: float = Field(1.0, ge=0)  # gamma (takfl-reg, takfl-scaled)
     self_reg_temperature: float = Field(20.0, gt=0)  # Ts
+    # Best-checkpoint selection on validation for the methods whose published form has
+    # it (FedDF), given to FedET too when validation is on: score every `eval_every`
+    # steps, stop after `patience` steps without improvement.
+    eval_every: int = Field(20, gt=0)
+    patience: int = Field(100, gt=0)
 
 
 class LambdaSpec(Strict):
-    strategy: Literal["fixed", "search", "learned", "unsupervised"] = "search"
-    # fixed: matrix[student][teacher]; rows are projected onto the simplex.
+    strategy: LambdaStrategy = "heuristic"
+    # fixed: matrix[student][teacher] in prototype order; a teacher that did not report
+    # is dropped and the row renormalised.
     matrix: list[list[float]] | None = None
-    search_candidates: int = Field(32, ge=1)  # random simplex points (plus vertices, uniform)
+    # heuristic (reference code): uniform plus candidates_per_exponent Beta(1, 100)^e
+    # draws for e in 1, 5, 10, each normalised. "ascending" sorts every draw, as the
+    # reference does, which gives the last prototype the largest weight; "unsorted"
+    # leaves the draws in random order.
+    candidates_per_exponent: int = Field(15, ge=1)
+    heuristic_order: Literal["ascending", "unsorted"] = "ascending"
+    search_candidates: int = Field(32, ge=1)  # search: random simplex points (+ vertices, uniform)
     learn_steps: int = Field(50, ge=1)  # gradient steps for learned/unsupervised
     learn_rate: float = Field(0.05, gt=0)
-    # Task-vector scaling coefficient (Ilharco et al. 2023): a number, or "auto" to
-    # choose it on the validation set from scale_grid (search) or learn it (learned);
-    # 0 keeps theta_avg. "unsupervised" has no labels to anchor it and uses 1.0 under auto.
-    scale: float | Literal["auto"] = "auto"
+    # takfl-scaled only (an ablation, not the paper's method): theta_avg + s * sum lambda tau
+    # with s chosen on validation from this grid; 0 keeps theta_avg.
     scale_grid: list[float] = [0.0, 0.5, 1.0]
 
 
@@ -81,6 +97,9 @@ class FedETSpec(Strict):
 
 class AlgorithmSpec(Strict):
     name: Algorithm = "takfl"
+    # Labelled validation for every method that can use it (TAKFL's lambda choice,
+    # FedDF/FedET best checkpoint, takfl-scaled's scale); false withholds it from all.
+    validation: bool = True
     distill: DistillSpec = DistillSpec()
     lambdas: LambdaSpec = LambdaSpec()
     fedet: FedETSpec = FedETSpec()

@@ -1,7 +1,9 @@
-"""Data sets held as tensors: digits (bundled), CIFAR python batches, .npz, image folders.
+"""Data sets held as tensors: digits (bundled), generated sensor signals, CIFAR python
+batches, .npz, image folders.
 
-Every loader returns a :class:`TensorDataset` with images as float32
-(N, C, H, W), already normalised, and integer labels (N,).
+Every loader returns a :class:`TensorDataset` with inputs as float32
+(N, C, H, W), already normalised, and integer labels (N,). 1D signals (N, C, L)
+travel as (N, C, 1, L): height 1, so one layout serves images and signals.
 """
 
 from __future__ import annotations
@@ -182,10 +184,47 @@ def load_cifar(
     return _from_arrays(x, np.concatenate(labels), names, f"{variant}-{split}")
 
 
-def load_npz(path: str | Path) -> TensorDataset:
-    """A .npz with ``x`` (N, C, H, W) or (N, H, W) images and ``y`` (N,) labels.
+SENSORS_TRAIN_SIZE = 2400  # windows in the generated ``sensors`` train split
+SENSORS_TEST_SIZE = 1000
 
-    Optional ``class_names`` (string array). Images in [0, 255] integers are scaled to [0, 1].
+
+def load_sensors(split: str = "train") -> TensorDataset:
+    """The generated sensor-signal benchmark (:mod:`takfl.data.signals`): 3 x 1 x 64,
+    8 classes; train and test splits come from different seeds."""
+    from takfl.data.signals import CLASS_NAMES, make_sensor_signals
+
+    if split not in ("train", "test"):
+        raise DataError(f"unknown sensors split {split!r}; use train or test")
+    n, seed = (SENSORS_TRAIN_SIZE, 0) if split == "train" else (SENSORS_TEST_SIZE, 1)
+    x, y = make_sensor_signals(n, seed)
+    return _from_arrays(x, y, list(CLASS_NAMES), f"sensors-{split}")
+
+
+def _npz_layout(x: np.ndarray, layout: str, p: Path) -> np.ndarray:
+    """Images (N, C, H, W) or (N, H, W); signals (N, C, L) or (N, L) -> (N, C, 1, L)."""
+    if layout == "signals":
+        if x.ndim == 2:
+            x = x[:, None]
+        if x.ndim != 3:
+            raise DataError(f"{p}: signals 'x' must be (N, C, L) or (N, L), got {x.shape}")
+        return x[:, :, None, :]
+    if layout != "images":
+        raise DataError(f"unknown npz layout {layout!r}; use images or signals")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(
+            f"{p}: 'x' must be (N, C, H, W) or (N, H, W) images, got {x.shape} "
+            "(for (N, C, L) signals set data.layout: signals)"
+        )
+    return x
+
+
+def load_npz(path: str | Path, layout: str = "images") -> TensorDataset:
+    """A .npz with ``x`` and ``y`` (N,) labels. ``layout`` images: ``x`` (N, C, H, W) or
+    (N, H, W); signals: ``x`` (N, C, L) or (N, L), returned as (N, C, 1, L).
+
+    Optional ``class_names`` (string array). Inputs in integers are scaled by 1/255.
     """
     p = Path(path)
     if not p.is_file():
@@ -200,10 +239,7 @@ def load_npz(path: str | Path) -> TensorDataset:
         raise
     except (ValueError, OSError, zipfile.BadZipFile) as e:  # not an archive, or object arrays
         raise DataError(f"{p} is not a readable .npz of plain arrays ({e})") from e
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise DataError(f"{p}: 'x' must be (N, C, H, W) or (N, H, W), got {x.shape}")
+    x = _npz_layout(x, layout, p)
     x = x.astype(np.float32) / (255.0 if np.issubdtype(x.dtype, np.integer) else 1.0)
     if y.ndim != 1 or len(y) == 0 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(
@@ -243,12 +279,15 @@ def load_image_folder(path: str | Path, size: tuple[int, int] = (32, 32)) -> Ten
 
 
 def load_dataset(
-    name: str, data_dir: str | Path | None = None, split: str = "train"
+    name: str, data_dir: str | Path | None = None, split: str = "train", layout: str = "images"
 ) -> TensorDataset:
-    """Load by name: ``digits``, ``cifar10``, ``cifar100``, ``npz`` (data_dir is the file),
-    ``imagefolder`` (data_dir is the root)."""
+    """Load by name: ``digits``, ``sensors`` (generated), ``cifar10``, ``cifar100``, ``npz``
+    (data_dir is the file; ``layout`` images or signals), ``imagefolder`` (data_dir is the
+    root)."""
     if name == "digits":
         return load_digits()
+    if name == "sensors":
+        return load_sensors(split)
     if name in ("cifar10", "cifar100"):
         if data_dir is None:
             raise DataError(f"{name} needs --data-dir pointing at the python batches")
@@ -256,9 +295,11 @@ def load_dataset(
     if name == "npz":
         if data_dir is None:
             raise DataError("npz needs data_dir set to the .npz file")
-        return load_npz(data_dir)
+        return load_npz(data_dir, layout)
     if name == "imagefolder":
         if data_dir is None:
             raise DataError("imagefolder needs data_dir set to the root folder")
         return load_image_folder(data_dir)
-    raise DataError(f"unknown data set {name!r}; use digits, cifar10, cifar100, npz or imagefolder")
+    raise DataError(
+        f"unknown data set {name!r}; use digits, sensors, cifar10, cifar100, npz or imagefolder"
+    )

@@ -1,6 +1,6 @@
 """The model zoo: builders registered by name (see ``registry``)."""
 
-from takfl.models import mobilenet, resnet, small, vgg, vit  # noqa: F401  (registration)
+from takfl.models import mobilenet, resnet, signal, small, vgg, vit  # noqa: F401  (registration)
 from takfl.models.registry import (
     ModelEntry,
     UnknownModelError,
