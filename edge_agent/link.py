@@ -31,9 +31,10 @@ from types import TracebackType
 
 import torch
 
+from edge_agent.programs import ProgramCache
 from edge_agent.retries import MEMORY, UpdateRetries
 from takfl.config.profile import HardwareClass
-from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
+from takfl.mqtt.blobs import REQUEST_BATCH, BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
 from takfl.wire.chunking import ReassemblyLimits
 from takfl.wire.codec import decode_state
@@ -88,6 +89,7 @@ class LinkPolicy:
 class ReceivedTask:
     message: TaskMessage
     global_state: dict[str, torch.Tensor]  # decoded global model (float32 / exact ints)
+    program: bytes | None = None  # the task's ExecuTorch training program, when it has one
 
 
 @dataclass
@@ -128,6 +130,9 @@ class AgentLink:
         self.sender = BlobSender(self.client, BlobStore(max_blobs=self.policy.max_sent_blobs))
         self.receiver = BlobReceiver(self.policy.limits, quiet_s=self.policy.quiet_s, clock=clock)
         self._waiting: dict[str, list[TaskMessage]] = {}  # global digest -> tasks needing it
+        self.programs = ProgramCache()
+        self._fetching: set[str] = set()  # digests of programs being received
+        self._parked: dict[str, list[ReceivedTask]] = {}  # program digest -> tasks needing it
         self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()  # (round, global digest)
         self._ready: queue.Queue[ReceivedTask] = queue.Queue(maxsize=self.policy.max_tasks)
         # Unacknowledged headers and updates already sent, by (round, global digest): a task
@@ -308,6 +313,25 @@ class AgentLink:
         self._waiting.setdefault(task.blob.digest, []).append(task)
         self.counters.tasks += 1
         self._ack_task(task, True)
+        self._fetch_program(task)
+
+    def _fetch_program(self, task: TaskMessage) -> None:
+        """Ask at once for the chunks of a training program not held yet."""
+        ref = task.program
+        if ref is None or ref.digest in self.programs:
+            return
+        try:
+            if not self.receiver.expect(COORDINATOR, ref):
+                return  # already being fetched
+            self._fetching.add(ref.digest)
+        except WireError as e:
+            log.warning("%s: cannot take the training program: %s", self.identity.agent_id, e)
+            return
+        missing = self.receiver.missing(COORDINATOR, ref.digest)[:REQUEST_BATCH]
+        request = ChunkRequest(digest=ref.digest, missing=missing)
+        self.client.publish(
+            self.topics.up(self.identity.agent_id, Up.REQUEST), encode_message(request)
+        )
 
     def _answer_again(self, key: tuple[int, str]) -> None:
         """Re-announce the update already sent for a repeated task, if its blob is kept."""
@@ -333,6 +357,12 @@ class AgentLink:
             return
         if blob is None:
             return
+        if chunk.hex_digest in self._fetching:
+            self._fetching.discard(chunk.hex_digest)
+            self.programs.put(blob)
+            for received in self._parked.pop(chunk.hex_digest, []):
+                self._release(received)
+            return
         tasks = self._waiting.pop(chunk.hex_digest, [])
         try:
             state = decode_state(blob, max_bytes=self.policy.limits.max_blob_bytes)
@@ -341,12 +371,25 @@ class AgentLink:
             log.warning("%s: undecodable global model: %s", self.identity.agent_id, e)
             return
         for task in tasks:
-            try:
-                self._ready.put_nowait(ReceivedTask(task, state))
-            except queue.Full:
-                log.warning(
-                    "%s: task queue full; dropped round %d", self.identity.agent_id, task.round_id
-                )
+            self._release(ReceivedTask(task, state))
+
+    def _release(self, received: ReceivedTask) -> None:
+        """Hand a task whose global model arrived to next_task, once its program is here."""
+        ref = received.message.program
+        if ref is not None and received.program is None:
+            program = self.programs.get(ref.digest)
+            if program is None:
+                self._parked.setdefault(ref.digest, []).append(received)
+                return
+            received = ReceivedTask(received.message, received.global_state, program)
+        try:
+            self._ready.put_nowait(received)
+        except queue.Full:
+            log.warning(
+                "%s: task queue full; dropped round %d",
+                self.identity.agent_id,
+                received.message.round_id,
+            )
 
     def _on_request(self, _topic: str, payload: bytes) -> None:
         try:
@@ -398,7 +441,8 @@ class AgentLink:
         for _source, request in self.receiver.due_requests():
             self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(request))
         for _source, digest in self.receiver.expire():
-            dropped = self._waiting.pop(digest, [])
+            self._fetching.discard(digest)
+            dropped = self._waiting.pop(digest, []) + self._parked.pop(digest, [])
             log.warning(
                 "%s: global model %s timed out; %d task(s) dropped", me, digest[:12], len(dropped)
             )

@@ -19,7 +19,8 @@ from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
-from takfl.training import train_local
+from takfl.ondevice import ProgramError, require_executorch, train_program
+from takfl.training import LocalResult, train_local
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,34 @@ def dictated_training(task: ReceivedTask) -> TrainingSpec | None:
     """Local-training settings the coordinator put in the task, if any."""
     t = task.message.training
     return None if t is None else TrainingSpec(**t.model_dump())
+
+
+class NoProgram(RuntimeError):
+    """A task for an ExecuTorch agent came without a training program."""
+
+
+def train_with_torch(
+    task: ReceivedTask, x: torch.Tensor, y: torch.Tensor, spec: TrainingSpec
+) -> LocalResult:
+    msg = task.message
+    model = build_model(msg.model.builder, msg.num_classes, msg.input_shape, **msg.model.args)
+    model.load_state_dict(task.global_state)
+    return train_local(model, x, y, spec, seed=msg.seed)
+
+
+def train_with_executorch(
+    task: ReceivedTask, x: torch.Tensor, y: torch.Tensor, spec: TrainingSpec
+) -> LocalResult:
+    if task.program is None:
+        raise NoProgram(
+            f"round {task.message.round_id}: the coordinator offered no training program, "
+            "and this profile trains through ExecuTorch"
+        )
+    return train_program(task.program, task.global_state, x, y, spec, seed=task.message.seed)
+
+
+Trainer = Callable[[ReceivedTask, torch.Tensor, torch.Tensor, TrainingSpec], LocalResult]
+TRAINERS: dict[str, Trainer] = {"torch": train_with_torch, "executorch": train_with_executorch}
 
 
 class RegistrationRefused(RuntimeError):
@@ -65,6 +94,9 @@ class Agent:
         self.report = report
         self.stats = AgentStats()
         self.stop_event = threading.Event()
+        self.trainer = TRAINERS[profile.training.backend]
+        if profile.training.backend == "executorch":
+            require_executorch(f"profile {profile.name!r}")
 
         identity = AgentIdentity(
             agent_id, profile.prototype, secret, profile.name, profile.hardware_class, len(x)
@@ -79,11 +111,13 @@ class Agent:
             self.stats.tasks_skipped += 1
             log.info("skipping task of round %d: past its deadline", msg.round_id)
             return
-        c, h, w = msg.input_shape
-        model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
-        model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
-        result = train_local(model, self.x, self.y, spec, seed=msg.seed)
+        try:
+            result = self.trainer(task, self.x, self.y, spec)
+        except (NoProgram, ProgramError) as e:
+            self.stats.tasks_skipped += 1
+            log.warning("skipping task of round %d: %s", msg.round_id, e)
+            return
         header = self.link.send_update(
             task,
             result.state,

@@ -93,6 +93,9 @@ class TransportPolicy:
     task_retry_s: float = 15.0  # send a task again when the agent has not acknowledged it
     max_sent_blobs: int = 16  # global blobs kept to answer chunk requests
     max_sent_bytes: int = 4 * 1024**3
+    # ExecuTorch training programs by prototype, offered with every task of that prototype
+    # (agents that train through ExecuTorch fetch one by chunk request when not cached).
+    programs: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -235,7 +238,15 @@ class MqttTransport(Transport):
                 refs[(t.round_id, t.prototype)] = self.sender.keep(
                     blob, self.policy.global_chunk_size
                 )
-        messages = [(t, self._task_message(t, refs[(t.round_id, t.prototype)])) for t in tasks]
+        programs = {
+            name: self.sender.keep(program, self.policy.global_chunk_size)
+            for name, program in self.policy.programs.items()
+            if any(t.prototype == name for t in tasks)
+        }
+        messages = [
+            (t, self._task_message(t, refs[(t.round_id, t.prototype)], programs.get(t.prototype)))
+            for t in tasks
+        ]
         with self._lock:
             newest = max(t.round_id for t in tasks)
             if newest > self._round:
@@ -275,7 +286,7 @@ class MqttTransport(Transport):
             return len(self._incoming)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _task_message(self, t: Task, ref: BlobRef) -> TaskMessage:
+    def _task_message(self, t: Task, ref: BlobRef, program: BlobRef | None) -> TaskMessage:
         comms = self.policy.comms_by_prototype.get(t.prototype, self.policy.comms)
         msg = TaskMessage(
             round_id=t.round_id,
@@ -298,6 +309,7 @@ class MqttTransport(Transport):
             compression=comms.compression,
             chunk_size=comms.chunk_size_kib * 1024,
             blob=ref,
+            program=program,
         )
         return sign(msg, self.registry[t.client_id].secret)
 
@@ -411,8 +423,12 @@ class MqttTransport(Transport):
             return
         with self._lock:
             a = self._assignments.get(agent or "")
-            allowed = a is not None and a.message.blob.digest == request.digest
-        if allowed and agent is not None:  # an agent may fetch only its own task's model
+            program = None if a is None else a.message.program
+            allowed = a is not None and request.digest in (
+                a.message.blob.digest,
+                None if program is None else program.digest,
+            )
+        if allowed and agent is not None:  # an agent may fetch only its own task's blobs
             n = self.sender.answer(self.topics.down(agent, Down.CHUNK), request)
             self.counters.chunks_resent += n
 
