@@ -137,7 +137,8 @@ class Agent:
         self.stats.rounds.append(msg.round_id)
         self.stats.seconds_training += result.seconds
         self.report(
-            f"round {msg.round_id}: trained {result.steps} steps in {result.seconds:.1f}s "
+            f"round {msg.round_id}: trained {result.steps} steps through {spec.backend} "
+            f"in {result.seconds:.1f}s "
             f"(loss {result.mean_loss:.3f}), sent {header.blob.size / 1024:.0f} KiB "
             f"{header.compression}"
         )
