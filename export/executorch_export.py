@@ -256,3 +256,42 @@ def export_executorch(
         parity={"max_abs_logit_diff": diff},
     )
     return ExecuTorchArtifacts(train_path, inf_path, parity, diff)
+
+
+PARITY_SAMPLES = 64  # real samples for the checks of a checkpoint's programs
+
+
+def export_executorch_checkpoint(
+    checkpoint: str | Path,
+    config: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    prototype: str | None = None,
+) -> ExecuTorchArtifacts:
+    """Check a checkpoint against the federation config, then :func:`export_executorch` it
+    with the prototype's training settings and the first ``PARITY_SAMPLES`` test samples.
+
+    Raises CheckpointError, ExportError, ConfigError like ``export_checkpoint``, plus
+    ProgramExportError / ProgramParityError when the model does not train through
+    ExecuTorch correctly.
+    """
+    from export.common import ExportError
+    from export.data import eval_data
+    from export.pipeline import _load_config, check_against_config, prototype_profile
+    from takfl.checkpoint import load_checkpoint
+    from takfl.config.loader import prototype_training
+
+    cfg, cfg_path = _load_config(config)
+    state, meta = load_checkpoint(checkpoint)
+    name = prototype or meta.prototype
+    if name not in [p.name for p in cfg.prototypes]:
+        raise ExportError(f"unknown prototype {name!r} in federation {cfg.name!r}")
+    profile = prototype_profile(cfg, name, cfg_path)
+    check_against_config(state, meta, cfg, name, profile, str(checkpoint))
+    data = eval_data(cfg, calibration_samples=8, test_samples=PARITY_SAMPLES)
+    model = meta.build()
+    model.load_state_dict(state)
+    out = Path(out_dir) if out_dir is not None else Path("exports") / name
+    return export_executorch(
+        model, meta, prototype_training(cfg, name), data.test_x, data.test_y, out
+    )

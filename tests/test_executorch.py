@@ -4,6 +4,7 @@ digits, the phone profile's rules, and the message when the extra is missing."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -139,3 +140,32 @@ def test_executorch_backend_requires_sgd(tmp_path) -> None:  # type: ignore[no-u
     )
     with pytest.raises(ConfigError, match="optimizer: sgd"):
         load_profile(bad)
+
+
+@needs_executorch
+@pytest.mark.export
+def test_takfl_export_writes_checked_programs_with_metadata(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_export_cli import DIGITS_YAML, MODELS, invoke, write_checkpoint
+
+    # Prepare: a round-4 checkpoint of S (an MLP) and one of M (BatchNorm + max-pool)
+    s_ckpt = write_checkpoint(tmp_path / "S.safetensors", "S", *MODELS["S"], round_=4)
+    m_ckpt = write_checkpoint(tmp_path / "M.safetensors", "M", *MODELS["M"])
+    # Execute
+    code, output = invoke(
+        "--checkpoint", s_ckpt, "--config", DIGITS_YAML, "--executorch", "--out", tmp_path / "S"
+    )
+    # Assert: both programs, each with its metadata and digest
+    assert code == 0, output
+    train = json.loads((tmp_path / "S" / "S-round-4-train.pte.json").read_text())
+    infer = json.loads((tmp_path / "S" / "S-round-4-xnnpack.pte.json").read_text())
+    for side in (train, infer):
+        assert side["prototype"] == "S" and side["round"] == 4
+        assert side["input_shape"] == [1, 8, 8] and len(side["mean"]) == 1
+        assert len(side["sha256"]) == 64 and side["size_bytes"] > 0
+        assert side["parameters"]["net.1.weight"] == [8, 64]
+    assert train["format"] == "executorch-training" and train["parity"]["max_param_diff"] <= 1e-4
+    assert infer["delegate"] == "xnnpack" and infer["parity"]["max_abs_logit_diff"] <= 1e-4
+    code, output = invoke(
+        "--checkpoint", m_ckpt, "--config", DIGITS_YAML, "--executorch", "--out", tmp_path / "M"
+    )
+    assert code == 1 and "BatchNorm" in output and "Traceback" not in output
