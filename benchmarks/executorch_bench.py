@@ -44,12 +44,11 @@ BATCH = 8
 
 
 def cases() -> list[tuple[str, str, dict[str, Any]]]:
-    out = [(name, name, {}) for name in model_names()]
-    out.append(("mobilenetv2 (group norm)", "mobilenetv2", {"norm": "group"}))
-    out.append(
+    """The phone model first, then every registered model as it is."""
+    out: list[tuple[str, str, dict[str, Any]]] = [
         ("mobilenetv2 x0.5 (group norm)", "mobilenetv2", {"width_mult": 0.5, "norm": "group"})
-    )
-    return out
+    ]
+    return out + [(name, name, {}) for name in model_names()]
 
 
 def float64_drift(
@@ -60,6 +59,48 @@ def float64_drift(
     r64 = train_local(copy.deepcopy(model).double(), x.double(), y, spec, seed=0).state
     names = [n for n, _ in model.named_parameters()]
     return max(float((r32[n].double() - r64[n]).abs().max()) for n in names)
+
+
+def save(rows: list[dict[str, Any]], steps: int) -> None:
+    """Merge ``rows`` into the results file (rows of other models are kept)."""
+    RESULTS.parent.mkdir(exist_ok=True)
+    existing = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
+    labels = {r["model"] for r in rows}
+    kept = [r for r in existing.get("rows", []) if r["model"] not in labels]
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/executorch_bench.py",
+                "machine": f"{platform.machine()}, Python {platform.python_version()}, "
+                f"torch {torch.__version__}",
+                "steps": steps,
+                "rows": kept + rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+def first_step_gradients(
+    model: torch.nn.Module, program: bytes, x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """Largest gradient difference of one batch relative to the largest torch gradient:
+    whether the runtime's backward kernels agree before any step compounds."""
+    from takfl.ondevice import METHOD, load_program, load_weights, program_parameters
+
+    module = load_program(program)
+    load_weights(program_parameters(module, (x, y)), model.state_dict())
+    module.forward_backward(METHOD, (x, y))
+    grads = {k.removeprefix("model."): v for k, v in module.named_gradients().items()}
+    ref = copy.deepcopy(model).train()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    worst = 0.0
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            scale = float(p.grad.abs().max()) or 1.0
+            worst = max(worst, float((grads[n] - p.grad).abs().max()) / scale)
+    return worst
 
 
 def main() -> None:
@@ -97,6 +138,9 @@ def main() -> None:
             if not row["trains"]:
                 row["reason"] = "parameters drift from torch beyond 1e-4"
                 row["float64_drift"] = float64_drift(model, x, y, spec)
+                row["first_step_grad_rel_diff"] = first_step_gradients(
+                    model, program, x[:BATCH], y[:BATCH]
+                )
         except ProgramExportError as e:
             row["trains"], row["reason"] = False, str(e)
         except Exception as e:  # a runtime failure is a result of the table
@@ -113,6 +157,7 @@ def main() -> None:
             row["inference_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save(rows, args.steps)
 
     table = Table(
         title=f"ExecuTorch programs ({args.steps} SGD steps, batch {BATCH}, lr 0.01, momentum 0.9)"
@@ -132,22 +177,6 @@ def main() -> None:
             + (f" (torch fp32 vs fp64: {r['float64_drift']:.1e})" if "float64_drift" in r else ""),
         )
     Console(width=200).print(table)
-    RESULTS.parent.mkdir(exist_ok=True)
-    existing = json.loads(RESULTS.read_text()) if RESULTS.is_file() and only else {"rows": []}
-    kept = [r for r in existing.get("rows", []) if r["model"] not in {x["model"] for x in rows}]
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/executorch_bench.py",
-                "machine": f"{platform.machine()}, Python {platform.python_version()}, "
-                f"torch {torch.__version__}",
-                "steps": args.steps,
-                "rows": kept + rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
 
 
 if __name__ == "__main__":
