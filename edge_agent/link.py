@@ -83,6 +83,7 @@ class LinkPolicy:
     )
     max_sent_blobs: int = 4  # update blobs kept to answer chunk requests
     max_tasks: int = 16  # received tasks waiting for next_task
+    programs: bool = False  # fetch the training programs tasks offer (ExecuTorch agents)
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,7 @@ class AgentLink:
     def _fetch_program(self, task: TaskMessage) -> None:
         """Ask at once for the chunks of a training program not held yet."""
         ref = task.program
-        if ref is None or ref.digest in self.programs:
+        if ref is None or not self.policy.programs or ref.digest in self.programs:
             return
         try:
             if not self.receiver.expect(COORDINATOR, ref):
@@ -376,7 +377,7 @@ class AgentLink:
     def _release(self, received: ReceivedTask) -> None:
         """Hand a task whose global model arrived to next_task, once its program is here."""
         ref = received.message.program
-        if ref is not None and received.program is None:
+        if ref is not None and received.program is None and self.policy.programs:
             program = self.programs.get(ref.digest)
             if program is None:
                 self._parked.setdefault(ref.digest, []).append(received)

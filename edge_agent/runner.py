@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
-from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
+from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
@@ -101,7 +101,8 @@ class Agent:
         identity = AgentIdentity(
             agent_id, profile.prototype, secret, profile.name, profile.hardware_class, len(x)
         )
-        self.link = AgentLink(settings, fleet, identity)
+        wants_program = profile.training.backend == "executorch"
+        self.link = AgentLink(settings, fleet, identity, policy=LinkPolicy(programs=wants_program))
 
     def handle(self, task: ReceivedTask) -> None:
         """Train on one task and send the update; a late task is skipped. (Repeated tasks
