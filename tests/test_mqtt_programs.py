@@ -68,3 +68,4 @@ def test_program_is_fetched_once_by_the_agent_that_trains_with_it(
         # held by digest for round 2, so nothing more was asked for
         assert resent[0] >= 3 and resent[1] == resent[0]
         assert hashlib.sha256(PROGRAM).hexdigest() in et.programs
+        assert hashlib.sha256(PROGRAM).hexdigest() not in plain.programs
