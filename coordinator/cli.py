@@ -262,14 +262,29 @@ def provision(
         "root (must be able to read the generated files).",
     ),
     fleet: str = typer.Option(None, help="Fleet name (default: config name)."),
+    max_samples: int = typer.Option(
+        None,
+        min=1,
+        help="Most training samples any agent may claim (its FedAvg weight); "
+        "default: what the agent's first registration says.",
+    ),
 ) -> None:
     """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
+    from coordinator.registry import RegistryError
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
-    records, files, _ = do_provision(
-        cfg, out, fleet=fleet, mosquitto_port=mosquitto_port, mosquitto_user=mosquitto_user
-    )
+    try:
+        records, files, _ = do_provision(
+            cfg,
+            out,
+            fleet=fleet,
+            mosquitto_port=mosquitto_port,
+            mosquitto_user=mosquitto_user,
+            max_samples=max_samples,
+        )
+    except RegistryError as e:
+        raise fail(str(e)) from None
     console.print(
         f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
         f"{out / 'secrets'} (copy each to its device, mode 600)"

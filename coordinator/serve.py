@@ -19,8 +19,14 @@ import torch
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.engine import RoundPolicy, RoundResult
-from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, provision_agents
-from coordinator.service import FederationRun, ServeOptions
+from coordinator.registry import (
+    REGISTRY_FILE,
+    AgentRecord,
+    AllowanceBook,
+    load_registry,
+    provision_agents,
+)
+from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
@@ -70,7 +76,10 @@ def broker_for(settings: ServeSettings) -> Iterator[MqttSettings]:
 
 
 def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
-    return {a: validation.AgentRecord(a, r.prototype, r.secret) for a, r in records.items()}
+    return {
+        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        for a, r in records.items()
+    }
 
 
 def training_programs(
@@ -103,10 +112,13 @@ def training_programs(
 def transport_policy(
     cfg: FederationConfig, programs: dict[str, bytes] | None = None
 ) -> TransportPolicy:
-    """Each prototype's agents encode updates as their device profile says; ``programs``:
-    the training programs offered with the tasks of each prototype."""
+    """Each prototype's agents encode updates as their device profile says; updates are
+    bounded as the config's intake section says; ``programs``: the training programs
+    offered with the tasks of each prototype."""
     comms = {p.name: prototype_profile(cfg, p.name).comms for p in cfg.prototypes}
-    return TransportPolicy(comms_by_prototype=comms, programs=programs or {})
+    return TransportPolicy(
+        comms_by_prototype=comms, bounds=update_bounds(cfg), programs=programs or {}
+    )
 
 
 def provision(
@@ -116,10 +128,12 @@ def provision(
     fleet: str | None = None,
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
+    max_samples: int | None = None,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
-    (password file, per-agent ACL) with a fresh coordinator password."""
-    records = provision_agents(cfg, out_dir)
+    (password file, per-agent ACL) with a fresh coordinator password. ``max_samples``
+    caps each agent's claimed sample count (None: its first registration pins it)."""
+    records = provision_agents(cfg, out_dir, max_samples=max_samples)
     coord_password = secrets.token_hex(16)
     files = None
     if mosquitto_port is not None:
@@ -193,6 +207,7 @@ def serve(
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
     programs = training_programs(cfg, data.num_classes, data.input_shape, report)
+    allowances = AllowanceBook(agents_file, registry)
     with broker_for(settings) as mqtt:
         transport = MqttTransport(
             mqtt,
@@ -201,14 +216,12 @@ def serve(
             num_classes=data.num_classes,
             input_shape=data.input_shape,
             policy=transport_policy(cfg, programs),
+            on_allowance=allowances.pin,
         ).start(timeout=30)
         try:
             report(
                 f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
                 f"{len(registry)} provisioned agents, run dir {run_dir}"
-            )
-            wait_for_agents(
-                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             run = FederationRun(
                 cfg,
@@ -219,6 +232,11 @@ def serve(
                 ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
+                registry=transport.registry,
+            )
+            run.prepare()  # a bad run directory fails here, before waiting for agents
+            wait_for_agents(
+                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             results = run.run()
             c = transport.counters

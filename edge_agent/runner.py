@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
 from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
@@ -21,6 +22,7 @@ from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.ondevice import ProgramError, require_executorch, train_program
 from takfl.training import LocalResult, train_local
+from takfl.wire.validation import check_layout
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 class AgentStats:
     tasks_done: int = 0
     tasks_skipped: int = 0  # arrived past their deadline
+    tasks_refused: int = 0  # global model mismatched, non-finite or unbuildable
     last_round: int = -1
     seconds_training: float = 0.0
     rounds: list[int] = field(default_factory=list)
@@ -45,17 +48,18 @@ class NoProgram(RuntimeError):
 
 
 def train_with_torch(
-    task: ReceivedTask, x: torch.Tensor, y: torch.Tensor, spec: TrainingSpec
+    task: ReceivedTask, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainingSpec
 ) -> LocalResult:
-    msg = task.message
-    model = build_model(msg.model.builder, msg.num_classes, msg.input_shape, **msg.model.args)
-    model.load_state_dict(task.global_state)
-    return train_local(model, x, y, spec, seed=msg.seed)
+    """``model`` holds the task's global weights; trained in place."""
+    return train_local(model, x, y, spec, seed=task.message.seed)
 
 
 def train_with_executorch(
-    task: ReceivedTask, x: torch.Tensor, y: torch.Tensor, spec: TrainingSpec
+    task: ReceivedTask, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainingSpec
 ) -> LocalResult:
+    """Through the task's training program, from the task's global weights (``model``
+    only vouches that they fit the task's architecture)."""
+    del model
     if task.program is None:
         raise NoProgram(
             f"round {task.message.round_id}: the coordinator offered no training program, "
@@ -64,7 +68,7 @@ def train_with_executorch(
     return train_program(task.program, task.global_state, x, y, spec, seed=task.message.seed)
 
 
-Trainer = Callable[[ReceivedTask, torch.Tensor, torch.Tensor, TrainingSpec], LocalResult]
+Trainer = Callable[[ReceivedTask, nn.Module, torch.Tensor, torch.Tensor, TrainingSpec], LocalResult]
 TRAINERS: dict[str, Trainer] = {"torch": train_with_torch, "executorch": train_with_executorch}
 
 
@@ -112,9 +116,22 @@ class Agent:
             self.stats.tasks_skipped += 1
             log.info("skipping task of round %d: past its deadline", msg.round_id)
             return
+        c, h, w = msg.input_shape
+        try:
+            model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
+        except (KeyError, TypeError, ValueError) as e:
+            self.stats.tasks_refused += 1
+            log.warning("refusing task of round %d: cannot build its model (%s)", msg.round_id, e)
+            return
+        verdict = check_layout(task.global_state, model.state_dict())
+        if not verdict.accepted:  # a mismatched or non-finite global: refuse, keep serving
+            self.stats.tasks_refused += 1
+            log.warning("refusing the global model of round %d: %s", msg.round_id, verdict)
+            return
+        model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
         try:
-            result = self.trainer(task, self.x, self.y, spec)
+            result = self.trainer(task, model, self.x, self.y, spec)
         except (NoProgram, ProgramError) as e:
             self.stats.tasks_skipped += 1
             log.warning("skipping task of round %d: %s", msg.round_id, e)
