@@ -345,10 +345,11 @@ def coordinator_main(spec_path: Path) -> int:
     absorbing = [0.0]  # seconds in RoundEngine.absorb this round (FedAvg fold + logits)
     absorb = engine.absorb
 
-    def timed_absorb(upd: ClientUpdate, collector: Any) -> None:
+    def timed_absorb(upd: ClientUpdate, collector: Any) -> bool:
         t = time.perf_counter()
-        absorb(upd, collector)
+        taken = absorb(upd, collector)
         absorbing[0] += time.perf_counter() - t
+        return taken
 
     engine.absorb = timed_absorb  # type: ignore[method-assign,assignment]
     rec: dict[str, Any] = {"rss_setup_mb": peak_rss_mb()}

@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.broker import EmbeddedBroker, MosquittoProcess, find_mosquitto, free_port
+from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.mosquitto import write_mosquitto_config
 from coordinator.transport.base import Task
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
@@ -247,9 +248,15 @@ def broker_settings(kind: str, tmp: Path) -> Iterator[tuple[MqttSettings, MqttSe
     """(coordinator settings, agent settings) for a broker of ``kind`` on loopback."""
     base = MqttSettings(keepalive_s=30, reconnect_min_s=1, reconnect_max_s=2)
     if kind == "embedded":
-        with EmbeddedBroker() as b:
+        access = BrokerAccess.for_fleet(
+            FLEET, ("takfl-coordinator", "coord-pw"), {AGENT: "agent-pw"}
+        )
+        with EmbeddedBroker(access=access) as b:
             s = replace(base, port=b.port)
-            yield s, s
+            yield (
+                replace(s, username="takfl-coordinator", password="coord-pw"),
+                replace(s, username=AGENT, password="agent-pw"),
+            )
         return
     files = write_mosquitto_config(
         tmp / "mosquitto",

@@ -192,8 +192,16 @@ def accuracy_table(rows: list[tuple[int, dict[str, float]]], title: str) -> Tabl
 def serve(
     config: str = typer.Option(..., help="Bundled federation name or path to a YAML file."),
     broker: str = typer.Option(
-        "embedded", help="'embedded' (loopback amqtt) or mqtt[s]://user:pass@host:port"
+        "embedded", help="'embedded' (loopback amqtt) or mqtt[s]://USER@host:port"
     ),
+    password_file: Path = typer.Option(
+        None,
+        help="File holding the broker password (mode 600); else $TAKFL_BROKER_PASSWORD. "
+        "Never put it in --broker: the process list shows it to every user.",
+    ),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
+    cert_file: str = typer.Option(None, help="mqtts: client certificate (mutual TLS)."),
+    key_file: str = typer.Option(None, help="mqtts: key of the client certificate."),
     port: int = typer.Option(1883, help="Port of the embedded broker."),
     run_dir: Path = typer.Option(Path("runs/serve"), help="Run directory."),
     agents: Path = typer.Option(None, help="Agent registry (default RUN_DIR/agents.json)."),
@@ -220,10 +228,21 @@ def serve(
     from coordinator.serve import serve as run_serve
     from coordinator.store import RunStoreError
     from takfl.mqtt.client import MqttConnectError
+    from takfl.mqtt.url import parse_broker_url, read_password
 
     cfg = load_config_or_exit(config)
+    try:
+        password = None if broker == "embedded" else read_password(password_file)
+        if broker != "embedded":  # refuse a bad URL or TLS option before anything starts
+            parse_broker_url(broker, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    except ValueError as e:
+        raise fail(str(e)) from None
     settings = ServeSettings(
         broker=broker,
+        password=password,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
         embedded_port=port,
         fleet=fleet,
         rounds=rounds,
@@ -268,12 +287,25 @@ def provision(
         help="Most training samples any agent may claim (its FedAvg weight); "
         "default: what the agent's first registration says.",
     ),
+    tls: bool = typer.Option(
+        False, help="Also create a fleet CA, a server certificate and a TLS listener."
+    ),
+    tls_host: list[str] = typer.Option(
+        None, help="Host name or IP address agents use to reach the broker (repeatable)."
+    ),
+    tls_port: int = typer.Option(8883, help="Port of the TLS listener."),
 ) -> None:
     """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
+    from coordinator.broker.errors import BrokerStartError
     from coordinator.registry import RegistryError
+    from coordinator.serve import TLS_DIR
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
+    if tls and not tls_host:
+        raise fail("--tls needs at least one --tls-host (the name or address agents connect to)")
+    if tls_host and not tls:
+        raise fail("--tls-host is only used with --tls")
     try:
         records, files, _ = do_provision(
             cfg,
@@ -282,8 +314,10 @@ def provision(
             mosquitto_port=mosquitto_port,
             mosquitto_user=mosquitto_user,
             max_samples=max_samples,
+            tls_hosts=list(tls_host) if tls else None,
+            tls_port=tls_port,
         )
-    except RegistryError as e:
+    except (RegistryError, ValueError, BrokerStartError, OSError) as e:
         raise fail(str(e)) from None
     console.print(
         f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
@@ -294,17 +328,30 @@ def provision(
             f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator and "
             f"of the read-only takfl-monitor for status in {out}/*.password)"
         )
+    if tls:
+        console.print(
+            f"TLS: listener on port {tls_port} for {', '.join(tls_host)}; copy "
+            f"{out / TLS_DIR / 'ca.crt'} to every device (takfl-agent run --ca-file) and keep "
+            f"{out / TLS_DIR / 'ca.key'} private"
+        )
 
 
 @app.command()
 def status(
     run_dir: Path = typer.Option(None, help="Read the state of this run directory."),
-    broker: str = typer.Option(None, help="Also ask this broker which agents are online."),
+    broker: str = typer.Option(
+        None, help="Also ask this broker which agents are online (mqtt[s]://USER@host:port)."
+    ),
+    password_file: Path = typer.Option(
+        None, help="File holding the broker password; else $TAKFL_BROKER_PASSWORD."
+    ),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
     fleet: str = typer.Option(None, help="Fleet name (default: the run's config name)."),
     listen: float = typer.Option(2.0, help="Seconds to collect retained presence messages."),
 ) -> None:
     """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy."""
     from coordinator.status import broker_presence, run_status
+    from takfl.mqtt.url import read_password
 
     if run_dir is None and broker is None:
         raise fail("give --run-dir, --broker, or both")
@@ -324,7 +371,9 @@ def status(
         if fleet is None:
             raise fail("--fleet is needed with --broker when no --run-dir is given")
         try:
-            agents_seen = broker_presence(broker, fleet, listen)
+            agents_seen = broker_presence(
+                broker, fleet, listen, password=read_password(password_file), ca_file=ca_file
+            )
         except (ValueError, OSError) as e:
             raise fail(str(e)) from None
         table = Table(title=f"agents of fleet {fleet!r} seen on {broker}")

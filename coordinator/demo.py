@@ -6,6 +6,7 @@ separate ``takfl-agent run`` processes holding their demo shard of the data.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.engine import RoundResult
 from coordinator.registry import provision_agents
-from coordinator.serve import ServeSettings, serve
+from coordinator.serve import COORDINATOR_USER, ServeSettings, embedded_access, serve
 from takfl.config import FederationConfig
 from takfl.federation_data import client_id
 
@@ -102,8 +103,10 @@ def run_demo(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    provision_agents(cfg, run_dir)
-    broker = EmbeddedBroker().start()
+    records = provision_agents(cfg, run_dir)
+    password = secrets.token_hex(16)  # the coordinator's login; never leaves this process
+    access = embedded_access(cfg.name, {r.agent_id: r for r in records}, password)
+    broker = EmbeddedBroker(access=access).start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs = start_agents(cfg, demo.config_name, run_dir, broker.port, demo.agent_threads)
@@ -112,7 +115,8 @@ def run_demo(
             f"processes (logs in {run_dir / 'agents'})"
         )
         settings = ServeSettings(
-            broker=f"mqtt://127.0.0.1:{broker.port}",
+            broker=f"mqtt://{COORDINATOR_USER}@127.0.0.1:{broker.port}",
+            password=password,
             rounds=demo.rounds,
             deadline_s=demo.deadline_s,
             max_wait_s=demo.deadline_s,

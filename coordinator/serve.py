@@ -11,13 +11,15 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.embedded import EmbeddedBroker
-from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
+from coordinator.broker.mosquitto import MosquittoFiles, MosquittoTls, write_mosquitto_config
+from coordinator.broker.tls import make_fleet_tls
 from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.registry import (
     REGISTRY_FILE,
@@ -40,13 +42,18 @@ from takfl.mqtt.url import parse_broker_url
 from takfl.wire import validation
 
 log = logging.getLogger(__name__)
+TLS_DIR = "tls"  # provision's CA and server certificate
 COORDINATOR_USER = "takfl-coordinator"
 MONITOR_USER = "takfl-monitor"  # read-only, for takfl-coordinator status
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeSettings:
-    broker: str = "embedded"  # "embedded" or mqtt[s]://[user:pass@]host:port
+    broker: str = "embedded"  # "embedded" or mqtt[s]://[user@]host:port
+    password: str | None = field(default=None, repr=False)  # broker password (file or env)
+    ca_file: str | None = None  # mqtts: CA that signed the broker's certificate
+    cert_file: str | None = None  # mqtts: client certificate and key (mutual TLS)
+    key_file: str | None = None
     embedded_port: int = 1883
     fleet: str | None = None  # default: the config's name
     rounds: int | None = None
@@ -61,18 +68,44 @@ class ServeSettings:
     export: bool = True
 
 
+def embedded_access(
+    fleet: str, registry: dict[str, AgentRecord], coordinator_password: str
+) -> BrokerAccess:
+    """Logins of the embedded broker: the coordinator, and every provisioned agent with the
+    password derived from its secret (what ``takfl-agent run`` uses), under the fleet's ACL."""
+    return BrokerAccess.for_fleet(
+        fleet,
+        (COORDINATOR_USER, coordinator_password),
+        {a: mqtt_password(r.secret) for a, r in registry.items()},
+    )
+
+
 @contextmanager
-def broker_for(settings: ServeSettings) -> Iterator[MqttSettings]:
-    """Start the embedded broker when asked; otherwise parse the URL."""
+def broker_for(
+    settings: ServeSettings, fleet: str, registry: dict[str, AgentRecord]
+) -> Iterator[MqttSettings]:
+    """Start the embedded broker when asked (its coordinator password lives only in this
+    process); otherwise parse the URL."""
     if settings.broker == "embedded":
-        broker = EmbeddedBroker(settings.embedded_port).start()
+        password = secrets.token_hex(16)
+        broker = EmbeddedBroker(
+            settings.embedded_port, access=embedded_access(fleet, registry, password)
+        ).start()
         log.info("embedded broker on %s:%d", broker.host, broker.port)
         try:
-            yield MqttSettings(host=broker.host, port=broker.port)
+            yield MqttSettings(
+                host=broker.host, port=broker.port, username=COORDINATOR_USER, password=password
+            )
         finally:
             broker.stop()
     else:
-        yield parse_broker_url(settings.broker)
+        yield parse_broker_url(
+            settings.broker,
+            password=settings.password,
+            ca_file=settings.ca_file,
+            cert_file=settings.cert_file,
+            key_file=settings.key_file,
+        )
 
 
 def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
@@ -129,10 +162,26 @@ def provision(
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
     max_samples: int | None = None,
+    tls_hosts: list[str] | None = None,
+    tls_port: int = 8883,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
-    (password file, per-agent ACL) with a fresh coordinator password. ``max_samples``
-    caps each agent's claimed sample count (None: its first registration pins it)."""
+    (password file, per-agent ACL) with a fresh coordinator password, and with
+    ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
+    a TLS listener on ``tls_port`` (all interfaces; the plain one stays on loopback).
+    ``max_samples`` caps each agent's claimed sample count (None: its first registration
+    pins it)."""
+    if tls_hosts and mosquitto_port is None:
+        raise ValueError("a TLS listener needs a Mosquitto configuration: add --mosquitto-port")
+    tls = None
+    if tls_hosts:
+        material = make_fleet_tls(out_dir / TLS_DIR, tls_hosts, fleet=fleet or cfg.name)
+        tls = MosquittoTls(
+            port=tls_port,
+            cert_file=str(material.server_cert.resolve()),
+            key_file=str(material.server_key.resolve()),
+            bind="",
+        )
     records = provision_agents(cfg, out_dir, max_samples=max_samples)
     coord_password = secrets.token_hex(16)
     files = None
@@ -146,6 +195,7 @@ def provision(
             agents={r.agent_id: mqtt_password(r.secret) for r in records},
             run_as=mosquitto_user,
             monitor=(MONITOR_USER, monitor_password),
+            tls=tls,
             use_tool=False,  # the built-in PBKDF2-SHA512 hasher: one file write, not one per agent
         )
         for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
@@ -208,7 +258,7 @@ def serve(
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
     programs = training_programs(cfg, data.num_classes, data.input_shape, report)
     allowances = AllowanceBook(agents_file, registry)
-    with broker_for(settings) as mqtt:
+    with broker_for(settings, fleet, registry) as mqtt:
         transport = MqttTransport(
             mqtt,
             fleet,

@@ -35,7 +35,14 @@ def run_status(run_dir: Path) -> tuple[dict[str, Any], str]:
     return view, str(state.get("config") or "")
 
 
-def broker_presence(url: str, fleet: str, listen_s: float) -> dict[str, dict[str, str]]:
+def broker_presence(
+    url: str,
+    fleet: str,
+    listen_s: float,
+    *,
+    password: str | None = None,
+    ca_file: str | None = None,
+) -> dict[str, dict[str, str]]:
     """Retained registrations and statuses of the fleet's agents, collected for ``listen_s``."""
     topics = Topics(fleet)
     seen: dict[str, dict[str, str]] = {}
@@ -63,7 +70,8 @@ def broker_presence(url: str, fleet: str, listen_s: float) -> dict[str, dict[str
     # A clean session: a probe must leave nothing behind on the broker. With Mosquitto's
     # use_username_as_clientid, connect as the read-only monitor user, never as the
     # coordinator (that would take over the running coordinator's session).
-    client = MqttClient(parse_broker_url(url), f"takfl-status-{int(time.time())}", persistent=False)
+    settings = parse_broker_url(url, password=password, ca_file=ca_file)
+    client = MqttClient(settings, f"takfl-status-{int(time.time())}", persistent=False)
     client.route(topics.up_filter(Up.STATUS), on_status)
     client.route(topics.up_filter(Up.REGISTER), on_register)
     client.start(timeout=10)

@@ -10,7 +10,11 @@ Usage::
         ack = link.wait_ack(header.blob.digest, timeout=60)
 
 Presence: a retained ``online`` status on connect, ``offline`` as last will and
-on close. The signed registration is published (retained) on every connect.
+on close, all signed and stamped with the connection's start time. The signed
+registration is published (retained) on every connect. Everything the agent acts on
+(tasks, acks, chunk requests, global announcements) must be signed with its secret and
+addressed to it; anything else is ignored and logged. Chunk requests are answered
+within the :class:`ResendLimits` of the link policy.
 A task is acknowledged on receipt; its global blob is reassembled and missing
 chunks are asked for again. An update header is announced again every
 ``ack_timeout_s`` until the coordinator acknowledges it or the task's deadline
@@ -24,10 +28,11 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Literal
 
 import torch
 
@@ -36,6 +41,7 @@ from edge_agent.retries import MEMORY, UpdateRetries
 from takfl.config.profile import HardwareClass
 from takfl.mqtt.blobs import REQUEST_BATCH, BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
+from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
 from takfl.wire.chunking import ReassemblyLimits
 from takfl.wire.codec import decode_state
 from takfl.wire.errors import WireError
@@ -45,6 +51,7 @@ from takfl.wire.messages import (
     Compression,
     GlobalAnnouncement,
     Registration,
+    SignedMessage,
     Status,
     TaskMessage,
     UpdateHeader,
@@ -52,7 +59,7 @@ from takfl.wire.messages import (
     decode_message,
     encode_message,
 )
-from takfl.wire.signing import sign, verify
+from takfl.wire.signing import message_ref, sign, verify
 from takfl.wire.topics import Down, Topics, Up, check_ident
 from takfl.wire.update import PreparedUpdate, prepare_update
 
@@ -83,6 +90,7 @@ class LinkPolicy:
     )
     max_sent_blobs: int = 4  # update blobs kept to answer chunk requests
     max_tasks: int = 16  # received tasks waiting for next_task
+    resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
     programs: bool = False  # fetch the training programs tasks offer (ExecuTorch agents)
 
 
@@ -101,6 +109,7 @@ class LinkCounters:
     ignored_chunks: int = 0  # chunks of no expected blob
     requests_answered: int = 0
     header_retries: int = 0
+    unauthenticated: int = 0  # acks, requests, announcements not signed for this agent
 
 
 class AgentLink:
@@ -124,11 +133,12 @@ class AgentLink:
         self.wall_clock = wall_clock
         self.counters = LinkCounters()
         me = identity.agent_id
-        offline = Status(agent_id=me, state="offline", time=0.0)
-        self.client = MqttClient(
-            settings, me, will=Will(self.topics.up(me, Up.STATUS), encode_message(offline))
+        self.client = MqttClient(settings, me, will=self._will)
+        self.sender = BlobSender(
+            self.client,
+            BlobStore(max_blobs=self.policy.max_sent_blobs),
+            ResendLimiter(self.policy.resend, clock=clock),
         )
-        self.sender = BlobSender(self.client, BlobStore(max_blobs=self.policy.max_sent_blobs))
         self.receiver = BlobReceiver(self.policy.limits, quiet_s=self.policy.quiet_s, clock=clock)
         self._waiting: dict[str, list[TaskMessage]] = {}  # global digest -> tasks needing it
         self.programs = ProgramCache()
@@ -146,11 +156,12 @@ class AgentLink:
         )
         self._cond = threading.Condition()
         self._global: GlobalAnnouncement | None = None  # latest of this agent's prototype
+        self._registrations: deque[str] = deque(maxlen=8)  # message_ref of recent ones
         self.client.route(self.topics.down(me, Down.TASK), self._on_task)
         self.client.route(self.topics.down(me, Down.CHUNK), self._on_chunk)
         self.client.route(self.topics.down(me, Down.REQUEST), self._on_request)
         self.client.route(self.topics.down(me, Down.ACK), self._on_ack)
-        self.client.route(self.topics.global_model(identity.prototype), self._on_global)
+        self.client.route(self.topics.down(me, Down.GLOBAL), self._on_global)
         self.client.on_connected(self._announce)
         self.client.every_tick(self._tick)
 
@@ -160,9 +171,7 @@ class AgentLink:
         return self
 
     def close(self) -> None:
-        me = self.identity.agent_id
-        offline = Status(agent_id=me, state="offline", time=self.wall_clock())
-        self.client.stop(final=(self.topics.up(me, Up.STATUS), encode_message(offline)))
+        self.client.stop(final=(self._status_topic(), self._status("offline")))
 
     def __enter__(self) -> AgentLink:
         return self.start()
@@ -256,13 +265,38 @@ class AgentLink:
                 self._cond.wait(left)
             return ack
 
+    # -- presence ---------------------------------------------------------------------------
+    def _status_topic(self) -> str:
+        return self.topics.up(self.identity.agent_id, Up.STATUS)
+
+    def _status(self, state: Literal["online", "offline"], at: float | None = None) -> bytes:
+        """A signed status of the connection that started at ``at`` (the current one)."""
+        when = self.client.connection_time if at is None else at
+        msg = Status(agent_id=self.identity.agent_id, state=state, time=when)
+        return encode_message(sign(msg, self.identity.secret))
+
+    def _will(self, connection_time: float) -> Will:
+        return Will(self._status_topic(), self._status("offline", connection_time))
+
+    def _authentic(self, message: SignedMessage, what: str) -> bool:
+        """True if ``message`` is signed with this agent's secret and addressed to it."""
+        if verify(message, self.identity.secret) and (
+            getattr(message, "agent_id", None) == self.identity.agent_id
+        ):
+            return True
+        self.counters.unauthenticated += 1
+        log.warning("%s: ignored an unauthenticated %s", self.identity.agent_id, what)
+        return False
+
     # -- handlers (dispatcher thread) -----------------------------------------------------------
     def _announce(self) -> None:
         me = self.identity.agent_id
-        online = Status(agent_id=me, state="online", time=self.wall_clock())
-        self.client.publish(self.topics.up(me, Up.STATUS), encode_message(online), retain=True)
+        registration = self.registration()
+        with self._cond:
+            self._registrations.append(message_ref(registration))
+        self.client.publish(self._status_topic(), self._status("online"), retain=True)
         self.client.publish(
-            self.topics.up(me, Up.REGISTER), encode_message(self.registration()), retain=True
+            self.topics.up(me, Up.REGISTER), encode_message(registration), retain=True
         )
 
     def _ack_task(self, task: TaskMessage, accepted: bool, reason: str = "ok") -> None:
@@ -274,7 +308,8 @@ class AgentLink:
             accepted=accepted,
             reason=reason,
         )
-        self.client.publish(self.topics.up(self.identity.agent_id, Up.ACK), encode_message(ack))
+        signed = sign(ack, self.identity.secret)
+        self.client.publish(self.topics.up(self.identity.agent_id, Up.ACK), encode_message(signed))
 
     def _on_task(self, _topic: str, payload: bytes) -> None:
         try:
@@ -328,11 +363,12 @@ class AgentLink:
         except WireError as e:
             log.warning("%s: cannot take the training program: %s", self.identity.agent_id, e)
             return
+        me = self.identity.agent_id
         missing = self.receiver.missing(COORDINATOR, ref.digest)[:REQUEST_BATCH]
-        request = ChunkRequest(digest=ref.digest, missing=missing)
-        self.client.publish(
-            self.topics.up(self.identity.agent_id, Up.REQUEST), encode_message(request)
+        request = sign(
+            ChunkRequest(agent_id=me, digest=ref.digest, missing=missing), self.identity.secret
         )
+        self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(request))
 
     def _answer_again(self, key: tuple[int, str]) -> None:
         """Re-announce the update already sent for a repeated task, if its blob is kept."""
@@ -410,14 +446,19 @@ class AgentLink:
         except WireError as e:
             log.warning("%s: malformed chunk request: %s", self.identity.agent_id, e)
             return
+        if not self._authentic(request, "chunk request"):
+            return
         topic = self.topics.up(self.identity.agent_id, Up.CHUNK)
-        self.counters.requests_answered += int(self.sender.answer(topic, request) > 0)
+        sent = self.sender.answer(topic, request, COORDINATOR)
+        self.counters.requests_answered += int(sent > 0)
 
     def _on_global(self, _topic: str, payload: bytes) -> None:
         try:
             ann = decode_message(GlobalAnnouncement, payload)
         except WireError as e:
             log.warning("%s: malformed global announcement: %s", self.identity.agent_id, e)
+            return
+        if not self._authentic(ann, "global announcement"):
             return
         if ann.prototype != self.identity.prototype:
             return
@@ -432,8 +473,14 @@ class AgentLink:
         except WireError as e:
             log.warning("%s: malformed ack: %s", self.identity.agent_id, e)
             return
-        if ack.agent_id != self.identity.agent_id:
+        if not self._authentic(ack, f"{ack.subject} ack"):
             return
+        if ack.subject == "register":
+            with self._cond:
+                mine = ack.digest in self._registrations
+            if not mine:
+                log.info("%s: ignored an ack of another registration", self.identity.agent_id)
+                return
         key = REGISTER_KEY if ack.subject == "register" else ack.digest
         if key is None:
             return
@@ -451,8 +498,10 @@ class AgentLink:
 
     def _tick(self) -> None:
         me = self.identity.agent_id
-        for _source, request in self.receiver.due_requests():
-            self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(request))
+        for m in self.receiver.due_requests():
+            request = ChunkRequest(agent_id=me, digest=m.digest, missing=m.indices)
+            signed = sign(request, self.identity.secret)
+            self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(signed))
         for _source, digest in self.receiver.expire():
             self._fetching.discard(digest)
             dropped = self._waiting.pop(digest, []) + self._parked.pop(digest, [])

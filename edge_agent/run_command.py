@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -18,8 +19,11 @@ def run(
     profile: str = typer.Option(..., help="Bundled device profile name or YAML path."),
     broker: str = typer.Option(
         ...,
-        help="mqtt://host:port or mqtts://host:port "
-        "(user:password@ optional; else derived from the secret).",
+        help="mqtt://host:port or mqtts://host:port (USER@ optional, with --password-file; "
+        "by default the agent id and a password derived from the secret).",
+    ),
+    password_file: Path = typer.Option(
+        None, help="Broker password for a USER@ in --broker; else $TAKFL_BROKER_PASSWORD."
     ),
     agent_id: str = typer.Option(..., "--id", help="This agent's id, as provisioned."),
     secret_file: Path = typer.Option(..., help="The agent's secret (hex, mode 600)."),
@@ -28,7 +32,9 @@ def run(
     federation: str = typer.Option("digits", help="Federation of --demo-shard."),
     fleet: str = typer.Option(None, help="Fleet name (default: --federation's name)."),
     threads: int = typer.Option(None, min=1, help="Override the profile's training threads."),
-    ca_file: str = typer.Option(None, help="CA certificate for mqtts."),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
+    cert_file: str = typer.Option(None, help="mqtts: client certificate (mutual TLS)."),
+    key_file: str = typer.Option(None, help="mqtts: key of the client certificate."),
     max_tasks: int = typer.Option(None, min=1, help="Exit after this many tasks."),
 ) -> None:
     """Train on local data for the coordinator, within the device profile's limits."""
@@ -36,7 +42,7 @@ def run(
     from edge_agent.runner import Agent, RegistrationRefused
     from takfl.data import DataError
     from takfl.mqtt.credentials import mqtt_password
-    from takfl.mqtt.url import parse_broker_url
+    from takfl.mqtt.url import parse_broker_url, read_password
     from takfl.ondevice import ExecuTorchMissing
     from takfl.wire.errors import WireError
     from takfl.wire.signing import load_secret_file
@@ -54,10 +60,10 @@ def run(
         raise typer.Exit(2)
     try:
         secret = load_secret_file(secret_file)
-        settings = parse_broker_url(broker, ca_file=ca_file)
-        if settings.username is None:
-            from dataclasses import replace
-
+        settings = parse_broker_url(broker, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        if settings.username is not None:
+            settings = replace(settings, password=read_password(password_file))
+        else:
             settings = replace(settings, username=agent_id, password=mqtt_password(secret))
         if demo_shard is not None:
             _, x, y = load_demo_shard(federation, prof.prototype, demo_shard)

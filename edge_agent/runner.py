@@ -73,7 +73,13 @@ TRAINERS: dict[str, Trainer] = {"torch": train_with_torch, "executorch": train_w
 
 
 class RegistrationRefused(RuntimeError):
-    """The coordinator refused this agent (unknown id, wrong prototype, bad signature)."""
+    """The coordinator refused this agent (unknown id, wrong prototype, bad signature), or
+    the broker refused its login."""
+
+
+def login_refused(reason: str | None) -> bool:
+    """True for a broker answer that retrying with the same credentials cannot change."""
+    return reason is not None and any(w in reason.lower() for w in ("authori", "password"))
 
 
 class Agent:
@@ -172,6 +178,13 @@ class Agent:
         registered = False
         try:
             while not self.stop_event.is_set():
+                refused = self.link.client.refused
+                if not registered and login_refused(refused):
+                    raise RegistrationRefused(
+                        f"the broker refused the login of agent {self.link.identity.agent_id} "
+                        f"({refused}): it is not provisioned there, or its secret or "
+                        "password is wrong"
+                    )
                 if not registered:
                     ack = self.link.wait_ack(REGISTER_KEY, timeout=0.0)
                     if ack is not None and not ack.accepted:

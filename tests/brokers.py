@@ -27,11 +27,13 @@ from typing import Any
 import pytest
 
 from coordinator.broker import EmbeddedBroker, MosquittoProcess, find_mosquitto, free_port
+from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.broker.net import LOOPBACK
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
 from takfl.mqtt.client import MqttSettings
+from takfl.wire.messages import MAX_PACKET_BYTES
 from takfl.wire.signing import generate_secret
 from takfl.wire.validation import AgentRecord
 
@@ -75,7 +77,13 @@ class BrokerHandle:
     def start(self) -> None:
         """Start again on the same port (Mosquitto: same persistence directory)."""
         if self.kind == EMBEDDED:
-            self._server = EmbeddedBroker(self.port, host=self.host).start()
+            access = self._server.access
+            self._server = EmbeddedBroker(
+                self.port,
+                host=self.host,
+                access=access,
+                max_packet_bytes=self._server.max_packet_bytes,
+            ).start()
         else:
             self._server.start()
 
@@ -85,7 +93,12 @@ class BrokerHandle:
 
 
 def _mosquitto(
-    tmp_path: Path, fleet: str, agents: list[str], persistence: bool, use_tool: bool | None
+    tmp_path: Path,
+    fleet: str,
+    agents: list[str],
+    persistence: bool,
+    use_tool: bool | None,
+    max_packet_bytes: int,
 ) -> tuple[MosquittoProcess, dict[str, str], str]:
     passwords = {a: secrets.token_hex(8) for a in agents}
     coordinator_password = secrets.token_hex(8)
@@ -100,6 +113,7 @@ def _mosquitto(
         autosave_interval_s=1,
         run_as=getpass.getuser(),
         use_tool=use_tool,
+        max_packet_bytes=max_packet_bytes,
     )
     return MosquittoProcess(files), passwords, coordinator_password
 
@@ -113,25 +127,40 @@ def running_broker(
     agents: Iterable[str] = ("a1", "a2"),
     persistence: bool = True,
     use_tool: bool | None = None,
+    max_packet_bytes: int = MAX_PACKET_BYTES,
 ) -> Iterator[BrokerHandle]:
     """Start a broker of ``kind`` ("embedded" or "mosquitto") on a free loopback port.
 
-    Mosquitto gets a generated configuration in ``tmp_path/mosquitto`` with a user per
-    agent (username = agent id) plus the coordinator user, the fleet's ACL and
+    Both get a user per agent (username = agent id) plus the coordinator user and the
+    fleet's ACL; Mosquitto's generated configuration in ``tmp_path/mosquitto`` also has
     persistence. The broker is stopped on exit, also when the body raises.
     """
     agent_ids = list(agents)
     handle: BrokerHandle
     if kind == EMBEDDED:
-        server = EmbeddedBroker(host=LOOPBACK).start()
+        passwords = {a: secrets.token_hex(8) for a in agent_ids}
+        coord_pw = secrets.token_hex(8)
+        access = BrokerAccess.for_fleet(fleet, (COORDINATOR_USER, coord_pw), passwords)
+        server = EmbeddedBroker(
+            host=LOOPBACK, access=access, max_packet_bytes=max_packet_bytes
+        ).start()
         base = replace(BASE_SETTINGS, port=server.port)
         handle = BrokerHandle(
-            kind, server.host, server.port, fleet, base, {a: base for a in agent_ids}, None, server
+            kind,
+            server.host,
+            server.port,
+            fleet,
+            replace(base, username=COORDINATOR_USER, password=coord_pw),
+            {a: replace(base, username=a, password=passwords[a]) for a in agent_ids},
+            None,
+            server,
         )
     elif kind == MOSQUITTO:
         if MOSQUITTO_MISSING:
             pytest.skip("mosquitto binary not installed")
-        proc, passwords, coord_pw = _mosquitto(tmp_path, fleet, agent_ids, persistence, use_tool)
+        proc, passwords, coord_pw = _mosquitto(
+            tmp_path, fleet, agent_ids, persistence, use_tool, max_packet_bytes
+        )
         proc.start()
         base = replace(BASE_SETTINGS, port=proc.port)
         handle = BrokerHandle(

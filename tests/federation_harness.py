@@ -146,6 +146,9 @@ class Federation:
 
     def start_coordinator(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
         name = f"coordinator-{sum(1 for n in self.procs if n.startswith('coordinator'))}"
+        url = broker or self.broker_url_coordinator
+        if url != "embedded" and "--password-file" not in extra:
+            extra = (*extra, "--password-file", str(self.work / "coordinator.password"))
         return self._spawn(
             name,
             [
@@ -156,7 +159,7 @@ class Federation:
                 "--config",
                 str(self.cfg_path),
                 "--broker",
-                broker or self.broker_url_coordinator,
+                url,
                 "--run-dir",
                 str(self.run_dir),
                 "--agents",
@@ -203,7 +206,7 @@ def federation(
     cfg = load_federation(cfg_path)
     work = tmp_path / "fed"
     port = free_port()
-    records, files, coord_password = provision(
+    records, files, _ = provision(
         cfg,
         work,
         mosquitto_port=port if broker == "mosquitto" else None,
@@ -215,9 +218,7 @@ def federation(
         cfg,
         work,
         f"mqtt://127.0.0.1:{port}",
-        f"mqtt://takfl-coordinator:{coord_password}@127.0.0.1:{port}"
-        if broker == "mosquitto"
-        else "embedded",
+        f"mqtt://takfl-coordinator@127.0.0.1:{port}" if broker == "mosquitto" else "embedded",
         port,
     )
     if isinstance(files, MosquittoFiles):

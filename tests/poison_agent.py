@@ -12,6 +12,7 @@ no lie are answered honestly. Used by the end-to-end poisoning test as a real pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -57,7 +58,9 @@ def main() -> None:
     identity = AgentIdentity(
         args.id, proto, secret, profile.name, profile.hardware_class, num_samples=len(x)
     )
-    with AgentLink(settings, cfg.name, identity) as link:
+    link = AgentLink(settings, cfg.name, identity)
+    link.start(timeout=None)  # like takfl-agent run: wait for a broker that is not up yet
+    with contextlib.closing(link):
         while True:
             task = link.next_task(timeout=1.0)
             if task is None:

@@ -1,5 +1,6 @@
-"""With the generated Mosquitto ACL and password file, an agent can neither publish on
-another agent's topics nor read another agent's tasks (real mosquitto)."""
+"""With the fleet's logins and ACL, an agent can neither publish on another agent's topics
+nor read another agent's tasks, and a client without credentials cannot connect: on the
+generated Mosquitto configuration and on the embedded broker alike."""
 
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ import pytest
 
 from takfl.mqtt.client import MqttClient, MqttConnectError, MqttSettings
 from takfl.wire.topics import Down, Topics, Up
-from tests.brokers import COORDINATOR_USER, MOSQUITTO, SKIP_NO_MOSQUITTO, running_broker
-
-pytestmark = [pytest.mark.mosquitto, SKIP_NO_MOSQUITTO]
+from tests.brokers import BROKER_KINDS, COORDINATOR_USER, running_broker
 
 
 class Inbox:
@@ -54,8 +53,9 @@ def connected(
         client.stop()
 
 
-def test_agents_are_confined_to_their_own_topics(tmp_path: Path) -> None:
-    with running_broker(MOSQUITTO, tmp_path, agents=["a1", "a2"]) as broker:
+@pytest.mark.parametrize("kind", BROKER_KINDS)
+def test_agents_are_confined_to_their_own_topics(kind: str, tmp_path: Path) -> None:
+    with running_broker(kind, tmp_path, agents=["a1", "a2"]) as broker:
         t = Topics(broker.fleet)
         coord_in, a1_in, a2_in = Inbox(), Inbox(), Inbox()
         with (
@@ -99,15 +99,16 @@ def test_agents_are_confined_to_their_own_topics(tmp_path: Path) -> None:
             assert a2_in.payloads() == [b"task for a2"]
 
 
-def test_unknown_or_wrong_credentials_are_refused(tmp_path: Path) -> None:
-    with running_broker(MOSQUITTO, tmp_path, agents=["a1"]) as broker:
+@pytest.mark.parametrize("kind", BROKER_KINDS)
+def test_unknown_or_wrong_credentials_are_refused(kind: str, tmp_path: Path) -> None:
+    with running_broker(kind, tmp_path, agents=["a1"]) as broker:
         good = broker.settings_for("a1")
-        for settings in (
-            replace(good, password="wrong"),
-            replace(good, username=None),
-            replace(good, username="a9"),
+        for settings, client_id in (
+            (replace(good, password="wrong"), "a1"),
+            (replace(good, username=None, password=None), "a1"),  # an anonymous local process
+            (replace(good, username="a9"), "a9"),
         ):
             with pytest.raises(MqttConnectError, match=r"(?i)not authori"):
-                MqttClient(settings, "intruder").start(timeout=3)
+                MqttClient(settings, client_id).start(timeout=3)
         with connected(good, "a1", []) as a1:
             assert a1.is_connected

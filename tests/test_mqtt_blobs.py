@@ -47,8 +47,8 @@ def test_receiver_asks_for_missing_chunks_after_quiet_periods() -> None:
     clock.now = 1.9
     assert rx.due_requests() == []
     clock.now = 2.1
-    [(source, request)] = rx.due_requests()
-    assert (source, request.digest, request.missing) == ("a1", ref.digest, [1, 2, 4])
+    [due] = rx.due_requests()
+    assert (due.source, due.digest, due.indices) == ("a1", ref.digest, [1, 2, 4])
     clock.now = 3.0
     assert rx.due_requests() == []  # asked less than quiet_s ago
     clock.now = 4.2

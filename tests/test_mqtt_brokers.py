@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.broker import BrokerStartError, EmbeddedBroker, MosquittoProcess, free_port
+from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.mosquitto import (
     MosquittoTls,
     acl_text,
@@ -34,15 +35,18 @@ MOSQUITTO_PASSWD_LINE = (
 )
 
 
+ACCESS = BrokerAccess.for_fleet("test", ("takfl-coordinator", "coord-pw"), {"a1": "a1-pw"})
+
+
 def test_embedded_broker_serves_stops_and_restarts_on_its_port() -> None:
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker(access=ACCESS) as broker:
         port = broker.port
-        client = MqttClient(MqttSettings(port=port), "probe")
+        client = MqttClient(MqttSettings(port=port, username="a1", password="a1-pw"), "a1")
         client.start(timeout=10)
         assert client.is_connected
         client.stop()
     assert not port_accepts(LOOPBACK, port)
-    again = EmbeddedBroker(port).start()
+    again = EmbeddedBroker(port, access=ACCESS).start()
     try:
         assert port_accepts(LOOPBACK, port)
     finally:
@@ -53,7 +57,7 @@ def test_embedded_broker_serves_stops_and_restarts_on_its_port() -> None:
 
 def test_embedded_broker_refuses_non_loopback_addresses() -> None:
     with pytest.raises(ValueError, match="loopback"):
-        EmbeddedBroker(host="0.0.0.0")
+        EmbeddedBroker(host="0.0.0.0", access=ACCESS)
 
 
 def test_embedded_broker_reports_a_taken_port() -> None:
@@ -62,7 +66,7 @@ def test_embedded_broker_reports_a_taken_port() -> None:
         holder.listen()
         port = holder.getsockname()[1]
         with pytest.raises(BrokerStartError, match=str(port)):
-            EmbeddedBroker(port).start(timeout=5)
+            EmbeddedBroker(port, access=ACCESS).start(timeout=5)
 
 
 def test_python_hash_matches_mosquitto_passwd_output() -> None:

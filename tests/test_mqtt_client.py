@@ -13,23 +13,28 @@ from typing import Literal
 
 import pytest
 
-from coordinator.broker import EmbeddedBroker
 from takfl.mqtt.client import MqttClient, MqttSettings, Will, backoff_delay
 from takfl.wire.messages import Status, decode_message, encode_message
 from takfl.wire.topics import Topics, Up
-from tests.brokers import COORDINATOR_USER, MOSQUITTO, SKIP_NO_MOSQUITTO, running_broker
+from tests.brokers import (
+    COORDINATOR_USER,
+    EMBEDDED,
+    MOSQUITTO,
+    SKIP_NO_MOSQUITTO,
+    BrokerHandle,
+    running_broker,
+)
 
 SETTINGS = MqttSettings(keepalive_s=5, reconnect_min_s=1, reconnect_max_s=2)
 
 
 @pytest.fixture
-def broker() -> Iterator[EmbeddedBroker]:
-    b = EmbeddedBroker().start()
-    yield b
-    b.stop()
+def broker(tmp_path: Path) -> Iterator[BrokerHandle]:
+    with running_broker(EMBEDDED, tmp_path, agents=["a1"]) as b:
+        yield b
 
 
-def test_full_inbox_drops_and_counts(broker: EmbeddedBroker) -> None:
+def test_full_inbox_drops_and_counts(broker: BrokerHandle) -> None:
     release = threading.Event()
     handled: list[bytes] = []
 
@@ -37,14 +42,15 @@ def test_full_inbox_drops_and_counts(broker: EmbeddedBroker) -> None:
         release.wait(10)
         handled.append(payload)
 
-    sub = MqttClient(replace(SETTINGS, port=broker.port, inbox_size=2), "sub")
-    sub.route("t/#", slow)
+    topics = Topics(broker.fleet)
+    sub = MqttClient(replace(broker.coordinator_settings, inbox_size=2), COORDINATOR_USER)
+    sub.route(topics.up_filter(Up.UPDATE), slow)
     sub.start(timeout=10)
-    pub = MqttClient(replace(SETTINGS, port=broker.port), "pub")
+    pub = MqttClient(broker.settings_for("a1"), "a1")
     pub.start(timeout=10)
     try:
         for i in range(8):
-            pub.publish("t/x", bytes([i]))
+            pub.publish(topics.up("a1", Up.UPDATE), bytes([i]))
         end = time.monotonic() + 10
         while sub.counters.received < 8 and time.monotonic() < end:
             time.sleep(0.05)
@@ -67,7 +73,7 @@ def test_full_outbox_refuses_and_counts() -> None:
     assert client.counters.publish_refused == 1
 
 
-def test_last_will_marks_a_vanished_client_offline(broker: EmbeddedBroker) -> None:
+def test_last_will_marks_a_vanished_client_offline(broker: BrokerHandle) -> None:
     seen: list[Status] = []
     got = threading.Event()
 
@@ -75,12 +81,13 @@ def test_last_will_marks_a_vanished_client_offline(broker: EmbeddedBroker) -> No
         seen.append(decode_message(Status, payload))
         got.set()
 
-    watcher = MqttClient(replace(SETTINGS, port=broker.port), "watcher")
-    watcher.route("presence/#", on_status)
+    topics = Topics(broker.fleet)
+    watcher = MqttClient(broker.coordinator_settings, COORDINATOR_USER)
+    watcher.route(topics.up_filter(Up.STATUS), on_status)
     watcher.start(timeout=10)
     offline = encode_message(Status(agent_id="a1", state="offline", time=0.0))
     doomed = MqttClient(
-        replace(SETTINGS, port=broker.port), "a1", will=Will("presence/a1", offline)
+        broker.settings_for("a1"), "a1", will=Will(topics.up("a1", Up.STATUS), offline)
     )
     doomed.start(timeout=10)
     try:

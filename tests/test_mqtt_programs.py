@@ -63,7 +63,7 @@ def test_program_is_fetched_once_by_the_agent_that_trains_with_it(
             assert got.message.program.digest == hashlib.sha256(PROGRAM).hexdigest()
             assert float(got.global_state["w"][0, 0]) == float(round_id)
             assert other.program is None and other.message.program is not None
-            resent.append(transport.counters.chunks_resent)
+            resent.append(transport.transport_counters.chunks_resent)
         # Fetched by request in round 1 (3 chunks, more only if a re-request raced);
         # held by digest for round 2, so nothing more was asked for
         assert resent[0] >= 3 and resent[1] == resent[0]

@@ -72,7 +72,7 @@ def test_missing_lists_what_has_not_arrived() -> None:
 def test_caps_refuse_before_allocating() -> None:
     r = Reassembler(ReassemblyLimits(max_blob_bytes=1 << 20, max_chunks=16))
     # 1 TiB would fail loudly if a buffer were allocated first.
-    huge = BlobRef(digest="ab" * 32, size=1 << 40, chunk_size=1 << 26, count=1 << 14)
+    huge = BlobRef(digest="ab" * 32, size=1 << 40, chunk_size=1 << 24, count=1 << 16)
     with pytest.raises(BlobTooLarge, match="byte cap"):
         r.expect(huge)
     many = BlobRef(digest="cd" * 32, size=1000, chunk_size=10, count=100)

@@ -64,7 +64,7 @@ def examples() -> list[WireMessage]:
             num_samples=120,
             metrics={"train_loss": 0.5},
         ),
-        ChunkRequest(digest=DIGEST, missing=[0, 2]),
+        ChunkRequest(agent_id="pi-1", digest=DIGEST, missing=[0, 2]),
         Ack(
             subject="update",
             agent_id="pi-1",

@@ -1,9 +1,14 @@
 """The zero-setup broker: amqtt on loopback, in a background thread with its own loop.
 
-Anonymous clients are allowed, so it binds to a loopback address only. It is
-for demos and tests; production uses Mosquitto (``coordinator.broker.mosquitto``).
-amqtt keeps no state across restarts and drops the sessions of anonymous
-clients when they disconnect: the protocol recovers through chunk requests.
+It enforces the same rules as the generated Mosquitto configuration
+(:mod:`coordinator.broker.acl`): a client must log in with a provisioned username and
+password (agents with their agent id as client id), and may publish, subscribe and
+receive only on the topics its user is granted. A packet larger than
+``max_packet_bytes`` is refused before it is read: the connection is closed, as
+Mosquitto's ``max_packet_size`` does. It binds to a loopback address only: it is for
+demos, tests and single-host runs; production uses Mosquitto
+(``coordinator.broker.mosquitto``). amqtt keeps no state across restarts: the protocol
+recovers through chunk requests.
 """
 
 from __future__ import annotations
@@ -15,25 +20,46 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
+from coordinator.broker.acl import BrokerAccess
+from coordinator.broker.embedded_plugins import AUTH_PLUGIN, TOPIC_PLUGIN, plugin_configs
 from coordinator.broker.errors import BrokerStartError
 from coordinator.broker.net import LOOPBACK, free_port, is_loopback
+from takfl.wire.messages import MAX_PACKET_BYTES
 
 log = logging.getLogger(__name__)
-
-ANONYMOUS_PLUGIN = "amqtt.plugins.authentication.AnonymousAuthPlugin"
 
 
 def _tracking_broker_class() -> type[Any]:
     """An amqtt ``Broker`` that remembers its client streams, refuses connections once
-    stopping, and can close every stream: clients reconnecting while the broker shuts
-    down must neither keep it from stopping nor keep a half-dead connection."""
+    stopping, can close every stream (clients reconnecting while the broker shuts down
+    must neither keep it from stopping nor keep a half-dead connection), and refuses
+    packets over its size limit before reading them."""
+    from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
     from amqtt.broker import Broker
 
+    class LimitedReader(StreamReaderAdapter):
+        def __init__(self, reader: asyncio.StreamReader, limit: int, peer: str) -> None:
+            super().__init__(reader)
+            self.limit = limit
+            self.peer = peer
+
+        async def read(self, n: int = -1) -> bytes:
+            if n > self.limit:
+                log.warning(
+                    "embedded broker: %s sent a %d-byte packet (limit %d); disconnected",
+                    self.peer,
+                    n,
+                    self.limit,
+                )
+                raise ConnectionResetError("packet over the size limit")
+            return await super().read(n)
+
     class TrackingBroker(Broker):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, max_packet_bytes: int, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.streams: set[asyncio.StreamWriter] = set()
             self.stopping = False
+            self.max_packet_bytes = max_packet_bytes
 
         async def stream_connected(
             self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -42,8 +68,13 @@ def _tracking_broker_class() -> type[Any]:
                 writer.close()
                 return
             self.streams.add(writer)
+            peer = str(writer.get_extra_info("peername"))
             try:
-                await super().stream_connected(reader, writer, listener_name)
+                await self._client_connected(
+                    listener_name,
+                    LimitedReader(reader, self.max_packet_bytes, peer),
+                    StreamWriterAdapter(writer),
+                )
             finally:
                 self.streams.discard(writer)
 
@@ -74,30 +105,42 @@ async def _shutdown(broker: Any, timeout: float) -> None:
         log.warning("embedded broker shutdown timed out")
 
 
-def broker_config(host: str, port: int, max_connections: int = 0) -> dict[str, Any]:
-    """amqtt configuration: one TCP listener on ``host:port``, anonymous access, no extras."""
+def broker_config(
+    host: str, port: int, access: BrokerAccess, max_connections: int = 0
+) -> dict[str, Any]:
+    """amqtt configuration: one TCP listener on ``host:port``, logins and topic rules
+    from ``access``, no other plugins."""
+    auth, topics = plugin_configs(access)
     return {
         "listeners": {
             "default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": max_connections}
         },
-        "plugins": {ANONYMOUS_PLUGIN: {"allow_anonymous": True}},
+        "plugins": {AUTH_PLUGIN: auth, TOPIC_PLUGIN: topics},
     }
 
 
 class EmbeddedBroker:
-    """``with EmbeddedBroker() as b: ... b.host, b.port ...`` (or start()/stop())."""
+    """``with EmbeddedBroker(access=...) as b: ... b.host, b.port ...`` (or start()/stop())."""
 
     def __init__(
-        self, port: int | None = None, *, host: str = LOOPBACK, max_connections: int = 0
+        self,
+        port: int | None = None,
+        *,
+        access: BrokerAccess,
+        host: str = LOOPBACK,
+        max_connections: int = 0,
+        max_packet_bytes: int = MAX_PACKET_BYTES,
     ) -> None:
         if not is_loopback(host):
             raise ValueError(
-                f"the embedded broker allows anonymous clients: bind it to a "
-                f"loopback address, not {host!r} (use Mosquitto beyond this host)"
+                f"the embedded broker is for one host: bind it to a loopback address, "
+                f"not {host!r} (use Mosquitto with TLS beyond this host)"
             )
         self.host = host
         self.port = port if port is not None else free_port(host)
+        self.access = access
         self.max_connections = max_connections
+        self.max_packet_bytes = max_packet_bytes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
@@ -141,7 +184,8 @@ class EmbeddedBroker:
         return self
 
     async def _start_broker(self) -> Any:
-        broker = _tracking_broker_class()(broker_config(self.host, self.port, self.max_connections))
+        config = broker_config(self.host, self.port, self.access, self.max_connections)
+        broker = _tracking_broker_class()(config, max_packet_bytes=self.max_packet_bytes)
         await broker.start()
         return broker
 

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from coordinator.broker.acl import fleet_acl, mosquitto_acl_text
 from coordinator.broker.errors import BrokerStartError
 from coordinator.broker.net import LOOPBACK, port_accepts, wait_port
 from takfl.files import atomic_write_text
+from takfl.wire.messages import CHUNK_HEADER_BYTES, MAX_CHUNK_BYTES, MAX_PACKET_BYTES
 from takfl.wire.topics import Topics, check_ident
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class MosquittoTls:
     key_file: str
     ca_file: str | None = None
     require_certificate: bool = False  # mutual TLS
+    bind: str | None = None  # address to listen on; None: the plain listener's, "": all
 
 
 @dataclass(frozen=True)
@@ -131,30 +134,8 @@ def write_password_file(
 def acl_text(
     topics: Topics, coordinator_user: str, agents: Iterable[str], monitor_user: str | None = None
 ) -> str:
-    """ACL file: the coordinator may do anything under the fleet; each agent (username =
-    agent id) writes only its own ``up/`` tree and reads its own ``down/`` tree and the
-    fleet's broadcasts; the optional monitor (``takfl-coordinator status``) only reads.
-    Everything else is denied."""
-    lines = [
-        f"# takfl fleet {topics.fleet}: generated; agents connect with username = agent id",
-        f"user {check_ident(coordinator_user, 'coordinator username')}",
-        f"topic readwrite {topics.fleet_filter()}",
-    ]
-    if monitor_user is not None:
-        lines += [
-            "",
-            f"user {check_ident(monitor_user, 'monitor username')}",
-            f"topic read {topics.fleet_filter()}",
-        ]
-    for agent in agents:
-        lines += [
-            "",
-            f"user {check_ident(agent, 'agent id')}",
-            f"topic write {topics.acl_tree(agent, 'up')}",
-            f"topic read {topics.acl_tree(agent, 'down')}",
-            f"topic read {topics.broadcast_filter()}",
-        ]
-    return "\n".join(lines) + "\n"
+    """ACL file of the fleet (rules in :mod:`coordinator.broker.acl`)."""
+    return mosquitto_acl_text(fleet_acl(topics, coordinator_user, agents, monitor_user))
 
 
 def conf_text(
@@ -170,8 +151,15 @@ def conf_text(
     tls: MosquittoTls | None = None,
     run_as: str | None = None,
     max_queued_messages: int = 10_000,
+    max_packet_bytes: int | None = MAX_PACKET_BYTES,
 ) -> str:
-    """``mosquitto.conf`` text (Mosquitto 2.x)."""
+    """``mosquitto.conf`` text (Mosquitto 2.x).
+
+    Sizes: a PUBLISH whose payload is over ``message_size_limit`` (a full chunk and its
+    header) is dropped by the broker; a packet over ``max_packet_size`` closes the
+    sender's connection before the broker buffers it. ``max_packet_bytes=None`` writes
+    neither (Mosquitto's default: no limit; for measurements only).
+    """
     lines = [
         "# takfl: generated Mosquitto configuration",
         "per_listener_settings false",
@@ -189,13 +177,19 @@ def conf_text(
         "log_type warning",
         "log_type notice",
     ]
+    if max_packet_bytes is not None:
+        lines += [
+            f"message_size_limit {MAX_CHUNK_BYTES + CHUNK_HEADER_BYTES}",
+            f"max_packet_size {max_packet_bytes}",
+        ]
     if run_as is not None:
         lines.append(f"user {run_as}")
     lines += ["", f"listener {port} {host}", "use_username_as_clientid true"]
     if tls is not None:
+        bind = host if tls.bind is None else tls.bind
         lines += [
             "",
-            f"listener {tls.port} {host}",
+            f"listener {tls.port} {bind}".rstrip(),
             "use_username_as_clientid true",
             f"certfile {tls.cert_file}",
             f"keyfile {tls.key_file}",
@@ -220,6 +214,7 @@ def write_mosquitto_config(
     run_as: str | None = None,
     use_tool: bool | None = None,
     monitor: tuple[str, str] | None = None,
+    max_packet_bytes: int | None = MAX_PACKET_BYTES,
 ) -> MosquittoFiles:
     """Write a complete Mosquitto configuration for one fleet.
 
@@ -256,6 +251,7 @@ def write_mosquitto_config(
             autosave_interval_s=autosave_interval_s,
             tls=tls,
             run_as=run_as,
+            max_packet_bytes=max_packet_bytes,
         )
     )
     return MosquittoFiles(d, files_conf, passwords, acl, data, log_file, host, port, method)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from takfl.mqtt.client import MqttClient
+from takfl.mqtt.ratelimit import ResendLimiter
 from takfl.wire.chunking import (
     Reassembler,
     ReassemblyLimits,
@@ -83,18 +84,32 @@ class BlobStore:
         """The same chunks as wire bytes, encoded once when the blob was stored."""
         return self._select(digest, indices, 2)
 
+    def ref(self, digest: str) -> BlobRef | None:
+        """The announcement of a kept blob, or None."""
+        with self._lock:
+            entry = self._blobs.get(digest)
+            return None if entry is None else entry[0]
+
     def __contains__(self, digest: object) -> bool:
         with self._lock:
             return digest in self._blobs
 
 
 class BlobSender:
-    """Publishes blobs as chunks and answers requests from its store."""
+    """Publishes blobs as chunks and answers requests from its store, within the limits
+    of its :class:`ResendLimiter`."""
 
-    def __init__(self, client: MqttClient, store: BlobStore | None = None) -> None:
+    def __init__(
+        self,
+        client: MqttClient,
+        store: BlobStore | None = None,
+        limiter: ResendLimiter | None = None,
+    ) -> None:
         self.client = client
         self.store = store or BlobStore()
+        self.limiter = limiter or ResendLimiter()
         self.resent = 0
+        self.resent_bytes = 0
 
     def keep(self, blob: bytes, chunk_size: int) -> BlobRef:
         """Store ``blob`` without publishing it (it can then be sent or requested)."""
@@ -113,16 +128,35 @@ class BlobSender:
         self.publish(topic, ref.digest)
         return ref
 
-    def answer(self, topic: str, request: ChunkRequest) -> int:
-        """Publish the chunks a receiver asked for again (0 if the blob is not kept)."""
-        n = self.publish(topic, request.digest, request.missing)
-        self.resent += n
-        return n
+    def answer(self, topic: str, request: ChunkRequest, requester: str) -> int:
+        """Publish the chunks ``requester`` asked for again, as far as the limiter allows
+        (0 if the blob is not kept); returns how many went out."""
+        ref = self.store.ref(request.digest)
+        if ref is None:
+            return 0
+        encoded = self.store.encoded(request.digest, request.missing)
+        allowed = self.limiter.allow(requester, ref.digest, ref.size, [len(e) for e in encoded])
+        sent = 0
+        for payload in encoded[:allowed]:
+            if self.client.publish(topic, payload):
+                sent += 1
+                self.resent_bytes += len(payload)
+        self.resent += sent
+        return sent
 
 
 @dataclass
 class _Asked:
     last: float
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Chunks of ``digest`` from ``source`` still missing (at most REQUEST_BATCH)."""
+
+    source: str
+    digest: str
+    indices: list[int]
 
 
 class BlobReceiver:
@@ -213,8 +247,9 @@ class BlobReceiver:
         r = self._by_source.get(source)
         return [] if r is None else r.missing(digest)
 
-    def due_requests(self) -> list[tuple[str, ChunkRequest]]:
-        """Requests for blobs quiet for ``quiet_s`` (and not asked for in the last ``quiet_s``)."""
+    def due_requests(self) -> list[Missing]:
+        """What to ask for again: blobs quiet for ``quiet_s`` (and not asked for in the last
+        ``quiet_s``). The caller turns each into a signed :class:`ChunkRequest`."""
         now = self.clock()
         out = []
         for (source, digest), asked in self._asked.items():
@@ -224,7 +259,7 @@ class BlobReceiver:
             missing = r.missing(digest)
             if missing:
                 asked.last = now
-                out.append((source, ChunkRequest(digest=digest, missing=missing[:REQUEST_BATCH])))
+                out.append(Missing(source, digest, missing[:REQUEST_BATCH]))
         return out
 
     def expire(self) -> list[tuple[str, str]]:

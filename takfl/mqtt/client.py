@@ -9,8 +9,14 @@
   all run on the same thread; periodic hooks run on that thread too;
 - reconnects with exponential backoff and jitter (``reconnect_delay_set`` is
   re-armed with a jittered delay after every disconnect or failed attempt);
-- presence through a last will given at construction;
-- username/password and optional TLS.
+- presence through a last will, armed afresh before every connection attempt when
+  given as a function of the connection's start time (``connection_time``), so that
+  a signed will and the ``online`` status sent on the connection carry the same time;
+- username/password and optional TLS; a failed TLS handshake is logged with its reason
+  (paho only says that the connection failed, so the handshake is tried once more
+  directly to learn why);
+- a received message larger than ``max_payload_bytes`` is dropped (and counted) before
+  it is copied or queued.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -31,6 +38,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from takfl.wire.messages import MAX_PACKET_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ class MqttSettings:
     outbox_size: int = 4096  # messages queued for sending (QoS > 0)
     max_inflight: int = 20  # unacknowledged QoS > 0 messages on the wire
     session_expiry_s: int = 7 * 24 * 3600  # MQTT 5: how long the broker keeps the session
+    max_payload_bytes: int = MAX_PACKET_BYTES  # larger received messages are dropped unread
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class ClientCounters:
     dropped: int = 0  # inbox full
     unrouted: int = 0  # no handler for the topic
     handler_errors: int = 0
+    oversized: int = 0  # dropped for exceeding max_payload_bytes
     publish_refused: int = 0  # outbox full
     subscribe_refused: int = 0  # broker refused a subscription (ACL)
 
@@ -96,6 +107,39 @@ def backoff_delay(attempt: int, min_s: int, max_s: int, rng: random.Random) -> i
     seconds: ``cap = min(max_s, min_s * 2**(attempt-1))``, drawn from [cap/2, cap]."""
     cap = min(max_s, min_s * 2 ** min(max(attempt - 1, 0), 20))
     return max(min_s, round(rng.uniform(cap / 2, cap)))
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Client TLS context: verify the broker against ``ca_file`` (the system store when
+    None), present a client certificate when given."""
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file is not None:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise MqttConnectError(f"cannot load the TLS files ({e})") from e
+    ctx.check_hostname = not tls.insecure
+    return ctx
+
+
+def tls_diagnosis(settings: MqttSettings, ctx: ssl.SSLContext, timeout: float = 5.0) -> str | None:
+    """Why a TLS connection to the broker fails (None if a handshake succeeds now)."""
+    host = settings.host
+    try:
+        with (
+            socket.create_connection((host, settings.port), timeout=timeout) as sock,
+            ctx.wrap_socket(sock, server_hostname=host),
+        ):
+            return None
+    except ssl.SSLCertVerificationError as e:
+        return (
+            f"TLS handshake with {host}:{settings.port} failed: certificate verify failed "
+            f"({e.verify_message}); check the CA file (--ca-file) and the broker's host name"
+        )
+    except ssl.SSLError as e:
+        return f"TLS handshake with {host}:{settings.port} failed: {e.reason or e}"
+    except OSError as e:
+        return f"cannot reach {host}:{settings.port}: {e}"
 
 
 _STOP = object()
@@ -113,7 +157,7 @@ class MqttClient:
         settings: MqttSettings,
         client_id: str,
         *,
-        will: Will | None = None,
+        will: Will | Callable[[float], Will] | None = None,
         tick_s: float = 0.25,
         seed: int | None = None,
         persistent: bool = True,
@@ -153,10 +197,21 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_unrouted
-        if will is not None:
-            self._client.will_set(will.topic, will.payload, qos=settings.qos, retain=will.retain)
+        self._ssl_context: ssl.SSLContext | None = None
+        self._will = will
+        self.connection_time = 0.0  # wall-clock time the current connection's will was armed
+        self._arm_will()
         self._client.max_inflight_messages_set(settings.max_inflight)
         self._client.max_queued_messages_set(settings.outbox_size)
+
+    def _arm_will(self) -> None:
+        """Set the will for the next connection attempt (before paho reconnects)."""
+        self.connection_time = time.time()
+        will = self._will(self.connection_time) if callable(self._will) else self._will
+        if will is not None:
+            self._client.will_set(
+                will.topic, will.payload, qos=self.settings.qos, retain=will.retain
+            )
 
     # -- configuration (before start) --------------------------------------------------
     def route(self, topic_filter: str, handler: Handler) -> None:
@@ -169,6 +224,19 @@ class MqttClient:
 
         def enqueue(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             self.counters.received += 1
+            size = len(msg.payload)
+            if size > self.settings.max_payload_bytes:
+                self.counters.oversized += 1
+                log.warning(
+                    "%s: dropped a %d-byte message on %s (limit %d)",
+                    self.client_id,
+                    size,
+                    msg.topic,
+                    self.settings.max_payload_bytes,
+                )
+                if msg.qos > 0:
+                    self._client.ack(msg.mid, msg.qos)
+                return
             try:
                 self._inbox.put_nowait((handler, msg.topic, bytes(msg.payload), msg.mid, msg.qos))
             except queue.Full:
@@ -200,12 +268,8 @@ class MqttClient:
         if s.username is not None:
             c.username_pw_set(s.username, s.password)
         if s.tls is not None:
-            c.tls_set(
-                ca_certs=s.tls.ca_file,
-                certfile=s.tls.cert_file,
-                keyfile=s.tls.key_file,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            self._ssl_context = tls_context(s.tls)
+            c.tls_set_context(self._ssl_context)
             c.tls_insecure_set(s.tls.insecure)
         c.reconnect_delay_set(s.reconnect_min_s, s.reconnect_min_s)
         self._worker = threading.Thread(
@@ -215,6 +279,7 @@ class MqttClient:
         if s.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = s.session_expiry_s if self.persistent else 0
+            props.MaximumPacketSize = s.max_payload_bytes + 64 * 1024  # topic and framing
             c.connect_async(
                 s.host, s.port, s.keepalive_s, clean_start=not self.persistent, properties=props
             )
@@ -249,6 +314,12 @@ class MqttClient:
     @property
     def is_connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def refused(self) -> str | None:
+        """Why the broker refused the latest connection attempt (e.g. not authorised), or
+        None while it has not refused one since the last success."""
+        return self.last_connect_error if self._refused.is_set() else None
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -295,6 +366,7 @@ class MqttClient:
             log.warning("%s: connection refused: %s", self.client_id, reason_code)
             return
         self._attempt = 0
+        self._refused.clear()
         client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_min_s)
         if self._filters:
             qos = int(self.settings.qos)
@@ -317,7 +389,13 @@ class MqttClient:
         self._client.reconnect_delay_set(delay, delay)
 
     def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
-        self.last_connect_error = "connection failed"
+        reason = "connection failed"
+        if self._ssl_context is not None:
+            reason = tls_diagnosis(self.settings, self._ssl_context) or reason
+            level = logging.WARNING if reason != self.last_connect_error else logging.DEBUG
+            log.log(level, "%s: %s", self.client_id, reason)
+        self.last_connect_error = reason
+        self._arm_will()
         self._schedule_backoff()
 
     def _on_disconnect(
@@ -330,6 +408,7 @@ class MqttClient:
             return
         self.counters.disconnects += int(was_connected)
         log.info("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
+        self._arm_will()
         self._schedule_backoff()
 
     def _on_subscribe(

@@ -33,6 +33,10 @@ from takfl.wire.topics import IDENT_RE
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024  # a JSON message larger than this is refused unread
+MAX_CHUNK_BYTES = 16 * 1024 * 1024  # payload of one chunk (profiles allow up to 16 MiB)
+# Largest MQTT packet any party needs: a full chunk, its header, topic and framing.
+# Brokers (Mosquitto's max_packet_size, the embedded one) and clients refuse larger ones.
+MAX_PACKET_BYTES = MAX_CHUNK_BYTES + 64 * 1024
 MAX_METRICS = 32  # metric entries in an update header
 MAX_MISSING = 4096  # chunk indices in one ChunkRequest
 DIGEST_BYTES = 32  # SHA-256
@@ -64,7 +68,7 @@ class BlobRef(_Strict):
 
     digest: Digest  # SHA-256 of the whole blob, hex
     size: Annotated[int, Field(ge=0, le=2**40)]  # bytes
-    chunk_size: Annotated[int, Field(gt=0, le=2**26)]  # every chunk but the last has this size
+    chunk_size: Annotated[int, Field(gt=0, le=MAX_CHUNK_BYTES)]  # every chunk but the last
     count: Annotated[int, Field(ge=1, le=2**32 - 1)]  # number of chunks
 
     @model_validator(mode="after")
@@ -136,7 +140,7 @@ class TaskMessage(SignedMessage):
     seed: NonNegInt
     deadline: FiniteFloat  # unix time after which the update is no longer wanted
     compression: Compression  # how the agent encodes its update delta
-    chunk_size: Annotated[int, Field(gt=0, le=2**26)]  # chunk size for the agent's update
+    chunk_size: Annotated[int, Field(gt=0, le=MAX_CHUNK_BYTES)]  # chunk size of the update
     blob: BlobRef  # the global model, encode_state(..., "fp32")
     training: TrainingRef | None = None  # None: the agent's profile decides
     # ExecuTorch training program (.pte) for agents that train through ExecuTorch; the
@@ -167,10 +171,15 @@ class UpdateHeader(SignedMessage):
         return (self.round_id, self.agent_id, self.blob.digest)
 
 
-class ChunkRequest(WireMessage):
-    """Ask the sender of ``digest`` to publish these chunk indices again."""
+class ChunkRequest(SignedMessage):
+    """Ask the sender of ``digest`` to publish these chunk indices again.
+
+    ``agent_id`` is the agent whose transfer it is: the requester on its ``up/request``
+    topic, the addressee on its ``down/request`` topic; signed with that agent's secret.
+    """
 
     kind: Literal["chunk_request"] = "chunk_request"
+    agent_id: Ident
     digest: Digest
     missing: Annotated[
         list[Annotated[int, Field(ge=0, le=2**32 - 2)]], Field(min_length=1, max_length=MAX_MISSING)
@@ -180,8 +189,14 @@ class ChunkRequest(WireMessage):
 AckSubject = Literal["register", "task", "update"]
 
 
-class Ack(WireMessage):
-    """What was accepted or refused, and why (``reason`` is ``"ok"`` or a Refusal value)."""
+class Ack(SignedMessage):
+    """What was accepted or refused, and why (``reason`` is ``"ok"`` or a Refusal value).
+
+    Signed with the agent's secret (by the coordinator for registrations and updates, by
+    the agent for tasks). ``digest`` names what is answered: the blob of an update or of a
+    task, or, for a registration, the ``message_ref`` of that very registration, so an
+    old answer cannot be replayed against a new registration.
+    """
 
     kind: Literal["ack"] = "ack"
     subject: AckSubject
@@ -193,8 +208,13 @@ class Ack(WireMessage):
     detail: Annotated[str, StringConstraints(max_length=512)] = ""
 
 
-class Status(WireMessage):
-    """Presence of an agent or of the coordinator (retained; ``offline`` is the last will)."""
+class Status(SignedMessage):
+    """Presence of an agent or of the coordinator (retained; ``offline`` is the last will).
+
+    An agent signs its status. ``time`` is the start of the connection it describes (the
+    will armed for a connection carries the same time as the ``online`` sent on it), so a
+    receiver orders statuses by (time, online before offline) and ignores older ones.
+    """
 
     kind: Literal["status"] = "status"
     agent_id: Ident  # "coordinator" for the coordinator
@@ -202,14 +222,17 @@ class Status(WireMessage):
     time: FiniteFloat
 
 
-class GlobalAnnouncement(WireMessage):
-    """A prototype's new global model exists (retained on its broadcast topic)."""
+class GlobalAnnouncement(SignedMessage):
+    """A prototype's new global model exists: retained and unsigned on the fleet's
+    broadcast topic (for monitors), and signed for each agent (``agent_id``) on its own
+    ``down/global`` topic (what agents act on)."""
 
     kind: Literal["global"] = "global"
     round_id: NonNegInt
     prototype: Ident
     digest: Digest
     size: NonNegInt
+    agent_id: Ident | None = None
 
 
 M = TypeVar("M", bound=WireMessage)

@@ -57,6 +57,11 @@ def verify(message: SignedMessage, secret: bytes) -> bool:
     return hmac.compare_digest(expected, message.signature)
 
 
+def message_ref(message: SignedMessage) -> str:
+    """Hex SHA-256 naming one exact signed message (its signed fields and signature)."""
+    return sha256(message.signing_payload() + message.signature.encode()).hexdigest()
+
+
 def write_secret_file(
     path: str | Path, secret: bytes | None = None, *, overwrite: bool = False
 ) -> bytes:

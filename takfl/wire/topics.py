@@ -12,8 +12,13 @@ Layout (``<a>`` is an agent id, ``<p>`` a prototype name)::
     takfl/<fleet>/agent/<a>/down/chunk      coordinator -> agent  binary chunks of the global blob
     takfl/<fleet>/agent/<a>/down/request    coordinator -> agent  ChunkRequest for the update blob
     takfl/<fleet>/agent/<a>/down/ack        coordinator -> agent  Ack of a registration or update
+    takfl/<fleet>/agent/<a>/down/global     coordinator -> agent  GlobalAnnouncement (retained)
     takfl/<fleet>/broadcast/status          coordinator -> all    Status (retained; also last will)
-    takfl/<fleet>/broadcast/global/<p>      coordinator -> all    GlobalAnnouncement (retained)
+    takfl/<fleet>/broadcast/global/<p>      coordinator -> all    GlobalAnnouncement (retained,
+                                                                  unsigned: for monitors)
+
+Every message on an agent's topics that a receiver acts on is signed with that agent's
+secret (``takfl.wire.signing``); unsigned ones are ignored.
 
 An agent writes only under its own ``up/`` and reads only its own ``down/`` and
 ``broadcast/``: the Mosquitto ACL (``coordinator.broker.mosquitto``) is built
@@ -62,6 +67,7 @@ class Down(str, Enum):
     CHUNK = "chunk"
     REQUEST = "request"
     ACK = "ack"
+    GLOBAL = "global"
 
 
 def check_ident(value: str, what: str = "identifier") -> str:

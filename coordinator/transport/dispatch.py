@@ -1,0 +1,159 @@
+"""Task dispatch: which agent has which task this round, signed task messages, task
+acknowledgements, re-sends of unacknowledged tasks, and which chunk requests for a
+global model an agent may make. No broker: the MQTT transport publishes what this
+decides.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from coordinator.transport.base import Task
+from takfl.config.profile import CommsSpec
+from takfl.wire.codec import State
+from takfl.wire.messages import (
+    Ack,
+    BlobRef,
+    ModelRef,
+    TaskMessage,
+    TrainingRef,
+)
+from takfl.wire.signing import sign
+from takfl.wire.validation import AgentRecord
+
+
+@dataclass
+class Assignment:
+    message: TaskMessage
+    reference: State  # the global state the agent's delta is relative to (CPU)
+    sent_at: float
+    acked: bool = False
+
+
+def task_message(
+    task: Task,
+    ref: BlobRef,
+    secret: bytes,
+    *,
+    comms: CommsSpec,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    program: BlobRef | None = None,
+) -> TaskMessage:
+    """The signed wire form of ``task``, whose global model is the blob ``ref``;
+    ``program``: the training program offered with it, if any."""
+    t = task.training
+    msg = TaskMessage(
+        round_id=task.round_id,
+        agent_id=task.client_id,
+        prototype=task.prototype,
+        model=ModelRef(builder=task.model.builder, args=dict(task.model.args)),
+        training=None
+        if t is None
+        else TrainingRef(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            optimizer=t.optimizer,
+            learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay,
+        ),
+        num_classes=num_classes,
+        input_shape=input_shape,
+        seed=task.seed,
+        deadline=task.deadline,
+        compression=comms.compression,
+        chunk_size=comms.chunk_size_kib * 1024,
+        blob=ref,
+        program=program,
+    )
+    return sign(msg, secret)
+
+
+class TaskDispatch:
+    """Assignments of the current round. Thread-safe (engine and dispatcher threads)."""
+
+    def __init__(
+        self,
+        registry: Mapping[str, AgentRecord],
+        *,
+        retry_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.retry_s = retry_s
+        self.clock = clock
+        self.round = -1
+        self._assignments: dict[str, Assignment] = {}
+        self._lock = threading.Lock()
+
+    def check(self, tasks: list[Task]) -> None:
+        """Raise if a task names an agent that is not provisioned for its prototype."""
+        for t in tasks:
+            record = self.registry.get(t.client_id)
+            if record is None:
+                raise KeyError(f"no provisioned agent {t.client_id!r}")
+            if record.prototype != t.prototype:
+                raise ValueError(
+                    f"agent {t.client_id!r} trains {record.prototype!r}, not {t.prototype!r}"
+                )
+
+    def assign(self, pairs: list[tuple[Task, TaskMessage]]) -> bool:
+        """Record the tasks of the newest round; True if that round is new."""
+        if not pairs:
+            return False
+        with self._lock:
+            newest = max(t.round_id for t, _ in pairs)
+            started = newest > self.round
+            if started:
+                self.round = newest
+                self._assignments = {}
+            for t, msg in pairs:
+                if t.round_id == self.round:
+                    ref = {k: v.detach().to("cpu") for k, v in t.global_state.items()}
+                    self._assignments[t.client_id] = Assignment(msg, ref, self.clock())
+        return started
+
+    def current(self) -> tuple[int, dict[str, Assignment]]:
+        """The round and a snapshot of its assignments."""
+        with self._lock:
+            return self.round, dict(self._assignments)
+
+    def assignment(self, agent: str) -> Assignment | None:
+        with self._lock:
+            return self._assignments.get(agent)
+
+    def acknowledged(self, agent: str, ack: Ack) -> bool:
+        """Note an agent's ack of its task; True if it matched the current assignment."""
+        with self._lock:
+            a = self._assignments.get(agent)
+            if (
+                a is None
+                or ack.subject != "task"
+                or ack.round_id != a.message.round_id
+                or ack.digest != a.message.blob.digest
+            ):
+                return False
+            a.acked = True
+            return True
+
+    def may_fetch(self, agent: str, digest: str) -> bool:
+        """An agent may ask only for chunks of its own current task's model or program."""
+        a = self.assignment(agent)
+        if a is None:
+            return False
+        program = a.message.program
+        return digest == a.message.blob.digest or (program is not None and digest == program.digest)
+
+    def due_retries(self) -> list[TaskMessage]:
+        """Unacknowledged tasks whose deadline has not passed, last sent ``retry_s`` ago."""
+        now, wall = self.clock(), time.time()
+        due = []
+        with self._lock:
+            for a in self._assignments.values():
+                if not a.acked and now - a.sent_at >= self.retry_s and wall < a.message.deadline:
+                    a.sent_at = now
+                    due.append(a.message)
+        return due

@@ -1,0 +1,300 @@
+"""Update intake: announced update headers and their chunks in, verdicts out.
+
+An agent's update arrives as a signed :class:`UpdateHeader` and then the chunks of its
+delta blob. The intake checks the header against the agent's current assignment,
+reserves room for the blob, reassembles it (duplicates and reordering tolerated,
+missing chunks asked for again after a quiet period), decodes and validates the delta
+and rebuilds the full weights. Each step returns a :class:`Decision`: an ack for the
+agent and, once an update is accepted, the :class:`ClientUpdate` for the engine. It
+never raises on bad input and needs no broker: the MQTT transport publishes what it
+decides.
+
+A decision is remembered by the exact header it answers (a hash of its signed fields
+and signature), so a repeated header gets the same answer while a different header,
+even one announcing the same blob, is judged on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from coordinator.transport.base import ClientUpdate
+from coordinator.transport.dispatch import TaskDispatch
+from coordinator.transport.inbound import Inbound
+from takfl.mqtt.blobs import BlobReceiver, Missing
+from takfl.wire.chunking import ReassemblyLimits
+from takfl.wire.codec import apply_delta, max_encoded_bytes
+from takfl.wire.errors import BlobTooLarge, DigestMismatch, WireError
+from takfl.wire.messages import Ack, UpdateHeader, decode_chunk
+from takfl.wire.signing import message_ref
+from takfl.wire.validation import (
+    AgentRecord,
+    Refusal,
+    UpdateBounds,
+    Verdict,
+    check_header,
+    decode_update,
+    refuse,
+)
+
+log = logging.getLogger(__name__)
+
+MEMORY = 4096  # decided headers remembered for idempotent re-acks
+# Refusals of headers whose sender is not authenticated are not remembered: a forged
+# header must not decide the fate of a genuine one.
+UNAUTHENTICATED = frozenset({Refusal.UNKNOWN_AGENT, Refusal.BAD_SIGNATURE, Refusal.MALFORMED})
+# Refusals that depend on where the coordinator itself is (an update that arrives before
+# the coordinator, e.g. restarted with --resume, has sent that round's tasks) are not
+# remembered either: the same update is welcome once the round is open.
+NOT_YET = frozenset({Refusal.FUTURE_ROUND, Refusal.NOT_ASSIGNED})
+NOT_REMEMBERED = UNAUTHENTICATED | NOT_YET
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntakePolicy:
+    bounds: UpdateBounds = field(default_factory=UpdateBounds)
+    limits: ReassemblyLimits = field(  # per agent
+        default_factory=lambda: ReassemblyLimits(max_pending=2, timeout_s=600.0)
+    )
+    max_total_bytes: int = 4 * 1024**3  # reassembly buffers across all agents
+    max_chunk_bytes: int = 16 * 1024 * 1024  # payload of one received chunk
+    quiet_s: float = 5.0  # ask again for missing update chunks after this long
+
+
+@dataclass
+class IntakeCounters:
+    accepted: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # by Refusal value
+    malformed_chunks: int = 0
+    ignored_chunks: int = 0  # chunks of no announced update
+    chunk_requests_sent: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The intake's answer to one message: what to tell the agent, what to hand on."""
+
+    agent: str | None
+    verdict: Verdict
+    ack: Ack | None = None  # publish to ``agent`` when set
+    update: ClientUpdate | None = None  # an accepted update for the engine
+
+    @property
+    def accepted(self) -> bool:
+        return self.update is not None
+
+
+NOTHING = Decision(None, Verdict())
+
+
+class UpdateIntake:
+    """Judges update headers and chunks. ``header``, ``chunk`` and ``tick`` run on one
+    thread (the transport's dispatcher); ``pending`` may be called from any."""
+
+    def __init__(
+        self,
+        registry: Mapping[str, AgentRecord],
+        dispatch: TaskDispatch,
+        policy: IntakePolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.dispatch = dispatch
+        self.policy = policy or IntakePolicy()
+        p = self.policy
+        self.receiver = BlobReceiver(
+            p.limits, quiet_s=p.quiet_s, max_total_bytes=p.max_total_bytes, clock=clock
+        )
+        self.counters = IntakeCounters()
+        self._lock = threading.Lock()
+        self._incoming: dict[tuple[str, str], UpdateHeader] = {}  # (agent, digest) -> header
+        self._accepted: set[tuple[int, str]] = set()  # (round, agent)
+        self._decided: OrderedDict[str, Ack] = OrderedDict()  # message_ref -> answer
+
+    # -- verdicts -----------------------------------------------------------------------
+    def _refuse(self, agent: str, verdict: Verdict, header: UpdateHeader | None) -> Decision:
+        reason = verdict.reason or Refusal.MALFORMED
+        self.counters.refused[reason.value] += 1
+        log.warning(
+            "refused update from %s (round %s): %s",
+            agent,
+            header.round_id if header else "?",
+            verdict,
+        )
+        ack = Ack(
+            subject="update",
+            agent_id=agent,
+            round_id=header.round_id if header else None,
+            digest=header.blob.digest if header else None,
+            accepted=False,
+            reason=reason.value,
+            detail=verdict.detail[:500],
+        )
+        if header is not None and reason not in NOT_REMEMBERED:
+            self._remember(header, ack)
+        return Decision(agent, verdict, ack)
+
+    def _remember(self, header: UpdateHeader, ack: Ack) -> None:
+        with self._lock:
+            self._decided[message_ref(header)] = ack
+            while len(self._decided) > MEMORY:
+                self._decided.popitem(last=False)
+
+    # -- headers ------------------------------------------------------------------------
+    def header(self, received: Inbound[UpdateHeader]) -> Decision:
+        """Judge an announced update; on acceptance, room is reserved for its blob."""
+        agent, header = received.agent, received.message
+        if agent is None:
+            return NOTHING
+        if header is None:
+            return self._refuse(agent, received.verdict, None)
+        round_id, _ = self.dispatch.current()
+        with self._lock:
+            # a repeated header of this round gets the same answer; one of an earlier
+            # round is checked again (and refused as stale)
+            decided = (
+                self._decided.get(message_ref(header)) if header.round_id == round_id else None
+            )
+            in_progress = (agent, header.blob.digest) in self._incoming
+        if decided is not None:
+            return Decision(agent, Verdict(), decided)
+        if in_progress:
+            return NOTHING
+        verdict = self.check(agent, header, round_id)
+        if not verdict.accepted:
+            return self._refuse(agent, verdict, header)
+        try:
+            self.receiver.expect(agent, header.blob)
+        except BlobTooLarge as e:
+            return self._refuse(agent, refuse(Refusal.TOO_LARGE, str(e)), header)
+        except WireError as e:
+            return self._refuse(agent, refuse(Refusal.MALFORMED, str(e)), header)
+        with self._lock:
+            self._incoming[(agent, header.blob.digest)] = header
+        return Decision(agent, verdict)
+
+    def check(self, agent: str, header: UpdateHeader, round_id: int) -> Verdict:
+        """Header checks against the agent's assignment in round ``round_id``."""
+        a = self.dispatch.assignment(agent)
+        bounds = self.policy.bounds
+        cap = bounds.max_blob_bytes
+        if a is not None:
+            cap = min(cap, max_encoded_bytes(a.reference))
+        base = a.message.blob.digest if a is not None else None
+        verdict = check_header(
+            header, self.registry, current_round=round_id, base_digest=base, max_blob_bytes=cap
+        )
+        if not verdict.accepted or a is None:
+            return verdict
+        with self._lock:
+            done = (header.round_id, agent) in self._accepted
+        if done:
+            return refuse(Refusal.DUPLICATE, f"{agent} already delivered round {header.round_id}")
+        if time.time() > a.message.deadline:
+            return refuse(Refusal.EXPIRED, f"task deadline of round {header.round_id} passed")
+        return verdict
+
+    # -- chunks -------------------------------------------------------------------------
+    def chunk(self, agent: str | None, payload: bytes) -> Decision:
+        """Store one chunk of an announced blob; the final one yields the update."""
+        if agent is None:
+            return NOTHING
+        try:
+            chunk = decode_chunk(payload, max_payload=self.policy.max_chunk_bytes)
+        except WireError as e:
+            self.counters.malformed_chunks += 1
+            log.info("malformed chunk from %s: %s", agent, e)
+            return NOTHING
+        key = (agent, chunk.hex_digest)
+        with self._lock:
+            header = self._incoming.get(key)
+        if header is None:
+            self.counters.ignored_chunks += 1
+            return NOTHING
+        try:
+            blob = self.receiver.add(agent, chunk)
+        except DigestMismatch as e:
+            self._drop(key)
+            return self._refuse(agent, refuse(Refusal.DIGEST_MISMATCH, str(e)), header)
+        except WireError as e:
+            self._drop(key)
+            return self._refuse(agent, refuse(Refusal.MALFORMED, str(e)), header)
+        if blob is None:
+            return NOTHING
+        self._drop(key)
+        return self._complete(agent, header, blob)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self.receiver.discard(*key)
+        with self._lock:
+            self._incoming.pop(key, None)
+
+    def _complete(self, agent: str, header: UpdateHeader, blob: bytes) -> Decision:
+        a = self.dispatch.assignment(agent)
+        if a is None or a.message.round_id != header.round_id:
+            return self._refuse(
+                agent, refuse(Refusal.STALE_ROUND, "round closed before it completed"), header
+            )
+        verdict, delta = decode_update(header, blob, a.reference, bounds=self.policy.bounds)
+        if delta is None:
+            return self._refuse(agent, verdict, header)
+        state = apply_delta(a.reference, delta)
+        with self._lock:
+            duplicate = (header.round_id, agent) in self._accepted
+            if not duplicate:
+                self._accepted.add((header.round_id, agent))
+        if duplicate:
+            return self._refuse(agent, refuse(Refusal.DUPLICATE, "already delivered"), header)
+        metrics = dict(header.metrics) | {"upload_bytes": float(header.blob.size)}
+        update = ClientUpdate(
+            header.round_id, header.prototype, agent, header.num_samples, state, metrics
+        )
+        self.counters.accepted += 1
+        ack = Ack(
+            subject="update",
+            agent_id=agent,
+            round_id=header.round_id,
+            digest=header.blob.digest,
+            accepted=True,
+        )
+        self._remember(header, ack)
+        return Decision(agent, verdict, ack, update)
+
+    # -- periodic -----------------------------------------------------------------------
+    def new_round(self, round_id: int) -> None:
+        """Forget accepted (round, agent) pairs of rounds before ``round_id``."""
+        with self._lock:
+            self._accepted = {k for k in self._accepted if k[0] >= round_id}
+
+    def tick(self) -> tuple[list[Missing], list[Decision]]:
+        """Chunk requests now due, and refusals of blobs that expired or went stale."""
+        requests = self.receiver.due_requests()
+        self.counters.chunk_requests_sent += len(requests)
+        out = []
+        for agent, digest in self.receiver.expire():
+            with self._lock:
+                header = self._incoming.pop((agent, digest), None)
+            if header is not None:
+                out.append(
+                    self._refuse(
+                        agent, refuse(Refusal.EXPIRED, "blob incomplete at timeout"), header
+                    )
+                )
+        round_id, _ = self.dispatch.current()
+        with self._lock:
+            stale = [(k, h) for k, h in self._incoming.items() if h.round_id < round_id]
+        for key, header in stale:
+            self._drop(key)
+            out.append(self._refuse(key[0], refuse(Refusal.STALE_ROUND, "round closed"), header))
+        return requests, out
+
+    def pending(self) -> int:
+        """Update blobs announced and not yet complete."""
+        with self._lock:
+            return len(self._incoming)
