@@ -32,8 +32,10 @@ from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
+from takfl.config.loader import prototype_model, prototype_training
 from takfl.federation_data import build_federation_data
 from takfl.files import atomic_write_text
+from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
@@ -113,11 +115,43 @@ def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.Agent
     }
 
 
-def transport_policy(cfg: FederationConfig) -> TransportPolicy:
+def training_programs(
+    cfg: FederationConfig,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    report: Callable[[str], None] = print,
+) -> dict[str, bytes]:
+    """An ExecuTorch training program for every prototype whose device profile trains
+    through ExecuTorch (the same program all rounds; agents load each round's weights)."""
+    programs: dict[str, bytes] = {}
+    for proto in cfg.prototypes:
+        training = prototype_training(cfg, proto.name)
+        if training.backend != "executorch":
+            continue
+        from export.executorch_export import checked_training_program
+
+        spec = prototype_model(cfg, proto.name)
+        torch.manual_seed(0)
+        model = build_model(spec.builder, num_classes, input_shape, **spec.args)
+        program, parity = checked_training_program(model, input_shape, training)
+        programs[proto.name] = program
+        report(
+            f"prototype {proto.name}: ExecuTorch training program {len(program) / 1024:.0f} KiB, "
+            f"{parity.steps} SGD steps within {parity.max_param_diff:.1e} of torch"
+        )
+    return programs
+
+
+def transport_policy(
+    cfg: FederationConfig, programs: dict[str, bytes] | None = None
+) -> TransportPolicy:
     """Each prototype's agents encode updates as their device profile says; updates are
-    bounded as the config's intake section says."""
+    bounded as the config's intake section says; ``programs``: the training programs
+    offered with the tasks of each prototype."""
     comms = {p.name: prototype_profile(cfg, p.name).comms for p in cfg.prototypes}
-    return TransportPolicy(comms_by_prototype=comms, bounds=update_bounds(cfg))
+    return TransportPolicy(
+        comms_by_prototype=comms, bounds=update_bounds(cfg), programs=programs or {}
+    )
 
 
 def provision(
@@ -222,6 +256,7 @@ def serve(
     data = build_federation_data(cfg, settings.seed)
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
+    programs = training_programs(cfg, data.num_classes, data.input_shape, report)
     allowances = AllowanceBook(agents_file, registry)
     with broker_for(settings, fleet, registry) as mqtt:
         transport = MqttTransport(
@@ -230,7 +265,7 @@ def serve(
             wire_registry(registry),
             num_classes=data.num_classes,
             input_shape=data.input_shape,
-            policy=transport_policy(cfg),
+            policy=transport_policy(cfg, programs),
             on_allowance=allowances.pin,
         ).start(timeout=30)
         try:

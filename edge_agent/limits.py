@@ -54,11 +54,12 @@ def over_memory(spec: TrainingSpec) -> str | None:
 
 def effective_training(profile: TrainingSpec, dictated: TrainingSpec | None) -> TrainingSpec:
     """The coordinator decides epochs, batch, optimiser and learning rate; the device
-    keeps its own threads, memory cap and time budget."""
+    keeps its own training backend, threads, memory cap and time budget."""
     if dictated is None:
         return profile
     return dictated.model_copy(
         update={
+            "backend": profile.backend,
             "threads": profile.threads,
             "memory_limit_mb": profile.memory_limit_mb,
             "time_budget_s": profile.time_budget_s,

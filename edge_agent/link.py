@@ -36,9 +36,10 @@ from typing import Literal
 
 import torch
 
+from edge_agent.programs import ProgramCache
 from edge_agent.retries import MEMORY, UpdateRetries
 from takfl.config.profile import HardwareClass
-from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
+from takfl.mqtt.blobs import REQUEST_BATCH, BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
 from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
 from takfl.wire.chunking import ReassemblyLimits
@@ -90,12 +91,14 @@ class LinkPolicy:
     max_sent_blobs: int = 4  # update blobs kept to answer chunk requests
     max_tasks: int = 16  # received tasks waiting for next_task
     resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
+    programs: bool = False  # fetch the training programs tasks offer (ExecuTorch agents)
 
 
 @dataclass(frozen=True)
 class ReceivedTask:
     message: TaskMessage
     global_state: dict[str, torch.Tensor]  # decoded global model (float32 / exact ints)
+    program: bytes | None = None  # the task's ExecuTorch training program, when it has one
 
 
 @dataclass
@@ -138,6 +141,9 @@ class AgentLink:
         )
         self.receiver = BlobReceiver(self.policy.limits, quiet_s=self.policy.quiet_s, clock=clock)
         self._waiting: dict[str, list[TaskMessage]] = {}  # global digest -> tasks needing it
+        self.programs = ProgramCache()
+        self._fetching: set[str] = set()  # digests of programs being received
+        self._parked: dict[str, list[ReceivedTask]] = {}  # program digest -> tasks needing it
         self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()  # (round, global digest)
         self._ready: queue.Queue[ReceivedTask] = queue.Queue(maxsize=self.policy.max_tasks)
         # Unacknowledged headers and updates already sent, by (round, global digest): a task
@@ -343,6 +349,26 @@ class AgentLink:
         self._waiting.setdefault(task.blob.digest, []).append(task)
         self.counters.tasks += 1
         self._ack_task(task, True)
+        self._fetch_program(task)
+
+    def _fetch_program(self, task: TaskMessage) -> None:
+        """Ask at once for the chunks of a training program not held yet."""
+        ref = task.program
+        if ref is None or not self.policy.programs or ref.digest in self.programs:
+            return
+        try:
+            if not self.receiver.expect(COORDINATOR, ref):
+                return  # already being fetched
+            self._fetching.add(ref.digest)
+        except WireError as e:
+            log.warning("%s: cannot take the training program: %s", self.identity.agent_id, e)
+            return
+        me = self.identity.agent_id
+        missing = self.receiver.missing(COORDINATOR, ref.digest)[:REQUEST_BATCH]
+        request = sign(
+            ChunkRequest(agent_id=me, digest=ref.digest, missing=missing), self.identity.secret
+        )
+        self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(request))
 
     def _answer_again(self, key: tuple[int, str]) -> None:
         """Re-announce the update already sent for a repeated task, if its blob is kept."""
@@ -368,6 +394,12 @@ class AgentLink:
             return
         if blob is None:
             return
+        if chunk.hex_digest in self._fetching:
+            self._fetching.discard(chunk.hex_digest)
+            self.programs.put(blob)
+            for received in self._parked.pop(chunk.hex_digest, []):
+                self._release(received)
+            return
         tasks = self._waiting.pop(chunk.hex_digest, [])
         try:
             state = decode_state(blob, max_bytes=self.policy.limits.max_blob_bytes)
@@ -388,12 +420,25 @@ class AgentLink:
                 self._ack_task(task, False, "non_finite")
             return
         for task in tasks:
-            try:
-                self._ready.put_nowait(ReceivedTask(task, state))
-            except queue.Full:
-                log.warning(
-                    "%s: task queue full; dropped round %d", self.identity.agent_id, task.round_id
-                )
+            self._release(ReceivedTask(task, state))
+
+    def _release(self, received: ReceivedTask) -> None:
+        """Hand a task whose global model arrived to next_task, once its program is here."""
+        ref = received.message.program
+        if ref is not None and received.program is None and self.policy.programs:
+            program = self.programs.get(ref.digest)
+            if program is None:
+                self._parked.setdefault(ref.digest, []).append(received)
+                return
+            received = ReceivedTask(received.message, received.global_state, program)
+        try:
+            self._ready.put_nowait(received)
+        except queue.Full:
+            log.warning(
+                "%s: task queue full; dropped round %d",
+                self.identity.agent_id,
+                received.message.round_id,
+            )
 
     def _on_request(self, _topic: str, payload: bytes) -> None:
         try:
@@ -458,7 +503,8 @@ class AgentLink:
             signed = sign(request, self.identity.secret)
             self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(signed))
         for _source, digest in self.receiver.expire():
-            dropped = self._waiting.pop(digest, [])
+            self._fetching.discard(digest)
+            dropped = self._waiting.pop(digest, []) + self._parked.pop(digest, [])
             log.warning(
                 "%s: global model %s timed out; %d task(s) dropped", me, digest[:12], len(dropped)
             )

@@ -51,6 +51,7 @@ def run(
     from takfl.data import DataError
     from takfl.mqtt.credentials import mqtt_password
     from takfl.mqtt.url import parse_broker_url, read_password
+    from takfl.ondevice import ExecuTorchMissing
     from takfl.wire.errors import WireError
     from takfl.wire.signing import load_secret_file
 
@@ -87,17 +88,21 @@ def run(
         from takfl.config import load_federation
 
         fleet = load_federation(federation).name
-    agent = Agent(
-        prof,
-        settings,
-        fleet,
-        agent_id,
-        secret,
-        x,
-        y,
-        report=lambda m: console.print(m, markup=False, highlight=False),
-        patience_s=patience,
-    )
+    try:
+        agent = Agent(
+            prof,
+            settings,
+            fleet,
+            agent_id,
+            secret,
+            x,
+            y,
+            report=lambda m: console.print(m, markup=False, highlight=False),
+            patience_s=patience,
+        )
+    except ExecuTorchMissing as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
     try:
         stats = agent.run(max_tasks=max_tasks)

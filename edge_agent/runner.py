@@ -14,15 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch import nn
 
 from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
-from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
+from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
 from edge_agent.watch import LinkWatch
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
 from takfl.mqtt.client import UNSUPPORTED_PROTOCOL, MqttSettings
 from takfl.mqtt.probe import connack_reason
-from takfl.training import train_local
+from takfl.ondevice import ProgramError, require_executorch, train_program
+from takfl.training import LocalResult, train_local
 from takfl.wire.validation import check_layout
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,35 @@ def dictated_training(task: ReceivedTask) -> TrainingSpec | None:
     """Local-training settings the coordinator put in the task, if any."""
     t = task.message.training
     return None if t is None else TrainingSpec(**t.model_dump())
+
+
+class NoProgram(RuntimeError):
+    """A task for an ExecuTorch agent came without a training program."""
+
+
+def train_with_torch(
+    task: ReceivedTask, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainingSpec
+) -> LocalResult:
+    """``model`` holds the task's global weights; trained in place."""
+    return train_local(model, x, y, spec, seed=task.message.seed)
+
+
+def train_with_executorch(
+    task: ReceivedTask, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainingSpec
+) -> LocalResult:
+    """Through the task's training program, from the task's global weights (``model``
+    only vouches that they fit the task's architecture)."""
+    del model
+    if task.program is None:
+        raise NoProgram(
+            f"round {task.message.round_id}: the coordinator offered no training program, "
+            "and this profile trains through ExecuTorch"
+        )
+    return train_program(task.program, task.global_state, x, y, spec, seed=task.message.seed)
+
+
+Trainer = Callable[[ReceivedTask, nn.Module, torch.Tensor, torch.Tensor, TrainingSpec], LocalResult]
+TRAINERS: dict[str, Trainer] = {"torch": train_with_torch, "executorch": train_with_executorch}
 
 
 class RegistrationRefused(RuntimeError):
@@ -79,6 +110,10 @@ class Agent:
         self.report = report
         self.stats = AgentStats()
         self.stop_event = threading.Event()
+        self.trainer = TRAINERS[profile.training.backend]
+        if profile.training.backend == "executorch":
+            require_executorch(f"profile {profile.name!r}")
+        self.policy = LinkPolicy(programs=profile.training.backend == "executorch")
         self.settings = settings
         self.fleet = fleet
         self.patience_s = patience_s
@@ -89,7 +124,7 @@ class Agent:
         self.link = self._new_link()
 
     def _new_link(self) -> AgentLink:
-        link = AgentLink(self.settings, self.fleet, self.identity)
+        link = AgentLink(self.settings, self.fleet, self.identity, policy=self.policy)
         link.client.on_publish_denied(lambda topic, reason: self._denials.put((topic, reason)))
         return link
 
@@ -155,7 +190,12 @@ class Agent:
             return
         model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
-        result = train_local(model, self.x, self.y, spec, seed=msg.seed)
+        try:
+            result = self.trainer(task, model, self.x, self.y, spec)
+        except (NoProgram, ProgramError) as e:
+            self.stats.tasks_skipped += 1
+            log.warning("skipping task of round %d: %s", msg.round_id, e)
+            return
         peak = peak_rss_mb() or 0.0
         header = self.link.send_update(
             task,
@@ -176,7 +216,8 @@ class Agent:
         self.stats.rounds.append(msg.round_id)
         self.stats.seconds_training += result.seconds
         self.report(
-            f"round {msg.round_id}: trained {result.steps} steps in {result.seconds:.1f}s "
+            f"round {msg.round_id}: trained {result.steps} steps through {spec.backend} "
+            f"in {result.seconds:.1f}s "
             f"(loss {result.mean_loss:.3f}), sent {header.blob.size} bytes "
             f"{header.compression}, peak RSS {peak:.0f} MB"
         )

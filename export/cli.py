@@ -3,6 +3,7 @@
     takfl-export --checkpoint M.safetensors --config digits --prototype M \\
                  --formats onnx,tflite --quantize none,int8 --out exports/M
     takfl-export --run runs/demo
+    takfl-export --checkpoint S.safetensors --config digits --prototype S --executorch
 
 Exit status: 0 every artifact verified; 1 an artifact FAILED or did not match
 PyTorch; 2 bad input (checkpoint, config, prototype, format), nothing exported.
@@ -64,6 +65,12 @@ def export(
     ),
     latency_iters: int = typer.Option(100, min=1, help="Timed single-sample runs per runtime."),
     slim: bool = typer.Option(True, help="Slim ONNX graphs with onnxslim when installed."),
+    executorch: bool = typer.Option(
+        False,
+        "--executorch",
+        help="Instead of --formats: the ExecuTorch training program (forward, loss, backward) "
+        "and XNNPACK inference program for phones, each checked against PyTorch.",
+    ),
 ) -> None:
     """Export, quantise and verify; print one table and write report.json."""
     from export.report import print_reports
@@ -84,6 +91,8 @@ def export(
             raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED_ROWS)
         if config is None:
             raise _fail("--checkpoint needs --config (bundled federation name or YAML path)")
+        if executorch:
+            _export_executorch(checkpoint, config, out, prototype)
         from export.pipeline import ExportOptions, export_checkpoint
 
         options = ExportOptions(
@@ -99,6 +108,31 @@ def export(
     print_reports([report], f"Export of {checkpoint}")
     err.print(f"report: {Path(report.out_dir) / REPORT_FILE}", highlight=False)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED_ROWS)
+
+
+def _export_executorch(
+    checkpoint: Path, config: str, out: Path | None, prototype: str | None
+) -> None:
+    from export.executorch_export import (
+        ProgramExportError,
+        ProgramParityError,
+        export_executorch_checkpoint,
+    )
+    from takfl.ondevice import ExecuTorchMissing
+
+    try:
+        art = export_executorch_checkpoint(checkpoint, config, out, prototype=prototype)
+    except ExecuTorchMissing as e:
+        raise _fail(str(e)) from None
+    except (ProgramExportError, ProgramParityError) as e:
+        err.print(f"[red]FAILED:[/red] {e}", highlight=False)
+        raise typer.Exit(EXIT_FAILED_ROWS) from None
+    p = art.parity
+    print(f"training program  {art.training}  ({art.training.stat().st_size / 1024:.0f} KiB)")
+    print(f"  {p.steps} SGD steps on real samples: max parameter difference {p.max_param_diff:.1e}")
+    print(f"inference program {art.inference}  ({art.inference.stat().st_size / 1024:.0f} KiB)")
+    print(f"  max logit difference {art.inference_max_diff:.1e}")
+    raise typer.Exit(EXIT_OK)
 
 
 def main() -> None:

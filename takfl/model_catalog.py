@@ -8,13 +8,18 @@ cannot drift from the builders.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 # builder name -> {keyword option besides num_classes and input_shape: its annotated type}
-MODEL_OPTIONS: dict[str, dict[str, type]] = {
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "cnn1d_small": {"width": int},
     "cnn_digits_large": {},
     "cnn_digits_small": {},
+    "mlp1d": {"width": int},
     "mlp_digits": {"depth": int, "width": int},
-    "mobilenetv2": {"width_mult": float},
+    "mobilenetv2": {"width_mult": float, "norm": Literal["batch", "group"]},
     "resnet14": {},
+    "resnet1d": {"blocks": int, "width": int},
     "resnet18": {},
     "resnet8": {},
     "vgg11": {},

@@ -10,6 +10,8 @@ from torch import nn
 
 from takfl.config.profile import TrainingSpec
 
+SGD_MOMENTUM = 0.9  # momentum of the "sgd" optimiser (torch and the ExecuTorch runtime)
+
 
 @dataclass
 class LocalResult:
@@ -27,7 +29,10 @@ def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimize
             model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
         )
     return torch.optim.SGD(
-        model.parameters(), lr=spec.learning_rate, momentum=0.9, weight_decay=spec.weight_decay
+        model.parameters(),
+        lr=spec.learning_rate,
+        momentum=SGD_MOMENTUM,
+        weight_decay=spec.weight_decay,
     )
 
 

@@ -49,7 +49,7 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
 def test_cells_describe_a_profile() -> None:
     phone = load_profile("android-phone")
 
-    assert model_cell(phone.model) == "mobilenetv2 width_mult=0.5"
+    assert model_cell(phone.model) == "mobilenetv2 norm=group width_mult=0.5"
     assert model_cell(ModelSpec(builder="resnet8")) == "resnet8"
     assert training_cell(phone) == "1/16/2"
     assert inference_cell(phone) == "ai-edge-litert tflite int8"

@@ -41,8 +41,10 @@ def task_message(
     comms: CommsSpec,
     num_classes: int,
     input_shape: tuple[int, int, int],
+    program: BlobRef | None = None,
 ) -> TaskMessage:
-    """The signed wire form of ``task``, whose global model is the blob ``ref``."""
+    """The signed wire form of ``task``, whose global model is the blob ``ref``;
+    ``program``: the training program offered with it, if any."""
     t = task.training
     msg = TaskMessage(
         round_id=task.round_id,
@@ -65,6 +67,7 @@ def task_message(
         compression=comms.compression,
         chunk_size=comms.chunk_size_kib * 1024,
         blob=ref,
+        program=program,
     )
     return sign(msg, secret)
 
@@ -137,9 +140,12 @@ class TaskDispatch:
             return True
 
     def may_fetch(self, agent: str, digest: str) -> bool:
-        """An agent may ask again only for chunks of its own current task's model."""
+        """An agent may ask only for chunks of its own current task's model or program."""
         a = self.assignment(agent)
-        return a is not None and a.message.blob.digest == digest
+        if a is None:
+            return False
+        program = a.message.program
+        return digest == a.message.blob.digest or (program is not None and digest == program.digest)
 
     def due_retries(self) -> list[TaskMessage]:
         """Unacknowledged tasks whose deadline has not passed, last sent ``retry_s`` ago."""

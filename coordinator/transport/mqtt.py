@@ -72,6 +72,9 @@ class TransportPolicy:
     task_retry_s: float = 15.0  # send a task again when the agent has not acknowledged it
     max_sent_blobs: int = 16  # global blobs kept to answer chunk requests
     max_sent_bytes: int = 4 * 1024**3
+    # ExecuTorch training programs by prototype, offered with every task of that prototype
+    # (agents that train through ExecuTorch fetch one by chunk request when not cached).
+    programs: Mapping[str, bytes] = field(default_factory=dict)
     resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
 
     def intake(self) -> IntakePolicy:
@@ -182,6 +185,11 @@ class MqttTransport(Transport):
                 refs[(t.round_id, t.prototype)] = self.sender.keep(
                     blob, self.policy.global_chunk_size
                 )
+        programs = {
+            name: self.sender.keep(program, self.policy.global_chunk_size)
+            for name, program in self.policy.programs.items()
+            if any(t.prototype == name for t in tasks)
+        }
         pairs = [
             (
                 t,
@@ -192,6 +200,7 @@ class MqttTransport(Transport):
                     comms=self.policy.comms_by_prototype.get(t.prototype, self.policy.comms),
                     num_classes=self.num_classes,
                     input_shape=self.input_shape,
+                    program=programs.get(t.prototype),
                 ),
             )
             for t in tasks

@@ -131,6 +131,13 @@ def load_federation(name_or_path: str | Path) -> FederationConfig:
                 f"profile {prof.name!r} is for prototype {prof.prototype!r}, not {proto.name!r}"
             )
             problems.append(Problem(f"prototypes.{i}.profile", message))
+        wanted = proto.training.optimizer if proto.training is not None else None
+        if prof.training.backend == "executorch" and wanted not in (None, "sgd"):
+            message = (
+                f"profile {prof.name!r} trains through ExecuTorch, whose runtime has SGD only; "
+                f"set optimizer: sgd (or leave it out)"
+            )
+            problems.append(Problem(f"prototypes.{i}.training.optimizer", message))
     if problems:
         raise ConfigError(str(path), problems)
     return cfg

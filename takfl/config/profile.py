@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from takfl.config.base import ModelSpec, Strict
 
 HardwareClass = Literal["workstation", "jetson", "raspberry-pi", "phone", "microcontroller"]
 
 
+TrainingBackend = Literal["torch", "executorch"]
+
+
 class TrainingSpec(Strict):
-    backend: Literal["torch"] = "torch"  # local training engine
+    # Local training engine: torch, or a training program run by the ExecuTorch runtime
+    # (phones; the coordinator ships the program; SGD only).
+    backend: TrainingBackend = "torch"
     epochs: int = Field(1, gt=0)  # local epochs per round (E)
     batch_size: int = Field(32, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -21,6 +26,14 @@ class TrainingSpec(Strict):
     threads: int = Field(1, ge=1)  # torch intra-op threads
     memory_limit_mb: int | None = Field(None, gt=0)  # address-space cap for the agent process
     time_budget_s: float | None = Field(None, gt=0)  # stop local training after this long
+
+    @model_validator(mode="after")
+    def _backend_supports_optimizer(self) -> TrainingSpec:
+        if self.backend == "executorch" and self.optimizer != "sgd":
+            raise ValueError(
+                "backend executorch trains with its runtime's SGD only: set optimizer: sgd"
+            )
+        return self
 
 
 class InferenceSpec(Strict):

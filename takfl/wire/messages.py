@@ -143,6 +143,10 @@ class TaskMessage(SignedMessage):
     chunk_size: Annotated[int, Field(gt=0, le=MAX_CHUNK_BYTES)]  # chunk size of the update
     blob: BlobRef  # the global model, encode_state(..., "fp32")
     training: TrainingRef | None = None  # None: the agent's profile decides
+    # ExecuTorch training program (.pte) for agents that train through ExecuTorch; the
+    # same for every round of a prototype, so an agent caches it by digest and asks for
+    # its chunks (ChunkRequest) only when it does not hold it. None: no program offered.
+    program: BlobRef | None = None
 
 
 class UpdateHeader(SignedMessage):

@@ -1,0 +1,297 @@
+"""ExecuTorch programs for phones: a training program (forward, loss, backward) and an
+inference program (XNNPACK delegate), each verified against PyTorch.
+
+Training program: ``torch.export`` of the model wrapped with its cross-entropy loss,
+``_export_forward_backward`` (the joint graph with gradients), ``to_edge`` and
+``to_executorch``; batch size symbolic. It trains with ExecuTorch's SGD optimiser
+(:mod:`takfl.ondevice`). Inference program: the model in eval mode lowered to
+XNNPACK. Both are checked before use, because a wrong backward kernel fails silently
+(MaxPool2d trains wrongly in ExecuTorch 1.5.1; training-mode BatchNorm does not lower).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from export.metadata import ArtifactMetadata, write_sidecar
+from takfl.config.profile import TrainingSpec
+from takfl.files import atomic_write_bytes
+from takfl.ondevice import METHOD, require_executorch, train_program
+from takfl.training import train_local
+
+# The runtime plans memory for the largest batch a program accepts, so keep it small.
+INFERENCE_MAX_BATCH = 64
+if TYPE_CHECKING:
+    from takfl.checkpoint import CheckpointMeta
+
+PROGRAM_SUFFIX = ".pte"
+INFERENCE_PARITY_TOLERANCE = 1e-4  # max |logit difference| of the inference program
+
+
+class ProgramExportError(ValueError):
+    """A model cannot be lowered to an ExecuTorch program; the message says why."""
+
+
+def _lowering_reason(e: BaseException) -> str:
+    text = str(e)
+    if "batch_norm" in text:
+        return "BatchNorm in training mode does not lower (no edge-dialect kernel)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}"[:200]
+
+
+class WithLoss(nn.Module):
+    """``model`` and its training loss: (x (B, C, H, W), y (B,)) -> mean cross-entropy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model  # parameter names: "model." + state-dict name (takfl.ondevice)
+        self.loss = nn.CrossEntropyLoss()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model(x), y)
+
+
+def _quiet_export() -> None:
+    require_executorch("exporting an ExecuTorch program")
+
+
+def training_program(model: nn.Module, input_shape: tuple[int, int, int], max_batch: int) -> bytes:
+    """Training program bytes of ``model`` for batches of 1..``max_batch`` samples (its
+    current weights are the program's initial ones; an agent overwrites them with each
+    round's global weights)."""
+    _quiet_export()
+    from executorch.exir import to_edge
+    from torch.export import Dim, export
+    from torch.export.experimental import _export_forward_backward
+
+    wrapped = WithLoss(copy.deepcopy(model)).train()
+    x = torch.zeros(2, *input_shape)
+    y = torch.zeros(2, dtype=torch.long)
+    batch = Dim("batch", min=1, max=max(2, max_batch))
+    try:
+        ep = export(wrapped, (x, y), dynamic_shapes=({0: batch}, {0: batch}), strict=False)
+        return bytes(to_edge(_export_forward_backward(ep)).to_executorch().buffer)
+    except Exception as e:  # torch.export and exir raise many unrelated types
+        raise ProgramExportError(_lowering_reason(e)) from e
+
+
+def inference_program(model: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
+    """Inference program bytes: (B, C, H, W) float32 -> (B, classes) logits, XNNPACK."""
+    _quiet_export()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch.export import Dim, export
+
+    net = copy.deepcopy(model).eval()
+    batch = Dim("batch", min=1, max=INFERENCE_MAX_BATCH)
+    ep = export(net, (torch.zeros(2, *input_shape),), dynamic_shapes=({0: batch},), strict=False)
+    lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    return bytes(lowered.to_executorch().buffer)
+
+
+def run_inference(program: bytes, x: torch.Tensor) -> torch.Tensor:
+    """Logits of an inference program on x (B, C, H, W) through the ExecuTorch runtime."""
+    _quiet_export()
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(program).load_method(METHOD)
+    return method.execute([x.float().contiguous()])[0].detach().clone()
+
+
+def inference_parity(model: nn.Module, program: bytes, x: torch.Tensor) -> float:
+    """Max |logit difference| between the inference program and ``model`` on x."""
+    with torch.no_grad():
+        expected = copy.deepcopy(model).eval()(x)
+    return float((run_inference(program, x) - expected).abs().max())
+
+
+@dataclass(frozen=True)
+class TrainingParity:
+    steps: int
+    max_param_diff: float  # max |runtime - torch| over every parameter after the steps
+    loss_torch: float  # mean training loss of the torch run
+    loss_runtime: float
+
+
+def training_parity(
+    model: nn.Module,
+    program: bytes,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: TrainingSpec,
+    *,
+    seed: int = 0,
+) -> TrainingParity:
+    """Train the same epochs and batches (same shuffling, same start weights) through the
+    runtime and in torch (``train_local``); compare every parameter afterwards."""
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    runtime = train_program(program, start, x, y, spec, seed=seed)
+    ref = copy.deepcopy(model)
+    torch_run = train_local(ref, x, y, spec, seed=seed)
+    names = [n for n, _ in model.named_parameters()]
+    diff = max(float((runtime.state[n] - torch_run.state[n]).abs().max()) for n in names)
+    return TrainingParity(torch_run.steps, diff, torch_run.mean_loss, runtime.mean_loss)
+
+
+TRAINING_PARITY_TOLERANCE = 1e-4  # max |parameter difference| after the check's steps
+CHECK_SAMPLES = 32  # random samples of the check before a program is used
+
+
+class ProgramParityError(ValueError):
+    """A training program does not train like torch; the message says by how much."""
+
+
+def checked_training_program(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    spec: TrainingSpec,
+    *,
+    tolerance: float = TRAINING_PARITY_TOLERANCE,
+) -> tuple[bytes, TrainingParity]:
+    """A training program for ``model`` and batches of ``spec.batch_size``, after one epoch
+    on random data (``CHECK_SAMPLES`` samples) through the runtime agreed with torch within
+    ``tolerance`` in every parameter; :class:`ProgramParityError` otherwise."""
+    program = training_program(model, input_shape, spec.batch_size)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(CHECK_SAMPLES, *input_shape, generator=gen)
+    with torch.no_grad():
+        num_classes = int(copy.deepcopy(model).eval()(x[:2]).shape[1])
+    y = torch.randint(0, num_classes, (CHECK_SAMPLES,), generator=gen)
+    check = spec.model_copy(update={"epochs": 1, "time_budget_s": None})
+    parity = training_parity(model, program, x, y, check)
+    if not parity.max_param_diff <= tolerance:
+        raise ProgramParityError(
+            f"the ExecuTorch training program of {type(model).__name__} ends "
+            f"{parity.max_param_diff:.2e} from torch after {parity.steps} steps "
+            f"(tolerance {tolerance:.0e}); use layers the runtime trains correctly "
+            "(GroupNorm, strided convolutions, adaptive average pooling)"
+        )
+    return program, parity
+
+
+@dataclass(frozen=True)
+class ExecuTorchArtifacts:
+    training: Path
+    inference: Path
+    parity: TrainingParity
+    inference_max_diff: float
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Trainable parameters by state-dict name, with their shapes (the program's names
+    are ``model.`` + these)."""
+    return {n: list(p.shape) for n, p in model.named_parameters()}
+
+
+def export_executorch(
+    model: nn.Module,
+    meta: CheckpointMeta,
+    spec: TrainingSpec,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out_dir: str | Path,
+) -> ExecuTorchArtifacts:
+    """Write the training and inference programs of ``model`` with their sidecars.
+
+    Args:
+        meta: identity and preprocessing recorded in both sidecars.
+        spec: local training of the prototype (batch size bounds the training program;
+            the parity check runs one epoch of it, with SGD).
+        x, y: real samples (N, C, H, W) / (N,) for the parity checks.
+    Raises:
+        ProgramExportError, ProgramParityError, ExecuTorchMissing.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = (int(meta.input_shape[0]), int(meta.input_shape[1]), int(meta.input_shape[2]))
+    check = spec.model_copy(update={"optimizer": "sgd", "epochs": 1, "time_budget_s": None})
+    program = training_program(model, shape, spec.batch_size)
+    parity = training_parity(model, program, x, y, check)
+    if not parity.max_param_diff <= TRAINING_PARITY_TOLERANCE:
+        raise ProgramParityError(
+            f"training program ends {parity.max_param_diff:.2e} from torch after "
+            f"{parity.steps} steps (tolerance {TRAINING_PARITY_TOLERANCE:.0e})"
+        )
+    inference = inference_program(model, shape)
+    diff = inference_parity(model, inference, x[:INFERENCE_MAX_BATCH])
+    if not diff <= INFERENCE_PARITY_TOLERANCE:
+        raise ProgramParityError(
+            f"inference program differs from torch by {diff:.2e} "
+            f"(tolerance {INFERENCE_PARITY_TOLERANCE:.0e})"
+        )
+    stem = f"{meta.prototype}-round-{int(meta.round)}"
+    common = {"parameters": parameter_shapes(model), "method": METHOD}
+    train_path = out / f"{stem}-train{PROGRAM_SUFFIX}"
+    atomic_write_bytes(train_path, program)
+    write_sidecar(
+        train_path,
+        ArtifactMetadata.from_checkpoint(meta, "executorch-training", "none", batch=None),
+        **common,
+        max_batch=spec.batch_size,
+        inputs=["x (B, C, H, W) float32, normalised", "y (B,) int64"],
+        outputs=["mean cross-entropy loss"],
+        optimizer="sgd (runtime)",
+        parity={
+            "steps": parity.steps,
+            "max_param_diff": parity.max_param_diff,
+            "learning_rate": check.learning_rate,
+            "batch_size": check.batch_size,
+        },
+    )
+    inf_path = out / f"{stem}-xnnpack{PROGRAM_SUFFIX}"
+    atomic_write_bytes(inf_path, inference)
+    write_sidecar(
+        inf_path,
+        ArtifactMetadata.from_checkpoint(meta, "executorch", "none", batch=None),
+        **common,
+        max_batch=INFERENCE_MAX_BATCH,
+        delegate="xnnpack",
+        parity={"max_abs_logit_diff": diff},
+    )
+    return ExecuTorchArtifacts(train_path, inf_path, parity, diff)
+
+
+PARITY_SAMPLES = 64  # real samples for the checks of a checkpoint's programs
+
+
+def export_executorch_checkpoint(
+    checkpoint: str | Path,
+    config: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    prototype: str | None = None,
+) -> ExecuTorchArtifacts:
+    """Check a checkpoint against the federation config, then :func:`export_executorch` it
+    with the prototype's training settings and the first ``PARITY_SAMPLES`` test samples.
+
+    Raises CheckpointError, ExportError, ConfigError like ``export_checkpoint``, plus
+    ProgramExportError / ProgramParityError when the model does not train through
+    ExecuTorch correctly.
+    """
+    from export.common import ExportError
+    from export.data import eval_data
+    from export.pipeline import _load_config, check_against_config, prototype_profile
+    from takfl.checkpoint import load_checkpoint
+    from takfl.config.loader import prototype_training
+
+    cfg, cfg_path = _load_config(config)
+    state, meta = load_checkpoint(checkpoint)
+    name = prototype or meta.prototype
+    if name not in [p.name for p in cfg.prototypes]:
+        raise ExportError(f"unknown prototype {name!r} in federation {cfg.name!r}")
+    profile = prototype_profile(cfg, name, cfg_path)
+    check_against_config(state, meta, cfg, name, profile, str(checkpoint))
+    data = eval_data(cfg, calibration_samples=8, test_samples=PARITY_SAMPLES)
+    model = meta.build()
+    model.load_state_dict(state)
+    out = Path(out_dir) if out_dir is not None else Path("exports") / name
+    return export_executorch(
+        model, meta, prototype_training(cfg, name), data.test_x, data.test_y, out
+    )

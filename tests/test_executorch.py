@@ -1,0 +1,171 @@
+"""ExecuTorch programs for phones: training and inference parity with torch on real
+digits, the phone profile's rules, and the message when the extra is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from takfl.config import ConfigError, load_profile
+from takfl.config.profile import TrainingSpec
+from takfl.data import load_digits
+from takfl.models import build_model
+from takfl.ondevice import ExecuTorchMissing, ProgramError, require_executorch, train_program
+from takfl.training import train_local
+
+HAVE_EXECUTORCH = importlib.util.find_spec("executorch") is not None
+needs_executorch = pytest.mark.skipif(
+    not HAVE_EXECUTORCH,
+    reason="executorch is not installed (pip install 'takfl-edge[executorch]'); CI installs it",
+)
+SPEC = TrainingSpec(epochs=2, batch_size=8, optimizer="sgd", learning_rate=0.05)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_digits()
+    x, y = data.x, data.y
+    return x[:96].float(), y[:96].long()
+
+
+@pytest.fixture(scope="module")
+def mlp_program() -> tuple[nn.Module, bytes]:
+    from export.executorch_export import training_program
+
+    torch.manual_seed(0)
+    model = build_model("mlp_digits", 10, (1, 8, 8), width=16)
+    return model, training_program(model, (1, 8, 8), SPEC.batch_size)
+
+
+@needs_executorch
+def test_training_program_trains_like_torch_on_digits(mlp_program, digits) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    model, program = mlp_program
+    x, y = digits
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    # Execute: 2 epochs of 12 batches, through the runtime and in torch
+    runtime = train_program(program, start, x, y, SPEC, seed=3)
+    ref = build_model("mlp_digits", 10, (1, 8, 8), width=16)
+    ref.load_state_dict(start)
+    torch_run = train_local(ref, x, y, SPEC, seed=3)
+    # Assert: same steps, same weights (up to float rounding), and it did learn
+    assert runtime.steps == torch_run.steps == 24
+    for name, value in torch_run.state.items():
+        assert torch.allclose(runtime.state[name], value, atol=1e-5), name
+    assert any(not torch.equal(runtime.state[k], start[k]) for k in start)
+    assert runtime.mean_loss == pytest.approx(torch_run.mean_loss, abs=1e-4)
+
+
+@needs_executorch
+def test_program_runs_a_smaller_last_batch_and_leaves_the_start_weights_alone(
+    mlp_program,  # type: ignore[no-untyped-def]
+    digits,
+) -> None:
+    model, program = mlp_program
+    x, y = digits
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_program(program, start, x[:13], y[:13], SPEC, seed=0)  # batches 8 + 5
+    assert result.steps == 4
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+
+
+@needs_executorch
+def test_program_refuses_adam_and_a_model_of_other_shapes(mlp_program, digits) -> None:  # type: ignore[no-untyped-def]
+    model, program = mlp_program
+    x, y = digits
+    with pytest.raises(ProgramError, match="SGD only"):
+        train_program(
+            program, model.state_dict(), x, y, SPEC.model_copy(update={"optimizer": "adam"}), seed=0
+        )
+    other = build_model("mlp_digits", 10, (1, 8, 8), width=8).state_dict()
+    with pytest.raises(ProgramError, match="shape"):
+        train_program(program, other, x, y, SPEC, seed=0)
+
+
+@needs_executorch
+def test_inference_program_matches_torch(digits) -> None:  # type: ignore[no-untyped-def]
+    from export.executorch_export import inference_parity, inference_program
+
+    torch.manual_seed(0)
+    model = build_model("mlp_digits", 10, (1, 8, 8), width=16)
+    assert inference_parity(model, inference_program(model, (1, 8, 8)), digits[0][:20]) <= 1e-4
+
+
+@needs_executorch
+def test_batchnorm_model_is_refused_with_the_reason() -> None:
+    from export.executorch_export import ProgramExportError, training_program
+
+    model = build_model("cnn_digits_small", 10, (1, 8, 8))
+    with pytest.raises(ProgramExportError, match="BatchNorm"):
+        training_program(model, (1, 8, 8), 8)
+
+
+@needs_executorch
+def test_maxpool_model_fails_the_parity_check() -> None:
+    from export.executorch_export import ProgramParityError, checked_training_program
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 10)
+    )
+    with pytest.raises(ProgramParityError, match="from torch"):
+        checked_training_program(model, (1, 8, 8), SPEC)
+
+
+def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "executorch.extension.training", None)
+    with pytest.raises(ExecuTorchMissing, match=r"takfl-edge\[executorch\]"):
+        require_executorch()
+
+
+def test_phone_profile_trains_a_groupnorm_model_through_executorch() -> None:
+    phone = load_profile("android-phone")
+    assert phone.training.backend == "executorch" and phone.training.optimizer == "sgd"
+    model = build_model(phone.model.builder, 10, (3, 32, 32), **phone.model.args)
+    kinds = {type(m) for m in model.modules()}
+    assert nn.GroupNorm in kinds
+    assert not kinds & {nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d}
+
+
+def test_executorch_backend_requires_sgd(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "p.yaml"
+    bad.write_text(
+        "name: p\nprototype: S\nhardware_class: phone\n"
+        "model: {builder: mlp_digits}\ntraining: {backend: executorch, optimizer: adam}\n"
+    )
+    with pytest.raises(ConfigError, match="optimizer: sgd"):
+        load_profile(bad)
+
+
+@needs_executorch
+@pytest.mark.export
+def test_takfl_export_writes_checked_programs_with_metadata(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_export_cli import DIGITS_YAML, MODELS, invoke, write_checkpoint
+
+    # Prepare: a round-4 checkpoint of S (an MLP) and one of M (BatchNorm + max-pool)
+    s_ckpt = write_checkpoint(tmp_path / "S.safetensors", "S", *MODELS["S"], round_=4)
+    m_ckpt = write_checkpoint(tmp_path / "M.safetensors", "M", *MODELS["M"])
+    # Execute
+    code, output = invoke(
+        "--checkpoint", s_ckpt, "--config", DIGITS_YAML, "--executorch", "--out", tmp_path / "S"
+    )
+    # Assert: both programs, each with its metadata and digest
+    assert code == 0, output
+    train = json.loads((tmp_path / "S" / "S-round-4-train.pte.json").read_text())
+    infer = json.loads((tmp_path / "S" / "S-round-4-xnnpack.pte.json").read_text())
+    for side in (train, infer):
+        assert side["prototype"] == "S" and side["round"] == 4
+        assert side["input_shape"] == [1, 8, 8] and len(side["mean"]) == 1
+        assert len(side["sha256"]) == 64 and side["size_bytes"] > 0
+        assert side["parameters"]["net.1.weight"] == [8, 64]
+    assert train["format"] == "executorch-training" and train["parity"]["max_param_diff"] <= 1e-4
+    assert infer["delegate"] == "xnnpack" and infer["parity"]["max_abs_logit_diff"] <= 1e-4
+    code, output = invoke(
+        "--checkpoint", m_ckpt, "--config", DIGITS_YAML, "--executorch", "--out", tmp_path / "M"
+    )
+    assert code == 1 and "BatchNorm" in output and "Traceback" not in output

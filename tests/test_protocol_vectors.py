@@ -1,0 +1,118 @@
+"""The protocol's JSON Schemas and golden vectors (docs/protocol/) stay in sync with the
+code, and say what docs/protocol.md says: checked here with only the standard library,
+numpy and safetensors, as a native implementation would check itself."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load as st_load
+
+from takfl.wire import vectors as gen
+
+ROOT = Path(__file__).resolve().parent.parent / "docs" / "protocol"
+VEC = ROOT / "vectors"
+REGENERATE = "regenerate with: python -m takfl.wire.vectors"
+
+
+def manifest() -> dict:  # type: ignore[type-arg]
+    return json.loads((VEC / "manifest.json").read_text())
+
+
+def test_checked_in_files_equal_a_fresh_generation_byte_for_byte(tmp_path: Path) -> None:
+    gen.write(tmp_path)
+    for sub in ("schemas", "vectors"):
+        fresh = {p.name: p.read_bytes() for p in (tmp_path / sub).iterdir()}
+        kept = {p.name: p.read_bytes() for p in (ROOT / sub).iterdir()}
+        assert sorted(fresh) == sorted(kept), REGENERATE
+        for name, data in fresh.items():
+            assert kept[name] == data, f"{sub}/{name} is stale; {REGENERATE}"
+
+
+def test_every_message_has_a_schema_naming_its_fields() -> None:
+    for cls in gen.MESSAGES:
+        kind = gen.message_kind(cls)
+        schema = json.loads((ROOT / "schemas" / f"{kind}.schema.json").read_text())
+        assert schema["additionalProperties"] is False
+        assert set(schema["properties"]) == {f.alias or n for n, f in cls.model_fields.items()}
+
+
+@pytest.mark.parametrize(
+    "name", ["task", "registration", *[f"update-{c}" for c in gen.COMPRESSIONS]]
+)
+def test_signature_is_hmac_of_the_documented_bytes(name: str) -> None:
+    # Prepare
+    secret = bytes.fromhex(manifest()["secret_hex"])
+    message = json.loads((VEC / f"{name}.json").read_bytes())
+    signed = (VEC / f"{name}.signed-bytes.bin").read_bytes()
+    # Execute: canonical JSON of every field but the signature, sorted keys, no spaces
+    body = {k: v for k, v in message.items() if k != "signature"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    # Assert
+    assert signed == b"takfl-wire-v1\x00" + canonical
+    assert hmac.new(secret, signed, hashlib.sha256).hexdigest() == message["signature"]
+
+
+def reassemble(prefix: str, digest_hex: str, count: int) -> bytes:
+    parts = {}
+    for path in sorted(VEC.glob(f"{prefix}.chunk-*.bin")):
+        data = path.read_bytes()
+        magic, version, digest, index, total = struct.unpack(">3sB32sII", data[:44])
+        assert (magic, version, digest.hex(), total) == (b"TKC", 1, digest_hex, count)
+        parts[index] = data[44:]
+    assert sorted(parts) == list(range(count))
+    return b"".join(parts[i] for i in range(count))
+
+
+def test_global_chunks_reassemble_to_the_task_blob() -> None:
+    task = json.loads((VEC / "task.json").read_bytes())
+    ref = task["blob"]
+    blob = reassemble("global", ref["digest"], ref["count"])
+    assert blob == (VEC / "global.safetensors").read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == ref["digest"] and len(blob) == ref["size"]
+    tensors = st_load(blob)
+    for name, spec in manifest()["global"]["tensors"].items():
+        assert tensors[name].flatten().tolist() == pytest.approx(spec["values"])
+
+
+@pytest.mark.parametrize("codec", gen.COMPRESSIONS)
+def test_update_blob_decodes_by_the_documented_formula(codec: str) -> None:
+    m = manifest()
+    header = json.loads((VEC / f"update-{codec}.json").read_bytes())
+    task = json.loads((VEC / "task.json").read_bytes())
+    assert header["base_digest"] == task["blob"]["digest"] and header["compression"] == codec
+    blob = reassemble(f"update-{codec}", header["blob"]["digest"], header["blob"]["count"])
+    tensors = st_load(blob)
+    for name, spec in m["global"]["tensors"].items():
+        trained = np.array(m["trained"][name]["values"])
+        base = np.array(spec["values"])
+        if name.endswith("num_batches_tracked"):  # integers travel as the trained value
+            assert tensors[name].flatten().tolist() == trained.tolist()
+            continue
+        delta = trained - base
+        stored = tensors[name].astype(np.float64).flatten()
+        if codec == "int8":
+            scale = float(tensors[name + ".__scale__"])
+            assert tensors[name].dtype == np.int8
+            assert scale == pytest.approx(np.abs(delta).max() / 127, rel=1e-6)
+            assert np.abs(stored * scale - delta).max() <= scale / 2 + 1e-7
+        else:
+            assert tensors[name].dtype == (np.float16 if codec == "fp16" else np.float32)
+            assert np.abs(stored - delta).max() <= (1e-3 if codec == "fp16" else 1e-6)
+        decoded = np.array(m["updates"][codec]["decoded_delta"][name]["values"])
+        expected = stored * (scale if codec == "int8" else 1.0)
+        assert decoded == pytest.approx(expected, abs=1e-7)
+
+
+def test_manifest_lists_every_vector_with_its_digest() -> None:
+    files = manifest()["files"]
+    on_disk = {p.name for p in VEC.iterdir()} - {"manifest.json"}
+    assert set(files) == on_disk
+    for name, digest in files.items():
+        assert hashlib.sha256((VEC / name).read_bytes()).hexdigest() == digest
