@@ -55,6 +55,9 @@ DEFAULT_ROOT = Path("/var/tmp/takfl-field-arm64/root")
 SUITE = "bookworm"
 FLEET = "field-arm64"
 CLIENTS = {"S": 2, "M": 1, "L": 1}  # every prototype of the digits federation
+# Board profiles per prototype: the digits federation's S tier is a phone that trains
+# through ExecuTorch, which the board install (the agent extra) does not include.
+BOARD_PROFILES = {"S": "raspberry-pi-4", "M": "raspberry-pi-5", "L": "workstation"}
 BOARD_HOME = "/root"  # the board user's home inside the root
 VENV = f"{BOARD_HOME}/takfl"
 CUDA_PREFIXES = ("nvidia-", "cuda-", "triton")
@@ -226,6 +229,7 @@ def write_federation(work: Path, rounds: int) -> Path:
     cfg["rounds"] = rounds
     for proto in cfg["prototypes"]:
         proto["clients"] = CLIENTS[proto["name"]]
+        proto["profile"] = BOARD_PROFILES[proto["name"]]
         proto["sample_rate"] = 1.0
     cfg["algorithm"]["distill"]["steps"] = 30
     path = work / f"{FLEET}.yaml"
