@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from coordinator.simulate import SimulationSpec, run_simulation
+from takfl.algorithms import resolve_algorithm
 from takfl.config import load_federation
 from tests.federation_harness import federation, metrics, read_state
 
@@ -80,9 +81,15 @@ def test_poisoned_agents_leave_every_prototype_finite_and_accurate(tmp_path) -> 
         # the clean run: the same federation in process, every client honest
         torch.set_num_threads(1)
         clean_dir = tmp_path / "clean"
+        cfg = load_federation(fed.cfg_path)
         run_simulation(
-            load_federation(fed.cfg_path),
-            SimulationSpec(["takfl"], 1, 2, compression="profile"),
+            cfg,
+            SimulationSpec(
+                algorithms=[resolve_algorithm(cfg.algorithm, "takfl")],
+                seeds=1,
+                rounds=2,
+                compression="profile",
+            ),
             clean_dir,
             torch.device("cpu"),
         )

@@ -236,6 +236,7 @@ def test_paper_cifar_config_loads_and_partitions_from_local_batches(tmp_path: Pa
     data = build_federation_data(load_federation("cifar10-homo"), 0, tmp_path)
     assert data.input_shape == (3, 32, 32) and data.num_classes == 10
     assert len(data.test_x) == 500  # CIFAR-10's own test split
-    assert len(data.public_x) == 5000  # drawn from CIFAR-100
-    assert len(data.val_x) == 1000
-    assert sum(len(y) for _, _, y in data.clients.values()) == 12000 - 1000
+    # the config asks for the whole CIFAR-100 train set (50,000); here it is the 6,000 written
+    assert len(data.public_x) == 6000
+    assert len(data.val_x) == 500  # the config's validation_size
+    assert sum(len(y) for _, _, y in data.clients.values()) == 12000 - 500

@@ -11,6 +11,7 @@ anonymous probe included, shows that the broker speaks MQTT 5.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import ssl
 import threading
@@ -19,7 +20,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from takfl.mqtt.client import MqttSettings
+from takfl.mqtt.client import MqttSettings, tls_context, tls_diagnosis
+
+log = logging.getLogger(__name__)
 
 
 def connack_reason(settings: MqttSettings, timeout: float) -> str | None:
@@ -49,7 +52,13 @@ def connack_reason(settings: MqttSettings, timeout: float) -> str | None:
     client.on_connect = on_connect
     try:
         client.connect(settings.host, settings.port, settings.keepalive_s, clean_start=True)
-    except (OSError, ssl.SSLError):
+    except ssl.SSLError:
+        if settings.tls is not None:  # say why, as the client itself does
+            reason = tls_diagnosis(settings, tls_context(settings.tls))
+            if reason is not None:
+                log.warning(reason)
+        return None
+    except OSError:
         return None
     client.loop_start()
     try:
