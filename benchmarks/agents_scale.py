@@ -89,10 +89,10 @@ from coordinator.registry import REGISTRY_FILE, load_registry
 from coordinator.serve import COORDINATOR_USER, provision, transport_policy, wire_registry
 from coordinator.transport.base import ClientUpdate
 from coordinator.transport.mqtt import GLOBAL_ENCODING, MqttTransport
+from edge_agent.link import AgentIdentity, AgentLink, ReceivedTask
 from takfl.config import ConfigError, load_federation, load_profile
 from takfl.data import PartitionError
 from takfl.federation_data import build_federation_data
-from edge_agent.link import AgentIdentity, AgentLink, ReceivedTask
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.wire.codec import encode_state

@@ -46,13 +46,13 @@ from coordinator.broker import EmbeddedBroker, MosquittoProcess, find_mosquitto,
 from coordinator.broker.mosquitto import write_mosquitto_config
 from coordinator.transport.base import Task
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
+from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
 from takfl.config import load_federation, load_profile, prototype_model
 from takfl.config.base import ModelSpec
 from takfl.config.loader import bundled_names
 from takfl.config.profile import DeviceProfile
 from takfl.data import load_digits
 from takfl.models import build_model, count_parameters, get_entry
-from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
 from takfl.mqtt.blobs import BlobReceiver
 from takfl.mqtt.client import MqttClient, MqttSettings
 from takfl.training import train_local

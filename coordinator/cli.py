@@ -212,6 +212,10 @@ def serve(
     ),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     export: bool = typer.Option(True, help="Export every prototype at the end."),
+    metrics_port: int = typer.Option(
+        None, min=0, max=65535, help="Serve Prometheus metrics on this port (/metrics)."
+    ),
+    metrics_addr: str = typer.Option("0.0.0.0", help="Address the metrics endpoint binds to."),
 ) -> None:
     """Run TAKFL rounds with real agents over MQTT, writing the run directory."""
     from coordinator.inputs import pick_device
@@ -234,6 +238,8 @@ def serve(
         max_wait_s=max_wait,
         wait_all_s=wait_all,
         export=export,
+        metrics_port=metrics_port,
+        metrics_addr=metrics_addr,
     )
     rows: list[tuple[int, dict[str, float]]] = []
     try:
@@ -320,6 +326,23 @@ def status(
                 aid, info.get("prototype", "?"), info.get("state", "?"), info.get("last_seen", "?")
             )
         console.print(table)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run directory (serve, demo or simulate output)."),
+    out: Path = typer.Option(None, help="HTML file to write (default RUN/report.html)."),
+) -> None:
+    """Field-trial report: one self-contained HTML page plus report.json."""
+    from coordinator.report import ReportError, write_report
+
+    if not run.is_dir():
+        raise fail(f"{run} is not a directory; give a run directory")
+    try:
+        html_path, json_path = write_report(run, out)
+    except (ReportError, OSError, ValueError, KeyError) as e:
+        raise fail(f"cannot report on {run}: {e}") from None
+    console.print(f"report: {html_path}  data: {json_path}")
 
 
 @app.command()

@@ -19,9 +19,11 @@ import torch
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.engine import RoundPolicy, RoundResult
+from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, provision_agents
 from coordinator.service import FederationRun, ServeOptions
-from coordinator.store import RunStore
+from coordinator.store import RunStore, RunStoreError
+from coordinator.telemetry_log import TelemetryRecorder
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
 from takfl.federation_data import build_federation_data
@@ -51,6 +53,8 @@ class ServeSettings:
     wait_all_s: float = 60.0  # wait this long for every provisioned agent before round 1...
     wait_agents_s: float = 600.0  # ...and at most this long for one agent per prototype
     export: bool = True
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free)
+    metrics_addr: str = "0.0.0.0"
 
 
 @contextmanager
@@ -155,11 +159,26 @@ def serve(
 ) -> list[RoundResult]:
     """Run the federation to its last round; export every prototype at the end."""
     store = RunStore(run_dir)
+    if store.exists() and not settings.resume:
+        raise RunStoreError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another "
+            "--run-dir"
+        )
     agents_file = settings.agents_file or run_dir / REGISTRY_FILE
     registry = load_registry(agents_file)
     data = build_federation_data(cfg, settings.seed)
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
+    observers: list[FleetObserver] = [TelemetryRecorder(store)]
+    metrics = None
+    if settings.metrics_port is not None:
+        from coordinator.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics([p.name for p in cfg.prototypes])
+        bound = metrics.serve(settings.metrics_port, settings.metrics_addr)
+        report(f"Prometheus metrics on http://{settings.metrics_addr}:{bound}/metrics")
+        observers.append(metrics)
+    observer = Observers(observers)
     with broker_for(settings) as mqtt:
         transport = MqttTransport(
             mqtt,
@@ -168,6 +187,7 @@ def serve(
             num_classes=data.num_classes,
             input_shape=data.input_shape,
             policy=transport_policy(cfg),
+            observer=observer,
         ).start(timeout=30)
         try:
             report(
@@ -186,12 +206,15 @@ def serve(
                 ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
+                observer=observer,
             )
             results = run.run()
             c = transport.counters
             report(f"updates accepted {c.accepted}, refused {dict(c.refused) or 0}")
         finally:
             transport.close()
+            if metrics is not None:
+                metrics.close()
     if settings.export:
         export_run_dir(run_dir, report)
     return results

@@ -18,6 +18,7 @@ import torch
 
 from coordinator.engine import RoundEngine, RoundPolicy, RoundResult
 from coordinator.inputs import prototype_models, server_data
+from coordinator.observe import FleetObserver
 from coordinator.simulate import metrics_line
 from coordinator.store import RunStore, RunStoreError
 from coordinator.transport.base import Transport
@@ -70,6 +71,7 @@ class FederationRun:
         options: ServeOptions,
         on_round: Callable[[RoundResult], None] | None = None,
         on_phase: Callable[[str, int], None] | None = None,
+        observer: FleetObserver | None = None,
     ) -> None:
         self.cfg, self.data, self.store, self.options = cfg, data, store, options
         self.models = prototype_models(cfg)
@@ -84,6 +86,7 @@ class FederationRun:
             on_update=store.save_pending,
         )
         self.on_round = on_round
+        self.observer = observer or FleetObserver()
         self.on_phase = on_phase or (lambda phase, r: None)
         self.completed = 0
         self.state: dict[str, Any] = {}
@@ -134,6 +137,8 @@ class FederationRun:
             resumed = self.store.pending(r)
             self._save_state(phase="collecting", open_round={"id": r, "plan": plan})
             self.on_phase("collecting", r)
+            self.observer.round_started(r, plan)
+            started = time.monotonic()
             res = self.engine.run_round(r, resumed=resumed, plan=plan)
             for name, state in self.engine.globals.items():
                 self.store.save_global(
@@ -148,6 +153,7 @@ class FederationRun:
                 lambdas=res.lambdas,
             )
             self.store.clear_pending(r)
+            self.observer.round_finished(r, time.monotonic() - started)
             results.append(res)
             if self.on_round is not None:
                 self.on_round(res)

@@ -5,6 +5,10 @@
                                             lambdas, accuracies, registered agents
     RUN/models/<prototype>/round-<r>.safetensors
     RUN/metrics.jsonl                       one line per round per prototype
+    RUN/telemetry.jsonl                     one line per event: registrations, presence,
+                                            updates with the agent's telemetry, refusals,
+                                            and a summary per round (coordinator.telemetry_log)
+    RUN/report.html, RUN/report.json        the field-trial report (coordinator.report)
     RUN/pending/round-<r>/<client>.safetensors   accepted updates of the open round
     RUN/exports/
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,9 @@ from takfl.files import atomic_write_bytes
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+TELEMETRY_FILE = "telemetry.jsonl"
+REPORT_HTML = "report.html"
+REPORT_JSON = "report.json"
 MODELS_DIR = "models"
 PENDING_DIR = "pending"
 EXPORTS_DIR = "exports"
@@ -45,6 +53,7 @@ class RunStoreError(RuntimeError):
 class RunStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._append_lock = threading.Lock()  # appends come from more than one thread
 
     # -- paths --------------------------------------------------------------
     def model_path(self, prototype: str, round_id: int) -> Path:
@@ -100,17 +109,32 @@ class RunStore:
         return load_file(str(path))
 
     # -- metrics ------------------------------------------------------------
-    def append_metrics(self, records: list[dict[str, Any]]) -> None:
-        path = self.root / METRICS_FILE
-        old = path.read_bytes() if path.is_file() else b""
-        new = "".join(json.dumps(r) + "\n" for r in records).encode()
-        atomic_write_bytes(path, old + new)
+    def _append_jsonl(self, name: str, records: list[dict[str, Any]]) -> None:
+        """Append JSON lines: the whole new file is written and renamed into place."""
+        path = self.root / name
+        with self._append_lock:
+            old = path.read_bytes() if path.is_file() else b""
+            new = "".join(json.dumps(r) + "\n" for r in records).encode()
+            atomic_write_bytes(path, old + new)
 
-    def metrics(self) -> list[dict[str, Any]]:
-        path = self.root / METRICS_FILE
+    def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        path = self.root / name
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def append_metrics(self, records: list[dict[str, Any]]) -> None:
+        self._append_jsonl(METRICS_FILE, records)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return self._read_jsonl(METRICS_FILE)
+
+    def append_telemetry(self, records: list[dict[str, Any]]) -> None:
+        """Append telemetry events (schema: ``coordinator.telemetry_log``)."""
+        self._append_jsonl(TELEMETRY_FILE, records)
+
+    def telemetry(self) -> list[dict[str, Any]]:
+        return self._read_jsonl(TELEMETRY_FILE)
 
     # -- pending updates of the open round ----------------------------------
     def save_pending(self, upd: ClientUpdate) -> None:

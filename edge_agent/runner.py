@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
+from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
+from edge_agent.telemetry import platform_info, task_telemetry
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
-from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, ReceivedTask
 from takfl.mqtt.client import MqttSettings
 from takfl.training import train_local
+from takfl.wire.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,21 @@ class Agent:
         identity = AgentIdentity(
             agent_id, profile.prototype, secret, profile.name, profile.hardware_class, len(x)
         )
-        self.link = AgentLink(settings, fleet, identity)
+        self.platform = platform_info()
+        self.link = AgentLink(settings, fleet, identity, telemetry=self._registration_telemetry)
+
+    def _registration_telemetry(self) -> Telemetry:
+        sent, received, retries = self.link.traffic()
+        return task_telemetry(
+            self.platform,
+            self.profile.training,
+            train_s=None,
+            samples=0,
+            bytes_sent=sent,
+            bytes_received=received,
+            retries=retries,
+            deadline=None,
+        )
 
     def handle(self, task: ReceivedTask) -> None:
         """Train on one task and send the update; a late task is skipped. (Repeated tasks
@@ -84,6 +100,19 @@ class Agent:
         model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
         result = train_local(model, self.x, self.y, spec, seed=msg.seed)
+        sent, received, retries = self.link.traffic()
+        telemetry = task_telemetry(
+            self.platform,
+            spec,
+            train_s=result.seconds,
+            samples=result.steps * spec.batch_size
+            if result.stopped_early
+            else result.num_samples * spec.epochs,
+            bytes_sent=sent,
+            bytes_received=received,
+            retries=retries,
+            deadline=msg.deadline,
+        )
         header = self.link.send_update(
             task,
             result.state,
@@ -94,6 +123,7 @@ class Agent:
                 "steps": float(result.steps),
                 "peak_rss_mb": peak_rss_mb() or 0.0,
             },
+            telemetry=telemetry,
         )
         warning = over_memory(spec)
         if warning:

@@ -11,8 +11,8 @@ import torch
 
 from coordinator.transport.base import Task
 from coordinator.transport.mqtt import MqttTransport
-from takfl.config.base import ModelSpec
 from edge_agent.link import AgentLink, ReceivedTask
+from takfl.config.base import ModelSpec
 from takfl.wire.chunking import split
 from takfl.wire.messages import BlobRef, Chunk, UpdateHeader, encode_chunk, encode_message
 from takfl.wire.signing import generate_secret, sign

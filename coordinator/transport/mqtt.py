@@ -27,6 +27,7 @@ from types import TracebackType
 
 import torch
 
+from coordinator.observe import FleetObserver
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
@@ -135,7 +136,9 @@ class MqttTransport(Transport):
         policy: TransportPolicy | None = None,
         client_id: str = "takfl-coordinator",
         clock: Callable[[], float] = time.monotonic,
+        observer: FleetObserver | None = None,
     ) -> None:
+        self.observer = observer or FleetObserver()  # telemetry log, metrics
         self.topics = Topics(fleet)
         self.registry = dict(registry)
         self.num_classes = num_classes
@@ -236,6 +239,9 @@ class MqttTransport(Transport):
                     blob, self.policy.global_chunk_size
                 )
         messages = [(t, self._task_message(t, refs[(t.round_id, t.prototype)])) for t in tasks]
+        for (round_id, proto), ref in refs.items():
+            n = sum(1 for t in tasks if (t.round_id, t.prototype) == (round_id, proto))
+            self.observer.tasks_sent(round_id, proto, n, ref.size)
         with self._lock:
             newest = max(t.round_id for t in tasks)
             if newest > self._round:
@@ -323,6 +329,13 @@ class MqttTransport(Transport):
     ) -> None:
         reason = verdict.reason or Refusal.MALFORMED
         self.counters.refused[reason.value] += 1
+        record = self.registry.get(agent)
+        self.observer.refused(
+            agent,
+            record.prototype if record else None,
+            header.round_id if header else None,
+            reason.value,
+        )
         log.warning(
             "refused %s from %s (round %s): %s",
             subject,
@@ -369,6 +382,7 @@ class MqttTransport(Transport):
             self._agents[agent].registration = msg
             self._lock.notify_all()
         self.counters.registrations += 1
+        self.observer.registered(agent, msg.prototype, msg.telemetry)
         self._ack(agent, Ack(subject="register", agent_id=agent, accepted=True))
 
     def _on_status(self, topic: str, payload: bytes) -> None:
@@ -378,10 +392,12 @@ class MqttTransport(Transport):
         except WireError as e:
             log.info("malformed status on %s: %s", topic, e)
             return
+        if agent is None or agent not in self._agents or msg.agent_id != agent:
+            return
         with self._lock:
-            if agent in self._agents and msg.agent_id == agent:
-                self._agents[agent].online = msg.state == "online"
-                self._lock.notify_all()
+            self._agents[agent].online = msg.state == "online"
+            self._lock.notify_all()
+        self.observer.presence(agent, self.registry[agent].prototype, msg.state == "online")
 
     def _on_task_ack(self, topic: str, payload: bytes) -> None:
         agent = self._agent_of(topic)
@@ -535,6 +551,7 @@ class MqttTransport(Transport):
             )
         )
         self.counters.accepted += 1
+        self.observer.accepted(header)
         ack = Ack(
             subject="update",
             agent_id=agent,

@@ -89,6 +89,8 @@ class ClientCounters:
     handler_errors: int = 0
     publish_refused: int = 0  # outbox full
     subscribe_refused: int = 0  # broker refused a subscription (ACL)
+    bytes_sent: int = 0  # payload bytes handed to the broker connection
+    bytes_received: int = 0  # payload bytes of routed messages
 
 
 def backoff_delay(attempt: int, min_s: int, max_s: int, rng: random.Random) -> int:
@@ -169,6 +171,7 @@ class MqttClient:
 
         def enqueue(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             self.counters.received += 1
+            self.counters.bytes_received += len(msg.payload)
             try:
                 self._inbox.put_nowait((handler, msg.topic, bytes(msg.payload), msg.mid, msg.qos))
             except queue.Full:
@@ -278,6 +281,7 @@ class MqttClient:
         While disconnected, QoS > 0 messages wait in the outbox and go out on reconnect.
         """
         info = self._client.publish(topic, payload, qos=self.settings.qos, retain=retain)
+        self.counters.bytes_sent += len(payload)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             self.counters.publish_refused += 1
             log.warning("%s: outbox full, refused a message on %s", self.client_id, topic)
