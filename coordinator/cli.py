@@ -293,12 +293,22 @@ def status(
     broker: str = typer.Option(None, help="Also ask this broker which agents are online."),
     fleet: str = typer.Option(None, help="Fleet name (default: the run's config name)."),
     listen: float = typer.Option(2.0, help="Seconds to collect retained presence messages."),
+    watch: bool = typer.Option(
+        False, help="Live table of the run's agents, round, phase and stragglers (--run-dir)."
+    ),
+    interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes of --watch."),
+    times: int = typer.Option(None, min=1, help="Stop --watch after this many refreshes."),
 ) -> None:
     """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy."""
     from coordinator.status import broker_presence, run_status
 
     if run_dir is None and broker is None:
         raise fail("give --run-dir, --broker, or both")
+    if watch:
+        if run_dir is None:
+            raise fail("--watch reads a run directory: give --run-dir")
+        watch_run(run_dir, interval, times)
+        return
     if run_dir is not None:
         try:
             state, fleet_name = run_status(run_dir)
@@ -326,6 +336,34 @@ def status(
                 aid, info.get("prototype", "?"), info.get("state", "?"), info.get("last_seen", "?")
             )
         console.print(table)
+
+
+def watch_run(run_dir: Path, interval: float, times: int | None) -> None:
+    """Refresh the live table until Ctrl-C (or ``times`` refreshes)."""
+    import time
+
+    from rich.live import Live
+
+    from coordinator.store import RunStoreError
+    from coordinator.watch import render_view, watch_view
+
+    def table() -> Any:
+        try:
+            return render_view(watch_view(run_dir), run_dir)
+        except (RunStoreError, OSError, ValueError) as e:
+            return f"waiting for {run_dir}: {e}"
+
+    done = 0
+    try:
+        with Live(table(), console=console, auto_refresh=False) as live:
+            while times is None or done < times:
+                live.update(table(), refresh=True)
+                done += 1
+                if times is not None and done >= times:
+                    break
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
