@@ -268,13 +268,44 @@ def provision(
         "root (must be able to read the generated files).",
     ),
     fleet: str = typer.Option(None, help="Fleet name (default: config name)."),
+    mosquitto_host: str = typer.Option(
+        "127.0.0.1", help="Address the central Mosquitto listens on (0.0.0.0: every interface)."
+    ),
+    site: list[str] = typer.Option(
+        None,
+        help="A site broker bridged to the central one: NAME (every agent) or "
+        "NAME:PATTERN[,PATTERN] of agent ids (e.g. lab:S-*,M-000). Repeatable.",
+    ),
+    site_port: int = typer.Option(1883, help="Port the site brokers listen on."),
+    site_host: str = typer.Option("0.0.0.0", help="Address the site brokers listen on."),
+    central_host: str = typer.Option(
+        None, help="Address at which site brokers reach the central broker (with --site)."
+    ),
 ) -> None:
-    """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
+    """Create a secret per agent, the registry, and optionally a Mosquitto configuration
+    (and site brokers bridged to it)."""
+    from coordinator.broker.site import SiteError, SiteSpec
     from coordinator.serve import provision as do_provision
+    from coordinator.serve import provision_sites
 
     cfg = load_config_or_exit(config)
+    specs = []
+    if site:
+        if mosquitto_port is None:
+            raise fail("--site needs the central Mosquitto: give --mosquitto-port too")
+        if central_host is None:
+            raise fail("--site needs --central-host: the address sites reach the central broker at")
+        try:
+            specs = [SiteSpec.parse(s) for s in site]
+        except SiteError as e:
+            raise fail(str(e)) from None
     records, files, _ = do_provision(
-        cfg, out, fleet=fleet, mosquitto_port=mosquitto_port, mosquitto_user=mosquitto_user
+        cfg,
+        out,
+        fleet=fleet,
+        mosquitto_port=mosquitto_port,
+        mosquitto_user=mosquitto_user,
+        mosquitto_host=mosquitto_host,
     )
     console.print(
         f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
@@ -285,6 +316,27 @@ def provision(
             f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator and "
             f"of the read-only takfl-monitor for status in {out}/*.password)"
         )
+    if specs and files is not None:
+        try:
+            site_files = provision_sites(
+                cfg,
+                out,
+                files,
+                specs,
+                central_host=central_host,
+                port=site_port,
+                host=site_host,
+                fleet=fleet,
+                run_as=mosquitto_user,
+            )
+        except (SiteError, ValueError) as e:
+            raise fail(str(e)) from None
+        for sf in site_files:
+            console.print(
+                f"site {sf.site}: mosquitto -c {sf.broker.conf}  ({len(sf.agents)} agents "
+                f"connect to it on port {site_port}; it bridges to {central_host}:{files.port} "
+                f"as {sf.bridge_user})"
+            )
 
 
 @app.command()
@@ -391,6 +443,7 @@ def demo(
     deadline: float = typer.Option(90.0, help="Seconds a round waits for its updates."),
     export: bool = typer.Option(False, help="Export the final models (adds a few minutes)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    report: bool = typer.Option(False, help="Write the field-trial report at the end."),
 ) -> None:
     """Embedded broker + coordinator + one agent process per client, a few real rounds."""
     from coordinator.demo import DemoSettings, run_demo
@@ -410,8 +463,13 @@ def demo(
     console.print(accuracy_table(rows, f"{cfg.name} demo over MQTT: test accuracy (%)"))
     console.print(
         f"finished in {__import__('time').monotonic() - t0:.0f}s; run directory "
-        f"{run_dir} (state.json, models/, metrics.jsonl, agents/*.log)"
+        f"{run_dir} (state.json, models/, metrics.jsonl, telemetry.jsonl, agents/*.log)"
     )
+    if report:
+        from coordinator.report import write_report
+
+        html_path, _ = write_report(run_dir)
+        console.print(f"report: {html_path} (open it in a browser; report.json beside it)")
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ import torch
 
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
+from coordinator.broker.net import LOOPBACK
+from coordinator.broker.site import SiteFiles, SiteSpec, write_site_config
 from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, provision_agents
@@ -88,6 +90,7 @@ def provision(
     fleet: str | None = None,
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
+    mosquitto_host: str = LOOPBACK,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
     (password file, per-agent ACL) with a fresh coordinator password."""
@@ -100,6 +103,7 @@ def provision(
             out_dir / "mosquitto",
             fleet=fleet or cfg.name,
             port=mosquitto_port,
+            host=mosquitto_host,
             coordinator=(COORDINATOR_USER, coord_password),
             agents={r.agent_id: mqtt_password(r.secret) for r in records},
             run_as=mosquitto_user,
@@ -109,6 +113,40 @@ def provision(
         for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
             atomic_write_text(out_dir / f"{name}.password", password + "\n", mode=0o600)
     return records, files, coord_password
+
+
+def provision_sites(
+    cfg: FederationConfig,
+    out_dir: Path,
+    central: MosquittoFiles,
+    sites: list[SiteSpec],
+    *,
+    central_host: str,
+    port: int = 1883,
+    host: str = "0.0.0.0",
+    fleet: str | None = None,
+    run_as: str | None = None,
+) -> list[SiteFiles]:
+    """A bridged site broker per site (after :func:`provision` wrote the central one)."""
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ValueError(f"site names must differ: {names}")
+    records = load_registry(out_dir / REGISTRY_FILE)
+    passwords = {a: mqtt_password(r.secret) for a, r in records.items()}
+    return [
+        write_site_config(
+            out_dir,
+            site,
+            fleet=fleet or cfg.name,
+            central=central,
+            central_host=central_host,
+            agent_passwords=passwords,
+            port=port,
+            host=host,
+            run_as=run_as,
+        )
+        for site in sites
+    ]
 
 
 def wait_for_agents(

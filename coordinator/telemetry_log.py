@@ -16,8 +16,10 @@ Every record has ``kind`` and ``time`` (unix seconds, coordinator clock). Kinds:
 
 ``late`` are sampled agents whose update was refused as expired or for a closed round;
 ``missing`` are sampled agents that neither answered nor were late. Everything in a
-record was validated on receipt (telemetry is bounded by its schema), so the log is
-bounded by the number of agents and rounds.
+record was validated on receipt (telemetry is bounded by its schema). The log stays
+bounded by agents x rounds: a registration is written again only when the agent's
+platform changed (an agent re-registers on every reconnect), and at most
+``MAX_REFUSALS`` refusals per agent and round are written (the round record counts all).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from coordinator.observe import LATE_REASONS, FleetObserver
@@ -34,6 +36,7 @@ from takfl.wire.messages import UpdateHeader
 from takfl.wire.telemetry import Telemetry
 
 KINDS = ("register", "presence", "update", "refusal", "round")
+MAX_REFUSALS = 16  # refusal records per agent and round (the round record counts every one)
 
 
 class _Round:
@@ -49,13 +52,15 @@ class _Round:
 class TelemetryRecorder(FleetObserver):
     """Writes the telemetry log of one run as events arrive (thread-safe)."""
 
-    def __init__(self, store: RunStore, clock: Any = time.time) -> None:
+    def __init__(self, store: RunStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
         self._lock = threading.Lock()
         self._round_id = 0
         self._rounds: dict[int, _Round] = {}
         self._online: dict[str, bool] = {}
+        self._platforms: dict[str, Any] = {}  # agent -> platform of its last registration
+        self._refusals: Counter[tuple[int | None, str]] = Counter()  # (round, agent)
 
     def _write(self, kind: str, **fields: Any) -> None:
         self.store.append_telemetry([{"kind": kind, "time": self.clock(), **fields}])
@@ -65,8 +70,12 @@ class TelemetryRecorder(FleetObserver):
 
     # -- FleetObserver ------------------------------------------------------------------------
     def registered(self, agent: str, prototype: str, telemetry: Telemetry | None) -> None:
+        platform = None if telemetry is None else telemetry.platform
         with self._lock:
             round_id = self._round_id
+            if agent in self._platforms and self._platforms[agent] == platform:
+                return
+            self._platforms[agent] = platform
         self._write(
             "register",
             agent_id=agent,
@@ -113,6 +122,9 @@ class TelemetryRecorder(FleetObserver):
                 r.refused[reason] += 1
                 if reason in LATE_REASONS and prototype is not None:
                     r.late[prototype].add(agent)
+            self._refusals[(round_id, agent)] += 1
+            if self._refusals[(round_id, agent)] > MAX_REFUSALS:
+                return
         self._write("refusal", agent_id=agent, prototype=prototype, round=round_id, reason=reason)
 
     def round_started(self, round_id: int, plan: Mapping[str, Sequence[str]]) -> None:
@@ -121,6 +133,8 @@ class TelemetryRecorder(FleetObserver):
             self._rounds[round_id] = _Round(plan)
             for old in [k for k in self._rounds if k < round_id - 1]:
                 del self._rounds[old]  # keep the previous round for its late arrivals
+            for key in [k for k in self._refusals if k[0] is not None and k[0] < round_id - 1]:
+                del self._refusals[key]
 
     def round_finished(self, round_id: int, duration_s: float) -> None:
         with self._lock:

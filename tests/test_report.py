@@ -234,3 +234,27 @@ def test_report_of_a_simulation_run(tmp_path) -> None:  # type: ignore[no-untype
     html = html_path.read_text()
     assert "no agent telemetry" in html and html.count("data:image/png") == 2
     assert render(html_path, tmp_path / "s.png") == []
+
+
+def test_telemetry_log_stays_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Reconnects do not repeat registrations, and a flood of refusals from one agent
+    writes at most MAX_REFUSALS records while the round record counts them all."""
+    from coordinator.telemetry_log import MAX_REFUSALS
+
+    store = RunStore(tmp_path)
+    rec = TelemetryRecorder(store)
+    platform = Telemetry(platform=PlatformInfo(machine="armv7l"))
+    for _ in range(5):
+        rec.registered("S-000", "S", platform)
+    rec.registered("S-000", "S", Telemetry(platform=PlatformInfo(machine="aarch64")))
+    rec.round_started(1, {"S": ["S-000"]})
+    for _ in range(MAX_REFUSALS + 40):
+        rec.refused("S-000", "S", 1, "malformed")
+    rec.round_finished(1, 1.0)
+    events = store.telemetry()
+    kinds = [e["kind"] for e in events]
+    assert kinds.count("register") == 2  # first one, then the changed platform
+    assert kinds.count("refusal") == MAX_REFUSALS
+    (round_rec,) = [e for e in events if e["kind"] == "round"]
+    assert round_rec["refused"] == {"malformed": MAX_REFUSALS + 40}
+    assert round_rec["missing"] == {"S": ["S-000"]}

@@ -188,7 +188,12 @@ def straggler_timeline(
                     "answered": len(answered),
                     "late": len(late_r & sampled),
                     "missing": len(sampled - answered - late_r),
-                    "refused": dict(refusals[r]),
+                    # the round record counts every refusal until the round closed; the
+                    # log (capped per agent) also holds those of late arrivals after it
+                    "refused": {
+                        k: max(int(e.get("refused", {}).get(k, 0)), refusals[r].get(k, 0))
+                        for k in {*e.get("refused", {}), *refusals[r]}
+                    },
                     "duration_s": e.get("duration_s"),
                 }
             )
