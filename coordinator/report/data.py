@@ -298,7 +298,13 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         },
         "lambdas": lambda_grids(metrics),
         "devices": device_stats(events),
-        "agents": agent_table(events),
+        "agents": sorted(
+            agent_table(events),
+            key=lambda a: (
+                prototypes.index(a["prototype"]) if a["prototype"] in prototypes else 99,
+                a["agent_id"],
+            ),
+        ),
         "stragglers": straggler_timeline(events, metrics),
         "traffic": traffic(events),
         "exports": export_rows(run),
