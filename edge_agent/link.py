@@ -31,6 +31,7 @@ from types import TracebackType
 
 import torch
 
+from edge_agent.retries import MEMORY, UpdateRetries
 from takfl.config.profile import HardwareClass
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 
 COORDINATOR = "coordinator"  # blob source name of the coordinator
 REGISTER_KEY = "register"  # key of the registration ack in wait_ack
-MEMORY = 256  # task keys and acks remembered (oldest forgotten first)
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,6 @@ class LinkCounters:
     header_retries: int = 0
 
 
-@dataclass
-class _Outgoing:
-    header: UpdateHeader
-    last_sent: float
-    deadline: float  # unix time
-
-
 class AgentLink:
     """One agent's connection to the coordinator (see the module docstring)."""
 
@@ -119,6 +112,7 @@ class AgentLink:
         *,
         policy: LinkPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         telemetry: Callable[[], Telemetry] | None = None,
     ) -> None:
         check_ident(identity.agent_id, "agent id")
@@ -127,6 +121,7 @@ class AgentLink:
         self.policy = policy or LinkPolicy()
         self.topics = Topics(fleet)
         self.clock = clock
+        self.wall_clock = wall_clock
         self.counters = LinkCounters()
         me = identity.agent_id
         offline = Status(agent_id=me, state="offline", time=0.0)
@@ -138,11 +133,14 @@ class AgentLink:
         self._waiting: dict[str, list[TaskMessage]] = {}  # global digest -> tasks needing it
         self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()  # (round, global digest)
         self._ready: queue.Queue[ReceivedTask] = queue.Queue(maxsize=self.policy.max_tasks)
-        self._outgoing: dict[str, _Outgoing] = {}
-        # Updates already sent, by (round, global digest): a task repeated by a coordinator
-        # that restarted mid-round is answered with the same update, not trained again.
-        self._answered: OrderedDict[tuple[int, str], tuple[UpdateHeader, float]] = OrderedDict()
-        self._acks: OrderedDict[str, Ack] = OrderedDict()
+        # Unacknowledged headers and updates already sent, by (round, global digest): a task
+        # repeated by a coordinator that restarted mid-round is answered with the same update.
+        self.retries = UpdateRetries(
+            ack_timeout_s=self.policy.ack_timeout_s,
+            max_answered=self.policy.max_sent_blobs,
+            clock=clock,
+            wall_clock=wall_clock,
+        )
         self._cond = threading.Condition()
         self._global: GlobalAnnouncement | None = None  # latest of this agent's prototype
         self.client.route(self.topics.down(me, Down.TASK), self._on_task)
@@ -160,7 +158,7 @@ class AgentLink:
 
     def close(self) -> None:
         me = self.identity.agent_id
-        offline = Status(agent_id=me, state="offline", time=time.time())
+        offline = Status(agent_id=me, state="offline", time=self.wall_clock())
         self.client.stop(final=(self.topics.up(me, Up.STATUS), encode_message(offline)))
 
     def __enter__(self) -> AgentLink:
@@ -183,7 +181,7 @@ class AgentLink:
             profile=i.profile,
             hardware_class=i.hardware_class,
             num_samples=i.num_samples,
-            sent_at=time.time(),
+            sent_at=self.wall_clock(),
             telemetry=self.telemetry() if self.telemetry is not None else None,
         )
         return sign(reg, i.secret)
@@ -231,11 +229,7 @@ class AgentLink:
         header = prepared.header
         self.sender.keep(prepared.blob, header.blob.chunk_size)
         with self._cond:
-            self._acks.pop(header.blob.digest, None)  # wait_ack waits for the answer to this send
-            self._outgoing[header.blob.digest] = _Outgoing(header, self.clock(), deadline)
-            self._answered[(header.round_id, header.base_digest)] = (header, deadline)
-            while len(self._answered) > self.policy.max_sent_blobs:
-                self._answered.popitem(last=False)
+            self.retries.sent(header, deadline)
         me = self.identity.agent_id
         self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
         self.sender.publish(self.topics.up(me, Up.CHUNK), header.blob.digest, chunk_indices)
@@ -259,19 +253,19 @@ class AgentLink:
     def wait_ack(self, key: str, timeout: float) -> Ack | None:
         """The coordinator's ack of an update (key: blob digest) or of the registration
         (key: ``REGISTER_KEY``), or None after ``timeout`` s."""
-        end = time.monotonic() + timeout
+        end = self.clock() + timeout
         with self._cond:
-            while key not in self._acks:
-                left = end - time.monotonic()
+            while (ack := self.retries.ack(key)) is None:
+                left = end - self.clock()
                 if left <= 0:
                     return None
                 self._cond.wait(left)
-            return self._acks[key]
+            return ack
 
     # -- handlers (dispatcher thread) -----------------------------------------------------------
     def _announce(self) -> None:
         me = self.identity.agent_id
-        online = Status(agent_id=me, state="online", time=time.time())
+        online = Status(agent_id=me, state="online", time=self.wall_clock())
         self.client.publish(self.topics.up(me, Up.STATUS), encode_message(online), retain=True)
         self.client.publish(
             self.topics.up(me, Up.REGISTER), encode_message(self.registration()), retain=True
@@ -330,12 +324,9 @@ class AgentLink:
     def _answer_again(self, key: tuple[int, str]) -> None:
         """Re-announce the update already sent for a repeated task, if its blob is kept."""
         with self._cond:
-            answered = self._answered.get(key)
-            if answered is None:
-                return
-            header, deadline = answered
-            self._acks.pop(header.blob.digest, None)
-            self._outgoing[header.blob.digest] = _Outgoing(header, self.clock(), deadline)
+            header = self.retries.answer_for(key)
+        if header is None:
+            return
         me = self.identity.agent_id
         log.info("%s: task of round %d repeated; sending the same update again", me, key[0])
         self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
@@ -411,10 +402,7 @@ class AgentLink:
                 ack.detail,
             )
         with self._cond:
-            self._outgoing.pop(key, None)
-            self._acks[key] = ack
-            if len(self._acks) > MEMORY:
-                self._acks.popitem(last=False)
+            self.retries.acknowledged(key, ack)
             self._cond.notify_all()
 
     def _tick(self) -> None:
@@ -426,12 +414,8 @@ class AgentLink:
             log.warning(
                 "%s: global model %s timed out; %d task(s) dropped", me, digest[:12], len(dropped)
             )
-        now, wall = self.clock(), time.time()
         with self._cond:
-            for digest, out in list(self._outgoing.items()):
-                if wall > out.deadline:
-                    del self._outgoing[digest]
-                elif now - out.last_sent >= self.policy.ack_timeout_s:
-                    out.last_sent = now
-                    self.counters.header_retries += 1
-                    self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(out.header))
+            due = self.retries.due()
+        self.counters.header_retries += len(due)
+        for header in due:
+            self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
