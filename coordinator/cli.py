@@ -359,7 +359,9 @@ def status(
     if watch:
         if run_dir is None:
             raise fail("--watch reads a run directory: give --run-dir")
-        watch_run(run_dir, interval, times)
+        from coordinator.watch import watch_run
+
+        watch_run(run_dir, interval, times, console)
         return
     if run_dir is not None:
         try:
@@ -388,34 +390,6 @@ def status(
                 aid, info.get("prototype", "?"), info.get("state", "?"), info.get("last_seen", "?")
             )
         console.print(table)
-
-
-def watch_run(run_dir: Path, interval: float, times: int | None) -> None:
-    """Refresh the live table until Ctrl-C (or ``times`` refreshes)."""
-    import time
-
-    from rich.live import Live
-
-    from coordinator.store import RunStoreError
-    from coordinator.watch import render_view, watch_view
-
-    def table() -> Any:
-        try:
-            return render_view(watch_view(run_dir), run_dir)
-        except (RunStoreError, OSError, ValueError) as e:
-            return f"waiting for {run_dir}: {e}"
-
-    done = 0
-    try:
-        with Live(table(), console=console, auto_refresh=False) as live:
-            while times is None or done < times:
-                live.update(table(), refresh=True)
-                done += 1
-                if times is not None and done >= times:
-                    break
-                time.sleep(interval)
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()

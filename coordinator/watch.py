@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.observe import LATE_REASONS
-from coordinator.store import RunStore
+from coordinator.store import RunStore, RunStoreError
 
 
 @dataclass(kw_only=True)
@@ -115,3 +115,26 @@ def render_view(view: WatchView, run_dir: Path) -> Any:
             "-" if a.peak_rss_mb is None else f"{a.peak_rss_mb:.0f}",
         )
     return table
+
+
+def watch_run(run_dir: Path, interval: float, times: int | None, console: Any) -> None:
+    """Refresh the live table on ``console`` until Ctrl-C (or ``times`` refreshes)."""
+    from rich.live import Live
+
+    def table() -> Any:
+        try:
+            return render_view(watch_view(run_dir), run_dir)
+        except (RunStoreError, OSError, ValueError) as e:
+            return f"waiting for {run_dir}: {e}"
+
+    done = 0
+    try:
+        with Live(table(), console=console, auto_refresh=False) as live:
+            while times is None or done < times:
+                live.update(table(), refresh=True)
+                done += 1
+                if times is not None and done >= times:
+                    break
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
