@@ -131,8 +131,9 @@ def render_html(rep: dict[str, Any]) -> str:
         f"<style>{CSS}</style></head><body>",
         f"<h1>Field-trial report: {escape(rep['config'] or rep['run'])}</h1>",
         f'<p class="meta">run <code>{escape(rep["run"])}</code> · algorithm '
-        f"<b>{escape(main)}</b> · {rep['rounds']} round(s) · phase {escape(str(rep['phase']))}"
-        f" · generated {escape(rep['generated'])}</p>",
+        f"<b>{escape(main)}</b> · {rep['rounds']} round(s)"
+        + (f" · phase {escape(str(rep['phase']))}" if rep["phase"] else "")
+        + f" · generated {escape(rep['generated'])}</p>",
         _cards(rep),
         "<h2>Test accuracy per tier</h2>",
         _img(plots.accuracy_plot(rep["accuracy"], main), "accuracy per round", "no rounds"),
