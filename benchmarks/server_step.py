@@ -40,6 +40,7 @@ from takfl.config import load_federation, prototype_training
 from takfl.distill import kd_loss
 from takfl.federation_data import build_federation_data
 from takfl.models import build_model
+from takfl.robust import make_aggregator
 from takfl.server import EvalData, PrototypeInput, server_step
 from takfl.task_arithmetic import merge, simplex_candidates, task_vector
 from takfl.training import predict_logits, train_local
@@ -74,7 +75,8 @@ def aggregate(cfg, clients, models, data, device, keep: bool):  # type: ignore[n
         scratch = build_model(spec.builder, data.num_classes, data.input_shape, **spec.args).to(
             device
         )
-        col = _Collector(keep)
+        reference = {k: v.detach().clone() for k, v in scratch.state_dict().items()}
+        col = _Collector(make_aggregator(cfg.aggregation), reference, keep)
         for state, n in clients[p.name]:
             col.fedavg.add(state, float(n))
             scratch.load_state_dict(state)

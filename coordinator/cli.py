@@ -268,6 +268,12 @@ def provision(
         "root (must be able to read the generated files).",
     ),
     fleet: str = typer.Option(None, help="Fleet name (default: config name)."),
+    max_samples: int = typer.Option(
+        None,
+        min=1,
+        help="Most training samples any agent may claim (its FedAvg weight); "
+        "default: what the agent's first registration says.",
+    ),
     mosquitto_host: str = typer.Option(
         "127.0.0.1", help="Address the central Mosquitto listens on (0.0.0.0: every interface)."
     ),
@@ -285,6 +291,7 @@ def provision(
     """Create a secret per agent, the registry, and optionally a Mosquitto configuration
     (and site brokers bridged to it)."""
     from coordinator.broker.site import SiteError, SiteSpec
+    from coordinator.registry import RegistryError
     from coordinator.serve import provision as do_provision
     from coordinator.serve import provision_sites
 
@@ -299,14 +306,18 @@ def provision(
             specs = [SiteSpec.parse(s) for s in site]
         except SiteError as e:
             raise fail(str(e)) from None
-    records, files, _ = do_provision(
-        cfg,
-        out,
-        fleet=fleet,
-        mosquitto_port=mosquitto_port,
-        mosquitto_user=mosquitto_user,
-        mosquitto_host=mosquitto_host,
-    )
+    try:
+        records, files, _ = do_provision(
+            cfg,
+            out,
+            fleet=fleet,
+            mosquitto_port=mosquitto_port,
+            mosquitto_user=mosquitto_user,
+            max_samples=max_samples,
+            mosquitto_host=mosquitto_host,
+        )
+    except RegistryError as e:
+        raise fail(str(e)) from None
     console.print(
         f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
         f"{out / 'secrets'} (copy each to its device, mode 600)"

@@ -19,9 +19,8 @@ from torch import nn
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.config import FederationConfig, prototype_training
 from takfl.config.base import ModelSpec
-from takfl.fedavg import FedAvgAccumulator
-from takfl.logits import MeanLogits
 from takfl.models import build_model
+from takfl.robust import Aggregator, LogitsAccumulator, StateAccumulator, make_aggregator
 from takfl.server import EvalData, PrototypeInput, server_step
 from takfl.training import accuracy, predict_logits
 
@@ -58,16 +57,27 @@ class RoundResult:
     sampled: dict[str, int]
     timings: dict[str, float]
     info: dict[str, dict[str, float]] = field(default_factory=dict)
+    # prototype -> why its new model was discarded and the previous global kept
+    kept_previous: dict[str, str] = field(default_factory=dict)
 
 
 class _Collector:
-    """Streaming state of one round for one prototype: FedAvg sums and teacher logits."""
+    """State of one round for one prototype: the aggregate of the client weights and of
+    their teacher logits (streaming for FedAvg, per client for the robust methods)."""
 
-    def __init__(self, keep_client_logits: bool) -> None:
-        self.fedavg = FedAvgAccumulator()
-        self.logits = MeanLogits()
+    def __init__(self, aggregator: Aggregator, reference: State, keep_client_logits: bool) -> None:
+        self.fedavg: StateAccumulator = aggregator.states(reference)
+        self.logits: LogitsAccumulator = aggregator.logits()
         self.client_logits: list[torch.Tensor] = []
         self.keep = keep_client_logits
+
+
+def non_finite_entry(state: State) -> str | None:
+    """Name of the first floating entry of ``state`` holding NaN or inf, else None."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def sample_clients(
@@ -95,7 +105,10 @@ class RoundEngine:
         policy: RoundPolicy | None = None,
         on_update: Callable[[ClientUpdate], None] | None = None,
         clock: Callable[[], float] = time.time,
+        weight_cap: Callable[[str], int | None] | None = None,
     ) -> None:
+        """``weight_cap(client)``: the most samples (FedAvg weight) a client may count for,
+        None for no cap; weights above it are clipped to it."""
         self.cfg = cfg
         self.algorithm = algorithm or cfg.algorithm.name
         self.models = models
@@ -106,6 +119,8 @@ class RoundEngine:
         self.policy = policy or RoundPolicy()
         self.on_update = on_update
         self.clock = clock
+        self.weight_cap = weight_cap or (lambda client: None)
+        self.aggregator = make_aggregator(cfg.aggregation)
         self.scratch: dict[str, nn.Module] = {}
         self.globals: dict[str, State] = {}
         for i, p in enumerate(cfg.prototypes):
@@ -150,17 +165,39 @@ class RoundEngine:
         return out
 
     # -- collection ---------------------------------------------------------
-    def absorb(self, upd: ClientUpdate, col: _Collector) -> None:
-        """Fold one update into the round's aggregates; the client model is then dropped."""
-        col.fedavg.add(upd.state, float(upd.num_samples))
+    def weight(self, upd: ClientUpdate) -> float | None:
+        """The update's aggregation weight: its sample count clipped to the client's cap;
+        None (refuse it) for a count below one."""
+        if upd.num_samples < 1:
+            return None
+        cap = self.weight_cap(upd.client_id)
+        if cap is not None and upd.num_samples > cap:
+            log.warning(
+                "%s claims %d samples; weight clipped to its allowance %d",
+                upd.client_id,
+                upd.num_samples,
+                cap,
+            )
+            return float(cap)
+        return float(upd.num_samples)
+
+    def absorb(self, upd: ClientUpdate, col: _Collector) -> bool:
+        """Fold one update into the round's aggregates (the client model is then dropped
+        unless the aggregator keeps it); False if it cannot count."""
+        weight = self.weight(upd)
+        if weight is None:
+            log.warning("ignoring update of %s: %d samples", upd.client_id, upd.num_samples)
+            return False
+        col.fedavg.add(upd.state, weight)
         if self.algorithm == "fedavg":
-            return  # no distillation: teacher logits would go unused
+            return True  # no distillation: teacher logits would go unused
         model = self.scratch[upd.prototype]
         model.load_state_dict(upd.state)
         logits = predict_logits(model, self.data.public_x)
         col.logits.add(logits)
         if col.keep:
             col.client_logits.append(logits)
+        return True
 
     def _quorum_met(self, plan: dict[str, list[str]], got: dict[str, set[str]]) -> bool:
         return all(
@@ -203,7 +240,9 @@ class RoundEngine:
                 self.rejected += 1
                 log.info("ignoring update from %s for round %d", upd.client_id, upd.round_id)
                 continue
-            self.absorb(upd, collectors[upd.prototype])
+            if not self.absorb(upd, collectors[upd.prototype]):
+                self.rejected += 1
+                continue
             got[upd.prototype].add(upd.client_id)
             if self.on_update is not None:
                 self.on_update(upd)
@@ -222,29 +261,39 @@ class RoundEngine:
         t0 = time.perf_counter()
         plan = plan if plan is not None else self.plan(round_id)
         keep = self.algorithm == "fedet"
-        collectors = {p: _Collector(keep) for p in plan}
+        collectors = {p: _Collector(self.aggregator, self.globals[p], keep) for p in plan}
         got: dict[str, set[str]] = {p: set() for p in plan}
         for upd in resumed or []:
-            if upd.prototype in plan and upd.client_id in plan[upd.prototype]:
-                self.absorb(upd, collectors[upd.prototype])
+            wanted = upd.prototype in plan and upd.client_id in plan[upd.prototype]
+            if wanted and self.absorb(upd, collectors[upd.prototype]):
                 got[upd.prototype].add(upd.client_id)
         todo = [t for t in self.tasks(round_id, plan) if t.client_id not in got[t.prototype]]
         self.transport.send_tasks(todo)
         self.collect(round_id, plan, collectors, got)
         timings["collect_s"] = time.perf_counter() - t0
 
+        kept: dict[str, str] = {}
         protos = []
         for p in self.cfg.prototypes:
             col = collectors[p.name]
             has = col.fedavg.count > 0
+            avg = col.fedavg.result() if has else self.globals[p.name]
+            bad = non_finite_entry(avg)
+            if bad is not None:
+                kept[p.name] = f"aggregate has NaN/inf in {bad}"
+                avg = self.globals[p.name]
+            teacher = col.logits.mean() if has and col.logits.count and bad is None else None
+            if teacher is not None and not bool(torch.isfinite(teacher).all()):
+                kept[p.name] = "teacher logits have NaN/inf; prototype left out as a teacher"
+                teacher = None
             protos.append(
                 PrototypeInput(
                     p.name,
                     self.scratch[p.name],
-                    col.fedavg.result() if has else self.globals[p.name],
-                    col.logits.mean() if has and col.logits.count else None,
-                    col.logits.count,
-                    col.client_logits,
+                    avg,
+                    teacher,
+                    col.logits.count if teacher is not None else 0,
+                    col.client_logits if teacher is not None else [],
                 )
             )
         d = self.data
@@ -259,11 +308,18 @@ class RoundEngine:
         t1 = time.perf_counter()
         acc = {}
         for name, out in outputs.items():
-            self.globals[name] = out.state
+            bad = non_finite_entry(out.state)
+            if bad is None:
+                self.globals[name] = out.state
+            else:
+                kept[name] = (
+                    f"{self.algorithm} server step gave NaN/inf in {bad}; previous global kept"
+                )
+                log.warning("round %d, prototype %s: %s", round_id, name, kept[name])
             model = self.scratch[name]
-            model.load_state_dict(out.state)
+            model.load_state_dict(self.globals[name])
             acc[name] = accuracy(model, d.test_x, d.test_y)
-            self.transport.publish_global(round_id, name, out.state)
+            self.transport.publish_global(round_id, name, self.globals[name])
         timings["eval_s"] = time.perf_counter() - t1
         return RoundResult(
             round_id,
@@ -273,4 +329,5 @@ class RoundEngine:
             {p: len(ids) for p, ids in plan.items()},
             timings,
             {n: o.info for n, o in outputs.items()},
+            kept,
         )

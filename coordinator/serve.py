@@ -22,8 +22,14 @@ from coordinator.broker.net import LOOPBACK
 from coordinator.broker.site import SiteFiles, SiteSpec, write_site_config
 from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.observe import FleetObserver, Observers
-from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry, provision_agents
-from coordinator.service import FederationRun, ServeOptions
+from coordinator.registry import (
+    REGISTRY_FILE,
+    AgentRecord,
+    AllowanceBook,
+    load_registry,
+    provision_agents,
+)
+from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore, RunStoreError
 from coordinator.telemetry_log import TelemetryRecorder
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
@@ -74,13 +80,17 @@ def broker_for(settings: ServeSettings) -> Iterator[MqttSettings]:
 
 
 def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
-    return {a: validation.AgentRecord(a, r.prototype, r.secret) for a, r in records.items()}
+    return {
+        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        for a, r in records.items()
+    }
 
 
 def transport_policy(cfg: FederationConfig) -> TransportPolicy:
-    """Each prototype's agents encode updates as their device profile says."""
+    """Each prototype's agents encode updates as their device profile says; updates are
+    bounded as the config's intake section says."""
     comms = {p.name: prototype_profile(cfg, p.name).comms for p in cfg.prototypes}
-    return TransportPolicy(comms_by_prototype=comms)
+    return TransportPolicy(comms_by_prototype=comms, bounds=update_bounds(cfg))
 
 
 def provision(
@@ -90,11 +100,13 @@ def provision(
     fleet: str | None = None,
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
+    max_samples: int | None = None,
     mosquitto_host: str = LOOPBACK,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
-    (password file, per-agent ACL) with a fresh coordinator password."""
-    records = provision_agents(cfg, out_dir)
+    (password file, per-agent ACL) with a fresh coordinator password. ``max_samples``
+    caps each agent's claimed sample count (None: its first registration pins it)."""
+    records = provision_agents(cfg, out_dir, max_samples=max_samples)
     coord_password = secrets.token_hex(16)
     files = None
     if mosquitto_port is not None:
@@ -217,6 +229,7 @@ def serve(
         report(f"Prometheus metrics on http://{settings.metrics_addr}:{bound}/metrics")
         observers.append(metrics)
     observer = Observers(observers)
+    allowances = AllowanceBook(agents_file, registry)
     with broker_for(settings) as mqtt:
         transport = MqttTransport(
             mqtt,
@@ -225,15 +238,13 @@ def serve(
             num_classes=data.num_classes,
             input_shape=data.input_shape,
             policy=transport_policy(cfg),
+            on_allowance=allowances.pin,
             observer=observer,
         ).start(timeout=30)
         try:
             report(
                 f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
                 f"{len(registry)} provisioned agents, run dir {run_dir}"
-            )
-            wait_for_agents(
-                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             run = FederationRun(
                 cfg,
@@ -244,7 +255,12 @@ def serve(
                 ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
+                registry=transport.registry,
                 observer=observer,
+            )
+            run.prepare()  # a bad run directory fails here, before waiting for agents
+            wait_for_agents(
+                transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             results = run.run()
             c = transport.counters

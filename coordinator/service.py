@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +21,11 @@ from coordinator.inputs import prototype_models, server_data
 from coordinator.observe import FleetObserver
 from coordinator.simulate import metrics_line
 from coordinator.store import RunStore, RunStoreError
-from coordinator.transport.base import Transport
+from coordinator.transport.base import ClientUpdate, Transport
 from takfl.checkpoint import CheckpointMeta
 from takfl.config import FederationConfig
 from takfl.federation_data import FederationData
+from takfl.wire.validation import AgentRecord, UpdateBounds, check_stored_update
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,19 @@ def checkpoint_meta(
     )
 
 
+def update_bounds(cfg: FederationConfig) -> UpdateBounds:
+    """The config's bound on update norms, relative to each prototype's global model."""
+    return UpdateBounds(norm_factor=cfg.intake.max_norm_factor, norm_floor=cfg.intake.norm_floor)
+
+
 class FederationRun:
-    """Owns the engine and the run directory for one federation."""
+    """Owns the engine and the run directory for one federation.
+
+    ``registry`` (agent id -> record; the live mapping of the transport, so allowances
+    pinned at registration count) decides which planned agents may still take part and
+    caps their weights; updates persisted before a restart are checked against it again.
+    None (virtual clients) checks only their content.
+    """
 
     def __init__(
         self,
@@ -71,9 +83,12 @@ class FederationRun:
         options: ServeOptions,
         on_round: Callable[[RoundResult], None] | None = None,
         on_phase: Callable[[str, int], None] | None = None,
+        registry: Mapping[str, AgentRecord] | None = None,
         observer: FleetObserver | None = None,
     ) -> None:
         self.cfg, self.data, self.store, self.options = cfg, data, store, options
+        self.registry = registry
+        self.bounds = update_bounds(cfg)
         self.models = prototype_models(cfg)
         self.engine = RoundEngine(
             cfg,
@@ -84,20 +99,41 @@ class FederationRun:
             seed=options.seed,
             policy=options.policy,
             on_update=store.save_pending,
+            weight_cap=self._weight_cap,
         )
         self.on_round = on_round
         self.observer = observer or FleetObserver()
         self.on_phase = on_phase or (lambda phase, r: None)
         self.completed = 0
+        self.prepared = False
         self.state: dict[str, Any] = {}
+
+    def _weight_cap(self, client: str) -> int | None:
+        record = self.registry.get(client) if self.registry is not None else None
+        return record.max_samples if record is not None else None
+
+    def prepare(self) -> None:
+        """Create the run directory, or load (and check) the one to resume; ``run`` calls
+        it when the caller has not. Raises :class:`RunStoreError` on a bad run directory."""
+        if self.prepared:
+            return
+        self._prepare()
+        self.prepared = True
 
     def _prepare(self) -> None:
         if self.options.resume and self.store.exists():
             self.state = self.store.read_state()
             self.completed = int(self.state["round"])
+            digests = self.state.get("checkpoints", {})
             if self.completed > 0:
                 for p in self.cfg.prototypes:
-                    self.engine.globals[p.name] = self.store.load_global(p.name, self.completed)
+                    self.engine.globals[p.name] = self.store.load_global(
+                        p.name, self.completed, digests.get(p.name)
+                    )
+            if self.state.get("round_metrics") is not None:
+                # the round's metrics went with the state; a kill before (or during) the
+                # metrics write is repaired here, and a repeat changes nothing
+                self.store.commit_metrics(self.completed, self.state["round_metrics"])
             log.info("resuming after round %d", self.completed)
             return
         if self.store.exists() and not self.options.resume:
@@ -107,9 +143,10 @@ class FederationRun:
             )
         self.store.root.mkdir(parents=True, exist_ok=True)
         self.store.write_config(self.cfg)
+        digests = {}
         for p in self.cfg.prototypes:
             meta = checkpoint_meta(self.cfg, self.data, self.models, p.name, 0)
-            self.store.save_global(meta, self.engine.globals[p.name])
+            digests[p.name] = self.store.save_global(meta, self.engine.globals[p.name])
         self.state = {
             "round": 0,
             "phase": "starting",
@@ -119,6 +156,7 @@ class FederationRun:
             "accuracy": {},
             "lambdas": {},
             "open_round": None,
+            "checkpoints": digests,
         }
         self.store.write_state(self.state)
 
@@ -126,32 +164,86 @@ class FederationRun:
         self.state.update(changes, updated=time.time())
         self.store.write_state(self.state)
 
+    def _known(self, plan: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The plan without agents that are no longer provisioned (or moved prototype)."""
+        if self.registry is None:
+            return plan
+        out = {}
+        for proto, ids in plan.items():
+            keep = [a for a in ids if a in self.registry and self.registry[a].prototype == proto]
+            for a in sorted(set(ids) - set(keep)):
+                log.warning("leaving %s out of the round: no longer provisioned for %s", a, proto)
+            out[proto] = keep
+        return out
+
+    def _resumed(self, round_id: int) -> list[ClientUpdate]:
+        """Persisted updates of ``round_id`` that still validate; the others are skipped
+        with their reason logged."""
+        out = []
+        for upd in self.store.pending(round_id):
+            reference = self.engine.globals.get(upd.prototype)
+            if reference is None:
+                log.warning(
+                    "skipping persisted update of %s: unknown prototype %r",
+                    upd.client_id,
+                    upd.prototype,
+                )
+                continue
+            verdict = check_stored_update(
+                upd.client_id,
+                upd.prototype,
+                upd.num_samples,
+                upd.state,
+                reference,
+                self.registry,
+                bounds=self.bounds,
+            )
+            if not verdict.accepted:
+                log.warning(
+                    "skipping persisted update of %s (round %d): %s",
+                    upd.client_id,
+                    round_id,
+                    verdict,
+                )
+                continue
+            out.append(upd)
+        return out
+
     def run(self) -> list[RoundResult]:
-        self._prepare()
+        self.prepare()
         results = []
         for r in range(self.completed + 1, self.options.rounds + 1):
             open_round = self.state.get("open_round")
             plan = open_round["plan"] if open_round and open_round.get("id") == r else None
             if plan is None:
                 plan = self.engine.plan(r)
-            resumed = self.store.pending(r)
+            plan = self._known(plan)
+            resumed = self._resumed(r)
             self._save_state(phase="collecting", open_round={"id": r, "plan": plan})
             self.on_phase("collecting", r)
             self.observer.round_started(r, plan)
             started = time.monotonic()
             res = self.engine.run_round(r, resumed=resumed, plan=plan)
-            for name, state in self.engine.globals.items():
-                self.store.save_global(
+            digests = {
+                name: self.store.save_global(
                     checkpoint_meta(self.cfg, self.data, self.models, name, r), state
                 )
-            self.store.append_metrics(metrics_line(self.engine.algorithm, self.options.seed, res))
+                for name, state in self.engine.globals.items()
+            }
+            records = metrics_line(self.engine.algorithm, self.options.seed, res)
+            # the state is the commit point: it carries the checkpoints' digests and the
+            # round's metrics, which metrics.jsonl then receives (again on resume if a
+            # kill falls in between)
             self._save_state(
                 round=r,
                 phase="round complete",
                 open_round=None,
                 accuracy=res.accuracy,
                 lambdas=res.lambdas,
+                checkpoints=digests,
+                round_metrics=records,
             )
+            self.store.commit_metrics(r, records)
             self.store.clear_pending(r)
             self.observer.round_finished(r, time.monotonic() - started)
             results.append(res)

@@ -54,6 +54,7 @@ def metrics_line(algorithm: str, seed: int, res: RoundResult) -> list[dict[str, 
             "sampled": res.sampled.get(proto, 0),
             "timings": res.timings,
             "info": res.info.get(proto, {}),
+            "kept_previous": res.kept_previous.get(proto),  # why the new model was discarded
         }
         for proto, acc in res.accuracy.items()
     ]

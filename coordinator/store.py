@@ -2,7 +2,8 @@
 
     RUN/config.yaml                         the federation config the run uses
     RUN/state.json                          last completed round, plan of the current one,
-                                            lambdas, accuracies, registered agents
+                                            lambdas, accuracies, the SHA-256 of each
+                                            prototype's checkpoint, the round's metrics
     RUN/models/<prototype>/round-<r>.safetensors
     RUN/metrics.jsonl                       one line per round per prototype
     RUN/telemetry.jsonl                     one line per event: registrations, presence,
@@ -14,12 +15,17 @@
 
 Every write goes to a temporary file in the same folder and is renamed into
 place, so a coordinator killed at any point leaves either the old or the new
-file, never half of one.
+file, never half of one. A round is committed by writing ``state.json`` (which
+carries the round's metrics records); ``metrics.jsonl`` is then brought in line
+with it, idempotently per (round, prototype), and again on resume, so the two
+never disagree after a restart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -27,13 +33,15 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, load_file
 
 from coordinator.transport.base import ClientUpdate
 from takfl.checkpoint import CheckpointMeta, save_checkpoint
 from takfl.config import FederationConfig
 from takfl.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -97,18 +105,81 @@ class RunStore:
         return self.root / CONFIG_FILE
 
     # -- models -------------------------------------------------------------
-    def save_global(self, meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> Path:
-        path = self.model_path(meta.prototype, meta.round)
-        save_checkpoint(path, state, meta)
-        return path
+    def save_global(self, meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> str:
+        """Write the prototype's checkpoint of ``meta.round``; returns its SHA-256 (hex),
+        to be recorded in the run state."""
+        return save_checkpoint(self.model_path(meta.prototype, meta.round), state, meta)
 
-    def load_global(self, prototype: str, round_id: int) -> dict[str, torch.Tensor]:
+    def load_global(
+        self, prototype: str, round_id: int, sha256: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The checkpoint, checked: its SHA-256 equal to ``sha256`` (the digest the run
+        state recorded; None for runs from before digests were kept), readable, every
+        floating value finite. Anything else is a :class:`RunStoreError` naming the file."""
         path = self.model_path(prototype, round_id)
         if not path.is_file():
             raise RunStoreError(f"missing global model {path}")
-        return load_file(str(path))
+        data = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise RunStoreError(
+                f"{path} does not match the SHA-256 recorded in {STATE_FILE} (corrupt, "
+                "truncated or replaced); restore it from a backup or start a new run"
+            )
+        try:
+            state = load(data)
+        except (SafetensorError, ValueError) as e:
+            raise RunStoreError(f"{path} is not a readable checkpoint ({e})") from e
+        for name, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise RunStoreError(f"{path}: tensor {name} holds NaN or inf; refusing to resume")
+        return state
 
     # -- metrics ------------------------------------------------------------
+    def commit_metrics(self, round_id: int, records: list[dict[str, Any]]) -> None:
+        """Make ``metrics.jsonl`` hold ``records`` as round ``round_id``'s lines: lines of
+        later rounds and earlier lines with the same (round, prototype) are dropped, so
+        calling it again (e.g. on resume) changes nothing."""
+        keys = {_metrics_key(r) for r in records}
+        kept = [
+            r
+            for r in self._metrics_lines()
+            if int(r.get("round", 0)) <= round_id and _metrics_key(r) not in keys
+        ]
+        body = "".join(json.dumps(r) + "\n" for r in [*kept, *records]).encode()
+        atomic_write_bytes(self.root / METRICS_FILE, body)
+
+    def _metrics_lines(self) -> list[dict[str, Any]]:
+        path = self.root / METRICS_FILE
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Metrics of committed rounds, one record per (round, prototype) (the last one)."""
+        state = self.read_state() if self.exists() else {}
+        committed = state.get("round")
+        latest: dict[tuple[int, str], dict[str, Any]] = {}
+        for r in self._metrics_lines():
+            if committed is None or int(r.get("round", 0)) <= int(committed):
+                latest[_metrics_key(r)] = r
+        for r in state.get("round_metrics") or []:  # committed, file not yet written
+            latest.setdefault(_metrics_key(r), r)
+        return sorted(latest.values(), key=_metrics_key)
+
+    def metrics_records(self) -> list[dict[str, Any]]:
+        """Every readable line of ``metrics.jsonl`` as written (several algorithms and
+        seeds in a ``simulate --compare`` output; see :meth:`metrics` for a served run)."""
+        return self._metrics_lines()
+
+    # -- telemetry ----------------------------------------------------------
     def _append_jsonl(self, name: str, records: list[dict[str, Any]]) -> None:
         """Append JSON lines: the whole new file is written and renamed into place."""
         path = self.root / name
@@ -121,13 +192,15 @@ class RunStore:
         path = self.root / name
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def append_metrics(self, records: list[dict[str, Any]]) -> None:
-        self._append_jsonl(METRICS_FILE, records)
-
-    def metrics(self) -> list[dict[str, Any]]:
-        return self._read_jsonl(METRICS_FILE)
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
 
     def append_telemetry(self, records: list[dict[str, Any]]) -> None:
         """Append telemetry events (schema: ``coordinator.telemetry_log``)."""
@@ -151,13 +224,14 @@ class RunStore:
         atomic_write_bytes(self.pending_dir(upd.round_id) / f"{upd.client_id}.safetensors", blob)
 
     def pending(self, round_id: int) -> list[ClientUpdate]:
+        """Persisted updates of the open round; an unreadable file is skipped (logged)."""
         folder = self.pending_dir(round_id)
         out = []
         for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            out.append(
-                ClientUpdate(
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                upd = ClientUpdate(
                     int(meta["round"]),
                     meta["prototype"],
                     meta["client_id"],
@@ -165,8 +239,15 @@ class RunStore:
                     load_file(str(path)),
                     json.loads(meta.get("metrics", "{}")),
                 )
-            )
+            except (SafetensorError, OSError, KeyError, ValueError) as e:
+                log.warning("skipping persisted update %s: unreadable (%s)", path, e)
+                continue
+            out.append(upd)
         return out
 
     def clear_pending(self, round_id: int) -> None:
         shutil.rmtree(self.pending_dir(round_id), ignore_errors=True)
+
+
+def _metrics_key(record: dict[str, Any]) -> tuple[int, str]:
+    return int(record.get("round", 0)), str(record.get("prototype", ""))

@@ -352,6 +352,18 @@ class AgentLink:
             self.counters.blob_errors += 1
             log.warning("%s: undecodable global model: %s", self.identity.agent_id, e)
             return
+        bad = next(
+            (k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()),
+            None,
+        )
+        if bad is not None:  # a poisoned global is never trained on; the agent stays up
+            self.counters.blob_errors += 1
+            log.warning(
+                "%s: refusing a global model with NaN/inf in %s", self.identity.agent_id, bad
+            )
+            for task in tasks:
+                self._ack_task(task, False, "non_finite")
+            return
         for task in tasks:
             try:
                 self._ready.put_nowait(ReceivedTask(task, state))

@@ -62,8 +62,15 @@ def predict(
     inputs: Path = typer.Option(..., "--input", help="A .npz with x (and y), or 'digits'."),
     runtime: str = typer.Option(None, help="Override the profile's runtime."),
     show: int = typer.Option(10, min=0, help="Predictions to print."),
+    allow_unverified: bool = typer.Option(
+        False,
+        "--allow-unverified",
+        help="Run a model without a matching sidecar (.json with its SHA-256). Unsafe.",
+    ),
 ) -> None:
-    """Classify inputs with the exported model, as the device would."""
+    """Classify inputs with the exported model, as the device would. The model must match
+    its sidecar (SHA-256, size, metadata) unless --allow-unverified is given."""
+    from export.metadata import verify_sidecar
     from export.runtimes import ArtifactError, load_artifact, softmax
 
     try:
@@ -71,10 +78,15 @@ def predict(
         inf = prof.inference
         fmt = "onnx" if inf.format == "torch" else inf.format
         path = pick_artifact(model, fmt, inf.quantization)
+        if allow_unverified:
+            console.print(f"[yellow]warning:[/yellow] running {path.name} without verifying it")
+        else:
+            verify_sidecar(path)
         runner = load_artifact(
             path,
             runtime=runtime or (None if inf.runtime == "torch" else inf.runtime),
             threads=inf.threads,
+            check_digest=not allow_unverified,
         )
         x, y = load_inputs(inputs)
     except (ConfigError, ArtifactError, FileNotFoundError, KeyError, ValueError) as e:

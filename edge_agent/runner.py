@@ -22,6 +22,7 @@ from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.training import train_local
 from takfl.wire.telemetry import Telemetry
+from takfl.wire.validation import check_layout
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 class AgentStats:
     tasks_done: int = 0
     tasks_skipped: int = 0  # arrived past their deadline
+    tasks_refused: int = 0  # global model mismatched, non-finite or unbuildable
     last_round: int = -1
     seconds_training: float = 0.0
     rounds: list[int] = field(default_factory=list)
@@ -96,7 +98,17 @@ class Agent:
             log.info("skipping task of round %d: past its deadline", msg.round_id)
             return
         c, h, w = msg.input_shape
-        model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
+        try:
+            model = build_model(msg.model.builder, msg.num_classes, (c, h, w), **msg.model.args)
+        except (KeyError, TypeError, ValueError) as e:
+            self.stats.tasks_refused += 1
+            log.warning("refusing task of round %d: cannot build its model (%s)", msg.round_id, e)
+            return
+        verdict = check_layout(task.global_state, model.state_dict())
+        if not verdict.accepted:  # a mismatched or non-finite global: refuse, keep serving
+            self.stats.tasks_refused += 1
+            log.warning("refusing the global model of round %d: %s", msg.round_id, verdict)
+            return
         model.load_state_dict(task.global_state)
         spec = effective_training(self.profile.training, dictated_training(task))
         result = train_local(model, self.x, self.y, spec, seed=msg.seed)

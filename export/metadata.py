@@ -228,6 +228,44 @@ def read_sidecar(artifact: str | Path, *, check_digest: bool = True) -> dict[str
     return data
 
 
+_IDENTITY_FIELDS = ("prototype", "round", "builder", "num_classes", "input_shape", "format")
+
+
+def verify_sidecar(artifact: str | Path) -> ArtifactMetadata:
+    """The metadata of ``artifact`` from its sidecar, which must exist and match: the
+    file's SHA-256 and size, its name and format, and (where the file carries metadata
+    readable here) the prototype, round, builder, classes and input shape embedded in it.
+    Raises :class:`ArtifactError` naming what differs."""
+    p = Path(artifact)
+    if not p.is_file():
+        raise ArtifactError(f"no artifact at {p}")
+    side = sidecar_path(p)
+    if not side.is_file():
+        raise ArtifactError(
+            f"{p} has no sidecar {side.name} to verify it against; export it again, or pass "
+            "--allow-unverified to run it anyway"
+        )
+    data = read_sidecar(p, check_digest=True)
+    meta = ArtifactMetadata.from_dict(data, str(side))
+    problems = []
+    if data.get("file") != p.name:
+        problems.append(f"names file {data.get('file')!r}, not {p.name!r}")
+    if data.get("size_bytes") != p.stat().st_size:
+        problems.append(f"size {data.get('size_bytes')} != {p.stat().st_size} bytes")
+    if meta.format != format_of(str(p)):
+        problems.append(f"format {meta.format!r}, file is {format_of(str(p))!r}")
+    embedded = read_embedded_metadata(p)
+    if embedded is not None:
+        for name in _IDENTITY_FIELDS:
+            if getattr(embedded, name) != getattr(meta, name):
+                problems.append(
+                    f"{name} {getattr(meta, name)!r}, the file says {getattr(embedded, name)!r}"
+                )
+    if problems:
+        raise ArtifactError(f"{side.name} does not describe {p.name}: " + "; ".join(problems))
+    return meta
+
+
 def read_metadata(artifact: str | Path, *, check_digest: bool = True) -> ArtifactMetadata:
     """Metadata of an artifact: from its sidecar when present, else embedded in the file."""
     p = Path(artifact)

@@ -7,6 +7,7 @@ mean/std (JSON, per-channel normalisation already applied to inputs).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,10 +79,12 @@ class CheckpointMeta:
             raise CheckpointError(f"checkpoint names a model that cannot be built: {e}") from e
 
 
-def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: CheckpointMeta) -> None:
-    """Atomically save ``state`` (CPU tensors) with ``meta``."""
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: CheckpointMeta) -> str:
+    """Atomically save ``state`` (CPU tensors) with ``meta``; returns the file's SHA-256."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write_bytes(path, save(tensors, metadata=meta.to_strings()))
+    data = save(tensors, metadata=meta.to_strings())
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
@@ -99,6 +102,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         raise CheckpointError(f"{p} is not a readable safetensors checkpoint ({e})") from e
     meta = CheckpointMeta.from_strings(raw_meta, str(p))
     check_state_matches(meta.build().state_dict(), state, str(p))
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{p}: tensor {name} holds NaN or inf values")
     return state, meta
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -43,3 +45,36 @@ class MeanLogits:
                     out._sum += acc._sum
                 out.count += acc.count
         return out
+
+
+class ClientLogits:
+    """Keeps each client model's logits (N, C) and combines them with a robust reducer
+    when asked (median, trimmed mean, clipped mean over clients). Memory: one (N, C)
+    float32 tensor per client added, i.e. bounded by the clients sampled in a round."""
+
+    def __init__(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """reduce: ((K, N, C) float64 logits, (K,) weights) -> (N, C)."""
+        self._reduce = reduce
+        self._logits: list[torch.Tensor] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._logits)
+
+    def add(self, logits: torch.Tensor) -> None:
+        """logits: (N, C) of one client model on the public set."""
+        if logits.ndim != 2:
+            raise ValueError(f"logits must be (N, C), got {tuple(logits.shape)}")
+        if self._logits and self._logits[0].shape != logits.shape:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} differ from earlier {tuple(self._logits[0].shape)}"
+            )
+        self._logits.append(logits.detach().to(torch.float32).clone())
+
+    def mean(self) -> torch.Tensor:
+        """The robust mean over clients, (N, C) float32 on the logits' device."""
+        if not self._logits:
+            raise ValueError("no logits were added")
+        stacked = torch.stack(self._logits).to(torch.float64)
+        ones = torch.ones(len(self._logits), dtype=torch.float64, device=stacked.device)
+        return self._reduce(stacked, ones).to(torch.float32)

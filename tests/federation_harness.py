@@ -27,13 +27,19 @@ MOSQUITTO_MISSING = find_mosquitto() is None
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def small_federation(tmp_path: Path, name: str = "digits-e2e", rounds: int = 2) -> Path:
-    """Digits with 2 S, 2 M and 1 L client, everyone sampled every round, short distillation."""
+def small_federation(
+    tmp_path: Path,
+    name: str = "digits-e2e",
+    rounds: int = 2,
+    clients: tuple[int, int, int] = (2, 2, 1),
+) -> Path:
+    """Digits with 2 S, 2 M and 1 L client (or ``clients``), everyone sampled every round,
+    short distillation."""
     cfg = load_federation("digits").model_dump(mode="json")
     cfg["name"] = name
     cfg["rounds"] = rounds
-    for proto, clients in zip(cfg["prototypes"], (2, 2, 1), strict=True):
-        proto["clients"] = clients
+    for proto, count in zip(cfg["prototypes"], clients, strict=True):
+        proto["clients"] = count
         proto["sample_rate"] = 1.0
     cfg["algorithm"]["distill"]["steps"] = 10
     cfg["algorithm"]["lambdas"]["search_candidates"] = 4
@@ -134,6 +140,10 @@ class Federation:
             for k in range(p.clients):
                 self.start_agent(client_id(p.name, k))
 
+    def start_module(self, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
+        """Any ``python -m module args`` process (e.g. a hostile agent), logged as ``name``."""
+        return self._spawn(name, [sys.executable, "-m", module, *args])
+
     def start_coordinator(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
         name = f"coordinator-{sum(1 for n in self.procs if n.startswith('coordinator'))}"
         return self._spawn(
@@ -184,10 +194,12 @@ class Federation:
 
 
 @contextmanager
-def federation(tmp_path: Path, broker: str, rounds: int = 2) -> Iterator[Federation]:
+def federation(
+    tmp_path: Path, broker: str, rounds: int = 2, clients: tuple[int, int, int] = (2, 2, 1)
+) -> Iterator[Federation]:
     """Provision a small digits federation and its broker (``mosquitto`` with generated
     passwords and ACL, or ``embedded`` started by the coordinator itself)."""
-    cfg_path = small_federation(tmp_path, rounds=rounds)
+    cfg_path = small_federation(tmp_path, rounds=rounds, clients=clients)
     cfg = load_federation(cfg_path)
     work = tmp_path / "fed"
     port = free_port()

@@ -106,3 +106,62 @@ def test_predict_errors_are_clear(args: list[str], fragment: str) -> None:
     assert result.exit_code == 2
     assert fragment in result.output
     assert "Traceback" not in result.output
+
+
+def predict_args(model: Path, npz: Path, *extra: str) -> list[str]:
+    return [
+        "predict",
+        "--profile",
+        "workstation",
+        "--model",
+        str(model),
+        "--input",
+        str(npz),
+        *extra,
+    ]
+
+
+def copy_export(folder: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, dst))
+
+
+@pytest.mark.parametrize("tamper", ["missing-sidecar", "model-changed", "sidecar-rewritten"])
+def test_predict_refuses_an_unverified_export(exported, tmp_path: Path, tamper: str) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    folder, _acc, npz = exported
+    copy = copy_export(folder, tmp_path / "L")
+    model = next(copy.glob("*-fp32.onnx"))
+    side = model.with_name(model.name + ".json")
+    if tamper == "missing-sidecar":
+        side.unlink()
+        fragment = "no sidecar"
+    elif tamper == "model-changed":
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF  # one flipped byte
+        model.write_bytes(bytes(data))
+        fragment = "SHA-256"
+    else:  # the digest is made to match, but the sidecar claims another prototype and round
+        body = json.loads(side.read_text())
+        body["prototype"], body["round"] = "S", 99
+        side.write_text(json.dumps(body))
+        fragment = "prototype"
+    result = CliRunner().invoke(app, predict_args(model, npz), terminal_width=300)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert fragment in output
+    assert "Traceback" not in output
+
+
+def test_predict_runs_an_unverified_export_only_when_told(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder, _acc, npz = exported
+    copy = copy_export(folder, tmp_path / "L")
+    model = next(copy.glob("*-fp32.onnx"))
+    model.with_name(model.name + ".json").unlink()
+    result = CliRunner().invoke(
+        app, predict_args(model, npz, "--allow-unverified", "--show", "1"), terminal_width=300
+    )
+    assert result.exit_code == 0, result.output
+    assert "without verifying" in result.output

@@ -411,3 +411,58 @@ def test_profile_next_to_the_federation_file_is_found_from_any_directory(
     spec = prototype_model(cfg, "S")
     assert spec.builder == "mlp_digits"
     assert spec.args == {"width": 24}
+
+
+# --- limits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ({"width": [8, 8]}, "width must be int, got a list"),
+        ({"width": "8"}, "width must be int, got a str"),
+        ({"depth": True}, "depth must be int, got a bool"),
+        ({"width": 10**9}, "at most 1,000,000"),
+    ],
+)
+def test_model_arguments_are_type_checked_against_the_builder(
+    write_yaml: Any, args: dict[str, Any], fragment: str
+) -> None:
+    path = write_yaml("fed.yaml", edited(GOOD_FEDERATION, {"prototypes.0.model.args": args}))
+    with pytest.raises(ConfigError) as exc:
+        load_federation(path)
+    problems = problems_of(exc)
+    assert list(problems) == ["prototypes.0.model.args"]
+    assert fragment in problems["prototypes.0.model.args"]
+
+
+def test_a_yaml_alias_bomb_in_a_model_argument_is_refused(tmp_path: Path) -> None:
+    # 9 levels of 9 references: ~387 million leaves once expanded, a few hundred bytes here
+    levels = ["&l1 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(2, 10):
+        levels.append(f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    bomb = "\n".join(f"  - {lv}" for lv in levels)
+    text = (
+        "anchors:\n"
+        + bomb
+        + "\nname: bomb\nprototypes:\n  - {name: S, profile: android-phone, clients: 2,"
+        " sample_rate: 1.0, data_ratio: 1.0, model: {builder: mlp_digits, args: {width: *l9}}}\n"
+    )
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    assert len(text) < 2000
+    with pytest.raises(ConfigError) as exc:
+        load_federation(path)
+    problems = problems_of(exc)
+    assert "width must be int, got a list" in problems["prototypes.0.model.args"]
+    assert "anchors" in problems  # the stray top-level key is reported too
+
+
+def test_provision_refuses_client_counts_past_its_bound(tmp_path: Path) -> None:
+    from coordinator.registry import MAX_CLIENTS, RegistryError, provision_agents
+
+    cfg = load_federation("digits")
+    cfg.prototypes[0].clients = 10**9
+    with pytest.raises(RegistryError, match=f"at most {MAX_CLIENTS}"):
+        provision_agents(cfg, tmp_path)
+    assert not (tmp_path / "secrets").exists()

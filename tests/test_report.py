@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from coordinator.report import ReportError, build_report, write_report
-from coordinator.store import RunStore
+from coordinator.store import METRICS_FILE, RunStore
 from coordinator.telemetry_log import TelemetryRecorder
 from takfl.wire.chunking import blob_ref
 from takfl.wire.messages import UpdateHeader
@@ -60,6 +60,12 @@ def header(round_id: int, agent: str, proto: str, train_s: float, rss: float) ->
     )
 
 
+def write_metrics(store: RunStore, records: list[dict]) -> None:  # type: ignore[type-arg]
+    """metrics.jsonl as serve and simulate write it: one JSON object per line."""
+    store.root.mkdir(parents=True, exist_ok=True)
+    (store.root / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def fake_run(root: Path, rounds: int = 3) -> Path:
     """A run directory written through the run store and the telemetry recorder, as
     serve writes it: two algorithms (a run with baselines), lambdas, telemetry events,
@@ -86,7 +92,7 @@ def fake_run(root: Path, rounds: int = 3) -> Path:
                         "sampled": 2,
                     }
                 )
-    store.append_metrics(records)
+    write_metrics(store, records)
     rec = TelemetryRecorder(store)
     agents = {p: [f"{p}-000", f"{p}-001"] for p in PROTOS}
     for p, ids in agents.items():
@@ -214,7 +220,8 @@ def test_report_renders_in_chromium(tmp_path) -> None:  # type: ignore[no-untype
 def test_report_of_a_simulation_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A simulate output (metrics only, no telemetry) still gives a readable page."""
     store = RunStore(tmp_path)
-    store.append_metrics(
+    write_metrics(
+        store,
         [
             {
                 "algorithm": "fedavg",
@@ -228,7 +235,7 @@ def test_report_of_a_simulation_run(tmp_path) -> None:  # type: ignore[no-untype
             }
             for s in (0, 1)
             for r in (1, 2)
-        ]
+        ],
     )
     html_path, _ = write_report(tmp_path)
     html = html_path.read_text()

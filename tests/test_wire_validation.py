@@ -17,6 +17,7 @@ from takfl.wire.validation import (
     check_delta,
     check_header,
     check_registration,
+    check_stored_update,
     decode_update,
     delta_norm,
 )
@@ -26,9 +27,11 @@ SECRET = b"s" * 32
 REGISTRY = {
     "pi-1": AgentRecord("pi-1", "S", SECRET),
     "jet-1": AgentRecord("jet-1", "M", b"m" * 32),
+    "capped": AgentRecord("capped", "S", SECRET, max_samples=20),
 }
 GLOBAL_DIGEST = "0f" * 32
-BOUNDS = UpdateBounds(max_delta_norm=10.0, max_blob_bytes=1 << 20)
+# ||reference|| = 3.55, so deltas up to 8.87 pass
+BOUNDS = UpdateBounds(norm_factor=2.5, max_blob_bytes=1 << 20)
 
 
 def reference() -> dict[str, torch.Tensor]:
@@ -165,7 +168,7 @@ def test_blob_refusals_are_named() -> None:
     ids=["missing", "extra", "shape", "int-as-float", "fp16", "nan", "inf", "norm", "ok"],
 )
 def test_delta_checks(delta: dict[str, torch.Tensor], reason: Refusal | None) -> None:
-    assert check_delta(delta, reference(), max_norm=10.0).reason is reason
+    assert check_delta(delta, reference(), bounds=BOUNDS).reason is reason
 
 
 def test_delta_norm_ignores_integer_tensors() -> None:
@@ -196,3 +199,74 @@ def test_registration_checks() -> None:
     assert check_registration(sign(ghost, SECRET), REGISTRY).reason is Refusal.UNKNOWN_AGENT
     wrong = reg.model_copy(update={"prototype": "M"})
     assert check_registration(sign(wrong, SECRET), REGISTRY).reason is Refusal.WRONG_PROTOTYPE
+
+
+def test_norm_bound_is_relative_to_the_global_model() -> None:
+    delta = {"w": torch.full((4, 3), 2.0), "b": torch.zeros(3), "n": torch.tensor(1)}  # 6.93
+    ref = reference()
+    assert check_delta(delta, ref, bounds=BOUNDS).accepted
+    small = {k: v / 10 if v.is_floating_point() else v for k, v in ref.items()}  # norm 0.35
+    # the same delta against a global ten times smaller is out of bounds...
+    verdict = check_delta(delta, small, bounds=BOUNDS)
+    assert verdict.reason is Refusal.NORM_BOUND
+    assert "x global norm" in verdict.detail
+    # ...unless the floor (here 3) lifts the bound for near-zero globals
+    floor = UpdateBounds(norm_factor=2.5, norm_floor=3.0)
+    assert check_delta(delta, small, bounds=floor).accepted
+    assert BOUNDS.max_norm(ref) == pytest.approx(2.5 * 3.5493, rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_update_bounds_refuse_meaningless_factors(bad: float) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        UpdateBounds(norm_factor=bad)
+    with pytest.raises(ValueError, match="positive"):
+        UpdateBounds(norm_floor=bad)
+
+
+def test_sample_count_must_be_positive_and_within_the_allowance() -> None:
+    h = good_update().header
+    assert header_verdict(signed_update_header(h, SECRET, num_samples=0)) is Refusal.NO_SAMPLES
+    capped = signed_update_header(h, SECRET, agent_id="capped")
+    assert header_verdict(signed_update_header(capped, SECRET, num_samples=20)) is None
+    over = signed_update_header(capped, SECRET, num_samples=21)
+    assert header_verdict(over) is Refusal.SAMPLE_CAP
+    # an agent without a pinned allowance may claim any positive count
+    assert header_verdict(signed_update_header(h, SECRET, num_samples=2**40)) is None
+
+
+def test_registration_sample_counts() -> None:
+    reg = Registration(
+        agent_id="capped",
+        prototype="S",
+        profile="android-phone",
+        hardware_class="phone",
+        num_samples=0,
+        sent_at=0.0,
+    )
+    assert check_registration(sign(reg, SECRET), REGISTRY).reason is Refusal.NO_SAMPLES
+    big = reg.model_copy(update={"num_samples": 21})
+    assert check_registration(sign(big, SECRET), REGISTRY).reason is Refusal.SAMPLE_CAP
+    ok = reg.model_copy(update={"num_samples": 20})
+    assert check_registration(sign(ok, SECRET), REGISTRY).accepted
+
+
+def test_stored_updates_are_checked_again() -> None:
+    ref = reference()
+    good = {k: v + 0.1 if v.is_floating_point() else v for k, v in ref.items()}
+    far = {k: v + 5.0 if v.is_floating_point() else v for k, v in ref.items()}
+    nan = dict(good, b=torch.full((3,), float("nan")))
+
+    def reason(agent: str, state: dict[str, torch.Tensor], n: int = 10) -> Refusal | None:
+        return check_stored_update(agent, "S", n, state, ref, REGISTRY, bounds=BOUNDS).reason
+
+    assert reason("pi-1", good) is None
+    assert reason("revoked", good) is Refusal.UNKNOWN_AGENT
+    assert reason("jet-1", good) is Refusal.WRONG_PROTOTYPE
+    assert reason("pi-1", good, n=0) is Refusal.NO_SAMPLES
+    assert reason("capped", good, n=500) is Refusal.SAMPLE_CAP
+    assert reason("pi-1", nan) is Refusal.NON_FINITE
+    assert reason("pi-1", far) is Refusal.NORM_BOUND
+    # without a registry (virtual clients) only the content and the count are checked
+    no_registry = check_stored_update("anyone", "S", 0, good, ref, None, bounds=BOUNDS)
+    assert no_registry.reason is Refusal.NO_SAMPLES

@@ -264,12 +264,28 @@ def export_rows(run_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
+def committed_metrics(store: RunStore) -> list[dict[str, Any]]:
+    """metrics.jsonl lines of committed rounds (every round of a simulate output), the
+    last line per (algorithm, seed, round, prototype)."""
+    state = store.read_state() if store.exists() else {}
+    done = state.get("round")
+    latest: dict[tuple[str, int, int, str], dict[str, Any]] = {}
+    for m in store.metrics_records():
+        if "round" not in m or "prototype" not in m or "test_accuracy" not in m:
+            continue
+        if done is not None and int(m["round"]) > int(done):
+            continue
+        key = (str(m.get("algorithm", "?")), int(m.get("seed", 0)), int(m["round"]), m["prototype"])
+        latest[key] = m
+    return list(latest.values())
+
+
 def build_report(run_dir: str | Path) -> dict[str, Any]:
     """The report's data (what ``report.json`` holds) for a run directory."""
     run = Path(run_dir)
     store = RunStore(run)
     try:
-        metrics = store.metrics()
+        metrics = committed_metrics(store)
         events = store.telemetry()
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"cannot read {run}: {e}") from e

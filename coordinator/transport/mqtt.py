@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 import torch
@@ -136,15 +136,20 @@ class MqttTransport(Transport):
         policy: TransportPolicy | None = None,
         client_id: str = "takfl-coordinator",
         clock: Callable[[], float] = time.monotonic,
+        on_allowance: Callable[[str, int], None] | None = None,
         observer: FleetObserver | None = None,
     ) -> None:
-        self.observer = observer or FleetObserver()  # telemetry log, metrics
+        """``on_allowance(agent, n)`` is called when an agent's first accepted registration
+        pins its sample allowance (to persist it); ``observer`` hears of registrations,
+        presence, tasks, accepted and refused updates (telemetry log, metrics)."""
+        self.observer = observer or FleetObserver()
         self.topics = Topics(fleet)
         self.registry = dict(registry)
         self.num_classes = num_classes
         self.input_shape = input_shape
         self.policy = policy or TransportPolicy()
         self.clock = clock
+        self.on_allowance = on_allowance
         self.counters = TransportCounters()
         p = self.policy
         offline = Status(agent_id=COORDINATOR_ID, state="offline", time=0.0)
@@ -378,9 +383,16 @@ class MqttTransport(Transport):
         if not verdict.accepted:
             self._refuse(agent, verdict, subject="register")
             return
+        pinned = None
         with self._lock:
             self._agents[agent].registration = msg
+            record = self.registry[agent]
+            if record.max_samples is None:  # registered once: the first count is the cap
+                self.registry[agent] = replace(record, max_samples=msg.num_samples)
+                pinned = msg.num_samples
             self._lock.notify_all()
+        if pinned is not None and self.on_allowance is not None:
+            self.on_allowance(agent, pinned)
         self.counters.registrations += 1
         self.observer.registered(agent, msg.prototype, msg.telemetry)
         self._ack(agent, Ack(subject="register", agent_id=agent, accepted=True))
@@ -449,7 +461,7 @@ class MqttTransport(Transport):
             # round is checked again (and refused as stale)
             decided = self._decided.get(header.key) if header.round_id == self._round else None
             in_progress = (agent, header.blob.digest) in self._incoming
-            verdict = self._check_header(agent, header)
+            verdict = self._check_header(agent, header)  # reads the registry under the lock
         if decided is not None:
             self._ack(agent, decided)
             return

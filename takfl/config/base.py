@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import inspect
+import math
+import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+MAX_MODEL_ARG = 1_000_000  # magnitude cap of a numeric model argument
 
 
 class Strict(BaseModel):
@@ -48,4 +59,30 @@ class ModelSpec(Strict):
                 f"{builder} takes no argument(s) {', '.join(unknown)}; "
                 f"it accepts: {', '.join(accepted) or 'none'}"
             )
+        hints = typing.get_type_hints(get_entry(builder).builder)
+        problems = [
+            problem
+            for name, arg in value.items()
+            if (problem := _check_arg(name, arg, hints.get(name, Any))) is not None
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
+
+
+def _check_arg(name: str, value: Any, annotation: Any) -> str | None:
+    """Why ``value`` does not fit the builder's annotation of ``name``, or None. Values
+    are checked strictly (no list where a number goes, no bool for an int) and numbers
+    are capped, so a config cannot make the builder allocate without bound."""
+    if annotation is Any:
+        return f"{name}: the builder does not declare its type; it cannot be set from a config"
+    try:
+        TypeAdapter(annotation).validate_python(value, strict=True)
+    except ValidationError:
+        shown = type(value).__name__
+        return f"{name} must be {getattr(annotation, '__name__', annotation)}, got a {shown}"
+    if isinstance(value, int | float) and not (
+        math.isfinite(value) and abs(value) <= MAX_MODEL_ARG
+    ):
+        return f"{name} must be at most {MAX_MODEL_ARG:,} in magnitude, got {value!r}"
+    return None

@@ -86,6 +86,30 @@ class AlgorithmSpec(Strict):
     fedet: FedETSpec = FedETSpec()
 
 
+Aggregation = Literal["fedavg", "median", "trimmed-mean", "clipped-mean"]
+
+
+class AggregationSpec(Strict):
+    """How each prototype's client updates (and their teacher logits) are combined."""
+
+    # fedavg: sample-weighted mean (McMahan et al. 2017); median: coordinate-wise
+    # median; trimmed-mean: coordinate-wise mean without the trim_fraction largest and
+    # smallest values (Yin et al. 2018); clipped-mean: weighted mean of deltas each
+    # clipped to clip_factor x the median client delta norm.
+    method: Aggregation = "fedavg"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # per side, as Flower's FedTrimmedAvg beta
+    clip_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
+
+
+class IntakeSpec(Strict):
+    """Bounds a received update must meet before it touches any aggregate."""
+
+    # refuse ||delta|| > max_norm_factor * max(||global||, norm_floor); honest digits
+    # updates measure 0.1-0.5 x the global norm
+    max_norm_factor: float = Field(5.0, gt=0, allow_inf_nan=False)
+    norm_floor: float = Field(1.0, gt=0, allow_inf_nan=False)
+
+
 class FederationConfig(Strict):
     """Parsed from a YAML file in ``profiles/federations/`` or a user path."""
 
@@ -96,6 +120,8 @@ class FederationConfig(Strict):
     prototypes: list[PrototypeSpec] = Field(min_length=1)
     rounds: int = Field(10, gt=0)
     algorithm: AlgorithmSpec = AlgorithmSpec()
+    aggregation: AggregationSpec = AggregationSpec()
+    intake: IntakeSpec = IntakeSpec()
 
     @field_validator("prototypes")
     @classmethod

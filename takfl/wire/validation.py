@@ -3,8 +3,10 @@
 Every check returns a :class:`Verdict` (accepted, or refused with a named
 :class:`Refusal` and a human-readable detail); nothing here raises on bad
 input. The order is: who sent it (known agent, signature, prototype binding),
-whether it is wanted (current round, assigned task, declared size), then the
-content (digest, decodable, names/shapes/dtypes, finite, norm bound).
+whether it is wanted (current round, assigned task, base model), what it claims
+(sample count within the agent's allowance, declared size), then the content
+(digest, decodable, names/shapes/dtypes, finite, norm bound relative to the
+global model).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class Refusal(str, Enum):
     TOO_LARGE = "too_large"  # declared size or chunk count over the cap
     SHAPE_MISMATCH = "shape_mismatch"  # tensor names/shapes/dtypes differ from the prototype's
     NON_FINITE = "non_finite"  # NaN or inf
-    NORM_BOUND = "norm_bound"  # L2 norm of the delta over the bound
+    NORM_BOUND = "norm_bound"  # L2 norm of the delta over the bound relative to the global model
+    NO_SAMPLES = "no_samples"  # claims fewer than one training sample
+    SAMPLE_CAP = "sample_cap"  # claims more samples than its registry entry allows
     MALFORMED = "malformed"  # undecodable header, chunk or blob
     EXPIRED = "expired"  # incomplete when its time ran out
 
@@ -65,23 +69,55 @@ def refuse(reason: Refusal, detail: str) -> Verdict:
 
 @dataclass(frozen=True)
 class AgentRecord:
-    """A provisioned agent: its secret and the prototype it trains."""
+    """A provisioned agent: its secret, the prototype it trains and the most training
+    samples it may claim (its FedAvg weight); None until provisioned or first registered."""
 
     agent_id: str
     prototype: str
     secret: bytes = field(repr=False)
+    max_samples: int | None = field(default=None, kw_only=True)
 
 
-@dataclass(frozen=True)
+DEFAULT_NORM_FACTOR = 5.0  # honest digits deltas measured at 0.1-0.5 x the global norm
+DEFAULT_NORM_FLOOR = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class UpdateBounds:
-    max_delta_norm: float = 1e4  # L2 norm over every floating tensor of the delta
-    max_blob_bytes: int = (
-        256 * 1024 * 1024
-    )  # declared blob size cap (per-prototype caps may be lower)
+    """What a decoded update may be. The delta's L2 norm (over every floating tensor)
+    is bounded relative to the global model it is a delta of:
+    ``||delta|| <= norm_factor * max(||global||, norm_floor)``."""
+
+    norm_factor: float = DEFAULT_NORM_FACTOR
+    norm_floor: float = DEFAULT_NORM_FLOOR  # keeps the bound sane for near-zero globals
+    max_blob_bytes: int = 256 * 1024 * 1024  # declared blob size cap (per-prototype caps lower)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.norm_factor) and self.norm_factor > 0):
+            raise ValueError(f"norm_factor must be a positive number, got {self.norm_factor}")
+        if not (math.isfinite(self.norm_floor) and self.norm_floor > 0):
+            raise ValueError(f"norm_floor must be a positive number, got {self.norm_floor}")
+
+    def max_norm(self, reference: Mapping[str, torch.Tensor]) -> float:
+        """The largest delta norm allowed against the global state ``reference``."""
+        return self.norm_factor * max(delta_norm(reference), self.norm_floor)
+
+
+def check_samples(num_samples: int, record: AgentRecord) -> Verdict:
+    """At least one sample, at most what the agent's registry entry allows."""
+    if num_samples < 1:
+        return refuse(Refusal.NO_SAMPLES, f"{record.agent_id!r} claims {num_samples} samples")
+    if record.max_samples is not None and num_samples > record.max_samples:
+        return refuse(
+            Refusal.SAMPLE_CAP,
+            f"{record.agent_id!r} claims {num_samples} samples, allowed {record.max_samples}",
+        )
+    return ACCEPTED
 
 
 def check_registration(msg: Registration, registry: Mapping[str, AgentRecord]) -> Verdict:
-    """Known agent, valid signature, prototype it was provisioned for."""
+    """Known agent, valid signature, prototype it was provisioned for, sample count
+    within its allowance."""
     record = registry.get(msg.agent_id)
     if record is None:
         return refuse(Refusal.UNKNOWN_AGENT, f"agent {msg.agent_id!r} is not provisioned")
@@ -92,7 +128,7 @@ def check_registration(msg: Registration, registry: Mapping[str, AgentRecord]) -
             Refusal.WRONG_PROTOTYPE,
             f"{msg.agent_id!r} is bound to {record.prototype!r}, not {msg.prototype!r}",
         )
-    return ACCEPTED
+    return check_samples(msg.num_samples, record)
 
 
 def check_header(
@@ -134,6 +170,9 @@ def check_header(
             Refusal.WRONG_BASE,
             f"delta against {header.base_digest[:12]}, round's global is {base_digest[:12]}",
         )
+    samples = check_samples(header.num_samples, record)
+    if not samples.accepted:
+        return samples
     if header.blob.size > max_blob_bytes:
         return refuse(Refusal.TOO_LARGE, f"declared {header.blob.size} bytes, cap {max_blob_bytes}")
     return ACCEPTED
@@ -149,10 +188,33 @@ def delta_norm(delta: Mapping[str, torch.Tensor]) -> float:
 
 
 def check_delta(
-    delta: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *, max_norm: float
+    delta: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    *,
+    bounds: UpdateBounds,
 ) -> Verdict:
-    """Names, shapes and dtypes equal to ``reference`` (floating -> float32 after decoding),
-    all values finite, L2 norm within ``max_norm``."""
+    """Names, shapes and dtypes equal to ``reference`` (the global state the delta is
+    relative to; floating -> float32 after decoding), all values finite, L2 norm within
+    ``bounds.max_norm(reference)``."""
+    verdict = check_layout(delta, reference)
+    if not verdict.accepted:
+        return verdict
+    norm, bound = delta_norm(delta), bounds.max_norm(reference)
+    if norm > bound:
+        return refuse(
+            Refusal.NORM_BOUND,
+            f"delta norm {norm:.4g} > {bounds.norm_factor:g} x global norm (bound {bound:.4g})",
+        )
+    return ACCEPTED
+
+
+def check_layout(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> Verdict:
+    """Names, shapes and dtypes of ``state`` equal to ``reference`` (floating entries
+    as float32), every floating value finite. Used for deltas and for whole models
+    (an agent checks a received global model with it)."""
+    delta = state
     missing, extra = sorted(set(reference) - set(delta)), sorted(set(delta) - set(reference))
     if missing or extra:
         return refuse(Refusal.SHAPE_MISMATCH, f"missing {missing[:3]}, unexpected {extra[:3]}")
@@ -169,9 +231,6 @@ def check_delta(
     for name, t in delta.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return refuse(Refusal.NON_FINITE, f"{name} has NaN or inf values")
-    norm = delta_norm(delta)
-    if norm > max_norm:
-        return refuse(Refusal.NORM_BOUND, f"delta norm {norm:.4g} > bound {max_norm:.4g}")
     return ACCEPTED
 
 
@@ -192,5 +251,47 @@ def decode_update(
         delta = decode_state(blob, max_bytes=bounds.max_blob_bytes)
     except CodecError as e:
         return refuse(Refusal.MALFORMED, str(e)), None
-    verdict = check_delta(delta, reference, max_norm=bounds.max_delta_norm)
+    verdict = check_delta(delta, reference, bounds=bounds)
     return (verdict, delta) if verdict.accepted else (verdict, None)
+
+
+def check_stored_update(
+    agent_id: str,
+    prototype: str,
+    num_samples: int,
+    state: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    registry: Mapping[str, AgentRecord] | None,
+    *,
+    bounds: UpdateBounds,
+) -> Verdict:
+    """Check again an update accepted earlier and kept on disk (full weights ``state``
+    against the round's global ``reference``) before it is folded in after a restart:
+    the agent still provisioned for ``prototype`` (skipped when ``registry`` is None,
+    e.g. virtual clients), its sample count, then layout, finiteness and norm bound."""
+    if registry is not None:
+        record = registry.get(agent_id)
+        if record is None:
+            return refuse(Refusal.UNKNOWN_AGENT, f"agent {agent_id!r} is no longer provisioned")
+        if record.prototype != prototype:
+            return refuse(
+                Refusal.WRONG_PROTOTYPE,
+                f"{agent_id!r} is bound to {record.prototype!r}, stored for {prototype!r}",
+            )
+        samples = check_samples(num_samples, record)
+    else:
+        samples = check_samples(num_samples, AgentRecord(agent_id, prototype, b""))
+    if not samples.accepted:
+        return samples
+    layout = check_layout(state, reference)
+    if not layout.accepted:
+        return layout
+    delta = {
+        k: t.to(torch.float32) - reference[k].to(torch.float32)
+        for k, t in state.items()
+        if t.is_floating_point()
+    }
+    norm, bound = delta_norm(delta), bounds.max_norm(reference)
+    if norm > bound:
+        return refuse(Refusal.NORM_BOUND, f"delta norm {norm:.4g} > bound {bound:.4g}")
+    return ACCEPTED
