@@ -347,6 +347,10 @@ def serve(
     ),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     export: bool = typer.Option(True, help="Export every prototype at the end."),
+    metrics_port: int = typer.Option(
+        None, min=0, max=65535, help="Serve Prometheus metrics on this port (/metrics)."
+    ),
+    metrics_addr: str = typer.Option("0.0.0.0", help="Address the metrics endpoint binds to."),
 ) -> None:
     """Run TAKFL rounds with real agents over MQTT, writing the run directory."""
     from coordinator.inputs import pick_device
@@ -380,6 +384,8 @@ def serve(
         max_wait_s=max_wait,
         wait_all_s=wait_all,
         export=export,
+        metrics_port=metrics_port,
+        metrics_addr=metrics_addr,
     )
     rows: list[tuple[int, dict[str, float]]] = []
     try:
@@ -421,11 +427,26 @@ def provision(
         None, help="Host name or IP address agents use to reach the broker (repeatable)."
     ),
     tls_port: int = typer.Option(8883, help="Port of the TLS listener."),
+    mosquitto_host: str = typer.Option(
+        "127.0.0.1", help="Address the central Mosquitto listens on (0.0.0.0: every interface)."
+    ),
+    site: list[str] = typer.Option(
+        None,
+        help="A site broker bridged to the central one: NAME (every agent) or "
+        "NAME:PATTERN[,PATTERN] of agent ids (e.g. lab:S-*,M-000). Repeatable.",
+    ),
+    site_port: int = typer.Option(1883, help="Port the site brokers listen on."),
+    site_host: str = typer.Option("0.0.0.0", help="Address the site brokers listen on."),
+    central_host: str = typer.Option(
+        None, help="Address at which site brokers reach the central broker (with --site)."
+    ),
 ) -> None:
-    """Create a secret per agent, the registry, and optionally a Mosquitto configuration."""
+    """Create a secret per agent, the registry, and optionally a Mosquitto configuration
+    (and site brokers bridged to it)."""
     from coordinator.broker.errors import BrokerStartError
+    from coordinator.broker.site import SiteError, SiteSpec
     from coordinator.registry import RegistryError
-    from coordinator.serve import TLS_DIR
+    from coordinator.serve import TLS_DIR, provision_sites
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
@@ -433,6 +454,16 @@ def provision(
         raise fail("--tls needs at least one --tls-host (the name or address agents connect to)")
     if tls_host and not tls:
         raise fail("--tls-host is only used with --tls")
+    specs = []
+    if site:
+        if mosquitto_port is None:
+            raise fail("--site needs the central Mosquitto: give --mosquitto-port too")
+        if central_host is None:
+            raise fail("--site needs --central-host: the address sites reach the central broker at")
+        try:
+            specs = [SiteSpec.parse(s) for s in site]
+        except SiteError as e:
+            raise fail(str(e)) from None
     try:
         records, files, _ = do_provision(
             cfg,
@@ -443,6 +474,7 @@ def provision(
             max_samples=max_samples,
             tls_hosts=list(tls_host) if tls else None,
             tls_port=tls_port,
+            mosquitto_host=mosquitto_host,
         )
     except (RegistryError, ValueError, BrokerStartError, OSError) as e:
         raise fail(str(e)) from None
@@ -461,6 +493,27 @@ def provision(
             f"{out / TLS_DIR / 'ca.crt'} to every device (takfl-agent run --ca-file) and keep "
             f"{out / TLS_DIR / 'ca.key'} private"
         )
+    if specs and files is not None:
+        try:
+            site_files = provision_sites(
+                cfg,
+                out,
+                files,
+                specs,
+                central_host=central_host,
+                port=site_port,
+                host=site_host,
+                fleet=fleet,
+                run_as=mosquitto_user,
+            )
+        except (SiteError, ValueError) as e:
+            raise fail(str(e)) from None
+        for sf in site_files:
+            console.print(
+                f"site {sf.site}: mosquitto -c {sf.broker.conf}  ({len(sf.agents)} agents "
+                f"connect to it on port {site_port}; it bridges to {central_host}:{files.port} "
+                f"as {sf.bridge_user})"
+            )
 
 
 @app.command()
@@ -475,6 +528,11 @@ def status(
     ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
     fleet: str = typer.Option(None, help="Fleet name (default: the run's config name)."),
     listen: float = typer.Option(2.0, help="Seconds to collect retained presence messages."),
+    watch: bool = typer.Option(
+        False, help="Live table of the run's agents, round, phase and stragglers (--run-dir)."
+    ),
+    interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes of --watch."),
+    times: int = typer.Option(None, min=1, help="Stop --watch after this many refreshes."),
 ) -> None:
     """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy."""
     from coordinator.status import broker_presence, run_status
@@ -482,6 +540,13 @@ def status(
 
     if run_dir is None and broker is None:
         raise fail("give --run-dir, --broker, or both")
+    if watch:
+        if run_dir is None:
+            raise fail("--watch reads a run directory: give --run-dir")
+        from coordinator.watch import watch_run
+
+        watch_run(run_dir, interval, times, console)
+        return
     if run_dir is not None:
         try:
             state, fleet_name = run_status(run_dir)
@@ -514,6 +579,23 @@ def status(
 
 
 @app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run directory (serve, demo or simulate output)."),
+    out: Path = typer.Option(None, help="HTML file to write (default RUN/report.html)."),
+) -> None:
+    """Field-trial report: one self-contained HTML page plus report.json."""
+    from coordinator.report import ReportError, write_report
+
+    if not run.is_dir():
+        raise fail(f"{run} is not a directory; give a run directory")
+    try:
+        html_path, json_path = write_report(run, out)
+    except (ReportError, OSError, ValueError, KeyError) as e:
+        raise fail(f"cannot report on {run}: {e}") from None
+    console.print(f"report: {html_path}  data: {json_path}")
+
+
+@app.command()
 def demo(
     config: str = typer.Option("digits", help="Bundled federation name or path."),
     rounds: int = typer.Option(3, min=1, help="Rounds to run."),
@@ -521,6 +603,7 @@ def demo(
     deadline: float = typer.Option(90.0, help="Seconds a round waits for its updates."),
     export: bool = typer.Option(False, help="Export the final models (adds a few minutes)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    report: bool = typer.Option(False, help="Write the field-trial report at the end."),
 ) -> None:
     """Embedded broker + coordinator + one agent process per client, a few real rounds."""
     from coordinator.demo import DemoSettings, run_demo
@@ -540,8 +623,13 @@ def demo(
     console.print(accuracy_table(rows, f"{cfg.name} demo over MQTT: test accuracy (%)"))
     console.print(
         f"finished in {__import__('time').monotonic() - t0:.0f}s; run directory "
-        f"{run_dir} (state.json, models/, metrics.jsonl, agents/*.log)"
+        f"{run_dir} (state.json, models/, metrics.jsonl, telemetry.jsonl, agents/*.log)"
     )
+    if report:
+        from coordinator.report import write_report
+
+        html_path, _ = write_report(run_dir)
+        console.print(f"report: {html_path} (open it in a browser; report.json beside it)")
 
 
 def main() -> None:

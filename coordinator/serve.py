@@ -19,8 +19,11 @@ import torch
 from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.broker.mosquitto import MosquittoFiles, MosquittoTls, write_mosquitto_config
+from coordinator.broker.net import LOOPBACK
+from coordinator.broker.site import SiteFiles, SiteSpec, write_site_config
 from coordinator.broker.tls import make_fleet_tls
 from coordinator.engine import RoundPolicy, RoundResult
+from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import (
     REGISTRY_FILE,
     AgentRecord,
@@ -29,7 +32,8 @@ from coordinator.registry import (
     provision_agents,
 )
 from coordinator.service import FederationRun, ServeOptions, update_bounds
-from coordinator.store import RunStore
+from coordinator.store import RunStore, RunStoreError
+from coordinator.telemetry_log import TelemetryRecorder
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
 from takfl.config.loader import prototype_model, prototype_training
@@ -66,6 +70,8 @@ class ServeSettings:
     wait_all_s: float = 60.0  # wait this long for every provisioned agent before round 1...
     wait_agents_s: float = 600.0  # ...and at most this long for one agent per prototype
     export: bool = True
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free)
+    metrics_addr: str = "0.0.0.0"
 
 
 def embedded_access(
@@ -164,11 +170,13 @@ def provision(
     max_samples: int | None = None,
     tls_hosts: list[str] | None = None,
     tls_port: int = 8883,
+    mosquitto_host: str = LOOPBACK,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
     (password file, per-agent ACL) with a fresh coordinator password, and with
     ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
-    a TLS listener on ``tls_port`` (all interfaces; the plain one stays on loopback).
+    a TLS listener on ``tls_port`` (all interfaces; the plain one listens on
+    ``mosquitto_host``, loopback unless told otherwise).
     ``max_samples`` caps each agent's claimed sample count (None: its first registration
     pins it)."""
     if tls_hosts and mosquitto_port is None:
@@ -191,6 +199,7 @@ def provision(
             out_dir / "mosquitto",
             fleet=fleet or cfg.name,
             port=mosquitto_port,
+            host=mosquitto_host,
             coordinator=(COORDINATOR_USER, coord_password),
             agents={r.agent_id: mqtt_password(r.secret) for r in records},
             run_as=mosquitto_user,
@@ -201,6 +210,40 @@ def provision(
         for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
             atomic_write_text(out_dir / f"{name}.password", password + "\n", mode=0o600)
     return records, files, coord_password
+
+
+def provision_sites(
+    cfg: FederationConfig,
+    out_dir: Path,
+    central: MosquittoFiles,
+    sites: list[SiteSpec],
+    *,
+    central_host: str,
+    port: int = 1883,
+    host: str = "0.0.0.0",
+    fleet: str | None = None,
+    run_as: str | None = None,
+) -> list[SiteFiles]:
+    """A bridged site broker per site (after :func:`provision` wrote the central one)."""
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ValueError(f"site names must differ: {names}")
+    records = load_registry(out_dir / REGISTRY_FILE)
+    passwords = {a: mqtt_password(r.secret) for a, r in records.items()}
+    return [
+        write_site_config(
+            out_dir,
+            site,
+            fleet=fleet or cfg.name,
+            central=central,
+            central_host=central_host,
+            agent_passwords=passwords,
+            port=port,
+            host=host,
+            run_as=run_as,
+        )
+        for site in sites
+    ]
 
 
 def wait_for_agents(
@@ -251,12 +294,27 @@ def serve(
 ) -> list[RoundResult]:
     """Run the federation to its last round; export every prototype at the end."""
     store = RunStore(run_dir)
+    if store.exists() and not settings.resume:
+        raise RunStoreError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another "
+            "--run-dir"
+        )
     agents_file = settings.agents_file or run_dir / REGISTRY_FILE
     registry = load_registry(agents_file)
     data = build_federation_data(cfg, settings.seed)
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
     programs = training_programs(cfg, data.num_classes, data.input_shape, report)
+    observers: list[FleetObserver] = [TelemetryRecorder(store)]
+    metrics = None
+    if settings.metrics_port is not None:
+        from coordinator.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics([p.name for p in cfg.prototypes])
+        bound = metrics.serve(settings.metrics_port, settings.metrics_addr)
+        report(f"Prometheus metrics on http://{settings.metrics_addr}:{bound}/metrics")
+        observers.append(metrics)
+    observer = Observers(observers)
     allowances = AllowanceBook(agents_file, registry)
     with broker_for(settings, fleet, registry) as mqtt:
         transport = MqttTransport(
@@ -267,6 +325,7 @@ def serve(
             input_shape=data.input_shape,
             policy=transport_policy(cfg, programs),
             on_allowance=allowances.pin,
+            observer=observer,
         ).start(timeout=30)
         try:
             report(
@@ -283,6 +342,7 @@ def serve(
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
                 registry=transport.registry,
+                observer=observer,
             )
             run.prepare()  # a bad run directory fails here, before waiting for agents
             wait_for_agents(
@@ -293,6 +353,8 @@ def serve(
             report(f"updates accepted {c.accepted}, refused {dict(c.refused) or 0}")
         finally:
             transport.close()
+            if metrics is not None:
+                metrics.close()
     if settings.export:
         export_run_dir(run_dir, report)
     return results

@@ -18,6 +18,7 @@ import torch
 
 from coordinator.engine import RoundEngine, RoundPolicy, RoundResult
 from coordinator.inputs import prototype_models, server_data
+from coordinator.observe import FleetObserver
 from coordinator.simulate import metrics_line
 from coordinator.store import RunStore, RunStoreError
 from coordinator.transport.base import ClientUpdate, Transport
@@ -84,6 +85,7 @@ class FederationRun:
         on_round: Callable[[RoundResult], None] | None = None,
         on_phase: Callable[[str, int], None] | None = None,
         registry: Mapping[str, AgentRecord] | None = None,
+        observer: FleetObserver | None = None,
     ) -> None:
         self.cfg, self.data, self.store, self.options = cfg, data, store, options
         self.registry = registry
@@ -102,6 +104,7 @@ class FederationRun:
             weight_cap=self._weight_cap,
         )
         self.on_round = on_round
+        self.observer = observer or FleetObserver()
         self.on_phase = on_phase or (lambda phase, r: None)
         self.completed = 0
         self.prepared = False
@@ -220,6 +223,8 @@ class FederationRun:
             resumed = self._resumed(r)
             self._save_state(phase="collecting", open_round={"id": r, "plan": plan})
             self.on_phase("collecting", r)
+            self.observer.round_started(r, plan)
+            started = time.monotonic()
             res = self.engine.run_round(r, resumed=resumed, plan=plan)
             digests = {
                 name: self.store.save_global(
@@ -242,6 +247,7 @@ class FederationRun:
             )
             self.store.commit_metrics(r, records)
             self.store.clear_pending(r)
+            self.observer.round_finished(r, time.monotonic() - started)
             results.append(res)
             if self.on_round is not None:
                 self.on_round(res)

@@ -6,6 +6,10 @@
                                             prototype's checkpoint, the round's metrics
     RUN/models/<prototype>/round-<r>.safetensors
     RUN/metrics.jsonl                       one line per round per prototype
+    RUN/telemetry.jsonl                     one line per event: registrations, presence,
+                                            updates with the agent's telemetry, refusals,
+                                            and a summary per round (coordinator.telemetry_log)
+    RUN/report.html, RUN/report.json        the field-trial report (coordinator.report)
     RUN/pending/round-<r>/<client>.safetensors   accepted updates of the open round
     RUN/exports/
 
@@ -23,6 +27,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+TELEMETRY_FILE = "telemetry.jsonl"
+REPORT_HTML = "report.html"
+REPORT_JSON = "report.json"
 MODELS_DIR = "models"
 PENDING_DIR = "pending"
 EXPORTS_DIR = "exports"
@@ -53,6 +61,7 @@ class RunStoreError(RuntimeError):
 class RunStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._append_lock = threading.Lock()  # appends come from more than one thread
 
     # -- paths --------------------------------------------------------------
     def model_path(self, prototype: str, round_id: int) -> Path:
@@ -164,6 +173,41 @@ class RunStore:
         for r in state.get("round_metrics") or []:  # committed, file not yet written
             latest.setdefault(_metrics_key(r), r)
         return sorted(latest.values(), key=_metrics_key)
+
+    def metrics_records(self) -> list[dict[str, Any]]:
+        """Every readable line of ``metrics.jsonl`` as written (several algorithms and
+        seeds in a ``simulate --compare`` output; see :meth:`metrics` for a served run)."""
+        return self._metrics_lines()
+
+    # -- telemetry ----------------------------------------------------------
+    def _append_jsonl(self, name: str, records: list[dict[str, Any]]) -> None:
+        """Append JSON lines: the whole new file is written and renamed into place."""
+        path = self.root / name
+        with self._append_lock:
+            old = path.read_bytes() if path.is_file() else b""
+            new = "".join(json.dumps(r) + "\n" for r in records).encode()
+            atomic_write_bytes(path, old + new)
+
+    def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        path = self.root / name
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    def append_telemetry(self, records: list[dict[str, Any]]) -> None:
+        """Append telemetry events (schema: ``coordinator.telemetry_log``)."""
+        self._append_jsonl(TELEMETRY_FILE, records)
+
+    def telemetry(self) -> list[dict[str, Any]]:
+        return self._read_jsonl(TELEMETRY_FILE)
 
     # -- pending updates of the open round ----------------------------------
     def save_pending(self, upd: ClientUpdate) -> None:

@@ -60,6 +60,7 @@ from takfl.wire.messages import (
     encode_message,
 )
 from takfl.wire.signing import message_ref, sign, verify
+from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import Down, Topics, Up, check_ident
 from takfl.wire.update import PreparedUpdate, prepare_update
 
@@ -124,9 +125,11 @@ class AgentLink:
         policy: LinkPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        telemetry: Callable[[], Telemetry] | None = None,
     ) -> None:
         check_ident(identity.agent_id, "agent id")
         self.identity = identity
+        self.telemetry = telemetry  # what the registration reports, built at each connect
         self.policy = policy or LinkPolicy()
         self.topics = Topics(fleet)
         self.clock = clock
@@ -194,6 +197,7 @@ class AgentLink:
             hardware_class=i.hardware_class,
             num_samples=i.num_samples,
             sent_at=self.wall_clock(),
+            telemetry=self.telemetry() if self.telemetry is not None else None,
         )
         return sign(reg, i.secret)
 
@@ -212,6 +216,7 @@ class AgentLink:
         num_samples: int,
         metrics: Mapping[str, float] | None = None,
         compression: Compression | None = None,
+        telemetry: Telemetry | None = None,
     ) -> UpdateHeader:
         """Encode ``trained - global`` as the task asks, sign, and send header and chunks."""
         prepared = prepare_update(
@@ -222,6 +227,7 @@ class AgentLink:
             num_samples=num_samples,
             metrics=metrics,
             compression=compression,
+            telemetry=telemetry,
         )
         self.send_prepared(prepared, deadline=task.message.deadline)
         return prepared.header
@@ -242,6 +248,12 @@ class AgentLink:
         me = self.identity.agent_id
         self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
         self.sender.publish(self.topics.up(me, Up.CHUNK), header.blob.digest, chunk_indices)
+
+    def traffic(self) -> tuple[int, int, int]:
+        """(payload bytes sent, bytes received, retries: headers announced again plus
+        reconnects) since the link started."""
+        c = self.client.counters
+        return c.bytes_sent, c.bytes_received, self.counters.header_retries + max(0, c.connects - 1)
 
     def wait_global(self, min_round: int, timeout: float) -> GlobalAnnouncement | None:
         """The latest announcement of this prototype's global model once its round is at

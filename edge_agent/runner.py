@@ -18,6 +18,7 @@ from torch import nn
 
 from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
 from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
+from edge_agent.telemetry import platform_info, task_telemetry
 from edge_agent.watch import LinkWatch
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.models import build_model
@@ -25,6 +26,7 @@ from takfl.mqtt.client import UNSUPPORTED_PROTOCOL, MqttSettings
 from takfl.mqtt.probe import connack_reason
 from takfl.ondevice import ProgramError, require_executorch, train_program
 from takfl.training import LocalResult, train_local
+from takfl.wire.telemetry import Telemetry
 from takfl.wire.validation import check_layout
 
 log = logging.getLogger(__name__)
@@ -121,10 +123,17 @@ class Agent:
         self.identity = AgentIdentity(
             agent_id, profile.prototype, secret, profile.name, profile.hardware_class, len(x)
         )
+        self.platform = platform_info()
         self.link = self._new_link()
 
     def _new_link(self) -> AgentLink:
-        link = AgentLink(self.settings, self.fleet, self.identity, policy=self.policy)
+        link = AgentLink(
+            self.settings,
+            self.fleet,
+            self.identity,
+            policy=self.policy,
+            telemetry=self._registration_telemetry,
+        )
         link.client.on_publish_denied(lambda topic, reason: self._denials.put((topic, reason)))
         return link
 
@@ -168,6 +177,19 @@ class Agent:
         if line:
             self.report(line)
 
+    def _registration_telemetry(self) -> Telemetry:
+        sent, received, retries = self.link.traffic()
+        return task_telemetry(
+            self.platform,
+            self.profile.training,
+            train_s=None,
+            samples=0,
+            bytes_sent=sent,
+            bytes_received=received,
+            retries=retries,
+            deadline=None,
+        )
+
     def handle(self, task: ReceivedTask) -> None:
         """Train on one task and send the update; a late task is skipped. (Repeated tasks
         never get here: the link answers them with the update it already sent.)"""
@@ -197,6 +219,19 @@ class Agent:
             log.warning("skipping task of round %d: %s", msg.round_id, e)
             return
         peak = peak_rss_mb() or 0.0
+        sent, received, retries = self.link.traffic()
+        telemetry = task_telemetry(
+            self.platform,
+            spec,
+            train_s=result.seconds,
+            samples=result.steps * spec.batch_size
+            if result.stopped_early
+            else result.num_samples * spec.epochs,
+            bytes_sent=sent,
+            bytes_received=received,
+            retries=retries,
+            deadline=msg.deadline,
+        )
         header = self.link.send_update(
             task,
             result.state,
@@ -207,6 +242,7 @@ class Agent:
                 "steps": float(result.steps),
                 "peak_rss_mb": peak,
             },
+            telemetry=telemetry,
         )
         warning = over_memory(spec)
         if warning:

@@ -83,6 +83,7 @@ class Decision:
     verdict: Verdict
     ack: Ack | None = None  # publish to ``agent`` when set
     update: ClientUpdate | None = None  # an accepted update for the engine
+    header: UpdateHeader | None = None  # the accepted update's header
 
     @property
     def accepted(self) -> bool:
@@ -264,7 +265,7 @@ class UpdateIntake:
             accepted=True,
         )
         self._remember(header, ack)
-        return Decision(agent, verdict, ack, update)
+        return Decision(agent, verdict, ack, update, header)
 
     # -- periodic -----------------------------------------------------------------------
     def new_round(self, round_id: int) -> None:

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from coordinator.observe import FleetObserver
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from coordinator.transport.dispatch import TaskDispatch, task_message
 from coordinator.transport.inbound import agent_of as read_agent
@@ -109,9 +110,12 @@ class MqttTransport(Transport):
         client_id: str = "takfl-coordinator",
         clock: Callable[[], float] = time.monotonic,
         on_allowance: Callable[[str, int], None] | None = None,
+        observer: FleetObserver | None = None,
     ) -> None:
         """``on_allowance(agent, n)`` is called when an agent's first accepted registration
-        pins its sample allowance (to persist it)."""
+        pins its sample allowance (to persist it); ``observer`` hears of registrations,
+        presence, tasks, accepted and refused updates (telemetry log, metrics)."""
+        self.observer = observer or FleetObserver()
         self.topics = Topics(fleet)
         self.registry = dict(registry)
         self.num_classes = num_classes
@@ -205,6 +209,9 @@ class MqttTransport(Transport):
             )
             for t in tasks
         ]
+        for (round_id, proto), ref in refs.items():
+            n = sum(1 for t in tasks if (t.round_id, t.prototype) == (round_id, proto))
+            self.observer.tasks_sent(round_id, proto, n, ref.size)
         if self.dispatch.assign(pairs):
             self.intake.new_round(self.dispatch.round)
         for t, msg in pairs:
@@ -281,6 +288,16 @@ class MqttTransport(Transport):
     def _decided(self, decision: Decision) -> None:
         if decision.update is not None:
             self._updates.put(decision.update)
+            if decision.header is not None:
+                self.observer.accepted(decision.header)
+        elif not decision.verdict.accepted and decision.agent is not None:
+            record = self.registry.get(decision.agent)
+            self.observer.refused(
+                decision.agent,
+                record.prototype if record else None,
+                decision.ack.round_id if decision.ack is not None else None,
+                (decision.verdict.reason or Refusal.MALFORMED).value,
+            )
         if decision.agent is not None and decision.ack is not None:
             self._ack(decision.agent, decision.ack)
 
@@ -293,11 +310,26 @@ class MqttTransport(Transport):
         if not verdict.accepted:
             self.counters.refused[(verdict.reason or Refusal.MALFORMED).value] += 1
             log.warning("refused registration on %s: %s", topic, verdict)
+            if received.agent is not None:
+                record = self.registry.get(received.agent)
+                self.observer.refused(
+                    received.agent,
+                    record.prototype if record else None,
+                    None,
+                    (verdict.reason or Refusal.MALFORMED).value,
+                )
+        elif received.agent is not None and received.message is not None:
+            msg = received.message
+            self.observer.registered(received.agent, msg.prototype, msg.telemetry)
         if ack is not None and received.agent is not None:
             self._ack(received.agent, ack)
 
     def _on_status(self, topic: str, payload: bytes) -> None:
-        self.presence.status(read(Status, self.topics, topic, payload, self.registry))
+        received = read(Status, self.topics, topic, payload, self.registry)
+        if self.presence.status(received) and received.agent is not None:
+            msg = received.message
+            online = msg is not None and msg.state == "online"
+            self.observer.presence(received.agent, self.registry[received.agent].prototype, online)
 
     def _on_task_ack(self, topic: str, payload: bytes) -> None:
         received = read(Ack, self.topics, topic, payload, self.registry)

@@ -107,6 +107,8 @@ class ClientCounters:
     publish_refused: int = 0  # outbox full
     subscribe_refused: int = 0  # broker refused a subscription (ACL)
     publish_denied: int = 0  # MQTT 5: the broker's PUBACK refused a message (ACL)
+    bytes_sent: int = 0  # payload bytes handed to the broker connection
+    bytes_received: int = 0  # payload bytes of routed messages
 
 
 def backoff_delay(attempt: int, min_s: int, max_s: int, rng: random.Random) -> int:
@@ -253,6 +255,7 @@ class MqttClient:
                 if msg.qos > 0:
                     self._client.ack(msg.mid, msg.qos)
                 return
+            self.counters.bytes_received += size
             try:
                 self._inbox.put_nowait((handler, msg.topic, bytes(msg.payload), msg.mid, msg.qos))
             except queue.Full:
@@ -370,6 +373,7 @@ class MqttClient:
         While disconnected, QoS > 0 messages wait in the outbox and go out on reconnect.
         """
         info = self._client.publish(topic, payload, qos=self.settings.qos, retain=retain)
+        self.counters.bytes_sent += len(payload)
         if self.settings.qos > 0 and info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             self._track(info.mid, topic)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:

@@ -29,6 +29,7 @@ from pydantic import (
 
 from takfl.config.profile import HardwareClass
 from takfl.wire.errors import MalformedChunk, MalformedMessage
+from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import IDENT_RE
 
 SCHEMA_VERSION = 1
@@ -123,6 +124,7 @@ class Registration(SignedMessage):
     hardware_class: HardwareClass
     num_samples: NonNegInt  # private training samples on the device
     sent_at: FiniteFloat  # unix time
+    telemetry: Telemetry | None = None  # platform and resources (takfl.wire.telemetry)
 
 
 class TaskMessage(SignedMessage):
@@ -164,6 +166,7 @@ class UpdateHeader(SignedMessage):
         dict[Annotated[str, StringConstraints(max_length=64)], FiniteFloat],
         Field(max_length=MAX_METRICS),
     ] = {}
+    telemetry: Telemetry | None = None  # platform and resources (takfl.wire.telemetry)
 
     @property
     def key(self) -> tuple[int, str, str]:

@@ -11,6 +11,7 @@ from takfl.wire.chunking import blob_ref
 from takfl.wire.codec import encode_state, make_delta
 from takfl.wire.messages import Compression, TaskMessage, UpdateHeader
 from takfl.wire.signing import sign
+from takfl.wire.telemetry import Telemetry
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ def prepare_update(
     metrics: Mapping[str, float] | None = None,
     compression: Compression | None = None,
     chunk_size: int | None = None,
+    telemetry: Telemetry | None = None,
 ) -> PreparedUpdate:
     """Encode ``trained - base`` as the task asks and sign the header announcing it.
 
@@ -38,6 +40,7 @@ def prepare_update(
         task: the task being answered (round, agent, prototype, base digest, defaults).
         trained: the locally trained state dict; base: the task's global state.
         compression, chunk_size: override the task's choices.
+        telemetry: the agent's report, signed with the header.
     """
     blob = encode_state(make_delta(trained, base), compression or task.compression)
     header = UpdateHeader(
@@ -49,6 +52,7 @@ def prepare_update(
         compression=compression or task.compression,
         num_samples=num_samples,
         metrics=dict(metrics or {}),
+        telemetry=telemetry,
     )
     return PreparedUpdate(sign(header, secret), blob)
 

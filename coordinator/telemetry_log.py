@@ -1,0 +1,163 @@
+"""The run's telemetry log, ``RUN/telemetry.jsonl``: one JSON object per line, appended
+atomically (the run store writes the whole new file and renames it into place).
+
+Every record has ``kind`` and ``time`` (unix seconds, coordinator clock). Kinds::
+
+    register  agent_id, prototype, round (the coordinator's open round, 0 before round 1),
+              telemetry (object or null: takfl.wire.telemetry.Telemetry, as received)
+    presence  agent_id, prototype, online (bool); written when the state changes
+    update    agent_id, prototype, round, num_samples, upload_bytes (the delta blob),
+              compression, telemetry (object or null)
+    refusal   agent_id, prototype (or null), round (or null), reason (a Refusal value)
+    round     round, duration_s, sampled / answered / late / missing: prototype -> [agent ids],
+              refused: reason -> count (this round's refusals of updates),
+              bytes_down / bytes_up: prototype -> bytes (global models in tasks, accepted
+              update blobs)
+
+``late`` are sampled agents whose update was refused as expired or for a closed round;
+``missing`` are sampled agents that neither answered nor were late. Everything in a
+record was validated on receipt (telemetry is bounded by its schema). The log stays
+bounded by agents x rounds: a registration is written again only when the agent's
+platform changed (an agent re-registers on every reconnect), and at most
+``MAX_REFUSALS`` refusals per agent and round are written (the round record counts all).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from coordinator.observe import LATE_REASONS, FleetObserver
+from coordinator.store import RunStore
+from takfl.wire.messages import UpdateHeader
+from takfl.wire.telemetry import Telemetry
+
+KINDS = ("register", "presence", "update", "refusal", "round")
+MAX_REFUSALS = 16  # refusal records per agent and round (the round record counts every one)
+
+
+class _Round:
+    def __init__(self, plan: Mapping[str, Sequence[str]]) -> None:
+        self.plan = {p: sorted(ids) for p, ids in plan.items()}
+        self.answered: dict[str, set[str]] = defaultdict(set)
+        self.late: dict[str, set[str]] = defaultdict(set)
+        self.refused: Counter[str] = Counter()
+        self.bytes_down: Counter[str] = Counter()
+        self.bytes_up: Counter[str] = Counter()
+
+
+class TelemetryRecorder(FleetObserver):
+    """Writes the telemetry log of one run as events arrive (thread-safe)."""
+
+    def __init__(self, store: RunStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._round_id = 0
+        self._rounds: dict[int, _Round] = {}
+        self._online: dict[str, bool] = {}
+        self._platforms: dict[str, Any] = {}  # agent -> platform of its last registration
+        self._refusals: Counter[tuple[int | None, str]] = Counter()  # (round, agent)
+
+    def _write(self, kind: str, **fields: Any) -> None:
+        self.store.append_telemetry([{"kind": kind, "time": self.clock(), **fields}])
+
+    def _open(self, round_id: int | None) -> _Round | None:
+        return self._rounds.get(round_id) if round_id is not None else None
+
+    # -- FleetObserver ------------------------------------------------------------------------
+    def registered(self, agent: str, prototype: str, telemetry: Telemetry | None) -> None:
+        platform = None if telemetry is None else telemetry.platform
+        with self._lock:
+            round_id = self._round_id
+            if agent in self._platforms and self._platforms[agent] == platform:
+                return
+            self._platforms[agent] = platform
+        self._write(
+            "register",
+            agent_id=agent,
+            prototype=prototype,
+            round=round_id,
+            telemetry=None if telemetry is None else telemetry.model_dump(mode="json"),
+        )
+
+    def presence(self, agent: str, prototype: str, online: bool) -> None:
+        with self._lock:
+            if self._online.get(agent) == online:
+                return
+            self._online[agent] = online
+        self._write("presence", agent_id=agent, prototype=prototype, online=online)
+
+    def tasks_sent(self, round_id: int, prototype: str, count: int, blob_bytes: int) -> None:
+        with self._lock:
+            r = self._open(round_id)
+            if r is not None:
+                r.bytes_down[prototype] += count * blob_bytes
+
+    def accepted(self, header: UpdateHeader) -> None:
+        with self._lock:
+            r = self._open(header.round_id)
+            if r is not None:
+                r.answered[header.prototype].add(header.agent_id)
+                r.bytes_up[header.prototype] += header.blob.size
+        t = header.telemetry
+        self._write(
+            "update",
+            agent_id=header.agent_id,
+            prototype=header.prototype,
+            round=header.round_id,
+            num_samples=header.num_samples,
+            upload_bytes=header.blob.size,
+            compression=header.compression,
+            telemetry=None if t is None else t.model_dump(mode="json"),
+        )
+
+    def refused(self, agent: str, prototype: str | None, round_id: int | None, reason: str) -> None:
+        with self._lock:
+            r = self._open(round_id)
+            if r is not None:
+                r.refused[reason] += 1
+                if reason in LATE_REASONS and prototype is not None:
+                    r.late[prototype].add(agent)
+            self._refusals[(round_id, agent)] += 1
+            if self._refusals[(round_id, agent)] > MAX_REFUSALS:
+                return
+        self._write("refusal", agent_id=agent, prototype=prototype, round=round_id, reason=reason)
+
+    def round_started(self, round_id: int, plan: Mapping[str, Sequence[str]]) -> None:
+        with self._lock:
+            self._round_id = round_id
+            self._rounds[round_id] = _Round(plan)
+            for old in [k for k in self._rounds if k < round_id - 1]:
+                del self._rounds[old]  # keep the previous round for its late arrivals
+            for key in [k for k in self._refusals if k[0] is not None and k[0] < round_id - 1]:
+                del self._refusals[key]
+
+    def round_finished(self, round_id: int, duration_s: float) -> None:
+        with self._lock:
+            r = self._rounds.get(round_id)
+            if r is None:
+                return
+            record = round_record(r, round_id, duration_s)
+        self._write("round", **record)
+
+
+def round_record(r: _Round, round_id: int, duration_s: float) -> dict[str, Any]:
+    """The ``round`` record's fields from a round's bookkeeping."""
+    answered = {p: sorted(r.answered.get(p, set()) & set(ids)) for p, ids in r.plan.items()}
+    late = {p: sorted(r.late.get(p, set()) - set(answered[p])) for p in r.plan}
+    missing = {p: sorted(set(ids) - set(answered[p]) - set(late[p])) for p, ids in r.plan.items()}
+    return {
+        "round": round_id,
+        "duration_s": duration_s,
+        "sampled": r.plan,
+        "answered": answered,
+        "late": late,
+        "missing": missing,
+        "refused": dict(r.refused),
+        "bytes_down": {p: r.bytes_down.get(p, 0) for p in r.plan},
+        "bytes_up": {p: r.bytes_up.get(p, 0) for p in r.plan},
+    }
