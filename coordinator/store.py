@@ -149,18 +149,7 @@ class RunStore:
         atomic_write_bytes(self.root / METRICS_FILE, body)
 
     def _metrics_lines(self) -> list[dict[str, Any]]:
-        path = self.root / METRICS_FILE
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
+        return self._read_jsonl(METRICS_FILE)
 
     def metrics(self) -> list[dict[str, Any]]:
         """Metrics of committed rounds, one record per (round, prototype) (the last one)."""
