@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -184,8 +185,11 @@ def test_version() -> None:
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("takfl-agent")
-    assert exe is not None, "takfl-agent is not on PATH: pip install -c constraints.txt -e ."
+    # The script sits beside the interpreter running the tests (a venv's bin/), which need not
+    # be on PATH: `.venv/bin/python -m pytest` is how the README runs the suite.
+    beside = Path(sys.executable).with_name("takfl-agent")
+    exe = str(beside) if beside.exists() else shutil.which("takfl-agent")
+    assert exe is not None, "takfl-agent is not installed: pip install -c constraints.txt -e ."
     env = {**os.environ, **WIDE}
     return subprocess.run(
         [exe, *args], capture_output=True, text=True, env=env, timeout=120, check=False

@@ -8,6 +8,8 @@ processes, and checks what lands in the run directory.
 from __future__ import annotations
 
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,21 @@ needs_mosquitto = pytest.mark.skipif(
 )
 
 
+def process_cmdline(proc: subprocess.Popen[bytes]) -> bytes:
+    """The process's argument vector as the kernel shows it to other users of the machine.
+
+    Right after ``Popen`` returns, ``exec`` may not have set the new argument area up yet and
+    ``/proc/PID/cmdline`` reads empty: wait for it rather than read a half-started process.
+    """
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        if cmdline:
+            return cmdline
+        time.sleep(0.05)
+    raise AssertionError(f"no argument vector for pid {proc.pid} (exit code {proc.poll()})")
+
+
 def by_round(records: list[dict]) -> dict[tuple[int, str], float]:  # type: ignore[type-arg]
     return {(r["round"], r["prototype"]): r["test_accuracy"] for r in records}
 
@@ -46,7 +63,7 @@ def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[n
         coord = fed.start_coordinator("--deadline", "120", "--wait-all", "300")
         # the broker password came from a file: no process argument shows it
         password = (fed.work / "coordinator.password").read_text().strip()
-        cmdline = Path(f"/proc/{coord.pid}/cmdline").read_bytes()
+        cmdline = process_cmdline(coord)
         assert b"--password-file" in cmdline and password.encode() not in cmdline
         assert coord.wait(600) == 0, fed.logs()
         served = metrics(fed.run_dir)
