@@ -126,14 +126,22 @@ def ntp_synchronised() -> bool | None:
 
 
 def broker_checks(
-    settings: MqttSettings, fleet: str, agent_id: str | None, wait_s: float
+    settings: MqttSettings,
+    fleet: str,
+    agent_id: str | None,
+    wait_s: float,
+    secret: bytes | None = None,
 ) -> tuple[list[Check], float | None]:
     """Reachable, credentials accepted, own publish allowed, a coordinator online.
+
+    The publish test is the agent's own "offline" status, signed with ``secret`` as the agent
+    signs it, so the coordinator sees an ordinary status rather than a forged one.
     Returns the checks and the coordinator's status time (for the clock check)."""
     from takfl.mqtt.client import UNSUPPORTED_PROTOCOL, MqttClient, MqttConnectError
     from takfl.wire.errors import WireError
     from takfl.wire.messages import Status as StatusMessage
     from takfl.wire.messages import decode_message, encode_message
+    from takfl.wire.signing import sign
     from takfl.wire.topics import Topics, Up
 
     where = f"{settings.host}:{settings.port}"
@@ -194,6 +202,8 @@ def broker_checks(
         if agent_id is not None:
             topic = topics.up(agent_id, Up.STATUS)
             offline = StatusMessage(agent_id=agent_id, state="offline", time=time.time())
+            if secret is not None:
+                offline = sign(offline, secret)
             answer = client.publish_confirmed(topic, encode_message(offline), 10, retain=True)
             if answer is None:
                 checks.append(Check("publish", Status.FAIL, f"no PUBACK on {topic} in 10 s"))
@@ -269,7 +279,7 @@ def doctor(
     except ConfigError as e:
         err.print(Text(str(e), style="red"))
         raise typer.Exit(EXIT_INPUT) from None
-    settings = None
+    settings, secret = None, None
     if broker is not None:
         from takfl.mqtt.credentials import mqtt_password
         from takfl.mqtt.url import parse_broker_url
@@ -281,8 +291,9 @@ def doctor(
             raise typer.Exit(EXIT_INPUT)
         try:
             settings = parse_broker_url(broker, ca_file=ca_file)
-            if agent_id is not None and secret_file is not None and settings.username is None:
+            if secret_file is not None:
                 secret = load_secret_file(secret_file)
+            if agent_id is not None and secret is not None and settings.username is None:
                 settings = replace(settings, username=agent_id, password=mqtt_password(secret))
         except (ValueError, WireError, OSError) as e:
             err.print(Text(f"error: {e}", style="red"))
@@ -304,7 +315,7 @@ def doctor(
     )
     coordinator_time = None
     if settings is not None:
-        more, coordinator_time = broker_checks(settings, fleet, agent_id, wait)
+        more, coordinator_time = broker_checks(settings, fleet, agent_id, wait, secret)
         checks += more
     checks.append(check_clock(time.time(), coordinator_time, ntp_synchronised()))
     console.print(Text(f"takfl-agent doctor: profile {prof.name}", style="bold"))
