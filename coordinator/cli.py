@@ -99,11 +99,12 @@ def simulate(
         "small models' kernels do not amortise thread hand-offs.",
     ),
     vectorise: bool = typer.Option(
-        True,
+        None,
         "--vectorise/--no-vectorise",
         help="Train a prototype's sampled clients together (vmap on the device) instead of "
-        "one by one; same result within float rounding. Prototypes with a time budget "
-        "always train one by one.",
+        "one by one; same result within float rounding. Default: automatic (on CUDA; on a "
+        "CPU for models up to 50k parameters). Prototypes with a time budget always train "
+        "one by one.",
     ),
     out: Path = typer.Option(Path("runs/simulate"), help="Output folder."),
 ) -> None:

@@ -33,8 +33,9 @@ class SimulationSpec:
     alpha: float | None = None  # None: the config's
     compression: str | None = None  # apply the wire codec: fp32|fp16|int8|profile
     data_dir: str | None = None
-    # train a prototype's sampled clients together (vmap) where that equals the loop
-    vectorise: bool = True
+    # train a prototype's sampled clients together (vmap) where that equals the loop:
+    # True, False, or None (automatic: on accelerators, and for small models on a CPU)
+    vectorise: bool | None = None
 
 
 def profile_compression(cfg: FederationConfig, mode: str | None) -> str | dict[str, str] | None:

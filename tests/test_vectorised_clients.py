@@ -21,12 +21,14 @@ from takfl.config.base import ModelSpec
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
 from takfl.training import make_optimizer, train_local
+from takfl import vectorised_training
 from takfl.vectorised_training import (
     ClientData,
     StackedOptimizer,
     client_batches,
     train_clients,
     vectorisable,
+    worth_vectorising,
 )
 
 SHAPE = (1, 8, 8)
@@ -74,6 +76,20 @@ def test_vectorised_equals_train_local_per_client(builder: str, spec_name: str) 
             torch.testing.assert_close(got.state[k], v, rtol=1e-4, atol=2e-5, msg=k)
             if v.is_floating_point():
                 assert not torch.equal(v, model.state_dict()[k]), f"{k} did not train"
+
+
+def test_float64_agrees_to_rounding_of_the_order_of_sums() -> None:
+    """In double precision the only difference left is summation order (Adam in float32 can
+    magnify rounding noise of near-zero gradient elements into steps of about lr)."""
+    spec = SPECS["adam-wd"]
+    torch.manual_seed(3)
+    model = build_model("cnn_digits_small", 10, SHAPE).double()
+    clients = [ClientData(c.x.double(), c.y, c.seed) for c in make_clients(SIZES)]
+    together = train_clients(copy.deepcopy(model), clients, spec)
+    for c, got in zip(clients, together, strict=True):
+        want = train_local(copy.deepcopy(model), c.x, c.y, spec, seed=c.seed)
+        for k, v in want.state.items():
+            torch.testing.assert_close(got.state[k], v, rtol=1e-10, atol=1e-12, msg=k)
 
 
 def test_batchnorm_statistics_see_only_real_rows() -> None:
@@ -159,7 +175,7 @@ def test_time_budget_and_dropout_are_not_vectorised() -> None:
 
 
 def _transport_updates(
-    spec: TrainingSpec, vectorise: bool, monkeypatch: pytest.MonkeyPatch
+    spec: TrainingSpec, vectorise: bool | None, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list, int]:
     calls = 0
     real = inprocess.train_local
@@ -205,6 +221,18 @@ def test_transport_vectorised_gives_the_loops_updates(monkeypatch: pytest.Monkey
         assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], rel=1e-5)
         for k in a.state:
             torch.testing.assert_close(b.state[k], a.state[k], rtol=1e-4, atol=2e-5)
+
+
+def test_automatic_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = build_model("cnn_digits_small", 10, SHAPE)
+    assert worth_vectorising(small, "cpu")
+    assert not worth_vectorising(build_model("cnn_digits_large", 10, SHAPE), "cpu")
+    assert worth_vectorising(build_model("cnn_digits_large", 10, SHAPE), "cuda")
+    spec = TrainingSpec(epochs=1, batch_size=8)
+    assert _transport_updates(spec, None, monkeypatch)[1] == 1  # small CNN on CPU: together
+    monkeypatch.setattr(vectorised_training, "CPU_VECTORISE_MAX_PARAMETERS", 100)
+    assert _transport_updates(spec, None, monkeypatch)[1] == 4  # too large now: the loop
+    assert _transport_updates(spec, True, monkeypatch)[1] == 1  # forced on
 
 
 def test_transport_falls_back_to_the_loop_under_a_time_budget(

@@ -13,7 +13,12 @@ from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
 from takfl.training import LocalResult, train_local
-from takfl.vectorised_training import ClientData, train_clients, vectorisable
+from takfl.vectorised_training import (
+    ClientData,
+    train_clients,
+    vectorisable,
+    worth_vectorising,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,8 @@ class InProcessTransport(Transport):
     to each delta, so a simulation sees exactly what the coordinator would
     reconstruct from real agents.
 
-    ``vectorise``: when the engine asks for the first update of a prototype's round, every
+    ``vectorise`` (True; None: only where :func:`worth_vectorising` says it is faster;
+    False: never): when the engine asks for the first update of a prototype's round, every
     queued task of that prototype with the same global weights and training settings trains
     at once (:func:`takfl.vectorised_training.train_clients`); the updates are then handed
     out one per call, in task order, as before. Settings that cannot train together (a time
@@ -59,7 +65,7 @@ class InProcessTransport(Transport):
         input_shape: tuple[int, int, int],
         device: torch.device | str = "cpu",
         compression: str | dict[str, str] | None = None,
-        vectorise: bool = False,
+        vectorise: bool | None = False,
     ) -> None:
         self._clients = {c.client_id: c for c in clients}
         self._queue: deque[Task] = deque()
@@ -100,6 +106,8 @@ class InProcessTransport(Transport):
         model = self._model(head)
         if vectorisable(model, spec) is not None:
             return
+        if self.vectorise is None and not worth_vectorising(model, self.device):
+            return
         peers: dict[str, Task] = {}
         for t in self._queue:
             if (
@@ -126,7 +134,7 @@ class InProcessTransport(Transport):
         if not self._queue:
             return None
         head = self._queue[0]
-        if self.vectorise and (head.round_id, head.client_id) not in self._ready:
+        if self.vectorise is not False and (head.round_id, head.client_id) not in self._ready:
             self._train_together(head)
         task = self._queue.popleft()
         client = self._clients[task.client_id]
