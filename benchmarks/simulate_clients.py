@@ -24,7 +24,6 @@ difference). Prints a table and writes benchmarks/results/simulate_clients.json
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -62,21 +61,44 @@ def cases(cifar_samples: int, cifar_epochs: int, clients: int) -> dict[str, Case
     return {
         # the digits federation's prototypes (models, epochs, batch, optimiser, lr)
         "digits-S": Case(
-            "digits-S", "mlp_digits", {"width": 8}, digits, clients, 10,
+            "digits-S",
+            "mlp_digits",
+            {"width": 8},
+            digits,
+            clients,
+            10,
             TrainingSpec(epochs=10, batch_size=8, optimizer="sgd", learning_rate=0.003),
         ),
         "digits-M": Case(
-            "digits-M", "cnn_digits_small", {}, digits, clients, 56,
+            "digits-M",
+            "cnn_digits_small",
+            {},
+            digits,
+            clients,
+            56,
             TrainingSpec(epochs=5, batch_size=16, optimizer="adam", learning_rate=0.002),
         ),
         "digits-L": Case(
-            "digits-L", "cnn_digits_large", {}, digits, clients, 280,
+            "digits-L",
+            "cnn_digits_large",
+            {},
+            digits,
+            clients,
+            280,
             TrainingSpec(epochs=2, batch_size=32, optimizer="adam", learning_rate=0.001),
         ),
         "cifar-resnet8": Case(
-            "cifar-resnet8", "resnet8", {}, (3, 32, 32), clients, cifar_samples,
+            "cifar-resnet8",
+            "resnet8",
+            {},
+            (3, 32, 32),
+            clients,
+            cifar_samples,
             TrainingSpec(
-                epochs=cifar_epochs, batch_size=64, optimizer="adam", learning_rate=0.001,
+                epochs=cifar_epochs,
+                batch_size=64,
+                optimizer="adam",
+                learning_rate=0.001,
                 weight_decay=5e-5,
             ),
         ),
@@ -103,8 +125,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_loop(model: torch.nn.Module, glob: dict, clients: list[ClientData], spec: TrainingSpec,
-             device: torch.device) -> list[dict[str, torch.Tensor]]:
+def run_loop(
+    model: torch.nn.Module,
+    glob: dict,
+    clients: list[ClientData],
+    spec: TrainingSpec,
+    device: torch.device,
+) -> list[dict[str, torch.Tensor]]:
     out = []
     for c in clients:
         model.load_state_dict(glob)
@@ -112,8 +139,13 @@ def run_loop(model: torch.nn.Module, glob: dict, clients: list[ClientData], spec
     return out
 
 
-def run_vectorised(model: torch.nn.Module, glob: dict, clients: list[ClientData],
-                   spec: TrainingSpec, device: torch.device) -> list[dict[str, torch.Tensor]]:
+def run_vectorised(
+    model: torch.nn.Module,
+    glob: dict,
+    clients: list[ClientData],
+    spec: TrainingSpec,
+    device: torch.device,
+) -> list[dict[str, torch.Tensor]]:
     model.load_state_dict(glob)
     return [r.state for r in train_clients(model, clients, spec, device=device)]
 
@@ -184,15 +216,26 @@ def main() -> None:
         rows.append(measure(table_cases[name], device, a.repeats))
         print(json.dumps({k: rows[-1][k] for k in ("case", "loop_s", "vectorised_s", "speedup")}))
     table = Table(title=f"one round's local training, {a.clients} clients, device {device}")
-    for col in ("case", "model (params)", "samples/client", "loop clients/s",
-                "vectorised clients/s", "speedup", "max |dw|"):
+    for col in (
+        "case",
+        "model (params)",
+        "samples/client",
+        "loop clients/s",
+        "vectorised clients/s",
+        "speedup",
+        "max |dw|",
+    ):
         table.add_column(col)
     for r in rows:
         s = r["client_samples"]
         table.add_row(
-            r["case"], f"{r['model']} ({r['parameters']:,})", f"{min(s)}-{max(s)}",
-            f"{r['loop_clients_per_s']:.2f}", f"{r['vectorised_clients_per_s']:.2f}",
-            f"{r['speedup']:.2f}x", f"{r['max_abs_weight_difference']:.1e}",
+            r["case"],
+            f"{r['model']} ({r['parameters']:,})",
+            f"{min(s)}-{max(s)}",
+            f"{r['loop_clients_per_s']:.2f}",
+            f"{r['vectorised_clients_per_s']:.2f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['max_abs_weight_difference']:.1e}",
         )
     Console(width=150).print(table)
     machine = {
@@ -205,11 +248,18 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(
-        {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine,
-         "repeats": a.repeats, "data": "synthetic (random inputs and labels)", "rows": rows},
-        indent=2,
-    ))
+    a.out.write_text(
+        json.dumps(
+            {
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "machine": machine,
+                "repeats": a.repeats,
+                "data": "synthetic (random inputs and labels)",
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {a.out}")
 
 

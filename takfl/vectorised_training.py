@@ -121,7 +121,9 @@ class StackedOptimizer:
         any_p = next(iter(params.values()))
         self.steps = torch.zeros(any_p.shape[0], dtype=torch.float64, device=any_p.device)
         self.m = {n: torch.zeros_like(p) for n, p in params.items()}  # exp_avg / momentum
-        self.v = {n: torch.zeros_like(p) for n, p in params.items()} if spec.optimizer == "adam" else {}
+        self.v = (
+            {n: torch.zeros_like(p) for n, p in params.items()} if spec.optimizer == "adam" else {}
+        )
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor | None], active: torch.Tensor) -> None:
@@ -196,11 +198,11 @@ def train_clients(
     xs = torch.cat([c.x for c in clients]).to(dev)
     ys = torch.cat([c.y for c in clients]).to(dev)
     offsets = [0]
-    for c in clients[:-1]:
-        offsets.append(offsets[-1] + len(c.x))
+    for cd in clients[:-1]:
+        offsets.append(offsets[-1] + len(cd.x))
     plans = [
-        [idx + off for idx in client_batches(len(c.x), spec, c.seed)]
-        for c, off in zip(clients, offsets, strict=True)
+        [idx + off for idx in client_batches(len(cd.x), spec, cd.seed)]
+        for cd, off in zip(clients, offsets, strict=True)
     ]
     steps = [len(p) for p in plans]
     loss_sum = torch.zeros(g_all, dtype=torch.float64, device=dev)

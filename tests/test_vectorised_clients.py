@@ -15,13 +15,13 @@ from coordinator.simulate import SimulationSpec, run_simulation
 from coordinator.transport import inprocess
 from coordinator.transport.base import Task
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
+from takfl import vectorised_training
 from takfl.algorithms import resolve_algorithm
 from takfl.config import load_federation, load_profile
 from takfl.config.base import ModelSpec
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
 from takfl.training import make_optimizer, train_local
-from takfl import vectorised_training
 from takfl.vectorised_training import (
     ClientData,
     StackedOptimizer,
@@ -40,7 +40,9 @@ SIZES = [40, 37, 17, 3]
 def make_clients(sizes: list[int], seed: int = 0) -> list[ClientData]:
     g = torch.Generator().manual_seed(seed)
     return [
-        ClientData(torch.randn(n, *SHAPE, generator=g), torch.randint(0, 10, (n,), generator=g), 7 + i)
+        ClientData(
+            torch.randn(n, *SHAPE, generator=g), torch.randint(0, 10, (n,), generator=g), 7 + i
+        )
         for i, n in enumerate(sizes)
     ]
 
@@ -122,8 +124,10 @@ def test_masked_client_gets_no_update(optimizer: str) -> None:
     spec = TrainingSpec(optimizer=optimizer, learning_rate=0.1, weight_decay=0.01)
     torch.manual_seed(0)
     lin = nn.Linear(3, 2)
-    stacked = {n: p.detach().unsqueeze(0).repeat(2, 1, *([1] * (p.dim() - 1))).clone()
-               for n, p in lin.named_parameters()}
+    stacked = {
+        n: p.detach().unsqueeze(0).repeat(2, 1, *([1] * (p.dim() - 1))).clone()
+        for n, p in lin.named_parameters()
+    }
     before = {n: v.clone() for n, v in stacked.items()}
     opt = StackedOptimizer(stacked, spec)
     ref = make_optimizer(lin, spec)
@@ -148,8 +152,10 @@ def test_one_masked_step_equals_a_fresh_single_step() -> None:
     spec = TrainingSpec(optimizer="adam", learning_rate=0.1, weight_decay=0.01)
     torch.manual_seed(0)
     lin = nn.Linear(3, 2)
-    stacked = {n: p.detach().unsqueeze(0).repeat(2, 1, *([1] * (p.dim() - 1))).clone()
-               for n, p in lin.named_parameters()}
+    stacked = {
+        n: p.detach().unsqueeze(0).repeat(2, 1, *([1] * (p.dim() - 1))).clone()
+        for n, p in lin.named_parameters()
+    }
     opt = StackedOptimizer(stacked, spec)
     g1 = {n: torch.randn_like(v) for n, v in stacked.items()}
     opt.step({n: torch.randn_like(v) for n, v in stacked.items()}, torch.tensor([True, False]))
@@ -167,7 +173,9 @@ def test_time_budget_and_dropout_are_not_vectorised() -> None:
     budget = TrainingSpec(time_budget_s=30.0)
     assert vectorisable(model, TrainingSpec()) is None
     assert "time budget" in (vectorisable(model, budget) or "")
-    assert "dropout" in (vectorisable(nn.Sequential(nn.Flatten(), nn.Dropout(0.1)), TrainingSpec()) or "")
+    assert "dropout" in (
+        vectorisable(nn.Sequential(nn.Flatten(), nn.Dropout(0.1)), TrainingSpec()) or ""
+    )
     with pytest.raises(ValueError, match="time budget"):
         train_clients(model, make_clients([8, 8]), budget)
     with pytest.raises(ValueError, match="empty"):
@@ -187,17 +195,13 @@ def _transport_updates(
 
     monkeypatch.setattr(inprocess, "train_local", counting)
     data = make_clients([21, 16, 5])
-    clients = [
-        VirtualClient(f"c{i}", "M", c.x, c.y, spec) for i, c in enumerate(data)
-    ] + [VirtualClient("s0", "S", data[0].x, data[0].y, spec)]
-    transport = InProcessTransport(
-        clients, num_classes=10, input_shape=SHAPE, vectorise=vectorise
-    )
+    clients = [VirtualClient(f"c{i}", "M", c.x, c.y, spec) for i, c in enumerate(data)] + [
+        VirtualClient("s0", "S", data[0].x, data[0].y, spec)
+    ]
+    transport = InProcessTransport(clients, num_classes=10, input_shape=SHAPE, vectorise=vectorise)
     torch.manual_seed(4)
     specs = {"M": ModelSpec(builder="cnn_digits_small"), "S": ModelSpec(builder="mlp_digits")}
-    globals_ = {
-        p: build_model(m.builder, 10, SHAPE).state_dict() for p, m in specs.items()
-    }
+    globals_ = {p: build_model(m.builder, 10, SHAPE).state_dict() for p, m in specs.items()}
     tasks = [
         Task(1, c.prototype, c.client_id, specs[c.prototype], globals_[c.prototype], 0.0, 11 * i)
         for i, c in enumerate(clients)

@@ -49,7 +49,7 @@ class InProcessTransport(Transport):
     to each delta, so a simulation sees exactly what the coordinator would
     reconstruct from real agents.
 
-    ``vectorise`` (True; None: only where :func:`worth_vectorising` says it is faster;
+    ``vectorise`` (True: wherever possible; None: where :func:`worth_vectorising` says so;
     False: never): when the engine asks for the first update of a prototype's round, every
     queued task of that prototype with the same global weights and training settings trains
     at once (:func:`takfl.vectorised_training.train_clients`); the updates are then handed
