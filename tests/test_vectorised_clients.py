@@ -293,3 +293,35 @@ def test_simulation_gives_the_same_metrics_both_ways(tmp_path: Path) -> None:
         if a["lambdas"] is not None:
             for k, v in a["lambdas"].items():
                 assert b["lambdas"][k] == pytest.approx(v, abs=1e-4)
+
+
+def test_cli_switch_reaches_the_transport(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+
+    config = no_budget_digits_config(tmp_path)
+    calls = {"loop": 0, "together": 0}
+    real_loop, real_together = inprocess.train_local, inprocess.train_clients
+
+    def loop(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["loop"] += 1
+        return real_loop(*args, **kwargs)
+
+    def together(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["together"] += 1
+        return real_together(*args, **kwargs)
+
+    monkeypatch.setattr(inprocess, "train_local", loop)
+    monkeypatch.setattr(inprocess, "train_clients", together)
+    seen = {}
+    for flag in ("--no-vectorise", "--vectorise"):
+        calls.update(loop=0, together=0)
+        out = tmp_path / flag
+        args = ["simulate", "--config", str(config), "--algorithm", "fedavg", "--rounds", "1"]
+        result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "cpu", flag])
+        assert result.exit_code == 0, result.output
+        seen[flag] = dict(calls)
+    # digits samples 3 S, 2 M and 2 L clients a round
+    assert seen["--no-vectorise"] == {"loop": 7, "together": 0}
+    assert seen["--vectorise"] == {"loop": 0, "together": 3}
