@@ -205,6 +205,12 @@ def train_clients(
         for cd, off in zip(clients, offsets, strict=True)
     ]
     steps = [len(p) for p in plans]
+    # moved to the device once: each client's batches back to back, sliced per step
+    flat = [torch.cat(p).to(dev) for p in plans]
+    bounds = [[0, *torch.tensor([len(i) for i in p]).cumsum(0).tolist()] for p in plans]
+    active_at = torch.tensor(
+        [[t < s for s in steps] for t in range(max(steps))], device=dev
+    )  # (T, G) bool
     loss_sum = torch.zeros(g_all, dtype=torch.float64, device=dev)
 
     def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +226,7 @@ def train_clients(
                 groups.setdefault(len(plans[c][t]), []).append(c)
         total = torch.zeros((), device=dev)
         for size, members in groups.items():
-            rows = torch.stack([plans[c][t] for c in members]).to(dev)  # (g, size)
+            rows = torch.stack([flat[c][bounds[c][t] : bounds[c][t + 1]] for c in members])
             if members == everyone:
                 p_g, b_g, ids = params, buffers, None
             else:
@@ -241,8 +247,7 @@ def train_clients(
                     for n, v in buffers.items():
                         v[ids] = b_g[n]  # BatchNorm running statistics of this group
         grads = torch.autograd.grad(total, [params[n] for n in names], allow_unused=True)
-        active = torch.tensor([t < s for s in steps], device=dev)
-        opt.step(dict(zip(names, grads, strict=True)), active)
+        opt.step(dict(zip(names, grads, strict=True)), active_at[t])
 
     seconds = (time.monotonic() - start) / g_all
     losses = loss_sum.cpu().tolist()
