@@ -92,7 +92,7 @@ def vectorisable(model: nn.Module, spec: TrainingSpec) -> str | None:
 
 # Largest model (parameters) vectorised on a CPU by the automatic choice. On the 2-core
 # development machine the digits MLP (610) and small CNN (13,754) trained 1.3-1.4x faster
-# together, resnet8 (78,042) and the large digits CNN (208,586) 0.6-0.7x as fast.
+# together, resnet8 (78,042) and the large digits CNN (208,586) at 0.57-0.72x the speed.
 CPU_VECTORISE_MAX_PARAMETERS = 50_000
 
 
