@@ -33,6 +33,9 @@ class SimulationSpec:
     alpha: float | None = None  # None: the config's
     compression: str | None = None  # apply the wire codec: fp32|fp16|int8|profile
     data_dir: str | None = None
+    # train a prototype's sampled clients together (vmap) where that equals the loop:
+    # True, False, or None (automatic: on accelerators, and for small models on a CPU)
+    vectorise: bool | None = None
 
 
 def profile_compression(cfg: FederationConfig, mode: str | None) -> str | dict[str, str] | None:
@@ -110,6 +113,7 @@ def run_simulation(
                 input_shape=data.input_shape,
                 device=device,
                 compression=profile_compression(cfg, spec.compression),
+                vectorise=spec.vectorise,
             )
             engine = RoundEngine(
                 cfg, models, sdata, transport, algorithm=algo, device=device, seed=seed

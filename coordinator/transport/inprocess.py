@@ -12,7 +12,13 @@ from torch import nn
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
-from takfl.training import train_local
+from takfl.training import LocalResult, train_local
+from takfl.vectorised_training import (
+    ClientData,
+    train_clients,
+    vectorisable,
+    worth_vectorising,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,13 @@ class InProcessTransport(Transport):
     ``compression`` (fp32/fp16/int8, or one per prototype) applies the wire codec
     to each delta, so a simulation sees exactly what the coordinator would
     reconstruct from real agents.
+
+    ``vectorise`` (True: wherever possible; None: where :func:`worth_vectorising` says so;
+    False: never): when the engine asks for the first update of a prototype's round, every
+    queued task of that prototype with the same global weights and training settings trains
+    at once (:func:`takfl.vectorised_training.train_clients`); the updates are then handed
+    out one per call, in task order, as before. Settings that cannot train together (a time
+    budget, dropout) and lone tasks train one by one with ``train_local``.
     """
 
     def __init__(
@@ -52,14 +65,17 @@ class InProcessTransport(Transport):
         input_shape: tuple[int, int, int],
         device: torch.device | str = "cpu",
         compression: str | dict[str, str] | None = None,
+        vectorise: bool | None = False,
     ) -> None:
         self._clients = {c.client_id: c for c in clients}
         self._queue: deque[Task] = deque()
+        self._ready: dict[tuple[int, str], LocalResult] = {}  # trained with their peers
         self._models: dict[str, nn.Module] = {}
         self.num_classes = num_classes
         self.input_shape = input_shape
         self.device = torch.device(device)
         self.compression = compression
+        self.vectorise = vectorise
 
     def clients(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -80,15 +96,55 @@ class InProcessTransport(Transport):
             )
         return self._models[task.prototype]
 
+    def _spec(self, task: Task) -> TrainingSpec:
+        return task.training or self._clients[task.client_id].training
+
+    def _train_together(self, head: Task) -> None:
+        """Train ``head`` and its queued peers (same round, prototype, global weights and
+        training settings, distinct clients) at once; keep their results for next_update."""
+        spec = self._spec(head)
+        model = self._model(head)
+        if vectorisable(model, spec) is not None:
+            return
+        if self.vectorise is None and not worth_vectorising(model, self.device):
+            return
+        peers: dict[str, Task] = {}
+        for t in self._queue:
+            if (
+                t.round_id == head.round_id
+                and t.prototype == head.prototype
+                and t.global_state is head.global_state
+                and self._spec(t) == spec
+                and (t.round_id, t.client_id) not in self._ready
+            ):
+                peers.setdefault(t.client_id, t)
+        if len(peers) < 2:
+            return
+        model.load_state_dict(head.global_state)
+        tasks = list(peers.values())
+        data = [
+            ClientData(self._clients[t.client_id].x, self._clients[t.client_id].y, t.seed)
+            for t in tasks
+        ]
+        results = train_clients(model, data, spec, device=self.device)
+        for t, r in zip(tasks, results, strict=True):
+            self._ready[(t.round_id, t.client_id)] = r
+
     def next_update(self, timeout: float) -> ClientUpdate | None:
         if not self._queue:
             return None
+        head = self._queue[0]
+        if self.vectorise is not False and (head.round_id, head.client_id) not in self._ready:
+            self._train_together(head)
         task = self._queue.popleft()
         client = self._clients[task.client_id]
-        model = self._model(task)
-        model.load_state_dict(task.global_state)
-        spec = task.training or client.training
-        result = train_local(model, client.x, client.y, spec, seed=task.seed, device=self.device)
+        result = self._ready.pop((task.round_id, task.client_id), None)
+        if result is None:
+            model = self._model(task)
+            model.load_state_dict(task.global_state)
+            result = train_local(
+                model, client.x, client.y, self._spec(task), seed=task.seed, device=self.device
+            )
         state = result.state
         mode = (
             self.compression.get(task.prototype)
