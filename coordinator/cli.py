@@ -103,8 +103,7 @@ def simulate(
         "--vectorise/--no-vectorise",
         help="Train a prototype's sampled clients together (vmap on the device) instead of "
         "one by one; same result within float rounding. Default: automatic (on CUDA; on a "
-        "CPU for models up to 50k parameters). Prototypes with a time budget always train "
-        "one by one.",
+        "CPU for models up to 50k parameters).",
     ),
     out: Path = typer.Option(Path("runs/simulate"), help="Output folder."),
 ) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 

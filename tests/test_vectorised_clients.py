@@ -168,18 +168,33 @@ def test_one_masked_step_equals_a_fresh_single_step() -> None:
         torch.testing.assert_close(stacked[n][1], p.detach(), rtol=1e-6, atol=1e-7)
 
 
-def test_time_budget_and_dropout_are_not_vectorised() -> None:
+def test_dropout_is_not_vectorised_and_empty_data_is_refused() -> None:
     model = build_model("mlp_digits", 10, SHAPE)
-    budget = TrainingSpec(time_budget_s=30.0)
     assert vectorisable(model, TrainingSpec()) is None
-    assert "time budget" in (vectorisable(model, budget) or "")
+    assert vectorisable(model, TrainingSpec(time_budget_s=30.0)) is None
     assert "dropout" in (
         vectorisable(nn.Sequential(nn.Flatten(), nn.Dropout(0.1)), TrainingSpec()) or ""
     )
-    with pytest.raises(ValueError, match="time budget"):
-        train_clients(model, make_clients([8, 8]), budget)
     with pytest.raises(ValueError, match="empty"):
         train_clients(model, make_clients([8, 0]), TrainingSpec())
+
+
+def test_an_exhausted_time_budget_stops_the_group_after_the_step_the_loop_stops_after() -> None:
+    # a budget no step can meet: the loop stops each client after its first step; the group
+    # stops after its first step too, every client marked stopped, with the loop's weights
+    spec = TrainingSpec(epochs=2, batch_size=8, learning_rate=0.01, time_budget_s=1e-9)
+    data = make_clients([21, 16, 5])
+    torch.manual_seed(3)
+    model = build_model("cnn_digits_small", 10, SHAPE)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    together = train_clients(model, data, spec)
+    for c, got in zip(data, together, strict=True):
+        model.load_state_dict(start)
+        alone = train_local(model, c.x, c.y, spec, seed=c.seed)
+        assert (got.steps, got.stopped_early) == (alone.steps, alone.stopped_early) == (1, True)
+        assert got.mean_loss == pytest.approx(alone.mean_loss, rel=1e-5)
+        for k in alone.state:
+            torch.testing.assert_close(got.state[k], alone.state[k], rtol=1e-4, atol=2e-5)
 
 
 def _transport_updates(
@@ -239,12 +254,12 @@ def test_automatic_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _transport_updates(spec, True, monkeypatch)[1] == 1  # forced on
 
 
-def test_transport_falls_back_to_the_loop_under_a_time_budget(
+def test_transport_trains_together_under_a_budget_it_does_not_hit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spec = TrainingSpec(epochs=1, batch_size=8, time_budget_s=600.0)
     updates, calls = _transport_updates(spec, True, monkeypatch)
-    assert calls == 4 and len(updates) == 4
+    assert calls == 1 and len(updates) == 4  # the three M clients together, S alone
 
 
 def no_budget_digits_config(tmp_path: Path) -> Path:

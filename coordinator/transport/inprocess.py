@@ -53,8 +53,8 @@ class InProcessTransport(Transport):
     False: never): when the engine asks for the first update of a prototype's round, every
     queued task of that prototype with the same global weights and training settings trains
     at once (:func:`takfl.vectorised_training.train_clients`); the updates are then handed
-    out one per call, in task order, as before. Settings that cannot train together (a time
-    budget, dropout) and lone tasks train one by one with ``train_local``.
+    out one per call, in task order, as before. Models that cannot train together (dropout)
+    and lone tasks train one by one with ``train_local``.
     """
 
     def __init__(
