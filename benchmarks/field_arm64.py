@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from coordinator.broker.net import free_port, wait_port  # noqa: E402
+from coordinator.store import TELEMETRY_FILE  # noqa: E402
 from takfl.config import load_federation  # noqa: E402
 from takfl.federation_data import build_federation_data, client_id  # noqa: E402
 
@@ -64,10 +65,6 @@ CUDA_PREFIXES = ("nvidia-", "cuda-", "triton")
 # The README's board command, run in the board user's home holding the wheel and constraints
 BOARD_COMMAND = (
     'python3 -m venv ~/takfl && ~/takfl/bin/pip install -c constraints.txt "{wheel}[agent]"'
-)
-ROUND_LINE = re.compile(
-    r"round (\d+): trained (\d+) steps in ([\d.]+)s .*?sent (\d+) bytes (\w+), "
-    r"peak RSS ([\d.]+) MB"
 )
 
 
@@ -392,20 +389,12 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 p.kill()
     state = json.loads((work / "run" / "state.json").read_text())
-    per_agent = []
-    for cid, profile, samples in agents:
-        rounds_seen = [m.groups() for m in ROUND_LINE.finditer((logs / f"{cid}.log").read_text())]
-        per_agent.append(
-            {
-                "agent": cid,
-                "profile": profile,
-                "samples": samples,
-                "rounds": len(rounds_seen),
-                "train_s": [float(r[2]) for r in rounds_seen],
-                "update_bytes": [int(r[3]) for r in rounds_seen],
-                "compression": rounds_seen[-1][4] if rounds_seen else None,
-                "peak_rss_mb": max((float(r[5]) for r in rounds_seen), default=None),
-            }
+    per_agent = agent_figures(work / "run" / TELEMETRY_FILE, agents)
+    missing = [a["agent"] for a in per_agent if a["rounds"] < rounds]
+    if state.get("round") != rounds or missing:
+        lacking = f"; not every round has an update from {', '.join(missing)}" if missing else ""
+        raise RuntimeError(
+            f"the federation stopped at round {state.get('round')} of {rounds}{lacking}: see {logs}"
         )
     return {
         "rounds": rounds,
@@ -415,6 +404,35 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
         "doctor_exit": doctor.returncode,
         "agents": per_agent,
     }
+
+
+def agent_figures(telemetry: Path, agents: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Per agent, from the coordinator's telemetry log (``telemetry.jsonl``: one JSON object
+    per line; ``kind: update`` records the accepted update's size and the agent's report):
+    train seconds and update bytes per round, the codec, and the highest peak RSS."""
+    updates: dict[str, list[dict[str, Any]]] = {cid: [] for cid, _, _ in agents}
+    for line in telemetry.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "update" and rec.get("agent_id") in updates:
+            updates[rec["agent_id"]].append(rec)
+    out = []
+    for cid, profile, samples in agents:
+        recs = sorted(updates[cid], key=lambda r: r["round"])
+        tel = [r.get("telemetry") or {} for r in recs]
+        rss = [t["peak_rss_mb"] for t in tel if t.get("peak_rss_mb") is not None]
+        out.append(
+            {
+                "agent": cid,
+                "profile": profile,
+                "samples": samples,
+                "rounds": len(recs),
+                "train_s": [round(t["train_s"], 1) for t in tel if t.get("train_s") is not None],
+                "update_bytes": [r["upload_bytes"] for r in recs],
+                "compression": recs[-1]["compression"] if recs else None,
+                "peak_rss_mb": round(max(rss), 1) if rss else None,
+            }
+        )
+    return out
 
 
 def main() -> int:
