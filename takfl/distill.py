@@ -185,7 +185,9 @@ def batch_indices(n: int, settings: DistillSettings, seed: int) -> Iterator[torc
         yield from perm.split(settings.batch_size)
 
 
-def device_batches(n: int, settings: DistillSettings, seed: int, device: torch.device) -> list[torch.Tensor]:
+def device_batches(
+    n: int, settings: DistillSettings, seed: int, device: torch.device
+) -> list[torch.Tensor]:
     """:func:`batch_indices` drawn up front and moved to ``device`` in one copy, so the
     training loop issues no host-to-device transfer."""
     batches = list(batch_indices(n, settings, seed))
@@ -263,9 +265,7 @@ def distill(
     return _cpu_state(model)
 
 
-def _stacked_call(
-    model: nn.Module, params: State, buffers: State, x: torch.Tensor
-) -> torch.Tensor:
+def _stacked_call(model: nn.Module, params: State, buffers: State, x: torch.Tensor) -> torch.Tensor:
     return functional_call(model, (params, buffers), (x,))
 
 
@@ -290,9 +290,7 @@ def vmap_unsupported(model: nn.Module, sample_x: torch.Tensor) -> str | None:
     reason: str | None = None
     try:
         device = sample_x.device
-        params = {
-            k: _stack(v, 2, device).requires_grad_() for k, v in model.named_parameters()
-        }
+        params = {k: _stack(v, 2, device).requires_grad_() for k, v in model.named_parameters()}
         buffers = {k: _stack(v, 2, device) for k, v in model.named_buffers()}
         model.train()
         fwd = torch.vmap(
@@ -307,6 +305,38 @@ def vmap_unsupported(model: nn.Module, sample_x: torch.Tensor) -> str | None:
         model.train(was_training)
     _PROBED[model] = reason
     return reason
+
+
+# CPU cut-off for ``batched: auto``: forward FLOPs per sample of the student. Measured
+# with benchmarks/server_step.py on a 2-core x86_64 CPU: batched is faster for the
+# digits MLP and small CNN, slower for the large CNN (about 2.7 MFLOP per sample),
+# where the batching rules' extra passes (BatchNorm's affine applied as separate
+# multiplies, layout copies around pooling) outweigh the Python overhead saved.
+CPU_BATCHED_MAX_FLOPS = 1_000_000
+
+_FLOPS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def forward_flops_per_sample(model: nn.Module, sample_x: torch.Tensor) -> int:
+    """FLOPs of one eval-mode forward on one sample (counted once per module instance)."""
+    if model not in _FLOPS:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(sample_x[:1])
+        model.train(was_training)
+        _FLOPS[model] = int(counter.get_total_flops())
+    return _FLOPS[model]
+
+
+def batched_pays(model: nn.Module, sample_x: torch.Tensor) -> bool:
+    """The ``auto`` choice: batch on CUDA (one launch per layer instead of m), and on
+    CPU for students cheaper than :data:`CPU_BATCHED_MAX_FLOPS` per sample."""
+    if sample_x.device.type == "cuda":
+        return True
+    return forward_flops_per_sample(model, sample_x) < CPU_BATCHED_MAX_FLOPS
 
 
 def distill_batched(
@@ -341,8 +371,7 @@ def distill_batched(
     device = public_x.device
     own = dict(model.state_dict(keep_vars=True))
     params = {
-        k: _stack(start[k], copies, device).requires_grad_()
-        for k, _ in model.named_parameters()
+        k: _stack(start[k], copies, device).requires_grad_() for k, _ in model.named_parameters()
     }
     buffers = {
         k: _stack(start[k] if k in start else own[k], copies, device)
@@ -369,6 +398,4 @@ def distill_batched(
         opt.step()
     model.train(was_training)
     stacked = {**params, **buffers}
-    return [
-        {k: stacked[k][c].detach().to("cpu").clone() for k in start} for c in range(copies)
-    ]
+    return [{k: stacked[k][c].detach().to("cpu").clone() for k in start} for c in range(copies)]

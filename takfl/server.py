@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from takfl.distill import (
     DistillSettings,
     EarlyStopping,
     Objective,
+    batched_pays,
     distill,
     distill_batched,
     takfl_objective,
@@ -112,13 +113,14 @@ def takfl_step(
     *,
     self_reg: bool,
     scaled: bool,
-    batched: bool | None = None,
+    batched: bool | Literal["auto"] | None = None,
 ) -> dict[str, StepOutput]:
     """TAKFL: every student distils independently from every teacher, then merges with
     lambda on the simplex. ``scaled`` (ablation) also picks a task-vector scale on
     validation from the configured grid and records it in the info. ``batched``
     (default: the spec's ``distill.batched``) runs a student's distillations together
-    (:func:`takfl.distill.distill_batched`) instead of one after another."""
+    (:func:`takfl.distill.distill_batched`) instead of one after another; ``"auto"``
+    decides per student (:func:`takfl.distill.batched_pays`)."""
     teachers = [(i, p) for i, p in enumerate(protos) if p.mean_logits is not None]
     if algo.lambda_strategy is None:
         raise ValueError(f"{algo.name} needs a lambda strategy")
@@ -138,7 +140,9 @@ def takfl_step(
             student.model.load_state_dict(student.avg_state)
             self_logits = predict_logits(student.model, data.public_x)
         targets = [t.mean_logits for _, t in teachers if t.mean_logits is not None]
-        thetas = _distill_all(student, targets, self_logits, data, settings, algo, gamma, seed * 1000 + j, batched)
+        thetas = _distill_all(
+            student, targets, self_logits, data, settings, algo, gamma, seed * 1000 + j, batched
+        )
         vectors = [task_vector(theta, student.avg_state) for theta in thetas]
         t1 = _add(timings, "distill_s", t0)
         scorer = MergeScorer(student.model, student.avg_state, vectors, data.public_x.device)
@@ -175,10 +179,12 @@ def _distill_all(
     algo: Algorithm,
     gamma: float,
     seed: int,
-    batched: bool,
+    batched: bool | Literal["auto"],
 ) -> list[State]:
     """theta_ij for every teacher target Z_i (N, K), batched when asked and possible."""
     d = algo.spec.distill
+    if batched == "auto":
+        batched = batched_pays(student.model, data.public_x)
     if batched and len(targets) > 1:
         reason = vmap_unsupported(student.model, data.public_x)
         if reason is None:

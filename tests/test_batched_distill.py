@@ -12,9 +12,12 @@ from torch import nn
 from takfl.algorithms import resolve_algorithm
 from takfl.config import AlgorithmSpec
 from takfl.distill import (
+    CPU_BATCHED_MAX_FLOPS,
     DistillSettings,
+    batched_pays,
     distill,
     distill_batched,
+    forward_flops_per_sample,
     takfl_objective,
     takfl_objective_stacked,
     vmap_unsupported,
@@ -47,7 +50,9 @@ def public() -> torch.Tensor:
 
 def sequential(model, start, x, targets, self_logits, settings, gamma=0.5):  # type: ignore[no-untyped-def]
     return [
-        distill(model, start, x, takfl_objective(z, self_logits, 3.0, gamma, 20.0), settings, seed=7)
+        distill(
+            model, start, x, takfl_objective(z, self_logits, 3.0, gamma, 20.0), settings, seed=7
+        )
         for z in targets
     ]
 
@@ -163,13 +168,14 @@ def zoo_models() -> list[nn.Module]:
 @pytest.mark.parametrize("name", ["takfl", "takfl-reg", "takfl-scaled"])
 def test_server_step_paths_agree(name: str) -> None:
     """Merged states and lambdas of the batched and the sequential server step agree."""
-    outs = {}
-    for flag in (True, False):
+    outs: dict[bool | str, dict] = {}
+    for flag in (True, False, "auto"):
         protos, data = tiny_round(zoo_models())
         algo = resolve_algorithm(spec(batched=flag), name, lambda_strategy="search")
         outs[flag], _ = server_step(protos, data, algo, seed=5)
     for p in "SML":
         assert_states_close(outs[True][p].state, outs[False][p].state)
+        assert_states_close(outs["auto"][p].state, outs[False][p].state)
         lam_b, lam_s = outs[True][p].lambdas, outs[False][p].lambdas
         assert lam_b is not None and lam_s is not None and lam_b.keys() == lam_s.keys()
         for t in lam_b:
@@ -265,3 +271,25 @@ def test_batched_equals_sequential_on_cuda() -> None:
     bat = batched(model, start, x, targets, self_logits, settings)
     for s, b in zip(seq, bat, strict=True):
         assert_states_close(s, b)
+
+
+def test_auto_batches_the_cheap_digits_students_on_cpu() -> None:
+    """``batched: auto`` on CPU: the MLP and small CNN distil batched, the large CNN
+    (over CPU_BATCHED_MAX_FLOPS per sample) sequentially."""
+    x = public()
+    torch.manual_seed(0)
+    assert batched_pays(build_model("mlp_digits", K, SHAPE, width=8), x)
+    assert batched_pays(build_model("cnn_digits_small", K, SHAPE), x)
+    large = build_model("cnn_digits_large", K, SHAPE)
+    assert forward_flops_per_sample(large, x) > CPU_BATCHED_MAX_FLOPS
+    assert not batched_pays(large, x)
+
+
+def test_the_spec_takes_true_false_and_auto() -> None:
+    assert spec().distill.batched == "auto"
+    assert spec(batched=True).distill.batched is True
+    assert spec(batched=False).distill.batched is False
+    with pytest.raises(ValueError):
+        spec(batched="sometimes")
+    with pytest.raises(ValueError):
+        spec(precision="fp8")
