@@ -285,25 +285,36 @@ def measure(
     flops: bool,
 ) -> dict[str, dict]:
     """Per variant: seconds of every repeat, median, student images/s, peak memory,
-    FLOPs (one separate run) and the achieved rate."""
+    FLOPs (one separate run) and the achieved rate. Repeats are interleaved (every
+    variant once, then again), so drift in the machine's load spreads over all."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, lazy init, vmap probe
+    secs: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, int] = dict.fromkeys(fns, 0)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with PeakMemory(device) as mem:
+                secs[name] += timed(fn, 1, device)
+            peaks[name] = max(peaks[name], mem.peak)
     out: dict[str, dict] = {}
     counted: dict[str, int] = {}
-    for name, fn in fns.items():
-        fn()  # warm-up: allocator, lazy init, vmap probe
-        with PeakMemory(device) as mem:
-            secs = timed(fn, repeats, device)
-        med = statistics.median(secs)
+    for name in fns:
+        med = statistics.median(secs[name])
         row: dict = {
-            "seconds": secs,
+            "seconds": secs[name],
             "median_s": med,
             "images_per_s": images[name] / med,
-            "peak_memory_bytes": mem.peak,
+            "peak_memory_bytes": peaks[name],
         }
         if flops:
             # Useful FLOPs: the batched variants do the sequential one's work, counted on
             # it, since FlopCounterMode over-counts the backward of the grouped
             # convolutions that vmap lowers a batched convolution to.
-            same = "takfl-sequential" if name.startswith("takfl") else name
+            same = (
+                "takfl-sequential"
+                if name.startswith("takfl") and "takfl-sequential" in fns
+                else name
+            )
             if same not in counted:
                 counted[same] = count_flops(fns[same])
             total = counted[same]
