@@ -308,8 +308,9 @@ def vmap_unsupported(model: nn.Module, sample_x: torch.Tensor) -> str | None:
 
 
 # CPU cut-off for ``batched: auto``: forward FLOPs per sample of the student. Measured
-# with benchmarks/server_step.py on a 2-core x86_64 CPU: batched is faster for the
-# digits MLP and small CNN, slower for the large CNN (about 2.7 MFLOP per sample),
+# on a 2-core x86_64 CPU (README, server step benchmark): batched distillation is
+# faster for the digits MLP (1.2 kFLOP) and small CNN (0.18 MFLOP), slower for the
+# large CNN (2.7 MFLOP per sample),
 # where the batching rules' extra passes (BatchNorm's affine applied as separate
 # multiplies, layout copies around pooling) outweigh the Python overhead saved.
 CPU_BATCHED_MAX_FLOPS = 1_000_000
