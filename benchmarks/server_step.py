@@ -1,14 +1,19 @@
 """Wall time of one TAKFL server step against FedDF and a naive reference-style loop.
 
     python benchmarks/server_step.py [--config digits] [--device cpu|cuda] [--repeats 3]
+    python benchmarks/server_step.py --paper-scale [--device cuda] [--public-size N]
+        [--epochs E | --steps S] [--clients C] [--val-size V] [--candidates-per-exponent K]
+        [--precision fp32|bf16] [--compile] [--peak-tflops P]
 
-All three variants start from the same client models (one real round of local
+Digits mode: all variants start from the same client models (one real round of local
 training on the digits federation) and run the same distillation step counts
 and the same number of merge candidates:
 
-- takfl: teacher logits computed once per client model (inference mode) and
-  averaged as they arrive; public set held as one tensor on the device; the
-  m x m distillations; candidate merges scored through one scratch state with
+- takfl (auto, batched, sequential): teacher logits computed once per client
+  model (inference mode) and averaged as they arrive; public set held as one
+  tensor on the device; the m x m distillations, a student's m run together
+  (batched, vmapped), one after another (sequential), or as ``distill.batched:
+  auto`` picks; candidate merges scored through one scratch state with
   ``torch.func.functional_call``.
 - feddf: the same aggregation, one averaged target, m distillations.
 - naive: the structure of the public reference code: every distillation batch
@@ -16,7 +21,24 @@ and the same number of merge candidates:
   re-assembled from per-item tensors, and every candidate merge is scored on a
   deep copy of the model.
 
-Prints a table and writes benchmarks/results/server_step.json.
+Paper-scale mode (``--paper-scale``): the cifar10-homo federation's students
+(ResNet-8/14/18), distillation settings (batch 128, 5 epochs, Adam 1e-5, weight
+decay 5e-4, gamma 0.01), public-set size (50,000, the CIFAR-100 train set), 500
+validation images and heuristic lambda candidates, with the clients one round
+samples (10/4/2). Inputs, labels and client models are SYNTHETIC (random tensors of
+CIFAR shape, randomly initialised client models): the figures are timings only.
+The options shrink it to fit a CPU.
+
+Every variant reports seconds per round, student images per second (images passed
+through a student in distillation, all distillations together, per second of the
+whole step), peak memory during the variant (torch.cuda.max_memory_allocated on
+CUDA; peak resident set size sampled every 5 ms on CPU), and achieved FLOP/s from
+FLOPs counted in one separate, untimed run under
+``torch.utils.flop_counter.FlopCounterMode``; with a known or given peak
+(``--peak-tflops``, bf16 dense) also the fraction of it.
+
+Prints a table and writes benchmarks/results/server_step.json (digits) or
+benchmarks/results/server_step_paper.json (paper scale).
 """
 
 from __future__ import annotations
@@ -24,9 +46,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import platform
 import statistics
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,11 +65,14 @@ from coordinator.engine import _Collector
 from coordinator.inputs import pick_device, prototype_models
 from takfl.algorithms import resolve_algorithm
 from takfl.config import load_federation, prototype_training
-from takfl.distill import kd_loss
+from takfl.config.federation import FederationConfig
+from takfl.distill import batch_indices, kd_loss
+from takfl.fedavg import fedavg
 from takfl.federation_data import build_federation_data
+from takfl.lambdas import heuristic_candidates
 from takfl.models import build_model
 from takfl.robust import make_aggregator
-from takfl.server import EvalData, PrototypeInput, server_step
+from takfl.server import EvalData, PrototypeInput, distill_settings, server_step
 from takfl.task_arithmetic import merge, simplex_candidates, task_vector
 from takfl.training import predict_logits, train_local
 
@@ -98,9 +128,14 @@ def aggregate(cfg, clients, models, data, device, keep: bool):  # type: ignore[n
     return protos
 
 
-def naive_step(cfg, clients, models, data, device, seed: int) -> None:  # type: ignore[no-untyped-def]
-    """TAKFL with the reference code's structure (same step and candidate counts)."""
+def naive_step(cfg, clients, models, data, device, seed: int, lambdas: str = "search") -> None:  # type: ignore[no-untyped-def]
+    """TAKFL with the reference code's structure (same step and candidate counts): the
+    teacher's client models re-run inside every distillation batch (autograd on), the
+    student's own start re-run for the self-regulariser, batches rebuilt from per-item
+    tensors, a deep copy of the model per candidate merge."""
     d = cfg.algorithm.distill
+    settings = distill_settings(cfg.algorithm)
+    gamma = d.self_reg_weight if cfg.algorithm.name in ("takfl-reg", "takfl-scaled") else 0.0
     lam_spec = cfg.algorithm.lambdas
     items = [data.public_x[i] for i in range(len(data.public_x))]  # per-item "dataset"
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
@@ -113,25 +148,36 @@ def naive_step(cfg, clients, models, data, device, seed: int) -> None:  # type: 
             m = build_model(spec.builder, data.num_classes, data.input_shape, **spec.args)
             m.load_state_dict(state)
             teachers[p.name].append(m.to(device))
-        from takfl.fedavg import fedavg
-
         avgs[p.name] = fedavg(
             [s for s, _ in clients[p.name]], [float(n) for _, n in clients[p.name]]
         )
+    m_teachers = len(cfg.prototypes)
+    if lambdas == "heuristic":
+        cands = heuristic_candidates(
+            m_teachers, lam_spec.candidates_per_exponent, lam_spec.heuristic_order, seed
+        )
+    else:
+        cands = list(simplex_candidates(m_teachers, lam_spec.search_candidates, seed))
     for j, student in enumerate(cfg.prototypes):
         spec = models[student.name]
         base_model = build_model(spec.builder, data.num_classes, data.input_shape, **spec.args)
         base_model.load_state_dict(avgs[student.name])
+        start_model = copy.deepcopy(base_model).to(device).eval()
         vectors = []
         for teacher in cfg.prototypes:
             model = copy.deepcopy(base_model).to(device).train()
-            opt = torch.optim.Adam(model.parameters(), lr=d.learning_rate)
-            gen = torch.Generator().manual_seed(seed * 1000 + j)
-            for _ in range(d.steps):
-                idx = torch.randint(0, len(items), (d.batch_size,), generator=gen)
+            opt = torch.optim.Adam(
+                model.parameters(), lr=d.learning_rate, weight_decay=d.weight_decay
+            )
+            for idx in batch_indices(len(items), settings, seed * 1000 + j):
                 x = torch.stack([items[int(i)] for i in idx]).to(device)
                 z = torch.stack([t(x) for t in teachers[teacher.name]]).mean(0)  # grad on
-                loss = kd_loss(model(x), z.detach(), d.temperature)
+                s = model(x)
+                loss = kd_loss(s, z.detach(), d.temperature)
+                if gamma > 0:
+                    with torch.no_grad():
+                        own = start_model(x)
+                    loss = loss + gamma * kd_loss(s, own, d.self_reg_temperature)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -139,7 +185,7 @@ def naive_step(cfg, clients, models, data, device, seed: int) -> None:  # type: 
                 task_vector({k: v.cpu() for k, v in model.state_dict().items()}, avgs[student.name])
             )
         best = -1.0
-        for lam in simplex_candidates(len(vectors), lam_spec.search_candidates, seed):
+        for lam in cands:
             cand = copy.deepcopy(base_model)
             cand.load_state_dict(merge(avgs[student.name], vectors, lam))
             cand.to(device).eval()
@@ -163,24 +209,136 @@ def timed(fn, repeats: int, device: torch.device) -> list[float]:  # type: ignor
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="digits")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/server_step.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    cfg = load_federation(args.config)
-    models = prototype_models(cfg)
-    data = build_federation_data(cfg, 0)
-    clients = client_models(cfg, data, models)
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak device memory (CUDA) or peak resident set size sampled every 5 ms (CPU)
+    while the block runs, in bytes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity).
+KNOWN_BF16_PEAK_TFLOPS = {
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "A100": 312.0,
+}
+
+
+def bf16_peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given is not None:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in KNOWN_BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def measure(
+    fns: dict[str, Callable[[], None]],
+    images: dict[str, int],
+    repeats: int,
+    device: torch.device,
+    peak_tflops: float | None,
+    flops: bool,
+) -> dict[str, dict]:
+    """Per variant: seconds of every repeat, median, student images/s, peak memory,
+    FLOPs (one separate run) and the achieved rate. Repeats are interleaved (every
+    variant once, then again), so drift in the machine's load spreads over all."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, lazy init, vmap probe
+    secs: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, int] = dict.fromkeys(fns, 0)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with PeakMemory(device) as mem:
+                secs[name] += timed(fn, 1, device)
+            peaks[name] = max(peaks[name], mem.peak)
+    out: dict[str, dict] = {}
+    counted: dict[str, int] = {}
+    for name in fns:
+        med = statistics.median(secs[name])
+        row: dict = {
+            "seconds": secs[name],
+            "median_s": med,
+            "images_per_s": images[name] / med,
+            "peak_memory_bytes": peaks[name],
+        }
+        if flops:
+            # Useful FLOPs: the batched variants do the sequential one's work, counted on
+            # it, since FlopCounterMode over-counts the backward of the grouped
+            # convolutions that vmap lowers a batched convolution to.
+            same = (
+                "takfl-sequential"
+                if name.startswith("takfl") and "takfl-sequential" in fns
+                else name
+            )
+            if same not in counted:
+                counted[same] = count_flops(fns[same])
+            total = counted[same]
+            row["flops"] = total
+            row["achieved_gflops_per_s"] = total / med / 1e9
+            row["fraction_of_bf16_peak"] = (
+                total / med / (peak_tflops * 1e12) if peak_tflops else None
+            )
+        out[name] = row
+    return out
+
+
+def with_distill(cfg: FederationConfig, **changes: object) -> FederationConfig:
+    algo = cfg.algorithm
+    distill = algo.distill.model_copy(update=changes)
+    return cfg.model_copy(update={"algorithm": algo.model_copy(update={"distill": distill})})
+
+
+def variant_fns(cfg, clients, models, data, device, lambdas: str) -> dict[str, Callable[[], None]]:  # type: ignore[no-untyped-def]
     ev = EvalData(data.public_x.to(device), data.val_x.to(device), data.val_y.to(device))
 
-    def ours(name: str):  # type: ignore[no-untyped-def]
-        algo = resolve_algorithm(cfg.algorithm, name, lambda_strategy="search")
+    def ours(name: str, batched: bool | str):  # type: ignore[no-untyped-def]
+        spec = with_distill(cfg, batched=batched).algorithm
+        algo = resolve_algorithm(spec, name, lambda_strategy=lambdas)
 
         def run() -> None:
             protos = aggregate(cfg, clients, models, data, device, algo.needs_client_logits)
@@ -188,45 +346,224 @@ def main() -> None:
 
         return run
 
-    rows = {
-        "takfl": timed(ours("takfl"), args.repeats, device),
-        "feddf": timed(ours("feddf"), args.repeats, device),
-        "naive-takfl": timed(
-            lambda: naive_step(cfg, clients, models, data, device, 0), args.repeats, device
-        ),
+    takfl = cfg.algorithm.name if cfg.algorithm.name.startswith("takfl") else "takfl"
+    return {
+        "takfl-auto": ours(takfl, "auto"),
+        "takfl-batched": ours(takfl, True),
+        "takfl-sequential": ours(takfl, False),
+        "feddf": ours("feddf", False),
+        "naive-takfl": lambda: naive_step(cfg, clients, models, data, device, 0, lambdas),
     }
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    table = Table(
-        title=f"one server step, {cfg.name}, {device} ({args.threads} threads), "
-        f"median of {args.repeats}"
+
+
+def student_images(cfg: FederationConfig, n_public: int) -> dict[str, int]:
+    """Images passed through a student in distillation by each variant."""
+    settings = distill_settings(cfg.algorithm)
+    m = len(cfg.prototypes)
+    steps = settings.total_steps(n_public)
+    per = (
+        n_public * settings.epochs
+        if settings.epochs
+        else steps * min(settings.batch_size, n_public)
     )
-    for col in ("variant", "median s", "min s", "vs takfl"):
+    return {
+        "takfl-auto": m * m * per,
+        "takfl-batched": m * m * per,
+        "takfl-sequential": m * m * per,
+        "feddf": m * per,
+        "naive-takfl": m * m * per,
+    }
+
+
+class SyntheticData:
+    """CIFAR-shaped random tensors standing in for the federation's data (timing only)."""
+
+    def __init__(self, n_public: int, n_val: int, num_classes: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.num_classes = num_classes
+        self.input_shape = (3, 32, 32)
+        self.public_x = torch.randn(n_public, *self.input_shape, generator=g)
+        self.val_x = torch.randn(n_val, *self.input_shape, generator=g)
+        self.val_y = torch.randint(0, num_classes, (n_val,), generator=g)
+
+
+def synthetic_clients(cfg, models, data, cap: int | None) -> dict[str, list[tuple[State, int]]]:  # type: ignore[no-untyped-def]
+    """Randomly initialised client models, as many per prototype as one round samples."""
+    out: dict[str, list[tuple[State, int]]] = {}
+    for i, p in enumerate(cfg.prototypes):
+        k = max(1, math.ceil(p.sample_rate * p.clients - 1e-9))
+        if cap is not None:
+            k = min(k, cap)
+        spec = models[p.name]
+        out[p.name] = []
+        for c in range(k):
+            torch.manual_seed(1000 * i + c)
+            m = build_model(spec.builder, data.num_classes, data.input_shape, **spec.args)
+            out[p.name].append((m.state_dict(), 100 + c))
+    return out
+
+
+def print_table(title: str, rows: dict[str, dict], device: torch.device) -> None:
+    table = Table(title=title)
+    mem = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
+    for col in (
+        "variant",
+        "median s",
+        "min s",
+        "vs batched",
+        "student img/s",
+        mem,
+        "GFLOP/s",
+        "of bf16 peak",
+    ):
         table.add_column(col, justify="right" if col != "variant" else "left")
-    for k, v in rows.items():
-        table.add_row(k, f"{med[k]:.2f}", f"{min(v):.2f}", f"{med[k] / med['takfl']:.2f}x")
-    Console().print(table)
+    base = rows["takfl-batched"]["median_s"]
+    for k, r in rows.items():
+        frac = r.get("fraction_of_bf16_peak")
+        table.add_row(
+            k,
+            f"{r['median_s']:.2f}",
+            f"{min(r['seconds']):.2f}",
+            f"{r['median_s'] / base:.2f}x",
+            f"{r['images_per_s']:.0f}",
+            f"{r['peak_memory_bytes'] / 2**20:.0f}",
+            f"{r['achieved_gflops_per_s']:.1f}" if "achieved_gflops_per_s" in r else "-",
+            f"{100 * frac:.2f}%" if frac else "unknown",
+        )
+    Console(width=150).print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--config", default=None, help="digits (default), or cifar10-homo with --paper-scale"
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--paper-scale",
+        action="store_true",
+        help="ResNet-8/14/18 on synthetic CIFAR-shaped tensors",
+    )
+    ap.add_argument(
+        "--public-size", type=int, default=None, help="paper scale: public images (50000)"
+    )
+    ap.add_argument(
+        "--val-size", type=int, default=None, help="paper scale: validation images (500)"
+    )
+    ap.add_argument("--epochs", type=int, default=None, help="distillation epochs (paper: 5)")
+    ap.add_argument("--steps", type=int, default=None, help="distillation steps instead of epochs")
+    ap.add_argument("--batch-size", type=int, default=None, help="distillation batch (paper: 128)")
+    ap.add_argument("--clients", type=int, default=None, help="cap on client models per prototype")
+    ap.add_argument(
+        "--candidates-per-exponent", type=int, default=None, help="heuristic lambdas (15)"
+    )
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the distillation forward")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak")
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
+    ap.add_argument("--variants", default=None, help="comma-separated subset to run")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    config = args.config or ("cifar10-homo" if args.paper_scale else "digits")
+    cfg = load_federation(config)
+    distill_changes: dict[str, object] = {"precision": args.precision, "compile": args.compile}
+    if args.epochs is not None:
+        distill_changes.update(epochs=args.epochs)
+    if args.steps is not None:
+        distill_changes.update(epochs=None, steps=args.steps)
+    if args.batch_size is not None:
+        distill_changes.update(batch_size=args.batch_size)
+    cfg = with_distill(cfg, **distill_changes)
+    if args.candidates_per_exponent is not None:
+        lam = cfg.algorithm.lambdas.model_copy(
+            update={"candidates_per_exponent": args.candidates_per_exponent}
+        )
+        cfg = cfg.model_copy(
+            update={"algorithm": cfg.algorithm.model_copy(update={"lambdas": lam})}
+        )
+    models = prototype_models(cfg)
+    if args.paper_scale:
+        n_public = args.public_size or cfg.data.public_size or 50000
+        data = SyntheticData(n_public, args.val_size or cfg.data.validation_size or 500, 10, 0)
+        clients = synthetic_clients(cfg, models, data, args.clients)
+        lambdas = "heuristic"
+    else:
+        data = build_federation_data(cfg, 0)
+        clients = client_models(cfg, data, models)
+        lambdas = "search"
+        n_public = len(data.public_x)
+    fns = variant_fns(cfg, clients, models, data, device, lambdas)
+    if args.variants:
+        keep = args.variants.split(",")
+        fns = {k: v for k, v in fns.items() if k in keep}
+    peak = bf16_peak_tflops(device, args.peak_tflops)
+    rows = measure(
+        fns, student_images(cfg, n_public), args.repeats, device, peak, not args.no_flops
+    )
     d = cfg.algorithm.distill
+    settings = distill_settings(cfg.algorithm)
+    scale = "paper-scale, SYNTHETIC inputs (timing only)" if args.paper_scale else cfg.name
+    shrunk = args.paper_scale and any(
+        v is not None
+        for v in (
+            args.public_size,
+            args.val_size,
+            args.epochs,
+            args.steps,
+            args.batch_size,
+            args.clients,
+            args.candidates_per_exponent,
+        )
+    )
+    title = (
+        f"one server step, {scale}{' SHRUNK' if shrunk else ''}, {device} "
+        f"({args.threads} threads), median of {args.repeats}"
+    )
+    print_table(title, rows, device)
+    if peak is None:
+        print("device bf16 peak unknown (give --peak-tflops): achieved GFLOP/s only")
     record = {
         "config": cfg.name,
+        "mode": "paper-scale" if args.paper_scale else "digits",
+        "synthetic_inputs": bool(args.paper_scale),
+        "shrunk": bool(shrunk),
+        "argv": " ".join(["python", "benchmarks/server_step.py", *sys.argv[1:]]),
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine()),
+        "cpu_count": os.cpu_count(),
         "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "distill_steps": d.steps,
+        "models": {p.name: models[p.name].builder for p in cfg.prototypes},
+        "clients_per_prototype": {k: len(v) for k, v in clients.items()},
+        "public_size": n_public,
+        "distill_epochs": d.epochs,
+        "distill_steps_per_distillation": settings.total_steps(n_public),
         "batch_size": d.batch_size,
-        "candidates_per_student": cfg.algorithm.lambdas.search_candidates + 4,
-        "seconds": rows,
-        "median_s": med,
-        "naive_over_takfl": med["naive-takfl"] / med["takfl"],
-        "takfl_over_feddf": med["takfl"] / med["feddf"],
+        "precision": d.precision,
+        "compile": d.compile,
+        "lambda_candidates_per_student": (
+            3 * cfg.algorithm.lambdas.candidates_per_exponent + 1
+            if lambdas == "heuristic"
+            else cfg.algorithm.lambdas.search_candidates + 4
+        ),
+        "bf16_peak_tflops": peak,
+        "memory": "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "peak RSS (5 ms sampling)",
+        "variants": rows,
+        "median_s": {k: r["median_s"] for k, r in rows.items()},
     }
-    out = Path(args.out)
+    default = "server_step_paper.json" if args.paper_scale else "server_step.json"
+    out = Path(args.out or f"benchmarks/results/{default}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
-    print(
-        f"naive/takfl = {record['naive_over_takfl']:.2f}x, "
-        f"takfl/feddf = {record['takfl_over_feddf']:.2f}x; wrote {out}"
-    )
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -7,17 +7,28 @@ timings out. The round engine (coordinator) and the benchmarks call
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from takfl.baselines import feddf_objective, feddf_target, fedet_objective, fedet_targets
 from takfl.config.federation import AlgorithmSpec
-from takfl.distill import DistillSettings, EarlyStopping, Objective, distill, takfl_objective
+from takfl.distill import (
+    DistillSettings,
+    EarlyStopping,
+    Objective,
+    batched_pays,
+    distill,
+    distill_batched,
+    takfl_objective,
+    takfl_objective_stacked,
+    vmap_unsupported,
+)
 from takfl.lambdas import LambdaContext
 from takfl.task_arithmetic import MergeScorer, best_on_validation, merge, task_vector
 from takfl.training import accuracy, predict_logits
@@ -26,6 +37,8 @@ if TYPE_CHECKING:
     from takfl.algorithms import Algorithm
 
 State = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -69,6 +82,8 @@ def distill_settings(spec: AlgorithmSpec) -> DistillSettings:
         batch_size=d.batch_size,
         learning_rate=d.learning_rate,
         weight_decay=d.weight_decay,
+        precision=d.precision,
+        compile=d.compile,
     )
 
 
@@ -98,16 +113,22 @@ def takfl_step(
     *,
     self_reg: bool,
     scaled: bool,
+    batched: bool | Literal["auto"] | None = None,
 ) -> dict[str, StepOutput]:
     """TAKFL: every student distils independently from every teacher, then merges with
     lambda on the simplex. ``scaled`` (ablation) also picks a task-vector scale on
-    validation from the configured grid and records it in the info."""
+    validation from the configured grid and records it in the info. ``batched``
+    (default: the spec's ``distill.batched``) runs a student's distillations together
+    (:func:`takfl.distill.distill_batched`) instead of one after another; ``"auto"``
+    decides per student (:func:`takfl.distill.batched_pays`)."""
     teachers = [(i, p) for i, p in enumerate(protos) if p.mean_logits is not None]
     if algo.lambda_strategy is None:
         raise ValueError(f"{algo.name} needs a lambda strategy")
     settings = distill_settings(algo.spec)
     d = algo.spec.distill
     gamma = d.self_reg_weight if self_reg else 0.0
+    if batched is None:
+        batched = d.batched
     out: dict[str, StepOutput] = {}
     for j, student in enumerate(protos):
         if not teachers:
@@ -118,22 +139,11 @@ def takfl_step(
         if gamma > 0:
             student.model.load_state_dict(student.avg_state)
             self_logits = predict_logits(student.model, data.public_x)
-        vectors = []
-        for _, teacher in teachers:
-            if teacher.mean_logits is None:  # filtered above; keeps type checkers honest
-                continue
-            objective = takfl_objective(
-                teacher.mean_logits, self_logits, d.temperature, gamma, d.self_reg_temperature
-            )
-            theta = distill(
-                student.model,
-                student.avg_state,
-                data.public_x,
-                objective,
-                settings,
-                seed=seed * 1000 + j,
-            )
-            vectors.append(task_vector(theta, student.avg_state))
+        targets = [t.mean_logits for _, t in teachers if t.mean_logits is not None]
+        thetas = _distill_all(
+            student, targets, self_logits, data, settings, algo, gamma, seed * 1000 + j, batched
+        )
+        vectors = [task_vector(theta, student.avg_state) for theta in thetas]
         t1 = _add(timings, "distill_s", t0)
         scorer = MergeScorer(student.model, student.avg_state, vectors, data.public_x.device)
         ctx = LambdaContext(
@@ -158,6 +168,55 @@ def takfl_step(
         lam = dict(zip(names, choice.lambdas.tolist(), strict=True))
         out[student.name] = StepOutput(state, lam, info)
     return out
+
+
+def _distill_all(
+    student: PrototypeInput,
+    targets: list[torch.Tensor],
+    self_logits: torch.Tensor | None,
+    data: EvalData,
+    settings: DistillSettings,
+    algo: Algorithm,
+    gamma: float,
+    seed: int,
+    batched: bool | Literal["auto"],
+) -> list[State]:
+    """theta_ij for every teacher target Z_i (N, K), batched when asked and possible."""
+    d = algo.spec.distill
+    if batched == "auto":
+        batched = batched_pays(student.model, data.public_x)
+    if batched and len(targets) > 1:
+        reason = vmap_unsupported(student.model, data.public_x)
+        if reason is None:
+            objective = takfl_objective_stacked(
+                torch.stack(targets), self_logits, d.temperature, gamma, d.self_reg_temperature
+            )
+            return distill_batched(
+                student.model,
+                student.avg_state,
+                data.public_x,
+                objective,
+                len(targets),
+                settings,
+                seed=seed,
+            )
+        log.warning(
+            "prototype %s (%s) cannot be vmapped, distilling sequentially: %s",
+            student.name,
+            type(student.model).__name__,
+            reason,
+        )
+    return [
+        distill(
+            student.model,
+            student.avg_state,
+            data.public_x,
+            takfl_objective(z, self_logits, d.temperature, gamma, d.self_reg_temperature),
+            settings,
+            seed=seed,
+        )
+        for z in targets
+    ]
 
 
 def choose_scale(

@@ -70,6 +70,17 @@ class DistillSpec(Strict):
     # steps, stop after `patience` steps without improvement.
     eval_every: int = Field(20, gt=0)
     patience: int = Field(100, gt=0)
+    # TAKFL: a student's m distillations (one per teacher) run together, vmapped over
+    # stacked copies (takfl/distill.py); false runs them one after another; auto
+    # batches on CUDA, and on CPU only students whose forward costs under
+    # takfl.distill.CPU_BATCHED_MAX_FLOPS per sample (vmap's batching rules add
+    # elementwise passes that larger convolutional models pay for on CPU). Equal
+    # results either way, within float rounding.
+    batched: bool | Literal["auto"] = "auto"
+    # bf16: distillation forward under autocast (fp32 weights and loss), meant for
+    # CUDA; fp32: no autocast. compile: torch.compile the distillation forward.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
 
 
 class LambdaSpec(Strict):
