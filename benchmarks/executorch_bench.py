@@ -1,9 +1,10 @@
 """Which zoo models train through ExecuTorch, and how closely: the phone tier's table.
 
-    python benchmarks/executorch_bench.py [--steps 6] [--only NAME,...]
+    python benchmarks/executorch_bench.py [--steps 6] [--size 16] [--threads 1] [--only NAME,...]
 
-For every registered model (each at its default input shape; MobileNetV2 also with
-GroupNorm, the phone variant): build the training program (forward, cross-entropy,
+For every registered model (image models at ``--size`` x ``--size`` pixels, 0 for
+their default input shape; 1D models at their default length; MobileNetV2 also at
+width 0.5 with BatchNorm and with GroupNorm, the phone variant): build the training program (forward, cross-entropy,
 backward; batch 8) and run ``--steps`` SGD steps (lr 0.01, momentum 0.9) through the
 ExecuTorch runtime and in torch from the same weights on the same batches (random
 inputs, fixed seed); report the largest parameter difference, or why the program
@@ -44,11 +45,21 @@ BATCH = 8
 
 
 def cases() -> list[tuple[str, str, dict[str, Any]]]:
-    """The phone model first, then every registered model as it is."""
+    """The phone model and its BatchNorm original first, then every registered model as it is."""
     out: list[tuple[str, str, dict[str, Any]]] = [
-        ("mobilenetv2 x0.5 (group norm)", "mobilenetv2", {"width_mult": 0.5, "norm": "group"})
+        ("mobilenetv2 x0.5 (group norm)", "mobilenetv2", {"width_mult": 0.5, "norm": "group"}),
+        ("mobilenetv2 x0.5 (batch norm)", "mobilenetv2", {"width_mult": 0.5, "norm": "batch"}),
     ]
     return out + [(name, name, {}) for name in model_names()]
+
+
+def input_shape(name: str, size: int) -> tuple[int, int, int]:
+    """``name``'s default input shape, with image sides set to ``size`` (0: unchanged);
+    1D signals (height 1) and the 8x8 digits models keep theirs."""
+    c, h, w = get_entry(name).default_input_shape
+    if size <= 0 or h == 1 or h <= size:
+        return (c, h, w)
+    return (c, size, size)
 
 
 def float64_drift(
@@ -61,7 +72,7 @@ def float64_drift(
     return max(float((r32[n].double() - r64[n]).abs().max()) for n in names)
 
 
-def save(rows: list[dict[str, Any]], steps: int) -> None:
+def save(rows: list[dict[str, Any]], steps: int, size: int, threads: int) -> None:
     """Merge ``rows`` into the results file (rows of other models are kept)."""
     RESULTS.parent.mkdir(exist_ok=True)
     existing = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
@@ -70,7 +81,8 @@ def save(rows: list[dict[str, Any]], steps: int) -> None:
     RESULTS.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/executorch_bench.py",
+                "command": "python benchmarks/executorch_bench.py "
+                f"--steps {steps} --size {size} --threads {threads}",
                 "machine": f"{platform.machine()}, Python {platform.python_version()}, "
                 f"torch {torch.__version__}",
                 "steps": steps,
@@ -106,16 +118,18 @@ def first_step_gradients(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--size", type=int, default=16, help="image side (0: default shapes)")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma list of case labels")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     spec = TrainingSpec(epochs=1, batch_size=BATCH, optimizer="sgd", learning_rate=0.01)
     rows: list[dict[str, Any]] = []
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     for label, name, kw in cases():
         if only and label not in only:
             continue
-        shape = get_entry(name).default_input_shape
+        shape = input_shape(name, args.size)
         torch.manual_seed(0)
         model = build_model(name, 10, shape, **kw)
         gen = torch.Generator().manual_seed(1)
@@ -157,7 +171,7 @@ def main() -> None:
             row["inference_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
-        save(rows, args.steps)
+        save(rows, args.steps, args.size, args.threads)
 
     table = Table(
         title=f"ExecuTorch programs ({args.steps} SGD steps, batch {BATCH}, lr 0.01, momentum 0.9)"
