@@ -2,15 +2,15 @@
 
     python benchmarks/executorch_bench.py [--steps 6] [--size 16] [--threads 1] [--only NAME,...]
 
-For every registered model (image models at ``--size`` x ``--size`` pixels, 0 for
-their default input shape; 1D models at their default length; MobileNetV2 also at
-width 0.5 with BatchNorm and with GroupNorm, the phone variant): build the training program (forward, cross-entropy,
-backward; batch 8) and run ``--steps`` SGD steps (lr 0.01, momentum 0.9) through the
-ExecuTorch runtime and in torch from the same weights on the same batches (random
-inputs, fixed seed); report the largest parameter difference, or why the program
-could not be built. Then the XNNPACK inference program and its largest logit
-difference against torch (eval mode). The drift of the deep GroupNorm MobileNetV2 is
-put beside the difference between torch's own float32 and float64 runs of the same
+For every registered model (image models at ``--size`` x ``--size`` pixels, 0 for their
+default input shape; 1D models at their default length; MobileNetV2 also at width 0.5
+with BatchNorm and with GroupNorm, the phone variant): build the training program
+(forward, cross-entropy, backward; batch 8) and run ``--steps`` SGD steps (lr 0.01,
+momentum 0.9) through the ExecuTorch runtime and in torch from the same weights on the
+same batches (random inputs, fixed seed); report the largest parameter difference, or
+why the program could not be built. Then the XNNPACK inference program and its largest
+logit difference against torch (eval mode). The drift of the deep GroupNorm MobileNetV2
+is put beside the difference between torch's own float32 and float64 runs of the same
 steps (how far float rounding alone moves it). Prints a table and writes
 benchmarks/results/executorch.json.
 """
