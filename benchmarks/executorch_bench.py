@@ -45,12 +45,16 @@ BATCH = 8
 
 
 def cases() -> list[tuple[str, str, dict[str, Any]]]:
-    """The phone model and its BatchNorm original first, then every registered model as it is."""
+    """The phone model and its BatchNorm original first, then the models the bundled
+    profiles and federations use, then the rest of the registry."""
     out: list[tuple[str, str, dict[str, Any]]] = [
         ("mobilenetv2 x0.5 (group norm)", "mobilenetv2", {"width_mult": 0.5, "norm": "group"}),
         ("mobilenetv2 x0.5 (batch norm)", "mobilenetv2", {"width_mult": 0.5, "norm": "batch"}),
     ]
-    return out + [(name, name, {}) for name in model_names()]
+    used = ["resnet8", "resnet14", "resnet18", "mlp1d", "cnn1d_small", "resnet1d"]
+    used += ["mlp_digits", "cnn_digits_small", "cnn_digits_large", "vit_s", "vgg16"]
+    rest = [n for n in model_names() if n not in used]
+    return out + [(name, name, {}) for name in used + rest]
 
 
 def input_shape(name: str, size: int) -> tuple[int, int, int]:

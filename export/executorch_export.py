@@ -46,6 +46,46 @@ def _lowering_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:200]
 
 
+class TwoPassGroupNorm(nn.Module):
+    """``nn.GroupNorm`` written with plain tensor ops, its variance the mean of squared
+    deviations from the group mean (two passes): (B, C, *) -> (B, C, *).
+
+    ExecuTorch 1.5.1's portable ``native_group_norm`` kernel computes the variance in one
+    pass (mean of squares minus squared mean), which cancels catastrophically when a
+    group's mean is large against its spread: on inputs offset by 10 its float32 output
+    is off by 4e-4 (torch: 2e-6), at an offset of 1000 it returns NaN. Exported programs
+    use this module in place of every GroupNorm; it shares the GroupNorm's parameters,
+    so the names and shapes of the program's parameters do not change.
+    """
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        super().__init__()
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias  # None when not affine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = x.reshape(x.shape[0], self.num_groups, -1)
+        centred = groups - groups.mean(dim=2, keepdim=True)
+        var = (centred * centred).mean(dim=2, keepdim=True)
+        out = (centred * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None:
+            out = out * self.weight.reshape(per_channel)
+        if self.bias is not None:
+            out = out + self.bias.reshape(per_channel)
+        return out
+
+
+def stable_group_norm(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place) with every ``nn.GroupNorm`` replaced by a
+    :class:`TwoPassGroupNorm` sharing its parameters; the state dict is unchanged."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(parent, name, TwoPassGroupNorm(child))
+    return model
+
+
 class WithLoss(nn.Module):
     """``model`` and its training loss: (x (B, C, H, W), y (B,)) -> mean cross-entropy."""
 
@@ -62,16 +102,24 @@ def _quiet_export() -> None:
     require_executorch("exporting an ExecuTorch program")
 
 
-def training_program(model: nn.Module, input_shape: tuple[int, int, int], max_batch: int) -> bytes:
+def training_program(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    max_batch: int,
+    *,
+    two_pass_group_norm: bool = True,
+) -> bytes:
     """Training program bytes of ``model`` for batches of 1..``max_batch`` samples (its
     current weights are the program's initial ones; an agent overwrites them with each
-    round's global weights)."""
+    round's global weights). GroupNorm layers are exported as :class:`TwoPassGroupNorm`
+    unless ``two_pass_group_norm`` is False (the runtime's own kernel; for measuring)."""
     _quiet_export()
     from executorch.exir import to_edge
     from torch.export import Dim, export
     from torch.export.experimental import _export_forward_backward
 
-    wrapped = WithLoss(copy.deepcopy(model)).train()
+    net = copy.deepcopy(model)
+    wrapped = WithLoss(stable_group_norm(net) if two_pass_group_norm else net).train()
     x = torch.zeros(2, *input_shape)
     y = torch.zeros(2, dtype=torch.long)
     batch = Dim("batch", min=1, max=max(2, max_batch))
@@ -89,7 +137,7 @@ def inference_program(model: nn.Module, input_shape: tuple[int, int, int]) -> by
     from executorch.exir import to_edge_transform_and_lower
     from torch.export import Dim, export
 
-    net = copy.deepcopy(model).eval()
+    net = stable_group_norm(copy.deepcopy(model)).eval()
     batch = Dim("batch", min=1, max=INFERENCE_MAX_BATCH)
     ep = export(net, (torch.zeros(2, *input_shape),), dynamic_shapes=({0: batch},), strict=False)
     lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
