@@ -9,7 +9,8 @@ with BatchNorm and with GroupNorm, the phone variant): build the training progra
 momentum 0.9) through the ExecuTorch runtime and in torch from the same weights on the
 same batches (random inputs, fixed seed); report the largest parameter difference, or
 why the program could not be built. Then the XNNPACK inference program and its largest
-logit difference against torch (eval mode). The drift of the deep GroupNorm MobileNetV2
+logit difference against torch (eval mode), for the models that train
+(``--all-inference``: for every model). The drift of the deep GroupNorm MobileNetV2
 is put beside the difference between torch's own float32 and float64 runs of the same
 steps (how far float rounding alone moves it). Prints a table and writes
 benchmarks/results/executorch.json.
@@ -125,6 +126,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=16, help="image side (0: default shapes)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma list of case labels")
+    ap.add_argument(
+        "--all-inference",
+        action="store_true",
+        help="build inference programs of models that do not train through ExecuTorch too",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = TrainingSpec(epochs=1, batch_size=BATCH, optimizer="sgd", learning_rate=0.01)
@@ -167,6 +173,11 @@ def main() -> None:
                 f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
             )
         row["train_s"] = time.monotonic() - start
+        if not row["trains"] and not args.all_inference:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save(rows, args.steps, args.size, args.threads)
+            continue
         try:
             inference = inference_program(model, shape)
             row["inference_program_kb"] = len(inference) / 1024

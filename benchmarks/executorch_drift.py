@@ -28,6 +28,7 @@ import copy
 import json
 import platform
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,21 @@ Snapshot = dict[str, torch.Tensor]
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _forward_program(module: nn.Module, x: torch.Tensor) -> Any:
-    """A loaded portable-kernel (no delegate) ExecuTorch method running ``module``."""
+def _forward_program(module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` (B, C, H, W) -> (B, C, H, W) through a portable-kernel (no delegate)
+    ExecuTorch program."""
     from executorch.exir import to_edge
     from executorch.runtime import Runtime
     from torch.export import export
 
-    program = to_edge(export(module, (x,))).to_executorch().buffer
-    return Runtime.get().load_program(bytes(program)).load_method(METHOD)
+    buffer = bytes(to_edge(export(module, (x,))).to_executorch().buffer)
+    program = Runtime.get().load_program(buffer)
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = program.load_method(METHOD).execute([inp])[0]
+        return out.detach().clone()
+
+    return run
 
 
 def group_norm_errors() -> list[dict[str, float]]:
@@ -91,8 +99,8 @@ def group_norm_errors() -> list[dict[str, float]]:
         rows.append(
             {
                 "offset": offset,
-                "runtime_kernel": err(kernel.execute([x])[0]),
-                "two_pass_export": err(two_pass.execute([x])[0]),
+                "runtime_kernel": err(kernel(x)),
+                "two_pass_export": err(two_pass(x)),
                 "torch_fp32": err(torch32),
             }
         )

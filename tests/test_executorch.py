@@ -142,8 +142,9 @@ def test_two_pass_group_norm_computes_group_norm_and_keeps_the_state_dict() -> N
 
 @needs_executorch
 def test_group_norm_program_stays_exact_on_inputs_far_from_zero() -> None:
-    # The runtime's own GroupNorm kernel loses ~4e-4 at an offset of 10 (one-pass
-    # variance); the exported two-pass form must stay at float32 rounding.
+    # The runtime's own GroupNorm kernel is off by 4e-4 at an offset of 10 (one-pass
+    # variance; benchmarks/executorch_drift.py); the exported two-pass form stays within
+    # float32 rounding of the sums (2e-5 there).
     from executorch.exir import to_edge
     from torch.export import export
 
@@ -152,7 +153,7 @@ def test_group_norm_program_stays_exact_on_inputs_far_from_zero() -> None:
     # Prepare
     torch.manual_seed(0)
     norm = nn.GroupNorm(4, 16)
-    x = torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(1)) + 100.0
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)) + 10.0
     expected = copy.deepcopy(norm).double()(x.double())
     net = stable_group_norm(nn.Sequential(norm))
     # Execute
