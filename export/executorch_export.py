@@ -160,12 +160,29 @@ def inference_parity(model: nn.Module, program: bytes, x: torch.Tensor) -> float
     return float((run_inference(program, x) - expected).abs().max())
 
 
+# A deep network amplifies float32 rounding from step to step (the GroupNorm MobileNetV2:
+# torch float32 against float64, or torch with 2 threads against 1, end 3e-2 apart after
+# 6 steps; benchmarks/executorch_drift.py). A program passes when it is within
+# max(tolerance, FLOAT_NOISE_FACTOR x that float32-vs-float64 distance) of torch; a wrong
+# kernel (MaxPool2d: 1.29 apart where float noise is 1e-7) still fails by orders of size.
+FLOAT_NOISE_FACTOR = 4.0
+
+
 @dataclass(frozen=True)
 class TrainingParity:
     steps: int
     max_param_diff: float  # max |runtime - torch| over every parameter after the steps
     loss_torch: float  # mean training loss of the torch run
     loss_runtime: float
+    float_noise: float = 0.0  # max |torch float32 - torch float64| after the same steps
+
+    def bound(self, tolerance: float) -> float:
+        """The largest ``max_param_diff`` accepted: ``tolerance``, or more where torch's
+        own float32 rounding moves the parameters further."""
+        return max(tolerance, FLOAT_NOISE_FACTOR * self.float_noise)
+
+    def agrees(self, tolerance: float) -> bool:
+        return self.max_param_diff <= self.bound(tolerance)
 
 
 def training_parity(
@@ -178,14 +195,24 @@ def training_parity(
     seed: int = 0,
 ) -> TrainingParity:
     """Train the same epochs and batches (same shuffling, same start weights) through the
-    runtime and in torch (``train_local``); compare every parameter afterwards."""
+    runtime, in torch (``train_local``) and in torch float64; compare every parameter
+    afterwards (runtime against torch, and torch against its float64 run)."""
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     runtime = train_program(program, start, x, y, spec, seed=seed)
-    ref = copy.deepcopy(model)
-    torch_run = train_local(ref, x, y, spec, seed=seed)
+    torch_run = train_local(copy.deepcopy(model), x, y, spec, seed=seed)
+    exact = train_local(copy.deepcopy(model).double(), x.double(), y, spec, seed=seed)
     names = [n for n, _ in model.named_parameters()]
-    diff = max(float((runtime.state[n] - torch_run.state[n]).abs().max()) for n in names)
-    return TrainingParity(torch_run.steps, diff, torch_run.mean_loss, runtime.mean_loss)
+
+    def gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return max(float((a[n].double() - b[n].double()).abs().max()) for n in names)
+
+    return TrainingParity(
+        torch_run.steps,
+        gap(runtime.state, torch_run.state),
+        torch_run.mean_loss,
+        runtime.mean_loss,
+        gap(torch_run.state, exact.state),
+    )
 
 
 TRAINING_PARITY_TOLERANCE = 1e-4  # max |parameter difference| after the check's steps
@@ -205,7 +232,8 @@ def checked_training_program(
 ) -> tuple[bytes, TrainingParity]:
     """A training program for ``model`` and batches of ``spec.batch_size``, after one epoch
     on random data (``CHECK_SAMPLES`` samples) through the runtime agreed with torch within
-    ``tolerance`` in every parameter; :class:`ProgramParityError` otherwise."""
+    ``tolerance`` (or ``FLOAT_NOISE_FACTOR`` x torch's own float32-vs-float64 distance,
+    when larger) in every parameter; :class:`ProgramParityError` otherwise."""
     program = training_program(model, input_shape, spec.batch_size)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(CHECK_SAMPLES, *input_shape, generator=gen)
@@ -214,11 +242,11 @@ def checked_training_program(
     y = torch.randint(0, num_classes, (CHECK_SAMPLES,), generator=gen)
     check = spec.model_copy(update={"epochs": 1, "time_budget_s": None})
     parity = training_parity(model, program, x, y, check)
-    if not parity.max_param_diff <= tolerance:
+    if not parity.agrees(tolerance):
         raise ProgramParityError(
             f"the ExecuTorch training program of {type(model).__name__} ends "
             f"{parity.max_param_diff:.2e} from torch after {parity.steps} steps "
-            f"(tolerance {tolerance:.0e}); use layers the runtime trains correctly "
+            f"(bound {parity.bound(tolerance):.1e}); use layers the runtime trains correctly "
             "(GroupNorm, strided convolutions, adaptive average pooling)"
         )
     return program, parity
@@ -262,10 +290,10 @@ def export_executorch(
     check = spec.model_copy(update={"optimizer": "sgd", "epochs": 1, "time_budget_s": None})
     program = training_program(model, shape, spec.batch_size)
     parity = training_parity(model, program, x, y, check)
-    if not parity.max_param_diff <= TRAINING_PARITY_TOLERANCE:
+    if not parity.agrees(TRAINING_PARITY_TOLERANCE):
         raise ProgramParityError(
             f"training program ends {parity.max_param_diff:.2e} from torch after "
-            f"{parity.steps} steps (tolerance {TRAINING_PARITY_TOLERANCE:.0e})"
+            f"{parity.steps} steps (bound {parity.bound(TRAINING_PARITY_TOLERANCE):.1e})"
         )
     inference = inference_program(model, shape)
     diff = inference_parity(model, inference, x[:INFERENCE_MAX_BATCH])
@@ -289,6 +317,8 @@ def export_executorch(
         parity={
             "steps": parity.steps,
             "max_param_diff": parity.max_param_diff,
+            "torch_fp32_vs_fp64": parity.float_noise,
+            "bound": parity.bound(TRAINING_PARITY_TOLERANCE),
             "learning_rate": check.learning_rate,
             "batch_size": check.batch_size,
         },
