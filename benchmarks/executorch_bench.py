@@ -56,7 +56,19 @@ def cases() -> list[tuple[str, str, dict[str, Any]]]:
     used = ["resnet8", "resnet14", "resnet18", "mlp1d", "cnn1d_small", "resnet1d"]
     used += ["mlp_digits", "cnn_digits_small", "cnn_digits_large", "vit_s", "vgg16"]
     rest = [n for n in model_names() if n not in used]
-    return out + [(name, name, {}) for name in used + rest]
+    probe = [(MAXPOOL_PROBE, MAXPOOL_PROBE, {})]
+    return out + [(name, name, {}) for name in used + rest] + probe
+
+
+MAXPOOL_PROBE = "conv + MaxPool2d (probe)"
+
+
+def maxpool_probe() -> torch.nn.Module:
+    """A small CNN with MaxPool2d on (1, 8, 8): the layer that trains wrongly."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 10)
+    )
 
 
 def input_shape(name: str, size: int) -> tuple[int, int, int]:
@@ -130,9 +142,9 @@ def main() -> None:
     for label, name, kw in cases():
         if only and label not in only:
             continue
-        shape = input_shape(name, args.size)
+        shape = (1, 8, 8) if name == MAXPOOL_PROBE else input_shape(name, args.size)
         torch.manual_seed(0)
-        model = build_model(name, 10, shape, **kw)
+        model = maxpool_probe() if name == MAXPOOL_PROBE else build_model(name, 10, shape, **kw)
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(BATCH * args.steps, *shape, generator=gen)
         y = torch.randint(0, 10, (len(x),), generator=gen)
