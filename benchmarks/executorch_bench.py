@@ -56,7 +56,7 @@ def cases() -> list[tuple[str, str, dict[str, Any]]]:
     used = ["resnet8", "resnet14", "resnet18", "mlp1d", "cnn1d_small", "resnet1d"]
     used += ["mlp_digits", "cnn_digits_small", "cnn_digits_large", "vit_s", "vgg16"]
     rest = [n for n in model_names() if n not in used]
-    probe = [(MAXPOOL_PROBE, MAXPOOL_PROBE, {})]
+    probe: list[tuple[str, str, dict[str, Any]]] = [(MAXPOOL_PROBE, MAXPOOL_PROBE, {})]
     return out + [(name, name, {}) for name in used + rest] + probe
 
 

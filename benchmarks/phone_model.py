@@ -73,7 +73,7 @@ def main() -> None:
                 epochs=args.epochs,
                 batch_size=16,
                 optimizer=opt,
-                learning_rate=lr,  # type: ignore[arg-type]
+                learning_rate=lr,
             )
             train_local(model, x, y, spec, seed=seed)
             accs.append(accuracy(model, test_x, data.test_y))

@@ -21,7 +21,7 @@ VEC = ROOT / "vectors"
 REGENERATE = "regenerate with: python -m takfl.wire.vectors"
 
 
-def manifest() -> dict:  # type: ignore[type-arg]
+def manifest() -> dict:
     return json.loads((VEC / "manifest.json").read_text())
 
 

@@ -229,7 +229,7 @@ def vectors() -> tuple[dict[str, bytes], dict[str, Any]]:
     return files, manifest
 
 
-Entry = tuple[WireMessage, str, str, str]  # message, topic, sender, signing key
+Entry = tuple[SignedMessage, str, str, str]  # message, topic, sender, signing key
 
 
 def control_messages(
