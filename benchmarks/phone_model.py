@@ -2,6 +2,7 @@
 against the BatchNorm original, trained centrally on real digits.
 
     python benchmarks/phone_model.py [--epochs 8] [--seeds 2] [--size 32] [--threads 1]
+        [--only batch-sgd,group-sgd] [--out benchmarks/results/phone_model.json]
 
 Every variant trains with ``train_local`` on the digits federation's whole private pool
 (1,337 scikit-learn digits) and is scored on its test set (360 images), the 8x8 images
@@ -55,7 +56,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--size", type=int, default=32, help="image side (0: 8x8 as stored)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma list of NORM-OPTIMIZER, e.g. group-sgd")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    only = {v.strip() for v in args.only.split(",") if v.strip()}
     torch.set_num_threads(args.threads)
     data = build_federation_data(load_federation("digits"))
     x = resize(torch.cat([c[1] for c in data.clients.values()]), args.size)
@@ -64,6 +68,8 @@ def main() -> None:
     shape = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
     rows: list[dict[str, Any]] = []
     for label, norm, opt, lr in VARIANTS:
+        if only and f"{norm}-{opt}" not in only:
+            continue
         accs = []
         start = time.monotonic()
         for seed in range(args.seeds):
@@ -100,13 +106,13 @@ def main() -> None:
             r["variant"], f"{r['mean']:.1f}", ", ".join(f"{a:.1f}" for a in r["accuracies"])
         )
     Console(width=160).print(table)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(
         json.dumps(
             {
                 "command": "python benchmarks/phone_model.py "
                 f"--epochs {args.epochs} --seeds {args.seeds} --size {args.size} "
-                f"--threads {args.threads}",
+                f"--threads {args.threads}" + (f" --only '{args.only}'" if only else ""),
                 "input_shape": list(shape),
                 "machine": f"{platform.machine()}, torch {torch.__version__}",
                 "rows": rows,
