@@ -3,6 +3,7 @@ digits, the phone profile's rules, and the message when the extra is missing."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -115,6 +116,64 @@ def test_maxpool_model_fails_the_parity_check() -> None:
     )
     with pytest.raises(ProgramParityError, match="from torch"):
         checked_training_program(model, (1, 8, 8), SPEC)
+
+
+def test_two_pass_group_norm_computes_group_norm_and_keeps_the_state_dict() -> None:
+    from export.executorch_export import TwoPassGroupNorm, stable_group_norm
+
+    # Prepare
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2", 10, (3, 16, 16), width_mult=0.5, norm="group")
+    swapped = stable_group_norm(copy.deepcopy(model))
+    x = torch.randn(4, 3, 16, 16) * 3 + 5
+    y = torch.tensor([0, 1, 2, 3])
+    # Execute
+    out, out_swapped = model(x), swapped(x)
+    nn.functional.cross_entropy(out, y).backward()
+    nn.functional.cross_entropy(out_swapped, y).backward()
+    # Assert
+    assert not any(isinstance(m, nn.GroupNorm) for m in swapped.modules())
+    assert any(isinstance(m, TwoPassGroupNorm) for m in swapped.modules())
+    assert list(swapped.state_dict()) == list(model.state_dict())
+    assert torch.allclose(out, out_swapped, atol=1e-5)
+    for (name, p), (_, q) in zip(model.named_parameters(), swapped.named_parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name  # type: ignore[arg-type]
+
+
+@needs_executorch
+def test_group_norm_program_stays_exact_on_inputs_far_from_zero() -> None:
+    # The runtime's own GroupNorm kernel is off by 4e-4 at an offset of 10 (one-pass
+    # variance; benchmarks/executorch_drift.py); the exported two-pass form stays within
+    # float32 rounding of the sums (2e-5 there).
+    from executorch.exir import to_edge
+    from torch.export import export
+
+    from export.executorch_export import run_inference, stable_group_norm
+
+    # Prepare
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)) + 10.0
+    expected = copy.deepcopy(norm).double()(x.double())
+    net = stable_group_norm(nn.Sequential(norm))
+    # Execute
+    program = bytes(to_edge(export(net, (x,))).to_executorch().buffer)
+    out = run_inference(program, x)
+    # Assert
+    assert float((out.double() - expected).abs().max()) < 1e-4
+
+
+def test_parity_bound_widens_only_as_far_as_torchs_own_float_noise() -> None:
+    from export.executorch_export import FLOAT_NOISE_FACTOR, TrainingParity
+
+    # The GroupNorm MobileNetV2 after 6 steps (3.4e-2 from torch, torch float32 3.1e-2
+    # from float64) passes; the MaxPool2d probe (7.4 apart, float noise 4.4e-8) fails.
+    deep = TrainingParity(6, 3.4e-2, 2.3, 2.3, float_noise=3.1e-2)
+    wrong = TrainingParity(6, 7.4, 2.3, 9.0, float_noise=4.4e-8)
+    exact_but_noisy = TrainingParity(6, 2e-4, 2.3, 2.3, float_noise=1e-5)
+    assert deep.agrees(1e-4) and deep.bound(1e-4) == pytest.approx(FLOAT_NOISE_FACTOR * 3.1e-2)
+    assert not wrong.agrees(1e-4) and wrong.bound(1e-4) == 1e-4
+    assert not exact_but_noisy.agrees(1e-4)  # 2e-4 is over both 1e-4 and 4 x 1e-5
 
 
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:

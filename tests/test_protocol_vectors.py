@@ -21,7 +21,7 @@ VEC = ROOT / "vectors"
 REGENERATE = "regenerate with: python -m takfl.wire.vectors"
 
 
-def manifest() -> dict:  # type: ignore[type-arg]
+def manifest() -> dict:
     return json.loads((VEC / "manifest.json").read_text())
 
 
@@ -43,8 +43,15 @@ def test_every_message_has_a_schema_naming_its_fields() -> None:
         assert set(schema["properties"]) == {f.alias or n for n, f in cls.model_fields.items()}
 
 
+SIGNED = [
+    name
+    for name, entry in json.loads((VEC / "manifest.json").read_text())["messages"].items()
+    if entry["key"] == "agent secret"
+]
+
+
 @pytest.mark.parametrize(
-    "name", ["task", "registration", *[f"update-{c}" for c in gen.COMPRESSIONS]]
+    "name", sorted({"task", "registration", *[f"update-{c}" for c in gen.COMPRESSIONS], *SIGNED})
 )
 def test_signature_is_hmac_of_the_documented_bytes(name: str) -> None:
     # Prepare
@@ -116,3 +123,72 @@ def test_manifest_lists_every_vector_with_its_digest() -> None:
     assert set(files) == on_disk
     for name, digest in files.items():
         assert hashlib.sha256((VEC / name).read_bytes()).hexdigest() == digest
+
+
+def test_every_wire_message_has_a_vector_and_a_schema() -> None:
+    # Every JSON message class of takfl.wire.messages is listed, and a native agent finds
+    # at least one vector of each kind, each on the topic the code uses.
+    from takfl.wire import messages
+
+    defined = {
+        cls
+        for cls in vars(messages).values()
+        if isinstance(cls, type)
+        and issubclass(cls, messages.WireMessage)
+        and "kind" in cls.model_fields
+    }
+    assert defined == set(gen.MESSAGES)
+    entries = manifest()["messages"]
+    assert {e["kind"] for e in entries.values()} == {gen.message_kind(c) for c in gen.MESSAGES}
+    by_kind = {gen.message_kind(c): c for c in gen.MESSAGES}
+    for name, entry in entries.items():
+        data = (VEC / entry["file"]).read_bytes()
+        decoded = messages.decode_message(by_kind[entry["kind"]], data)
+        assert messages.encode_message(decoded) == data, name
+        assert entry["topic"].startswith("takfl/demo/")
+
+
+def test_unsigned_messages_are_only_the_coordinators_broadcasts() -> None:
+    for name, entry in manifest()["messages"].items():
+        message = json.loads((VEC / entry["file"]).read_bytes())
+        if entry["key"] == "unsigned":
+            assert message["signature"] == "" and entry["signed_bytes"] is None, name
+            assert "/broadcast/" in entry["topic"] and entry["sender"] == "coordinator"
+        else:
+            assert entry["key"] == "agent secret" and len(message["signature"]) == 64, name
+
+
+def test_control_messages_name_what_they_answer() -> None:
+    # Prepare
+    m = manifest()
+    vec = {name: json.loads((VEC / e["file"]).read_bytes()) for name, e in m["messages"].items()}
+    reg = vec["registration"]
+    signed = (VEC / "registration.signed-bytes.bin").read_bytes()
+    # Execute: a registration's reference is SHA-256 of its canonical bytes (without the
+    # domain prefix) followed by its signature's hex digits
+    ref = hashlib.sha256(signed[len(b"takfl-wire-v1\x00") :] + reg["signature"].encode())
+    # Assert
+    assert ref.hexdigest() == m["registration_message_ref"]
+    for name in ("ack-register", "ack-register-refused"):
+        assert vec[name]["digest"] == ref.hexdigest() and vec[name]["round_id"] is None
+    task_digest = vec["task"]["blob"]["digest"]
+    update_digest = vec["update-fp16"]["blob"]["digest"]
+    assert vec["ack-task"]["digest"] == task_digest == vec["ack-task-refused"]["digest"]
+    assert vec["ack-update"]["digest"] == update_digest == vec["ack-update-refused"]["digest"]
+    assert [vec[n]["accepted"] for n in ("ack-task", "ack-task-refused")] == [True, False]
+    assert vec["chunk-request-global"]["digest"] == task_digest
+    assert vec["chunk-request-update"]["digest"] == update_digest
+    assert vec["global-agent"]["digest"] == task_digest == vec["global-broadcast"]["digest"]
+    assert vec["global-agent"]["size"] == len((VEC / "global.safetensors").read_bytes())
+    assert (
+        vec["global-agent"]["agent_id"] == "S-000" and vec["global-broadcast"]["agent_id"] is None
+    )
+
+
+def test_program_chunks_reassemble_to_the_task_program() -> None:
+    task = json.loads((VEC / "task-program.json").read_bytes())
+    ref = task["program"]
+    program = reassemble("program", ref["digest"], ref["count"])
+    assert program == (VEC / "program.pte").read_bytes() and len(program) == ref["size"]
+    request = json.loads((VEC / "chunk-request-program.json").read_bytes())
+    assert request["digest"] == ref["digest"] and request["missing"] == list(range(ref["count"]))

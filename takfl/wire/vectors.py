@@ -4,10 +4,12 @@
 
 writes ``schemas/<kind>.schema.json`` (one per message, generated from the pydantic
 models) and ``vectors/`` (a task, a global-model blob and its chunks, an update in
-each codec with its signature, and the exact bytes each signature covers), plus
-``vectors/manifest.json`` describing every file. Everything is deterministic: a fixed
-secret, fixed tensors and fixed times, so the files are byte-for-byte reproducible
-and the tests regenerate and compare them.
+each codec, and every control message an agent sends or receives: registrations,
+acks, statuses, chunk requests, global announcements; each signed one with the exact
+bytes its signature covers), plus ``vectors/manifest.json`` describing every file and
+naming, for each message, its topic, its sender and the key that signs it.
+Everything is deterministic: a fixed secret, fixed tensors and fixed times, so the
+files are byte-for-byte reproducible and the tests regenerate and compare them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from takfl.wire.messages import (
     encode_chunk,
     encode_message,
 )
-from takfl.wire.signing import DOMAIN, sign
+from takfl.wire.signing import DOMAIN, message_ref, sign
+from takfl.wire.telemetry import PlatformInfo, Telemetry
+from takfl.wire.topics import Down, Topics, Up
 from takfl.wire.update import prepare_update
 
 MESSAGES: tuple[type[WireMessage], ...] = (
@@ -54,6 +58,12 @@ SECRET = bytes(range(32))  # the vectors' agent secret (never a real one)
 AGENT, PROTOTYPE, ROUND = "S-000", "S", 3
 CHUNK_SIZE = 256  # small, so the vectors have several chunks
 SENT_AT = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+FLEET = "demo"  # the vectors' fleet name (topics)
+COORDINATOR_ID = "coordinator"  # agent_id of the coordinator's own status
+AGENT_KEY = "agent secret"  # HMAC-SHA256 under the agent's per-device secret
+UNSIGNED = "unsigned"  # signature "", for monitors; agents never act on these
+# A stand-in for an ExecuTorch training program (.pte): any bytes travel the same way.
+PROGRAM = b"ET12 stand-in training program, not a real .pte: " + bytes(range(256)) * 2
 DEFAULT_OUT = Path("docs/protocol")
 
 
@@ -150,6 +160,7 @@ def vectors() -> tuple[dict[str, bytes], dict[str, Any]]:
     )
     files.update(_signed_parts("registration", registration))
     updates: dict[str, Any] = {}
+    fp16_update = None
     for codec in COMPRESSIONS:
         up = prepare_update(
             task,
@@ -161,6 +172,7 @@ def vectors() -> tuple[dict[str, bytes], dict[str, Any]]:
             compression=codec,  # type: ignore[arg-type]
         )
         files.update(_signed_parts(f"update-{codec}", up.header))
+        fp16_update = up.header if codec == "fp16" else fp16_update
         files[f"update-{codec}.safetensors"] = up.blob
         files.update(_chunks(f"update-{codec}", up.blob))
         updates[codec] = {
@@ -171,6 +183,15 @@ def vectors() -> tuple[dict[str, bytes], dict[str, Any]]:
             "chunks": len(split(up.blob, CHUNK_SIZE)),
             "decoded_delta": _tensors(decode_state(up.blob)),
         }
+    assert fp16_update is not None
+    files["program.pte"] = PROGRAM
+    files.update(_chunks("program", PROGRAM))
+    messages, entries = control_messages(task, registration, fp16_update)
+    for name, (message, _topic, _sender, key) in messages.items():
+        if key == UNSIGNED:
+            files[f"{name}.json"] = encode_message(message)
+        else:
+            files.update(_signed_parts(name, message))
     manifest = {
         "description": "Golden vectors of the takfl wire protocol v1; see docs/protocol.md. "
         "Regenerate with: python -m takfl.wire.vectors",
@@ -195,9 +216,224 @@ def vectors() -> tuple[dict[str, bytes], dict[str, Any]]:
         },
         "trained": _tensors(trained_state()),
         "updates": updates,
+        "program": {
+            "blob": "program.pte",
+            "sha256": hashlib.sha256(PROGRAM).hexdigest(),
+            "chunks": len(split(PROGRAM, CHUNK_SIZE)),
+            "note": "stand-in bytes, not a real ExecuTorch program",
+        },
+        "registration_message_ref": message_ref(registration),
+        "messages": entries,
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
     }
     return files, manifest
+
+
+Entry = tuple[SignedMessage, str, str, str]  # message, topic, sender, signing key
+
+
+def control_messages(
+    task: TaskMessage, registration: Registration, update: UpdateHeader
+) -> tuple[dict[str, Entry], dict[str, Any]]:
+    """Every message an agent sends or receives, by vector name: (message, topic, sender,
+    key), and the manifest entries describing them (file, kind, topic, sender, key,
+    signed bytes, signature).
+
+    Every signed message, in either direction, is signed with the agent's own secret
+    (``SECRET`` here); the coordinator holds no key of its own, so its presence and the
+    broadcast copy of a global announcement are unsigned."""
+    t = Topics(FLEET)
+    program_task = sign(
+        task.model_copy(update={"program": blob_ref(PROGRAM, CHUNK_SIZE), "signature": ""}),
+        SECRET,
+    )
+    telemetry = Telemetry(
+        platform=PlatformInfo(
+            machine="aarch64",
+            system="Android",
+            release="14",
+            cpus=8,
+            runtimes={"executorch": "1.5.1"},
+        ),
+        threads=2,
+        rss_limit_mb=768.0,
+    )
+    reg_telemetry = sign(
+        registration.model_copy(update={"telemetry": telemetry, "signature": ""}), SECRET
+    )
+    ann = GlobalAnnouncement(
+        round_id=ROUND, prototype=PROTOTYPE, digest=task.blob.digest, size=task.blob.size
+    )
+    program_ref = blob_ref(PROGRAM, CHUNK_SIZE)
+
+    def agent_signed(message: SignedMessage) -> SignedMessage:
+        return sign(message, SECRET)
+
+    c, a = "coordinator", "agent"
+    messages: dict[str, Entry] = {
+        "task-program": (program_task, t.down(AGENT, Down.TASK), c, AGENT_KEY),
+        "registration-telemetry": (reg_telemetry, t.up(AGENT, Up.REGISTER), a, AGENT_KEY),
+        "ack-register": (
+            agent_signed(
+                Ack(
+                    subject="register",
+                    agent_id=AGENT,
+                    digest=message_ref(registration),
+                    accepted=True,
+                )
+            ),
+            t.down(AGENT, Down.ACK),
+            c,
+            AGENT_KEY,
+        ),
+        "ack-register-refused": (
+            agent_signed(
+                Ack(
+                    subject="register",
+                    agent_id=AGENT,
+                    digest=message_ref(registration),
+                    accepted=False,
+                    reason="wrong_prototype",
+                    detail="S-000 is registered for prototype S, not M",
+                )
+            ),
+            t.down(AGENT, Down.ACK),
+            c,
+            AGENT_KEY,
+        ),
+        "ack-task": (
+            agent_signed(
+                Ack(
+                    subject="task",
+                    agent_id=AGENT,
+                    round_id=ROUND,
+                    digest=task.blob.digest,
+                    accepted=True,
+                )
+            ),
+            t.up(AGENT, Up.ACK),
+            a,
+            AGENT_KEY,
+        ),
+        "ack-task-refused": (
+            agent_signed(
+                Ack(
+                    subject="task",
+                    agent_id=AGENT,
+                    round_id=ROUND,
+                    digest=task.blob.digest,
+                    accepted=False,
+                    reason="too_large",
+                )
+            ),
+            t.up(AGENT, Up.ACK),
+            a,
+            AGENT_KEY,
+        ),
+        "ack-update": (
+            agent_signed(
+                Ack(
+                    subject="update",
+                    agent_id=AGENT,
+                    round_id=ROUND,
+                    digest=update.blob.digest,
+                    accepted=True,
+                )
+            ),
+            t.down(AGENT, Down.ACK),
+            c,
+            AGENT_KEY,
+        ),
+        "ack-update-refused": (
+            agent_signed(
+                Ack(
+                    subject="update",
+                    agent_id=AGENT,
+                    round_id=ROUND,
+                    digest=update.blob.digest,
+                    accepted=False,
+                    reason="stale_round",
+                    detail="round 3 is closed; the current round is 4",
+                )
+            ),
+            t.down(AGENT, Down.ACK),
+            c,
+            AGENT_KEY,
+        ),
+        "status-online": (
+            agent_signed(Status(agent_id=AGENT, state="online", time=SENT_AT)),
+            t.up(AGENT, Up.STATUS),
+            a,
+            AGENT_KEY,
+        ),
+        "status-offline": (  # the last will armed on the connection of status-online
+            agent_signed(Status(agent_id=AGENT, state="offline", time=SENT_AT)),
+            t.up(AGENT, Up.STATUS),
+            a,
+            AGENT_KEY,
+        ),
+        "status-coordinator-online": (
+            Status(agent_id=COORDINATOR_ID, state="online", time=SENT_AT),
+            t.coordinator_status(),
+            c,
+            UNSIGNED,
+        ),
+        "status-coordinator-offline": (  # the coordinator's last will
+            Status(agent_id=COORDINATOR_ID, state="offline", time=0.0),
+            t.coordinator_status(),
+            c,
+            UNSIGNED,
+        ),
+        "chunk-request-global": (
+            agent_signed(ChunkRequest(agent_id=AGENT, digest=task.blob.digest, missing=[1])),
+            t.up(AGENT, Up.REQUEST),
+            a,
+            AGENT_KEY,
+        ),
+        "chunk-request-program": (
+            agent_signed(
+                ChunkRequest(
+                    agent_id=AGENT,
+                    digest=program_ref.digest,
+                    missing=list(range(program_ref.count)),
+                )
+            ),
+            t.up(AGENT, Up.REQUEST),
+            a,
+            AGENT_KEY,
+        ),
+        "chunk-request-update": (
+            agent_signed(ChunkRequest(agent_id=AGENT, digest=update.blob.digest, missing=[0])),
+            t.down(AGENT, Down.REQUEST),
+            c,
+            AGENT_KEY,
+        ),
+        "global-agent": (
+            agent_signed(ann.model_copy(update={"agent_id": AGENT})),
+            t.down(AGENT, Down.GLOBAL),
+            c,
+            AGENT_KEY,
+        ),
+        "global-broadcast": (ann, t.global_model(PROTOTYPE), c, UNSIGNED),
+    }
+    base: dict[str, Entry] = {
+        "registration": (registration, t.up(AGENT, Up.REGISTER), a, AGENT_KEY),
+        "task": (task, t.down(AGENT, Down.TASK), c, AGENT_KEY),
+        "update-fp16": (update, t.up(AGENT, Up.UPDATE), a, AGENT_KEY),
+    }
+    entries: dict[str, Any] = {}
+    for name, (message, topic, sender, key) in (base | messages).items():
+        signed = key != UNSIGNED
+        entries[name] = {
+            "kind": message_kind(type(message)),
+            "file": f"{name}.json",
+            "topic": topic,
+            "sender": sender,
+            "key": key,
+            "signed_bytes": f"{name}.signed-bytes.bin" if signed else None,
+            "signature": getattr(message, "signature", ""),
+        }
+    return messages, entries
 
 
 def write(out: Path) -> list[Path]:
