@@ -332,7 +332,7 @@ class RoundEngine:
             {p: len(ids) for p, ids in plan.items()},
             timings,
             {
-                n: o.info | ({"val_accuracy": val_acc[n]} if n in val_acc else {})
+                n: o.info | ({"global_val_accuracy": val_acc[n]} if n in val_acc else {})
                 for n, o in outputs.items()
             },
             kept,
