@@ -306,7 +306,8 @@ class RoundEngine:
         )
         timings.update(step_times)
         t1 = time.perf_counter()
-        acc = {}
+        acc: dict[str, float] = {}
+        val_acc: dict[str, float] = {}
         for name, out in outputs.items():
             bad = non_finite_entry(out.state)
             if bad is None:
@@ -319,6 +320,8 @@ class RoundEngine:
             model = self.scratch[name]
             model.load_state_dict(self.globals[name])
             acc[name] = accuracy(model, d.test_x, d.test_y)
+            if len(d.val_y):  # for choosing settings on validation, never on the test set
+                val_acc[name] = accuracy(model, d.val_x, d.val_y)
             self.transport.publish_global(round_id, name, self.globals[name])
         timings["eval_s"] = time.perf_counter() - t1
         return RoundResult(
@@ -328,6 +331,9 @@ class RoundEngine:
             {p: len(got[p]) for p in plan},
             {p: len(ids) for p, ids in plan.items()},
             timings,
-            {n: o.info for n, o in outputs.items()},
+            {
+                n: o.info | ({"global_val_accuracy": val_acc[n]} if n in val_acc else {})
+                for n, o in outputs.items()
+            },
             kept,
         )

@@ -61,6 +61,8 @@ def test_simulate_writes_metrics_results_and_plot(tmp_path: Path) -> None:
         assert {"collect_s", "distill_s", "merge_s", "eval_s"} <= set(rec["timings"])
         assert 0.0 <= rec["test_accuracy"] <= 100.0
     assert all(r["lambdas"] is None for r in lines if r["algorithm"] == "fedavg")
+    # every global model's validation accuracy is recorded, for choosing settings on it
+    assert all(0.0 <= r["info"]["global_val_accuracy"] <= 100.0 for r in lines)
 
     results = json.loads((out / "results.json").read_text())["results"]
     assert set(results) == {"takfl", "fedavg"}
