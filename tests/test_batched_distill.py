@@ -4,6 +4,8 @@ paths agree; the fallback for models vmap cannot run; bf16 autocast numerics."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -293,3 +295,24 @@ def test_the_spec_takes_true_false_and_auto() -> None:
         spec(batched="sometimes")
     with pytest.raises(ValueError):
         spec(precision="fp8")
+
+
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="torch.compile's CPU backend needs a C++ compiler (apt-get install g++); "
+    "the uncompiled paths are covered above",
+)
+def test_compiled_distillation_equals_eager_on_cpu() -> None:
+    """``distill.compile``: both paths, compiled with torch.compile, give the eager result."""
+    model, start = student("mlp_digits")
+    x = public()
+    self_logits = predict_logits(model, x).detach()
+    targets = teachers(2)
+    eager = DistillSettings(steps=4, batch_size=8, learning_rate=1e-2)
+    compiled = DistillSettings(steps=4, batch_size=8, learning_rate=1e-2, compile=True)
+    for run in (sequential, batched):
+        torch._dynamo.reset()
+        ref = run(model, start, x, targets, self_logits, eager)
+        got = run(model, start, x, targets, self_logits, compiled)
+        for r, g in zip(ref, got, strict=True):
+            assert_states_close(r, g)
