@@ -27,6 +27,7 @@ from takfl.wire.codec import decode_state, encode_state
 from takfl.wire.messages import (
     COMPRESSIONS,
     Ack,
+    AckSubject,
     ChunkRequest,
     GlobalAnnouncement,
     ModelRef,
@@ -270,95 +271,40 @@ def control_messages(
         return sign(message, SECRET)
 
     c, a = "coordinator", "agent"
+
+    def ack(subject: AckSubject, digest: str, accepted: bool, sender: str, **more: Any) -> Entry:
+        """An ack of ``subject`` sent by ``sender``, on the receiving side's ack topic."""
+        msg = agent_signed(
+            Ack(subject=subject, agent_id=AGENT, digest=digest, accepted=accepted, **more)
+        )
+        topic = t.down(AGENT, Down.ACK) if sender == c else t.up(AGENT, Up.ACK)
+        return msg, topic, sender, AGENT_KEY
+
     messages: dict[str, Entry] = {
         "task-program": (program_task, t.down(AGENT, Down.TASK), c, AGENT_KEY),
         "registration-telemetry": (reg_telemetry, t.up(AGENT, Up.REGISTER), a, AGENT_KEY),
-        "ack-register": (
-            agent_signed(
-                Ack(
-                    subject="register",
-                    agent_id=AGENT,
-                    digest=message_ref(registration),
-                    accepted=True,
-                )
-            ),
-            t.down(AGENT, Down.ACK),
+        "ack-register": ack("register", message_ref(registration), True, c),
+        "ack-register-refused": ack(
+            "register",
+            message_ref(registration),
+            False,
             c,
-            AGENT_KEY,
+            reason="wrong_prototype",
+            detail="S-000 is registered for prototype S, not M",
         ),
-        "ack-register-refused": (
-            agent_signed(
-                Ack(
-                    subject="register",
-                    agent_id=AGENT,
-                    digest=message_ref(registration),
-                    accepted=False,
-                    reason="wrong_prototype",
-                    detail="S-000 is registered for prototype S, not M",
-                )
-            ),
-            t.down(AGENT, Down.ACK),
+        "ack-task": ack("task", task.blob.digest, True, a, round_id=ROUND),
+        "ack-task-refused": ack(
+            "task", task.blob.digest, False, a, round_id=ROUND, reason="too_large"
+        ),
+        "ack-update": ack("update", update.blob.digest, True, c, round_id=ROUND),
+        "ack-update-refused": ack(
+            "update",
+            update.blob.digest,
+            False,
             c,
-            AGENT_KEY,
-        ),
-        "ack-task": (
-            agent_signed(
-                Ack(
-                    subject="task",
-                    agent_id=AGENT,
-                    round_id=ROUND,
-                    digest=task.blob.digest,
-                    accepted=True,
-                )
-            ),
-            t.up(AGENT, Up.ACK),
-            a,
-            AGENT_KEY,
-        ),
-        "ack-task-refused": (
-            agent_signed(
-                Ack(
-                    subject="task",
-                    agent_id=AGENT,
-                    round_id=ROUND,
-                    digest=task.blob.digest,
-                    accepted=False,
-                    reason="too_large",
-                )
-            ),
-            t.up(AGENT, Up.ACK),
-            a,
-            AGENT_KEY,
-        ),
-        "ack-update": (
-            agent_signed(
-                Ack(
-                    subject="update",
-                    agent_id=AGENT,
-                    round_id=ROUND,
-                    digest=update.blob.digest,
-                    accepted=True,
-                )
-            ),
-            t.down(AGENT, Down.ACK),
-            c,
-            AGENT_KEY,
-        ),
-        "ack-update-refused": (
-            agent_signed(
-                Ack(
-                    subject="update",
-                    agent_id=AGENT,
-                    round_id=ROUND,
-                    digest=update.blob.digest,
-                    accepted=False,
-                    reason="stale_round",
-                    detail="round 3 is closed; the current round is 4",
-                )
-            ),
-            t.down(AGENT, Down.ACK),
-            c,
-            AGENT_KEY,
+            round_id=ROUND,
+            reason="stale_round",
+            detail="round 3 is closed; the current round is 4",
         ),
         "status-online": (
             agent_signed(Status(agent_id=AGENT, state="online", time=SENT_AT)),
