@@ -55,21 +55,7 @@ def run(attack: str, rounds: int) -> dict[str, object]:
         for aid in honest:
             fed.start_agent(aid)
         for aid, (shard, lies) in hostile.items():
-            fed.start_module(
-                aid,
-                "tests.poison_agent",
-                "--broker",
-                fed.broker_url_agents,
-                "--id",
-                aid,
-                "--secret-file",
-                str(fed.work / "secrets" / f"{aid}.secret"),
-                "--federation",
-                str(fed.cfg_path),
-                "--shard",
-                str(shard),
-                *[arg for lie in lies for arg in ("--lie", lie)],
-            )
+            fed.start_poison_agent(aid, shard, lies)
         start = time.monotonic()
         coord = fed.start_coordinator(
             "--deadline", "40", "--quorum", "0.5", "--max-wait", "120", "--wait-all", "300"

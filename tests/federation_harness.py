@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +143,27 @@ class Federation:
     def start_module(self, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
         """Any ``python -m module args`` process (e.g. a hostile agent), logged as ``name``."""
         return self._spawn(name, [sys.executable, "-m", module, *args])
+
+    def start_poison_agent(
+        self, agent_id: str, shard: int, lies: Sequence[str]
+    ) -> subprocess.Popen[bytes]:
+        """A provisioned agent that lies (``tests/poison_agent.py``): each of ``lies`` is
+        ``ROUND:SCALE:CLAIM`` (its delta times SCALE, CLAIM samples claimed in that round)."""
+        return self.start_module(
+            agent_id,
+            "tests.poison_agent",
+            "--broker",
+            self.broker_url_agents,
+            "--id",
+            agent_id,
+            "--secret-file",
+            str(self.work / "secrets" / f"{agent_id}.secret"),
+            "--federation",
+            str(self.cfg_path),
+            "--shard",
+            str(shard),
+            *[arg for lie in lies for arg in ("--lie", lie)],
+        )
 
     def start_coordinator(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
         name = f"coordinator-{sum(1 for n in self.procs if n.startswith('coordinator'))}"

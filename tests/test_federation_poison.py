@@ -29,25 +29,8 @@ def test_poisoned_agents_leave_every_prototype_finite_and_accurate(tmp_path) -> 
         for aid in HONEST:
             fed.start_agent(aid)
 
-        def hostile(aid: str, shard: int, *lies: str) -> None:
-            fed.start_module(
-                aid,
-                "tests.poison_agent",
-                "--broker",
-                fed.broker_url_agents,
-                "--id",
-                aid,
-                "--secret-file",
-                str(fed.work / "secrets" / f"{aid}.secret"),
-                "--federation",
-                str(fed.cfg_path),
-                "--shard",
-                str(shard),
-                *[arg for lie in lies for arg in ("--lie", lie)],
-            )
-
-        hostile("L-001", 1, "1:1000:50", "2:1000:1")
-        hostile("S-001", 1, "1:1:0", "2:1:0")
+        fed.start_poison_agent("L-001", 1, ["1:1000:50", "2:1000:1"])
+        fed.start_poison_agent("S-001", 1, ["1:1:0", "2:1:0"])
         # A task's deadline also bounds how late an honest agent may answer: generous,
         # so that a loaded machine delays the rounds instead of dropping honest updates.
         coord = fed.start_coordinator(
