@@ -47,7 +47,7 @@ from takfl.ondevice import (
     program_parameters_now,
     require_executorch,
 )
-from takfl.training import SGD_MOMENTUM
+from takfl.optim import SGD_MOMENTUM
 
 RESULTS = Path(__file__).parent / "results" / "executorch_drift.json"
 BATCH, LR = 8, 0.01

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from takfl.config.profile import TrainingSpec
-from takfl.training import SGD_MOMENTUM, LocalResult
+from takfl.optim import SGD_MOMENTUM
+from takfl.training import LocalResult
 
 PARAM_PREFIX = "model."  # parameter names in a training program: PARAM_PREFIX + state-dict name
 METHOD = "forward"  # the program's joint forward-backward method

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from takfl.config.profile import TrainingSpec
-
-SGD_MOMENTUM = 0.9  # momentum of the "sgd" optimiser (torch and the ExecuTorch runtime)
+from takfl.optim import LocalOptimizer
 
 
 @dataclass
@@ -23,15 +22,13 @@ class LocalResult:
     stopped_early: bool  # the time budget ran out before all epochs finished
 
 
-def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(
-            model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
-        )
-    return torch.optim.SGD(
+def make_optimizer(model: nn.Module, spec: TrainingSpec) -> LocalOptimizer:
+    """The profile's optimiser (Adam, or SGD with momentum) for local training, without
+    ``torch.optim`` and the compiler stack it imports (:mod:`takfl.optim`)."""
+    return LocalOptimizer(
         model.parameters(),
-        lr=spec.learning_rate,
-        momentum=SGD_MOMENTUM,
+        optimizer=spec.optimizer,
+        learning_rate=spec.learning_rate,
         weight_decay=spec.weight_decay,
     )
 
@@ -71,7 +68,7 @@ def train_local(
             idx = order[i : i + spec.batch_size]
             if len(idx) < 2 and len(order) >= 2:
                 continue  # BatchNorm cannot train on one sample
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = loss_fn(model(xs[idx]), ys[idx])
             loss.backward()
             opt.step()

@@ -57,10 +57,8 @@ from torch import nn
 from torch.func import functional_call
 
 from takfl.config.profile import TrainingSpec
-from takfl.training import SGD_MOMENTUM, LocalResult
-
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as make_optimizer uses them
-ADAM_EPS = 1e-8
+from takfl.optim import ADAM_BETAS, ADAM_EPS, SGD_MOMENTUM
+from takfl.training import LocalResult
 
 
 @dataclass(frozen=True)
