@@ -41,7 +41,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+
+from takfl.stacking import stack_copies, vmapped_forward
 
 State = dict[str, torch.Tensor]
 Precision = Literal["fp32", "bf16"]
@@ -265,15 +266,6 @@ def distill(
     return _cpu_state(model)
 
 
-def _stacked_call(model: nn.Module, params: State, buffers: State, x: torch.Tensor) -> torch.Tensor:
-    return functional_call(model, (params, buffers), (x,))
-
-
-def _stack(t: torch.Tensor, copies: int, device: torch.device) -> torch.Tensor:
-    t = t.detach().to(device)
-    return t.unsqueeze(0).expand(copies, *t.shape).clone()
-
-
 _PROBED: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
 
 
@@ -290,15 +282,14 @@ def vmap_unsupported(model: nn.Module, sample_x: torch.Tensor) -> str | None:
     reason: str | None = None
     try:
         device = sample_x.device
-        params = {k: _stack(v, 2, device).requires_grad_() for k, v in model.named_parameters()}
-        buffers = {k: _stack(v, 2, device) for k, v in model.named_buffers()}
+        params = {
+            k: stack_copies(v, 2, device).requires_grad_() for k, v in model.named_parameters()
+        }
+        buffers = {k: stack_copies(v, 2, device) for k, v in model.named_buffers()}
         model.train()
-        fwd = torch.vmap(
-            lambda p, b, x: _stacked_call(model, p, b, x),
-            in_dims=(0, 0, None),
-            randomness="different",
-        )
-        fwd(params, buffers, sample_x[:2]).float().sum().backward()
+        vmapped_forward(model, shared_input=True)(
+            params, buffers, sample_x[:2]
+        ).float().sum().backward()
     except Exception as e:  # any failure means: use the sequential path
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
@@ -372,10 +363,11 @@ def distill_batched(
     device = public_x.device
     own = dict(model.state_dict(keep_vars=True))
     params = {
-        k: _stack(start[k], copies, device).requires_grad_() for k, _ in model.named_parameters()
+        k: stack_copies(start[k], copies, device).requires_grad_()
+        for k, _ in model.named_parameters()
     }
     buffers = {
-        k: _stack(start[k] if k in start else own[k], copies, device)
+        k: stack_copies(start[k] if k in start else own[k], copies, device)
         for k, _ in model.named_buffers()
     }
     opt = torch.optim.Adam(
@@ -383,11 +375,7 @@ def distill_batched(
     )
     was_training = model.training
     model.train()
-    forward = torch.vmap(
-        lambda p, b, x: _stacked_call(model, p, b, x),
-        in_dims=(0, 0, None),
-        randomness="different",
-    )
+    forward = vmapped_forward(model, shared_input=True)
     if settings.compile:
         forward = torch.compile(forward)
     for idx in device_batches(public_x.shape[0], settings, seed, device):

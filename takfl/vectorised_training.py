@@ -54,10 +54,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from takfl.config.profile import TrainingSpec
 from takfl.optim import ADAM_BETAS, ADAM_EPS, SGD_MOMENTUM
+from takfl.stacking import stack_copies, vmapped_forward
 from takfl.training import LocalResult
 
 
@@ -157,10 +157,6 @@ class StackedOptimizer:
             p.copy_(torch.where(mask, p_new, p))
 
 
-def _stack(t: torch.Tensor, g: int) -> torch.Tensor:
-    return t.detach().unsqueeze(0).repeat(g, *([1] * t.dim())).contiguous()
-
-
 def train_clients(
     model: nn.Module,
     clients: list[ClientData],
@@ -189,8 +185,8 @@ def train_clients(
     dev = torch.device(device)
     model.to(dev).train()
     g_all = len(clients)
-    params = {n: _stack(p, g_all).requires_grad_(True) for n, p in model.named_parameters()}
-    buffers = {n: _stack(b, g_all) for n, b in model.named_buffers()}
+    params = {n: stack_copies(p, g_all).requires_grad_(True) for n, p in model.named_parameters()}
+    buffers = {n: stack_copies(b, g_all) for n, b in model.named_buffers()}
     opt = StackedOptimizer(params, spec)
 
     # every client's rows in one tensor; batches index it with global row numbers
@@ -212,10 +208,7 @@ def train_clients(
     )  # (T, G) bool
     loss_sum = torch.zeros(g_all, dtype=torch.float64, device=dev)
 
-    def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, (p, b), (x,))
-
-    vforward = torch.vmap(forward)
+    vforward = vmapped_forward(model, shared_input=False)
     names = list(params)
     everyone = list(range(g_all))
     stopped = [False] * g_all
