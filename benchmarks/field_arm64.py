@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from coordinator.broker.net import free_port, wait_port  # noqa: E402
-from coordinator.store import TELEMETRY_FILE  # noqa: E402
+from coordinator.store import RunStore  # noqa: E402
 from takfl.config import load_federation  # noqa: E402
 from takfl.federation_data import build_federation_data, client_id  # noqa: E402
 
@@ -388,8 +388,8 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
-    state = json.loads((work / "run" / "state.json").read_text())
-    per_agent = agent_figures(work / "run" / TELEMETRY_FILE, agents)
+    state = RunStore(work / "run").read_state()
+    per_agent = agent_figures(work / "run", agents)
     missing = [a["agent"] for a in per_agent if a["rounds"] < rounds]
     if state.get("round") != rounds or missing:
         lacking = f"; not every round has an update from {', '.join(missing)}" if missing else ""
@@ -406,13 +406,12 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
     }
 
 
-def agent_figures(telemetry: Path, agents: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
-    """Per agent, from the coordinator's telemetry log (``telemetry.jsonl``: one JSON object
-    per line; ``kind: update`` records the accepted update's size and the agent's report):
-    train seconds and update bytes per round, the codec, and the highest peak RSS."""
+def agent_figures(run_dir: Path, agents: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Per agent, from the run's telemetry log (``RUN/telemetry.jsonl``; its ``update``
+    records hold the accepted update's size and the agent's report): train seconds and
+    update bytes per round, the codec, and the highest peak RSS."""
     updates: dict[str, list[dict[str, Any]]] = {cid: [] for cid, _, _ in agents}
-    for line in telemetry.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in RunStore(run_dir).telemetry():
         if rec.get("kind") == "update" and rec.get("agent_id") in updates:
             updates[rec["agent_id"]].append(rec)
     out = []

@@ -8,7 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from coordinator.store import TELEMETRY_FILE, RunStore
+from coordinator.store import RunStore
 from coordinator.telemetry_log import TelemetryRecorder
 from tests.test_report import header
 
@@ -40,7 +40,7 @@ def test_agent_figures_come_from_the_recorders_update_records(tmp_path: Path) ->
         ("L-000", "workstation", 562),
     ]
 
-    figures = load_trial_script().agent_figures(store.root / TELEMETRY_FILE, agents)
+    figures = load_trial_script().agent_figures(store.root, agents)
 
     by_agent = {f["agent"]: f for f in figures}
     assert by_agent["S-000"] == {
