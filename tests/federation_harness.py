@@ -14,11 +14,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from coordinator.broker.mosquitto import MosquittoFiles, MosquittoProcess, find_mosquitto
 from coordinator.broker.net import free_port
 from coordinator.serve import provision
+from coordinator.simulate import SimulationSpec, run_simulation
+from takfl.algorithms import resolve_algorithm
 from takfl.config import FederationConfig, load_federation
 from takfl.federation_data import client_id
 
@@ -164,6 +167,20 @@ class Federation:
             str(shard),
             *[arg for lie in lies for arg in ("--lie", lie)],
         )
+
+    def simulate(self, out: Path) -> list[dict]:  # type: ignore[type-arg]
+        """The same federation run in process by ``simulate`` (TAKFL, same seed, partition,
+        training function and wire codec, every client honest); its metrics records."""
+        torch.set_num_threads(1)
+        cfg = load_federation(self.cfg_path)
+        spec = SimulationSpec(
+            algorithms=[resolve_algorithm(cfg.algorithm, "takfl")],
+            seeds=1,
+            rounds=cfg.rounds,
+            compression="profile",
+        )
+        run_simulation(cfg, spec, out, torch.device("cpu"))
+        return metrics(out)
 
     def start_coordinator(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
         name = f"coordinator-{sum(1 for n in self.procs if n.startswith('coordinator'))}"

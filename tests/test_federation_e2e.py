@@ -13,13 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from coordinator.cli import app
-from coordinator.simulate import SimulationSpec, run_simulation
-from takfl.algorithms import resolve_algorithm
-from takfl.config import load_federation
 from takfl.wire.signing import write_secret_file
 from tests.federation_harness import (
     MOSQUITTO_MISSING,
@@ -87,21 +83,7 @@ def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[n
         assert "finished" in out.output
 
         # The same engine in process: same seed, partition, training function and codec.
-        torch.set_num_threads(1)
-        cfg = load_federation(fed.cfg_path)
-        sim = tmp_path / "sim"
-        run_simulation(
-            cfg,
-            SimulationSpec(
-                algorithms=[resolve_algorithm(cfg.algorithm, "takfl")],
-                seeds=1,
-                rounds=2,
-                compression="profile",
-            ),
-            sim,
-            torch.device("cpu"),
-        )
-        simulated = by_round(metrics(sim))
+        simulated = by_round(fed.simulate(tmp_path / "sim"))
         deployed = by_round(served)
         assert deployed.keys() == simulated.keys()
         for key in deployed:

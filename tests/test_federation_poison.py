@@ -14,9 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator.simulate import SimulationSpec, run_simulation
-from takfl.algorithms import resolve_algorithm
-from takfl.config import load_federation
 from tests.federation_harness import federation, metrics, read_state
 
 pytestmark = pytest.mark.slow
@@ -62,21 +59,10 @@ def test_poisoned_agents_leave_every_prototype_finite_and_accurate(tmp_path) -> 
             assert "Traceback" not in fed.log(aid), fed.log(aid)
 
         # the clean run: the same federation in process, every client honest
-        torch.set_num_threads(1)
-        clean_dir = tmp_path / "clean"
-        cfg = load_federation(fed.cfg_path)
-        run_simulation(
-            cfg,
-            SimulationSpec(
-                algorithms=[resolve_algorithm(cfg.algorithm, "takfl")],
-                seeds=1,
-                rounds=2,
-                compression="profile",
-            ),
-            clean_dir,
-            torch.device("cpu"),
-        )
-        clean = {(m["round"], m["prototype"]): m["test_accuracy"] for m in metrics(clean_dir)}
+        clean = {
+            (m["round"], m["prototype"]): m["test_accuracy"]
+            for m in fed.simulate(tmp_path / "clean")
+        }
         for p in ("S", "M", "L"):
             poisoned, reference = served[(2, p)]["test_accuracy"], clean[(2, p)]
             print(f"{p}: clean {reference:.2f}%, poisoned {poisoned:.2f}%")
