@@ -39,7 +39,7 @@ def kill_at(point: str) -> None:
             if Path(path).name == name:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        slots.atomic_write_bytes = write_then_die  # type: ignore[assignment]
+        slots.atomic_write_bytes = write_then_die
     elif when == "before":
         replace = os.replace
 
@@ -48,7 +48,7 @@ def kill_at(point: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             replace(src, dst, **kwargs)
 
-        os.replace = die_before_rename  # type: ignore[assignment]
+        os.replace = die_before_rename
     else:
         raise SystemExit(f"unknown point {point!r}")
 

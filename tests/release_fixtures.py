@@ -49,7 +49,7 @@ def onnx_model(seed: int) -> bytes:
         torch.onnx.export(
             model,
             (torch.zeros(1, *INPUT_SHAPE),),
-            buf,
+            buf,  # type: ignore[arg-type]  # torch.onnx writes to file objects too
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},

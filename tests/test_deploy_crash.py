@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Release key and root, releases 1 and 2, and the crash child's fixture folder."""
     folder = tmp_path_factory.mktemp("fixtures")
     _, root_path = generate_release_key(folder)
@@ -66,7 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[typ
 
 @pytest.mark.parametrize(("point", "upgrade", "served"), CASES)
 def test_a_device_killed_during_an_install_serves_a_whole_release(
-    world: dict,  # type: ignore[type-arg]
+    world: dict[str, Any],
     tmp_path: Path,
     point: str,
     upgrade: bool,

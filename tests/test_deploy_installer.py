@@ -8,6 +8,7 @@ import hashlib
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,7 +55,9 @@ def models() -> dict[int, bytes]:
 
 
 @pytest.fixture
-def serving_v1(tmp_path: Path, signer: CryptoSigner, root: Root, models: dict[int, bytes]):  # type: ignore[no-untyped-def]
+def serving_v1(
+    tmp_path: Path, signer: CryptoSigner, root: Root, models: dict[int, bytes]
+) -> Installer:
     """An installer serving release 1 (model 1)."""
     inst = installer(tmp_path / "state", root)
     one = build(signer, 1, models[1])
@@ -259,7 +262,7 @@ def test_a_release_this_device_cannot_run_is_refused(
     signer: CryptoSigner,
     root: Root,
     models: dict[int, bytes],
-    change: dict[str, str],
+    change: dict[str, Any],
     inference: dict[str, int],
 ) -> None:
     big = models[1] + b"\x00" * (2 * 1024 * 1024) if inference else models[1]

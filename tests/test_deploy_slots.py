@@ -95,7 +95,10 @@ def test_staging_reuses_held_artifacts_and_clears_the_rest(tmp_path: Path) -> No
     one, two = release_files(1), release_files(2)
     # Execute: a release of model 1 with reference 2 (both held, one in each slot)
     missing = store.stage(
-        {"S-round-1-fp32.onnx": sha(one["S-round-1-fp32.onnx"]), "ref.bin": sha(two[REFERENCE_FILE])}
+        {
+            "S-round-1-fp32.onnx": sha(one["S-round-1-fp32.onnx"]),
+            "ref.bin": sha(two[REFERENCE_FILE]),
+        }
     )
     # Assert: nothing to fetch; slot a holds exactly those two files now
     assert missing == []

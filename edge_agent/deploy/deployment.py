@@ -46,9 +46,7 @@ class DeployConfig:
     channel: ChannelPolicy = field(default_factory=ChannelPolicy)
 
 
-def load_served(
-    slot: ActiveSlot, root: Root, *, fleet: str, profile: DeviceProfile
-) -> ServedModel:
+def load_served(slot: ActiveSlot, root: Root, *, fleet: str, profile: DeviceProfile) -> ServedModel:
     """The model of an installed slot, loaded in the profile's runtime.
 
     Raises:
