@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from securesystemslib.signer import CryptoSigner
 
+from edge_agent.deploy.decision import Decision
 from edge_agent.deploy.deployment import load_served
-from edge_agent.deploy.installer import Decision, Installer
+from edge_agent.deploy.installer import Installer
 from edge_agent.deploy.slots import SlotStore
 from edge_agent.serving.model import ModelHolder
 from takfl.config.profile import DeviceProfile

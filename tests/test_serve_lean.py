@@ -16,6 +16,8 @@ SERVING_MODULES = [
     "edge_agent.deploy.service",
     "edge_agent.deploy.deployment",
     "edge_agent.deploy.installer",
+    "edge_agent.deploy.checks",
+    "edge_agent.deploy.decision",
     "edge_agent.deploy.channel",
     "edge_agent.deploy.health",
     "edge_agent.deploy.slots",

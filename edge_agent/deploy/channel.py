@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge_agent.deploy.installer import NOTHING, Decision, Installer, InstallJob
+from edge_agent.deploy.decision import NOTHING, Decision, InstallJob
+from edge_agent.deploy.installer import Installer
 from takfl.mqtt.blobs import REQUEST_BATCH, BlobReceiver
 from takfl.release.metadata import ReleaseRefusal, ReleaseRefused
 from takfl.wire.chunking import ReassemblyLimits
@@ -52,7 +53,7 @@ class ChannelPolicy:
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ChannelCounters:
     offers: int = 0
     bad_offers: int = 0  # undecodable

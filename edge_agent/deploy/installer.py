@@ -22,25 +22,30 @@ once the install is over (the newest one only).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
-import shutil
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from tuf.api.metadata import Root
 
+from edge_agent.deploy.checks import (
+    MB,
+    check_compatible,
+    free_bytes,
+    model_file_name,
+    storage_refusal,
+)
+from edge_agent.deploy.decision import NOTHING, Decision, InstallJob
 from edge_agent.deploy.health import Health, check_health
 from edge_agent.deploy.slots import REFERENCE_FILE, SlotError, SlotRecord, SlotStore
 from edge_agent.serving.model import ModelHolder, ServedModel
-from export.common import format_of
-from export.runtimes import load_artifact, runtime_status
+from export.runtimes import load_artifact
 from takfl.config.profile import DeviceProfile
 from takfl.release.metadata import (
     Artifact,
@@ -55,9 +60,6 @@ from takfl.wire.release import ReleaseOffer, ReleaseReport, ReleaseState
 
 log = logging.getLogger(__name__)
 
-MB = 1024 * 1024
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
 
 @dataclass(frozen=True, kw_only=True)
 class InstallPolicy:
@@ -66,68 +68,20 @@ class InstallPolicy:
     health_iters: int = 50  # batch-1 runs timed by the health check
 
 
-@dataclass(frozen=True, kw_only=True)
-class InstallJob:
-    """A release whose artifacts are all in the staging slot, ready to load and check."""
-
-    offer: ReleaseOffer
-    release: Release
-    record: SlotRecord
-    received_at: float  # clock() when the offer arrived
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do after one input: publish ``reports`` (unsigned), expect and request the
-    chunks of ``fetch``, stop receiving ``drop`` (digests), run ``job`` on a worker."""
-
-    reports: tuple[ReleaseReport, ...] = ()
-    fetch: tuple[BlobRef, ...] = ()
-    drop: tuple[str, ...] = ()
-    job: InstallJob | None = None
-
-    def __add__(self, other: Decision) -> Decision:
-        return Decision(
-            self.reports + other.reports,
-            self.fetch + other.fetch,
-            self.drop + other.drop,
-            other.job or self.job,
-        )
-
-
-NOTHING = Decision()
-
-
-@dataclass
+@dataclass(kw_only=True)
 class InstallerCounters:
     offers: int = 0
     installed: int = 0
     failed: Counter[str] = field(default_factory=Counter)  # by ReleaseRefusal value
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Download:
     offer: ReleaseOffer
     release: Release
     record: SlotRecord
     pending: dict[str, tuple[Artifact, str]]  # sha256 -> (artifact, file name in the slot)
     received_at: float
-
-
-def free_bytes(path: Path) -> int:
-    """Free disk space for an unprivileged writer at ``path``."""
-    return shutil.disk_usage(path).free
-
-
-def model_file_name(release: Release) -> str:
-    """The slot file name of the release's model: its target's base name."""
-    return PurePosixPath(release.model.path).name
-
-
-def _storage_refusal(e: OSError) -> ReleaseRefused:
-    if e.errno in _NO_SPACE_ERRNOS:
-        return ReleaseRefused(ReleaseRefusal.NO_SPACE, f"disk full while storing the release ({e})")
-    return ReleaseRefused(ReleaseRefusal.DOWNLOAD_FAILED, f"cannot store the release ({e})")
 
 
 class Installer:
@@ -197,7 +151,7 @@ class Installer:
     ) -> Decision:
         self.counters.failed[refusal.reason.value] += 1
         log.warning("%s: release %d refused: %s", self.agent_id, offer.version, refusal)
-        return Decision((self._report(offer, "failed", refusal=refusal, health=health),))
+        return Decision(reports=(self._report(offer, "failed", refusal=refusal, health=health),))
 
     # -- offers -------------------------------------------------------------------------
     def offer(self, offer: ReleaseOffer) -> Decision:
@@ -215,29 +169,33 @@ class Installer:
         active = self.store.active
         if active is not None and hashlib.sha256(data).hexdigest() == active.record.digest:
             report = self._report(offer, "installed", detail="already serving this release")
-            return Decision((report,))
+            return Decision(reports=(report,))
         current = self._download
         try:
             release = self._verify(offer, data)
         except ReleaseRefused as e:
             return self._failed(offer, e)
         if current is not None and current.release.digest == release.digest:
-            return Decision((self._report(offer, "downloading", detail="already fetching"),))
+            return Decision(
+                reports=(self._report(offer, "downloading", detail="already fetching"),)
+            )
         superseded = self._abandon(
             ReleaseRefused(ReleaseRefusal.DOWNLOAD_FAILED, f"superseded by release {offer.version}")
         )
         try:
-            self._check_compatible(release)
+            check_compatible(release, self.profile)
             download = self._stage(offer, release, received_at)
         except ReleaseRefused as e:
             return superseded + self._failed(offer, e)
         except OSError as e:
-            return superseded + self._failed(offer, _storage_refusal(e))
+            return superseded + self._failed(offer, storage_refusal(e))
         self._download = download
         pending = download.pending
         size = sum(a.length for a, _ in pending.values())
         detail = f"{len(pending)} artifact(s), {size} bytes to fetch"
-        started = superseded + Decision((self._report(offer, "downloading", detail=detail),))
+        started = superseded + Decision(
+            reports=(self._report(offer, "downloading", detail=detail),)
+        )
         if not pending:
             return started + self._all_arrived(download)
         refs = tuple(
@@ -270,35 +228,8 @@ class Installer:
         try:
             self.store.trust(release.version, release.digest)
         except OSError as e:
-            raise _storage_refusal(e) from e
+            raise storage_refusal(e) from e
         return release
-
-    def _check_compatible(self, release: Release) -> None:
-        spec, inference = release.spec, self.profile.inference
-        if (spec.runtime, spec.format) != (inference.runtime, inference.format):
-            raise ReleaseRefused(
-                ReleaseRefusal.INCOMPATIBLE,
-                f"release runs {spec.format} on {spec.runtime}; this device's profile "
-                f"{self.profile.name} runs {inference.format} on {inference.runtime}",
-            )
-        usable, why = runtime_status(spec.runtime)
-        if not usable:
-            raise ReleaseRefused(ReleaseRefusal.INCOMPATIBLE, why)
-        name = model_file_name(release)
-        try:
-            name_format = format_of(name)
-        except ValueError as e:
-            raise ReleaseRefused(ReleaseRefusal.MALFORMED, str(e)) from e
-        if name_format != spec.format:
-            raise ReleaseRefused(
-                ReleaseRefusal.MALFORMED, f"model file {name} is not a {spec.format} file"
-            )
-        limit = inference.memory_limit_mb
-        if limit is not None and release.model.length > limit * MB:
-            raise ReleaseRefused(
-                ReleaseRefusal.INCOMPATIBLE,
-                f"model of {release.model.length / MB:.1f} MB over the profile's {limit} MB",
-            )
 
     def _stage(self, offer: ReleaseOffer, release: Release, received_at: float) -> _Download:
         name = model_file_name(release)
@@ -324,7 +255,9 @@ class Installer:
             model_sha256=release.model.sha256,
             reference_sha256=release.reference.sha256,
         )
-        return _Download(offer, release, record, pending, received_at)
+        return _Download(
+            offer=offer, release=release, record=record, pending=pending, received_at=received_at
+        )
 
     def _abandon(self, refusal: ReleaseRefused) -> Decision:
         """Give up the download in progress, if any: drop its blobs, report it failed."""
@@ -352,7 +285,7 @@ class Installer:
             except ReleaseRefused as e:
                 return self._abandon(e)
             except OSError as e:
-                return self._abandon(_storage_refusal(e))
+                return self._abandon(storage_refusal(e))
             del d.pending[digest]
             return self._all_arrived(d) if not d.pending else NOTHING
 
@@ -368,13 +301,13 @@ class Installer:
         try:
             self.store.put_metadata(d.release.raw)
         except OSError as e:
-            return self._abandon(_storage_refusal(e))
+            return self._abandon(storage_refusal(e))
         self._download = None
         job = InstallJob(
             offer=d.offer, release=d.release, record=d.record, received_at=d.received_at
         )
         self._busy = job
-        return Decision((self._report(d.offer, "verifying"),), job=job)
+        return Decision(reports=(self._report(d.offer, "verifying"),), job=job)
 
     def tick(self, now: float | None = None) -> Decision:
         """Time out a download; judge an offer parked during an install that has ended."""
@@ -440,7 +373,7 @@ class Installer:
             refusal = ReleaseRefused(ReleaseRefusal.BAD_ARTIFACT, str(e))
             return self._failed(job.offer, refusal, health)
         except OSError as e:
-            return self._failed(job.offer, _storage_refusal(e), health)
+            return self._failed(job.offer, storage_refusal(e), health)
         self.holder.swap(ServedModel(runner, job.release))
         self.counters.installed += 1
         install_s = self.clock() - job.received_at
@@ -453,4 +386,4 @@ class Installer:
             health.latency_p99_ms or 0.0,
         )
         report = self._report(job.offer, "installed", health=health, install_s=install_s)
-        return Decision((report,))
+        return Decision(reports=(report,))
