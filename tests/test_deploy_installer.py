@@ -334,3 +334,15 @@ def test_the_same_offer_again_is_answered_without_reinstalling(
     # Assert
     assert states(reports) == ["installed"] and reports[0].active_version == 1
     assert serving_v1.holder.get() is first
+
+
+def test_a_model_file_not_of_the_released_format_is_refused(
+    tmp_path: Path, signer: CryptoSigner, root: Root, models: dict[int, bytes]
+) -> None:
+    release = build(signer, 1, models[1], model_name="S-round-1-fp32.tflite")
+    inst = installer(tmp_path / "state", root)
+
+    reports = feed(inst, offer(release, SECRET), release.blobs)
+
+    assert refused_with(reports) == ReleaseRefusal.MALFORMED.value
+    assert "not in the release's format" in reports[-1].detail

@@ -11,6 +11,7 @@ from export.common import format_of
 from export.runtimes import runtime_status
 from takfl.config.profile import DeviceProfile
 from takfl.release.metadata import Release, ReleaseRefusal, ReleaseRefused
+from takfl.release.reference import MAX_REFERENCE_BYTES
 
 MB = 1024 * 1024
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -36,7 +37,8 @@ def storage_refusal(e: OSError) -> ReleaseRefused:
 def check_compatible(release: Release, profile: DeviceProfile) -> None:
     """Raise :class:`ReleaseRefused` unless this device can run the release: the
     profile's runtime and format, the runtime importable here, a model file of that
-    format, within the profile's ``inference.memory_limit_mb``."""
+    format, within the profile's ``inference.memory_limit_mb``, and a reference file
+    within :data:`MAX_REFERENCE_BYTES`."""
     spec, inference = release.spec, profile.inference
     if (spec.runtime, spec.format) != (inference.runtime, inference.format):
         raise ReleaseRefused(
@@ -54,11 +56,17 @@ def check_compatible(release: Release, profile: DeviceProfile) -> None:
         raise ReleaseRefused(ReleaseRefusal.MALFORMED, str(e)) from e
     if name_format != spec.format:
         raise ReleaseRefused(
-            ReleaseRefusal.MALFORMED, f"model file {name} is not a {spec.format} file"
+            ReleaseRefusal.MALFORMED,
+            f"model file {name} is not in the release's format, {spec.format}",
         )
     limit = inference.memory_limit_mb
     if limit is not None and release.model.length > limit * MB:
         raise ReleaseRefused(
             ReleaseRefusal.INCOMPATIBLE,
             f"model of {release.model.length / MB:.1f} MB over the profile's {limit} MB",
+        )
+    if release.reference.length > MAX_REFERENCE_BYTES:
+        raise ReleaseRefused(
+            ReleaseRefusal.MALFORMED,
+            f"reference file of {release.reference.length} bytes over {MAX_REFERENCE_BYTES}",
         )
