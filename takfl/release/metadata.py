@@ -340,3 +340,33 @@ def check_artifact(artifact: Artifact, data: bytes) -> None:
         target.verify_length_and_hashes(data)
     except LengthOrHashMismatchError as e:
         raise _refuse(ReleaseRefusal.BAD_ARTIFACT, f"{artifact.path}: {e}") from e
+
+
+def read_installed(data: bytes, root: Root, *, fleet: str, prototype: str) -> Release:
+    """Release metadata a device installed earlier, read back from its own disk.
+
+    Checked as :func:`verify_release` checks an offer (parse, signature, targets, fleet
+    and prototype) except for expiry and version: a model that passed its checks keeps
+    serving after its metadata expires, and its version was judged when it arrived.
+
+    Raises:
+        ReleaseRefused: the stored metadata is damaged or not this device's.
+    """
+    md = _parse(data)
+    _check_signature(md, root)
+    model, reference = _artifacts(md)
+    spec = _spec(model)
+    if spec.fleet != fleet or spec.prototype != prototype:
+        raise _refuse(
+            ReleaseRefusal.WRONG_TARGET,
+            f"release for {spec.fleet}/{spec.prototype}, this device is {fleet}/{prototype}",
+        )
+    return Release(
+        version=md.signed.version,
+        expires=md.signed.expires,
+        spec=spec,
+        model=_artifact(model),
+        reference=_artifact(reference),
+        raw=bytes(data),
+        digest=hashlib.sha256(data).hexdigest(),
+    )

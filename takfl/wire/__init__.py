@@ -1,82 +1,66 @@
 """The wire format shared by the coordinator and the agents: topics, messages,
-tensor codec, chunking, signing and update validation. Pure: no network."""
+tensor codec, chunking, signing and update validation. Pure: no network.
 
-from takfl.wire.chunking import Reassembler, ReassemblyLimits, blob_ref, sha256, split
-from takfl.wire.codec import apply_delta, decode_state, encode_state, make_delta
-from takfl.wire.errors import (
-    BlobTooLarge,
-    ChunkMismatch,
-    CodecError,
-    DigestMismatch,
-    MalformedChunk,
-    MalformedMessage,
-    SecretError,
-    TopicError,
-    UnknownBlob,
-    WireError,
-)
-from takfl.wire.messages import (
-    Ack,
-    BlobRef,
-    Chunk,
-    ChunkRequest,
-    GlobalAnnouncement,
-    Registration,
-    Status,
-    TaskMessage,
-    UpdateHeader,
-    decode_chunk,
-    decode_message,
-    encode_chunk,
-    encode_message,
-)
-from takfl.wire.signing import generate_secret, load_secret_file, sign, verify, write_secret_file
-from takfl.wire.topics import Down, Topics, Up
-from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds, Verdict
+``import takfl.wire`` is cheap: the names below are loaded on first use, so a process
+that only reads messages (an inference service) never imports the tensor codec and torch.
+"""
 
-__all__ = [
-    "Ack",
-    "AgentRecord",
-    "BlobRef",
-    "BlobTooLarge",
-    "Chunk",
-    "ChunkMismatch",
-    "ChunkRequest",
-    "CodecError",
-    "DigestMismatch",
-    "Down",
-    "GlobalAnnouncement",
-    "MalformedChunk",
-    "MalformedMessage",
-    "Reassembler",
-    "ReassemblyLimits",
-    "Refusal",
-    "Registration",
-    "SecretError",
-    "Status",
-    "TaskMessage",
-    "TopicError",
-    "Topics",
-    "UnknownBlob",
-    "Up",
-    "UpdateBounds",
-    "UpdateHeader",
-    "Verdict",
-    "WireError",
-    "apply_delta",
-    "blob_ref",
-    "decode_chunk",
-    "decode_message",
-    "decode_state",
-    "encode_chunk",
-    "encode_message",
-    "encode_state",
-    "generate_secret",
-    "load_secret_file",
-    "make_delta",
-    "sha256",
-    "sign",
-    "split",
-    "verify",
-    "write_secret_file",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Ack": "takfl.wire.messages",
+    "AgentRecord": "takfl.wire.validation",
+    "apply_delta": "takfl.wire.codec",
+    "blob_ref": "takfl.wire.chunking",
+    "BlobRef": "takfl.wire.messages",
+    "BlobTooLarge": "takfl.wire.errors",
+    "Chunk": "takfl.wire.messages",
+    "ChunkMismatch": "takfl.wire.errors",
+    "ChunkRequest": "takfl.wire.messages",
+    "CodecError": "takfl.wire.errors",
+    "decode_chunk": "takfl.wire.messages",
+    "decode_message": "takfl.wire.messages",
+    "decode_state": "takfl.wire.codec",
+    "DigestMismatch": "takfl.wire.errors",
+    "Down": "takfl.wire.topics",
+    "encode_chunk": "takfl.wire.messages",
+    "encode_message": "takfl.wire.messages",
+    "encode_state": "takfl.wire.codec",
+    "generate_secret": "takfl.wire.signing",
+    "GlobalAnnouncement": "takfl.wire.messages",
+    "load_secret_file": "takfl.wire.signing",
+    "make_delta": "takfl.wire.codec",
+    "MalformedChunk": "takfl.wire.errors",
+    "MalformedMessage": "takfl.wire.errors",
+    "Reassembler": "takfl.wire.chunking",
+    "ReassemblyLimits": "takfl.wire.chunking",
+    "Refusal": "takfl.wire.validation",
+    "Registration": "takfl.wire.messages",
+    "SecretError": "takfl.wire.errors",
+    "sha256": "takfl.wire.chunking",
+    "sign": "takfl.wire.signing",
+    "split": "takfl.wire.chunking",
+    "Status": "takfl.wire.messages",
+    "TaskMessage": "takfl.wire.messages",
+    "TopicError": "takfl.wire.errors",
+    "Topics": "takfl.wire.topics",
+    "UnknownBlob": "takfl.wire.errors",
+    "Up": "takfl.wire.topics",
+    "UpdateBounds": "takfl.wire.validation",
+    "UpdateHeader": "takfl.wire.messages",
+    "Verdict": "takfl.wire.validation",
+    "verify": "takfl.wire.signing",
+    "WireError": "takfl.wire.errors",
+    "write_secret_file": "takfl.wire.signing",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'takfl.wire' has no attribute {name!r}")
