@@ -58,6 +58,7 @@ class Up(str, Enum):
     CHUNK = "chunk"
     REQUEST = "request"
     ACK = "ack"
+    RELEASE = "release"
 
 
 class Down(str, Enum):
@@ -68,6 +69,7 @@ class Down(str, Enum):
     REQUEST = "request"
     ACK = "ack"
     GLOBAL = "global"
+    RELEASE = "release"
 
 
 def check_ident(value: str, what: str = "identifier") -> str:
