@@ -121,6 +121,7 @@ class SimDevice:
     held: dict[str, bytes] = field(default_factory=dict)  # sha256 -> artifact bytes
     active: int | None = None  # the release whose model it serves
     chunk_requests: int = 0
+    chunks_received: int = 0
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.fleet)
@@ -200,6 +201,7 @@ class SimDevice:
         )
 
     def _on_chunk(self, _topic: str, payload: bytes) -> None:
+        self.chunks_received += 1
         try:
             chunk = decode_chunk(payload)
             if not self.receiver.is_pending(COORDINATOR, chunk.hex_digest):
