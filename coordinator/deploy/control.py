@@ -59,7 +59,7 @@ class ReleaseControl:
         source: ReleaseSource,
         *,
         save: Callable[[], None],
-        offer_retry_s: float = 15.0,
+        offer_retry_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry

@@ -75,7 +75,7 @@ def load_signer(path: str | Path) -> CryptoSigner:
     except (OSError, ValueError, TypeError) as e:
         raise ReleaseKeyError(f"cannot read the release key {p} ({e})") from e
     try:
-        return CryptoSigner(key)  # type: ignore[arg-type]
+        return CryptoSigner(key)
     except (ValueError, TypeError) as e:
         raise ReleaseKeyError(f"{p} is not an Ed25519 release key ({e})") from e
 
