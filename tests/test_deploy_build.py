@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
+from coordinator.broker import free_port
+from coordinator.broker.net import LOOPBACK
+from coordinator.cli import app
 from coordinator.deploy.build import release_target, releases_from_run
 from coordinator.deploy.publish import ReleaseBuildError, Signing
+from coordinator.deploy.records import RolloutState
 from coordinator.deploy.store import ReleaseStore
 from coordinator.engine import RoundPolicy
+from coordinator.registry import provision_agents
 from coordinator.service import FederationRun, ServeOptions
 from coordinator.store import RunStore
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
@@ -24,9 +31,12 @@ from export.tflite_export import litert_torch_importable
 from profiles import __file__ as profiles_init
 from takfl.config import load_federation, prototype_training
 from takfl.federation_data import build_federation_data
+from takfl.mqtt.client import MqttSettings
+from takfl.mqtt.credentials import mqtt_password
+from takfl.release.keys import generate_release_key, load_root
 from takfl.release.metadata import check_artifact, verify_release
 from takfl.release.reference import decode_reference, parity
-from tests.deploy_fixtures import signing_for
+from tests.deploy_fixtures import SimDevice, signing_for
 
 pytestmark = pytest.mark.export
 _LITERT_OK, _LITERT_WHY = litert_torch_importable()
@@ -163,3 +173,55 @@ def test_unknown_prototypes_and_profiles_that_run_pytorch_are_refused(
         release_target(cfg, "L")
     with pytest.raises(ReleaseBuildError, match="unknown prototype XL"):
         releases_from_run(run, ["XL"], signing)
+
+
+def test_release_command_rolls_out_each_tier_and_halts_one_with_nothing_to_roll_back(
+    run: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("releases"))
+    records = provision_agents(load_federation(copy / "config.yaml"), copy)
+    generate_release_key(copy)
+    root = load_root(copy / "root.json")
+    port = free_port()
+    base = MqttSettings(host=LOOPBACK, port=port, reconnect_min_s=1, reconnect_max_s=1)
+    devices = [
+        SimDevice(
+            settings=replace(base, username=r.agent_id, password=mqtt_password(r.secret)),
+            fleet="digits",
+            agent_id=r.agent_id,
+            prototype=r.prototype,
+            secret=r.secret,
+            root=root,
+            behaviour="fails" if r.agent_id == "M-000" else "healthy",
+        )
+        for r in records
+        if r.prototype in ("M", "L")
+    ]
+    for d in devices:
+        d.client.start(timeout=None)  # connects once the command's broker is up
+    try:
+        result = CliRunner().invoke(
+            app,
+            ["release", str(copy), "--prototype", "L", "--prototype", "M", "--port", str(port),
+             "--stages", "50%,100%", "--device-timeout", "60", "--timeout", "120"],
+        )  # fmt: skip
+    finally:
+        for d in devices:
+            d.stop()
+
+    assert result.exit_code == 1, result.output  # M did not complete
+    assert "not completed: M-v1 halted" in result.output
+    by_tier = {r.prototype: r for r in ReleaseStore(copy).load_rollouts()}
+    assert by_tier["L"].state == RolloutState.COMPLETED
+    assert {d.state.value for d in by_tier["L"].devices.values()} == {"installed"}
+    m = by_tier["M"]
+    assert m.state == RolloutState.HALTED and "no previous release" in m.halt_reason
+    assert m.devices["M-000"].reason == "parity"
+    # the first stage (3 of 5) was offered; the halt kept the rest from being offered
+    assert {a for a, d in m.devices.items() if d.state.value == "pending"} == {"M-003", "M-004"}
+    for d in devices:
+        if d.prototype == "L":
+            assert d.active == 1 and d.trusted.version == 1
+        elif d.agent_id in ("M-003", "M-004"):
+            assert d.offers == []

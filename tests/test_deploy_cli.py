@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from coordinator.deploy.store import ReleaseStore
 from coordinator.deploy.summary import latency_rows, rollout_rows
 from coordinator.registry import provision_agents
 from coordinator.report.write import render_html
+from coordinator.serve import provision
 from profiles import __file__ as profiles_init
 from takfl.config import load_federation
 from takfl.mqtt.client import MqttSettings
@@ -204,3 +206,24 @@ def test_the_report_has_a_release_section() -> None:
     assert "Releases to the devices" in html and "rollback" not in without
     assert "raspberry-pi" in html and "parity 1" in html
     assert "nothing released from this run" in without
+
+
+def test_provision_makes_the_release_key_once_and_the_release_login(tmp_path: Path) -> None:
+    cfg = load_federation(DIGITS_YAML)
+
+    provision(cfg, tmp_path, mosquitto_port=free_port())
+    key = (tmp_path / "release-key.pem").read_bytes()
+    provision(cfg, tmp_path, mosquitto_port=free_port())  # again: the devices' key stays
+
+    acl = (tmp_path / "mosquitto" / "acl").read_text()
+    release_acl = acl.split("user takfl-release\n")[1].split("\n\n")[0].splitlines()
+    assert release_acl == [
+        "topic write takfl/digits/agent/+/down/release",
+        "topic write takfl/digits/agent/+/down/chunk",
+        "topic read takfl/digits/agent/+/up/release",
+        "topic read takfl/digits/agent/+/up/request",
+    ]
+    assert (tmp_path / "release-key.pem").read_bytes() == key
+    assert stat.S_IMODE((tmp_path / "release.password").stat().st_mode) == 0o600
+    assert "takfl-release:" in (tmp_path / "mosquitto" / "passwords").read_text()
+    assert load_signing(tmp_path, "digits").fleet == "digits"
