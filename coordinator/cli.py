@@ -623,6 +623,11 @@ def _print_releases(run_dir: Path) -> None:
         console.print(f"[yellow]releases: {e}[/yellow]")
 
 
+def _plain(line: str) -> None:
+    """Print a progress line as it is (device-reported details are not markup)."""
+    console.print(line, markup=False, highlight=False)
+
+
 def _release_done(rollouts: list[Any], run: Path) -> None:
     """Print the release tables; exit 1 unless every rollout completed."""
     _print_releases(run)
@@ -661,10 +666,11 @@ def release(
     """Release each prototype's export of a round to its devices, in stages: signed
     metadata, artifacts over the chunked path, halt and roll back past --abort-above.
     Exits 1 unless every rollout completed."""
+    from coordinator.broker.errors import BrokerStartError
     from coordinator.deploy.command import release as run_release
     from coordinator.deploy.command import release_settings
-    from coordinator.deploy.stages import RolloutError, parse_fraction, parse_stages
-    from coordinator.registry import RegistryError
+    from coordinator.deploy.stages import parse_fraction, parse_stages
+    from coordinator.store import RunStoreError
     from takfl.mqtt.client import MqttConnectError
 
     if bool(prototype) == all_prototypes:
@@ -687,8 +693,10 @@ def release(
             timeout_s=timeout,
         )
         names = None if all_prototypes else prototype
-        rollouts = run_release(run, names, settings, report=console.print)
-    except (RolloutError, RegistryError, MqttConnectError, ValueError, OSError) as e:
+        rollouts = run_release(run, names, settings, report=_plain)
+    except ImportError as e:
+        raise fail(f"a release needs the export toolchain (takfl-edge[export]): {e}") from None
+    except (BrokerStartError, MqttConnectError, RunStoreError, ValueError, OSError) as e:
         raise fail(str(e)) from None
     _release_done(rollouts, run)
 
@@ -713,10 +721,10 @@ def rollback(
     """Reinstate an earlier release on every device of a prototype: a newer signed
     version that names it (devices refuse plain older versions). Exits 1 unless it
     completed."""
+    from coordinator.broker.errors import BrokerStartError
     from coordinator.deploy.command import release_settings
     from coordinator.deploy.command import rollback as run_rollback
-    from coordinator.deploy.stages import RolloutError
-    from coordinator.registry import RegistryError
+    from coordinator.store import RunStoreError
     from takfl.mqtt.client import MqttConnectError
 
     try:
@@ -733,8 +741,8 @@ def rollback(
             device_timeout_s=device_timeout,
             timeout_s=timeout,
         )
-        rollout = run_rollback(run, prototype, to, settings, report=console.print)
-    except (RolloutError, RegistryError, MqttConnectError, ValueError, OSError) as e:
+        rollout = run_rollback(run, prototype, to, settings, report=_plain)
+    except (BrokerStartError, MqttConnectError, RunStoreError, ValueError, OSError) as e:
         raise fail(str(e)) from None
     _release_done([rollout], run)
 

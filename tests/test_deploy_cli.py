@@ -87,6 +87,15 @@ def test_release_without_a_provisioned_run_is_a_clean_error(tmp_path: Path) -> N
     assert code == 2 and "no agent registry" in output
 
 
+def test_release_of_a_run_without_state_is_a_clean_error(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    (run / "state.json").unlink()
+
+    code, output = invoke("release", run, "--prototype", "L")
+
+    assert code == 2 and "state.json; is it a run directory?" in output
+
+
 def test_rollback_of_an_unknown_version_is_a_clean_error(tmp_path: Path) -> None:
     run = make_run(tmp_path)
 

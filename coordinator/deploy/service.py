@@ -112,7 +112,10 @@ class ReleaseService:
         for agent, offer in decision.offers:
             self.client.publish(self.topics.down(agent, Down.RELEASE), encode_message(offer))
         for line in decision.lines:
-            self.report(line)
+            try:
+                self.report(line)
+            except Exception:  # a failing printer must not keep the rollout from ending
+                log.exception("cannot report %r", line)
         if self.control.done:
             self._done.set()
 

@@ -1,12 +1,15 @@
 """The release tables ``status``, ``release`` and ``rollback`` print (rich), from
-:func:`coordinator.deploy.summary.release_summary`."""
+:func:`coordinator.deploy.summary.release_summary`. Text that devices reported (failure
+reasons) is escaped, never read as markup."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from coordinator.deploy.summary import release_summary
 
@@ -36,7 +39,7 @@ def rollout_table(rows: list[dict[str, Any]]) -> Table:
             r["stage"],
             f"{r['offered']}/{r['devices']}",
             str(r["installed"]),
-            ", ".join(f"{k} {n}" for k, n in r["failed"].items()) or "0",
+            escape(", ".join(f"{k} {n}" for k, n in r["failed"].items()) or "0"),
             back,
             f"{r['bytes'] / 1024:.0f}",
             _num(r["install_s"], 1),
@@ -54,7 +57,7 @@ def latency_table(rows: list[dict[str, Any]]) -> Table:
             r["hardware_class"],
             r["prototype"],
             str(r["version"]),
-            r["runtime"],
+            escape(r["runtime"]),
             str(r["devices"]),
             _num(r["p50_ms"]),
             _num(r["p99_ms"]),
@@ -63,14 +66,14 @@ def latency_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def release_tables(run_dir: str | Path) -> list[Table | str]:
+def release_tables(run_dir: str | Path) -> list[Table | Text]:
     """What to print about a run's releases ([] when nothing was released)."""
     summary = release_summary(run_dir)
     if not summary["rollouts"]:
         return []
-    out: list[Table | str] = [rollout_table(summary["rollouts"])]
+    out: list[Table | Text] = [rollout_table(summary["rollouts"])]
     rows = summary["rollouts"]
-    out += [f"  {r['rollout']}: {r['halt_reason']}" for r in rows if r["halt_reason"]]
+    out += [Text(f"  {r['rollout']}: {r['halt_reason']}") for r in rows if r["halt_reason"]]
     if summary["latency"]:
         out.append(latency_table(summary["latency"]))
     return out
