@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.deploy.command import load_history
 from coordinator.deploy.control import ReleaseControl
 from coordinator.deploy.publish import (
     Published,
@@ -298,3 +299,21 @@ def test_a_key_that_the_root_does_not_trust_is_refused(tmp_path: Path) -> None:
         load_signing(tmp_path / "a", FLEET)
     with pytest.raises(ReleaseBuildError, match="no release key"):
         load_signing(tmp_path / "none", FLEET)
+
+
+def test_a_rollout_left_running_by_an_ended_command_is_stopped_on_the_next(world: World) -> None:
+    store = world.store
+    left = rollout_m()
+    left.start(1000.0)
+    done = rollout_m()
+    done.id = "M-v1"
+    done.stop("finished long ago", 900.0)
+    store.save_rollouts([done, left])
+
+    history = load_history(store)
+
+    assert all(r.finished for r in history)
+    again = {r.id: r for r in store.load_rollouts()}
+    assert again["M-v2"].state == RolloutState.HALTED
+    assert "ended before it finished" in again["M-v2"].halt_reason
+    assert again["M-v1"].halt_reason == "finished long ago"

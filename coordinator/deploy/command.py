@@ -145,9 +145,22 @@ def release_broker(settings: ReleaseSettings, fleet: Fleet) -> Iterator[MqttSett
         broker.stop()
 
 
+def load_history(store: ReleaseStore) -> list[Rollout]:
+    """The recorded rollouts; any still marked running was left by a command that ended
+    early (it held the lock we hold now): it is stopped where it stood, and saved."""
+    history = store.load_rollouts()
+    stale = [r for r in history if not r.finished]
+    for r in stale:
+        r.stop("the command that ran it ended before it finished", time.time())
+    if stale:
+        store.save_rollouts(history)
+    return history
+
+
 def deliver(
     fleet: Fleet,
     store: ReleaseStore,
+    history: list[Rollout],
     rollouts: list[Rollout],
     source: StoredReleases,
     settings: ReleaseSettings,
@@ -155,7 +168,7 @@ def deliver(
 ) -> list[Rollout]:
     """Run ``rollouts`` over MQTT to their end (or the command's timeout), saving the
     records (with every earlier one) after each transition."""
-    records = [*store.load_rollouts(), *rollouts]
+    records = [*history, *rollouts]
     store.save_rollouts(records)
     registry = wire_registry(dict(fleet.registry))
     control = ReleaseControl(
@@ -189,7 +202,7 @@ def release(
     signing = load_signing(fleet.registry_file.parent, fleet.name, key=settings.release_key)
     store = ReleaseStore(fleet.run)
     with store.lock():
-        history = store.load_rollouts()
+        history = load_history(store)
         published = releases_from_run(
             fleet.run, names, signing, round_=settings.round, report=report
         )
@@ -209,7 +222,7 @@ def release(
             for p, pub in published.items()
         ]
         source = _source(fleet, store, signing, list(published.values()))
-        return deliver(fleet, store, rollouts, source, settings, report)
+        return deliver(fleet, store, history, rollouts, source, settings, report)
 
 
 def rollback(
@@ -227,6 +240,7 @@ def rollback(
     signing = load_signing(fleet.registry_file.parent, fleet.name, key=settings.release_key)
     store = ReleaseStore(fleet.run)
     with store.lock():
+        history = load_history(store)
         chunk = release_target(fleet.cfg, prototype).chunk_size
         made = rollback_release(store, signing, prototype, to_version, chunk)
         report(
@@ -244,7 +258,7 @@ def rollback(
             artifact_bytes=made.size,
         )
         source = _source(fleet, store, signing, [made])
-        return deliver(fleet, store, [rollout], source, settings, report)[0]
+        return deliver(fleet, store, history, [rollout], source, settings, report)[0]
 
 
 def _source(

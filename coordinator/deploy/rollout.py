@@ -116,13 +116,6 @@ class Rollout:
     def offered_so_far(self) -> list[Device]:
         return [d for d in self.devices.values() if d.stage <= self.stage]
 
-    def counts(self) -> dict[str, int]:
-        """Devices per state (non-zero only)."""
-        out: dict[str, int] = {}
-        for d in self.devices.values():
-            out[d.state.value] = out.get(d.state.value, 0) + 1
-        return out
-
     # -- transitions ------------------------------------------------------------------
     def start(self, now: float) -> Step:
         """Offer the first stage (and any empty stages after it)."""
