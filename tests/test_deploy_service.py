@@ -101,7 +101,7 @@ def test_staged_rollout_with_a_timeout_and_a_halted_tier_rolled_back(tmp_path: P
             now=time.time(),
             stages=(0.5, 1.0),
             abort_above=0.5,
-            device_timeout_s=4.0,
+            device_timeout_s=8.0,
             previous=1,
         ),
         new_rollout(
@@ -111,7 +111,7 @@ def test_staged_rollout_with_a_timeout_and_a_halted_tier_rolled_back(tmp_path: P
             now=time.time(),
             stages=(0.3, 1.0),
             abort_above=0.2,
-            device_timeout_s=4.0,
+            device_timeout_s=8.0,
             previous=1,
         ),
     ]
