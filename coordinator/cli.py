@@ -637,7 +637,7 @@ def _release_done(rollouts: list[Any], run: Path) -> None:
         raise typer.Exit(1)
 
 
-_BROKER_HELP = "'embedded' (loopback amqtt) or mqtt[s]://takfl-release@host:port"
+_BROKER_HELP = "'embedded' (loopback amqtt) or mqtt://takfl-release@host:port (mqtts:// with TLS)"
 _PASSWORD_HELP = "File holding the release login's password (provision writes release.password)."
 
 
