@@ -272,8 +272,6 @@ def load_artifact(
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"no artifact at {p}")
-    if threads < 1:
-        raise ArtifactError(f"threads must be at least 1, got {threads}")
     return open_artifact(
         unit_for_path(p),
         p,
@@ -294,6 +292,8 @@ def open_artifact(
     check_digest: bool = True,
 ) -> Runner:
     """:func:`load_artifact` for a file whose format unit is known already."""
+    if threads < 1:
+        raise ArtifactError(f"threads must be at least 1, got {threads}")
     if unit.load is None:
         raise ArtifactError(f"{path} is a {unit.title}; it runs no inference")
     names = unit.runtime_names

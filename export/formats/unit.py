@@ -8,7 +8,7 @@ inside the function that uses it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,7 +146,7 @@ class FormatUnit:
             )
         return self.quantizers[quantization]
 
-    def check_quantizations(self, quantizations: tuple[str, ...] | list[str]) -> None:
+    def check_quantizations(self, quantizations: Sequence[str]) -> None:
         """Raise :class:`ExportError` unless this format has every one of ``quantizations``."""
         for q in quantizations:
             if q != FLOAT:
