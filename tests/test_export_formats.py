@@ -17,15 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from export.common import (
-    FORMAT_RUNTIMES,
-    ArtifactError,
-    ExportError,
-    artifact_filename,
-    format_of,
-    parse_choices,
-)
-from export.data import EvalData, eval_data
+from export.common import ArtifactError, ExportError, parse_choices
+from export.data import ExportData, eval_data
+from export.formats import artifact_filename, format_of, unit_for_path
 from export.metadata import (
     ArtifactMetadata,
     read_embedded_metadata,
@@ -93,7 +87,7 @@ def check_parity(path: Path, model: nn.Module, x: torch.Tensor) -> None:
     with torch.inference_mode():
         ref = model(x).numpy()
     ran = 0
-    for runtime in FORMAT_RUNTIMES[format_of(str(path))]:
+    for runtime in unit_for_path(path).runtime_names:
         if not runtime_status(runtime)[0]:
             continue
         out = load_artifact(path, runtime=runtime, threads=1).run(x.numpy())
@@ -147,7 +141,7 @@ def test_onnx_export_carries_no_debug_metadata(digits_x: torch.Tensor, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def small_data() -> EvalData:
+def small_data() -> ExportData:
     return eval_data(load_federation("digits"), calibration_samples=64, test_samples=60)
 
 
@@ -167,7 +161,7 @@ def mlp_meta() -> CheckpointMeta:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, small_data: EvalData) -> Path:
+def exported(tmp_path_factory: pytest.TempPathFactory, small_data: ExportData) -> Path:
     """The tiny MLP exported to every format available here (float only)."""
     torch.manual_seed(0)
     model = build_model("mlp_digits", 10, (1, 8, 8), width=8).eval()
@@ -290,7 +284,9 @@ class _HostRoundTrip(nn.Module):
 
 
 @needs_litert
-def test_a_failing_format_is_a_failed_row_not_a_crash(small_data: EvalData, tmp_path: Path) -> None:
+def test_a_failing_format_is_a_failed_row_not_a_crash(
+    small_data: ExportData, tmp_path: Path
+) -> None:
     model = _HostRoundTrip().eval()
     meta = mlp_meta()
 
