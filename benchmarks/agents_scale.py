@@ -232,12 +232,12 @@ def worker_main(spec_path: Path) -> int:
             spec["host"], spec["port"], username=a["agent_id"], password=mqtt_password(secret)
         )
         identity = AgentIdentity(
-            a["agent_id"],
-            a["prototype"],
-            secret,
-            a["profile"],
-            a["hardware_class"],
-            a["num_samples"],
+            agent_id=a["agent_id"],
+            prototype=a["prototype"],
+            secret=secret,
+            profile=a["profile"],
+            hardware_class=a["hardware_class"],
+            num_samples=a["num_samples"],
         )
         links.append((a["index"], AgentLink(settings, spec["fleet"], identity), a["num_samples"]))
     answered = 0

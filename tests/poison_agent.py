@@ -56,7 +56,12 @@ def main() -> None:
     if settings.username is None:
         settings = replace(settings, username=args.id, password=mqtt_password(secret))
     identity = AgentIdentity(
-        args.id, proto, secret, profile.name, profile.hardware_class, num_samples=len(x)
+        agent_id=args.id,
+        prototype=proto,
+        secret=secret,
+        profile=profile.name,
+        hardware_class=profile.hardware_class,
+        num_samples=len(x),
     )
     link = AgentLink(settings, cfg.name, identity)
     link.start(timeout=None)  # like takfl-agent run: wait for a broker that is not up yet
