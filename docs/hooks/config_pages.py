@@ -146,7 +146,7 @@ def source_comments(model: type[BaseModel]) -> dict[str, str]:
     for node in body.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        above = []
+        above: list[str] = []
         line = node.lineno - 1
         while line in comments and comments[line][1]:  # whole-line comments directly above
             above.insert(0, comments[line][0])

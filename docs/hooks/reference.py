@@ -15,9 +15,14 @@ MkDocs event ``on_files`` adds those pages and the mirrored files to the build.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli_pages import cli_page
 from config_pages import config_page
+
+if TYPE_CHECKING:
+    from mkdocs.config.defaults import MkDocsConfig
+    from mkdocs.structure.files import Files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,7 +106,7 @@ def mirrored_files() -> dict[str, Path]:
     return files
 
 
-def on_files(files, config):  # noqa: ANN001, ANN201 (MkDocs event signature)
+def on_files(files: Files, config: MkDocsConfig) -> Files:
     """MkDocs event: add the generated and mirrored files to the build."""
     from mkdocs.structure.files import File
 
