@@ -91,6 +91,7 @@ def broker_args(fed: Federation, agent: str, secret: Path | None = None) -> list
 pytestmark_mosquitto = pytest.mark.skipif(MOSQUITTO_MISSING, reason="mosquitto not installed")
 
 
+@pytest.mark.slow
 @pytestmark_mosquitto
 @pytest.mark.mosquitto
 def test_doctor_passes_a_provisioned_agent_and_catches_wrong_password_and_fleet(
@@ -131,6 +132,7 @@ def test_doctor_passes_a_provisioned_agent_and_catches_wrong_password_and_fleet(
     assert "FAIL" in coordinator and "no coordinator of fleet other-fleet" in coordinator
 
 
+@pytest.mark.slow
 @pytestmark_mosquitto
 @pytest.mark.mosquitto
 def test_doctor_says_when_no_coordinator_is_online(tmp_path: Path) -> None:

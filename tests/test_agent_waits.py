@@ -85,6 +85,7 @@ def agent_args(broker: str, secret: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.mosquitto
 @pytest.mark.skipif(MOSQUITTO_MISSING, reason="mosquitto not installed")
 def test_run_reports_a_refused_connection_and_a_refused_message(tmp_path: Path) -> None:
@@ -108,6 +109,7 @@ def test_run_reports_a_refused_connection_and_a_refused_message(tmp_path: Path) 
             wrong_fleet.stop()
 
 
+@pytest.mark.slow
 def test_run_falls_back_to_mqtt_311_and_reports_a_missing_coordinator(tmp_path: Path) -> None:
     secret = tmp_path / "a.secret"
     write_secret_file(secret, generate_secret())
@@ -128,6 +130,7 @@ def test_run_falls_back_to_mqtt_311_and_reports_a_missing_coordinator(tmp_path: 
             agent.stop()
 
 
+@pytest.mark.slow
 def test_run_reports_an_unreachable_broker(tmp_path: Path) -> None:
     secret = tmp_path / "a.secret"
     write_secret_file(secret, generate_secret())

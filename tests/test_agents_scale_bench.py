@@ -53,6 +53,7 @@ def load_benchmark() -> ModuleType:
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_five_agents_register_and_answer_one_round(tmp_path: Path) -> None:
     # Prepare

@@ -88,6 +88,7 @@ def test_program_refuses_adam_and_a_model_of_other_shapes(mlp_program, digits) -
         train_program(program, other, x, y, SPEC, seed=0)
 
 
+@pytest.mark.slow
 @needs_executorch
 def test_inference_program_matches_torch(digits) -> None:  # type: ignore[no-untyped-def]
     from export.executorch_export import inference_parity, inference_program
@@ -207,6 +208,7 @@ def test_executorch_backend_requires_sgd(tmp_path) -> None:  # type: ignore[no-u
         load_profile(bad)
 
 
+@pytest.mark.slow
 @needs_executorch
 @pytest.mark.export
 def test_takfl_export_writes_checked_programs_with_metadata(tmp_path) -> None:  # type: ignore[no-untyped-def]

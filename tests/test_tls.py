@@ -87,6 +87,7 @@ def test_provision_tls_without_host_exits_2(tmp_path: Path) -> None:
     assert "--tls-host" in result.output
 
 
+@pytest.mark.slow
 def test_agent_trusting_the_fleet_ca_connects_and_a_wrong_ca_is_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
