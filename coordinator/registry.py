@@ -18,7 +18,8 @@ from pathlib import Path
 from takfl.config import FederationConfig
 from takfl.federation_data import client_id
 from takfl.files import atomic_write_text
-from takfl.wire.signing import generate_secret, write_secret_file
+from takfl.secret_files import write_secret_file
+from takfl.wire.signing import generate_secret
 
 REGISTRY_FILE = "agents.json"
 

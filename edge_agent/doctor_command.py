@@ -283,8 +283,8 @@ def doctor(
     if broker is not None:
         from takfl.mqtt.credentials import mqtt_password
         from takfl.mqtt.url import parse_broker_url
+        from takfl.secret_files import load_secret_file
         from takfl.wire.errors import WireError
-        from takfl.wire.signing import load_secret_file
 
         if (agent_id is None) != (secret_file is None):
             err.print(Text("give --id and --secret-file together", style="red"))

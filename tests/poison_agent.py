@@ -27,8 +27,8 @@ from takfl.config import load_federation, prototype_profile
 from takfl.models import build_model
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
+from takfl.secret_files import load_secret_file
 from takfl.training import train_local
-from takfl.wire.signing import load_secret_file
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ from edge_agent.doctor import (
 from takfl.config import load_profile
 from takfl.federation_data import client_id
 from takfl.mqtt.url import parse_broker_url
-from takfl.wire.signing import generate_secret, write_secret_file
+from takfl.secret_files import write_secret_file
+from takfl.wire.signing import generate_secret
 from tests.federation_harness import ENV, MOSQUITTO_MISSING, Federation, federation
 
 WIDE = {**ENV, "COLUMNS": "250", "NO_COLOR": "1", "TTY_COMPATIBLE": "0"}

@@ -17,7 +17,8 @@ import pytest
 from coordinator.broker.net import free_port
 from edge_agent.watch import LinkWatch
 from takfl.federation_data import client_id
-from takfl.wire.signing import generate_secret, write_secret_file
+from takfl.secret_files import write_secret_file
+from takfl.wire.signing import generate_secret
 from tests.brokers import EMBEDDED, running_broker
 from tests.federation_harness import ENV, MOSQUITTO_MISSING, federation
 

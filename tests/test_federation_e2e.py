@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.cli import app
-from takfl.wire.signing import write_secret_file
+from takfl.secret_files import write_secret_file
 from tests.federation_harness import (
     MOSQUITTO_MISSING,
     federation,
