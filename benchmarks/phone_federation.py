@@ -33,8 +33,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator.simulate import SimulationSpec, run_simulation
+from coordinator.testbed import federation, metrics
 from takfl.config import load_federation, load_profile
-from tests.federation_harness import federation, metrics
 
 RESULTS = Path(__file__).parent / "results" / "phone_federation.json"
 
