@@ -73,7 +73,7 @@ PROGRAM = b"ET12 stand-in training program, not a real .pte: " + bytes(range(256
 DEFAULT_OUT = Path("docs/protocol")
 DESCRIPTION = (
     "Golden vectors of the takfl wire protocol v1; see docs/protocol.md. "
-    "Regenerate with: python -m takfl.wire.vectors"
+    "Regenerate with: python -m takfl.wire_vectors --out docs/protocol"
 )
 
 Entry = tuple[SignedMessage, str, str, str]  # message, topic, sender, signing key
