@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.report import plots
-from coordinator.report.data import build_report
+from coordinator.report.data import EXPORT_FIELDS, build_report
 from coordinator.store import REPORT_HTML, REPORT_JSON
 from takfl.files import atomic_write_text
 
@@ -94,7 +94,7 @@ AGENT_COLUMNS = [
     "retries",
     "min slack s",
 ]
-EXPORT_COLUMNS = [
+EXPORT_COLUMNS = [  # headers of EXPORT_FIELDS
     "tier",
     "format",
     "quant",
@@ -105,18 +105,6 @@ EXPORT_COLUMNS = [
     "agreement %",
     "max |diff|",
     "p50 ms",
-]
-EXPORT_KEYS = [  # the report's export fields, in EXPORT_COLUMNS' order
-    "prototype",
-    "format",
-    "quantization",
-    "runtime",
-    "status",
-    "size_mb",
-    "accuracy",
-    "agreement",
-    "max_abs_diff",
-    "p50_ms",
 ]
 
 
@@ -217,7 +205,7 @@ def _agents(rep: dict[str, Any]) -> list[str]:
 
 def _exports(rep: dict[str, Any]) -> list[str]:
     """One row per verified export of the run."""
-    rows = [[e[k] for k in EXPORT_KEYS] for e in rep["exports"]]
+    rows = [[e[k] for k in EXPORT_FIELDS] for e in rep["exports"]]
     if not rows:
         missing = "no exports in this run (takfl-export --run RUN adds them)"
         return ["<h2>Exports</h2>", f'<p class="missing">{missing}</p>']
