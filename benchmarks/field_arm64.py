@@ -62,6 +62,7 @@ from benchmarks.arm64_board import (  # noqa: E402
 from coordinator.broker.net import free_port, wait_port  # noqa: E402
 from coordinator.registry import secret_path  # noqa: E402
 from coordinator.store import RunStore  # noqa: E402
+from coordinator.testbed import stop_processes  # noqa: E402
 from takfl.config import FederationConfig, load_federation  # noqa: E402
 from takfl.federation_data import build_federation_data, client_id  # noqa: E402
 
@@ -147,14 +148,7 @@ class TrialProcesses:
 
     def stop(self) -> None:
         """Terminate what still runs; kill what has not exited 20 s later."""
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs.values(), timeout=20.0)
 
 
 def coordinator_command(cfg_path: Path, fleet: Path, run_dir: Path, port: int) -> list[str]:
