@@ -24,7 +24,7 @@ from coordinator.serve import provision
 from takfl.config import load_federation
 from takfl.mqtt.client import MqttClient, MqttConnectError, MqttSettings, TlsSettings
 from takfl.mqtt.credentials import mqtt_password
-from takfl.wire.signing import load_secret_file
+from takfl.secret_files import load_secret_file
 from tests.brokers import SKIP_NO_MOSQUITTO
 
 pytestmark = [

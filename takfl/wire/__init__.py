@@ -30,7 +30,7 @@ from takfl.wire.messages import (
     encode_chunk,
     encode_message,
 )
-from takfl.wire.signing import generate_secret, load_secret_file, sign, verify, write_secret_file
+from takfl.wire.signing import generate_secret, sign, verify
 from takfl.wire.topics import Down, Topics, Up
 from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds, Verdict
 
@@ -72,11 +72,9 @@ __all__ = [
     "encode_message",
     "encode_state",
     "generate_secret",
-    "load_secret_file",
     "make_delta",
     "sha256",
     "sign",
     "split",
     "verify",
-    "write_secret_file",
 ]
