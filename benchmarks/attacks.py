@@ -149,7 +149,7 @@ def amplification(kind: str, resend: ResendLimits, requests: int, tmp: Path) -> 
         link = AgentLink(
             agent,
             FLEET,
-            AgentIdentity(AGENT, "L", secret, num_samples=10),
+            AgentIdentity(agent_id=AGENT, prototype="L", secret=secret, num_samples=10),
             policy=LinkPolicy(quiet_s=600, ack_timeout_s=600, resend=resend),
         ).start(timeout=10)
         try:

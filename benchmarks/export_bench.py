@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from export.data import EvalData, eval_data
-from export.onnx_export import export_onnx
-from export.pipeline import ExportOptions, export_model, prototype_profile, usable_threads
+from export.data import ExportData, eval_data
+from export.formats import DEFAULT_FORMATS, BuildJob, resolve_formats
+from export.pipeline import ExportOptions, export_model, usable_threads
 from export.report import ExportReport, render_table, write_json
 from export.run_export import latest_checkpoint
 from export.runtimes import load_artifact
-from export.tflite_export import export_tflite
+from export.source import prototype_profile
 from export.verify import OK
 from takfl.checkpoint import CheckpointMeta, load_model
 from takfl.config import FederationConfig, load_federation, prototype_model
@@ -117,7 +117,7 @@ def acceptance(report: ExportReport, params: int) -> list[dict[str, Any]]:
     """One entry per format: the four checks, and what they measured."""
     (torch_row,) = _rows(report, "torch", "none")
     out = []
-    for fmt in ("onnx", "tflite"):
+    for fmt in DEFAULT_FORMATS:
         fp32, int8 = _rows(report, fmt, "none"), _rows(report, fmt, "int8")
         if not fp32 or not int8:
             out.append({"prototype": report.prototype, "format": fmt, "complete": False})
@@ -204,20 +204,28 @@ def zoo_check(work: Path) -> list[dict[str, Any]]:
         x = zoo_inputs(shape)
         with torch.inference_mode():
             ref = model(x).numpy()
-        for fmt in ("onnx", "tflite"):
+        meta = CheckpointMeta(
+            prototype=name, round=0, builder=name, num_classes=10, input_shape=shape
+        )
+        for unit in resolve_formats(DEFAULT_FORMATS):
             entry: dict[str, Any] = {
                 "model": name,
-                "format": fmt,
+                "format": unit.name,
                 "input_shape": list(shape),
                 "params": count_parameters(model),
             }
-            path = work / f"{name}.{fmt}"
+            path = work / f"{name}{unit.suffix}"
+            job = BuildJob(
+                model=model,
+                meta=meta,
+                path=path,
+                sample=x[:2],
+                check_x=x,
+                check_y=torch.from_numpy(ref.argmax(1)),
+            )
             start = time.perf_counter()
             try:
-                if fmt == "onnx":
-                    entry["batch"] = export_onnx(model, x[:2], path).batch or "dynamic"
-                else:
-                    entry["batch"] = export_tflite(model, x[:1], path).batch
+                entry["batch"] = unit.export(job).batch or "dynamic"
                 entry["export_s"] = time.perf_counter() - start
                 logits = load_artifact(path, threads=1).run(x.numpy())
                 diff = float(abs(logits - ref).max())
@@ -298,10 +306,10 @@ def main() -> None:
     cfg = load_federation(args.run / "config.yaml" if args.run else "digits")
     models, source = run_models(args.run) if args.run else trained_models(cfg, args.epochs)
     console.print(f"models: {source}")
-    data: EvalData = eval_data(cfg)
+    data: ExportData = eval_data(cfg)
     console.print(f"data: {data.description}")
     options = ExportOptions(
-        formats=["onnx", "tflite"],
+        formats=DEFAULT_FORMATS,
         quantizations=["none", "int8", "dynamic"],
         latency_iters=args.latency_iters,
     )

@@ -5,7 +5,7 @@
 Runs the small digits federation of the end-to-end tests (2 S, 2 M, 2 L clients,
 everyone sampled, 10 distillation steps) as real processes over the embedded broker:
 ``takfl-coordinator serve``, honest ``takfl-agent run`` processes, and, per attack,
-provisioned agents that lie with their own secrets (``tests/poison_agent.py``):
+provisioned agents that lie with their own secrets (``benchmarks/poison_agent.py``):
 
 - ``clean``: every agent honest;
 - ``poison``: L-001 sends its delta x1000 and claims 50 x its samples (the issue's attack);
@@ -25,6 +25,7 @@ import json
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +35,12 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-from tests.federation_harness import federation, metrics, read_state
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # for benchmarks.poison_agent; PYTHONPATH keeps precedence
+    sys.path.append(str(REPO))
+
+from benchmarks.poison_agent import start_poison_agent  # noqa: E402
+from coordinator.testbed import federation, metrics, read_state  # noqa: E402
 
 ATTACKS: dict[str, dict[str, tuple[int, list[str]]]] = {
     "clean": {},
@@ -55,7 +61,7 @@ def run(attack: str, rounds: int) -> dict[str, object]:
         for aid in honest:
             fed.start_agent(aid)
         for aid, (shard, lies) in hostile.items():
-            fed.start_poison_agent(aid, shard, lies)
+            start_poison_agent(fed, aid, shard, lies)
         start = time.monotonic()
         coord = fed.start_coordinator(
             "--deadline", "40", "--quorum", "0.5", "--max-wait", "120", "--wait-all", "300"

@@ -316,7 +316,7 @@ def update_seconds(
     g = torch.Generator().manual_seed(0)
     state = {"w": torch.randn(n, 1024, generator=g), "n": torch.tensor(1)}
     trained = {"w": state["w"] + 1e-3, "n": torch.tensor(2)}
-    identity = AgentIdentity(AGENT, "P", record.secret, num_samples=1)
+    identity = AgentIdentity(agent_id=AGENT, prototype="P", secret=record.secret, num_samples=1)
     with (
         MqttTransport(
             coord,

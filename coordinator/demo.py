@@ -9,8 +9,6 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +17,10 @@ import torch
 
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.engine import RoundResult
-from coordinator.registry import provision_agents
+from coordinator.registry import provision_agents, secret_path
 from coordinator.serve import COORDINATOR_USER, ServeSettings, embedded_access, serve
+from coordinator.testbed import agent_command, fleet_agents, loopback_url, stop_processes
 from takfl.config import FederationConfig
-from takfl.federation_data import client_id
 
 
 @dataclass
@@ -34,31 +32,6 @@ class DemoSettings:
     export: bool = False
 
 
-def agent_command(
-    cfg_ref: str, profile: str, port: int, agent_id: str, secret: Path, shard: int, threads: int
-) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "edge_agent.cli",
-        "run",
-        "--profile",
-        profile,
-        "--broker",
-        f"mqtt://127.0.0.1:{port}",
-        "--id",
-        agent_id,
-        "--secret-file",
-        str(secret),
-        "--federation",
-        cfg_ref,
-        "--demo-shard",
-        str(shard),
-        "--threads",
-        str(threads),
-    ]
-
-
 def start_agents(
     cfg: FederationConfig, cfg_ref: str, run_dir: Path, port: int, threads: int
 ) -> list[subprocess.Popen[bytes]]:
@@ -66,28 +39,19 @@ def start_agents(
     logs = run_dir / "agents"
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
-    for p in cfg.prototypes:
-        for k in range(p.clients):
-            aid = client_id(p.name, k)
-            cmd = agent_command(
-                cfg_ref, p.profile, port, aid, run_dir / "secrets" / f"{aid}.secret", k, threads
-            )
-            with (logs / f"{aid}.log").open("wb") as log:
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    for aid, profile, shard in fleet_agents(cfg):
+        cmd = agent_command(
+            profile=profile,
+            broker=loopback_url(port),
+            agent_id=aid,
+            secret=secret_path(run_dir, aid),
+            federation=cfg_ref,
+            shard=shard,
+            threads=threads,
+        )
+        with (logs / f"{aid}.log").open("wb") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
     return procs
-
-
-def stop_agents(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    end = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run_demo(
@@ -115,7 +79,7 @@ def run_demo(
             f"processes (logs in {run_dir / 'agents'})"
         )
         settings = ServeSettings(
-            broker=f"mqtt://{COORDINATOR_USER}@127.0.0.1:{broker.port}",
+            broker=loopback_url(broker.port, COORDINATOR_USER),
             password=password,
             rounds=demo.rounds,
             deadline_s=demo.deadline_s,
@@ -126,5 +90,5 @@ def run_demo(
         )
         return serve(cfg, run_dir, settings, device, on_round=on_round, report=report)
     finally:
-        stop_agents(procs)
+        stop_processes(procs)
         broker.stop()

@@ -23,6 +23,7 @@ from takfl.config.base import ModelSpec
 from takfl.models import build_model
 from takfl.robust import Aggregator, LogitsAccumulator, StateAccumulator, make_aggregator
 from takfl.server import EvalData, PrototypeInput, server_step
+from takfl.state import non_finite_entry
 from takfl.training import accuracy, predict_logits
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,6 @@ class _Collector:
         self.logits: LogitsAccumulator = aggregator.logits()
         self.client_logits: list[torch.Tensor] = []
         self.keep = keep_client_logits
-
-
-def non_finite_entry(state: State) -> str | None:
-    """Name of the first floating entry of ``state`` holding NaN or inf, else None."""
-    for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
 
 
 def sample_clients(

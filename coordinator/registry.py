@@ -18,9 +18,11 @@ from pathlib import Path
 from takfl.config import FederationConfig
 from takfl.federation_data import client_id
 from takfl.files import atomic_write_text
-from takfl.wire.signing import generate_secret, write_secret_file
+from takfl.secret_files import write_secret_file
+from takfl.wire.signing import generate_secret
 
 REGISTRY_FILE = "agents.json"
+SECRETS_DIR = "secrets"  # one <agent id>.secret per provisioned agent
 
 
 class RegistryError(ValueError):
@@ -92,6 +94,11 @@ def check_client_count(cfg: FederationConfig) -> None:
         )
 
 
+def secret_path(out_dir: Path, agent_id: str) -> Path:
+    """The secret file :func:`provision_agents` writes for ``agent_id`` under ``out_dir``."""
+    return out_dir / SECRETS_DIR / f"{agent_id}.secret"
+
+
 def provision_agents(
     cfg: FederationConfig, out_dir: Path, *, max_samples: int | None = None
 ) -> list[AgentRecord]:
@@ -106,7 +113,7 @@ def provision_agents(
     for p in cfg.prototypes:
         for k in range(p.clients):
             aid = client_id(p.name, k)
-            path = out_dir / "secrets" / f"{aid}.secret"
+            path = secret_path(out_dir, aid)
             secret = write_secret_file(path, generate_secret(), overwrite=True)
             records.append(AgentRecord(aid, p.name, p.profile, secret.hex(), max_samples))
     save_registry(out_dir / REGISTRY_FILE, records)

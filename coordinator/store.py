@@ -40,6 +40,7 @@ from coordinator.transport.base import ClientUpdate
 from takfl.checkpoint import CheckpointMeta, save_checkpoint
 from takfl.config import FederationConfig
 from takfl.files import atomic_write_bytes
+from takfl.state import non_finite_entry
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,8 @@ class RunStore:
             state = load(data)
         except (SafetensorError, ValueError) as e:
             raise RunStoreError(f"{path} is not a readable checkpoint ({e})") from e
-        for name, t in state.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise RunStoreError(f"{path}: tensor {name} holds NaN or inf; refusing to resume")
+        if (name := non_finite_entry(state)) is not None:
+            raise RunStoreError(f"{path}: tensor {name} holds NaN or inf; refusing to resume")
         return state
 
     # -- metrics ------------------------------------------------------------

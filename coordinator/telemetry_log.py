@@ -35,7 +35,6 @@ from coordinator.store import RunStore
 from takfl.wire.messages import UpdateHeader
 from takfl.wire.telemetry import Telemetry
 
-KINDS = ("register", "presence", "update", "refusal", "round")
 MAX_REFUSALS = 16  # refusal records per agent and round (the round record counts every one)
 
 

@@ -9,17 +9,21 @@ Usage::
         header = link.send_update(task, trained_state, num_samples=n)
         ack = link.wait_ack(header.blob.digest, timeout=60)
 
+Thin glue between the broker and the units that decide, as the coordinator's end is: a
+topic route table whose handlers read the message once (:class:`InboundReader`: signed
+with this agent's secret and addressed to it; anything else is ignored and logged), ask
+a unit and publish its answer. :class:`TaskIntake` judges tasks and reassembles their
+global models and training programs; :class:`UpdateOutbox` keeps the updates sent until
+acknowledged and answers chunk requests within the :class:`ResendLimits` of the policy.
+
 Presence: a retained ``online`` status on connect, ``offline`` as last will and
 on close, all signed and stamped with the connection's start time. The signed
-registration is published (retained) on every connect. Everything the agent acts on
-(tasks, acks, chunk requests, global announcements) must be signed with its secret and
-addressed to it; anything else is ignored and logged. Chunk requests are answered
-within the :class:`ResendLimits` of the link policy.
-A task is acknowledged on receipt; its global blob is reassembled and missing
-chunks are asked for again. An update header is announced again every
-``ack_timeout_s`` until the coordinator acknowledges it or the task's deadline
-passes; the blob stays in a bounded store to answer chunk requests. The latest
-announcement of the prototype's new global model is kept (``wait_global``).
+registration is published (retained) on every connect. A task is acknowledged on
+receipt; its global blob is reassembled and missing chunks are asked for again. An
+update header is announced again every ``ack_timeout_s`` until the coordinator
+acknowledges it or the task's deadline passes; the blob stays in a bounded store to
+answer chunk requests. The latest announcement of the prototype's new global model is
+kept (``wait_global``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -36,53 +40,45 @@ from typing import Literal
 
 import torch
 
+from edge_agent.identity import AgentIdentity
+from edge_agent.inbound import InboundReader
+from edge_agent.intake import COORDINATOR, Decision, IntakePolicy, ReceivedTask, TaskIntake
+from edge_agent.outbox import UpdateOutbox
 from edge_agent.programs import ProgramCache
-from edge_agent.retries import MEMORY, UpdateRetries
-from takfl.config.profile import HardwareClass
-from takfl.mqtt.blobs import REQUEST_BATCH, BlobReceiver, BlobSender, BlobStore
+from takfl.mqtt.blobs import BlobSender, Missing
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
-from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
+from takfl.mqtt.ratelimit import ResendLimits
 from takfl.wire.chunking import ReassemblyLimits
-from takfl.wire.codec import decode_state
-from takfl.wire.errors import WireError
 from takfl.wire.messages import (
     Ack,
     ChunkRequest,
     Compression,
     GlobalAnnouncement,
     Registration,
-    SignedMessage,
-    Status,
-    TaskMessage,
     UpdateHeader,
-    decode_chunk,
-    decode_message,
     encode_message,
 )
-from takfl.wire.signing import message_ref, sign, verify
+from takfl.wire.signing import message_ref, sign
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import Down, Topics, Up, check_ident
 from takfl.wire.update import PreparedUpdate, prepare_update
 
+__all__ = [
+    "COORDINATOR",
+    "REGISTER_KEY",
+    "AgentIdentity",
+    "AgentLink",
+    "LinkCounters",
+    "LinkPolicy",
+    "ReceivedTask",
+]
+
 log = logging.getLogger(__name__)
 
-COORDINATOR = "coordinator"  # blob source name of the coordinator
 REGISTER_KEY = "register"  # key of the registration ack in wait_ack
 
 
-@dataclass(frozen=True)
-class AgentIdentity:
-    """Who this agent is, as provisioned on the coordinator."""
-
-    agent_id: str
-    prototype: str
-    secret: bytes = field(repr=False)
-    profile: str = "custom"
-    hardware_class: HardwareClass = "raspberry-pi"
-    num_samples: int = 0
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LinkPolicy:
     quiet_s: float = 5.0  # ask again for missing global-model chunks after this long
     ack_timeout_s: float = 15.0  # announce an update header again after this long without ack
@@ -94,15 +90,11 @@ class LinkPolicy:
     resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
     programs: bool = False  # fetch the training programs tasks offer (ExecuTorch agents)
 
-
-@dataclass(frozen=True)
-class ReceivedTask:
-    message: TaskMessage
-    global_state: dict[str, torch.Tensor]  # decoded global model (float32 / exact ints)
-    program: bytes | None = None  # the task's ExecuTorch training program, when it has one
+    def intake(self) -> IntakePolicy:
+        return IntakePolicy(limits=self.limits, quiet_s=self.quiet_s, programs=self.programs)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LinkCounters:
     tasks: int = 0
     bad_tasks: int = 0  # undecodable, badly signed or not for this agent
@@ -130,41 +122,37 @@ class AgentLink:
         check_ident(identity.agent_id, "agent id")
         self.identity = identity
         self.telemetry = telemetry  # what the registration reports, built at each connect
-        self.policy = policy or LinkPolicy()
+        self.policy = p = policy or LinkPolicy()
         self.topics = Topics(fleet)
         self.clock = clock
         self.wall_clock = wall_clock
-        self.counters = LinkCounters()
         me = identity.agent_id
         self.client = MqttClient(settings, me, will=self._will)
-        self.sender = BlobSender(
+        self.reader = InboundReader(me, identity.secret, identity.prototype)
+        self.intake = TaskIntake(me, p.intake(), clock=clock)
+        self.outbox = UpdateOutbox(
             self.client,
-            BlobStore(max_blobs=self.policy.max_sent_blobs),
-            ResendLimiter(self.policy.resend, clock=clock),
-        )
-        self.receiver = BlobReceiver(self.policy.limits, quiet_s=self.policy.quiet_s, clock=clock)
-        self._waiting: dict[str, list[TaskMessage]] = {}  # global digest -> tasks needing it
-        self.programs = ProgramCache()
-        self._fetching: set[str] = set()  # digests of programs being received
-        self._parked: dict[str, list[ReceivedTask]] = {}  # program digest -> tasks needing it
-        self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()  # (round, global digest)
-        self._ready: queue.Queue[ReceivedTask] = queue.Queue(maxsize=self.policy.max_tasks)
-        # Unacknowledged headers and updates already sent, by (round, global digest): a task
-        # repeated by a coordinator that restarted mid-round is answered with the same update.
-        self.retries = UpdateRetries(
-            ack_timeout_s=self.policy.ack_timeout_s,
-            max_answered=self.policy.max_sent_blobs,
+            self.topics,
+            me,
+            ack_timeout_s=p.ack_timeout_s,
+            max_sent_blobs=p.max_sent_blobs,
+            resend=p.resend,
             clock=clock,
             wall_clock=wall_clock,
         )
+        self._ready: queue.Queue[ReceivedTask] = queue.Queue(maxsize=p.max_tasks)
         self._cond = threading.Condition()
         self._global: GlobalAnnouncement | None = None  # latest of this agent's prototype
         self._registrations: deque[str] = deque(maxlen=8)  # message_ref of recent ones
-        self.client.route(self.topics.down(me, Down.TASK), self._on_task)
-        self.client.route(self.topics.down(me, Down.CHUNK), self._on_chunk)
-        self.client.route(self.topics.down(me, Down.REQUEST), self._on_request)
-        self.client.route(self.topics.down(me, Down.ACK), self._on_ack)
-        self.client.route(self.topics.down(me, Down.GLOBAL), self._on_global)
+        routes = {
+            Down.TASK: self._on_task,
+            Down.CHUNK: self._on_chunk,
+            Down.REQUEST: self._on_request,
+            Down.ACK: self._on_ack,
+            Down.GLOBAL: self._on_global,
+        }
+        for kind, handler in routes.items():
+            self.client.route(self.topics.down(me, kind), handler)
         self.client.on_connected(self._announce)
         self.client.every_tick(self._tick)
 
@@ -189,17 +177,8 @@ class AgentLink:
 
     # -- public API -----------------------------------------------------------------------
     def registration(self) -> Registration:
-        i = self.identity
-        reg = Registration(
-            agent_id=i.agent_id,
-            prototype=i.prototype,
-            profile=i.profile,
-            hardware_class=i.hardware_class,
-            num_samples=i.num_samples,
-            sent_at=self.wall_clock(),
-            telemetry=self.telemetry() if self.telemetry is not None else None,
-        )
-        return sign(reg, i.secret)
+        telemetry = self.telemetry() if self.telemetry is not None else None
+        return self.identity.registration(self.wall_clock(), telemetry)
 
     def next_task(self, timeout: float) -> ReceivedTask | None:
         """The next task whose global model has fully arrived, or None after ``timeout`` s."""
@@ -241,19 +220,13 @@ class AgentLink:
     ) -> None:
         """Send a prepared update: keep the blob, publish the header, then the chunks
         (all, or only ``chunk_indices``; the rest can be requested)."""
-        header = prepared.header
-        self.sender.keep(prepared.blob, header.blob.chunk_size)
-        with self._cond:
-            self.retries.sent(header, deadline)
-        me = self.identity.agent_id
-        self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
-        self.sender.publish(self.topics.up(me, Up.CHUNK), header.blob.digest, chunk_indices)
+        self.outbox.send(prepared, deadline, chunk_indices)
 
     def traffic(self) -> tuple[int, int, int]:
         """(payload bytes sent, bytes received, retries: headers announced again plus
         reconnects) since the link started."""
         c = self.client.counters
-        return c.bytes_sent, c.bytes_received, self.counters.header_retries + max(0, c.connects - 1)
+        return c.bytes_sent, c.bytes_received, self.outbox.header_retries + max(0, c.connects - 1)
 
     def wait_global(self, min_round: int, timeout: float) -> GlobalAnnouncement | None:
         """The latest announcement of this prototype's global model once its round is at
@@ -268,211 +241,90 @@ class AgentLink:
     def wait_ack(self, key: str, timeout: float) -> Ack | None:
         """The coordinator's ack of an update (key: blob digest) or of the registration
         (key: ``REGISTER_KEY``), or None after ``timeout`` s."""
-        end = self.clock() + timeout
-        with self._cond:
-            while (ack := self.retries.ack(key)) is None:
-                left = end - self.clock()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
-            return ack
+        return self.outbox.wait_ack(key, timeout)
 
-    # -- presence ---------------------------------------------------------------------------
+    # -- inspection -------------------------------------------------------------------------
+    @property
+    def counters(self) -> LinkCounters:
+        """The counters of the link's units, as they are now."""
+        c = self.intake.counters
+        return LinkCounters(
+            tasks=c.tasks,
+            bad_tasks=c.bad_tasks,
+            blob_errors=c.blob_errors,
+            ignored_chunks=c.ignored_chunks,
+            requests_answered=self.outbox.requests_answered,
+            header_retries=self.outbox.header_retries,
+            unauthenticated=self.reader.unauthenticated,
+        )
+
+    @property
+    def sender(self) -> BlobSender:
+        """The outbox's sender (its store of update blobs and what it sent again)."""
+        return self.outbox.sender
+
+    @property
+    def programs(self) -> ProgramCache:
+        """Training programs held, by digest (the intake's)."""
+        return self.intake.programs
+
+    # -- publishing -------------------------------------------------------------------------
     def _status_topic(self) -> str:
         return self.topics.up(self.identity.agent_id, Up.STATUS)
 
     def _status(self, state: Literal["online", "offline"], at: float | None = None) -> bytes:
         """A signed status of the connection that started at ``at`` (the current one)."""
-        when = self.client.connection_time if at is None else at
-        msg = Status(agent_id=self.identity.agent_id, state=state, time=when)
-        return encode_message(sign(msg, self.identity.secret))
+        return self.identity.status(state, self.client.connection_time if at is None else at)
 
     def _will(self, connection_time: float) -> Will:
         return Will(self._status_topic(), self._status("offline", connection_time))
 
-    def _authentic(self, message: SignedMessage, what: str) -> bool:
-        """True if ``message`` is signed with this agent's secret and addressed to it."""
-        if verify(message, self.identity.secret) and (
-            getattr(message, "agent_id", None) == self.identity.agent_id
-        ):
-            return True
-        self.counters.unauthenticated += 1
-        log.warning("%s: ignored an unauthenticated %s", self.identity.agent_id, what)
-        return False
-
-    # -- handlers (dispatcher thread) -----------------------------------------------------------
     def _announce(self) -> None:
-        me = self.identity.agent_id
         registration = self.registration()
         with self._cond:
             self._registrations.append(message_ref(registration))
         self.client.publish(self._status_topic(), self._status("online"), retain=True)
-        self.client.publish(
-            self.topics.up(me, Up.REGISTER), encode_message(registration), retain=True
-        )
+        topic = self.topics.up(self.identity.agent_id, Up.REGISTER)
+        self.client.publish(topic, encode_message(registration), retain=True)
 
-    def _ack_task(self, task: TaskMessage, accepted: bool, reason: str = "ok") -> None:
-        ack = Ack(
-            subject="task",
-            agent_id=self.identity.agent_id,
-            round_id=task.round_id,
-            digest=task.blob.digest,
-            accepted=accepted,
-            reason=reason,
-        )
-        signed = sign(ack, self.identity.secret)
-        self.client.publish(self.topics.up(self.identity.agent_id, Up.ACK), encode_message(signed))
+    def _request(self, missing: Missing) -> None:
+        """Ask the coordinator for the chunks it has not delivered yet."""
+        me = self.identity.agent_id
+        request = ChunkRequest(agent_id=me, digest=missing.digest, missing=missing.indices)
+        signed = sign(request, self.identity.secret)
+        self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(signed))
 
+    def _decided(self, decision: Decision) -> None:
+        """Publish what the intake decided and hand on the tasks it released."""
+        me = self.identity.agent_id
+        for ack in decision.acks:
+            signed = sign(ack, self.identity.secret)
+            self.client.publish(self.topics.up(me, Up.ACK), encode_message(signed))
+        if decision.repeated is not None:
+            self.outbox.answer_again(decision.repeated)
+        for missing in decision.requests:
+            self._request(missing)
+        for received in decision.ready:
+            try:
+                self._ready.put_nowait(received)
+            except queue.Full:
+                log.warning("%s: task queue full; dropped round %d", me, received.message.round_id)
+
+    # -- handlers (dispatcher thread) -------------------------------------------------------
     def _on_task(self, _topic: str, payload: bytes) -> None:
-        try:
-            task = decode_message(TaskMessage, payload)
-        except WireError as e:
-            self.counters.bad_tasks += 1
-            log.warning("%s: malformed task: %s", self.identity.agent_id, e)
-            return
-        i = self.identity
-        if (
-            not verify(task, i.secret)
-            or task.agent_id != i.agent_id
-            or task.prototype != i.prototype
-        ):
-            self.counters.bad_tasks += 1
-            log.warning(
-                "%s: refusing a task not signed for it (round %d)", i.agent_id, task.round_id
-            )
-            return
-        key = (task.round_id, task.blob.digest)
-        if key in self._seen:
-            self._ack_task(task, True)
-            self._answer_again(key)
-            return
-        try:
-            self.receiver.expect(COORDINATOR, task.blob)
-        except WireError as e:
-            self.counters.bad_tasks += 1
-            log.warning(
-                "%s: cannot take the global model of round %d: %s", i.agent_id, task.round_id, e
-            )
-            self._ack_task(task, False, "too_large")
-            return
-        self._seen[key] = None
-        if len(self._seen) > MEMORY:
-            self._seen.popitem(last=False)
-        self._waiting.setdefault(task.blob.digest, []).append(task)
-        self.counters.tasks += 1
-        self._ack_task(task, True)
-        self._fetch_program(task)
-
-    def _fetch_program(self, task: TaskMessage) -> None:
-        """Ask at once for the chunks of a training program not held yet."""
-        ref = task.program
-        if ref is None or not self.policy.programs or ref.digest in self.programs:
-            return
-        try:
-            if not self.receiver.expect(COORDINATOR, ref):
-                return  # already being fetched
-            self._fetching.add(ref.digest)
-        except WireError as e:
-            log.warning("%s: cannot take the training program: %s", self.identity.agent_id, e)
-            return
-        me = self.identity.agent_id
-        missing = self.receiver.missing(COORDINATOR, ref.digest)[:REQUEST_BATCH]
-        request = sign(
-            ChunkRequest(agent_id=me, digest=ref.digest, missing=missing), self.identity.secret
-        )
-        self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(request))
-
-    def _answer_again(self, key: tuple[int, str]) -> None:
-        """Re-announce the update already sent for a repeated task, if its blob is kept."""
-        with self._cond:
-            header = self.retries.answer_for(key)
-        if header is None:
-            return
-        me = self.identity.agent_id
-        log.info("%s: task of round %d repeated; sending the same update again", me, key[0])
-        self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
-        self.sender.publish(self.topics.up(me, Up.CHUNK), header.blob.digest)
+        self._decided(self.intake.task(self.reader.task(payload)))
 
     def _on_chunk(self, _topic: str, payload: bytes) -> None:
-        try:
-            chunk = decode_chunk(payload)
-            if not self.receiver.is_pending(COORDINATOR, chunk.hex_digest):
-                self.counters.ignored_chunks += 1
-                return
-            blob = self.receiver.add(COORDINATOR, chunk)
-        except WireError as e:
-            self.counters.blob_errors += 1
-            log.warning("%s: bad global-model chunk: %s", self.identity.agent_id, e)
-            return
-        if blob is None:
-            return
-        if chunk.hex_digest in self._fetching:
-            self._fetching.discard(chunk.hex_digest)
-            self.programs.put(blob)
-            for received in self._parked.pop(chunk.hex_digest, []):
-                self._release(received)
-            return
-        tasks = self._waiting.pop(chunk.hex_digest, [])
-        try:
-            state = decode_state(blob, max_bytes=self.policy.limits.max_blob_bytes)
-        except WireError as e:
-            self.counters.blob_errors += 1
-            log.warning("%s: undecodable global model: %s", self.identity.agent_id, e)
-            return
-        bad = next(
-            (k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()),
-            None,
-        )
-        if bad is not None:  # a poisoned global is never trained on; the agent stays up
-            self.counters.blob_errors += 1
-            log.warning(
-                "%s: refusing a global model with NaN/inf in %s", self.identity.agent_id, bad
-            )
-            for task in tasks:
-                self._ack_task(task, False, "non_finite")
-            return
-        for task in tasks:
-            self._release(ReceivedTask(task, state))
-
-    def _release(self, received: ReceivedTask) -> None:
-        """Hand a task whose global model arrived to next_task, once its program is here."""
-        ref = received.message.program
-        if ref is not None and received.program is None and self.policy.programs:
-            program = self.programs.get(ref.digest)
-            if program is None:
-                self._parked.setdefault(ref.digest, []).append(received)
-                return
-            received = ReceivedTask(received.message, received.global_state, program)
-        try:
-            self._ready.put_nowait(received)
-        except queue.Full:
-            log.warning(
-                "%s: task queue full; dropped round %d",
-                self.identity.agent_id,
-                received.message.round_id,
-            )
+        self._decided(self.intake.chunk(payload))
 
     def _on_request(self, _topic: str, payload: bytes) -> None:
-        try:
-            request = decode_message(ChunkRequest, payload)
-        except WireError as e:
-            log.warning("%s: malformed chunk request: %s", self.identity.agent_id, e)
-            return
-        if not self._authentic(request, "chunk request"):
-            return
-        topic = self.topics.up(self.identity.agent_id, Up.CHUNK)
-        sent = self.sender.answer(topic, request, COORDINATOR)
-        self.counters.requests_answered += int(sent > 0)
+        request = self.reader.control(ChunkRequest, payload, "chunk request")
+        if request is not None:
+            self.outbox.answer(request, COORDINATOR)
 
     def _on_global(self, _topic: str, payload: bytes) -> None:
-        try:
-            ann = decode_message(GlobalAnnouncement, payload)
-        except WireError as e:
-            log.warning("%s: malformed global announcement: %s", self.identity.agent_id, e)
-            return
-        if not self._authentic(ann, "global announcement"):
-            return
-        if ann.prototype != self.identity.prototype:
+        ann = self.reader.control(GlobalAnnouncement, payload, "global announcement")
+        if ann is None or ann.prototype != self.identity.prototype:
             return
         with self._cond:
             if self._global is None or ann.round_id >= self._global.round_id:
@@ -480,48 +332,26 @@ class AgentLink:
             self._cond.notify_all()
 
     def _on_ack(self, _topic: str, payload: bytes) -> None:
-        try:
-            ack = decode_message(Ack, payload)
-        except WireError as e:
-            log.warning("%s: malformed ack: %s", self.identity.agent_id, e)
+        ack = self.reader.control(Ack, payload, "ack", lambda a: f"{a.subject} ack")
+        if ack is None:
             return
-        if not self._authentic(ack, f"{ack.subject} ack"):
-            return
+        me = self.identity.agent_id
         if ack.subject == "register":
             with self._cond:
                 mine = ack.digest in self._registrations
             if not mine:
-                log.info("%s: ignored an ack of another registration", self.identity.agent_id)
+                log.info("%s: ignored an ack of another registration", me)
                 return
         key = REGISTER_KEY if ack.subject == "register" else ack.digest
         if key is None:
             return
         if not ack.accepted:
             log.warning(
-                "%s: coordinator refused %s: %s %s",
-                self.identity.agent_id,
-                ack.subject,
-                ack.reason,
-                ack.detail,
+                "%s: coordinator refused %s: %s %s", me, ack.subject, ack.reason, ack.detail
             )
-        with self._cond:
-            self.retries.acknowledged(key, ack)
-            self._cond.notify_all()
+        self.outbox.acknowledged(key, ack)
 
     def _tick(self) -> None:
-        me = self.identity.agent_id
-        for m in self.receiver.due_requests():
-            request = ChunkRequest(agent_id=me, digest=m.digest, missing=m.indices)
-            signed = sign(request, self.identity.secret)
-            self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(signed))
-        for _source, digest in self.receiver.expire():
-            self._fetching.discard(digest)
-            dropped = self._waiting.pop(digest, []) + self._parked.pop(digest, [])
-            log.warning(
-                "%s: global model %s timed out; %d task(s) dropped", me, digest[:12], len(dropped)
-            )
-        with self._cond:
-            due = self.retries.due()
-        self.counters.header_retries += len(due)
-        for header in due:
-            self.client.publish(self.topics.up(me, Up.UPDATE), encode_message(header))
+        for missing in self.intake.tick():
+            self._request(missing)
+        self.outbox.retry_due()

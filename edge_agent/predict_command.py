@@ -15,23 +15,28 @@ from takfl.config import ConfigError, load_profile
 if TYPE_CHECKING:
     import numpy as np
 
+    from export.formats import FormatUnit
+
 console = Console()
 _ROUND = re.compile(r"-round-(\d+)-")
 
 
-def pick_artifact(model: Path, fmt: str, quantization: str) -> Path:
+def pick_artifact(model: Path, fmt: str | FormatUnit, quantization: str) -> Path:
     """``model`` itself if a file; in a folder (e.g. RUN/exports/<P>/) the newest round's
-    artifact of the profile's format and quantisation (``none`` means fp32)."""
+    artifact of the format (a unit or its name) and quantisation (``none`` means fp32)."""
+    from export.common import QUANT_TAGS
+    from export.formats import resolve_format
+
     if model.is_file():
         return model
     if not model.is_dir():
         raise FileNotFoundError(f"no model file or export folder at {model}")
-    quant = "fp32" if quantization == "none" else quantization
-    found = [p for p in model.glob(f"*-{quant}.{fmt}")]
+    unit = resolve_format(fmt)
+    found = [p for p in model.glob(unit.artifact_glob(quantization))]
     if not found:
         raise FileNotFoundError(
-            f"{model} holds no {quant} .{fmt} artifact; export one with "
-            f"takfl-export, or pass the file itself"
+            f"{model} holds no {QUANT_TAGS[quantization]} {unit.suffix} artifact; export one "
+            f"with takfl-export, or pass the file itself"
         )
 
     def round_of(p: Path) -> int:
@@ -75,21 +80,22 @@ def predict(
 ) -> None:
     """Classify inputs with the exported model, as the device would. The model must match
     its sidecar (SHA-256, size, metadata) unless --allow-unverified is given."""
+    from export.common import TORCH_RUNTIME
+    from export.formats import profile_format
     from export.metadata import verify_sidecar
     from export.runtimes import ArtifactError, load_artifact, softmax
 
     try:
         prof = load_profile(profile)
         inf = prof.inference
-        fmt = "onnx" if inf.format == "torch" else inf.format
-        path = pick_artifact(model, fmt, inf.quantization)
+        path = pick_artifact(model, profile_format(inf.format), inf.quantization)
         if allow_unverified:
             console.print(f"[yellow]warning:[/yellow] running {path.name} without verifying it")
         else:
             verify_sidecar(path)
         runner = load_artifact(
             path,
-            runtime=runtime or (None if inf.runtime == "torch" else inf.runtime),
+            runtime=runtime or (None if inf.runtime == TORCH_RUNTIME else inf.runtime),
             threads=inf.threads,
             check_digest=not allow_unverified,
         )

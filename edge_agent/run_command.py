@@ -52,8 +52,8 @@ def run(
     from takfl.mqtt.credentials import mqtt_password
     from takfl.mqtt.url import parse_broker_url, read_password
     from takfl.ondevice import ExecuTorchMissing
+    from takfl.secret_files import load_secret_file
     from takfl.wire.errors import WireError
-    from takfl.wire.signing import load_secret_file
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

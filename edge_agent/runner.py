@@ -34,7 +34,7 @@ PROBE_TIMEOUT_S = 10.0  # wait for the broker's answer to the MQTT 5 question
 PROBE_RETRY_S = 2.0  # between questions while the broker is not up
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AgentStats:
     tasks_done: int = 0
     tasks_skipped: int = 0  # arrived past their deadline
@@ -121,7 +121,12 @@ class Agent:
         self.patience_s = patience_s
         self._denials: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.identity = AgentIdentity(
-            agent_id, profile.prototype, secret, profile.name, profile.hardware_class, len(x)
+            agent_id=agent_id,
+            prototype=profile.prototype,
+            secret=secret,
+            profile=profile.name,
+            hardware_class=profile.hardware_class,
+            num_samples=len(x),
         )
         self.platform = platform_info()
         self.link = self._new_link()

@@ -1,4 +1,4 @@
-"""``takfl-export``: checkpoints to verified ONNX / TFLite artifacts.
+"""``takfl-export``: checkpoints to verified ONNX / TFLite / ExecuTorch artifacts.
 
     takfl-export --checkpoint M.safetensors --config digits --prototype M \\
                  --formats onnx,tflite --quantize none,int8 --out exports/M
@@ -16,7 +16,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from export.common import FORMATS, QUANTIZATIONS, REPORT_FILE, ExportError, parse_choices
+from export.common import QUANTIZATIONS, REPORT_FILE, ExportError, parse_choices
+from export.formats import DEFAULT_FORMATS, format_names, resolve_formats
 
 app = typer.Typer(
     add_completion=False,
@@ -46,7 +47,12 @@ def export(
     checkpoint: Path = typer.Option(None, help="Prototype checkpoint (.safetensors)."),
     config: str = typer.Option(None, help="Federation config: bundled name or YAML path."),
     prototype: str = typer.Option(None, help="Prototype of the checkpoint (default: its own)."),
-    formats: str = typer.Option(",".join(FORMATS), help=f"Comma list of {', '.join(FORMATS)}."),
+    formats: str = typer.Option(
+        ",".join(DEFAULT_FORMATS),
+        "--formats",
+        "--format",
+        help=f"Comma list of {', '.join(format_names())}.",
+    ),
     quantize: str = typer.Option(
         "none",
         help=f"Comma list of {', '.join(QUANTIZATIONS)} (the float model is always exported).",
@@ -96,7 +102,7 @@ def export(
         from export.pipeline import ExportOptions, export_checkpoint
 
         options = ExportOptions(
-            formats=parse_choices(formats, FORMATS, "format"),
+            formats=resolve_formats(formats),
             quantizations=parse_choices(quantize, QUANTIZATIONS, "quantization"),
             threads=threads,
             latency_iters=latency_iters,
@@ -113,25 +119,20 @@ def export(
 def _export_executorch(
     checkpoint: Path, config: str, out: Path | None, prototype: str | None
 ) -> None:
-    from export.executorch_export import (
-        ProgramExportError,
-        ProgramParityError,
-        export_executorch_checkpoint,
-    )
+    from export.executorch_export import ProgramExportError, ProgramParityError
+    from export.pipeline import export_programs
     from takfl.ondevice import ExecuTorchMissing
 
     try:
-        art = export_executorch_checkpoint(checkpoint, config, out, prototype=prototype)
+        programs = export_programs(checkpoint, config, out, prototype=prototype)
     except ExecuTorchMissing as e:
         raise _fail(str(e)) from None
     except (ProgramExportError, ProgramParityError) as e:
         err.print(f"[red]FAILED:[/red] {e}", highlight=False)
         raise typer.Exit(EXIT_FAILED_ROWS) from None
-    p = art.parity
-    print(f"training program  {art.training}  ({art.training.stat().st_size / 1024:.0f} KiB)")
-    print(f"  {p.steps} SGD steps on real samples: max parameter difference {p.max_param_diff:.1e}")
-    print(f"inference program {art.inference}  ({art.inference.stat().st_size / 1024:.0f} KiB)")
-    print(f"  max logit difference {art.inference_max_diff:.1e}")
+    for unit, built in programs:
+        print(f"{unit.title:<17} {built.path}  ({built.path.stat().st_size / 1024:.0f} KiB)")
+        print(f"  {built.check}")
     raise typer.Exit(EXIT_OK)
 
 

@@ -1,7 +1,8 @@
-"""Names shared by the export package: formats, quantisation modes, runtimes, file names.
+"""Names shared by the export package: quantisation modes, tensor and file names.
 
 Defined once here so the exporter, the verifier, the CLI and the edge agent's
-loader agree on every string.
+loader agree on every string. The formats themselves, with their suffixes and
+runtimes, are units of :mod:`export.formats`.
 """
 
 from __future__ import annotations
@@ -11,19 +12,11 @@ import io
 import warnings
 from collections.abc import Iterable, Iterator
 
-FORMATS: tuple[str, ...] = ("onnx", "tflite")
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "dynamic")
-RUNTIMES: tuple[str, ...] = ("onnxruntime", "ai-edge-litert", "tflite-runtime")
-TORCH_RUNTIME = "torch"
+TORCH_RUNTIME = "torch"  # PyTorch eager: the reference row, and a profile that runs it
 
-EXTENSIONS: dict[str, str] = {"onnx": ".onnx", "tflite": ".tflite"}
 # What each quantisation mode is called in file names and tables.
 QUANT_TAGS: dict[str, str] = {"none": "fp32", "int8": "int8", "dynamic": "dynamic"}
-# Runtimes able to run each format, in order of preference.
-FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
-    "onnx": ("onnxruntime",),
-    "tflite": ("ai-edge-litert", "tflite-runtime"),
-}
 
 ONNX_OPSET = 18  # the exporter's native opset (no version conversion); ONNX Runtime >= 1.14
 INPUT_NAME = "input"  # (B, C, H, W) float32, normalised as the metadata says
@@ -40,26 +33,6 @@ class ExportError(ValueError):
 
 class ArtifactError(ExportError):
     """An exported artifact or its sidecar is missing, unreadable or inconsistent."""
-
-
-def artifact_stem(prototype: str, round_: int, quantization: str) -> str:
-    """File stem of one artifact, e.g. ``M-round-10-int8``."""
-    return f"{prototype}-round-{round_}-{QUANT_TAGS[quantization]}"
-
-
-def artifact_filename(prototype: str, round_: int, fmt: str, quantization: str) -> str:
-    """File name of one artifact, e.g. ``M-round-10-int8.tflite``."""
-    return artifact_stem(prototype, round_, quantization) + EXTENSIONS[fmt]
-
-
-def format_of(path: str) -> str:
-    """The format of an artifact from its extension; :class:`ArtifactError` when unknown."""
-    for fmt, ext in EXTENSIONS.items():
-        if path.lower().endswith(ext):
-            return fmt
-    raise ArtifactError(
-        f"{path}: unknown artifact type; expected one of {', '.join(EXTENSIONS.values())}"
-    )
 
 
 def parse_choices(value: str | Iterable[str], allowed: Iterable[str], what: str) -> list[str]:

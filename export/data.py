@@ -20,9 +20,11 @@ from takfl.federation_data import build_federation_data
 DEFAULT_CALIBRATION_SAMPLES = 512
 
 
-@dataclass
-class EvalData:
-    """calibration: (Nc, C, H, W) float32; test_x: (Nt, C, H, W); test_y: (Nt,) int64."""
+@dataclass(kw_only=True)
+class ExportData:
+    """The real inputs of one export: calibration (Nc, C, H, W) float32 from the public
+    set for the int8 quantisers; test_x (Nt, C, H, W) and test_y (Nt,) int64 for parity
+    and accuracy."""
 
     calibration: torch.Tensor
     test_x: torch.Tensor
@@ -42,7 +44,7 @@ def eval_data(
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
     test_samples: int | None = None,
     data_dir: str | Path | None = None,
-) -> EvalData:
+) -> ExportData:
     """Public (calibration) and test sets of ``cfg``'s partition.
 
     Args:
@@ -60,7 +62,7 @@ def eval_data(
         )
     test_n = len(fed.test_x) if test_samples is None else min(test_samples, len(fed.test_x))
     calib = fed.public_x[:calibration_samples]
-    return EvalData(
+    return ExportData(
         calibration=calib.float().contiguous(),
         test_x=fed.test_x[:test_n].float().contiguous(),
         test_y=fed.test_y[:test_n].long(),

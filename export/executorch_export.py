@@ -7,30 +7,26 @@ Training program: ``torch.export`` of the model wrapped with its cross-entropy l
 (:mod:`takfl.ondevice`). Inference program: the model in eval mode lowered to
 XNNPACK. Both are checked before use, because a wrong backward kernel fails silently
 (MaxPool2d trains wrongly in ExecuTorch 1.5.1; training-mode BatchNorm does not lower).
+
+This module lowers models and measures parity; writing, stamping and reporting the
+programs is the business of their format units (:mod:`export.formats.executorch`,
+:mod:`export.formats.executorch_training`), like every other format's.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from export.metadata import ArtifactMetadata, write_sidecar
 from takfl.config.profile import TrainingSpec
-from takfl.files import atomic_write_bytes
 from takfl.ondevice import METHOD, require_executorch, train_program
 from takfl.training import train_local
 
 # The runtime plans memory for the largest batch a program accepts, so keep it small.
 INFERENCE_MAX_BATCH = 64
-if TYPE_CHECKING:
-    from takfl.checkpoint import CheckpointMeta
-
-PROGRAM_SUFFIX = ".pte"
 INFERENCE_PARITY_TOLERANCE = 1e-4  # max |logit difference| of the inference program
 
 
@@ -168,7 +164,7 @@ def inference_parity(model: nn.Module, program: bytes, x: torch.Tensor) -> float
 FLOAT_NOISE_FACTOR = 4.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainingParity:
     steps: int
     max_param_diff: float  # max |runtime - torch| over every parameter after the steps
@@ -207,11 +203,11 @@ def training_parity(
         return max(float((a[n].double() - b[n].double()).abs().max()) for n in names)
 
     return TrainingParity(
-        torch_run.steps,
-        gap(runtime.state, torch_run.state),
-        torch_run.mean_loss,
-        runtime.mean_loss,
-        gap(torch_run.state, exact.state),
+        steps=torch_run.steps,
+        max_param_diff=gap(runtime.state, torch_run.state),
+        loss_torch=torch_run.mean_loss,
+        loss_runtime=runtime.mean_loss,
+        float_noise=gap(torch_run.state, exact.state),
     )
 
 
@@ -250,126 +246,3 @@ def checked_training_program(
             "(GroupNorm, strided convolutions, adaptive average pooling)"
         )
     return program, parity
-
-
-@dataclass(frozen=True)
-class ExecuTorchArtifacts:
-    training: Path
-    inference: Path
-    parity: TrainingParity
-    inference_max_diff: float
-
-
-def parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Trainable parameters by state-dict name, with their shapes (the program's names
-    are ``model.`` + these)."""
-    return {n: list(p.shape) for n, p in model.named_parameters()}
-
-
-def export_executorch(
-    model: nn.Module,
-    meta: CheckpointMeta,
-    spec: TrainingSpec,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    out_dir: str | Path,
-) -> ExecuTorchArtifacts:
-    """Write the training and inference programs of ``model`` with their sidecars.
-
-    Args:
-        meta: identity and preprocessing recorded in both sidecars.
-        spec: local training of the prototype (batch size bounds the training program;
-            the parity check runs one epoch of it, with SGD).
-        x, y: real samples (N, C, H, W) / (N,) for the parity checks.
-    Raises:
-        ProgramExportError, ProgramParityError, ExecuTorchMissing.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shape = (int(meta.input_shape[0]), int(meta.input_shape[1]), int(meta.input_shape[2]))
-    check = spec.model_copy(update={"optimizer": "sgd", "epochs": 1, "time_budget_s": None})
-    program = training_program(model, shape, spec.batch_size)
-    parity = training_parity(model, program, x, y, check)
-    if not parity.agrees(TRAINING_PARITY_TOLERANCE):
-        raise ProgramParityError(
-            f"training program ends {parity.max_param_diff:.2e} from torch after "
-            f"{parity.steps} steps (bound {parity.bound(TRAINING_PARITY_TOLERANCE):.1e})"
-        )
-    inference = inference_program(model, shape)
-    diff = inference_parity(model, inference, x[:INFERENCE_MAX_BATCH])
-    if not diff <= INFERENCE_PARITY_TOLERANCE:
-        raise ProgramParityError(
-            f"inference program differs from torch by {diff:.2e} "
-            f"(tolerance {INFERENCE_PARITY_TOLERANCE:.0e})"
-        )
-    stem = f"{meta.prototype}-round-{int(meta.round)}"
-    common = {"parameters": parameter_shapes(model), "method": METHOD}
-    train_path = out / f"{stem}-train{PROGRAM_SUFFIX}"
-    atomic_write_bytes(train_path, program)
-    write_sidecar(
-        train_path,
-        ArtifactMetadata.from_checkpoint(meta, "executorch-training", "none", batch=None),
-        **common,
-        max_batch=spec.batch_size,
-        inputs=["x (B, C, H, W) float32, normalised", "y (B,) int64"],
-        outputs=["mean cross-entropy loss"],
-        optimizer="sgd (runtime)",
-        parity={
-            "steps": parity.steps,
-            "max_param_diff": parity.max_param_diff,
-            "torch_fp32_vs_fp64": parity.float_noise,
-            "bound": parity.bound(TRAINING_PARITY_TOLERANCE),
-            "learning_rate": check.learning_rate,
-            "batch_size": check.batch_size,
-        },
-    )
-    inf_path = out / f"{stem}-xnnpack{PROGRAM_SUFFIX}"
-    atomic_write_bytes(inf_path, inference)
-    write_sidecar(
-        inf_path,
-        ArtifactMetadata.from_checkpoint(meta, "executorch", "none", batch=None),
-        **common,
-        max_batch=INFERENCE_MAX_BATCH,
-        delegate="xnnpack",
-        parity={"max_abs_logit_diff": diff},
-    )
-    return ExecuTorchArtifacts(train_path, inf_path, parity, diff)
-
-
-PARITY_SAMPLES = 64  # real samples for the checks of a checkpoint's programs
-
-
-def export_executorch_checkpoint(
-    checkpoint: str | Path,
-    config: str | Path,
-    out_dir: str | Path | None = None,
-    *,
-    prototype: str | None = None,
-) -> ExecuTorchArtifacts:
-    """Check a checkpoint against the federation config, then :func:`export_executorch` it
-    with the prototype's training settings and the first ``PARITY_SAMPLES`` test samples.
-
-    Raises CheckpointError, ExportError, ConfigError like ``export_checkpoint``, plus
-    ProgramExportError / ProgramParityError when the model does not train through
-    ExecuTorch correctly.
-    """
-    from export.common import ExportError
-    from export.data import eval_data
-    from export.pipeline import _load_config, check_against_config, prototype_profile
-    from takfl.checkpoint import load_checkpoint
-    from takfl.config.loader import prototype_training
-
-    cfg, cfg_path = _load_config(config)
-    state, meta = load_checkpoint(checkpoint)
-    name = prototype or meta.prototype
-    if name not in [p.name for p in cfg.prototypes]:
-        raise ExportError(f"unknown prototype {name!r} in federation {cfg.name!r}")
-    profile = prototype_profile(cfg, name, cfg_path)
-    check_against_config(state, meta, cfg, name, profile, str(checkpoint))
-    data = eval_data(cfg, calibration_samples=8, test_samples=PARITY_SAMPLES)
-    model = meta.build()
-    model.load_state_dict(state)
-    out = Path(out_dir) if out_dir is not None else Path("exports") / name
-    return export_executorch(
-        model, meta, prototype_training(cfg, name), data.test_x, data.test_y, out
-    )

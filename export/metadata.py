@@ -1,11 +1,11 @@
 """What every exported artifact says about itself, and the JSON sidecar that carries it.
 
-An artifact (``model.onnx``, ``model.tflite``) is accompanied by
+An artifact (``model.onnx``, ``model.tflite``, ``model-xnnpack.pte``) is accompanied by
 ``model.onnx.json``: the metadata below plus the artifact's SHA-256 and size,
 so a device can check what it downloaded and knows the class names and the
 normalisation without the checkpoint. The same metadata is embedded in the
-artifact itself (ONNX ``metadata_props``; a TFLite metadata entry named
-``takfl``) where the format allows.
+artifact itself where its format allows; how, is its format unit's business
+(:mod:`export.formats`).
 
 This module imports only the standard library and NumPy: the edge agent reads
 metadata with nothing else installed.
@@ -14,7 +14,6 @@ metadata with nothing else installed.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,13 +26,13 @@ from export.common import (
     INPUT_NAME,
     OUTPUT_NAME,
     SIDECAR_SUFFIX,
-    TFLITE_METADATA_NAME,
     ArtifactError,
-    format_of,
 )
-from takfl.files import atomic_write_bytes, atomic_write_text
+from export.formats import unit_for_path
+from takfl.files import atomic_write_text
 
 if TYPE_CHECKING:
+    from export.formats import Built, FormatUnit
     from takfl.checkpoint import CheckpointMeta
 
 _JSON_FIELDS = ("builder_args", "input_shape", "class_names", "mean", "std")
@@ -50,7 +49,7 @@ def _producer() -> str:
         return "takfl-edge"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ArtifactMetadata:
     """Identity, interface and preprocessing of one exported model."""
 
@@ -59,7 +58,7 @@ class ArtifactMetadata:
     builder: str  # model zoo name, e.g. "cnn_digits_small"
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W) of one sample
-    format: str  # "onnx" | "tflite"
+    format: str  # the name of its format unit: "onnx", "tflite", "executorch"...
     quantization: str  # "none" | "int8" | "dynamic"
     builder_args: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
@@ -252,8 +251,9 @@ def verify_sidecar(artifact: str | Path) -> ArtifactMetadata:
         problems.append(f"names file {data.get('file')!r}, not {p.name!r}")
     if data.get("size_bytes") != p.stat().st_size:
         problems.append(f"size {data.get('size_bytes')} != {p.stat().st_size} bytes")
-    if meta.format != format_of(str(p)):
-        problems.append(f"format {meta.format!r}, file is {format_of(str(p))!r}")
+    fmt = unit_for_path(p).name
+    if meta.format != fmt:
+        problems.append(f"format {meta.format!r}, file is {fmt!r}")
     embedded = read_embedded_metadata(p)
     if embedded is not None:
         for name in _IDENTITY_FIELDS:
@@ -285,114 +285,19 @@ def read_metadata(artifact: str | Path, *, check_digest: bool = True) -> Artifac
 def read_embedded_metadata(artifact: str | Path) -> ArtifactMetadata | None:
     """Metadata stored inside the artifact, or None when absent or not readable here."""
     p = Path(artifact)
-    fmt = format_of(str(p))
-    if fmt == "onnx":
-        props = read_onnx_metadata(p)
-        return ArtifactMetadata.from_strings(props, str(p)) if "builder" in props else None
-    payload = read_tflite_metadata(p)
-    if payload is None:
-        return None
-    try:
-        return ArtifactMetadata.from_dict(json.loads(payload), str(p))
-    except ValueError as e:
-        raise ArtifactError(f"{p}: embedded metadata is not valid JSON ({e})") from e
+    return unit_for_path(p).read_embedded(p)
 
 
-# ---- ONNX: model-level metadata_props ---------------------------------------------------
-
-
-def set_onnx_metadata(path: str | Path, props: dict[str, str]) -> None:
-    """Set ``props`` as model-level ``metadata_props`` of the file (replacing equal keys)."""
-    import onnx
-
-    p = Path(path)
-    proto = onnx.load(str(p))
-    keep = [e for e in proto.metadata_props if e.key not in props]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    atomic_write_bytes(p, proto.SerializeToString())
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """Model-level ``metadata_props`` via onnx, else via onnxruntime; {} if neither imports."""
-    p = str(path)
-    if importlib.util.find_spec("onnx") is not None:
-        import onnx
-
-        try:
-            proto = onnx.load(p, load_external_data=False)
-        except Exception as e:  # protobuf decode errors have no common base class
-            raise ArtifactError(f"{p} is not a readable ONNX model ({e})") from e
-        return {e.key: e.value for e in proto.metadata_props}
-    if importlib.util.find_spec("onnxruntime") is None:
-        return {}
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(p, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise ArtifactError(f"{p} is not a readable ONNX model ({e})") from e
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
-# ---- TFLite: a named entry of the flatbuffer's metadata table ---------------------------
-
-
-def embed_tflite_metadata(
-    path: str | Path, payload: bytes, name: str = TFLITE_METADATA_NAME
-) -> bool:
-    """Store ``payload`` in the model's metadata table under ``name``, in place.
-
-    Uses the flatbuffer schema shipped with ai-edge-litert. Returns False (file
-    untouched) when that is not installed or when the model keeps its weights
-    outside the flatbuffer (models over 2 GB), where a rewrite would lose them.
-    """
-    try:
-        import flatbuffers
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        return False
-    p = Path(path)
-    buf = p.read_bytes()
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(buf, 0))
-    if any(getattr(b, "offset", 0) > 1 for b in model.buffers or []):
-        return False
-    entry_buffer = schema.BufferT()
-    entry_buffer.data = np.frombuffer(payload, dtype=np.uint8)
-    model.buffers.append(entry_buffer)
-    entry = schema.MetadataT()
-    entry.name = name
-    entry.buffer = len(model.buffers) - 1
-    old = [m for m in (model.metadata or []) if _text(m.name) != name]
-    model.metadata = [*old, entry]
-    builder = flatbuffers.Builder(len(buf) + len(payload) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    atomic_write_bytes(p, bytes(builder.Output()))
-    return True
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def read_tflite_metadata(path: str | Path, name: str = TFLITE_METADATA_NAME) -> bytes | None:
-    """The payload stored under ``name``; None when absent or the schema is not installed."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        return None
-    p = Path(path)
-    buf = p.read_bytes()
-    try:
-        model = schema.Model.GetRootAsModel(buf, 0)
-        for i in range(model.MetadataLength()):
-            entry = model.Metadata(i)
-            if entry is not None and _text(entry.Name()) == name:
-                data = model.Buffers(entry.Buffer())
-                return bytes(data.DataAsNumpy()) if data is not None else None
-    except Exception as e:  # flatbuffers raises struct/index errors on garbage
-        raise ArtifactError(f"{p} is not a readable TFLite model ({e})") from e
-    return None
+def stamp_artifact(unit: FormatUnit, built: Built, quantization: str, meta: CheckpointMeta) -> Path:
+    """Embed the metadata of ``built`` where its format allows, then write its sidecar
+    (digest last); returns the sidecar's path."""
+    art = ArtifactMetadata.from_checkpoint(
+        meta,
+        unit.name,
+        quantization,
+        batch=built.batch,
+        opset=built.opset,
+        input_name=built.input_name,
+        output_name=built.output_name,
+    )
+    return write_sidecar(built.path, art, **unit.stamp(built, art))

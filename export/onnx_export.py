@@ -26,7 +26,7 @@ _DEBUG_PREFIXES = ("pkg.torch.", "namespace")
 _MAX_BATCH = 65536
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OnnxExport:
     path: Path
     batch: int | None  # None: symbolic batch dimension
@@ -135,7 +135,7 @@ def export_onnx(
     if _input_batch(proto) != batch:
         raise ExportError(f"exported graph has batch {_input_batch(proto)}, expected {batch}")
     save_onnx(proto, out)
-    return OnnxExport(out, batch, opset, slimmed, notes)
+    return OnnxExport(path=out, batch=batch, opset=opset, slimmed=slimmed, notes=notes)
 
 
 def _slim(proto: Any) -> tuple[Any, bool, str]:

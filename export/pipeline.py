@@ -1,67 +1,66 @@
 """Checkpoint -> verified artifacts: the steps behind ``takfl-export`` and ``export_run``.
 
-For each requested format: the float model is exported first (every quantised
-variant is made from it, and it is the reference artifact), then each
-quantisation. Each artifact gets its metadata (embedded and sidecar) and is
-verified on every runtime for its format. A failure of one artifact becomes a
-FAILED row; the others still go ahead.
+The formats are units of :mod:`export.formats`, resolved once in :class:`ExportOptions`.
+For each: the float model is exported first (every quantised variant is made from it,
+and it is the reference artifact), then each quantisation. Each artifact is stamped
+(metadata embedded where its format allows, a sidecar always) and verified by its
+unit. A failure of one artifact becomes a FAILED row; the others still go ahead.
+
+The ExecuTorch programs for phones (``takfl-export --executorch``) go through the same
+units with :func:`export_programs`: both are built, each checked by its unit as it is
+built, before either is stamped, and a failure stops the export.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from export.common import (
-    FORMAT_RUNTIMES,
-    FORMATS,
-    INPUT_NAME,
-    ONNX_OPSET,
-    OUTPUT_NAME,
-    QUANTIZATIONS,
-    REPORT_FILE,
-    ExportError,
-    artifact_filename,
-    parse_choices,
+from export.common import QUANTIZATIONS, REPORT_FILE, TORCH_RUNTIME, ExportError, parse_choices
+from export.data import DEFAULT_CALIBRATION_SAMPLES, ExportData, eval_data
+from export.formats import (
+    DEFAULT_FORMATS,
+    FLOAT,
+    BuildJob,
+    Built,
+    FormatUnit,
+    VerifyJob,
+    resolve_formats,
 )
-from export.data import DEFAULT_CALIBRATION_SAMPLES, EvalData, eval_data
-from export.metadata import (
-    ArtifactMetadata,
-    embed_tflite_metadata,
-    set_onnx_metadata,
-    write_sidecar,
-)
+from export.metadata import stamp_artifact
 from export.report import ExportReport, write_json
-from export.runtimes import load_artifact, runtime_status
+from export.source import checked_checkpoint
 from export.verify import (
     FAILED,
     FP32_PARITY_TOLERANCE,
     OK,
-    SKIPPED,
     Reference,
     TorchRunner,
     VerifyRow,
+    failure_reason,
     reference_for,
     verify_runner,
 )
-from takfl.checkpoint import CheckpointError, CheckpointMeta, check_state_matches, load_checkpoint
-from takfl.config import DeviceProfile, FederationConfig, load_federation, load_profile
-from takfl.models import build_model
+from takfl.checkpoint import CheckpointMeta
+from takfl.config import FederationConfig
+from takfl.config.loader import prototype_training
+from takfl.config.profile import TrainingSpec
+
+PARITY_SAMPLES = 64  # real test samples of the checks made while building (programs)
+PROGRAM_FORMATS = ("executorch-training", "executorch")  # what --executorch exports
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportOptions:
     """What to export and how to measure it."""
 
-    formats: Sequence[str] = FORMATS
-    quantizations: Sequence[str] = ("none",)  # the float model is always exported too
+    formats: Sequence[str | FormatUnit] = DEFAULT_FORMATS
+    quantizations: Sequence[str] = (FLOAT,)  # the float model is always exported too
     threads: int | None = None  # None: the prototype's profile (inference.threads)
     latency_iters: int = 100  # timed single-sample runs per runtime
     slim: bool = True  # onnxslim when installed
@@ -69,26 +68,18 @@ class ExportOptions:
     parity_tolerance: float = FP32_PARITY_TOLERANCE  # float artifacts beyond it: MISMATCH
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
     test_samples: int | None = None  # None: the whole test set
+    units: tuple[FormatUnit, ...] = field(init=False)  # ``formats`` resolved, in order
 
     def __post_init__(self) -> None:
-        self.formats = parse_choices(self.formats, FORMATS, "format")
+        self.units = resolve_formats(self.formats)
+        self.formats = [u.name for u in self.units]
         self.quantizations = parse_choices(self.quantizations, QUANTIZATIONS, "quantization")
+        for unit in self.units:
+            unit.check_quantizations(self.quantizations)
         if self.threads is not None and self.threads < 1:
             raise ExportError(f"threads must be at least 1, got {self.threads}")
         if self.latency_iters < 1:
             raise ExportError(f"latency_iters must be at least 1, got {self.latency_iters}")
-
-
-@dataclass
-class Built:
-    """An artifact on disk and what its graph looks like."""
-
-    path: Path
-    batch: int | None
-    opset: int | None
-    input_name: str = INPUT_NAME
-    output_name: str = OUTPUT_NAME
-    notes: list[str] = field(default_factory=list)
 
 
 def usable_threads(requested: int) -> tuple[int, str]:
@@ -99,132 +90,74 @@ def usable_threads(requested: int) -> tuple[int, str]:
     return cores, f"profile asks for {requested} threads; this machine has {cores}, used {cores}"
 
 
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+def _ordered_quantizations(requested: Sequence[str]) -> list[str]:
+    return [FLOAT, *[q for q in requested if q != FLOAT]]
 
 
-def _build_float(
-    fmt: str, model: nn.Module, sample: torch.Tensor, path: Path, options: ExportOptions
-) -> Built:
-    if fmt == "onnx":
-        from export.onnx_export import export_onnx
-
-        res = export_onnx(
-            model,
-            sample,
-            path,
-            opset=ONNX_OPSET,
-            dynamic_batch=options.dynamic_batch,
-            slim=options.slim,
-        )
-        return Built(res.path, res.batch, res.opset, notes=res.notes)
-    from export.tflite_export import export_tflite
-
-    tfl = export_tflite(model, sample, path)
-    return Built(tfl.path, tfl.batch, None, tfl.input_name, tfl.output_name, tfl.notes)
-
-
-def _build_quantized(
-    fmt: str, quantization: str, base: Built, path: Path, calibration: torch.Tensor, threads: int
-) -> Built:
-    from export import quantize as q
-
-    calib = calibration.numpy()
-    if fmt == "onnx" and quantization == "int8":
-        res = q.quantize_onnx_static(base.path, path, calib, batch=base.batch)
-    elif fmt == "onnx":
-        res = q.quantize_onnx_dynamic(base.path, path)
-    elif quantization == "int8":
-        res = q.quantize_tflite_static(base.path, path, calib, threads=threads)
-    else:
-        res = q.quantize_tflite_dynamic(base.path, path)
-    return Built(res.path, base.batch, base.opset, base.input_name, base.output_name, res.notes)
-
-
-def _stamp(built: Built, fmt: str, quantization: str, meta: CheckpointMeta) -> None:
-    """Embed the metadata where the format allows, then write the sidecar (digest last)."""
-    art = ArtifactMetadata.from_checkpoint(
-        meta,
-        fmt,
-        quantization,
-        batch=built.batch,
-        opset=built.opset,
-        input_name=built.input_name,
-        output_name=built.output_name,
-    )
-    extra: dict[str, Any] = {}
-    if fmt == "onnx":
-        set_onnx_metadata(built.path, art.to_strings())
-        embedded = True
-    else:
-        from export.tflite_export import tflite_io_quantization
-
-        embedded = embed_tflite_metadata(built.path, json.dumps(art.to_dict()).encode())
-        if not embedded:
-            built.notes.append("metadata not embedded (sidecar only)")
-        extra["io_quantization"] = tflite_io_quantization(built.path)
-    write_sidecar(built.path, art, embedded_metadata=embedded, notes=built.notes, **extra)
-
-
-def _verify_artifact(
-    built: Built,
-    fmt: str,
-    quantization: str,
-    prototype: str,
+def export_format(
+    unit: FormatUnit,
+    job: BuildJob,
+    calibration: torch.Tensor,
     ref: Reference,
     threads: int,
     options: ExportOptions,
 ) -> list[VerifyRow]:
-    rows = []
-    size_mb = built.path.stat().st_size / 1e6
-    tolerance = options.parity_tolerance if quantization == "none" else None
-    for runtime in FORMAT_RUNTIMES[fmt]:
-        row = VerifyRow(
-            prototype,
-            fmt,
-            quantization,
-            runtime,
-            SKIPPED,
-            artifact=str(built.path),
-            size_mb=size_mb,
-            threads=threads,
-        )
-        usable, why = runtime_status(runtime)
-        if not usable:
-            row.reason = why.split(";")[0]
-        else:
-            try:
-                runner = load_artifact(built.path, runtime=runtime, threads=threads)
-            except Exception as e:  # a runtime refusing an artifact is a result
-                row.status, row.reason = FAILED, _reason(e)
+    """The rows of one format: its float artifact, then each quantisation made from it.
+
+    Args:
+        job: the model and inputs; ``job.path`` is the output folder.
+        calibration: (N, C, H, W) real inputs of the int8 quantisers.
+        ref: what the verifier compares against.
+    """
+    rows: list[VerifyRow] = []
+    base: Built | None = None
+    prototype = job.meta.prototype
+    for quant in _ordered_quantizations(options.quantizations):
+        path = job.path / unit.filename(prototype, int(job.meta.round), quant)
+        try:
+            if quant == FLOAT:
+                built = base = unit.export(replace(job, path=path))
+            elif base is None:
+                raise ExportError("the float export failed, nothing to quantise")
             else:
-                verify_runner(
-                    runner,
-                    ref,
-                    row,
-                    latency_iters=options.latency_iters,
-                    parity_tolerance=tolerance,
+                built = unit.quantizer(quant)(base, path, calibration, threads)
+            stamp_artifact(unit, built, quant, job.meta)
+        except Exception as e:  # one failed artifact is a FAILED row, not a failed run
+            rows.append(
+                VerifyRow(
+                    prototype=prototype,
+                    format=unit.name,
+                    quantization=quant,
+                    runtime="-",
+                    status=FAILED,
+                    reason=failure_reason(e),
+                    threads=threads,
                 )
-        if built.notes and row.status != FAILED and not row.reason:
-            row.reason = "; ".join(built.notes)[:300]
-        rows.append(row)
+            )
+            continue
+        check = VerifyJob(
+            unit=unit,
+            quantization=quant,
+            prototype=prototype,
+            reference=ref,
+            threads=threads,
+            latency_iters=options.latency_iters,
+            parity_tolerance=options.parity_tolerance if quant == FLOAT else None,
+        )
+        rows.extend(unit.verify(built, check))
     return rows
-
-
-def _ordered_quantizations(requested: Sequence[str]) -> list[str]:
-    return ["none", *[q for q in requested if q != "none"]]
 
 
 def export_model(
     model: nn.Module,
     meta: CheckpointMeta,
-    data: EvalData,
+    data: ExportData,
     out_dir: str | Path,
     options: ExportOptions | None = None,
     *,
     threads: int = 1,
     checkpoint: str | None = None,
+    training: TrainingSpec | None = None,
 ) -> ExportReport:
     """Export ``model`` in every requested format and quantisation, verify, write report.json.
 
@@ -233,6 +166,7 @@ def export_model(
         meta: identity and preprocessing recorded in every artifact.
         data: calibration and test inputs (see :func:`export.data.eval_data`).
         threads: CPU threads of every runtime (and of PyTorch) during measurements.
+        training: the prototype's local training (only the training program needs it).
     Returns:
         the report; also written to ``out_dir/report.json``.
     """
@@ -241,87 +175,52 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     report = ExportReport(
-        meta.prototype,
-        int(meta.round),
-        meta.builder,
-        str(out),
-        threads,
-        data.description,
-        checkpoint,
+        prototype=meta.prototype,
+        round=int(meta.round),
+        builder=meta.builder,
+        out_dir=str(out),
+        threads=threads,
+        data=data.description,
+        checkpoint=checkpoint,
     )
     ref = reference_for(model, data.test_x, data.test_y)
-    torch_row = VerifyRow(meta.prototype, "torch", "none", "torch", OK, threads=threads)
+    torch_row = VerifyRow(
+        prototype=meta.prototype,
+        format=TORCH_RUNTIME,
+        quantization=FLOAT,
+        runtime=TORCH_RUNTIME,
+        status=OK,
+        threads=threads,
+    )
     report.rows.append(
         verify_runner(TorchRunner(model, threads), ref, torch_row, latency_iters=opts.latency_iters)
     )
-    sample = data.calibration[:2]
-    for fmt in opts.formats:
-        base: Built | None = None
-        for quant in _ordered_quantizations(opts.quantizations):
-            path = out / artifact_filename(meta.prototype, int(meta.round), fmt, quant)
-            try:
-                if quant == "none":
-                    built = base = _build_float(fmt, model, sample, path, opts)
-                elif base is None:
-                    raise ExportError("the float export failed, nothing to quantise")
-                else:
-                    built = _build_quantized(fmt, quant, base, path, data.calibration, threads)
-                _stamp(built, fmt, quant, meta)
-            except Exception as e:  # one failed artifact is a FAILED row, not a failed run
-                report.rows.append(
-                    VerifyRow(
-                        meta.prototype, fmt, quant, "-", FAILED, reason=_reason(e), threads=threads
-                    )
-                )
-                continue
-            report.rows.extend(
-                _verify_artifact(built, fmt, quant, meta.prototype, ref, threads, opts)
-            )
+    job = BuildJob(
+        model=model,
+        meta=meta,
+        path=out,
+        sample=data.calibration[:2],
+        check_x=data.test_x[:PARITY_SAMPLES],
+        check_y=data.test_y[:PARITY_SAMPLES],
+        training=training,
+        slim=opts.slim,
+        dynamic_batch=opts.dynamic_batch,
+    )
+    for unit in opts.units:
+        report.rows.extend(export_format(unit, job, data.calibration, ref, threads, opts))
     write_json(out / REPORT_FILE, report.to_dict())
     return report
 
 
-# ---- from a checkpoint and a federation config ------------------------------------------
+# ---- from a checkpoint and a federation config (export.source) -------------------------
 
 
-def _load_config(config: str | Path | FederationConfig) -> tuple[FederationConfig, Path | None]:
-    if isinstance(config, FederationConfig):
-        return config, None
-    return load_federation(config), Path(config) if Path(config).is_file() else None
-
-
-def prototype_profile(cfg: FederationConfig, name: str, cfg_path: Path | None) -> DeviceProfile:
-    """The device profile of prototype ``name`` (paths relative to the config file)."""
-    ref = cfg.prototype(name).profile
-    if cfg_path is not None and not Path(ref).is_absolute() and (cfg_path.parent / ref).is_file():
-        ref = str(cfg_path.parent / ref)
-    return load_profile(ref)
-
-
-def check_against_config(
-    state: dict[str, torch.Tensor],
-    meta: CheckpointMeta,
-    cfg: FederationConfig,
-    prototype: str,
-    profile: DeviceProfile,
-    source: str,
-) -> None:
-    """Raise :class:`CheckpointError` unless the checkpoint is the model the config gives
-    ``prototype`` (builder, arguments and every tensor's name and shape)."""
-    spec = cfg.prototype(prototype).model or profile.model
-    if meta.prototype != prototype:
-        raise CheckpointError(
-            f"{source} is a checkpoint of prototype {meta.prototype!r}, not {prototype!r}"
+def _check_data(data: ExportData, meta: CheckpointMeta, checkpoint: str | Path) -> None:
+    if data.input_shape != tuple(meta.input_shape) or data.num_classes != meta.num_classes:
+        raise ExportError(
+            f"{checkpoint} takes {tuple(meta.input_shape)} with {meta.num_classes} classes; "
+            f"the data set gives {data.input_shape} with {data.num_classes}"
         )
-    if meta.builder != spec.builder or json.dumps(meta.builder_args, sort_keys=True) != json.dumps(
-        spec.args, sort_keys=True
-    ):
-        raise CheckpointError(
-            f"{source} holds {meta.builder}({meta.builder_args}) but the config gives "
-            f"prototype {prototype!r} {spec.builder}({spec.args}); pass the matching config"
-        )
-    expected = build_model(spec.builder, meta.num_classes, meta.input_shape, **spec.args)
-    check_state_matches(expected.state_dict(), state, source)
 
 
 def export_checkpoint(
@@ -331,7 +230,7 @@ def export_checkpoint(
     *,
     prototype: str | None = None,
     options: ExportOptions | None = None,
-    data: EvalData | None = None,
+    data: ExportData | None = None,
 ) -> ExportReport:
     """Validate a checkpoint against the federation config, then :func:`export_model` it.
 
@@ -345,32 +244,79 @@ def export_checkpoint(
         ConfigError: the config does not load.
     """
     opts = options or ExportOptions()
-    cfg, cfg_path = _load_config(config)
-    state, meta = load_checkpoint(checkpoint)
-    name = prototype or meta.prototype
-    known = [p.name for p in cfg.prototypes]
-    if name not in known:
-        raise ExportError(
-            f"unknown prototype {name!r}; federation {cfg.name!r} has {', '.join(known)}"
-        )
-    profile = prototype_profile(cfg, name, cfg_path)
-    check_against_config(state, meta, cfg, name, profile, str(checkpoint))
+    src = checked_checkpoint(checkpoint, config, prototype)
     data = data or eval_data(
-        cfg, calibration_samples=opts.calibration_samples, test_samples=opts.test_samples
+        src.cfg, calibration_samples=opts.calibration_samples, test_samples=opts.test_samples
     )
-    if data.input_shape != tuple(meta.input_shape) or data.num_classes != meta.num_classes:
-        raise ExportError(
-            f"{checkpoint} takes {tuple(meta.input_shape)} with {meta.num_classes} classes; "
-            f"the data set gives {data.input_shape} with {data.num_classes}"
-        )
-    model = meta.build()
-    model.load_state_dict(state)
-    threads, note = usable_threads(opts.threads or profile.inference.threads)
-    out = Path(out_dir) if out_dir is not None else Path("exports") / name
+    _check_data(data, src.meta, checkpoint)
+    threads, note = usable_threads(opts.threads or src.profile.inference.threads)
+    needs_training = any(u.needs_training for u in opts.units)
+    out = Path(out_dir) if out_dir is not None else Path("exports") / src.prototype
     report = export_model(
-        model.eval(), meta, data, out, opts, threads=threads, checkpoint=str(checkpoint)
+        src.model,
+        src.meta,
+        data,
+        out,
+        opts,
+        threads=threads,
+        checkpoint=str(checkpoint),
+        training=prototype_training(src.cfg, src.prototype) if needs_training else None,
     )
     if note:
         report.notes.append(note)
         write_json(out / REPORT_FILE, report.to_dict())
     return report
+
+
+def export_programs(
+    checkpoint: str | Path,
+    config: str | Path | FederationConfig,
+    out_dir: str | Path | None = None,
+    *,
+    prototype: str | None = None,
+) -> list[tuple[FormatUnit, Built]]:
+    """The ExecuTorch training and inference programs of a checkpoint, each checked by its
+    unit on the first ``PARITY_SAMPLES`` test samples with the prototype's training
+    settings, then stamped with its sidecar; nothing is left written when one fails.
+
+    Returns:
+        (unit, artifact) of each program, the training program first.
+    Raises:
+        CheckpointError, ExportError, ConfigError like :func:`export_checkpoint`;
+        ProgramExportError / ProgramParityError when the model does not lower or does not
+        train through ExecuTorch correctly; ExecuTorchMissing.
+    """
+    src = checked_checkpoint(checkpoint, config, prototype)
+    data = eval_data(src.cfg, calibration_samples=8, test_samples=PARITY_SAMPLES)
+    _check_data(data, src.meta, checkpoint)
+    out = Path(out_dir) if out_dir is not None else Path("exports") / src.prototype
+    out.mkdir(parents=True, exist_ok=True)
+    job = BuildJob(
+        model=src.model,
+        meta=src.meta,
+        path=out,
+        sample=data.calibration[:2],
+        check_x=data.test_x,
+        check_y=data.test_y,
+        training=prototype_training(src.cfg, src.prototype),
+    )
+    units = resolve_formats(PROGRAM_FORMATS)
+    built = _build_all(units, job)
+    for unit, artifact in zip(units, built, strict=True):
+        stamp_artifact(unit, artifact, FLOAT, src.meta)
+    return list(zip(units, built, strict=True))
+
+
+def _build_all(units: Sequence[FormatUnit], job: BuildJob) -> list[Built]:
+    """The float artifact of every unit into the folder ``job.path``; when one fails, those
+    written before it are removed and the error propagates."""
+    built: list[Built] = []
+    try:
+        for unit in units:
+            name = unit.filename(job.meta.prototype, int(job.meta.round), FLOAT)
+            built.append(unit.export(replace(job, path=job.path / name)))
+    except BaseException:
+        for artifact in built:
+            artifact.path.unlink(missing_ok=True)
+        raise
+    return built

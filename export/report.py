@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.common import QUANT_TAGS
+from export.common import QUANT_TAGS, TORCH_RUNTIME
 from export.verify import FAILED, MISMATCH, SKIPPED, VerifyRow
 from takfl.files import atomic_write_text
 
 _PROBLEMS = (FAILED, MISMATCH)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportReport:
     """Everything exported for one prototype checkpoint, and how each artifact verified."""
 
@@ -38,7 +38,7 @@ class ExportReport:
         """``{"onnx/int8": path, ...}`` of every artifact that exists."""
         out: dict[str, str] = {}
         for r in self.rows:
-            if r.artifact and r.format != "torch":
+            if r.artifact and r.format != TORCH_RUNTIME:
                 out.setdefault(f"{r.format}/{r.quantization}", r.artifact)
         return out
 

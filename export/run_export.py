@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.common import REPORT_FILE, ExportError
+from export.common import REPORT_FILE, TORCH_RUNTIME, ExportError
 from export.data import eval_data
-from export.pipeline import ExportOptions, export_checkpoint, prototype_profile
+from export.formats import FLOAT, FormatUnit, profile_format
+from export.pipeline import ExportOptions, export_checkpoint
 from export.report import ExportReport, write_json
+from export.source import prototype_profile
 from takfl.checkpoint import CheckpointError
 from takfl.config import ConfigError, DeviceProfile, load_federation
 from takfl.data import DataError
@@ -31,7 +33,7 @@ EXPORTS_DIR = "exports"
 _CHECKPOINT = re.compile(r"^round-(\d+)\.safetensors$")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunExport:
     """Reports of every prototype exported from one run, and the prototypes that failed."""
 
@@ -67,17 +69,17 @@ def latest_checkpoint(run_dir: str | Path, prototype: str) -> Path:
     return max(found)[1]
 
 
-def profile_request(profile: DeviceProfile) -> tuple[list[str], list[str], str]:
-    """(formats, quantisations, note) a device profile asks for; the float model always.
+def profile_request(profile: DeviceProfile) -> tuple[list[FormatUnit], list[str], str]:
+    """(format units, quantisations, note) a device profile asks for; the float model always.
 
     A profile that runs PyTorch directly gets the portable float ONNX artifact.
     """
-    fmt, quant = profile.inference.format, profile.inference.quantization
-    note = ""
-    if fmt == "torch":
-        fmt, note = "onnx", f"profile {profile.name} runs PyTorch; exported float ONNX only"
-        quant = "none"
-    return [fmt], ["none"] if quant == "none" else ["none", quant], note
+    fmt, quant = profile.inference.format, str(profile.inference.quantization)
+    unit, note = profile_format(fmt), ""
+    if fmt == TORCH_RUNTIME:
+        note = f"profile {profile.name} runs PyTorch; exported float {unit.name.upper()} only"
+        quant = FLOAT
+    return [unit], [FLOAT] if quant == FLOAT else [FLOAT, quant], note
 
 
 def _state_round(run: Path) -> int | None:
@@ -116,7 +118,7 @@ def export_run(
     if unknown:
         raise ExportError(f"unknown prototype {', '.join(unknown)}; the run has {', '.join(known)}")
     data = eval_data(cfg)
-    result = RunExport(str(run), _state_round(run))
+    result = RunExport(run_dir=str(run), state_round=_state_round(run))
     for name in wanted:
         try:
             profile = prototype_profile(cfg, name, cfg_path)

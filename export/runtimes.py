@@ -1,4 +1,6 @@
-"""Load an exported artifact and run it: ONNX Runtime, ai-edge-litert, tflite-runtime.
+"""Load an exported artifact and run it: ONNX Runtime, ai-edge-litert, tflite-runtime,
+ExecuTorch. Which runtimes run which file is declared by the format units
+(:mod:`export.formats`); the runners of each runtime are here.
 
 This is the loader the edge agent's ``predict`` uses, so it needs only NumPy
 plus whichever runtime the device has: each runtime is imported when an
@@ -22,19 +24,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from export.common import FORMAT_RUNTIMES, RUNTIMES, ArtifactError, format_of
+from export.common import ArtifactError
+from export.formats import FormatUnit, resolve_format, runtime_specs, unit_for_path
+from export.formats.executorch import EXECUTORCH
+from export.formats.onnx import ONNXRUNTIME
 from export.metadata import ArtifactMetadata, read_embedded_metadata, read_metadata, sidecar_path
-
-_MODULES = {
-    "onnxruntime": "onnxruntime",
-    "ai-edge-litert": "ai_edge_litert.interpreter",
-    "tflite-runtime": "tflite_runtime.interpreter",
-}
-_INSTALL_HINTS = {
-    "onnxruntime": "pip install onnxruntime (use the constraints file)",
-    "ai-edge-litert": "pip install ai-edge-litert (64-bit OS; see firmware_notes/)",
-    "tflite-runtime": "pip install tflite-runtime (needs numpy < 2; prefer ai-edge-litert)",
-}
 
 
 class RuntimeUnavailableError(ArtifactError):
@@ -44,24 +38,23 @@ class RuntimeUnavailableError(ArtifactError):
 @functools.cache
 def runtime_status(runtime: str) -> tuple[bool, str]:
     """(usable?, reason when not). Imports the runtime once and remembers the answer."""
-    if runtime not in _MODULES:
-        return False, f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}"
+    specs = runtime_specs()
+    spec = specs.get(runtime)
+    if spec is None:
+        return False, f"unknown runtime {runtime!r}; known: {', '.join(specs)}"
     try:
-        importlib.import_module(_MODULES[runtime])
+        importlib.import_module(spec.module)
     except ModuleNotFoundError:
-        return False, f"{runtime} not installed; {_INSTALL_HINTS[runtime]}"
+        return False, f"{runtime} not installed; {spec.install}"
     except Exception as e:  # an ABI mismatch (tflite-runtime built for numpy 1) and the like
-        return (
-            False,
-            f"{runtime} cannot be imported ({type(e).__name__}: {e}); {_INSTALL_HINTS[runtime]}",
-        )
+        return False, f"{runtime} cannot be imported ({type(e).__name__}: {e}); {spec.install}"
     return True, ""
 
 
-def available_runtimes(fmt: str | None = None) -> list[str]:
-    """Importable runtimes (for ``fmt`` only, when given), in order of preference."""
-    candidates = FORMAT_RUNTIMES[fmt] if fmt is not None else RUNTIMES
-    return [r for r in candidates if runtime_status(r)[0]]
+def available_runtimes(fmt: str | FormatUnit | None = None) -> list[str]:
+    """Importable runtimes (for the format ``fmt`` only, when given), in order of preference."""
+    names = resolve_format(fmt).runtime_names if fmt is not None else tuple(runtime_specs())
+    return [r for r in names if runtime_status(r)[0]]
 
 
 class Runner(Protocol):
@@ -106,7 +99,7 @@ def _in_batches(x: np.ndarray, batch: int | None, run_one: Any) -> np.ndarray:
 class OnnxRunner:
     """An ONNX artifact in an ONNX Runtime session (CPU unless providers say otherwise)."""
 
-    runtime = "onnxruntime"
+    runtime = ONNXRUNTIME.name
 
     def __init__(
         self,
@@ -167,7 +160,7 @@ class TfliteRunner:
     def __init__(
         self, path: Path, threads: int, metadata: ArtifactMetadata | None, runtime: str
     ) -> None:
-        module = importlib.import_module(_MODULES[runtime])
+        module = importlib.import_module(runtime_specs()[runtime].module)
         try:
             self._interp = module.Interpreter(model_path=str(path), num_threads=threads)
             self._interp.allocate_tensors()
@@ -197,6 +190,54 @@ class TfliteRunner:
         return _in_batches(arr, self.batch, self._invoke)
 
 
+class ProgramRunner:
+    """An ExecuTorch inference program's ``forward`` in the ExecuTorch runtime (XNNPACK).
+
+    The program takes batches of 1 to ``INFERENCE_MAX_BATCH`` samples; longer inputs run
+    in slices. ``threads`` is the size of ExecuTorch's own thread pool, which it sizes
+    itself.
+    """
+
+    runtime = EXECUTORCH.name
+    batch: int | None = None  # dynamic: 1 to INFERENCE_MAX_BATCH samples a call
+
+    def __init__(self, path: Path, threads: int, metadata: ArtifactMetadata | None) -> None:
+        from executorch.runtime import Runtime
+
+        from export.executorch_export import INFERENCE_MAX_BATCH
+        from takfl.ondevice import METHOD
+
+        try:
+            self._method = Runtime.get().load_program(path).load_method(METHOD)
+        except Exception as e:  # the runtime raises RuntimeError and its own types
+            raise ArtifactError(f"executorch cannot load {path} ({e})") from e
+        self.path, self.metadata, self.threads = path, metadata, _pool_threads(threads)
+        self._max_batch = INFERENCE_MAX_BATCH
+        self._sample_shape = tuple(metadata.input_shape) if metadata is not None else None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        arr = _check_input(x, self._sample_shape)
+        if len(arr) == 0:
+            raise ArtifactError("cannot run on an empty batch")
+        n = self._max_batch
+        outs = [
+            self._method.execute([torch.from_numpy(arr[i : i + n])])[0].detach().numpy().copy()
+            for i in range(0, len(arr), n)
+        ]
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def _pool_threads(requested: int) -> int:
+    """The threads of ExecuTorch's pool, where its bindings tell; else ``requested``."""
+    try:
+        from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+    except ImportError:
+        return requested
+    return int(_threadpool_get_thread_count())
+
+
 def _metadata_for(path: Path, check_digest: bool) -> ArtifactMetadata | None:
     if sidecar_path(path).is_file():
         return read_metadata(path, check_digest=check_digest)
@@ -211,11 +252,12 @@ def load_artifact(
     providers: Sequence[str] | None = None,
     check_digest: bool = True,
 ) -> Runner:
-    """Open an ``.onnx`` or ``.tflite`` artifact for inference.
+    """Open an artifact (``.onnx``, ``.tflite``, an ExecuTorch inference program) for inference.
 
     Args:
-        runtime: ``onnxruntime``, ``ai-edge-litert`` or ``tflite-runtime``; the first
-            importable one for the format when omitted.
+        runtime: one of the runtimes of the artifact's format (``onnxruntime``,
+            ``ai-edge-litert``, ``tflite-runtime``, ``executorch``); the first importable
+            one when omitted.
         threads: CPU threads for the runtime (set explicitly, never the default).
         providers: ONNX Runtime execution providers (e.g. CUDA on a Jetson); CPU if None.
         check_digest: refuse an artifact whose SHA-256 differs from its sidecar.
@@ -223,32 +265,53 @@ def load_artifact(
         a :class:`Runner`; its ``metadata`` comes from the sidecar, else from the
         file itself, else is None.
     Raises:
-        ArtifactError: missing or unreadable file, digest mismatch.
+        ArtifactError: missing, unreadable or unknown file, digest mismatch, a file
+            that runs no inference (a training program).
         RuntimeUnavailableError: the runtime is not installed or not for this format.
     """
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"no artifact at {p}")
+    return open_artifact(
+        unit_for_path(p),
+        p,
+        runtime=runtime,
+        threads=threads,
+        providers=providers,
+        check_digest=check_digest,
+    )
+
+
+def open_artifact(
+    unit: FormatUnit,
+    path: Path,
+    *,
+    runtime: str | None = None,
+    threads: int = 1,
+    providers: Sequence[str] | None = None,
+    check_digest: bool = True,
+) -> Runner:
+    """:func:`load_artifact` for a file whose format unit is known already."""
     if threads < 1:
         raise ArtifactError(f"threads must be at least 1, got {threads}")
-    fmt = format_of(str(p))
+    if unit.load is None:
+        raise ArtifactError(f"{path} is a {unit.title}; it runs no inference")
+    names = unit.runtime_names
     if runtime is None:
-        usable = available_runtimes(fmt)
+        usable = available_runtimes(unit)
         if not usable:
-            hints = "; ".join(_INSTALL_HINTS[r] for r in FORMAT_RUNTIMES[fmt])
-            raise RuntimeUnavailableError(f"no runtime for {fmt} is installed: {hints}")
+            hints = "; ".join(r.install for r in unit.runtimes)
+            raise RuntimeUnavailableError(f"no runtime for {unit.name} is installed: {hints}")
         runtime = usable[0]
-    if runtime not in FORMAT_RUNTIMES[fmt]:
+    if runtime not in names:
         raise RuntimeUnavailableError(
-            f"{runtime} does not run {fmt} files; use {', '.join(FORMAT_RUNTIMES[fmt])}"
+            f"{runtime} does not run {unit.name} files; use {', '.join(names)}"
         )
     ok, reason = runtime_status(runtime)
     if not ok:
         raise RuntimeUnavailableError(reason)
-    metadata = _metadata_for(p, check_digest)
-    if fmt == "onnx":
-        return OnnxRunner(p, threads, metadata, providers)
-    return TfliteRunner(p, threads, metadata, runtime)
+    metadata = _metadata_for(path, check_digest)
+    return unit.load(path, runtime=runtime, threads=threads, metadata=metadata, providers=providers)
 
 
 def predict(

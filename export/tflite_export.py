@@ -23,7 +23,7 @@ from takfl.files import atomic_path
 TFLITE_BATCH = 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TfliteExport:
     path: Path
     batch: int
@@ -106,4 +106,7 @@ def export_tflite(model: nn.Module, sample: torch.Tensor, path: str | Path) -> T
             os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
         else:
             os.environ["LITERT_TORCH_SHOW_PROGRESS"] = previous
-    return TfliteExport(out, TFLITE_BATCH, *tflite_io_names(out))
+    input_name, output_name = tflite_io_names(out)
+    return TfliteExport(
+        path=out, batch=TFLITE_BATCH, input_name=input_name, output_name=output_name
+    )

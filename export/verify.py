@@ -13,24 +13,28 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from export.common import TORCH_RUNTIME
+from export.runtimes import open_artifact, runtime_status
+
+if TYPE_CHECKING:
+    from export.formats import Built, VerifyJob
 
 OK, MISMATCH, FAILED, SKIPPED = "OK", "MISMATCH", "FAILED", "SKIPPED"
 FP32_PARITY_TOLERANCE = 1e-4  # max |logit difference| accepted for float artifacts
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VerifyRow:
     """One line of the report: one artifact (or PyTorch) on one runtime."""
 
     prototype: str
-    format: str  # onnx | tflite | torch
+    format: str  # a format unit's name, or torch
     quantization: str  # none | int8 | dynamic
     runtime: str
     status: str  # OK | MISMATCH | FAILED | SKIPPED
@@ -154,3 +158,48 @@ def verify_runner(
         row.status = MISMATCH
         row.reason = f"max |diff| {row.max_abs_diff:.2e} > {parity_tolerance:.0e}"
     return row
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line (at most 300 characters) saying what went wrong."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def verify_on_runtimes(built: Built, job: VerifyJob) -> list[VerifyRow]:
+    """One row per runtime of the artifact's format: parity, accuracy and latency where the
+    runtime is installed and loads the artifact; SKIPPED (with the reason) or FAILED
+    otherwise. The artifact's notes go into the reason of rows that have none."""
+    rows = []
+    size_mb = built.path.stat().st_size / 1e6
+    for runtime in job.unit.runtime_names:
+        row = VerifyRow(
+            prototype=job.prototype,
+            format=job.unit.name,
+            quantization=job.quantization,
+            runtime=runtime,
+            status=SKIPPED,
+            artifact=str(built.path),
+            size_mb=size_mb,
+            threads=job.threads,
+        )
+        usable, why = runtime_status(runtime)
+        if not usable:
+            row.reason = why.split(";")[0]
+        else:
+            try:
+                runner = open_artifact(job.unit, built.path, runtime=runtime, threads=job.threads)
+            except Exception as e:  # a runtime refusing an artifact is a result
+                row.status, row.reason = FAILED, failure_reason(e)
+            else:
+                verify_runner(
+                    runner,
+                    job.reference,
+                    row,
+                    latency_iters=job.latency_iters,
+                    parity_tolerance=job.parity_tolerance,
+                )
+        if built.notes and row.status != FAILED and not row.reason:
+            row.reason = "; ".join(built.notes)[:300]
+        rows.append(row)
+    return rows

@@ -20,6 +20,7 @@ from torch import nn
 
 from takfl.files import atomic_write_bytes
 from takfl.models import build_model
+from takfl.state import non_finite_entry
 
 
 class CheckpointError(ValueError):
@@ -102,9 +103,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         raise CheckpointError(f"{p} is not a readable safetensors checkpoint ({e})") from e
     meta = CheckpointMeta.from_strings(raw_meta, str(p))
     check_state_matches(meta.build().state_dict(), state, str(p))
-    for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{p}: tensor {name} holds NaN or inf values")
+    if (name := non_finite_entry(state)) is not None:
+        raise CheckpointError(f"{p}: tensor {name} holds NaN or inf values")
     return state, meta
 
 

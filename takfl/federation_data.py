@@ -27,13 +27,6 @@ def client_id(prototype: str, index: int) -> str:
     return f"{prototype}-{index:03d}"
 
 
-def parse_client_id(cid: str) -> tuple[str, int]:
-    proto, _, idx = cid.rpartition("-")
-    if not proto or not idx.isdigit():
-        raise ValueError(f"{cid!r} is not a client id of the form <prototype>-<index>")
-    return proto, int(idx)
-
-
 @dataclass
 class FederationData:
     """Tensors on CPU. ``clients[cid] = (prototype, x, y)``."""

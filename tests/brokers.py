@@ -227,7 +227,10 @@ def agent_link(
 ) -> Iterator[AgentLink]:
     """A started :class:`AgentLink` for a provisioned agent; closed on exit."""
     identity = AgentIdentity(
-        record.agent_id, record.prototype, record.secret, num_samples=num_samples
+        agent_id=record.agent_id,
+        prototype=record.prototype,
+        secret=record.secret,
+        num_samples=num_samples,
     )
     link = AgentLink(broker.settings_for(record.agent_id), broker.fleet, identity, policy=policy)
     link.start(timeout=10)

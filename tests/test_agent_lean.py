@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.federation_harness import ENV
+from coordinator.testbed import ENV
 
 _RUN_AND_REPORT = """
 import json, sys
@@ -62,6 +62,7 @@ def test_commands_that_do_not_train_leave_torch_alone(args: list[str]) -> None:
     assert "paho" not in modules
 
 
+@pytest.mark.slow
 def test_doctor_probes_torch_in_a_child_process() -> None:
     # Prepare / Execute: the whole doctor (no broker) in one interpreter
     code, modules = loaded_by("doctor", "--profile", "raspberry-pi-4")
@@ -74,6 +75,7 @@ def test_doctor_probes_torch_in_a_child_process() -> None:
     assert "ai_edge_litert" not in modules
 
 
+@pytest.mark.slow
 def test_the_probe_sees_torch_where_a_command_loads_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # run imports its training stack before it reads the (missing) secret and exits 2
     code, modules = loaded_by(

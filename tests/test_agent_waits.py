@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.broker.net import free_port
+from coordinator.testbed import ENV, federation
 from edge_agent.watch import LinkWatch
 from takfl.federation_data import client_id
-from takfl.wire.signing import generate_secret, write_secret_file
-from tests.brokers import EMBEDDED, running_broker
-from tests.federation_harness import ENV, MOSQUITTO_MISSING, federation
+from takfl.secret_files import write_secret_file
+from takfl.wire.signing import generate_secret
+from tests.brokers import EMBEDDED, MOSQUITTO_MISSING, running_broker
 
 M0 = client_id("M", 0)
 
@@ -85,6 +86,7 @@ def agent_args(broker: str, secret: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.mosquitto
 @pytest.mark.skipif(MOSQUITTO_MISSING, reason="mosquitto not installed")
 def test_run_reports_a_refused_connection_and_a_refused_message(tmp_path: Path) -> None:
@@ -108,6 +110,7 @@ def test_run_reports_a_refused_connection_and_a_refused_message(tmp_path: Path) 
             wrong_fleet.stop()
 
 
+@pytest.mark.slow
 def test_run_falls_back_to_mqtt_311_and_reports_a_missing_coordinator(tmp_path: Path) -> None:
     secret = tmp_path / "a.secret"
     write_secret_file(secret, generate_secret())
@@ -128,6 +131,7 @@ def test_run_falls_back_to_mqtt_311_and_reports_a_missing_coordinator(tmp_path: 
             agent.stop()
 
 
+@pytest.mark.slow
 def test_run_reports_an_unreachable_broker(tmp_path: Path) -> None:
     secret = tmp_path / "a.secret"
     write_secret_file(secret, generate_secret())

@@ -43,7 +43,7 @@ RESULT_FIELDS = {
 
 
 def load_benchmark() -> ModuleType:
-    """The script as a module (benchmarks/ is not a package)."""
+    """The script as a module, loaded from its file (as `python benchmarks/...` runs it)."""
     spec = importlib.util.spec_from_file_location("agents_scale", SCRIPT)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {SCRIPT}")
@@ -53,6 +53,7 @@ def load_benchmark() -> ModuleType:
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_five_agents_register_and_answer_one_round(tmp_path: Path) -> None:
     # Prepare

@@ -302,6 +302,7 @@ def test_the_spec_takes_true_false_and_auto() -> None:
     reason="torch.compile's CPU backend needs a C++ compiler (apt-get install g++); "
     "the uncompiled paths are covered above",
 )
+@pytest.mark.slow
 def test_compiled_distillation_equals_eager_on_cpu() -> None:
     """``distill.compile``: both paths, compiled with torch.compile, give the eager result."""
     model, start = student("mlp_digits")

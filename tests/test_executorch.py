@@ -88,6 +88,7 @@ def test_program_refuses_adam_and_a_model_of_other_shapes(mlp_program, digits) -
         train_program(program, other, x, y, SPEC, seed=0)
 
 
+@pytest.mark.slow
 @needs_executorch
 def test_inference_program_matches_torch(digits) -> None:  # type: ignore[no-untyped-def]
     from export.executorch_export import inference_parity, inference_program
@@ -168,9 +169,15 @@ def test_parity_bound_widens_only_as_far_as_torchs_own_float_noise() -> None:
 
     # The GroupNorm MobileNetV2 after 6 steps (3.4e-2 from torch, torch float32 3.1e-2
     # from float64) passes; the MaxPool2d probe (7.4 apart, float noise 4.4e-8) fails.
-    deep = TrainingParity(6, 3.4e-2, 2.3, 2.3, float_noise=3.1e-2)
-    wrong = TrainingParity(6, 7.4, 2.3, 9.0, float_noise=4.4e-8)
-    exact_but_noisy = TrainingParity(6, 2e-4, 2.3, 2.3, float_noise=1e-5)
+    deep = TrainingParity(
+        steps=6, max_param_diff=3.4e-2, loss_torch=2.3, loss_runtime=2.3, float_noise=3.1e-2
+    )
+    wrong = TrainingParity(
+        steps=6, max_param_diff=7.4, loss_torch=2.3, loss_runtime=9.0, float_noise=4.4e-8
+    )
+    exact_but_noisy = TrainingParity(
+        steps=6, max_param_diff=2e-4, loss_torch=2.3, loss_runtime=2.3, float_noise=1e-5
+    )
     assert deep.agrees(1e-4) and deep.bound(1e-4) == pytest.approx(FLOAT_NOISE_FACTOR * 3.1e-2)
     assert not wrong.agrees(1e-4) and wrong.bound(1e-4) == 1e-4
     assert not exact_but_noisy.agrees(1e-4)  # 2e-4 is over both 1e-4 and 4 x 1e-5
@@ -201,6 +208,7 @@ def test_executorch_backend_requires_sgd(tmp_path) -> None:  # type: ignore[no-u
         load_profile(bad)
 
 
+@pytest.mark.slow
 @needs_executorch
 @pytest.mark.export
 def test_takfl_export_writes_checked_programs_with_metadata(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -186,6 +186,7 @@ def make_run(root: Path, rounds: dict[str, list[int]]) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _LITERT_OK, reason=_LITERT_WHY)
 def test_run_mode_exports_what_each_profile_asks_for(tmp_path: Path) -> None:
     run = make_run(tmp_path, {"S": [1, 2], "M": [2], "L": [1, 2]})

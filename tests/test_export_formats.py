@@ -17,15 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from export.common import (
-    FORMAT_RUNTIMES,
-    ArtifactError,
-    ExportError,
-    artifact_filename,
-    format_of,
-    parse_choices,
-)
-from export.data import EvalData, eval_data
+from export.common import ArtifactError, ExportError, parse_choices
+from export.data import ExportData, eval_data
+from export.formats import artifact_filename, format_of, unit_for_path
 from export.metadata import (
     ArtifactMetadata,
     read_embedded_metadata,
@@ -62,6 +56,10 @@ TINY: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "mobilenet": (lambda: MobileNetV2(10, (3, 8, 8), width_mult=0.25), 3),
 }
 FP32_TOLERANCE = 1e-4
+# The largest graph exports in the slow tier only; every other family stays in the fast one.
+FAMILIES = [
+    pytest.param(f, marks=pytest.mark.slow) if f == "mobilenet" else f for f in sorted(TINY)
+]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +91,7 @@ def check_parity(path: Path, model: nn.Module, x: torch.Tensor) -> None:
     with torch.inference_mode():
         ref = model(x).numpy()
     ran = 0
-    for runtime in FORMAT_RUNTIMES[format_of(str(path))]:
+    for runtime in unit_for_path(path).runtime_names:
         if not runtime_status(runtime)[0]:
             continue
         out = load_artifact(path, runtime=runtime, threads=1).run(x.numpy())
@@ -104,7 +102,7 @@ def check_parity(path: Path, model: nn.Module, x: torch.Tensor) -> None:
     assert ran >= 1
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_onnx_export_runs_with_parity_and_dynamic_batch(
     family: str, digits_x: torch.Tensor, tmp_path: Path
 ) -> None:
@@ -118,7 +116,7 @@ def test_onnx_export_runs_with_parity_and_dynamic_batch(
 
 
 @needs_litert
-@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_tflite_export_runs_with_parity(
     family: str, digits_x: torch.Tensor, tmp_path: Path
 ) -> None:
@@ -147,7 +145,7 @@ def test_onnx_export_carries_no_debug_metadata(digits_x: torch.Tensor, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def small_data() -> EvalData:
+def small_data() -> ExportData:
     return eval_data(load_federation("digits"), calibration_samples=64, test_samples=60)
 
 
@@ -167,7 +165,7 @@ def mlp_meta() -> CheckpointMeta:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, small_data: EvalData) -> Path:
+def exported(tmp_path_factory: pytest.TempPathFactory, small_data: ExportData) -> Path:
     """The tiny MLP exported to every format available here (float only)."""
     torch.manual_seed(0)
     model = build_model("mlp_digits", 10, (1, 8, 8), width=8).eval()
@@ -290,7 +288,9 @@ class _HostRoundTrip(nn.Module):
 
 
 @needs_litert
-def test_a_failing_format_is_a_failed_row_not_a_crash(small_data: EvalData, tmp_path: Path) -> None:
+def test_a_failing_format_is_a_failed_row_not_a_crash(
+    small_data: ExportData, tmp_path: Path
+) -> None:
     model = _HostRoundTrip().eval()
     meta = mlp_meta()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.data import EvalData, eval_data
+from export.data import ExportData, eval_data
 from export.metadata import read_embedded_metadata, read_metadata
 from export.pipeline import ExportOptions, export_model
 from export.report import ExportReport
@@ -31,7 +31,7 @@ INT8_MAX_DROP = 2.0  # accuracy points an int8 artifact may lose against float
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, CheckpointMeta, EvalData]:
+def trained() -> tuple[torch.nn.Module, CheckpointMeta, ExportData]:
     """cnn_digits_small trained a few epochs on the digits federation's private pool."""
     cfg = load_federation("digits")
     fed = build_federation_data(cfg)
@@ -58,7 +58,7 @@ def trained() -> tuple[torch.nn.Module, CheckpointMeta, EvalData]:
 
 @pytest.fixture(scope="module")
 def report(
-    trained: tuple[torch.nn.Module, CheckpointMeta, EvalData],
+    trained: tuple[torch.nn.Module, CheckpointMeta, ExportData],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> ExportReport:
     model, meta, data = trained
@@ -85,7 +85,7 @@ def rows_of(report: ExportReport, fmt: str, quantization: str) -> list[VerifyRow
     ],
 )
 def test_int8_keeps_accuracy_and_shrinks_the_file(
-    report: ExportReport, trained: tuple[torch.nn.Module, CheckpointMeta, EvalData], fmt: str
+    report: ExportReport, trained: tuple[torch.nn.Module, CheckpointMeta, ExportData], fmt: str
 ) -> None:
     model, _, data = trained
     with torch.inference_mode():
@@ -125,7 +125,7 @@ def test_every_row_verified_or_says_why_not(report: ExportReport) -> None:
 
 @pytest.mark.skipif(not _LITERT_OK, reason=_LITERT_WHY)
 def test_full_integer_tflite_is_run_in_float_by_the_loader(
-    report: ExportReport, trained: tuple[torch.nn.Module, CheckpointMeta, EvalData]
+    report: ExportReport, trained: tuple[torch.nn.Module, CheckpointMeta, ExportData]
 ) -> None:
     from ai_edge_litert.interpreter import Interpreter
 

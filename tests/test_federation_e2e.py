@@ -16,14 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.cli import app
-from takfl.wire.signing import write_secret_file
-from tests.federation_harness import (
-    MOSQUITTO_MISSING,
-    federation,
-    metrics,
-    read_state,
-    wait_until,
-)
+from coordinator.testbed import federation, metrics, read_state, wait_until
+from takfl.secret_files import write_secret_file
+from tests.brokers import MOSQUITTO_MISSING
 
 pytestmark = pytest.mark.slow
 needs_mosquitto = pytest.mark.skipif(

@@ -45,6 +45,7 @@ def pins_for(target: Target) -> dict[str, str]:
     return pins
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_agent_resolves_on_every_target() -> None:
     # Prepare / Execute: pip's real resolver against the registry, one process per target

@@ -256,6 +256,7 @@ def _self_signed_server(tmp_path: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+@pytest.mark.slow
 @SKIP_NO_MOSQUITTO
 @pytest.mark.mosquitto
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")

@@ -110,6 +110,7 @@ def test_forged_acks_statuses_and_requests_are_ignored(kind: str, tmp_path: Path
         assert link.counters.requests_answered == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", BROKER_KINDS)
 def test_chunk_request_amplification_is_bounded(kind: str, tmp_path: Path) -> None:
     registry = make_registry({"a1": "S"})

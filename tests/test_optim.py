@@ -54,6 +54,7 @@ def test_unknown_optimiser_is_refused() -> None:
         LocalOptimizer(nn.Linear(2, 2).parameters(), optimizer="lamb", learning_rate=0.1)
 
 
+@pytest.mark.slow
 def test_local_training_leaves_the_compiler_stack_unimported() -> None:
     """In a fresh process: train_local runs both optimisers, and neither torch._dynamo nor
     torch._inductor is imported (torch.optim imports both on its first step)."""

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
-from takfl.wire import vectors as gen
+from takfl import wire_vectors as gen
 
 ROOT = Path(__file__).resolve().parent.parent / "docs" / "protocol"
 VEC = ROOT / "vectors"
-REGENERATE = "regenerate with: python -m takfl.wire.vectors"
+REGENERATE = "regenerate with: python -m takfl.wire_vectors --out docs/protocol"
 
 
 def manifest() -> dict:

@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -59,6 +60,7 @@ def test_bundled_paper_table_names_its_source_and_holds_no_invented_values() -> 
     assert set(table.settings) >= {"cifar10-homo", "cifar10-hetero"}
 
 
+@pytest.mark.slow
 def test_reproduce_smoke_prints_paper_values_beside_ours(tmp_path: Path) -> None:
     write_cifar(tmp_path / "data")
     setting = shrunk_setting(tmp_path)

@@ -26,6 +26,11 @@ from coordinator.transport.base import ClientUpdate
 from takfl.wire.validation import AgentRecord
 from tests.crash_run import make_run, small_config
 
+# Every test here runs the coordinator in child processes (one finished run, then SIGKILLs
+# and resumes): end to end, so the whole file is in the slow tier. The run store's unit
+# tests are in test_run_store.py.
+pytestmark = pytest.mark.slow
+
 ENV_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

@@ -70,6 +70,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(setup, tmp_path: Path
         make_run(cfg, data, tmp_path, rounds=2).run()
 
 
+@pytest.mark.slow
 def test_resume_continues_and_matches_an_uninterrupted_run(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg, data = setup
     straight = make_run(cfg, data, tmp_path / "straight", rounds=2).run()

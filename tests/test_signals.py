@@ -40,6 +40,7 @@ def _spectra(x: np.ndarray, cross: bool) -> np.ndarray:
     return np.concatenate(out, 1)
 
 
+@pytest.mark.slow
 def test_classes_differ_in_waveform_shape_not_in_energy() -> None:
     """The structure is real and as documented: amplitude spectra cannot tell the pairs
     apart; the phase relations between axes can."""

@@ -32,6 +32,7 @@ def run_cli(args: list[str]) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_simulate_writes_metrics_results_and_plot(tmp_path: Path) -> None:
     config = small_digits_config(tmp_path)
     out = tmp_path / "run"
@@ -74,6 +75,7 @@ def test_simulate_writes_metrics_results_and_plot(tmp_path: Path) -> None:
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_partition_and_numbers(tmp_path: Path) -> None:
     config = small_digits_config(tmp_path)
     runs = []
@@ -103,6 +105,7 @@ def test_same_seed_gives_same_partition_and_numbers(tmp_path: Path) -> None:
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["feddf", "fedet"])
 def test_baselines_run_through_the_same_engine(tmp_path: Path, algorithm: str) -> None:
     config = small_digits_config(tmp_path)
@@ -126,6 +129,7 @@ def test_baselines_run_through_the_same_engine(tmp_path: Path, algorithm: str) -
     assert set(results[algorithm]) == {"S", "M", "L"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fixed", "learned", "unsupervised", "heuristic"])
 def test_every_lambda_strategy_runs(tmp_path: Path, strategy: str) -> None:
     lambdas = {
@@ -160,6 +164,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path: Path) -> None:
         assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_console_script_runs_a_real_process(tmp_path: Path) -> None:
     config = small_digits_config(tmp_path)
     out = tmp_path / "proc"
@@ -222,6 +227,7 @@ def _write_cifar(root: Path) -> None:
     (c100 / "test").write_bytes(pickle.dumps(batch(100, 100, "fine_labels")))
 
 
+@pytest.mark.slow
 def test_paper_cifar_config_loads_and_partitions_from_local_batches(tmp_path: Path) -> None:
     _write_cifar(tmp_path)
     result = CliRunner().invoke(

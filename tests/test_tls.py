@@ -24,7 +24,7 @@ from coordinator.serve import provision
 from takfl.config import load_federation
 from takfl.mqtt.client import MqttClient, MqttConnectError, MqttSettings, TlsSettings
 from takfl.mqtt.credentials import mqtt_password
-from takfl.wire.signing import load_secret_file
+from takfl.secret_files import load_secret_file
 from tests.brokers import SKIP_NO_MOSQUITTO
 
 pytestmark = [
@@ -87,6 +87,7 @@ def test_provision_tls_without_host_exits_2(tmp_path: Path) -> None:
     assert "--tls-host" in result.output
 
 
+@pytest.mark.slow
 def test_agent_trusting_the_fleet_ca_connects_and_a_wrong_ca_is_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

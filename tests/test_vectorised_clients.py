@@ -281,6 +281,7 @@ def no_budget_digits_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_simulation_gives_the_same_metrics_both_ways(tmp_path: Path) -> None:
     cfg = load_federation(no_budget_digits_config(tmp_path))
     runs = {}
@@ -310,6 +311,7 @@ def test_simulation_gives_the_same_metrics_both_ways(tmp_path: Path) -> None:
                 assert b["lambdas"][k] == pytest.approx(v, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_switch_reaches_the_transport(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 

@@ -238,6 +238,20 @@ def traffic(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+EXPORT_FIELDS = (  # what the report keeps of each verified export, in its table's order
+    "prototype",
+    "format",
+    "quantization",
+    "runtime",
+    "status",
+    "size_mb",
+    "accuracy",
+    "agreement",
+    "max_abs_diff",
+    "p50_ms",
+)
+
+
 def export_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Rows of ``exports/report.json`` (format, quantisation, runtime, status, size, ...)."""
     path = run_dir / EXPORTS_DIR / EXPORT_REPORT
@@ -247,20 +261,8 @@ def export_rows(run_dir: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError:
         return []
-    keys = (
-        "prototype",
-        "format",
-        "quantization",
-        "runtime",
-        "status",
-        "size_mb",
-        "accuracy",
-        "agreement",
-        "max_abs_diff",
-        "p50_ms",
-    )
     return [
-        {k: row.get(k) for k in keys}
+        {k: row.get(k) for k in EXPORT_FIELDS}
         for proto in data.get("prototypes", [])
         for row in proto.get("rows", [])
     ]

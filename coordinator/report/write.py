@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.report import plots
-from coordinator.report.data import build_report
+from coordinator.report.data import EXPORT_FIELDS, build_report
 from coordinator.store import REPORT_HTML, REPORT_JSON
 from takfl.files import atomic_write_text
 
@@ -79,6 +79,139 @@ def _cards(rep: dict[str, Any]) -> str:
     return f'<div class="cards">{out}</div>'
 
 
+AGENT_COLUMNS = [
+    "agent",
+    "tier",
+    "platform",
+    "runtimes",
+    "updates",
+    "refused",
+    "mean train s",
+    "peak RSS MB",
+    "limit MB",
+    "sent KiB",
+    "received KiB",
+    "retries",
+    "min slack s",
+]
+EXPORT_COLUMNS = [  # headers of EXPORT_FIELDS
+    "tier",
+    "format",
+    "quant",
+    "runtime",
+    "status",
+    "size MB",
+    "accuracy %",
+    "agreement %",
+    "max |diff|",
+    "p50 ms",
+]
+
+
+def _head(rep: dict[str, Any]) -> list[str]:
+    """Document head, title and the line of run facts."""
+    title = escape(rep["config"] or rep["run"])
+    phase = f" · phase {escape(str(rep['phase']))}" if rep["phase"] else ""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>takfl-edge field-trial report: {title}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Field-trial report: {title}</h1>",
+        f'<p class="meta">run <code>{escape(rep["run"])}</code> · algorithm '
+        f"<b>{escape(rep['algorithm'])}</b> · {rep['rounds']} round(s)"
+        + phase
+        + f" · generated {escape(rep['generated'])}</p>",
+    ]
+
+
+def _accuracy(rep: dict[str, Any]) -> list[str]:
+    """Accuracy per round (plot) and the final accuracy of every algorithm, the run's first."""
+    main, finals, protos = rep["algorithm"], rep["final"], rep["prototypes"]
+    rows = [
+        [alg, *[finals[alg].get(p) for p in protos]]
+        for alg in sorted(finals, key=lambda a: (a != main, a))
+    ]
+    return [
+        "<h2>Test accuracy per tier</h2>",
+        _img(plots.accuracy_plot(rep["accuracy"], main), "accuracy per round", "no rounds"),
+        _table(["algorithm", *[f"{p} final %" for p in protos]], rows),
+    ]
+
+
+def _lambdas(rep: dict[str, Any]) -> list[str]:
+    """The merge coefficients of the run's algorithm (or the first that has some)."""
+    main = rep["algorithm"]
+    lam_alg = main if main in rep["lambdas"] else next(iter(rep["lambdas"]), None)
+    lam_grids = rep["lambdas"].get(lam_alg, {}) if lam_alg else {}
+    return [
+        f"<h2>Merge coefficients λ per student ({escape(str(lam_alg or main))})</h2>",
+        _img(
+            plots.lambda_heatmap(lam_grids),
+            "lambda heatmap",
+            f"{main} reports no merge coefficients",
+        ),
+    ]
+
+
+def _fleet(rep: dict[str, Any]) -> list[str]:
+    """The devices, stragglers and traffic plots (empty notes for simulations)."""
+    return [
+        "<h2>Devices: training time and memory per tier</h2>",
+        _img(
+            plots.device_plot(rep["devices"]),
+            "train time and peak RSS per tier",
+            "no agent telemetry in this run (simulations have none)",
+        ),
+        "<h2>Stragglers per round</h2>",
+        _img(plots.straggler_plot(rep["stragglers"]), "straggler timeline", "no rounds"),
+        "<h2>Traffic per round and tier</h2>",
+        _img(
+            plots.traffic_plot(rep["traffic"]),
+            "bytes per round per tier",
+            "no traffic record in this run (simulations have none)",
+        ),
+    ]
+
+
+def _agents(rep: dict[str, Any]) -> list[str]:
+    """One row per agent of the telemetry log."""
+    rows = [
+        [
+            a["agent_id"],
+            a["prototype"],
+            a["platform"],
+            a["runtimes"],
+            a["updates"],
+            a["refused"],
+            a["mean_train_s"],
+            a["peak_rss_mb"],
+            a["rss_limit_mb"],
+            a["bytes_sent"] // 1024,
+            a["bytes_received"] // 1024,
+            a["retries"],
+            a["min_slack_s"],
+        ]
+        for a in rep["agents"]
+    ]
+    if not rows:
+        return [
+            "<h2>Agents</h2>",
+            '<p class="missing">no agent registered through the telemetry log</p>',
+        ]
+    return ["<h2>Agents</h2>", _table(AGENT_COLUMNS, rows, left=4)]
+
+
+def _exports(rep: dict[str, Any]) -> list[str]:
+    """One row per verified export of the run."""
+    rows = [[e[k] for k in EXPORT_FIELDS] for e in rep["exports"]]
+    if not rows:
+        missing = "no exports in this run (takfl-export --run RUN adds them)"
+        return ["<h2>Exports</h2>", f'<p class="missing">{missing}</p>']
+    return ["<h2>Exports</h2>", _table(EXPORT_COLUMNS, rows, left=5)]
+
+
 def _releases_html(releases: dict[str, list[dict[str, Any]]] | None) -> str:
     """Each release's state per tier, and on-device latency per hardware class."""
     if not releases or not releases.get("rollouts"):
@@ -144,128 +277,22 @@ def _releases_html(releases: dict[str, list[dict[str, Any]]] | None) -> str:
     return "\n".join(parts)
 
 
+def _releases(rep: dict[str, Any]) -> list[str]:
+    """Each release's state per tier and the devices' latency (empty note without any)."""
+    return ["<h2>Releases to the devices</h2>", _releases_html(rep.get("releases"))]
+
+
 def render_html(rep: dict[str, Any]) -> str:
     """The page for a report dict (see ``coordinator.report.data.build_report``)."""
-    main = rep["algorithm"]
-    finals = rep["final"]
-    protos = rep["prototypes"]
-    acc_rows = [
-        [alg, *[finals[alg].get(p) for p in protos]]
-        for alg in sorted(finals, key=lambda a: (a != main, a))
-    ]
-    lam_alg = main if main in rep["lambdas"] else next(iter(rep["lambdas"]), None)
-    lam_grids = rep["lambdas"].get(lam_alg, {}) if lam_alg else {}
-    agents = [
-        [
-            a["agent_id"],
-            a["prototype"],
-            a["platform"],
-            a["runtimes"],
-            a["updates"],
-            a["refused"],
-            a["mean_train_s"],
-            a["peak_rss_mb"],
-            a["rss_limit_mb"],
-            a["bytes_sent"] // 1024,
-            a["bytes_received"] // 1024,
-            a["retries"],
-            a["min_slack_s"],
-        ]
-        for a in rep["agents"]
-    ]
-    exports = [
-        [
-            e["prototype"],
-            e["format"],
-            e["quantization"],
-            e["runtime"],
-            e["status"],
-            e["size_mb"],
-            e["accuracy"],
-            e["agreement"],
-            e["max_abs_diff"],
-            e["p50_ms"],
-        ]
-        for e in rep["exports"]
-    ]
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>takfl-edge field-trial report: {escape(rep['config'] or rep['run'])}</title>",
-        f"<style>{CSS}</style></head><body>",
-        f"<h1>Field-trial report: {escape(rep['config'] or rep['run'])}</h1>",
-        f'<p class="meta">run <code>{escape(rep["run"])}</code> · algorithm '
-        f"<b>{escape(main)}</b> · {rep['rounds']} round(s)"
-        + (f" · phase {escape(str(rep['phase']))}" if rep["phase"] else "")
-        + f" · generated {escape(rep['generated'])}</p>",
+        *_head(rep),
         _cards(rep),
-        "<h2>Test accuracy per tier</h2>",
-        _img(plots.accuracy_plot(rep["accuracy"], main), "accuracy per round", "no rounds"),
-        _table(["algorithm", *[f"{p} final %" for p in protos]], acc_rows),
-        f"<h2>Merge coefficients λ per student ({escape(str(lam_alg or main))})</h2>",
-        _img(
-            plots.lambda_heatmap(lam_grids),
-            "lambda heatmap",
-            f"{main} reports no merge coefficients",
-        ),
-        "<h2>Devices: training time and memory per tier</h2>",
-        _img(
-            plots.device_plot(rep["devices"]),
-            "train time and peak RSS per tier",
-            "no agent telemetry in this run (simulations have none)",
-        ),
-        "<h2>Stragglers per round</h2>",
-        _img(plots.straggler_plot(rep["stragglers"]), "straggler timeline", "no rounds"),
-        "<h2>Traffic per round and tier</h2>",
-        _img(
-            plots.traffic_plot(rep["traffic"]),
-            "bytes per round per tier",
-            "no traffic record in this run (simulations have none)",
-        ),
-        "<h2>Agents</h2>",
-        _table(
-            [
-                "agent",
-                "tier",
-                "platform",
-                "runtimes",
-                "updates",
-                "refused",
-                "mean train s",
-                "peak RSS MB",
-                "limit MB",
-                "sent KiB",
-                "received KiB",
-                "retries",
-                "min slack s",
-            ],
-            agents,
-            left=4,
-        )
-        if agents
-        else '<p class="missing">no agent registered through the telemetry log</p>',
-        "<h2>Exports</h2>",
-        _table(
-            [
-                "tier",
-                "format",
-                "quant",
-                "runtime",
-                "status",
-                "size MB",
-                "accuracy %",
-                "agreement %",
-                "max |diff|",
-                "p50 ms",
-            ],
-            exports,
-            left=5,
-        )
-        if exports
-        else '<p class="missing">no exports in this run (takfl-export --run RUN adds them)</p>',
-        "<h2>Releases to the devices</h2>",
-        _releases_html(rep.get("releases")),
+        *_accuracy(rep),
+        *_lambdas(rep),
+        *_fleet(rep),
+        *_agents(rep),
+        *_exports(rep),
+        *_releases(rep),
         "</body></html>",
     ]
     return "\n".join(parts)

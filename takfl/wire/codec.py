@@ -244,11 +244,6 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     return out
 
 
-def state_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of raw tensor data in ``tensors``."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def max_encoded_bytes(reference: Mapping[str, torch.Tensor]) -> int:
     """An upper bound on ``len(encode_state(x, c))`` for any ``x`` shaped like ``reference``,
     any compression: float32 data (the widest mode) plus a generous header allowance."""

@@ -4,26 +4,18 @@ The signature covers the canonical encoding of every header field except the
 signature itself (see :meth:`SignedMessage.signing_payload`): the message kind,
 round id, agent id, prototype and, for updates, the digest of the blob, so a
 header cannot be replayed for another round, agent or blob. Comparison is
-constant-time.
-
-A secret file holds one line: the secret in hex (at least 16 bytes).
+constant-time. Secret files (reading and writing) are in :mod:`takfl.secret_files`.
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
 import secrets
-import stat
 from hashlib import sha256
-from pathlib import Path
 from typing import TypeVar
 
-from takfl.files import atomic_write_text
 from takfl.wire.errors import SecretError
 from takfl.wire.messages import SignedMessage
-
-log = logging.getLogger(__name__)
 
 SECRET_BYTES = 32  # generated secrets
 MIN_SECRET_BYTES = 16  # shortest secret accepted from a file
@@ -60,38 +52,3 @@ def verify(message: SignedMessage, secret: bytes) -> bool:
 def message_ref(message: SignedMessage) -> str:
     """Hex SHA-256 naming one exact signed message (its signed fields and signature)."""
     return sha256(message.signing_payload() + message.signature.encode()).hexdigest()
-
-
-def write_secret_file(
-    path: str | Path, secret: bytes | None = None, *, overwrite: bool = False
-) -> bytes:
-    """Write ``secret`` (a new one when None) as hex to ``path`` with mode 0600; returns it."""
-    p = Path(path)
-    secret = secret if secret is not None else generate_secret()
-    if len(secret) < MIN_SECRET_BYTES:
-        raise SecretError(f"secret of {len(secret)} bytes is too short (min {MIN_SECRET_BYTES})")
-    if p.exists() and not overwrite:
-        raise SecretError(f"{p} exists; pass overwrite=True to replace it")
-    atomic_write_text(p, secret.hex() + "\n", mode=0o600)
-    return secret
-
-
-def load_secret_file(path: str | Path) -> bytes:
-    """Read a secret written by :func:`write_secret_file` (``--secret-file``)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="ascii").strip()
-        mode = p.stat().st_mode
-    except (OSError, UnicodeDecodeError) as e:
-        raise SecretError(f"cannot read secret file {p} ({e})") from e
-    try:
-        secret = bytes.fromhex(text)
-    except ValueError as e:
-        raise SecretError(f"{p} does not hold a hex secret; regenerate it") from e
-    if len(secret) < MIN_SECRET_BYTES:
-        raise SecretError(
-            f"{p}: secret of {len(secret)} bytes is too short (min {MIN_SECRET_BYTES})"
-        )
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("secret file %s is readable by other users; chmod 600 it", p)
-    return secret

@@ -18,6 +18,7 @@ from enum import Enum
 
 import torch
 
+from takfl.state import non_finite_entry
 from takfl.wire.chunking import sha256
 from takfl.wire.codec import State, decode_state
 from takfl.wire.errors import CodecError
@@ -228,9 +229,8 @@ def check_layout(
         want = torch.float32 if ref.is_floating_point() else ref.dtype
         if t.dtype != want:
             return refuse(Refusal.SHAPE_MISMATCH, f"{name}: dtype {t.dtype}, expected {want}")
-    for name, t in delta.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return refuse(Refusal.NON_FINITE, f"{name} has NaN or inf values")
+    if (bad := non_finite_entry(delta)) is not None:
+        return refuse(Refusal.NON_FINITE, f"{bad} has NaN or inf values")
     return ACCEPTED
 
 

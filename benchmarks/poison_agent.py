@@ -1,12 +1,14 @@
 """A provisioned agent turned hostile, using only its own secret: it registers honestly,
 trains honestly, then sends its delta scaled up and claims more samples than it has.
 
-    python -m tests.poison_agent --broker URL --id L-001 --secret-file F --federation CFG
+    python -m benchmarks.poison_agent --broker URL --id L-001 --secret-file F --federation CFG
         --shard 1 [--lie ROUND:SCALE:CLAIM ...]
 
 Per task of round r: ``--lie ROUND:SCALE:CLAIM`` (repeatable) sends the delta times
 SCALE with num_samples = CLAIM x its real count (CLAIM 0 sends 0 samples); rounds with
-no lie are answered honestly. Used by the end-to-end poisoning test as a real process.
+no lie are answered honestly. Started as a real process in a local federation by
+:func:`start_poison_agent`, for benchmarks/poison_federation.py and the end-to-end
+poisoning test.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 
+from coordinator.testbed import Federation
 from edge_agent.data import load_demo_shard
 from edge_agent.limits import effective_training
 from edge_agent.link import AgentIdentity, AgentLink
@@ -27,8 +32,22 @@ from takfl.config import load_federation, prototype_profile
 from takfl.models import build_model
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
+from takfl.secret_files import load_secret_file
 from takfl.training import train_local
-from takfl.wire.signing import load_secret_file
+
+
+def start_poison_agent(
+    fed: Federation, agent_id: str, shard: int, lies: Sequence[str]
+) -> subprocess.Popen[bytes]:
+    """A provisioned agent of ``fed`` that lies: each of ``lies`` is ``ROUND:SCALE:CLAIM``
+    (its delta times SCALE, CLAIM x its samples claimed in that round)."""
+    return fed.start_module(
+        agent_id,
+        "benchmarks.poison_agent",
+        *fed.agent_args(agent_id),
+        *("--shard", str(shard)),
+        *[arg for lie in lies for arg in ("--lie", lie)],
+    )
 
 
 def main() -> None:
@@ -56,7 +75,12 @@ def main() -> None:
     if settings.username is None:
         settings = replace(settings, username=args.id, password=mqtt_password(secret))
     identity = AgentIdentity(
-        args.id, proto, secret, profile.name, profile.hardware_class, num_samples=len(x)
+        agent_id=args.id,
+        prototype=proto,
+        secret=secret,
+        profile=profile.name,
+        hardware_class=profile.hardware_class,
+        num_samples=len(x),
     )
     link = AgentLink(settings, cfg.name, identity)
     link.start(timeout=None)  # like takfl-agent run: wait for a broker that is not up yet
