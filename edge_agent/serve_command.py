@@ -64,8 +64,8 @@ def serve(
     from takfl.mqtt.probe import connack_reason
     from takfl.mqtt.url import parse_broker_url, read_password
     from takfl.release.keys import ReleaseKeyError, load_root
+    from takfl.secret_files import load_secret_file
     from takfl.wire.errors import WireError
-    from takfl.wire.signing import load_secret_file
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if listen is not None and socket_path is not None:

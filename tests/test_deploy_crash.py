@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from securesystemslib.signer import CryptoSigner
 
+from coordinator.testbed import ENV
 from takfl.release.keys import generate_release_key, load_root, load_signer
 from takfl.wire.messages import encode_message
 from takfl.wire.signing import generate_secret
-from tests.federation_harness import ENV
 from tests.release_fixtures import (
     build,
     feed,

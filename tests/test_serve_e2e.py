@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from coordinator.broker.net import free_port
+from coordinator.testbed import ENV
 from takfl.mqtt.blobs import BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient
 from takfl.release.keys import KEY_FILE, ROOT_FILE, generate_release_key, load_signer
@@ -33,7 +34,6 @@ from takfl.wire.release import ReleaseReport
 from takfl.wire.signing import generate_secret, verify, write_secret_file
 from takfl.wire.topics import Down, Topics, Up
 from tests.brokers import COORDINATOR_USER, MOSQUITTO, SKIP_NO_MOSQUITTO, running_broker
-from tests.federation_harness import ENV
 from tests.release_fixtures import (
     AGENT,
     FLEET,

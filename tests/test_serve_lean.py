@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.federation_harness import ENV
+from coordinator.testbed import ENV
 from tests.test_agent_lean import loaded_by
 
 SERVING_MODULES = [

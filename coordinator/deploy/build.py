@@ -77,7 +77,7 @@ def release_target(cfg: FederationConfig, prototype: str) -> Target:
 
 
 def _artifact_path(run: Path, target: Target, round_: int) -> Path:
-    from export.common import artifact_filename
+    from export.formats import artifact_filename
 
     name = artifact_filename(target.prototype, round_, target.format, target.quantization)
     return RunStore(run).exports_dir / target.prototype / name

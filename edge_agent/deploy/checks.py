@@ -7,7 +7,7 @@ import errno
 import shutil
 from pathlib import Path, PurePosixPath
 
-from export.common import format_of
+from export.formats import format_of
 from export.runtimes import runtime_status
 from takfl.config.profile import DeviceProfile
 from takfl.release.metadata import Release, ReleaseRefusal, ReleaseRefused
