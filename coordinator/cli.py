@@ -756,8 +756,14 @@ def demo(
     export: bool = typer.Option(False, help="Export the final models (adds a few minutes)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     report: bool = typer.Option(False, help="Write the field-trial report at the end."),
+    release: bool = typer.Option(
+        True,
+        help="At the end, release every tier's model to its agents (staged, signed, health "
+        "checked) and ask each agent's local endpoint for predictions.",
+    ),
 ) -> None:
-    """Embedded broker + coordinator + one agent process per client, a few real rounds."""
+    """Embedded broker + coordinator + one agent process per client, a few real rounds,
+    then a release of the final models to the agents, which serve predictions."""
     from coordinator.demo import DemoSettings, run_demo
     from coordinator.inputs import pick_device
 
@@ -767,7 +773,9 @@ def demo(
     run_demo(
         cfg,
         run_dir,
-        DemoSettings(config, rounds, deadline, export=export),
+        DemoSettings(
+            config_name=config, rounds=rounds, deadline_s=deadline, export=export, release=release
+        ),
         pick_device(device),
         on_round=_round_printer(rows),
         report=lambda m: console.print(m),

@@ -37,9 +37,12 @@ class ReleaseKeyError(ValueError):
     """A release key or root file is missing, unreadable or does not verify."""
 
 
-def make_root(signer: CryptoSigner, *, lifetime: timedelta = ROOT_LIFETIME) -> bytes:
-    """Root metadata (version 1) giving ``signer``'s public key every role, signed by it."""
-    expires = (datetime.now(timezone.utc) + lifetime).replace(microsecond=0)
+def make_root(
+    signer: CryptoSigner, *, lifetime: timedelta = ROOT_LIFETIME, expires: datetime | None = None
+) -> bytes:
+    """Root metadata (version 1) giving ``signer``'s public key every role, signed by it;
+    it expires after ``lifetime`` (or at ``expires``, for reproducible test vectors)."""
+    expires = (expires or datetime.now(timezone.utc) + lifetime).replace(microsecond=0)
     root = Root(expires=expires)
     for role in ROLES:
         root.add_key(signer.public_key, role)

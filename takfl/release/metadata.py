@@ -181,17 +181,19 @@ def build_release(
     model_name: str,
     reference: bytes,
     expires: datetime | None = None,
+    now: datetime | None = None,
 ) -> Metadata[Targets]:
     """Unsigned release metadata for ``model`` (the artifact's bytes, published as
     ``<prototype>/<model_name>``) and ``reference`` (see :mod:`takfl.release.reference`).
 
     Raises:
-        ValueError: ``version`` below 1 or an expiry in the past.
+        ValueError: ``version`` below 1 or an expiry before ``now`` (default: the clock).
     """
     if version < 1:
         raise ValueError(f"release versions start at 1, got {version}")
-    expires = (expires or _utc_now() + DEFAULT_LIFETIME).replace(microsecond=0)
-    if expires <= _utc_now():
+    now = now or _utc_now()
+    expires = (expires or now + DEFAULT_LIFETIME).replace(microsecond=0)
+    if expires <= now:
         raise ValueError(f"expiry {expires.isoformat()} is in the past")
     base = spec.prototype
     targets = {
