@@ -73,10 +73,9 @@ from takfl.lambdas import heuristic_candidates
 from takfl.models import build_model
 from takfl.robust import make_aggregator
 from takfl.server import EvalData, PrototypeInput, distill_settings, server_step
+from takfl.state import State
 from takfl.task_arithmetic import merge, simplex_candidates, task_vector
 from takfl.training import predict_logits, train_local
-
-State = dict[str, torch.Tensor]
 
 
 def client_models(cfg, data, models):  # type: ignore[no-untyped-def]

@@ -23,10 +23,10 @@ from takfl.config.base import ModelSpec
 from takfl.models import build_model
 from takfl.robust import Aggregator, LogitsAccumulator, StateAccumulator, make_aggregator
 from takfl.server import EvalData, PrototypeInput, server_step
+from takfl.state import State
 from takfl.training import accuracy, predict_logits
 
 log = logging.getLogger(__name__)
-State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

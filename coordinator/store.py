@@ -40,6 +40,7 @@ from coordinator.transport.base import ClientUpdate
 from takfl.checkpoint import CheckpointMeta, save_checkpoint
 from takfl.config import FederationConfig
 from takfl.files import atomic_write_bytes
+from takfl.state import State
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,12 @@ class RunStore:
         return self.root / CONFIG_FILE
 
     # -- models -------------------------------------------------------------
-    def save_global(self, meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> str:
+    def save_global(self, meta: CheckpointMeta, state: State) -> str:
         """Write the prototype's checkpoint of ``meta.round``; returns its SHA-256 (hex),
         to be recorded in the run state."""
         return save_checkpoint(self.model_path(meta.prototype, meta.round), state, meta)
 
-    def load_global(
-        self, prototype: str, round_id: int, sha256: str | None = None
-    ) -> dict[str, torch.Tensor]:
+    def load_global(self, prototype: str, round_id: int, sha256: str | None = None) -> State:
         """The checkpoint, checked: its SHA-256 equal to ``sha256`` (the digest the run
         state recorded; None for runs from before digests were kept), readable, every
         floating value finite. Anything else is a :class:`RunStoreError` naming the file."""

@@ -30,13 +30,12 @@ from takfl.distill import (
     vmap_unsupported,
 )
 from takfl.lambdas import LambdaContext
+from takfl.state import State
 from takfl.task_arithmetic import MergeScorer, best_on_validation, merge, task_vector
 from takfl.training import accuracy, predict_logits
 
 if TYPE_CHECKING:
     from takfl.algorithms import Algorithm
-
-State = dict[str, torch.Tensor]
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,12 @@ from torch import nn
 
 from takfl.config.profile import TrainingSpec
 from takfl.optim import LocalOptimizer
+from takfl.state import State
 
 
 @dataclass
 class LocalResult:
-    state: dict[str, torch.Tensor]  # trained weights, every state-dict entry, on CPU
+    state: State  # trained weights, every state-dict entry, on CPU
     num_samples: int
     mean_loss: float
     steps: int

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from coordinator.transport.base import Task
 from takfl.config.profile import CommsSpec
-from takfl.wire.codec import State
+from takfl.state import State
 from takfl.wire.messages import (
     Ack,
     BlobRef,

@@ -12,6 +12,7 @@ from torch import nn
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
+from takfl.state import State
 from takfl.training import LocalResult, train_local
 from takfl.vectorised_training import (
     ClientData,
@@ -32,9 +33,7 @@ class VirtualClient:
     training: TrainingSpec
 
 
-def codec_roundtrip(
-    trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], compression: str
-) -> dict[str, torch.Tensor]:
+def codec_roundtrip(trained: State, base: State, compression: str) -> State:
     """What the coordinator reconstructs from a delta sent with ``compression``."""
     from takfl.wire.codec import apply_delta, decode_state, encode_state, make_delta
 

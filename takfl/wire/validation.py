@@ -18,8 +18,9 @@ from enum import Enum
 
 import torch
 
+from takfl.state import State
 from takfl.wire.chunking import sha256
-from takfl.wire.codec import State, decode_state
+from takfl.wire.codec import decode_state
 from takfl.wire.errors import CodecError
 from takfl.wire.messages import Registration, UpdateHeader
 from takfl.wire.signing import verify
