@@ -47,6 +47,7 @@ from takfl.config.profile import TrainingSpec
 from takfl.data import load_digits
 from takfl.federation_data import build_federation_data
 from takfl.models import build_model, count_parameters, get_entry, model_names
+from takfl.run_layout import CONFIG_FILE
 from takfl.training import train_local
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export.json"
@@ -98,7 +99,7 @@ def trained_models(
 
 
 def run_models(run: Path) -> tuple[dict[str, tuple[torch.nn.Module, CheckpointMeta]], str]:
-    cfg = load_federation(run / "config.yaml")
+    cfg = load_federation(run / CONFIG_FILE)
     out = {}
     for proto in cfg.prototypes:
         path = latest_checkpoint(run, proto.name)
@@ -295,7 +296,7 @@ def main() -> None:
     args = ap.parse_args()
     console = Console(width=max(Console().width, 160))
 
-    cfg = load_federation(args.run / "config.yaml" if args.run else "digits")
+    cfg = load_federation(args.run / CONFIG_FILE if args.run else "digits")
     models, source = run_models(args.run) if args.run else trained_models(cfg, args.epochs)
     console.print(f"models: {source}")
     data: EvalData = eval_data(cfg)

@@ -43,6 +43,7 @@ from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
+from takfl.run_layout import exports_dir
 from takfl.wire import validation
 
 log = logging.getLogger(__name__)
@@ -370,4 +371,4 @@ def export_run_dir(run_dir: Path, report: Callable[[str], None]) -> None:
         return
     report("exporting every prototype's final model (ONNX / TFLite)...")
     export_run(run_dir)
-    report(f"exports written under {run_dir / 'exports'}")
+    report(f"exports written under {exports_dir(run_dir)}")

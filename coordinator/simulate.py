@@ -18,10 +18,7 @@ from coordinator.transport.inprocess import InProcessTransport, VirtualClient
 from takfl.algorithms import Algorithm
 from takfl.config import FederationConfig, prototype_profile, prototype_training
 from takfl.federation_data import build_federation_data
-
-METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
-PLOT_FILE = "accuracy.png"
+from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
 
 
 @dataclass(kw_only=True)

@@ -24,6 +24,7 @@ from coordinator.simulate import SimulationSpec, run_simulation
 from takfl.algorithms import resolve_algorithm
 from takfl.config import FederationConfig, load_federation
 from takfl.federation_data import client_id
+from takfl.run_layout import METRICS_FILE, RunLayoutError, read_run_state
 
 MOSQUITTO_MISSING = find_mosquitto() is None
 # One thread per process keeps runs reproducible and lets 2-core machines cope.
@@ -62,13 +63,13 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float
 
 def read_state(run_dir: Path) -> dict:  # type: ignore[type-arg]
     try:
-        return json.loads((run_dir / "state.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return dict(read_run_state(run_dir))
+    except (OSError, RunLayoutError):
         return {}
 
 
 def metrics(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from takfl.config import load_federation
+from takfl.run_layout import METRICS_FILE
 
 
 def small_digits_config(tmp_path: Path, **algorithm: object) -> Path:
@@ -52,7 +53,7 @@ def test_simulate_writes_metrics_results_and_plot(tmp_path: Path) -> None:
     )
     assert "final test accuracy" in output
 
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
     assert len(lines) == 2 * 2 * 3  # algorithms x rounds x prototypes
     takfl = [r for r in lines if r["algorithm"] == "takfl"]
     for rec in takfl:
@@ -97,7 +98,7 @@ def test_same_seed_gives_same_partition_and_numbers(tmp_path: Path) -> None:
         runs.append(
             [
                 (r["prototype"], r["test_accuracy"], r["lambdas"])
-                for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                for r in map(json.loads, (out / METRICS_FILE).read_text().splitlines())
             ]
         )
     assert runs[0] == runs[1]
@@ -139,7 +140,7 @@ def test_every_lambda_strategy_runs(tmp_path: Path, strategy: str) -> None:
     run_cli(
         ["simulate", "--config", str(config), "--rounds", "1", "--out", str(out), "--device", "cpu"]
     )
-    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rec = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
     if strategy == "fixed":
         lam = {r["prototype"]: r["lambdas"] for r in rec}
         assert lam["L"] == pytest.approx({"S": 0.0, "M": 0.0, "L": 1.0})

@@ -21,6 +21,7 @@ from takfl.config import load_federation, load_profile
 from takfl.config.base import ModelSpec
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
+from takfl.run_layout import METRICS_FILE
 from takfl.training import make_optimizer, train_local
 from takfl.vectorised_training import (
     ClientData,
@@ -289,7 +290,7 @@ def test_simulation_gives_the_same_metrics_both_ways(tmp_path: Path) -> None:
         spec = SimulationSpec(algorithms=algs, rounds=2, vectorise=vectorise)
         out = tmp_path / f"vec-{vectorise}"
         run_simulation(cfg, spec, out, torch.device("cpu"))
-        runs[vectorise] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[vectorise] = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
     assert len(runs[True]) == len(runs[False]) == 2 * 2 * 3
     for a, b in zip(runs[False], runs[True], strict=True):
         assert (a["algorithm"], a["round"], a["prototype"]) == (
