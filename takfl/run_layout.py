@@ -28,10 +28,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, NotRequired
+from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
-from typing_extensions import TypedDict  # pydantic reads TypedDicts from here on 3.11
+from typing_extensions import NotRequired, TypedDict  # pydantic needs these before 3.12
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"

@@ -45,21 +45,12 @@ def task_message(
 ) -> TaskMessage:
     """The signed wire form of ``task``, whose global model is the blob ``ref``;
     ``program``: the training program offered with it, if any."""
-    t = task.training
     msg = TaskMessage(
         round_id=task.round_id,
         agent_id=task.client_id,
         prototype=task.prototype,
         model=ModelRef(builder=task.model.builder, args=dict(task.model.args)),
-        training=None
-        if t is None
-        else TrainingRef(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            optimizer=t.optimizer,
-            learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay,
-        ),
+        training=None if task.training is None else TrainingRef(**task.training.dictated()),
         num_classes=num_classes,
         input_shape=input_shape,
         seed=task.seed,

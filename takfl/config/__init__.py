@@ -21,7 +21,8 @@ from takfl.config.loader import (
     prototype_profile,
     prototype_training,
 )
-from takfl.config.profile import DeviceProfile
+from takfl.config.profile import DeviceProfile, TrainingSpec
+from takfl.config.training import LocalTraining, TrainingOverride
 
 __all__ = [
     "ALGORITHMS",
@@ -32,9 +33,12 @@ __all__ = [
     "DistillSpec",
     "FederationConfig",
     "LambdaSpec",
+    "LocalTraining",
     "ModelSpec",
     "Problem",
     "PrototypeSpec",
+    "TrainingOverride",
+    "TrainingSpec",
     "bundled_names",
     "load_federation",
     "load_profile",

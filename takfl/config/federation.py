@@ -8,6 +8,7 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from takfl.config.base import ModelSpec, Strict
+from takfl.config.training import TrainingOverride
 
 # Names of the registered units (takfl.algorithms, takfl.lambdas); a test keeps them equal.
 Algorithm = Literal["takfl", "takfl-reg", "takfl-scaled", "feddf", "fedet", "fedavg"]
@@ -33,17 +34,6 @@ class PartitionSpec(Strict):
     alpha: float = Field(0.3, gt=0)  # Dirichlet concentration across a prototype's clients
     min_per_client: int = Field(2, ge=1)
     seed: int = 0
-
-
-class TrainingOverride(Strict):
-    """Local-training settings the coordinator dictates for a prototype; the device
-    profile keeps its own limits (threads, memory, time budget)."""
-
-    epochs: int | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, gt=0)
-    optimizer: Literal["adam", "sgd"] | None = None
-    learning_rate: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
 
 
 class PrototypeSpec(Strict):
