@@ -19,10 +19,12 @@ import torch
 
 from coordinator.broker.embedded import EmbeddedBroker
 from coordinator.engine import RoundResult
-from coordinator.registry import provision_agents
+from coordinator.registry import provision_agents, secret_path
 from coordinator.serve import COORDINATOR_USER, ServeSettings, embedded_access, serve
 from takfl.config import FederationConfig
 from takfl.federation_data import client_id
+
+AGENT_LOGS = "agents"  # RUN/agents/<agent id>.log: each demo agent's output
 
 
 @dataclass
@@ -63,14 +65,14 @@ def start_agents(
     cfg: FederationConfig, cfg_ref: str, run_dir: Path, port: int, threads: int
 ) -> list[subprocess.Popen[bytes]]:
     """One process per configured client; logs in RUN/agents/<id>.log."""
-    logs = run_dir / "agents"
+    logs = run_dir / AGENT_LOGS
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for p in cfg.prototypes:
         for k in range(p.clients):
             aid = client_id(p.name, k)
             cmd = agent_command(
-                cfg_ref, p.profile, port, aid, run_dir / "secrets" / f"{aid}.secret", k, threads
+                cfg_ref, p.profile, port, aid, secret_path(run_dir, aid), k, threads
             )
             with (logs / f"{aid}.log").open("wb") as log:
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
@@ -112,7 +114,7 @@ def run_demo(
         procs = start_agents(cfg, demo.config_name, run_dir, broker.port, demo.agent_threads)
         report(
             f"embedded broker on 127.0.0.1:{broker.port}; started {len(procs)} agent "
-            f"processes (logs in {run_dir / 'agents'})"
+            f"processes (logs in {run_dir / AGENT_LOGS})"
         )
         settings = ServeSettings(
             broker=f"mqtt://{COORDINATOR_USER}@127.0.0.1:{broker.port}",

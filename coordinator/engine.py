@@ -22,7 +22,7 @@ from takfl.config import FederationConfig, prototype_training
 from takfl.config.base import ModelSpec
 from takfl.models import build_model
 from takfl.robust import Aggregator, LogitsAccumulator, StateAccumulator, make_aggregator
-from takfl.server import EvalData, PrototypeInput, server_step
+from takfl.server import PrototypeInput, StepData, server_step
 from takfl.state import State
 from takfl.training import accuracy, predict_logits
 
@@ -300,7 +300,7 @@ class RoundEngine:
         d = self.data
         outputs, step_times = server_step(
             protos,
-            EvalData(d.public_x, d.val_x, d.val_y),
+            StepData(d.public_x, d.val_x, d.val_y),
             self.algorithm,
             seed=self.seed * 10_000 + round_id,
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.registry import AgentRecord, AllowanceBook, load_registry, save_registry
+from coordinator.registry import AllowanceBook, RegistryEntry, load_registry, save_registry
 from coordinator.transport.base import Task
 from takfl.config.base import ModelSpec
 from takfl.wire.messages import encode_message
@@ -25,8 +25,8 @@ torch.set_num_threads(1)
 def test_allowance_book_pins_once_and_persists(tmp_path: Path) -> None:
     path = tmp_path / "agents.json"
     records = [
-        AgentRecord("a1", "S", "phone", "00" * 32),
-        AgentRecord("a2", "S", "phone", "11" * 32, 7),
+        RegistryEntry("a1", "S", "phone", "00" * 32),
+        RegistryEntry("a2", "S", "phone", "11" * 32, 7),
     ]
     save_registry(path, records)
     book = AllowanceBook(path, load_registry(path))

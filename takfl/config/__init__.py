@@ -2,8 +2,6 @@
 
 from takfl.config.base import ModelSpec
 from takfl.config.federation import (
-    ALGORITHMS,
-    LAMBDA_STRATEGIES,
     AlgorithmSpec,
     DistillSpec,
     FederationConfig,
@@ -23,6 +21,7 @@ from takfl.config.loader import (
 )
 from takfl.config.profile import DeviceProfile, TrainingSpec
 from takfl.config.training import LocalTraining, TrainingOverride
+from takfl.method_names import ALGORITHMS, LAMBDA_STRATEGIES
 
 __all__ = [
     "ALGORITHMS",
