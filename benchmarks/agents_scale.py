@@ -229,7 +229,10 @@ def worker_main(spec_path: Path) -> int:
     for a in spec["agents"]:
         secret = bytes.fromhex(a["secret_hex"])
         settings = MqttSettings(
-            spec["host"], spec["port"], username=a["agent_id"], password=mqtt_password(secret)
+            host=spec["host"],
+            port=spec["port"],
+            username=a["agent_id"],
+            password=mqtt_password(secret),
         )
         identity = AgentIdentity(
             a["agent_id"],
@@ -291,7 +294,10 @@ def coordinator_main(spec_path: Path) -> int:
     registry = wire_registry(load_registry(Path(spec["agents_file"])))
     data = build_federation_data(cfg, spec["seed"])
     settings = MqttSettings(
-        spec["host"], spec["port"], username=COORDINATOR_USER, password=spec["coordinator_password"]
+        host=spec["host"],
+        port=spec["port"],
+        username=COORDINATOR_USER,
+        password=spec["coordinator_password"],
     )
     ids = sorted(registry)
     timeout = spec["register_timeout_s"]

@@ -80,15 +80,15 @@ def trained_models(
         model = build_model(spec.builder, fed.num_classes, fed.input_shape, **spec.args)
         train_local(model, x, y, TrainingSpec(epochs=epochs, batch_size=32), seed=i)
         meta = CheckpointMeta(
-            proto.name,
-            0,
-            spec.builder,
-            fed.num_classes,
-            fed.input_shape,
-            dict(spec.args),
-            fed.pool.class_names,
-            fed.pool.mean,
-            fed.pool.std,
+            prototype=proto.name,
+            round=0,
+            builder=spec.builder,
+            num_classes=fed.num_classes,
+            input_shape=fed.input_shape,
+            builder_args=dict(spec.args),
+            class_names=fed.pool.class_names,
+            mean=fed.pool.mean,
+            std=fed.pool.std,
         )
         out[proto.name] = (model.eval(), meta)
     source = (

@@ -623,7 +623,7 @@ def demo(
     run_demo(
         cfg,
         run_dir,
-        DemoSettings(config, rounds, deadline, export=export),
+        DemoSettings(config_name=config, rounds=rounds, deadline_s=deadline, export=export),
         pick_device(device),
         on_round=_round_printer(rows),
         report=lambda m: console.print(m),

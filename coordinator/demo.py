@@ -27,7 +27,7 @@ from takfl.federation_data import client_id
 AGENT_LOGS = "agents"  # RUN/agents/<agent id>.log: each demo agent's output
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DemoSettings:
     config_name: str  # bundled name or path, handed to the agents too
     rounds: int = 3

@@ -36,7 +36,7 @@ class RoundPolicy:
     max_wait_s: float = 600.0  # past the deadline, wait at most this long for a quorum
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerData:
     """Tensors on the compute device."""
 
@@ -49,7 +49,7 @@ class ServerData:
     input_shape: tuple[int, int, int]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoundResult:
     round_id: int
     accuracy: dict[str, float]  # prototype -> test accuracy, percent
@@ -153,14 +153,14 @@ class RoundEngine:
                 )
                 out.append(
                     Task(
-                        round_id,
-                        proto,
-                        cid,
-                        self.models[proto],
-                        self.globals[proto],
-                        deadline,
-                        seed,
-                        self.trainings[proto],
+                        round_id=round_id,
+                        prototype=proto,
+                        client_id=cid,
+                        model=self.models[proto],
+                        global_state=self.globals[proto],
+                        deadline=deadline,
+                        seed=seed,
+                        training=self.trainings[proto],
                     )
                 )
         return out
@@ -325,15 +325,15 @@ class RoundEngine:
             self.transport.publish_global(round_id, name, self.globals[name])
         timings["eval_s"] = time.perf_counter() - t1
         return RoundResult(
-            round_id,
-            acc,
-            {n: o.lambdas for n, o in outputs.items()},
-            {p: len(got[p]) for p in plan},
-            {p: len(ids) for p, ids in plan.items()},
-            timings,
-            {
+            round_id=round_id,
+            accuracy=acc,
+            lambdas={n: o.lambdas for n, o in outputs.items()},
+            received={p: len(got[p]) for p in plan},
+            sampled={p: len(ids) for p, ids in plan.items()},
+            timings=timings,
+            info={
                 n: o.info | ({"global_val_accuracy": val_acc[n]} if n in val_acc else {})
                 for n, o in outputs.items()
             },
-            kept,
+            kept_previous=kept,
         )

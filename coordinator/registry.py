@@ -31,7 +31,7 @@ class RegistryError(ValueError):
 MAX_CLIENTS = 100_000  # agents one provisioning run writes secrets for
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RegistryEntry:
     agent_id: str
     prototype: str
@@ -114,6 +114,14 @@ def provision_agents(
             aid = client_id(p.name, k)
             path = secret_path(out_dir, aid)
             secret = write_secret_file(path, generate_secret(), overwrite=True)
-            records.append(RegistryEntry(aid, p.name, p.profile, secret.hex(), max_samples))
+            records.append(
+                RegistryEntry(
+                    agent_id=aid,
+                    prototype=p.name,
+                    profile=p.profile,
+                    secret_hex=secret.hex(),
+                    max_samples=max_samples,
+                )
+            )
     save_registry(out_dir / REGISTRY_FILE, records)
     return records

@@ -117,7 +117,9 @@ def broker_for(
 
 def wire_registry(records: dict[str, RegistryEntry]) -> dict[str, validation.AgentRecord]:
     return {
-        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        a: validation.AgentRecord(
+            agent_id=a, prototype=r.prototype, secret=r.secret, max_samples=r.max_samples
+        )
         for a, r in records.items()
     }
 
@@ -339,7 +341,12 @@ def serve(
                 transport,
                 store,
                 device,
-                ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
+                ServeOptions(
+                    rounds=settings.rounds or cfg.rounds,
+                    seed=settings.seed,
+                    resume=settings.resume,
+                    policy=policy,
+                ),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
                 registry=transport.registry,

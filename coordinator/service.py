@@ -32,7 +32,7 @@ from takfl.wire.validation import AgentRecord, UpdateBounds, check_stored_update
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeOptions:
     rounds: int
     seed: int = 0
@@ -49,15 +49,15 @@ def checkpoint_meta(
 ) -> CheckpointMeta:
     spec = models[prototype]
     return CheckpointMeta(
-        prototype,
-        round_id,
-        spec.builder,
-        data.num_classes,
-        data.input_shape,
-        dict(spec.args),
-        list(data.pool.class_names),
-        list(data.pool.mean),
-        list(data.pool.std),
+        prototype=prototype,
+        round=round_id,
+        builder=spec.builder,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        builder_args=dict(spec.args),
+        class_names=list(data.pool.class_names),
+        mean=list(data.pool.mean),
+        std=list(data.pool.std),
     )
 
 

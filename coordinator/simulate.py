@@ -101,7 +101,7 @@ def run_simulation(
         for algo in spec.algorithms:
             alg = algo.name
             clients = [
-                VirtualClient(cid, proto, x, y, trainings[proto])
+                VirtualClient(client_id=cid, prototype=proto, x=x, y=y, training=trainings[proto])
                 for cid, (proto, x, y) in data.clients.items()
             ]
             transport = InProcessTransport(

@@ -204,12 +204,12 @@ class RunStore:
                 with safe_open(str(path), framework="pt") as f:
                     meta = f.metadata() or {}
                 upd = ClientUpdate(
-                    int(meta["round"]),
-                    meta["prototype"],
-                    meta["client_id"],
-                    int(meta["num_samples"]),
-                    load_file(str(path)),
-                    json.loads(meta.get("metrics", "{}")),
+                    round_id=int(meta["round"]),
+                    prototype=meta["prototype"],
+                    client_id=meta["client_id"],
+                    num_samples=int(meta["num_samples"]),
+                    state=load_file(str(path)),
+                    metrics=json.loads(meta.get("metrics", "{}")),
                 )
             except (SafetensorError, OSError, KeyError, ValueError) as e:
                 log.warning("skipping persisted update %s: unreadable (%s)", path, e)

@@ -34,7 +34,7 @@ def parse_client_id(cid: str) -> tuple[str, int]:
     return proto, int(idx)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FederationData:
     """Tensors on CPU. ``clients[cid] = (prototype, x, y)``."""
 
@@ -102,4 +102,13 @@ def build_federation_data(
         for k, idx in enumerate(shards):
             x, y = take(idx)
             clients[client_id(proto, k)] = (proto, x, y)
-    return FederationData(pool, part, public_x, val_x, val_y, test_x, test_y, clients)
+    return FederationData(
+        pool=pool,
+        partition=part,
+        public_x=public_x,
+        val_x=val_x,
+        val_y=val_y,
+        test_x=test_x,
+        test_y=test_y,
+        clients=clients,
+    )

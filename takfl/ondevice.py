@@ -136,7 +136,12 @@ def train_program(
     trained = program_parameters_now(module)
     state = {k: trained[k].clone() if k in trained else v.clone() for k, v in global_state.items()}
     return LocalResult(
-        state, len(x), total / max(steps, 1), steps, time.monotonic() - start, stopped
+        state=state,
+        num_samples=len(x),
+        mean_loss=total / max(steps, 1),
+        steps=steps,
+        seconds=time.monotonic() - start,
+        stopped_early=stopped,
     )
 
 

@@ -256,12 +256,12 @@ def train_clients(
     keys = {k: by_id.get(id(v), k) for k, v in model.state_dict(keep_vars=True).items()}
     return [
         LocalResult(
-            {k: stacked[src][c].detach().to("cpu").clone() for k, src in keys.items()},
-            len(clients[c].x),
-            losses[c] / max(steps[c], 1),
-            steps[c],
-            seconds,
-            stopped[c],
+            state={k: stacked[src][c].detach().to("cpu").clone() for k, src in keys.items()},
+            num_samples=len(clients[c].x),
+            mean_loss=losses[c] / max(steps[c], 1),
+            steps=steps[c],
+            seconds=seconds,
+            stopped_early=stopped[c],
         )
         for c in everyone
     ]

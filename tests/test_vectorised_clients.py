@@ -211,15 +211,24 @@ def _transport_updates(
 
     monkeypatch.setattr(inprocess, "train_local", counting)
     data = make_clients([21, 16, 5])
-    clients = [VirtualClient(f"c{i}", "M", c.x, c.y, spec) for i, c in enumerate(data)] + [
-        VirtualClient("s0", "S", data[0].x, data[0].y, spec)
-    ]
+    clients = [
+        VirtualClient(client_id=f"c{i}", prototype="M", x=c.x, y=c.y, training=spec)
+        for i, c in enumerate(data)
+    ] + [VirtualClient(client_id="s0", prototype="S", x=data[0].x, y=data[0].y, training=spec)]
     transport = InProcessTransport(clients, num_classes=10, input_shape=SHAPE, vectorise=vectorise)
     torch.manual_seed(4)
     specs = {"M": ModelSpec(builder="cnn_digits_small"), "S": ModelSpec(builder="mlp_digits")}
     globals_ = {p: build_model(m.builder, 10, SHAPE).state_dict() for p, m in specs.items()}
     tasks = [
-        Task(1, c.prototype, c.client_id, specs[c.prototype], globals_[c.prototype], 0.0, 11 * i)
+        Task(
+            round_id=1,
+            prototype=c.prototype,
+            client_id=c.client_id,
+            model=specs[c.prototype],
+            global_state=globals_[c.prototype],
+            deadline=0.0,
+            seed=11 * i,
+        )
         for i, c in enumerate(clients)
     ]
     transport.send_tasks(tasks)

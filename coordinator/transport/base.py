@@ -15,7 +15,7 @@ from takfl.config.profile import TrainingSpec
 from takfl.state import State
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Task:
     """One client's work for one round."""
 
@@ -29,7 +29,7 @@ class Task:
     training: TrainingSpec | None = None  # epochs/batch/lr dictated for this prototype
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClientUpdate:
     """A client's validated answer to a task: full trained weights (the transport
     reconstructs them from a delta when it carried one)."""

@@ -25,7 +25,7 @@ from takfl.wire.signing import sign
 from takfl.wire.validation import AgentRecord
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Assignment:
     message: TaskMessage
     reference: State  # the global state the agent's delta is relative to (CPU)
@@ -104,7 +104,9 @@ class TaskDispatch:
             for t, msg in pairs:
                 if t.round_id == self.round:
                     ref = {k: v.detach().to("cpu") for k, v in t.global_state.items()}
-                    self._assignments[t.client_id] = Assignment(msg, ref, self.clock())
+                    self._assignments[t.client_id] = Assignment(
+                        message=msg, reference=ref, sent_at=self.clock()
+                    )
         return started
 
     def current(self) -> tuple[int, dict[str, Assignment]]:

@@ -24,7 +24,7 @@ from takfl.vectorised_training import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VirtualClient:
     client_id: str
     prototype: str
@@ -153,10 +153,10 @@ class InProcessTransport(Transport):
         if mode is not None:
             state = codec_roundtrip(state, task.global_state, mode)
         return ClientUpdate(
-            task.round_id,
-            task.prototype,
-            task.client_id,
-            result.num_samples,
-            state,
-            {"train_loss": result.mean_loss, "train_s": result.seconds},
+            round_id=task.round_id,
+            prototype=task.prototype,
+            client_id=task.client_id,
+            num_samples=result.num_samples,
+            state=state,
+            metrics={"train_loss": result.mean_loss, "train_s": result.seconds},
         )

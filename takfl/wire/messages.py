@@ -277,7 +277,7 @@ _CHUNK_HEADER = struct.Struct(">3sB32sII")
 CHUNK_HEADER_BYTES = _CHUNK_HEADER.size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Chunk:
     """Piece ``index`` of ``count`` of the blob whose SHA-256 is ``digest``."""
 
@@ -321,4 +321,4 @@ def decode_chunk(data: bytes, *, max_payload: int | None = None) -> Chunk:
     payload = bytes(data[CHUNK_HEADER_BYTES:])
     if max_payload is not None and len(payload) > max_payload:
         raise MalformedChunk(f"payload of {len(payload)} bytes exceeds the {max_payload} cap")
-    return Chunk(digest, index, count, payload)
+    return Chunk(digest=digest, index=index, count=count, payload=payload)
