@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from takfl.config import load_federation
-from takfl.run_layout import METRICS_FILE
+from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
 
 
 def small_digits_config(tmp_path: Path, **algorithm: object) -> Path:
@@ -65,14 +65,14 @@ def test_simulate_writes_metrics_results_and_plot(tmp_path: Path) -> None:
     # every global model's validation accuracy is recorded, for choosing settings on it
     assert all(0.0 <= r["info"]["global_val_accuracy"] <= 100.0 for r in lines)
 
-    results = json.loads((out / "results.json").read_text())["results"]
+    results = json.loads((out / RESULTS_FILE).read_text())["results"]
     assert set(results) == {"takfl", "fedavg"}
     for by_proto in results.values():
         assert set(by_proto) == {"S", "M", "L"}
         for cell in by_proto.values():
             assert len(cell["per_seed"]) == 1
             assert cell["mean"] == pytest.approx(cell["per_seed"][0])
-    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_same_seed_gives_same_partition_and_numbers(tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_baselines_run_through_the_same_engine(tmp_path: Path, algorithm: str) -
             "cpu",
         ]
     )
-    results = json.loads((out / "results.json").read_text())["results"]
+    results = json.loads((out / RESULTS_FILE).read_text())["results"]
     assert set(results[algorithm]) == {"S", "M", "L"}
 
 
@@ -187,7 +187,7 @@ def test_console_script_runs_a_real_process(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert (out / "results.json").exists()
+    assert (out / RESULTS_FILE).exists()
 
 
 def test_partition_command_prints_every_client() -> None:
