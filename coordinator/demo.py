@@ -22,8 +22,10 @@ from coordinator.serve import COORDINATOR_USER, ServeSettings, embedded_access, 
 from coordinator.testbed import agent_command, fleet_agents, loopback_url, stop_processes
 from takfl.config import FederationConfig
 
+AGENT_LOGS = "agents"  # RUN/agents/<agent id>.log: each demo agent's output
 
-@dataclass
+
+@dataclass(kw_only=True)
 class DemoSettings:
     config_name: str  # bundled name or path, handed to the agents too
     rounds: int = 3
@@ -36,7 +38,7 @@ def start_agents(
     cfg: FederationConfig, cfg_ref: str, run_dir: Path, port: int, threads: int
 ) -> list[subprocess.Popen[bytes]]:
     """One process per configured client; logs in RUN/agents/<id>.log."""
-    logs = run_dir / "agents"
+    logs = run_dir / AGENT_LOGS
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for aid, profile, shard in fleet_agents(cfg):
@@ -76,7 +78,7 @@ def run_demo(
         procs = start_agents(cfg, demo.config_name, run_dir, broker.port, demo.agent_threads)
         report(
             f"embedded broker on 127.0.0.1:{broker.port}; started {len(procs)} agent "
-            f"processes (logs in {run_dir / 'agents'})"
+            f"processes (logs in {run_dir / AGENT_LOGS})"
         )
         settings = ServeSettings(
             broker=loopback_url(broker.port, COORDINATOR_USER),

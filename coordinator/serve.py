@@ -26,8 +26,8 @@ from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import (
     REGISTRY_FILE,
-    AgentRecord,
     AllowanceBook,
+    RegistryEntry,
     load_registry,
     provision_agents,
 )
@@ -43,6 +43,7 @@ from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
+from takfl.run_layout import exports_dir
 from takfl.wire import validation
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class ServeSettings:
 
 
 def embedded_access(
-    fleet: str, registry: dict[str, AgentRecord], coordinator_password: str
+    fleet: str, registry: dict[str, RegistryEntry], coordinator_password: str
 ) -> BrokerAccess:
     """Logins of the embedded broker: the coordinator, and every provisioned agent with the
     password derived from its secret (what ``takfl-agent run`` uses), under the fleet's ACL."""
@@ -88,7 +89,7 @@ def embedded_access(
 
 @contextmanager
 def broker_for(
-    settings: ServeSettings, fleet: str, registry: dict[str, AgentRecord]
+    settings: ServeSettings, fleet: str, registry: dict[str, RegistryEntry]
 ) -> Iterator[MqttSettings]:
     """Start the embedded broker when asked (its coordinator password lives only in this
     process); otherwise parse the URL."""
@@ -114,9 +115,11 @@ def broker_for(
         )
 
 
-def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
+def wire_registry(records: dict[str, RegistryEntry]) -> dict[str, validation.AgentRecord]:
     return {
-        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        a: validation.AgentRecord(
+            agent_id=a, prototype=r.prototype, secret=r.secret, max_samples=r.max_samples
+        )
         for a, r in records.items()
     }
 
@@ -171,7 +174,7 @@ def provision(
     tls_hosts: list[str] | None = None,
     tls_port: int = 8883,
     mosquitto_host: str = LOOPBACK,
-) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
+) -> tuple[list[RegistryEntry], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
     (password file, per-agent ACL) with a fresh coordinator password, and with
     ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
@@ -338,7 +341,12 @@ def serve(
                 transport,
                 store,
                 device,
-                ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
+                ServeOptions(
+                    rounds=settings.rounds or cfg.rounds,
+                    seed=settings.seed,
+                    resume=settings.resume,
+                    policy=policy,
+                ),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
                 registry=transport.registry,
@@ -370,4 +378,4 @@ def export_run_dir(run_dir: Path, report: Callable[[str], None]) -> None:
         return
     report("exporting every prototype's final model (ONNX / TFLite)...")
     export_run(run_dir)
-    report(f"exports written under {run_dir / 'exports'}")
+    report(f"exports written under {exports_dir(run_dir)}")
