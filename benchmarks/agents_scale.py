@@ -98,7 +98,7 @@ from benchmarks.fleet.results import (  # noqa: E402
 )
 from coordinator.broker import BrokerStartError, MosquittoProcess, find_mosquitto, free_port  # noqa: E402
 from coordinator.broker.mosquitto import MosquittoFiles  # noqa: E402
-from coordinator.registry import REGISTRY_FILE, AgentRecord  # noqa: E402
+from coordinator.registry import REGISTRY_FILE, RegistryEntry  # noqa: E402
 from coordinator.serve import provision  # noqa: E402
 from takfl.config import ConfigError, load_federation, load_profile  # noqa: E402
 from takfl.data import PartitionError  # noqa: E402
@@ -155,7 +155,7 @@ def federation_config(n: int, rounds: int, width: int = 8) -> dict[str, Any]:
     }
 
 
-def agent_specs(records: list[AgentRecord], data: FederationData) -> list[dict[str, Any]]:
+def agent_specs(records: list[RegistryEntry], data: FederationData) -> list[dict[str, Any]]:
     """What a worker needs to serve each provisioned agent (its secret, its shard size)."""
     shard = {cid: len(x) for cid, (_, x, _) in data.clients.items()}
     hardware = load_profile(PROFILE).hardware_class

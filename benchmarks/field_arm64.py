@@ -251,7 +251,7 @@ def completed_run(
         raise RuntimeError(
             f"the federation stopped at round {state.get('round')} of {rounds}{lacking}: see {logs}"
         )
-    return state, per_agent
+    return dict(state), per_agent
 
 
 def agent_figures(run_dir: Path, agents: list[Agent]) -> list[dict[str, Any]]:

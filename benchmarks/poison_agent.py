@@ -25,9 +25,7 @@ import torch
 
 from coordinator.testbed import Federation
 from edge_agent.data import load_demo_shard
-from edge_agent.limits import effective_training
 from edge_agent.link import AgentIdentity, AgentLink
-from edge_agent.runner import dictated_training
 from takfl.config import load_federation, prototype_profile
 from takfl.models import build_model
 from takfl.mqtt.credentials import mqtt_password
@@ -94,7 +92,7 @@ def main() -> None:
                 msg.model.builder, msg.num_classes, msg.input_shape, **msg.model.args
             )
             model.load_state_dict(task.global_state)
-            spec = effective_training(profile.training, dictated_training(task))
+            spec = profile.training.with_dictated(msg.training)
             result = train_local(model, x, y, spec, seed=msg.seed)
             scale, claim = lies.get(msg.round_id, (1.0, 1.0))
             base = task.global_state

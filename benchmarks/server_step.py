@@ -73,11 +73,11 @@ from takfl.federation_data import FederationData, build_federation_data
 from takfl.lambdas import heuristic_candidates
 from takfl.models import build_model
 from takfl.robust import make_aggregator
-from takfl.server import EvalData, PrototypeInput, distill_settings, server_step
+from takfl.server import PrototypeInput, StepData, distill_settings, server_step
+from takfl.state import State
 from takfl.task_arithmetic import merge, simplex_candidates, task_vector
 from takfl.training import predict_logits, train_local
 
-State = dict[str, torch.Tensor]
 Models = dict[str, ModelSpec]
 Clients = dict[str, list[tuple[State, int]]]  # prototype -> (client state, samples)
 
@@ -374,7 +374,7 @@ def with_distill(cfg: FederationConfig, **changes: object) -> FederationConfig:
 
 
 def variant_fns(cfg, clients, models, data, device, lambdas: str) -> dict[str, Callable[[], None]]:  # type: ignore[no-untyped-def]
-    ev = EvalData(data.public_x.to(device), data.val_x.to(device), data.val_y.to(device))
+    ev = StepData(data.public_x.to(device), data.val_x.to(device), data.val_y.to(device))
 
     def ours(name: str, batched: bool | str):  # type: ignore[no-untyped-def]
         spec = with_distill(cfg, batched=batched).algorithm

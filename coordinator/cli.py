@@ -22,6 +22,7 @@ from takfl.config import (
     FederationConfig,
     load_federation,
 )
+from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
 
 app = typer.Typer(
     add_completion=False,
@@ -169,8 +170,7 @@ def simulate(
             raise fail(str(e)) from e
     console.print(results_table(results, f"final test accuracy (%), {seeds} seed(s)"))
     console.print(
-        f"metrics: {out / 'metrics.jsonl'}  results: {out / 'results.json'}  "
-        f"plot: {out / 'accuracy.png'}"
+        f"metrics: {out / METRICS_FILE}  results: {out / RESULTS_FILE}  plot: {out / PLOT_FILE}"
     )
 
 
@@ -234,7 +234,7 @@ def reproduce(
         for row in comparison_rows(cfg.name, tiers, results, paper):
             table.add_row(*row)
         console.print(table)
-        console.print(f"results: {out / cfg.name / 'results.json'}")
+        console.print(f"results: {out / cfg.name / RESULTS_FILE}")
 
 
 @app.command("compare-runs")

@@ -38,6 +38,8 @@ from takfl.release.keys import ROOT_FILE, generate_release_key
 DEVICES_DIR = "devices"  # RUN/devices/<agent>/: each demo agent's installed releases
 PREDICTIONS = 4  # test samples each agent is asked about
 
+AGENT_LOGS = "agents"  # RUN/agents/<agent id>.log: each demo agent's output
+
 
 @dataclass(kw_only=True)
 class DemoSettings:
@@ -71,7 +73,7 @@ def start_agents(
 ) -> list[DemoAgent]:
     """One process per configured client, each serving inference on a free loopback port
     when the demo releases; logs in RUN/agents/<id>.log."""
-    logs = run_dir / "agents"
+    logs = run_dir / AGENT_LOGS
     logs.mkdir(parents=True, exist_ok=True)
     agents = []
     for aid, profile, shard in fleet_agents(cfg):
@@ -193,7 +195,7 @@ def run_demo(
         agents = start_agents(cfg, run_dir, broker.port, demo)
         report(
             f"embedded broker on 127.0.0.1:{broker.port}; started {len(agents)} agent "
-            f"processes (logs in {run_dir / 'agents'})"
+            f"processes (logs in {run_dir / AGENT_LOGS})"
         )
         settings = ServeSettings(
             broker=loopback_url(broker.port, COORDINATOR_USER),

@@ -22,12 +22,11 @@ from takfl.config import FederationConfig, prototype_training
 from takfl.config.base import ModelSpec
 from takfl.models import build_model
 from takfl.robust import Aggregator, LogitsAccumulator, StateAccumulator, make_aggregator
-from takfl.server import EvalData, PrototypeInput, server_step
-from takfl.state import non_finite_entry
+from takfl.server import PrototypeInput, StepData, server_step
+from takfl.state import State, non_finite_entry
 from takfl.training import accuracy, predict_logits
 
 log = logging.getLogger(__name__)
-State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class RoundPolicy:
     max_wait_s: float = 600.0  # past the deadline, wait at most this long for a quorum
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerData:
     """Tensors on the compute device."""
 
@@ -50,7 +49,7 @@ class ServerData:
     input_shape: tuple[int, int, int]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoundResult:
     round_id: int
     accuracy: dict[str, float]  # prototype -> test accuracy, percent
@@ -146,14 +145,14 @@ class RoundEngine:
                 )
                 out.append(
                     Task(
-                        round_id,
-                        proto,
-                        cid,
-                        self.models[proto],
-                        self.globals[proto],
-                        deadline,
-                        seed,
-                        self.trainings[proto],
+                        round_id=round_id,
+                        prototype=proto,
+                        client_id=cid,
+                        model=self.models[proto],
+                        global_state=self.globals[proto],
+                        deadline=deadline,
+                        seed=seed,
+                        training=self.trainings[proto],
                     )
                 )
         return out
@@ -293,7 +292,7 @@ class RoundEngine:
         d = self.data
         outputs, step_times = server_step(
             protos,
-            EvalData(d.public_x, d.val_x, d.val_y),
+            StepData(d.public_x, d.val_x, d.val_y),
             self.algorithm,
             seed=self.seed * 10_000 + round_id,
         )
@@ -318,15 +317,15 @@ class RoundEngine:
             self.transport.publish_global(round_id, name, self.globals[name])
         timings["eval_s"] = time.perf_counter() - t1
         return RoundResult(
-            round_id,
-            acc,
-            {n: o.lambdas for n, o in outputs.items()},
-            {p: len(got[p]) for p in plan},
-            {p: len(ids) for p, ids in plan.items()},
-            timings,
-            {
+            round_id=round_id,
+            accuracy=acc,
+            lambdas={n: o.lambdas for n, o in outputs.items()},
+            received={p: len(got[p]) for p in plan},
+            sampled={p: len(ids) for p, ids in plan.items()},
+            timings=timings,
+            info={
                 n: o.info | ({"global_val_accuracy": val_acc[n]} if n in val_acc else {})
                 for n, o in outputs.items()
             },
-            kept,
+            kept_previous=kept,
         )

@@ -22,7 +22,7 @@ from takfl.secret_files import write_secret_file
 from takfl.wire.signing import generate_secret
 
 REGISTRY_FILE = "agents.json"
-SECRETS_DIR = "secrets"  # one <agent id>.secret per provisioned agent
+SECRETS_DIR = "secrets"  # <agent id>.secret for every agent, beside the registry
 
 
 class RegistryError(ValueError):
@@ -32,8 +32,8 @@ class RegistryError(ValueError):
 MAX_CLIENTS = 100_000  # agents one provisioning run writes secrets for
 
 
-@dataclass(frozen=True)
-class AgentRecord:
+@dataclass(frozen=True, kw_only=True)
+class RegistryEntry:
     agent_id: str
     prototype: str
     profile: str
@@ -45,16 +45,21 @@ class AgentRecord:
         return bytes.fromhex(self.secret_hex)
 
 
-def save_registry(path: Path, agents: list[AgentRecord]) -> None:
+def secret_path(out_dir: Path, agent_id: str) -> Path:
+    """Where provisioning into ``out_dir`` writes an agent's secret file."""
+    return out_dir / SECRETS_DIR / f"{agent_id}.secret"
+
+
+def save_registry(path: Path, agents: list[RegistryEntry]) -> None:
     """Atomically write the registry, readable by its owner only (it holds the secrets)."""
     body = json.dumps({"agents": [asdict(a) for a in agents]}, indent=2)
     atomic_write_text(path, body, mode=0o600)
 
 
-def load_registry(path: Path) -> dict[str, AgentRecord]:
+def load_registry(path: Path) -> dict[str, RegistryEntry]:
     try:
         raw = json.loads(path.read_text())
-        agents = [AgentRecord(**a) for a in raw["agents"]]
+        agents = [RegistryEntry(**a) for a in raw["agents"]]
     except FileNotFoundError as e:
         raise RegistryError(f"no agent registry at {path}; run takfl-coordinator provision") from e
     except (KeyError, TypeError, json.JSONDecodeError) as e:
@@ -70,7 +75,7 @@ class AllowanceBook:
     """Writes an agent's sample allowance into the registry file the first time it is
     pinned (by the agent's first accepted registration), so a restart keeps it."""
 
-    def __init__(self, path: Path, records: dict[str, AgentRecord]) -> None:
+    def __init__(self, path: Path, records: dict[str, RegistryEntry]) -> None:
         self.path = path
         self.records = dict(records)
         self._lock = threading.Lock()
@@ -94,14 +99,9 @@ def check_client_count(cfg: FederationConfig) -> None:
         )
 
 
-def secret_path(out_dir: Path, agent_id: str) -> Path:
-    """The secret file :func:`provision_agents` writes for ``agent_id`` under ``out_dir``."""
-    return out_dir / SECRETS_DIR / f"{agent_id}.secret"
-
-
 def provision_agents(
     cfg: FederationConfig, out_dir: Path, *, max_samples: int | None = None
-) -> list[AgentRecord]:
+) -> list[RegistryEntry]:
     """One agent per configured client (ids like ``M-003``), each with its own secret file
     ``secrets/<id>.secret`` to copy onto that device; the registry goes to ``agents.json``.
     ``max_samples`` caps every agent's claimed sample count (None: the first accepted
@@ -115,6 +115,14 @@ def provision_agents(
             aid = client_id(p.name, k)
             path = secret_path(out_dir, aid)
             secret = write_secret_file(path, generate_secret(), overwrite=True)
-            records.append(AgentRecord(aid, p.name, p.profile, secret.hex(), max_samples))
+            records.append(
+                RegistryEntry(
+                    agent_id=aid,
+                    prototype=p.name,
+                    profile=p.profile,
+                    secret_hex=secret.hex(),
+                    max_samples=max_samples,
+                )
+            )
     save_registry(out_dir / REGISTRY_FILE, records)
     return records

@@ -27,8 +27,8 @@ from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import (
     REGISTRY_FILE,
-    AgentRecord,
     AllowanceBook,
+    RegistryEntry,
     load_registry,
     provision_agents,
 )
@@ -45,6 +45,7 @@ from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
 from takfl.release.keys import KEY_FILE, generate_release_key
+from takfl.run_layout import exports_dir
 from takfl.wire import validation
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class ServeSettings:
 
 def embedded_access(
     fleet: str,
-    registry: dict[str, AgentRecord],
+    registry: dict[str, RegistryEntry],
     coordinator_password: str,
     release_password: str | None = None,
 ) -> BrokerAccess:
@@ -95,7 +96,7 @@ def embedded_access(
 
 @contextmanager
 def broker_for(
-    settings: ServeSettings, fleet: str, registry: dict[str, AgentRecord]
+    settings: ServeSettings, fleet: str, registry: dict[str, RegistryEntry]
 ) -> Iterator[MqttSettings]:
     """Start the embedded broker when asked (its coordinator password lives only in this
     process); otherwise parse the URL."""
@@ -121,9 +122,11 @@ def broker_for(
         )
 
 
-def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
+def wire_registry(records: dict[str, RegistryEntry]) -> dict[str, validation.AgentRecord]:
     return {
-        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        a: validation.AgentRecord(
+            agent_id=a, prototype=r.prototype, secret=r.secret, max_samples=r.max_samples
+        )
         for a, r in records.items()
     }
 
@@ -178,7 +181,7 @@ def provision(
     tls_hosts: list[str] | None = None,
     tls_port: int = 8883,
     mosquitto_host: str = LOOPBACK,
-) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
+) -> tuple[list[RegistryEntry], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client, and the fleet's release key
     (``release-key.pem`` + ``root.json`` for the devices; made once, kept when it exists);
     optionally a Mosquitto config (password file, per-agent ACL) with fresh passwords of
@@ -354,7 +357,12 @@ def serve(
                 transport,
                 store,
                 device,
-                ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
+                ServeOptions(
+                    rounds=settings.rounds or cfg.rounds,
+                    seed=settings.seed,
+                    resume=settings.resume,
+                    policy=policy,
+                ),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
                 registry=transport.registry,
@@ -386,4 +394,4 @@ def export_run_dir(run_dir: Path, report: Callable[[str], None]) -> None:
         return
     report("exporting every prototype's final model (ONNX / TFLite)...")
     export_run(run_dir)
-    report(f"exports written under {run_dir / 'exports'}")
+    report(f"exports written under {exports_dir(run_dir)}")

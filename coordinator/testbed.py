@@ -126,7 +126,7 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     """The run's state as the coordinator last committed it; ``{}`` while it has none."""
     store = RunStore(run_dir)
     try:
-        return store.read_state() if store.exists() else {}
+        return dict(store.read_state()) if store.exists() else {}
     except (RunStoreError, OSError):
         return {}
 

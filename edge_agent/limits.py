@@ -39,18 +39,3 @@ def over_memory(spec: TrainingSpec) -> str | None:
         f"peak memory {peak:.0f} MB exceeded the profile's {spec.memory_limit_mb} MB; "
         "lower the batch size or choose a smaller model for this tier"
     )
-
-
-def effective_training(profile: TrainingSpec, dictated: TrainingSpec | None) -> TrainingSpec:
-    """The coordinator decides epochs, batch, optimiser and learning rate; the device
-    keeps its own training backend, threads, memory cap and time budget."""
-    if dictated is None:
-        return profile
-    return dictated.model_copy(
-        update={
-            "backend": profile.backend,
-            "threads": profile.threads,
-            "memory_limit_mb": profile.memory_limit_mb,
-            "time_budget_s": profile.time_budget_s,
-        }
-    )

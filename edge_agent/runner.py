@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
+from edge_agent.limits import apply_limits, over_memory, peak_rss_mb
 from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
 from edge_agent.telemetry import platform_info, task_telemetry
 from edge_agent.watch import LinkWatch
@@ -49,12 +49,6 @@ class AgentStats:
     last_round: int = -1
     seconds_training: float = 0.0
     rounds: list[int] = field(default_factory=list)
-
-
-def dictated_training(task: ReceivedTask) -> TrainingSpec | None:
-    """Local-training settings the coordinator put in the task, if any."""
-    t = task.message.training
-    return None if t is None else TrainingSpec(**t.model_dump())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,7 +229,7 @@ class Agent:
             log.warning("refusing the global model of round %d: %s", msg.round_id, verdict)
             return
         model.load_state_dict(task.global_state)
-        spec = effective_training(self.profile.training, dictated_training(task))
+        spec = self.profile.training.with_dictated(msg.training)  # the coordinator's say
         try:
             result = self.trainer(task, model, self.x, self.y, spec)
         except (NoProgram, ProgramError) as e:

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from takfl.stacking import stack_copies, vmapped_forward
+from takfl.state import State
 
-State = dict[str, torch.Tensor]
 Precision = Literal["fp32", "bf16"]
 
 log = logging.getLogger(__name__)

@@ -30,13 +30,12 @@ from takfl.distill import (
     vmap_unsupported,
 )
 from takfl.lambdas import LambdaContext
+from takfl.state import State
 from takfl.task_arithmetic import MergeScorer, best_on_validation, merge, task_vector
 from takfl.training import accuracy, predict_logits
 
 if TYPE_CHECKING:
     from takfl.algorithms import Algorithm
-
-State = dict[str, torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,10 @@ class StepOutput:
 
 
 @dataclass
-class EvalData:
-    """Tensors on the compute device. ``public_x`` unlabelled; validation labelled,
-    None when the run withholds it from every method."""
+class StepData:
+    """The data a server step uses, as tensors on the compute device: ``public_x``
+    unlabelled (distillation); validation labelled, None when the run withholds it
+    from every method."""
 
     public_x: torch.Tensor
     val_x: torch.Tensor | None = None
@@ -95,7 +95,7 @@ def _add(timings: dict[str, float], key: str, since: float) -> float:
 
 def fedavg_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -106,7 +106,7 @@ def fedavg_step(
 
 def takfl_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -174,7 +174,7 @@ def _distill_all(
     student: PrototypeInput,
     targets: list[torch.Tensor],
     self_logits: torch.Tensor | None,
-    data: EvalData,
+    data: StepData,
     settings: DistillSettings,
     algo: Algorithm,
     gamma: float,
@@ -220,7 +220,7 @@ def _distill_all(
 
 
 def choose_scale(
-    scorer: MergeScorer, lambdas: torch.Tensor, grid: list[float], data: EvalData
+    scorer: MergeScorer, lambdas: torch.Tensor, grid: list[float], data: StepData
 ) -> float:
     """The scale s in ``grid`` whose merge theta_avg + s * sum lambda tau scores best on
     validation (ties: the smaller s)."""
@@ -240,7 +240,7 @@ def _val_accuracy(model: nn.Module, *, x: torch.Tensor, y: torch.Tensor) -> floa
 
 def _single_target(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -276,7 +276,7 @@ def _single_target(
 
 def feddf_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -295,7 +295,7 @@ def feddf_step(
 
 def fedet_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -313,7 +313,7 @@ def fedet_step(
 
 def server_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     *,
     seed: int,
@@ -325,5 +325,5 @@ def server_step(
     """
     timings: dict[str, float] = {}
     if not algo.validation:
-        data = EvalData(data.public_x)
+        data = StepData(data.public_x)
     return algo.unit.step(protos, data, algo, seed, timings), timings

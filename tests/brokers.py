@@ -184,7 +184,10 @@ def running_broker(
 # -- coordinator and agents over a test broker ----------------------------------------------------
 def make_registry(prototypes: dict[str, str]) -> dict[str, AgentRecord]:
     """A registry with a fresh secret per agent: agent id -> prototype given."""
-    return {a: AgentRecord(a, p, generate_secret()) for a, p in prototypes.items()}
+    return {
+        a: AgentRecord(agent_id=a, prototype=p, secret=generate_secret())
+        for a, p in prototypes.items()
+    }
 
 
 FAST_TRANSPORT = TransportPolicy(quiet_s=0.5, task_retry_s=2.0)

@@ -33,15 +33,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, Pat
     res = train_local(model, xs, ys, TrainingSpec(epochs=5, batch_size=32), seed=0)
     acc = accuracy(model, data.test_x, data.test_y)
     meta = CheckpointMeta(
-        "L",
-        5,
-        "cnn_digits_large",
-        10,
-        (1, 8, 8),
-        {},
-        data.pool.class_names,
-        data.pool.mean,
-        data.pool.std,
+        prototype="L",
+        round=5,
+        builder="cnn_digits_large",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        builder_args={},
+        class_names=data.pool.class_names,
+        mean=data.pool.mean,
+        std=data.pool.std,
     )
     ckpt = root / "L.safetensors"
     save_checkpoint(ckpt, res.state, meta)

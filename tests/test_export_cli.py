@@ -49,7 +49,15 @@ def write_checkpoint(
     torch.manual_seed(round_)
     model = build_model(state_from or builder, 10, (1, 8, 8), **({} if state_from else args))
     meta = CheckpointMeta(
-        prototype, round_, builder, 10, (1, 8, 8), args, digits.class_names, digits.mean, digits.std
+        prototype=prototype,
+        round=round_,
+        builder=builder,
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        builder_args=args,
+        class_names=digits.class_names,
+        mean=digits.mean,
+        std=digits.std,
     )
     save_checkpoint(path, model.state_dict(), meta)
     return path

@@ -58,12 +58,12 @@ def start_task(transport: MqttTransport, link: AgentLink, round_id: int = 1) -> 
     transport.send_tasks(
         [
             Task(
-                round_id,
-                "S",
-                link.identity.agent_id,
-                ModelSpec(builder="mlp_digits"),
-                model_state(round_id),
-                time.time() + 120,
+                round_id=round_id,
+                prototype="S",
+                client_id=link.identity.agent_id,
+                model=ModelSpec(builder="mlp_digits"),
+                global_state=model_state(round_id),
+                deadline=time.time() + 120,
             )
         ]
     )

@@ -88,12 +88,12 @@ def start_round(
     transport.send_tasks(
         [
             Task(
-                round_id,
-                "S",
-                link.identity.agent_id,
-                ModelSpec(builder="mlp_digits"),
-                state,
-                time.time() + 120,
+                round_id=round_id,
+                prototype="S",
+                client_id=link.identity.agent_id,
+                model=ModelSpec(builder="mlp_digits"),
+                global_state=state,
+                deadline=time.time() + 120,
             )
             for link in links
         ]
@@ -121,7 +121,10 @@ def test_each_bad_update_is_refused_with_its_reason(kind: str, tmp_path: Path) -
         chunks = split(up.blob, CHUNK)
         bad = chunks[1]
         chunks[1] = Chunk(
-            bad.digest, bad.index, bad.count, bytes([bad.payload[0] ^ 0x40]) + bad.payload[1:]
+            digest=bad.digest,
+            index=bad.index,
+            count=bad.count,
+            payload=bytes([bad.payload[0] ^ 0x40]) + bad.payload[1:],
         )
         send_raw(a1, up.header, chunks)
         expect_refusal(a1, up.header, Refusal.DIGEST_MISMATCH)

@@ -55,7 +55,16 @@ def test_update_transfer_completes_across_a_broker_restart(kind: str, tmp_path: 
     ):
         assert transport.wait_for_agents(["a1"], timeout=10)
         transport.send_tasks(
-            [Task(4, "S", "a1", ModelSpec(builder="mlp_digits"), base, time.time() + 120)]
+            [
+                Task(
+                    round_id=4,
+                    prototype="S",
+                    client_id="a1",
+                    model=ModelSpec(builder="mlp_digits"),
+                    global_state=base,
+                    deadline=time.time() + 120,
+                )
+            ]
         )
         task = link.next_task(timeout=30)
         assert task is not None

@@ -49,12 +49,12 @@ def assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 
 def task_for(agent: str, prototype: str, round_id: int, state: dict[str, torch.Tensor]) -> Task:
     return Task(
-        round_id,
-        prototype,
-        agent,
-        ModelSpec(builder="mlp_digits"),
-        state,
-        time.time() + 120,
+        round_id=round_id,
+        prototype=prototype,
+        client_id=agent,
+        model=ModelSpec(builder="mlp_digits"),
+        global_state=state,
+        deadline=time.time() + 120,
         seed=3,
     )
 

@@ -127,7 +127,7 @@ def test_oversized_message_is_refused_unread() -> None:
 
 
 def test_chunk_round_trip_and_header_size() -> None:
-    chunk = Chunk(bytes(range(32)), 2, 5, b"payload")
+    chunk = Chunk(digest=bytes(range(32)), index=2, count=5, payload=b"payload")
     data = encode_chunk(chunk)
     assert len(data) == CHUNK_HEADER_BYTES + 7
     assert decode_chunk(data) == chunk
@@ -149,7 +149,7 @@ def test_malformed_chunks_are_refused(data: bytes, match: str) -> None:
 
 
 def test_chunk_payload_cap() -> None:
-    data = encode_chunk(Chunk(bytes(32), 0, 1, b"x" * 10))
+    data = encode_chunk(Chunk(digest=bytes(32), index=0, count=1, payload=b"x" * 10))
     with pytest.raises(MalformedChunk, match="cap"):
         decode_chunk(data, max_payload=9)
 

@@ -72,8 +72,8 @@ class CoordinatorSide:
         self.registry = wire_registry(load_registry(Path(spec["agents_file"])))
         self.data = build_federation_data(self.cfg, spec["seed"])
         self.settings = MqttSettings(
-            spec["host"],
-            spec["port"],
+            host=spec["host"],
+            port=spec["port"],
             username=COORDINATOR_USER,
             password=spec["coordinator_password"],
         )

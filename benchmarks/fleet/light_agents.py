@@ -59,7 +59,10 @@ def make_links(spec: dict[str, Any]) -> list[Served]:
     for a in spec["agents"]:
         secret = bytes.fromhex(a["secret_hex"])
         settings = MqttSettings(
-            spec["host"], spec["port"], username=a["agent_id"], password=mqtt_password(secret)
+            host=spec["host"],
+            port=spec["port"],
+            username=a["agent_id"],
+            password=mqtt_password(secret),
         )
         identity = AgentIdentity(
             agent_id=a["agent_id"],

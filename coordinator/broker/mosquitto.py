@@ -48,7 +48,7 @@ SALT_BYTES = 12
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MosquittoTls:
     """A TLS listener next to the plain one."""
 
@@ -60,7 +60,7 @@ class MosquittoTls:
     bind: str | None = None  # address to listen on; None: the plain listener's, "": all
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MosquittoFiles:
     """Paths written by :func:`write_mosquitto_config` and where the broker listens."""
 
@@ -272,7 +272,17 @@ def write_mosquitto_config(
             max_packet_bytes=max_packet_bytes,
         )
     )
-    return MosquittoFiles(d, files_conf, passwords, acl, data, log_file, host, port, method)
+    return MosquittoFiles(
+        directory=d,
+        conf=files_conf,
+        passwords=passwords,
+        acl=acl,
+        data=data,
+        log=log_file,
+        host=host,
+        port=port,
+        password_method=method,
+    )
 
 
 class MosquittoProcess:

@@ -80,7 +80,7 @@ class SiteSpec:
         return [a for a in all_agents if any(fnmatch.fnmatchcase(a, p) for p in self.patterns)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SiteFiles:
     site: str
     broker: MosquittoFiles
@@ -191,5 +191,17 @@ def write_site_config(
     conf_path = d / CONF_NAME
     atomic_write_text(conf_path, conf, mode=0o600)
     os.chmod(passwords, 0o600)
-    files = MosquittoFiles(d, conf_path, passwords, acl, data, d / LOG_NAME, host, port, "python")
-    return SiteFiles(site.name, files, site.bridge_user, tuple(agents))
+    files = MosquittoFiles(
+        directory=d,
+        conf=conf_path,
+        passwords=passwords,
+        acl=acl,
+        data=data,
+        log=d / LOG_NAME,
+        host=host,
+        port=port,
+        password_method="python",
+    )
+    return SiteFiles(
+        site=site.name, broker=files, bridge_user=site.bridge_user, agents=tuple(agents)
+    )

@@ -30,7 +30,7 @@ SERVER_DAYS = 825  # the longest validity clients commonly accept for a server c
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.crt", "server.key"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FleetTls:
     ca_cert: Path
     ca_key: Path
@@ -99,4 +99,6 @@ def make_fleet_tls(directory: str | Path, hosts: list[str], *, fleet: str = "tak
         os.chmod(p, 0o600)
     for p in (csr, ext, d / "ca.srl"):
         p.unlink(missing_ok=True)
-    return FleetTls(ca_cert, ca_key, cert, key, tuple(hosts))
+    return FleetTls(
+        ca_cert=ca_cert, ca_key=ca_key, server_cert=cert, server_key=key, hosts=tuple(hosts)
+    )

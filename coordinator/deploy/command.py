@@ -31,7 +31,7 @@ from coordinator.deploy.rollout import ROLLBACK, Rollout, fleet_release, new_rol
 from coordinator.deploy.service import RELEASE_USER, ReleasePolicy, ReleaseService
 from coordinator.deploy.stages import RolloutError
 from coordinator.deploy.store import ReleaseStore
-from coordinator.registry import REGISTRY_FILE, AgentRecord, load_registry
+from coordinator.registry import REGISTRY_FILE, RegistryEntry, load_registry
 from coordinator.serve import embedded_access, wire_registry
 from coordinator.store import RunStore
 from takfl.config import FederationConfig, load_federation
@@ -94,7 +94,7 @@ class Fleet:
     run: Path
     cfg: FederationConfig
     name: str
-    registry: Mapping[str, AgentRecord]
+    registry: Mapping[str, RegistryEntry]
     registry_file: Path
 
     def agents(self, prototype: str) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,8 @@ import numpy as np
 
 from coordinator.deploy.summary import release_summary
 from coordinator.observe import LATE_REASONS
-from coordinator.store import EXPORTS_DIR, RunStore
-
-EXPORT_REPORT = "report.json"  # written by takfl-export --run into RUN/exports/
+from coordinator.store import RunStore
+from takfl.run_layout import METRICS_FILE, export_report_path
 
 
 class ReportError(ValueError):
@@ -254,7 +254,7 @@ EXPORT_FIELDS = (  # what the report keeps of each verified export, in its table
 
 def export_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Rows of ``exports/report.json`` (format, quantisation, runtime, status, size, ...)."""
-    path = run_dir / EXPORTS_DIR / EXPORT_REPORT
+    path = export_report_path(run_dir)
     if not path.is_file():
         return []
     try:
@@ -271,13 +271,13 @@ def export_rows(run_dir: Path) -> list[dict[str, Any]]:
 def committed_metrics(store: RunStore) -> list[dict[str, Any]]:
     """metrics.jsonl lines of committed rounds (every round of a simulate output), the
     last line per (algorithm, seed, round, prototype)."""
-    state = store.read_state() if store.exists() else {}
-    done = state.get("round")
+    state = store.state_if_any()
+    done = state["round"] if state is not None else None
     latest: dict[tuple[str, int, int, str], dict[str, Any]] = {}
     for m in store.metrics_records():
         if "round" not in m or "prototype" not in m or "test_accuracy" not in m:
             continue
-        if done is not None and int(m["round"]) > int(done):
+        if done is not None and int(m["round"]) > done:
             continue
         key = (str(m.get("algorithm", "?")), int(m.get("seed", 0)), int(m["round"]), m["prototype"])
         latest[key] = m
@@ -295,12 +295,10 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         raise ReportError(f"cannot read {run}: {e}") from e
     if not metrics:
         raise ReportError(
-            f"{run} has no metrics.jsonl records; give the run directory of serve, demo or "
+            f"{run} has no {METRICS_FILE} records; give the run directory of serve, demo or "
             "simulate after at least one round"
         )
-    state: dict[str, Any] = {}
-    if store.exists():
-        state = store.read_state()
+    state: Mapping[str, Any] = store.state_if_any() or {}
     curves = accuracy_curves(metrics)
     prototypes = list(dict.fromkeys(m["prototype"] for m in metrics))  # the config's order
     main = state.get("algorithm") or next(iter(curves))

@@ -12,8 +12,8 @@ from typing import Any
 
 from coordinator.report import plots
 from coordinator.report.data import EXPORT_FIELDS, build_report
-from coordinator.store import REPORT_HTML, REPORT_JSON
 from takfl.files import atomic_write_text
+from takfl.run_layout import REPORT_HTML, REPORT_JSON
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from coordinator.transport.base import Task
 from takfl.config.profile import CommsSpec
-from takfl.wire.codec import State
+from takfl.state import State
 from takfl.wire.messages import (
     Ack,
     BlobRef,
@@ -25,7 +25,7 @@ from takfl.wire.signing import sign
 from takfl.wire.validation import AgentRecord
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Assignment:
     message: TaskMessage
     reference: State  # the global state the agent's delta is relative to (CPU)
@@ -45,21 +45,12 @@ def task_message(
 ) -> TaskMessage:
     """The signed wire form of ``task``, whose global model is the blob ``ref``;
     ``program``: the training program offered with it, if any."""
-    t = task.training
     msg = TaskMessage(
         round_id=task.round_id,
         agent_id=task.client_id,
         prototype=task.prototype,
         model=ModelRef(builder=task.model.builder, args=dict(task.model.args)),
-        training=None
-        if t is None
-        else TrainingRef(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            optimizer=t.optimizer,
-            learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay,
-        ),
+        training=None if task.training is None else TrainingRef(**task.training.dictated()),
         num_classes=num_classes,
         input_shape=input_shape,
         seed=task.seed,
@@ -113,7 +104,9 @@ class TaskDispatch:
             for t, msg in pairs:
                 if t.round_id == self.round:
                     ref = {k: v.detach().to("cpu") for k, v in t.global_state.items()}
-                    self._assignments[t.client_id] = Assignment(msg, ref, self.clock())
+                    self._assignments[t.client_id] = Assignment(
+                        message=msg, reference=ref, sent_at=self.clock()
+                    )
         return started
 
     def current(self) -> tuple[int, dict[str, Assignment]]:

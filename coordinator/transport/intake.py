@@ -66,7 +66,7 @@ class IntakePolicy:
     quiet_s: float = 5.0  # ask again for missing update chunks after this long
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IntakeCounters:
     accepted: int = 0
     refused: Counter[str] = field(default_factory=Counter)  # by Refusal value
@@ -75,7 +75,7 @@ class IntakeCounters:
     chunk_requests_sent: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Decision:
     """The intake's answer to one message: what to tell the agent, what to hand on."""
 
@@ -90,7 +90,7 @@ class Decision:
         return self.update is not None
 
 
-NOTHING = Decision(None, Verdict())
+NOTHING = Decision(agent=None, verdict=Verdict())
 
 
 class UpdateIntake:
@@ -139,7 +139,7 @@ class UpdateIntake:
         )
         if header is not None and reason not in NOT_REMEMBERED:
             self._remember(header, ack)
-        return Decision(agent, verdict, ack)
+        return Decision(agent=agent, verdict=verdict, ack=ack)
 
     def _remember(self, header: UpdateHeader, ack: Ack) -> None:
         with self._lock:
@@ -164,7 +164,7 @@ class UpdateIntake:
             )
             in_progress = (agent, header.blob.digest) in self._incoming
         if decided is not None:
-            return Decision(agent, Verdict(), decided)
+            return Decision(agent=agent, verdict=Verdict(), ack=decided)
         if in_progress:
             return NOTHING
         verdict = self.check(agent, header, round_id)
@@ -178,7 +178,7 @@ class UpdateIntake:
             return self._refuse(agent, refuse(Refusal.MALFORMED, str(e)), header)
         with self._lock:
             self._incoming[(agent, header.blob.digest)] = header
-        return Decision(agent, verdict)
+        return Decision(agent=agent, verdict=verdict)
 
     def check(self, agent: str, header: UpdateHeader, round_id: int) -> Verdict:
         """Header checks against the agent's assignment in round ``round_id``."""
@@ -254,7 +254,12 @@ class UpdateIntake:
             return self._refuse(agent, refuse(Refusal.DUPLICATE, "already delivered"), header)
         metrics = dict(header.metrics) | {"upload_bytes": float(header.blob.size)}
         update = ClientUpdate(
-            header.round_id, header.prototype, agent, header.num_samples, state, metrics
+            round_id=header.round_id,
+            prototype=header.prototype,
+            client_id=agent,
+            num_samples=header.num_samples,
+            state=state,
+            metrics=metrics,
         )
         self.counters.accepted += 1
         ack = Ack(
@@ -265,7 +270,7 @@ class UpdateIntake:
             accepted=True,
         )
         self._remember(header, ack)
-        return Decision(agent, verdict, ack, update, header)
+        return Decision(agent=agent, verdict=verdict, ack=ack, update=update, header=header)
 
     # -- periodic -----------------------------------------------------------------------
     def new_round(self, round_id: int) -> None:

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TypeVar
 
-import torch
-
 from coordinator.observe import FleetObserver
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from coordinator.transport.dispatch import TaskDispatch, task_message
@@ -34,6 +32,7 @@ from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
 from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
+from takfl.state import State
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
 from takfl.wire.codec import encode_state
 from takfl.wire.messages import (
@@ -224,7 +223,7 @@ class MqttTransport(Transport):
         except queue.Empty:
             return None
 
-    def publish_global(self, round_id: int, prototype: str, state: dict[str, torch.Tensor]) -> None:
+    def publish_global(self, round_id: int, prototype: str, state: State) -> None:
         """Announce (retained) the digest and size of a prototype's new global model: to
         monitors on the broadcast topic, and signed to each of the prototype's agents."""
         ref = blob_ref(encode_state(state, GLOBAL_ENCODING), self.policy.global_chunk_size)

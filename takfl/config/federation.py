@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from takfl.config.base import ModelSpec, Strict
-
-# Names of the registered units (takfl.algorithms, takfl.lambdas); a test keeps them equal.
-Algorithm = Literal["takfl", "takfl-reg", "takfl-scaled", "feddf", "fedet", "fedavg"]
-ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
-LambdaStrategy = Literal["heuristic", "fixed", "search", "learned", "unsupervised"]
-LAMBDA_STRATEGIES: tuple[str, ...] = get_args(LambdaStrategy)
+from takfl.config.training import TrainingOverride
+from takfl.method_names import ALGORITHMS, LAMBDA_STRATEGIES, check_name
 
 
 class DataSpec(Strict):
@@ -33,17 +29,6 @@ class PartitionSpec(Strict):
     alpha: float = Field(0.3, gt=0)  # Dirichlet concentration across a prototype's clients
     min_per_client: int = Field(2, ge=1)
     seed: int = 0
-
-
-class TrainingOverride(Strict):
-    """Local-training settings the coordinator dictates for a prototype; the device
-    profile keeps its own limits (threads, memory, time budget)."""
-
-    epochs: int | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, gt=0)
-    optimizer: Literal["adam", "sgd"] | None = None
-    learning_rate: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
 
 
 class PrototypeSpec(Strict):
@@ -84,7 +69,7 @@ class DistillSpec(Strict):
 
 
 class LambdaSpec(Strict):
-    strategy: LambdaStrategy = "heuristic"
+    strategy: str = "heuristic"  # a registered lambda strategy (takfl.lambdas)
     # fixed: matrix[student][teacher] in prototype order; a teacher that did not report
     # is dropped and the row renormalised.
     matrix: list[list[float]] | None = None
@@ -101,19 +86,29 @@ class LambdaSpec(Strict):
     # with s chosen on validation from this grid; 0 keeps theta_avg.
     scale_grid: list[float] = [0.0, 0.5, 1.0]
 
+    @field_validator("strategy")
+    @classmethod
+    def _registered_strategy(cls, value: str) -> str:
+        return check_name("lambda strategy", value, LAMBDA_STRATEGIES)
+
 
 class FedETSpec(Strict):
     diversity_weight: float = Field(0.1, ge=0)  # weight of the diversity regulariser
 
 
 class AlgorithmSpec(Strict):
-    name: Algorithm = "takfl"
+    name: str = "takfl"  # a registered algorithm (takfl.algorithms)
     # Labelled validation for every method that can use it (TAKFL's lambda choice,
     # FedDF/FedET best checkpoint, takfl-scaled's scale); false withholds it from all.
     validation: bool = True
     distill: DistillSpec = DistillSpec()
     lambdas: LambdaSpec = LambdaSpec()
     fedet: FedETSpec = FedETSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _registered_algorithm(cls, value: str) -> str:
+        return check_name("algorithm", value, ALGORITHMS)
 
 
 Aggregation = Literal["fedavg", "median", "trimmed-mean", "clipped-mean"]

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from takfl.config.base import ModelSpec, Strict
+from takfl.config.training import LocalTraining
 
 HardwareClass = Literal["workstation", "jetson", "raspberry-pi", "phone", "microcontroller"]
 
@@ -14,15 +15,13 @@ HardwareClass = Literal["workstation", "jetson", "raspberry-pi", "phone", "micro
 TrainingBackend = Literal["torch", "executorch"]
 
 
-class TrainingSpec(Strict):
+class TrainingSpec(LocalTraining):
+    """A device's local training: the settings the coordinator may dictate, and what the
+    device keeps for itself (backend, threads, memory cap, time budget)."""
+
     # Local training engine: torch, or a training program run by the ExecuTorch runtime
     # (phones; the coordinator ships the program; SGD only).
     backend: TrainingBackend = "torch"
-    epochs: int = Field(1, gt=0)  # local epochs per round (E)
-    batch_size: int = Field(32, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)  # torch intra-op threads
     memory_limit_mb: int | None = Field(None, gt=0)  # address-space cap for the agent process
     time_budget_s: float | None = Field(None, gt=0)  # stop local training after this long

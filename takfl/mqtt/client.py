@@ -57,7 +57,7 @@ class MqttConnectError(ConnectionError):
     """The broker could not be reached or refused the connection."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TlsSettings:
     ca_file: str | None = None  # CA bundle that signed the broker's certificate
     cert_file: str | None = None  # client certificate (mutual TLS), optional
@@ -65,7 +65,7 @@ class TlsSettings:
     insecure: bool = False  # skip the hostname check (lab setups with self-signed certs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MqttSettings:
     """How to reach the broker."""
 
@@ -95,7 +95,7 @@ class Will:
     retain: bool = True
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClientCounters:
     connects: int = 0
     disconnects: int = 0

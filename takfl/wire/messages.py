@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from takfl.config.profile import HardwareClass
+from takfl.config.training import LocalTraining, Optimizer
 from takfl.wire.errors import MalformedChunk, MalformedMessage
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import IDENT_RE
@@ -62,8 +63,11 @@ def chunk_count(size: int, chunk_size: int) -> int:
     return max(1, math.ceil(size / chunk_size))
 
 
+_WIRE_MODEL = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+    model_config = _WIRE_MODEL
 
 
 class BlobRef(_Strict):
@@ -90,13 +94,17 @@ class ModelRef(_Strict):
     args: dict[str, Any] = {}
 
 
-class TrainingRef(_Strict):
+class TrainingRef(LocalTraining):
     """Local-training settings the coordinator dictates for a task (the device keeps
     its own threads, memory cap and time budget)."""
 
+    # The config's LocalTraining as a task carries it: every setting stated (no
+    # defaults but weight_decay's), checked strictly and within the protocol's caps.
+    model_config = _WIRE_MODEL
+
     epochs: Annotated[int, Field(ge=1, le=10_000)]
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)]
-    optimizer: Literal["adam", "sgd"]
+    optimizer: Optimizer
     learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
 
@@ -297,7 +305,7 @@ _CHUNK_HEADER = struct.Struct(">3sB32sII")
 CHUNK_HEADER_BYTES = _CHUNK_HEADER.size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Chunk:
     """Piece ``index`` of ``count`` of the blob whose SHA-256 is ``digest``."""
 
@@ -341,4 +349,4 @@ def decode_chunk(data: bytes, *, max_payload: int | None = None) -> Chunk:
     payload = bytes(data[CHUNK_HEADER_BYTES:])
     if max_payload is not None and len(payload) > max_payload:
         raise MalformedChunk(f"payload of {len(payload)} bytes exceeds the {max_payload} cap")
-    return Chunk(digest, index, count, payload)
+    return Chunk(digest=digest, index=index, count=count, payload=payload)

@@ -18,9 +18,9 @@ from enum import Enum
 
 import torch
 
-from takfl.state import non_finite_entry
+from takfl.state import State, non_finite_entry
 from takfl.wire.chunking import sha256
-from takfl.wire.codec import State, decode_state
+from takfl.wire.codec import decode_state
 from takfl.wire.errors import CodecError
 from takfl.wire.messages import Registration, UpdateHeader
 from takfl.wire.signing import verify
@@ -68,7 +68,7 @@ def refuse(reason: Refusal, detail: str) -> Verdict:
     return Verdict(reason, detail)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentRecord:
     """A provisioned agent: its secret, the prototype it trains and the most training
     samples it may claim (its FedAvg weight); None until provisioned or first registered."""
@@ -76,7 +76,7 @@ class AgentRecord:
     agent_id: str
     prototype: str
     secret: bytes = field(repr=False)
-    max_samples: int | None = field(default=None, kw_only=True)
+    max_samples: int | None = None
 
 
 DEFAULT_NORM_FACTOR = 5.0  # honest digits deltas measured at 0.1-0.5 x the global norm
@@ -280,7 +280,9 @@ def check_stored_update(
             )
         samples = check_samples(num_samples, record)
     else:
-        samples = check_samples(num_samples, AgentRecord(agent_id, prototype, b""))
+        samples = check_samples(
+            num_samples, AgentRecord(agent_id=agent_id, prototype=prototype, secret=b"")
+        )
     if not samples.accepted:
         return samples
     layout = check_layout(state, reference)
