@@ -34,10 +34,9 @@ from coordinator.testbed import agent_command, fleet_agents, loopback_url, stop_
 from takfl.config import FederationConfig
 from takfl.federation_data import build_federation_data
 from takfl.release.keys import ROOT_FILE, generate_release_key
+from takfl.run_layout import device_dir
 
-DEVICES_DIR = "devices"  # RUN/devices/<agent>/: each demo agent's installed releases
 PREDICTIONS = 4  # test samples each agent is asked about
-
 AGENT_LOGS = "agents"  # RUN/agents/<agent id>.log: each demo agent's output
 
 
@@ -63,7 +62,7 @@ def release_args(run_dir: Path, agent_id: str, port: int) -> list[str]:
     """``takfl-agent run`` options that make an agent install releases and serve them."""
     return [
         *("--release-root", str(run_dir / ROOT_FILE)),
-        *("--state-dir", str(run_dir / DEVICES_DIR / agent_id)),
+        *("--state-dir", str(device_dir(run_dir, agent_id))),
         *("--serve", f"127.0.0.1:{port}"),
     ]
 

@@ -3,6 +3,7 @@ reports) for the offers and chunks it is handed, as an MQTT client would hand th
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,9 +147,7 @@ def test_a_tampered_chunk_fails_the_install_as_a_bad_artifact(
     ch.on_offer(ch.offer_topic, encode_message(offer(release, SECRET, chunk_size=CHUNK)))
     digest = next(iter(release.blobs))
     chunks = split(release.blobs[digest], CHUNK)
-    bad = chunks[0].__class__(
-        chunks[0].digest, 0, chunks[0].count, b"\x00" * len(chunks[0].payload)
-    )
+    bad = dataclasses.replace(chunks[0], payload=b"\x00" * len(chunks[0].payload))
     # Execute: the artifact completes with one chunk's payload replaced
     for c in [bad, *chunks[1:]]:
         assert ch.on_chunk(c)

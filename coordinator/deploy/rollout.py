@@ -67,7 +67,7 @@ class Offer:
     action: ReleaseAction
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Step:
     """What one call changed: offers to send, progress lines, and whether the caller
     must now make a rollback release and call :meth:`Rollout.begin_rollback`."""

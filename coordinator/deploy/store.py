@@ -9,8 +9,7 @@ Every write is atomic (temporary file + rename). Stored metadata is never replac
 by different bytes: a version, once published, means one release for good. Blobs are
 checked against their name when read.
 
-(These names move to the run-layout module once it exists; until then they are
-declared here only.)
+The names are the run layout's (:mod:`takfl.run_layout`).
 """
 
 from __future__ import annotations
@@ -29,11 +28,8 @@ from tuf.api.metadata import Root
 from coordinator.deploy.rollout import Rollout
 from takfl.files import atomic_write_bytes
 from takfl.release.metadata import Release, ReleaseRefused, verify_release
+from takfl.run_layout import RELEASE_BLOBS_DIR, RELEASE_LOCK, ROLLOUTS_FILE, releases_dir
 
-RELEASES_DIR = "releases"
-BLOBS_DIR = "blobs"
-ROLLOUTS_FILE = "rollouts.json"
-LOCK_FILE = ".lock"
 _VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.json$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Stored releases are re-read to reuse their artifacts (rollbacks), also after they
@@ -51,7 +47,7 @@ class ReleaseStore:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.root = self.run_dir / RELEASES_DIR
+        self.root = releases_dir(self.run_dir)
 
     # -- metadata ------------------------------------------------------------------------
     def metadata_path(self, prototype: str, version: int) -> Path:
@@ -112,7 +108,7 @@ class ReleaseStore:
     def blob_path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
             raise ReleaseStoreError(f"{sha256!r} is not a SHA-256 digest")
-        return self.root / BLOBS_DIR / sha256
+        return self.root / RELEASE_BLOBS_DIR / sha256
 
     def put_blob(self, data: bytes) -> str:
         """Store ``data`` under its SHA-256 (hex), which is returned."""
@@ -158,7 +154,7 @@ class ReleaseStore:
         """Hold the store for one release command; :class:`ReleaseStoreError` if another
         holds it (two would overwrite each other's rollout records)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a+b") as f:
+        with open(self.root / RELEASE_LOCK, "a+b") as f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
