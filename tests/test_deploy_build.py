@@ -50,11 +50,11 @@ def make_run(root: Path, rounds: int = 1) -> Path:
     cfg.algorithm.name = "fedavg"
     data = build_federation_data(cfg, 0)
     clients = [
-        VirtualClient(cid, p, x, y, prototype_training(cfg, p))
+        VirtualClient(client_id=cid, prototype=p, x=x, y=y, training=prototype_training(cfg, p))
         for cid, (p, x, y) in data.clients.items()
     ]
     transport = InProcessTransport(clients, num_classes=10, input_shape=(1, 8, 8))
-    options = ServeOptions(rounds, policy=RoundPolicy(deadline_s=30))
+    options = ServeOptions(rounds=rounds, policy=RoundPolicy(deadline_s=30))
     FederationRun(cfg, data, transport, RunStore(root), torch.device("cpu"), options).run()
     return root
 
