@@ -31,7 +31,7 @@ def test_an_offline_or_silent_coordinator_fails_with_its_fix() -> None:
 
 def test_a_closed_port_is_unreachable() -> None:
     # Prepare: a free port nobody listens on
-    settings = MqttSettings("127.0.0.1", free_port())
+    settings = MqttSettings(host="127.0.0.1", port=free_port())
 
     # Execute
     check = reachable(settings)

@@ -99,7 +99,7 @@ def test_a_run_without_state_reads_as_empty_then_as_committed(tmp_path: Path) ->
 
 def test_a_broken_state_file_reads_as_empty(tmp_path: Path) -> None:
     # Prepare
-    RunStore(tmp_path).write_json(STATE_FILE, ["not", "a", "state"])
+    (tmp_path / STATE_FILE).write_text('["not", "a", "state"]')
 
     # Execute
     state = read_state(tmp_path)
