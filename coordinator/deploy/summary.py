@@ -29,7 +29,8 @@ def _median(values: Iterable[float | None]) -> float | None:
 
 def rollout_rows(rollouts: Iterable[Rollout]) -> list[dict[str, Any]]:
     """One row per rollout, newest first: tier, version, action, state, stage, devices
-    offered / installed / failed by reason / rolled back, download size, install time."""
+    offered / installed / failed by reason / rolled back, download size, install time
+    (median over devices), the whole rollout's time (first offer to its end)."""
     rows = []
     for r in sorted(rollouts, key=lambda r: (r.created_at, r.version), reverse=True):
         devices = list(r.devices.values())
@@ -54,6 +55,9 @@ def rollout_rows(rollouts: Iterable[Rollout]) -> list[dict[str, Any]]:
                 "halt_reason": r.halt_reason,
                 "bytes": r.artifact_bytes,
                 "install_s": _median(d.install_s for d in devices),
+                "rollout_s": None
+                if r.started_at is None or r.finished_at is None
+                else r.finished_at - r.started_at,
             }
         )
     return rows

@@ -13,7 +13,16 @@ from rich.text import Text
 
 from coordinator.deploy.summary import release_summary
 
-_RIGHT = ("version", "stage", "offered", "installed", "rolled back", "KiB", "install s")
+_RIGHT = (
+    "version",
+    "stage",
+    "offered",
+    "installed",
+    "rolled back",
+    "KiB",
+    "install s",
+    "rollout s",
+)
 _LATENCY_RIGHT = ("version", "devices", "p50 ms", "p99 ms", "worst p99 ms")
 
 
@@ -25,7 +34,7 @@ def rollout_table(rows: list[dict[str, Any]]) -> Table:
     """Each release's state per tier: offered, installed, failed by reason, rolled back."""
     table = Table(title="releases (newest first)")
     headers = ("tier", "version", "action", "state", "stage", "offered", "installed")
-    for col in (*headers, "failed (reason)", "rolled back", "KiB", "install s"):
+    for col in (*headers, "failed (reason)", "rolled back", "KiB", "install s", "rollout s"):
         table.add_column(col, justify="right" if col in _RIGHT else "left")
     for r in rows:
         back = str(r["rolled_back"])
@@ -43,6 +52,7 @@ def rollout_table(rows: list[dict[str, Any]]) -> Table:
             back,
             f"{r['bytes'] / 1024:.0f}",
             _num(r["install_s"], 1),
+            _num(r["rollout_s"], 1),
         )
     return table
 

@@ -229,6 +229,7 @@ def _releases_html(releases: dict[str, list[dict[str, Any]]] | None) -> str:
             r["rolled_back"],
             r["bytes"] // 1024,
             r["install_s"],
+            r["rollout_s"],
             r["halt_reason"],
         ]
         for r in releases["rollouts"]
@@ -250,7 +251,15 @@ def _releases_html(releases: dict[str, list[dict[str, Any]]] | None) -> str:
     head = ["tier", "version", "action", "state", "stage", "offered", "installed"]
     parts = [
         _table(
-            [*head, "failed (reason)", "rolled back", "KiB", "install s", "halted because"],
+            [
+                *head,
+                "failed (reason)",
+                "rolled back",
+                "KiB",
+                "install s",
+                "rollout s",
+                "halted because",
+            ],
             rollouts,
             left=4,
         )
