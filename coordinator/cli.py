@@ -490,10 +490,15 @@ def provision(
         f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
         f"{out / 'secrets'} (copy each to its device, mode 600)"
     )
+    console.print(
+        f"releases: signed with {out / 'release-key.pem'} (keep it private); copy "
+        f"{out / 'root.json'} to every device (it verifies releases with it)"
+    )
     if files is not None:
         console.print(
-            f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator and "
-            f"of the read-only takfl-monitor for status in {out}/*.password)"
+            f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator, "
+            f"of the read-only takfl-monitor for status and of takfl-release for release "
+            f"in {out}/*.password)"
         )
     if tls:
         console.print(
@@ -542,7 +547,8 @@ def status(
     interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes of --watch."),
     times: int = typer.Option(None, min=1, help="Stop --watch after this many refreshes."),
 ) -> None:
-    """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy."""
+    """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy,
+    and each release's state per tier with the devices' inference latency."""
     from coordinator.status import broker_presence, run_status
     from takfl.mqtt.url import read_password
 
@@ -567,6 +573,7 @@ def status(
         for k, v in state.items():
             table.add_row(k, str(v))
         console.print(table)
+        _print_releases(run_dir)
     if broker is not None:
         if fleet is None:
             raise fail("--fleet is needed with --broker when no --run-dir is given")
@@ -603,6 +610,143 @@ def report(
     console.print(f"report: {html_path}  data: {json_path}")
 
 
+def _print_releases(run_dir: Path) -> None:
+    """Each release's state per tier and the devices' latency per hardware class."""
+    from coordinator.deploy.tables import release_tables
+
+    # piped or captured output keeps whole columns (as takfl-export's tables do)
+    out = console if console.is_terminal else Console(width=max(console.width, 160))
+    try:
+        for item in release_tables(run_dir):
+            out.print(item)
+    except ValueError as e:  # a damaged rollout record: say so, show the rest
+        console.print(f"[yellow]releases: {e}[/yellow]")
+
+
+def _plain(line: str) -> None:
+    """Print a progress line as it is (device-reported details are not markup)."""
+    console.print(line, markup=False, highlight=False)
+
+
+def _release_done(rollouts: list[Any], run: Path) -> None:
+    """Print the release tables; exit 1 unless every rollout completed."""
+    _print_releases(run)
+    unfinished = [f"{r.id} {r.state.value}" for r in rollouts if r.state.value != "completed"]
+    if unfinished:
+        console.print(f"[yellow]not completed:[/yellow] {', '.join(unfinished)}")
+        raise typer.Exit(1)
+
+
+_BROKER_HELP = "'embedded' (loopback amqtt) or mqtt://takfl-release@host:port (mqtts:// with TLS)"
+_PASSWORD_HELP = "File holding the release login's password (provision writes release.password)."
+
+
+@app.command()
+def release(
+    run: Path = typer.Argument(..., help="Run directory (serve or demo output)."),
+    prototype: list[str] = typer.Option(None, help="Prototype to release (repeatable)."),
+    all_prototypes: bool = typer.Option(False, "--all", help="Release every prototype."),
+    round_: int = typer.Option(
+        None, "--round", min=0, help="Round whose models to release (default: the run's last)."
+    ),
+    stages: str = typer.Option("10%,50%,100%", help="Cumulative fractions of each tier."),
+    abort_above: str = typer.Option("20%", help="Halt and roll back past this failure rate."),
+    device_timeout: float = typer.Option(600.0, min=1, help="Seconds a device has to install."),
+    timeout: float = typer.Option(3600.0, min=1, help="Seconds the whole rollout may take."),
+    release_key: Path = typer.Option(None, help="Release key (default: beside agents.json)."),
+    broker: str = typer.Option("embedded", help=_BROKER_HELP),
+    password_file: Path = typer.Option(None, help=_PASSWORD_HELP),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
+    cert_file: str = typer.Option(None, help="mqtts: client certificate (mutual TLS)."),
+    key_file: str = typer.Option(None, help="mqtts: key of the client certificate."),
+    port: int = typer.Option(1883, help="Port of the embedded broker."),
+    fleet: str = typer.Option(None, help="Fleet name in the topics (default: config name)."),
+    agents: Path = typer.Option(None, help="Agent registry (default RUN/agents.json)."),
+) -> None:
+    """Release each prototype's export of a round to its devices, in stages: signed
+    metadata, artifacts over the chunked path, halt and roll back past --abort-above.
+    Exits 1 unless every rollout completed."""
+    from coordinator.broker.errors import BrokerStartError
+    from coordinator.deploy.command import release as run_release
+    from coordinator.deploy.command import release_settings
+    from coordinator.deploy.stages import parse_fraction, parse_stages
+    from coordinator.store import RunStoreError
+    from takfl.mqtt.client import MqttConnectError
+
+    if bool(prototype) == all_prototypes:
+        raise fail("give --prototype P (repeatable) or --all")
+    try:
+        settings = release_settings(
+            broker=broker,
+            password_file=password_file,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            embedded_port=port,
+            fleet=fleet,
+            agents_file=agents,
+            release_key=release_key,
+            round=round_,
+            stages=parse_stages(stages),
+            abort_above=parse_fraction(abort_above, "--abort-above"),
+            device_timeout_s=device_timeout,
+            timeout_s=timeout,
+        )
+        names = None if all_prototypes else prototype
+        rollouts = run_release(run, names, settings, report=_plain)
+    except ImportError as e:
+        raise fail(f"a release needs the export toolchain (takfl-edge[export]): {e}") from None
+    except (BrokerStartError, MqttConnectError, RunStoreError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    _release_done(rollouts, run)
+
+
+@app.command()
+def rollback(
+    run: Path = typer.Argument(..., help="Run directory the release was made from."),
+    prototype: str = typer.Option(..., help="Prototype to roll back."),
+    to: int = typer.Option(..., min=1, help="Release version to reinstate."),
+    device_timeout: float = typer.Option(600.0, min=1, help="Seconds a device has to install."),
+    timeout: float = typer.Option(3600.0, min=1, help="Seconds the rollback may take."),
+    release_key: Path = typer.Option(None, help="Release key (default: beside agents.json)."),
+    broker: str = typer.Option("embedded", help=_BROKER_HELP),
+    password_file: Path = typer.Option(None, help=_PASSWORD_HELP),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
+    cert_file: str = typer.Option(None, help="mqtts: client certificate (mutual TLS)."),
+    key_file: str = typer.Option(None, help="mqtts: key of the client certificate."),
+    port: int = typer.Option(1883, help="Port of the embedded broker."),
+    fleet: str = typer.Option(None, help="Fleet name in the topics (default: config name)."),
+    agents: Path = typer.Option(None, help="Agent registry (default RUN/agents.json)."),
+) -> None:
+    """Reinstate an earlier release on every device of a prototype: a newer signed
+    version that names it (devices refuse plain older versions). Exits 1 unless it
+    completed."""
+    from coordinator.broker.errors import BrokerStartError
+    from coordinator.deploy.command import release_settings
+    from coordinator.deploy.command import rollback as run_rollback
+    from coordinator.store import RunStoreError
+    from takfl.mqtt.client import MqttConnectError
+
+    try:
+        settings = release_settings(
+            broker=broker,
+            password_file=password_file,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            embedded_port=port,
+            fleet=fleet,
+            agents_file=agents,
+            release_key=release_key,
+            device_timeout_s=device_timeout,
+            timeout_s=timeout,
+        )
+        rollout = run_rollback(run, prototype, to, settings, report=_plain)
+    except (BrokerStartError, MqttConnectError, RunStoreError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    _release_done([rollout], run)
+
+
 @app.command()
 def demo(
     config: str = typer.Option("digits", help="Bundled federation name or path."),
@@ -612,8 +756,14 @@ def demo(
     export: bool = typer.Option(False, help="Export the final models (adds a few minutes)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     report: bool = typer.Option(False, help="Write the field-trial report at the end."),
+    release: bool = typer.Option(
+        True,
+        help="At the end, release every tier's model to its agents (staged, signed, health "
+        "checked) and ask each agent's local endpoint for predictions.",
+    ),
 ) -> None:
-    """Embedded broker + coordinator + one agent process per client, a few real rounds."""
+    """Embedded broker + coordinator + one agent process per client, a few real rounds,
+    then a release of the final models to the agents, which serve predictions."""
     from coordinator.demo import DemoSettings, run_demo
     from coordinator.inputs import pick_device
 
@@ -623,7 +773,9 @@ def demo(
     run_demo(
         cfg,
         run_dir,
-        DemoSettings(config_name=config, rounds=rounds, deadline_s=deadline, export=export),
+        DemoSettings(
+            config_name=config, rounds=rounds, deadline_s=deadline, export=export, release=release
+        ),
         pick_device(device),
         on_round=_round_printer(rows),
         report=lambda m: console.print(m),

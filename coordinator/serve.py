@@ -22,6 +22,7 @@ from coordinator.broker.mosquitto import MosquittoFiles, MosquittoTls, write_mos
 from coordinator.broker.net import LOOPBACK
 from coordinator.broker.site import SiteFiles, SiteSpec, write_site_config
 from coordinator.broker.tls import make_fleet_tls
+from coordinator.deploy.service import RELEASE_USER
 from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import (
@@ -43,6 +44,7 @@ from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
+from takfl.release.keys import KEY_FILE, generate_release_key
 from takfl.run_layout import exports_dir
 from takfl.wire import validation
 
@@ -76,14 +78,19 @@ class ServeSettings:
 
 
 def embedded_access(
-    fleet: str, registry: dict[str, RegistryEntry], coordinator_password: str
+    fleet: str,
+    registry: dict[str, RegistryEntry],
+    coordinator_password: str,
+    release_password: str | None = None,
 ) -> BrokerAccess:
-    """Logins of the embedded broker: the coordinator, and every provisioned agent with the
-    password derived from its secret (what ``takfl-agent run`` uses), under the fleet's ACL."""
+    """Logins of the embedded broker: the coordinator, every provisioned agent with the
+    password derived from its secret (what ``takfl-agent run`` uses), and with
+    ``release_password`` the release service (``RELEASE_USER``), under the fleet's ACL."""
     return BrokerAccess.for_fleet(
         fleet,
         (COORDINATOR_USER, coordinator_password),
         {a: mqtt_password(r.secret) for a, r in registry.items()},
+        release=None if release_password is None else (RELEASE_USER, release_password),
     )
 
 
@@ -175,8 +182,10 @@ def provision(
     tls_port: int = 8883,
     mosquitto_host: str = LOOPBACK,
 ) -> tuple[list[RegistryEntry], MosquittoFiles | None, str]:
-    """Secrets and registry for every configured client; optionally a Mosquitto config
-    (password file, per-agent ACL) with a fresh coordinator password, and with
+    """Secrets and registry for every configured client, and the fleet's release key
+    (``release-key.pem`` + ``root.json`` for the devices; made once, kept when it exists);
+    optionally a Mosquitto config (password file, per-agent ACL) with fresh passwords of
+    the coordinator, the read-only monitor and the release service, and with
     ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
     a TLS listener on ``tls_port`` (all interfaces; the plain one listens on
     ``mosquitto_host``, loopback unless told otherwise).
@@ -194,10 +203,12 @@ def provision(
             bind="",
         )
     records = provision_agents(cfg, out_dir, max_samples=max_samples)
+    if not (out_dir / KEY_FILE).exists():  # devices trust it: never replaced here
+        generate_release_key(out_dir)
     coord_password = secrets.token_hex(16)
     files = None
     if mosquitto_port is not None:
-        monitor_password = secrets.token_hex(16)
+        monitor_password, release_password = secrets.token_hex(16), secrets.token_hex(16)
         files = write_mosquitto_config(
             out_dir / "mosquitto",
             fleet=fleet or cfg.name,
@@ -209,8 +220,13 @@ def provision(
             monitor=(MONITOR_USER, monitor_password),
             tls=tls,
             use_tool=False,  # the built-in PBKDF2-SHA512 hasher: one file write, not one per agent
+            release=(RELEASE_USER, release_password),
         )
-        for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
+        for name, password in (
+            ("coordinator", coord_password),
+            ("monitor", monitor_password),
+            ("release", release_password),
+        ):
             atomic_write_text(out_dir / f"{name}.password", password + "\n", mode=0o600)
     return records, files, coord_password
 

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +60,11 @@ def agent_command(
     federation: str,
     shard: int,
     threads: int,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """The ``takfl-agent run`` command line of one demo agent: ``federation`` (a bundled
-    name or a path) gives it its demo ``shard`` of the data."""
+    name or a path) gives it its demo ``shard`` of the data; ``extra`` options follow
+    (e.g. ``--release-root``, ``--state-dir`` and ``--serve``)."""
     return [
         sys.executable,
         "-m",
@@ -82,6 +84,7 @@ def agent_command(
         str(shard),
         "--threads",
         str(threads),
+        *extra,
     ]
 
 
@@ -199,9 +202,11 @@ class Federation:
         profile: str | None = None,
         shard: int | None = None,
         secret: Path | None = None,
+        extra: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         """``takfl-agent run`` for ``agent_id`` (e.g. ``M-001``): by default its
-        prototype's profile, the shard of its index and its provisioned secret."""
+        prototype's profile, the shard of its index and its provisioned secret; ``extra``
+        options follow."""
         proto, _, idx = agent_id.rpartition("-")
         command = agent_command(
             profile=profile or next(p.profile for p in self.cfg.prototypes if p.name == proto),
@@ -211,6 +216,7 @@ class Federation:
             federation=str(self.cfg_path),
             shard=shard if shard is not None else int(idx),
             threads=1,
+            extra=extra,
         )
         return self._spawn(agent_id, command)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from takfl.config.profile import HardwareClass
-from takfl.wire.messages import Registration, Status, encode_message
+from takfl.wire.messages import InferenceStatus, Registration, Status, encode_message
 from takfl.wire.signing import sign
 from takfl.wire.telemetry import Telemetry
 
@@ -36,7 +36,13 @@ class AgentIdentity:
         )
         return sign(reg, self.secret)
 
-    def status(self, state: Literal["online", "offline"], connected_at: float) -> bytes:
-        """The encoded, signed status of the connection that started at ``connected_at``."""
-        msg = Status(agent_id=self.agent_id, state=state, time=connected_at)
+    def status(
+        self,
+        state: Literal["online", "offline"],
+        connected_at: float,
+        inference: InferenceStatus | None = None,
+    ) -> bytes:
+        """The encoded, signed status of the connection that started at ``connected_at``
+        (with the local inference service's block, when the agent serves a model)."""
+        msg = Status(agent_id=self.agent_id, state=state, time=connected_at, inference=inference)
         return encode_message(sign(msg, self.secret))

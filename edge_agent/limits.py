@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from edge_agent.memory import peak_rss_mb
 from takfl.config.profile import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -27,18 +28,6 @@ def apply_limits(spec: TrainingSpec) -> dict[str, object]:
     if spec.time_budget_s is not None:
         applied["time_budget_s"] = spec.time_budget_s
     return applied
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MB (None where the OS does not say)."""
-    try:
-        import resource
-        import sys
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
-    except (ImportError, OSError):
-        return None
 
 
 def over_memory(spec: TrainingSpec) -> str | None:

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -49,6 +49,7 @@ from takfl.mqtt.blobs import BlobSender, Missing
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
 from takfl.mqtt.ratelimit import ResendLimits
 from takfl.wire.chunking import ReassemblyLimits
+from takfl.wire.errors import WireError
 from takfl.wire.messages import (
     Ack,
     ChunkRequest,
@@ -56,12 +57,17 @@ from takfl.wire.messages import (
     GlobalAnnouncement,
     Registration,
     UpdateHeader,
+    decode_chunk,
     encode_message,
 )
 from takfl.wire.signing import message_ref, sign
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import Down, Topics, Up, check_ident
 from takfl.wire.update import PreparedUpdate, prepare_update
+
+if TYPE_CHECKING:  # the release side is imported only by agents that install releases
+    from edge_agent.deploy.deployment import Deployment
+    from edge_agent.serving.stats import StatusSchedule
 
 __all__ = [
     "COORDINATOR",
@@ -127,6 +133,8 @@ class AgentLink:
         self.clock = clock
         self.wall_clock = wall_clock
         me = identity.agent_id
+        self.releases: Deployment | None = None  # set by serve_releases
+        self._status_schedule: StatusSchedule | None = None
         self.client = MqttClient(settings, me, will=self._will)
         self.reader = InboundReader(me, identity.secret, identity.prototype)
         self.intake = TaskIntake(me, p.intake(), clock=clock)
@@ -162,6 +170,8 @@ class AgentLink:
         return self
 
     def close(self) -> None:
+        if self.releases is not None:
+            self.releases.channel.wait_idle(30.0)  # let an install finish and report
         self.client.stop(final=(self._status_topic(), self._status("offline")))
 
     def __enter__(self) -> AgentLink:
@@ -243,6 +253,18 @@ class AgentLink:
         (key: ``REGISTER_KEY``), or None after ``timeout`` s."""
         return self.outbox.wait_ack(key, timeout)
 
+    def serve_releases(self, deployment: Deployment, *, status_every_s: float = 30.0) -> None:
+        """Also install the releases of this agent's prototype over this connection (one
+        MQTT session per agent: the broker knows it by its agent id): route
+        ``down/<me>/release`` to the deployment's channel, offer it every chunk first, tick
+        it, and carry its inference block on the status. Call before :meth:`start`."""
+        from edge_agent.serving.stats import StatusSchedule
+
+        channel = deployment.channel
+        self.releases = deployment
+        self._status_schedule = StatusSchedule(status_every_s, clock=self.clock)
+        self.client.route(channel.offer_topic, channel.on_offer)
+
     # -- inspection -------------------------------------------------------------------------
     @property
     def counters(self) -> LinkCounters:
@@ -274,7 +296,9 @@ class AgentLink:
 
     def _status(self, state: Literal["online", "offline"], at: float | None = None) -> bytes:
         """A signed status of the connection that started at ``at`` (the current one)."""
-        return self.identity.status(state, self.client.connection_time if at is None else at)
+        when = self.client.connection_time if at is None else at
+        inference = self.releases.inference_status() if self.releases is not None else None
+        return self.identity.status(state, when, inference)
 
     def _will(self, connection_time: float) -> Will:
         return Will(self._status_topic(), self._status("offline", connection_time))
@@ -284,6 +308,8 @@ class AgentLink:
         with self._cond:
             self._registrations.append(message_ref(registration))
         self.client.publish(self._status_topic(), self._status("online"), retain=True)
+        if self.releases is not None and self._status_schedule is not None:
+            self._status_schedule.sent(self.releases.inference_status())
         topic = self.topics.up(self.identity.agent_id, Up.REGISTER)
         self.client.publish(topic, encode_message(registration), retain=True)
 
@@ -315,7 +341,18 @@ class AgentLink:
         self._decided(self.intake.task(self.reader.task(payload)))
 
     def _on_chunk(self, _topic: str, payload: bytes) -> None:
+        if self.releases is not None and self._release_chunk(payload):
+            return
         self._decided(self.intake.chunk(payload))
+
+    def _release_chunk(self, payload: bytes) -> bool:
+        """True if the chunk belonged to a release artifact being fetched (and was taken);
+        anything else, malformed chunks included, is the task intake's to judge."""
+        try:
+            chunk = decode_chunk(payload)
+        except WireError:
+            return False
+        return self.releases is not None and self.releases.channel.on_chunk(chunk)
 
     def _on_request(self, _topic: str, payload: bytes) -> None:
         request = self.reader.control(ChunkRequest, payload, "chunk request")
@@ -355,3 +392,15 @@ class AgentLink:
         for missing in self.intake.tick():
             self._request(missing)
         self.outbox.retry_due()
+        if self.releases is not None:
+            self._tick_releases(self.releases)
+
+    def _tick_releases(self, deployment: Deployment) -> None:
+        """Drive the release channel; publish the status again when the inference block
+        changed (at most every ``status_every_s``)."""
+        deployment.channel.tick()
+        block = deployment.inference_status()
+        schedule = self._status_schedule
+        if schedule is not None and self.client.is_connected and schedule.due(block):
+            self.client.publish(self._status_topic(), self._status("online"), retain=True)
+            schedule.sent(block)

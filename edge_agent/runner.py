@@ -12,6 +12,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +31,11 @@ from takfl.training import LocalResult, train_local
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.validation import check_layout
 
+if TYPE_CHECKING:
+    from tuf.api.metadata import Root
+
+    from edge_agent.serving.server import Endpoint, LocalServer
+
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0  # wait for the broker's answer to the MQTT 5 question
 PROBE_RETRY_S = 2.0  # between questions while the broker is not up
@@ -42,6 +49,16 @@ class AgentStats:
     last_round: int = -1
     seconds_training: float = 0.0
     rounds: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseOptions:
+    """Install the fleet's releases beside training (``run --release-root``), and serve
+    the active model on ``endpoint`` when given (``--serve``)."""
+
+    root: Root  # the fleet's release root (root.json)
+    state_dir: Path  # A/B slots and trust state
+    endpoint: Endpoint | None = None
 
 
 class NoProgram(RuntimeError):
@@ -98,6 +115,7 @@ class Agent:
         *,
         report: Callable[[str], None] = print,
         patience_s: float = 60.0,
+        releases: ReleaseOptions | None = None,
     ) -> None:
         if len(x) == 0:
             raise ValueError("the agent has no private data to train on")
@@ -113,6 +131,7 @@ class Agent:
         self.settings = settings
         self.fleet = fleet
         self.patience_s = patience_s
+        self.releases = releases
         self._denials: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.identity = AgentIdentity(
             agent_id=agent_id,
@@ -273,6 +292,7 @@ class Agent:
             patience_s=self.patience_s,
         )
         self._choose_protocol(watch)
+        server = self._serve_releases()
         self.link.start(timeout=None)  # keeps trying in the background until the broker is up
         try:
             while not self.stop_event.is_set():
@@ -301,4 +321,32 @@ class Agent:
                         break
         finally:
             self.link.close()
+            if server is not None:
+                server.close()
         return self.stats
+
+    def _serve_releases(self) -> LocalServer | None:
+        """Attach release installs to the link (and start the local inference endpoint)
+        when asked for; the active release serves at once, before the broker answers."""
+        options = self.releases
+        if options is None:
+            return None
+        from edge_agent.deploy.deployment import DeployConfig, Deployment
+        from edge_agent.serving.server import LocalServer
+
+        config = DeployConfig(
+            profile=self.profile,
+            fleet=self.fleet,
+            agent_id=self.identity.agent_id,
+            secret=self.identity.secret,
+            root=options.root,
+            state_dir=options.state_dir,
+        )
+        deployment = Deployment(config, publish=self.link.client.publish)
+        deployment.open()
+        self.link.serve_releases(deployment)
+        if options.endpoint is None:
+            return None
+        server = LocalServer(deployment.app(), options.endpoint).start()
+        self.report(f"serving {self.profile.prototype} releases on {server.endpoint}")
+        return server

@@ -14,6 +14,12 @@ run store, the report, the end-of-run export, the benchmarks and the tests.
     RUN/exports/<prototype>/                the exported artifacts of a prototype, with
                                             the export report (takfl-export --run)
     RUN/exports/report.json                 the export reports of every prototype
+    RUN/releases/<prototype>/<version>.json the signed release metadata (coordinator.deploy)
+    RUN/releases/blobs/<sha256>             release artifacts and reference files
+    RUN/releases/rollouts.json              every rollout record
+    RUN/releases/.lock                      held by the one release command at work
+    RUN/root.json, RUN/release-key.pem      the demo's release root and key (takfl.release.keys)
+    RUN/devices/<agent>/                    the demo agents' installed releases (A/B slots)
 
 A ``simulate`` output folder holds ``metrics.jsonl`` too (several algorithms and
 seeds), with ``results.json`` and ``accuracy.png``.
@@ -46,6 +52,11 @@ EXPORT_REPORT = "report.json"  # what takfl-export writes into each folder it fi
 RESULTS_FILE = "results.json"  # simulate: final accuracy per algorithm, mean and std
 PLOT_FILE = "accuracy.png"  # simulate: accuracy curves
 CHECKPOINT_SUFFIX = ".safetensors"
+RELEASES_DIR = "releases"
+RELEASE_BLOBS_DIR = "blobs"  # under RELEASES_DIR
+ROLLOUTS_FILE = "rollouts.json"  # under RELEASES_DIR
+RELEASE_LOCK = ".lock"  # under RELEASES_DIR
+DEVICES_DIR = "devices"  # the demo's agents' state directories
 
 _ROUND = re.compile(r"^round-(\d+)$")
 
@@ -148,6 +159,16 @@ def exports_dir(run: str | Path, prototype: str | None = None) -> Path:
 def export_report_path(run: str | Path) -> Path:
     """The export report of every prototype of a run (``takfl-export --run``)."""
     return exports_dir(run) / EXPORT_REPORT
+
+
+def releases_dir(run: str | Path) -> Path:
+    """Folder of a run's releases, their blobs and rollout records."""
+    return Path(run) / RELEASES_DIR
+
+
+def device_dir(run: str | Path, agent_id: str) -> Path:
+    """A demo agent's state directory (its installed releases)."""
+    return Path(run) / DEVICES_DIR / agent_id
 
 
 # -- state -------------------------------------------------------------------

@@ -20,11 +20,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata
+from tuf.api.serialization.json import CanonicalJSONSerializer
 
+from takfl.release.keys import make_root
+from takfl.release.metadata import ReleaseSpec, build_release, sign_release
+from takfl.release.reference import encode_reference
 from takfl.wire.chunking import blob_ref, split
 from takfl.wire.codec import decode_state, encode_state
 from takfl.wire.messages import (
@@ -33,6 +42,7 @@ from takfl.wire.messages import (
     AckSubject,
     ChunkRequest,
     GlobalAnnouncement,
+    InferenceStatus,
     ModelRef,
     Registration,
     SignedMessage,
@@ -44,6 +54,7 @@ from takfl.wire.messages import (
     encode_chunk,
     encode_message,
 )
+from takfl.wire.release import ReleaseOffer, ReleaseReport
 from takfl.wire.signing import DOMAIN, message_ref, sign
 from takfl.wire.telemetry import PlatformInfo, Telemetry
 from takfl.wire.topics import Down, Topics, Up
@@ -57,6 +68,8 @@ MESSAGES: tuple[type[WireMessage], ...] = (
     Ack,
     Status,
     GlobalAnnouncement,
+    ReleaseOffer,
+    ReleaseReport,
 )
 SECRET = bytes(range(32))  # the vectors' agent secret (never a real one)
 AGENT, PROTOTYPE, ROUND = "S-000", "S", 3
@@ -70,6 +83,14 @@ COORDINATOR, AGENT_SIDE = "coordinator", "agent"  # a vector's sender
 NUM_SAMPLES = 120  # the vectors' agent's shard size
 # A stand-in for an ExecuTorch training program (.pte): any bytes travel the same way.
 PROGRAM = b"ET12 stand-in training program, not a real .pte: " + bytes(range(256)) * 2
+# The release vectors' Ed25519 key, from a fixed seed (never a real one): Ed25519 signatures
+# are deterministic, so the signed release metadata is byte-for-byte reproducible.
+RELEASE_KEY_SEED = bytes(range(100, 132))
+RELEASE_EXPIRES = datetime(2031, 1, 1, tzinfo=timezone.utc)
+RELEASE_NOW = datetime.fromtimestamp(SENT_AT, tz=timezone.utc)
+RELEASE_FLEET_KEY = "release key"  # Ed25519 under the fleet's release key (TUF metadata)
+# A stand-in for an ONNX model: any bytes travel (and are checked) the same way.
+RELEASE_MODEL = b"ONNX stand-in model, not a real graph: " + bytes(range(256))
 DEFAULT_OUT = Path("docs/protocol")
 DESCRIPTION = (
     "Golden vectors of the takfl wire protocol v1; see docs/protocol.md. "
@@ -240,6 +261,8 @@ def vectors() -> tuple[Files, dict[str, Any]]:
         else:
             files.update(_signed_parts(name, message))
     messages = round_messages(task, registration, headers["fp16"]) | control
+    release, release_entry = release_files()
+    files |= release
     manifest = {
         "description": DESCRIPTION,
         "secret_hex": SECRET.hex(),
@@ -253,6 +276,7 @@ def vectors() -> tuple[Files, dict[str, Any]]:
         "program": _blob_entry("program.pte", PROGRAM)
         | {"note": "stand-in bytes, not a real ExecuTorch program"},
         "registration_message_ref": message_ref(registration),
+        "release": release_entry,
         "messages": manifest_entries(messages),
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
     }
@@ -298,6 +322,7 @@ def control_messages(
         | status_messages(topics)
         | chunk_request_messages(topics, task, update)
         | global_messages(topics, task)
+        | release_messages(topics)
     )
 
 
@@ -413,6 +438,136 @@ def global_messages(topics: Topics, task: TaskMessage) -> dict[str, Entry]:
             ann.model_copy(update={"agent_id": AGENT}), topics.down(AGENT, Down.GLOBAL), COORDINATOR
         ),
         "global-broadcast": _unsigned(ann, topics.global_model(PROTOTYPE)),
+    }
+
+
+# -- releases ------------------------------------------------------------------------------------
+def release_signer() -> CryptoSigner:
+    """The vectors' release key (fixed seed)."""
+    return CryptoSigner(Ed25519PrivateKey.from_private_bytes(RELEASE_KEY_SEED))
+
+
+def release_reference() -> bytes:
+    """Reference inputs (2, 1, 2, 2) and the outputs (2, 3) the release's model gives."""
+    inputs = np.linspace(-1.0, 1.0, 8, dtype=np.float32).reshape(2, 1, 2, 2)
+    outputs = np.array([[2.0, -1.0, 0.5], [-0.25, 1.5, 0.0]], dtype=np.float32)
+    return encode_reference(inputs, outputs)
+
+
+def release_metadata() -> bytes:
+    """Release 4 of prototype ``PROTOTYPE``: TUF targets metadata signed with the release key."""
+    spec = ReleaseSpec(
+        fleet=FLEET,
+        prototype=PROTOTYPE,
+        round=ROUND,
+        runtime="onnxruntime",
+        format="onnx",
+        quantization="none",
+        builder="mlp_digits",
+        num_classes=3,
+        input_shape=(1, 2, 2),
+        mean=[0.5],
+        std=[0.25],
+        class_names=["zero", "one", "two"],
+        tolerance=0.002,
+        min_top1=1.0,
+    )
+    md = build_release(
+        spec=spec,
+        version=4,
+        model=RELEASE_MODEL,
+        model_name="S-round-3-fp32.onnx",
+        reference=release_reference(),
+        expires=RELEASE_EXPIRES,
+        now=RELEASE_NOW,
+    )
+    return sign_release(md, release_signer())
+
+
+def release_files() -> tuple[Files, dict[str, Any]]:
+    """The fleet's root, a signed release and its two targets: (files, manifest ``release``)."""
+    signer = release_signer()
+    root = make_root(signer, expires=RELEASE_EXPIRES)
+    metadata = release_metadata()
+    doc = json.loads(metadata)
+    signed_bytes = CanonicalJSONSerializer().serialize(Metadata.from_bytes(metadata).signed)
+    files = {
+        "release-root.json": root,
+        "release-metadata.json": metadata,
+        "release-metadata.signed-bytes.bin": signed_bytes,
+        "release-model.onnx": RELEASE_MODEL,
+        "release-reference.safetensors": release_reference(),
+    }
+    entry = {
+        "root": "release-root.json",
+        "public_key_hex": signer.public_key.keyval["public"],
+        "keyid": signer.public_key.keyid,
+        "metadata": "release-metadata.json",
+        "signed_bytes": "release-metadata.signed-bytes.bin",
+        "signature": doc["signatures"][0]["sig"],
+        "model": {"file": "release-model.onnx", "target": "S/S-round-3-fp32.onnx"},
+        "reference": {"file": "release-reference.safetensors", "target": "S/reference.safetensors"},
+        "verify_at": RELEASE_NOW.isoformat(),
+    }
+    return files, entry
+
+
+def release_messages(topics: Topics) -> dict[str, Entry]:
+    """The offer of release 4 to the agent, its reports, and a status with inference telemetry."""
+    metadata = release_metadata().decode()
+    offer = ReleaseOffer(
+        agent_id=AGENT,
+        prototype=PROTOTYPE,
+        rollout="S-v4",
+        action="install",
+        version=4,
+        metadata=metadata,
+        chunk_size=CHUNK_SIZE,
+        sent_at=SENT_AT,
+    )
+    up = topics.up(AGENT, Up.RELEASE)
+
+    def report(state: Any, **more: Any) -> ReleaseReport:
+        return ReleaseReport(
+            agent_id=AGENT,
+            prototype=PROTOTYPE,
+            rollout="S-v4",
+            version=4,
+            state=state,
+            sent_at=SENT_AT + 30,
+            **more,
+        )
+
+    installed = report(
+        "installed",
+        active_version=4,
+        runtime="onnxruntime",
+        install_s=2.5,
+        latency_p50_ms=0.25,
+        latency_p99_ms=0.75,
+        peak_rss_mb=96.0,
+    )
+    failed = report(
+        "failed",
+        reason="parity",
+        detail="max |diff| 0.5, top-1 agreement 50%",
+        active_version=3,
+        runtime="onnxruntime",
+    )
+    inference = Status(
+        agent_id=AGENT,
+        state="online",
+        time=SENT_AT,
+        inference=InferenceStatus(
+            requests=120, errors=2, latency_p50_ms=0.5, latency_p99_ms=1.25, active_version=4
+        ),
+    )
+    return {
+        "release-offer": _signed(offer, topics.down(AGENT, Down.RELEASE), COORDINATOR),
+        "release-report-downloading": _signed(report("downloading"), up, AGENT_SIDE),
+        "release-report-installed": _signed(installed, up, AGENT_SIDE),
+        "release-report-failed": _signed(failed, up, AGENT_SIDE),
+        "status-online-inference": _signed(inference, topics.up(AGENT, Up.STATUS), AGENT_SIDE),
     }
 
 

@@ -126,13 +126,14 @@ def test_manifest_lists_every_vector_with_its_digest() -> None:
 
 
 def test_every_wire_message_has_a_vector_and_a_schema() -> None:
-    # Every JSON message class of takfl.wire.messages is listed, and a native agent finds
-    # at least one vector of each kind, each on the topic the code uses.
-    from takfl.wire import messages
+    # Every JSON message class of takfl.wire.messages and takfl.wire.release is listed, and
+    # a native agent finds at least one vector of each kind, each on the topic the code uses.
+    from takfl.wire import messages, release
 
     defined = {
         cls
-        for cls in vars(messages).values()
+        for module in (messages, release)
+        for cls in vars(module).values()
         if isinstance(cls, type)
         and issubclass(cls, messages.WireMessage)
         and "kind" in cls.model_fields
@@ -192,3 +193,53 @@ def test_program_chunks_reassemble_to_the_task_program() -> None:
     assert program == (VEC / "program.pte").read_bytes() and len(program) == ref["size"]
     request = json.loads((VEC / "chunk-request-program.json").read_bytes())
     assert request["digest"] == ref["digest"] and request["missing"] == list(range(ref["count"]))
+
+
+def test_release_metadata_is_ed25519_over_the_documented_canonical_bytes() -> None:
+    # Prepare: only the vectors and a plain Ed25519 verifier, as a native agent has them
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    rel = manifest()["release"]
+    doc = json.loads((VEC / rel["metadata"]).read_bytes())
+    signed_bytes = (VEC / rel["signed_bytes"]).read_bytes()
+    key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(rel["public_key_hex"]))
+
+    # Execute: the canonical form (sorted keys, no spaces, no floats) of "signed"
+    canonical = json.dumps(doc["signed"], sort_keys=True, separators=(",", ":")).encode()
+
+    # Assert
+    assert canonical == signed_bytes
+    assert doc["signatures"] == [{"keyid": rel["keyid"], "sig": rel["signature"]}]
+    key.verify(bytes.fromhex(rel["signature"]), signed_bytes)  # raises if it does not verify
+    root = json.loads((VEC / rel["root"]).read_bytes())
+    assert root["signed"]["roles"]["targets"]["keyids"] == [rel["keyid"]]
+    targets = doc["signed"]["targets"]
+    for part in ("model", "reference"):
+        data = (VEC / rel[part]["file"]).read_bytes()
+        target = targets[rel[part]["target"]]
+        assert target["length"] == len(data)
+        assert target["hashes"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_release_vectors_verify_as_a_device_verifies_them() -> None:
+    from datetime import datetime
+
+    from takfl.release.keys import parse_root
+    from takfl.release.metadata import check_artifact, verify_release
+
+    rel = manifest()["release"]
+    root = parse_root((VEC / rel["root"]).read_bytes())
+    offer = json.loads((VEC / "release-offer.json").read_bytes())
+
+    release = verify_release(
+        offer["metadata"].encode(),
+        root,
+        fleet=gen.FLEET,
+        prototype=gen.PROTOTYPE,
+        now=datetime.fromisoformat(rel["verify_at"]),
+    )
+
+    assert offer["metadata"].encode() == (VEC / rel["metadata"]).read_bytes()
+    assert release.version == offer["version"] == 4
+    check_artifact(release.model, (VEC / rel["model"]["file"]).read_bytes())
+    check_artifact(release.reference, (VEC / rel["reference"]["file"]).read_bytes())

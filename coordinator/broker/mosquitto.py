@@ -132,10 +132,16 @@ def write_password_file(
 
 
 def acl_text(
-    topics: Topics, coordinator_user: str, agents: Iterable[str], monitor_user: str | None = None
+    topics: Topics,
+    coordinator_user: str,
+    agents: Iterable[str],
+    monitor_user: str | None = None,
+    release_user: str | None = None,
 ) -> str:
     """ACL file of the fleet (rules in :mod:`coordinator.broker.acl`)."""
-    return mosquitto_acl_text(fleet_acl(topics, coordinator_user, agents, monitor_user))
+    return mosquitto_acl_text(
+        fleet_acl(topics, coordinator_user, agents, monitor_user, release_user)
+    )
 
 
 def conf_text(
@@ -215,12 +221,15 @@ def write_mosquitto_config(
     use_tool: bool | None = None,
     monitor: tuple[str, str] | None = None,
     max_packet_bytes: int | None = MAX_PACKET_BYTES,
+    release: tuple[str, str] | None = None,
 ) -> MosquittoFiles:
     """Write a complete Mosquitto configuration for one fleet.
 
     Args:
         coordinator: (username, password) of the coordinator.
         monitor: (username, password) of a read-only observer, e.g. for status probes.
+        release: (username, password) of the release service (``takfl-coordinator
+            release``): offers and artifact chunks only.
         agents: agent id (its username) -> password.
         run_as: ``user`` option (the account mosquitto drops to when started as root).
         use_tool: see :func:`write_password_file`.
@@ -234,10 +243,19 @@ def write_mosquitto_config(
     data, log_file = d / DATA_DIR, d / LOG_NAME
     data.mkdir(exist_ok=True)
     users = {coordinator[0]: coordinator[1], **agents}
-    if monitor is not None:
-        users[monitor[0]] = monitor[1]
+    for extra in (monitor, release):
+        if extra is not None:
+            users[extra[0]] = extra[1]
     method = write_password_file(passwords, users, use_tool=use_tool)
-    acl.write_text(acl_text(topics, coordinator[0], agents, monitor[0] if monitor else None))
+    acl.write_text(
+        acl_text(
+            topics,
+            coordinator[0],
+            agents,
+            monitor[0] if monitor else None,
+            release[0] if release else None,
+        )
+    )
     os.chmod(acl, 0o600)
     files_conf.write_text(
         conf_text(

@@ -2,7 +2,8 @@
 
 Sources (all optional but ``metrics.jsonl``): ``state.json``, ``metrics.jsonl``
 (accuracy and lambdas per round; several algorithms when the run compared baselines),
-``telemetry.jsonl`` (``coordinator.telemetry_log``) and ``exports/report.json``.
+``telemetry.jsonl`` (``coordinator.telemetry_log``), ``exports/report.json`` and the
+release records (``coordinator.deploy.summary``).
 Pure reading and arithmetic: no plotting, no writing.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.deploy.summary import release_summary
 from coordinator.observe import LATE_REASONS
 from coordinator.store import RunStore
 from takfl.run_layout import METRICS_FILE, export_report_path
@@ -324,4 +326,5 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "stragglers": straggler_timeline(events, metrics),
         "traffic": traffic(events),
         "exports": export_rows(run),
+        "releases": release_summary(run),
     }

@@ -212,6 +212,85 @@ def _exports(rep: dict[str, Any]) -> list[str]:
     return ["<h2>Exports</h2>", _table(EXPORT_COLUMNS, rows, left=5)]
 
 
+def _releases_html(releases: dict[str, list[dict[str, Any]]] | None) -> str:
+    """Each release's state per tier, and on-device latency per hardware class."""
+    if not releases or not releases.get("rollouts"):
+        return '<p class="missing">nothing released from this run (takfl-coordinator release)</p>'
+    rollouts = [
+        [
+            r["prototype"],
+            r["version"],
+            r["action"],
+            r["state"],
+            r["stage"],
+            f"{r['offered']}/{r['devices']}",
+            r["installed"],
+            ", ".join(f"{k} {n}" for k, n in r["failed"].items()) or "0",
+            r["rolled_back"],
+            r["bytes"] // 1024,
+            r["install_s"],
+            r["rollout_s"],
+            r["halt_reason"],
+        ]
+        for r in releases["rollouts"]
+    ]
+    latency = [
+        [
+            r["hardware_class"],
+            r["prototype"],
+            r["version"],
+            r["runtime"],
+            r["devices"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["worst_p99_ms"],
+            r["peak_rss_mb"],
+        ]
+        for r in releases.get("latency", [])
+    ]
+    head = ["tier", "version", "action", "state", "stage", "offered", "installed"]
+    parts = [
+        _table(
+            [
+                *head,
+                "failed (reason)",
+                "rolled back",
+                "KiB",
+                "install s",
+                "rollout s",
+                "halted because",
+            ],
+            rollouts,
+            left=4,
+        )
+    ]
+    if latency:
+        parts += [
+            "<h3>On-device inference latency at batch 1 (health check)</h3>",
+            _table(
+                [
+                    "hardware",
+                    "tier",
+                    "version",
+                    "runtime",
+                    "devices",
+                    "p50 ms",
+                    "p99 ms",
+                    "worst p99 ms",
+                    "peak RSS MB",
+                ],
+                latency,
+                left=4,
+            ),
+        ]
+    return "\n".join(parts)
+
+
+def _releases(rep: dict[str, Any]) -> list[str]:
+    """Each release's state per tier and the devices' latency (empty note without any)."""
+    return ["<h2>Releases to the devices</h2>", _releases_html(rep.get("releases"))]
+
+
 def render_html(rep: dict[str, Any]) -> str:
     """The page for a report dict (see ``coordinator.report.data.build_report``)."""
     parts = [
@@ -222,6 +301,7 @@ def render_html(rep: dict[str, Any]) -> str:
         *_fleet(rep),
         *_agents(rep),
         *_exports(rep),
+        *_releases(rep),
         "</body></html>",
     ]
     return "\n".join(parts)

@@ -40,6 +40,11 @@ class InferenceSpec(Strict):
     format: Literal["onnx", "tflite", "torch"] = "onnx"
     quantization: Literal["none", "int8", "dynamic"] = "none"
     threads: int = Field(1, ge=1)
+    # A release installs only if its batch-1 p99 latency here is within this budget
+    # (milliseconds; None: no budget) and its model file within this memory (MB; None:
+    # no check).
+    latency_budget_ms: float | None = Field(None, gt=0)
+    memory_limit_mb: int | None = Field(None, gt=0)
 
 
 class CommsSpec(Strict):

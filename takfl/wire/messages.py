@@ -22,8 +22,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -219,18 +221,44 @@ class Ack(SignedMessage):
     detail: Annotated[str, StringConstraints(max_length=512)] = ""
 
 
+Milliseconds = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+
+
+class InferenceStatus(_Strict):
+    """An agent's local inference service since it started: prediction requests, those
+    refused or failed, the latency of the recent ones (milliseconds, request received to
+    answer ready) and the release it serves (None: none)."""
+
+    requests: NonNegInt
+    errors: NonNegInt
+    latency_p50_ms: Milliseconds | None = None  # None until a prediction was served
+    latency_p99_ms: Milliseconds | None = None
+    active_version: Annotated[int, Field(ge=1)] | None = None
+
+
 class Status(SignedMessage):
     """Presence of an agent or of the coordinator (retained; ``offline`` is the last will).
 
     An agent signs its status. ``time`` is the start of the connection it describes (the
     will armed for a connection carries the same time as the ``online`` sent on it), so a
     receiver orders statuses by (time, online before offline) and ignores older ones.
+    An agent that serves inference adds ``inference`` and publishes its ``online``
+    status again (same ``time``) when that changed; the key is absent, not null, when
+    there is none, so a status without it has the bytes it always had.
     """
 
     kind: Literal["status"] = "status"
     agent_id: Ident  # "coordinator" for the coordinator
     state: Literal["online", "offline"]
     time: FiniteFloat
+    inference: InferenceStatus | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_inference(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.inference is None:
+            data.pop("inference", None)
+        return data
 
 
 class GlobalAnnouncement(SignedMessage):
