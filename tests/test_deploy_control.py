@@ -64,7 +64,9 @@ def world(tmp_path: Path) -> World:
         store=store,
         v1=synthetic_release(store, signing, "M", seed=1),
         v2=synthetic_release(store, signing, "M", seed=2),
-        registry={a: AgentRecord(agent_id=a, prototype="M", secret=generate_secret()) for a in AGENTS},
+        registry={
+            a: AgentRecord(agent_id=a, prototype="M", secret=generate_secret()) for a in AGENTS
+        },
     )
 
 

@@ -91,7 +91,10 @@ def test_staged_rollout_with_a_timeout_and_a_halted_tier_rolled_back(tmp_path: P
     store = ReleaseStore(tmp_path / "run")
     v1 = {p: synthetic_release(store, signing, p, seed=1) for p in ("M", "S")}
     v2 = {p: synthetic_release(store, signing, p, seed=2, size=5000) for p in ("M", "S")}
-    registry = {a: AgentRecord(agent_id=a, prototype=a[0], secret=generate_secret()) for a in [*M_AGENTS, *S_AGENTS]}
+    registry = {
+        a: AgentRecord(agent_id=a, prototype=a[0], secret=generate_secret())
+        for a in [*M_AGENTS, *S_AGENTS]
+    }
     history = [completed("M", 1, M_AGENTS), completed("S", 1, S_AGENTS)]
     rollouts = [
         new_rollout(
