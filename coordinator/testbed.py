@@ -168,6 +168,7 @@ class Federation:
     broker_url_agents: str
     broker_url_coordinator: str  # "embedded": the coordinator starts the broker itself
     port: int
+    service_port: int  # monitors and the release service (Mosquitto's service listener)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     mosquitto: MosquittoProcess | None = None
 
@@ -300,6 +301,7 @@ def federation(
         work,
         mosquitto_port=port if mosquitto else None,
         mosquitto_user=getpass.getuser(),
+        service_port=free_port() if mosquitto else None,
     )
     fed = Federation(
         cfg_path=cfg_path,
@@ -308,6 +310,7 @@ def federation(
         broker_url_agents=loopback_url(port),
         broker_url_coordinator=loopback_url(port, COORDINATOR_USER) if mosquitto else "embedded",
         port=port,
+        service_port=files.service_port or port if isinstance(files, MosquittoFiles) else port,
     )
     if isinstance(files, MosquittoFiles):
         fed.mosquitto = MosquittoProcess(files).start()
