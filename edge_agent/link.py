@@ -44,7 +44,7 @@ from edge_agent.inbound import InboundReader
 from edge_agent.intake import COORDINATOR, Decision, ReceivedTask, TaskIntake
 from edge_agent.link_policy import LinkCounters, LinkPolicy
 from edge_agent.outbox import UpdateOutbox
-from edge_agent.presence import RegistrationBook, RunFilter
+from edge_agent.presence import RegistrationBook, RunFilter, coordinator_presence
 from edge_agent.programs import ProgramCache
 from takfl.mqtt.blobs import BlobSender, Missing
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
@@ -55,10 +55,8 @@ from takfl.wire.messages import (
     Compression,
     GlobalAnnouncement,
     Registration,
-    Status,
     UpdateHeader,
     decode_chunk,
-    decode_message,
     encode_message,
 )
 from takfl.wire.signing import sign
@@ -306,12 +304,8 @@ class AgentLink:
         """The coordinator's presence: register when it came online on a connection this
         link has not registered with (unsigned, like every monitor's view of it: at worst
         a forged one makes the agent register once more)."""
-        try:
-            status = decode_message(Status, payload)
-        except WireError as e:
-            log.info("%s: unreadable coordinator status: %s", self.identity.agent_id, e)
-            return
-        if self.registrations.coordinator(status):
+        presence = coordinator_presence(payload)
+        if presence is not None and self.registrations.coordinator(*presence):
             self._register()
 
     def _request(self, missing: Missing) -> None:

@@ -16,11 +16,29 @@ import logging
 import threading
 from collections import deque
 
-from takfl.wire.messages import Ack, Registration, Status
+from takfl.wire.errors import UnsupportedVersion, WireError
+from takfl.wire.messages import Ack, Registration, Status, decode_message
 from takfl.wire.signing import message_ref
 
 log = logging.getLogger(__name__)
 REMEMBERED = 8  # recent registrations whose acks are accepted
+
+
+def coordinator_presence(payload: bytes) -> tuple[str, float] | None:
+    """(state, time) of the coordinator's status, of any protocol version (its ``state``
+    and ``time`` mean the same in every major, so an agent of another major registers,
+    and hears why it is refused), or None when unreadable."""
+    try:
+        status = decode_message(Status, payload)
+    except UnsupportedVersion as e:
+        state, at = e.received.get("state"), e.received.get("time")
+        if state in ("online", "offline") and isinstance(at, int | float):
+            return str(state), float(at)
+        return None
+    except WireError as e:
+        log.info("unreadable coordinator status: %s", e)
+        return None
+    return status.state, status.time
 
 
 class RegistrationBook:
@@ -36,14 +54,15 @@ class RegistrationBook:
         with self._lock:
             self._coordinator_time = None
 
-    def coordinator(self, status: Status) -> bool:
-        """The coordinator's status arrived; True when the agent should register now."""
-        if status.state != "online":
+    def coordinator(self, state: str, at: float) -> bool:
+        """The coordinator's status (``state``, connection ``time`` ``at``) arrived; True
+        when the agent should register now."""
+        if state != "online":
             return False
         with self._lock:
-            if status.time == self._coordinator_time:
+            if at == self._coordinator_time:
                 return False
-            self._coordinator_time = status.time
+            self._coordinator_time = at
             return True
 
     def sent(self, registration: Registration) -> None:

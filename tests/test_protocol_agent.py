@@ -12,7 +12,7 @@ import torch
 
 from edge_agent.inbound import InboundReader
 from edge_agent.intake import TaskIntake
-from edge_agent.presence import RegistrationBook, RunFilter
+from edge_agent.presence import RegistrationBook, RunFilter, coordinator_presence
 from takfl.wire.canonical import canonical_bytes
 from takfl.wire.chunking import blob_ref
 from takfl.wire.codec import encode_state
@@ -106,17 +106,21 @@ def test_the_refusal_of_this_agents_version_is_read_from_another_major() -> None
 
 def test_an_agent_registers_once_per_coordinator_connection() -> None:
     book = RegistrationBook()
-
-    def status(state: str, at: float) -> Status:
-        return Status(agent_id="coordinator", state=state, time=at)  # type: ignore[arg-type]
-
     book.connected()
-    assert book.coordinator(status("online", 10.0))  # the retained status, on subscribing
-    assert not book.coordinator(status("online", 10.0))  # the same connection again
-    assert not book.coordinator(status("offline", 10.0))  # it would not hear it
-    assert book.coordinator(status("online", 20.0))  # the coordinator reconnected
+    assert book.coordinator("online", 10.0)  # the retained status, on subscribing
+    assert not book.coordinator("online", 10.0)  # the same connection again
+    assert not book.coordinator("offline", 10.0)  # it would not hear it
+    assert book.coordinator("online", 20.0)  # the coordinator reconnected
     book.connected()  # this agent reconnected: register with whoever is online
-    assert book.coordinator(status("online", 20.0))
+    assert book.coordinator("online", 20.0)
+
+
+def test_the_coordinators_presence_is_read_in_any_major_version() -> None:
+    status = Status(agent_id="coordinator", state="online", time=12.5)
+    other = json.loads(encode_message(status)) | {"protocol": "3.2", "new": 1}
+    assert coordinator_presence(encode_message(status)) == ("online", 12.5)
+    assert coordinator_presence(canonical_bytes(other)) == ("online", 12.5)
+    assert coordinator_presence(b"{}") is None
 
 
 def test_acks_and_requests_of_another_run_are_counted_and_ignored() -> None:

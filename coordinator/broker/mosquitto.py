@@ -10,8 +10,9 @@
                      with one login coexist); no anonymous access, a password file per kind
                      of listener, one ACL, persistence
     passwords        user:$7$... hashes (PBKDF2-SHA512), by ``mosquitto_passwd`` when installed:
-                     agents, the coordinator (and site bridges, added by ``site``)
-    service.passwords  the monitor, the release service and the coordinator: agents cannot
+                     every login (and site bridges, added by ``site``); on these listeners
+                     a monitor or the release service has its login as client id
+    service.passwords  the coordinator, the monitor and the release service: agents cannot
                      log in on the service listener at all
     acl              the coordinator user reads/writes takfl/<fleet>/#; each agent (username =
                      agent id) writes only its own up/ tree and reads only its own down/ tree
@@ -276,10 +277,10 @@ def write_mosquitto_config(
         agents: agent id (its username) -> password.
         run_as: ``user`` option (the account mosquitto drops to when started as root).
         use_tool: see :func:`write_password_file`.
-        service_port: the service listener's port (on ``host``): the monitor, the
-            release service and the coordinator log in there with client ids of their
-            own, and only there for the first two. None: no service listener (every
-            login on the one listener, client ids forced to usernames).
+        service_port: the service listener's port (on ``host``): the coordinator, the
+            monitor and the release service log in there with client ids of their own
+            (several monitors under one login), agents cannot log in there. None: no
+            service listener (client ids forced to usernames everywhere).
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -290,10 +291,10 @@ def write_mosquitto_config(
     data, log_file = d / DATA_DIR, d / LOG_NAME
     data.mkdir(exist_ok=True)
     users = {coordinator[0]: coordinator[1], **agents}
-    services = {coordinator[0]: coordinator[1]}
     for extra in (monitor, release):
         if extra is not None:
-            (services if service_port is not None else users)[extra[0]] = extra[1]
+            users[extra[0]] = extra[1]
+    services = {u: p for u, p in users.items() if u not in agents}
     method = write_password_file(passwords, users, use_tool=use_tool)
     service = None
     if service_port is not None:

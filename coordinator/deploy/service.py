@@ -17,8 +17,9 @@ its :class:`~coordinator.deploy.control.Decision`. Routes::
 **Broker login.** The service logs in as its own user, :data:`RELEASE_USER`, never as
 the coordinator, with a client id of its own (``takfl-release-<random>``), so two
 release commands, or a release and a running ``serve``, never take each other's session
-over (on Mosquitto it connects to the service listener, where client ids are the
-client's: see :mod:`coordinator.broker.mosquitto`). The release user's ACL
+over (on Mosquitto: on its service listener, where client ids are the clients'; on an
+agents' listener the broker makes the login the client id, see
+:mod:`coordinator.broker.mosquitto`). The release user's ACL
 (``coordinator.broker.acl.release_grants``) allows only what this module does: write
 ``down/+/release`` and ``down/+/chunk``, read ``up/+/release`` and ``up/+/request``.
 ``provision`` writes its password to ``release.password``; the embedded broker
