@@ -166,6 +166,15 @@ class TaskDispatch:
                     due.append(a.message)
         return due
 
+    def awaited(self, delivered: Callable[[int], set[str]]) -> list[str]:
+        """Agents of the current round whose update is still wanted: not among
+        ``delivered(round)`` and their task's deadline not passed."""
+        now = time.time()
+        with self._lock:
+            round_id, assignments = self.round, dict(self._assignments)
+        done = delivered(round_id)
+        return [a for a, x in assignments.items() if a not in done and now < x.message.deadline]
+
     def finish(self) -> None:
         """The run has ended: updates are answered ``run_finished``, tasks not re-sent."""
         with self._lock:

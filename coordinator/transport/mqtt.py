@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -31,6 +30,7 @@ from typing import Literal, TypeVar
 
 from coordinator.observe import FleetObserver
 from coordinator.transport.base import ClientUpdate, Task, Transport
+from coordinator.transport.control import ControlDesk
 from coordinator.transport.dispatch import TaskDispatch, task_message
 from coordinator.transport.inbound import agent_of as read_agent
 from coordinator.transport.inbound import read
@@ -59,7 +59,7 @@ from takfl.wire.messages import (
 )
 from takfl.wire.signing import restamp, sign
 from takfl.wire.topics import Down, Topics, Up
-from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds, Verdict, refuse
+from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=SignedMessage)
@@ -102,13 +102,11 @@ class TransportPolicy:
         )
 
 
-@dataclass(kw_only=True)
+@dataclass
 class TransportCounters:
     registrations: int = 0
     chunks_resent: int = 0
     task_retries: int = 0
-    # control messages (task acks, chunk requests, statuses) not acted on, by reason
-    ignored: Counter[str] = field(default_factory=Counter)
 
 
 class MqttTransport(Transport):
@@ -152,8 +150,8 @@ class MqttTransport(Transport):
         self.intake = UpdateIntake(
             self.registry, self.dispatch, p.intake(), clock=clock, guard=self.guard
         )
+        self.desk = ControlDesk(self.dispatch)  # task acks and chunk requests
         self._counters = TransportCounters()
-        self._other_runs: set[str] = set()  # runs of ignored control messages, logged once
         offline = self._coordinator_status("offline", 0.0)
         self.client = MqttClient(
             settings,
@@ -287,23 +285,12 @@ class MqttTransport(Transport):
 
     def finish(self, grace_s: float | None = None) -> None:
         """The run has ended: from now on every update is answered ``run_finished``.
-        Waits (at most ``grace_s``, default the policy's) while some agent of the last
-        round has not delivered and its task's deadline has not passed, so an update
-        still on its way gets its answer before the coordinator leaves."""
+        Waits (at most ``grace_s``, default the policy's) while an agent of the last
+        round has neither delivered nor passed its task's deadline, so an update still on
+        its way gets its answer before the coordinator leaves."""
         self.dispatch.finish()
-        grace = self.policy.finish_grace_s if grace_s is None else grace_s
-        end = time.monotonic() + grace
-        round_id, assignments = self.dispatch.current()
-        while time.monotonic() < end:
-            delivered = self.intake.delivered(round_id)
-            now = time.time()
-            waiting = [
-                a
-                for a, task in assignments.items()
-                if a not in delivered and now < task.message.deadline
-            ]
-            if not waiting:
-                return
+        end = time.monotonic() + (self.policy.finish_grace_s if grace_s is None else grace_s)
+        while time.monotonic() < end and self.dispatch.awaited(self.intake.delivered):
             time.sleep(0.2)
 
     @property
@@ -348,20 +335,6 @@ class MqttTransport(Transport):
         unknown agent, which cannot verify it anyway)."""
         record = self.registry.get(agent)
         return message if record is None else restamp(message, record.secret)
-
-    def _ignored(self, what: str, agent: str | None, verdict: Verdict) -> None:
-        """Count a control message not acted on, by reason, and log it (another run: once
-        per run)."""
-        reason = verdict.reason or Refusal.MALFORMED
-        self._counters.ignored[reason.value] += 1
-        if reason is Refusal.OTHER_RUN:
-            if verdict.detail in self._other_runs:
-                return
-            self._other_runs.add(verdict.detail)
-        log.info("ignored %s of %s: %s", what, agent, verdict)
-
-    def _other_run(self, run: str) -> Verdict:
-        return refuse(Refusal.OTHER_RUN, f"run {run!r}, this run is {self.run_id}")
 
     def _ack(self, agent: str, ack: Ack) -> None:
         self.client.publish(
@@ -420,31 +393,14 @@ class MqttTransport(Transport):
             self.observer.presence(received.agent, self.registry[received.agent].prototype, online)
 
     def _on_task_ack(self, topic: str, payload: bytes) -> None:
-        received = read(Ack, self.topics, topic, payload, self.registry, guard=self.guard)
-        if not received.ok or received.agent is None or received.message is None:
-            self._ignored("task ack", received.agent, received.verdict)
-            return
-        ack = received.message
-        if ack.run != self.run_id:
-            self._ignored("task ack", received.agent, self._other_run(ack.run))
-            return
-        self.dispatch.acknowledged(received.agent, ack)
-        if not ack.accepted:
-            log.warning("agent %s refused its task: %s %s", received.agent, ack.reason, ack.detail)
+        self.desk.task_ack(read(Ack, self.topics, topic, payload, self.registry, guard=self.guard))
 
     def _on_request(self, topic: str, payload: bytes) -> None:
         received = read(ChunkRequest, self.topics, topic, payload, self.registry, guard=self.guard)
-        agent, request = received.agent, received.message
-        if not received.ok or agent is None or request is None:
-            self._ignored("chunk request", agent, received.verdict)
-            return
-        if not self.dispatch.may_fetch(agent, request.digest):
-            return  # not this run's blob (a release service answers for its own)
-        if request.run != self.run_id:
-            self._ignored("chunk request", agent, self._other_run(request.run))
-        else:
-            n = self.sender.answer(self.topics.down(agent, Down.CHUNK), request, agent)
-            self._counters.chunks_resent += n
+        request = self.desk.chunk_request(received)
+        if request is not None and received.agent is not None:
+            topic = self.topics.down(received.agent, Down.CHUNK)
+            self._counters.chunks_resent += self.sender.answer(topic, request, received.agent)
 
     def _on_update(self, topic: str, payload: bytes) -> None:
         received = read(
