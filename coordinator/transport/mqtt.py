@@ -34,6 +34,7 @@ from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
 from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
+from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
 from takfl.wire.codec import encode_state
 from takfl.wire.messages import (
@@ -49,7 +50,7 @@ from takfl.wire.messages import (
 )
 from takfl.wire.signing import sign
 from takfl.wire.topics import Down, Topics, Up
-from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds
+from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds, Verdict
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=SignedMessage)
@@ -237,6 +238,17 @@ class MqttTransport(Transport):
                 signed = sign(ann.model_copy(update={"agent_id": agent}), record.secret)
                 topic = self.topics.down(agent, Down.GLOBAL)
                 self.client.publish(topic, encode_message(signed), retain=True)
+
+    def bound_updates(self, bounds: Mapping[str, StateBounds]) -> None:
+        """Per-tensor, buffer and whole-norm bounds by prototype, checked on receipt."""
+        self.intake.state_bounds = dict(bounds)
+
+    def refused(self, update: ClientUpdate, verdict: Verdict) -> None:
+        """The engine refused an update the intake had accepted: counted with the
+        intake's refusals and told to the observer (metrics, telemetry log)."""
+        reason = (verdict.reason or Refusal.MALFORMED).value
+        self.counters.refused[reason] += 1
+        self.observer.refused(update.client_id, update.prototype, update.round_id, reason)
 
     @property
     def on_allowance(self) -> Callable[[str, int], None] | None:
