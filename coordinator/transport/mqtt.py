@@ -29,11 +29,11 @@ from coordinator.transport.dispatch import TaskDispatch, task_message
 from coordinator.transport.inbound import agent_of as read_agent
 from coordinator.transport.inbound import read
 from coordinator.transport.intake import Decision, IntakeCounters, IntakePolicy, UpdateIntake
-from coordinator.transport.presence import AgentState, Presence
+from coordinator.transport.presence import AgentState, Presence, PresenceGate
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
-from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
+from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits
 from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
 from takfl.wire.codec import encode_state
@@ -78,6 +78,11 @@ class TransportPolicy:
     # (agents that train through ExecuTorch fetch one by chunk request when not cached).
     programs: Mapping[str, bytes] = field(default_factory=dict)
     resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
+    # per agent, before a message is queued: an agent registers and says online once per
+    # connection (and the broker sends its will), so these leave room for a few
+    # reconnects a minute; the excess is dropped unread, counted, logged once a window
+    registrations: MessageLimits = field(default_factory=lambda: MessageLimits(per_window=10))
+    statuses: MessageLimits = field(default_factory=lambda: MessageLimits(per_window=20))
 
     def intake(self) -> IntakePolicy:
         return IntakePolicy(
@@ -94,6 +99,8 @@ class TransportCounters:
     registrations: int = 0
     chunks_resent: int = 0
     task_retries: int = 0
+    registrations_dropped: int = 0  # over an agent's rate limit, dropped unread
+    statuses_dropped: int = 0
 
 
 class MqttTransport(Transport):
@@ -139,9 +146,10 @@ class MqttTransport(Transport):
             ResendLimiter(p.resend, clock=clock),
         )
         self._updates: queue.Queue[ClientUpdate] = queue.Queue()
+        self.gate = PresenceGate(self.topics, p.registrations, p.statuses, clock=clock)
         t = self.topics
-        self.client.route(t.up_filter(Up.REGISTER), self._on_register)
-        self.client.route(t.up_filter(Up.STATUS), self._on_status)
+        self.client.route(t.up_filter(Up.REGISTER), self._on_register, admit=self.gate.registration)
+        self.client.route(t.up_filter(Up.STATUS), self._on_status, admit=self.gate.status)
         self.client.route(t.up_filter(Up.ACK), self._on_task_ack)
         self.client.route(t.up_filter(Up.REQUEST), self._on_request)
         self.client.route(t.up_filter(Up.UPDATE), self._on_update)
@@ -268,6 +276,8 @@ class MqttTransport(Transport):
     @property
     def transport_counters(self) -> TransportCounters:
         self._counters.registrations = self.presence.registrations
+        self._counters.registrations_dropped = self.gate.registrations.total_dropped
+        self._counters.statuses_dropped = self.gate.statuses.total_dropped
         return self._counters
 
     @property
