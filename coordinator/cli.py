@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.engine import RoundResult
+from coordinator.registry import DEFAULT_SAMPLE_CEILING
 from coordinator.reproduce import PAPER_ALGORITHMS
 from takfl.algorithms import AlgorithmError, resolve_algorithm
 from takfl.config import (
@@ -426,7 +427,19 @@ def provision(
         None,
         min=1,
         help="Most training samples any agent may claim (its FedAvg weight); "
-        "default: what the agent's first registration says.",
+        "default: what the agent's first registration says, up to --sample-ceiling.",
+    ),
+    sample_ceiling: int = typer.Option(
+        DEFAULT_SAMPLE_CEILING,
+        min=1,
+        help="Fleet-wide: a first registration above it is refused, not pinned as the "
+        "agent's allowance (agents without --max-samples).",
+    ),
+    agent: str = typer.Option(
+        None,
+        help="Re-provision this one agent of the registry in --out (a replacement device, "
+        "or one whose data grew): a new secret and the allowance --max-samples; "
+        "restart serve with --resume to use it.",
     ),
     tls: bool = typer.Option(
         False, help="Also create a fleet CA, a server certificate and a TLS listener."
@@ -458,6 +471,9 @@ def provision(
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
+    if agent is not None:
+        _reprovision(out, agent, max_samples)
+        return
     if tls and not tls_host:
         raise fail("--tls needs at least one --tls-host (the name or address agents connect to)")
     if tls_host and not tls:
@@ -480,6 +496,7 @@ def provision(
             mosquitto_port=mosquitto_port,
             mosquitto_user=mosquitto_user,
             max_samples=max_samples,
+            sample_ceiling=sample_ceiling,
             tls_hosts=list(tls_host) if tls else None,
             tls_port=tls_port,
             mosquitto_host=mosquitto_host,
@@ -522,6 +539,22 @@ def provision(
                 f"connect to it on port {site_port}; it bridges to {central_host}:{files.port} "
                 f"as {sf.bridge_user})"
             )
+
+
+def _reprovision(out: Path, agent: str, max_samples: int | None) -> None:
+    from coordinator.registry import RegistryError, secret_path
+    from coordinator.serve import reprovision
+
+    try:
+        record = reprovision(out, agent, max_samples=max_samples)
+    except (RegistryError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    allowance = record.max_samples or f"open, up to {record.sample_ceiling}"
+    console.print(
+        f"{agent}: new secret {secret_path(out, agent)} (copy it to the replacement device; "
+        f"the old one no longer verifies), allowance {allowance}; restart serve with "
+        "--resume (and send Mosquitto SIGHUP) to use it"
+    )
 
 
 @app.command()

@@ -18,18 +18,26 @@ import torch
 
 from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.embedded import EmbeddedBroker
-from coordinator.broker.mosquitto import MosquittoFiles, MosquittoTls, write_mosquitto_config
+from coordinator.broker.mosquitto import (
+    PASSWORDS_NAME,
+    MosquittoFiles,
+    MosquittoTls,
+    set_password,
+    write_mosquitto_config,
+)
 from coordinator.broker.net import LOOPBACK
 from coordinator.broker.site import SiteFiles, SiteSpec, write_site_config
 from coordinator.broker.tls import make_fleet_tls
 from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import (
+    DEFAULT_SAMPLE_CEILING,
     REGISTRY_FILE,
     AgentRecord,
     AllowanceBook,
     load_registry,
     provision_agents,
+    reprovision_agent,
 )
 from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore, RunStoreError
@@ -47,6 +55,7 @@ from takfl.wire import validation
 
 log = logging.getLogger(__name__)
 TLS_DIR = "tls"  # provision's CA and server certificate
+MOSQUITTO_DIR = "mosquitto"  # provision's Mosquitto configuration
 COORDINATOR_USER = "takfl-coordinator"
 MONITOR_USER = "takfl-monitor"  # read-only, for takfl-coordinator status
 
@@ -116,7 +125,9 @@ def broker_for(
 
 def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
     return {
-        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        a: validation.AgentRecord(
+            a, r.prototype, r.secret, max_samples=r.max_samples, sample_ceiling=r.sample_ceiling
+        )
         for a, r in records.items()
     }
 
@@ -168,6 +179,7 @@ def provision(
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
     max_samples: int | None = None,
+    sample_ceiling: int | None = DEFAULT_SAMPLE_CEILING,
     tls_hosts: list[str] | None = None,
     tls_port: int = 8883,
     mosquitto_host: str = LOOPBACK,
@@ -178,7 +190,7 @@ def provision(
     a TLS listener on ``tls_port`` (all interfaces; the plain one listens on
     ``mosquitto_host``, loopback unless told otherwise).
     ``max_samples`` caps each agent's claimed sample count (None: its first registration
-    pins it)."""
+    pins it, refused above ``sample_ceiling``)."""
     if tls_hosts and mosquitto_port is None:
         raise ValueError("a TLS listener needs a Mosquitto configuration: add --mosquitto-port")
     tls = None
@@ -190,13 +202,13 @@ def provision(
             key_file=str(material.server_key.resolve()),
             bind="",
         )
-    records = provision_agents(cfg, out_dir, max_samples=max_samples)
+    records = provision_agents(cfg, out_dir, max_samples=max_samples, sample_ceiling=sample_ceiling)
     coord_password = secrets.token_hex(16)
     files = None
     if mosquitto_port is not None:
         monitor_password = secrets.token_hex(16)
         files = write_mosquitto_config(
-            out_dir / "mosquitto",
+            out_dir / MOSQUITTO_DIR,
             fleet=fleet or cfg.name,
             port=mosquitto_port,
             host=mosquitto_host,
@@ -210,6 +222,18 @@ def provision(
         for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
             atomic_write_text(out_dir / f"{name}.password", password + "\n", mode=0o600)
     return records, files, coord_password
+
+
+def reprovision(out_dir: Path, agent_id: str, *, max_samples: int | None = None) -> AgentRecord:
+    """Re-provision one agent in ``out_dir`` (:func:`coordinator.registry.reprovision_agent`:
+    a new secret and allowance) and, when ``out_dir`` holds a Mosquitto configuration,
+    its broker password (derived from the new secret). A running ``serve`` reads the
+    registry at start: restart it with ``--resume``; Mosquitto reloads on SIGHUP."""
+    record = reprovision_agent(out_dir, agent_id, max_samples=max_samples)
+    passwords = out_dir / MOSQUITTO_DIR / PASSWORDS_NAME
+    if passwords.is_file():
+        set_password(passwords, agent_id, mqtt_password(record.secret))
+    return record
 
 
 def provision_sites(

@@ -131,6 +131,17 @@ def write_password_file(
     return MOSQUITTO_PASSWD
 
 
+def set_password(path: Path, user: str, password: str) -> None:
+    """Replace (or add) ``user``'s line of a Mosquitto password file, hashed in Python
+    (mode 0600); the other lines stay as they are. Mosquitto reads it again on SIGHUP."""
+    _check_credentials({user: password})
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.partition(":")[0] != user]
+    atomic_write_text(
+        path, "".join(f"{x}\n" for x in [*kept, f"{user}:{hash_password(password)}"]), mode=0o600
+    )
+
+
 def acl_text(
     topics: Topics, coordinator_user: str, agents: Iterable[str], monitor_user: str | None = None
 ) -> str:

@@ -77,12 +77,14 @@ def refuse(reason: Refusal, detail: str) -> Verdict:
 @dataclass(frozen=True)
 class AgentRecord:
     """A provisioned agent: its secret, the prototype it trains and the most training
-    samples it may claim (its FedAvg weight); None until provisioned or first registered."""
+    samples it may claim (its FedAvg weight); None until provisioned or first registered,
+    and then at most ``sample_ceiling`` (the fleet's; None: no ceiling)."""
 
     agent_id: str
     prototype: str
     secret: bytes = field(repr=False)
     max_samples: int | None = field(default=None, kw_only=True)
+    sample_ceiling: int | None = field(default=None, kw_only=True)
 
 
 DEFAULT_NORM_FACTOR = 5.0  # honest digits deltas measured at 0.1-0.5 x the global norm
@@ -116,13 +118,21 @@ class UpdateBounds:
 
 
 def check_samples(num_samples: int, record: AgentRecord) -> Verdict:
-    """At least one sample, at most what the agent's registry entry allows."""
+    """At least one sample, at most what the agent's registry entry allows: its
+    allowance, or while it has none the fleet's ceiling."""
     if num_samples < 1:
         return refuse(Refusal.NO_SAMPLES, f"{record.agent_id!r} claims {num_samples} samples")
     if record.max_samples is not None and num_samples > record.max_samples:
         return refuse(
             Refusal.SAMPLE_CAP,
             f"{record.agent_id!r} claims {num_samples} samples, allowed {record.max_samples}",
+        )
+    ceiling = record.sample_ceiling
+    if record.max_samples is None and ceiling is not None and num_samples > ceiling:
+        return refuse(
+            Refusal.SAMPLE_CAP,
+            f"{record.agent_id!r} claims {num_samples} samples, over the fleet's ceiling "
+            f"{ceiling}; raise its allowance with takfl-coordinator provision --agent",
         )
     return ACCEPTED
 
