@@ -6,6 +6,7 @@ the MQTT transport, the resumable federation run, and the export at the end.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,6 +55,9 @@ from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
 from takfl.wire import validation
 
+if TYPE_CHECKING:
+    from coordinator.metrics import MetricsTls
+
 log = logging.getLogger(__name__)
 TLS_DIR = "tls"  # provision's CA and server certificate
 MOSQUITTO_DIR = "mosquitto"  # provision's Mosquitto configuration
@@ -80,7 +85,9 @@ class ServeSettings:
     wait_agents_s: float = 600.0  # ...and at most this long for one agent per prototype
     export: bool = True
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free)
-    metrics_addr: str = "0.0.0.0"
+    metrics_bind: str = LOOPBACK  # another address needs metrics_tls or metrics_plaintext
+    metrics_tls: MetricsTls | None = None
+    metrics_plaintext: bool = False
 
 
 def embedded_access(
@@ -183,11 +190,13 @@ def provision(
     tls_hosts: list[str] | None = None,
     tls_port: int = 8883,
     mosquitto_host: str = LOOPBACK,
+    listen: list[str] | None = None,
 ) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client; optionally a Mosquitto config
     (password file, per-agent ACL) with a fresh coordinator password, and with
     ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
-    a TLS listener on ``tls_port`` (all interfaces; the plain one listens on
+    TLS listeners on ``tls_port`` at the addresses :func:`tls_listen_addresses` gives
+    (never every interface unless ``listen`` says "0.0.0.0"; the plain listener is on
     ``mosquitto_host``, loopback unless told otherwise).
     ``max_samples`` caps each agent's claimed sample count (None: its first registration
     pins it, refused above ``sample_ceiling``)."""
@@ -200,7 +209,7 @@ def provision(
             port=tls_port,
             cert_file=str(material.server_cert.resolve()),
             key_file=str(material.server_key.resolve()),
-            bind="",
+            binds=tls_listen_addresses(tls_hosts, listen, mosquitto_host),
         )
     records = provision_agents(cfg, out_dir, max_samples=max_samples, sample_ceiling=sample_ceiling)
     coord_password = secrets.token_hex(16)
@@ -224,6 +233,26 @@ def provision(
     return records, files, coord_password
 
 
+def tls_listen_addresses(
+    tls_hosts: list[str], listen: list[str] | None, plain_host: str
+) -> tuple[str, ...]:
+    """Where the TLS listeners bind: the ``listen`` addresses when given; else the
+    ``tls_hosts`` that are IP addresses (agents connect to them, so the broker must
+    listen there); else the plain listener's ``plain_host`` (loopback by default)."""
+    if listen:
+        return tuple(dict.fromkeys(listen))
+    literal = [h for h in tls_hosts if _is_address(h)]
+    return tuple(dict.fromkeys(literal)) or (plain_host,)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def reprovision(out_dir: Path, agent_id: str, *, max_samples: int | None = None) -> AgentRecord:
     """Re-provision one agent in ``out_dir`` (:func:`coordinator.registry.reprovision_agent`:
     a new secret and allowance) and, when ``out_dir`` holds a Mosquitto configuration,
@@ -244,7 +273,7 @@ def provision_sites(
     *,
     central_host: str,
     port: int = 1883,
-    host: str = "0.0.0.0",
+    host: str = LOOPBACK,
     fleet: str | None = None,
     run_as: str | None = None,
 ) -> list[SiteFiles]:
@@ -332,11 +361,17 @@ def serve(
     observers: list[FleetObserver] = [TelemetryRecorder(store)]
     metrics = None
     if settings.metrics_port is not None:
-        from coordinator.metrics import PrometheusMetrics
+        from coordinator.metrics import PrometheusMetrics, endpoint_problem
 
+        problem = endpoint_problem(
+            settings.metrics_bind, settings.metrics_tls, settings.metrics_plaintext
+        )
+        if problem is not None:
+            raise ValueError(problem)
         metrics = PrometheusMetrics([p.name for p in cfg.prototypes])
-        bound = metrics.serve(settings.metrics_port, settings.metrics_addr)
-        report(f"Prometheus metrics on http://{settings.metrics_addr}:{bound}/metrics")
+        bound = metrics.serve(settings.metrics_port, settings.metrics_bind, settings.metrics_tls)
+        scheme = "http" if settings.metrics_tls is None else "https"
+        report(f"Prometheus metrics on {scheme}://{settings.metrics_bind}:{bound}/metrics")
         observers.append(metrics)
     observer = Observers(observers)
     allowances = AllowanceBook(agents_file, registry)

@@ -2,7 +2,8 @@
 
 ``write_mosquitto_config`` writes into one directory::
 
-    mosquitto.conf   listener on host:port (+ optional TLS listener), no anonymous access,
+    mosquitto.conf   listener on host:port (+ optional TLS listeners on the addresses
+                     given, never every interface unless "0.0.0.0" is given), no anonymous access,
                      password_file, acl_file, persistence, client id forced to the username
     passwords        user:$7$... hashes (PBKDF2-SHA512), by ``mosquitto_passwd`` when installed
     acl              the coordinator user reads/writes takfl/<fleet>/#; each agent (username =
@@ -50,14 +51,14 @@ SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
 @dataclass(frozen=True)
 class MosquittoTls:
-    """A TLS listener next to the plain one."""
+    """TLS listeners next to the plain one, one per address in ``binds``."""
 
     port: int
     cert_file: str
     key_file: str
     ca_file: str | None = None
     require_certificate: bool = False  # mutual TLS
-    bind: str | None = None  # address to listen on; None: the plain listener's, "": all
+    binds: tuple[str, ...] = ()  # addresses to listen on; empty: the plain listener's
 
 
 @dataclass(frozen=True)
@@ -196,11 +197,12 @@ def conf_text(
     if run_as is not None:
         lines.append(f"user {run_as}")
     lines += ["", f"listener {port} {host}", "use_username_as_clientid true"]
-    if tls is not None:
-        bind = host if tls.bind is None else tls.bind
+    for bind in (tls.binds or (host,)) if tls is not None else ():
+        if not bind or any(c.isspace() for c in bind):
+            raise ValueError(f"a listener address must be one word, got {bind!r}")
         lines += [
             "",
-            f"listener {tls.port} {bind}".rstrip(),
+            f"listener {tls.port} {bind}",
             "use_username_as_clientid true",
             f"certfile {tls.cert_file}",
             f"keyfile {tls.key_file}",
