@@ -18,6 +18,9 @@ Metric names (all in one registry per coordinator, served at ``/metrics``):
                                                       Refusal value (bad_signature, expired, ...)
     takfl_bytes_sent_total{prototype}        counter  global-model bytes sent with tasks
     takfl_bytes_received_total{prototype}    counter  accepted update-blob bytes
+    takfl_telemetry_implausible_total{field} counter  reported values no device of the tier
+                                                      can have measured (stored flagged,
+                                                      coordinator.telemetry_log.plausibility)
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from coordinator.broker.net import LOOPBACK, is_loopback
 from coordinator.observe import FleetObserver
+from coordinator.telemetry_log import ANY_DEVICE
 from takfl.wire.messages import UpdateHeader
-from takfl.wire.telemetry import Telemetry
+from takfl.wire.telemetry import Plausibility, Telemetry, implausible
 
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -62,7 +66,11 @@ def endpoint_problem(bind: str, tls: MetricsTls | None, plaintext: bool) -> str 
 class PrometheusMetrics(FleetObserver):
     """The coordinator's metrics; :meth:`serve` exposes them over HTTP."""
 
-    def __init__(self, prototypes: Sequence[str]) -> None:
+    def __init__(
+        self, prototypes: Sequence[str], bounds: Mapping[str, Plausibility] | None = None
+    ) -> None:
+        """``bounds``: what each prototype's devices can report (others: any device)."""
+        self.bounds = dict(bounds or {})
         self.registry = CollectorRegistry()
         r = self.registry
         self.round = Gauge("takfl_round", "Round in progress (0 before round 1).", registry=r)
@@ -93,6 +101,12 @@ class PrometheusMetrics(FleetObserver):
         self.bytes_received = Counter(
             "takfl_bytes_received", "Accepted update-blob bytes.", ["prototype"], registry=r
         )
+        self.implausible = Counter(
+            "takfl_telemetry_implausible",
+            "Reported telemetry values no device of the tier can have measured.",
+            ["field"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._online: dict[str, tuple[str, bool]] = {}
         self._server: Any = None
@@ -121,8 +135,14 @@ class PrometheusMetrics(FleetObserver):
             self._server = None
 
     # -- FleetObserver ------------------------------------------------------------------------
+    def _flag(self, prototype: str, telemetry: Telemetry | None) -> None:
+        if telemetry is not None:
+            for name in implausible(telemetry, self.bounds.get(prototype, ANY_DEVICE)):
+                self.implausible.labels(name).inc()
+
     def registered(self, agent: str, prototype: str, telemetry: Telemetry | None) -> None:
         self.registrations.labels(prototype).inc()
+        self._flag(prototype, telemetry)
 
     def presence(self, agent: str, prototype: str, online: bool) -> None:
         with self._lock:
@@ -136,6 +156,7 @@ class PrometheusMetrics(FleetObserver):
     def accepted(self, header: UpdateHeader) -> None:
         self.accepted_updates.labels(header.prototype).inc()
         self.bytes_received.labels(header.prototype).inc(header.blob.size)
+        self._flag(header.prototype, header.telemetry)
 
     def refused(self, agent: str, prototype: str | None, round_id: int | None, reason: str) -> None:
         self.refused_updates.labels(reason).inc()

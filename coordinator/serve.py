@@ -43,7 +43,7 @@ from coordinator.registry import (
 )
 from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore, RunStoreError
-from coordinator.telemetry_log import TelemetryRecorder
+from coordinator.telemetry_log import TelemetryRecorder, plausibility
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
 from takfl.config.loader import prototype_model, prototype_training
@@ -358,7 +358,8 @@ def serve(
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
     programs = training_programs(cfg, data.num_classes, data.input_shape, report)
-    observers: list[FleetObserver] = [TelemetryRecorder(store)]
+    bounds = plausibility(cfg, settings.deadline_s)  # what each tier's devices can report
+    observers: list[FleetObserver] = [TelemetryRecorder(store, bounds=bounds)]
     metrics = None
     if settings.metrics_port is not None:
         from coordinator.metrics import PrometheusMetrics, endpoint_problem
@@ -368,7 +369,7 @@ def serve(
         )
         if problem is not None:
             raise ValueError(problem)
-        metrics = PrometheusMetrics([p.name for p in cfg.prototypes])
+        metrics = PrometheusMetrics([p.name for p in cfg.prototypes], bounds)
         bound = metrics.serve(settings.metrics_port, settings.metrics_bind, settings.metrics_tls)
         scheme = "http" if settings.metrics_tls is None else "https"
         report(f"Prometheus metrics on {scheme}://{settings.metrics_bind}:{bound}/metrics")

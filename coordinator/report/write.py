@@ -105,6 +105,7 @@ def render_html(rep: dict[str, Any]) -> str:
             a["bytes_received"] // 1024,
             a["retries"],
             a["min_slack_s"],
+            ", ".join(a.get("implausible", [])),
         ]
         for a in rep["agents"]
     ]
@@ -174,6 +175,7 @@ def render_html(rep: dict[str, Any]) -> str:
                 "received KiB",
                 "retries",
                 "min slack s",
+                "implausible (not measurements)",
             ],
             agents,
             left=4,
