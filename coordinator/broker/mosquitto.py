@@ -197,7 +197,16 @@ def conf_text(
     if run_as is not None:
         lines.append(f"user {run_as}")
     lines += ["", f"listener {port} {host}", "use_username_as_clientid true"]
-    for bind in (tls.binds or (host,)) if tls is not None else ():
+    if tls is not None:
+        lines += tls_listener_lines(tls, host)
+    return "\n".join(lines) + "\n"
+
+
+def tls_listener_lines(tls: MosquittoTls, host: str) -> list[str]:
+    """``mosquitto.conf`` lines of the TLS listeners: one per address of ``tls.binds``
+    (none given: the plain listener's ``host``), never every interface by omission."""
+    lines: list[str] = []
+    for bind in tls.binds or (host,):
         if not bind or any(c.isspace() for c in bind):
             raise ValueError(f"a listener address must be one word, got {bind!r}")
         lines += [
@@ -210,7 +219,7 @@ def conf_text(
         ]
         if tls.ca_file is not None:
             lines.append(f"cafile {tls.ca_file}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_mosquitto_config(
