@@ -133,6 +133,7 @@ class RoundEngine:
         self.trainings = {p.name: prototype_training(cfg, p.name) for p in cfg.prototypes}
         self.rejected = 0
         self.refusals: Counter[str] = Counter()  # the guard's refusals, by Refusal value
+        self._plan: dict[str, list[str]] = {}  # the round's sampled clients, by prototype
         self.guard: UpdateGuard | None = None
         if judge_updates:
             # the round-0 globals (rebuilt identically on --resume) are the guard's fixed
@@ -190,6 +191,14 @@ class RoundEngine:
             return float(cap)
         return float(upd.num_samples)
 
+    def share(self, upd: ClientUpdate, weight: float) -> float:
+        """The update's expected share of its tier's aggregate: its weight against those
+        of the tier's other sampled clients, each counted at its allowance (unknown: as
+        heavy as this one), so a client with most of the weight is judged near 1."""
+        peers = [c for c in self._plan.get(upd.prototype, []) if c != upd.client_id]
+        others = sum(float(self.weight_cap(c) or weight) for c in peers)
+        return weight / (weight + others)
+
     def absorb(self, upd: ClientUpdate, col: _Collector) -> bool:
         """Fold one update into the round's aggregates (the client model is then dropped
         unless the aggregator keeps it); False if it cannot count."""
@@ -198,7 +207,8 @@ class RoundEngine:
             log.warning("ignoring update of %s: %d samples", upd.client_id, upd.num_samples)
             return False
         if self.guard is not None:
-            verdict = self.guard.judge(upd.prototype, upd.state, self.globals[upd.prototype])
+            share = self.share(upd, weight)
+            verdict = self.guard.judge(upd.prototype, upd.state, self.globals[upd.prototype], share)
             if not verdict.accepted:
                 log.warning(
                     "refused update of %s (round %d): %s", upd.client_id, upd.round_id, verdict
@@ -282,8 +292,9 @@ class RoundEngine:
         keep = self.algorithm.needs_client_logits
         collectors = {p: _Collector(self.aggregator, self.globals[p], keep) for p in plan}
         got: dict[str, set[str]] = {p: set() for p in plan}
+        self._plan = plan
         if self.guard is not None:
-            self.guard.start_round(plan)
+            self.guard.start_round()
         for upd in resumed or []:
             wanted = upd.prototype in plan and upd.client_id in plan[upd.prototype]
             if wanted and self.absorb(upd, collectors[upd.prototype]):

@@ -9,8 +9,9 @@ against its prototype's global model of the round, in a fixed order:
 2. every weight tensor's delta against the same initial model (``intake.tensor_factor``)
    and the BatchNorm statistics and counters against the global (:mod:`takfl.wire.bounds`);
 3. validation-aware acceptance (:mod:`takfl.influence`, after Zeno++ and FLTrust): the
-   update applied at its share of its tier, ``global + delta / K`` with K the clients
-   sampled in the tier this round (1 for a tier of one), must not cost the tier more than
+   update applied at its share of its tier, ``global + share x delta`` (the engine's
+   :meth:`~coordinator.engine.RoundEngine.share`: 1/K for K equally weighted sampled
+   clients, 1 for a tier of one), must not cost the tier more than
    ``intake.validation_margin`` points of validation accuracy nor
    ``intake.validation_loss_margin`` nats of validation loss.
 
@@ -92,26 +93,27 @@ class UpdateGuard:
         self.validating = wanted and len(val_y) > 0
         if wanted and not self.validating:
             log.warning("validation-aware acceptance is off: the run has no validation data")
-        self._shares: dict[str, float] = {}
         self._baseline: dict[str, ValidationScore] = {}
         self.seconds = 0.0  # spent judging since the round started
 
-    def start_round(self, plan: Mapping[str, list[str]]) -> None:
-        """A new round: each prototype's share is one over its sampled clients."""
-        self._shares = {p: 1.0 / max(1, len(ids)) for p, ids in plan.items()}
+    def start_round(self) -> None:
+        """A new round: new globals to score against."""
         self._baseline = {}
         self.seconds = 0.0
 
-    def judge(self, prototype: str, state: StateView, base: StateView) -> Verdict:
+    def judge(
+        self, prototype: str, state: StateView, base: StateView, share: float = 1.0
+    ) -> Verdict:
         """``state``: a client's full new weights for ``prototype``; ``base``: the round's
-        global it trained from. Accepted, or refused with a named reason."""
+        global it trained from; ``share`` in (0, 1]: its expected share of the tier's
+        aggregate. Accepted, or refused with a named reason."""
         start = time.perf_counter()
         try:
-            return self._judge(prototype, state, base)
+            return self._judge(prototype, state, base, share)
         finally:
             self.seconds += time.perf_counter() - start
 
-    def _judge(self, prototype: str, state: StateView, base: StateView) -> Verdict:
+    def _judge(self, prototype: str, state: StateView, base: StateView, share: float) -> Verdict:
         delta: State = {
             k: t.detach().to(torch.float32) - base[k].detach().to(torch.float32)
             for k, t in state.items()
@@ -129,16 +131,15 @@ class UpdateGuard:
         verdict = check_state(delta, state, base, bounds)
         if not verdict.accepted or not self.validating:
             return verdict
-        return self._validate(prototype, state, base)
+        return self._validate(prototype, state, base, share)
 
-    def _validate(self, prototype: str, state: StateView, base: StateView) -> Verdict:
+    def _validate(self, prototype: str, state: StateView, base: StateView, share: float) -> Verdict:
         model = self.models[prototype]
         before = self._baseline.get(prototype)
         if before is None:
             before = self._baseline[prototype] = validation_score(
                 model, base, self.val_x, self.val_y
             )
-        share = self._shares.get(prototype, 1.0)
         after = validation_score(
             model, partial_application(base, state, share), self.val_x, self.val_y
         )

@@ -172,9 +172,8 @@ def test_an_attack_inside_every_norm_bound_is_refused_on_validation(
 ) -> None:
     # Prepare
     engine, _ = trained
-    engine.guard.start_round(
-        {"S": ["S-000", "S-001"], "M": ["M-000", "M-001"], "L": ["L-000", "L-001"]}
-    )  # type: ignore[union-attr]
+    engine._plan = engine.plan(3)
+    engine.guard.start_round()  # type: ignore[union-attr]
     base = engine.globals["L"]
     attack = row_attack(base)
     verdict_bounds = engine.guard.bounds["L"]  # type: ignore[union-attr]
@@ -191,8 +190,8 @@ def test_an_attack_inside_every_norm_bound_is_refused_on_validation(
 def test_honest_updates_pass_the_guard(trained: tuple[RoundEngine, InProcessTransport]) -> None:
     # Prepare: every client trains once more from the current globals
     engine, transport = trained
-    plan = engine.plan(3)
-    engine.guard.start_round(plan)  # type: ignore[union-attr]
+    plan = engine._plan = engine.plan(3)
+    engine.guard.start_round()  # type: ignore[union-attr]
     transport.send_tasks(engine.tasks(3, plan))
     before = sum(engine.refusals.values())
     # Execute
@@ -240,11 +239,19 @@ def test_an_accepted_update_does_not_loosen_the_next_bound(
     assert engine.refusals["norm_bound"] + engine.refusals["tensor_bound"] >= 1
 
 
-def test_a_tier_of_one_client_is_judged_at_full_share() -> None:
+def test_shares_follow_the_plan_and_the_allowances() -> None:
     # Prepare: (2, 2, 1): L has one client, its update is the tier's whole aggregate
     engine, _ = run(small_config((2, 2, 1)), 1, None)
-    engine.guard.start_round(engine.plan(2))  # type: ignore[union-attr]
+    engine._plan = engine.plan(2)
+    state = engine.globals["S"]
+
+    def share(proto: str, client: str, weight: float) -> float:
+        return engine.share(ClientUpdate(2, proto, client, int(weight), state), weight)
+
     # Execute / Assert
-    assert engine.guard._shares["L"] == 1.0  # type: ignore[union-attr]
-    assert engine.guard._shares["S"] == 0.5  # type: ignore[union-attr]
+    assert share("L", "L-000", 300.0) == 1.0
+    assert share("S", "S-000", 40.0) == 0.5  # no allowance known: peers as heavy as it
+    caps = {"S-001": 10}
+    engine.weight_cap = caps.get
+    assert share("S", "S-000", 990.0) == pytest.approx(0.99)  # most of the tier's weight
     assert not absorbs(engine, "L", bias_attack(engine.globals["L"]))
