@@ -139,7 +139,12 @@ class RoundEngine:
             # the round-0 globals (rebuilt identically on --resume) are the guard's fixed
             # reference: no accepted update can loosen the bounds
             self.guard = UpdateGuard(
-                cfg.intake, dict(self.globals), self.scratch, data.val_x, data.val_y
+                cfg.intake,
+                dict(self.globals),
+                self.scratch,
+                data.val_x,
+                data.val_y,
+                validation=self.algorithm.validation,
             )
             transport.bound_updates(self.guard.bounds)
 

@@ -71,7 +71,8 @@ class UpdateGuard:
     """Judges client updates of one prototype's round against that round's global.
 
     ``models``: a scratch module per prototype (used only as a function); ``val_x``,
-    ``val_y``: labelled validation data on the modules' device (empty: step 3 is off).
+    ``val_y``: labelled validation data on the modules' device (empty, or ``validation``
+    False as when the run withholds validation from every method: step 3 is off).
     """
 
     def __init__(
@@ -81,6 +82,8 @@ class UpdateGuard:
         models: Mapping[str, nn.Module],
         val_x: torch.Tensor,
         val_y: torch.Tensor,
+        *,
+        validation: bool = True,
     ) -> None:
         self.norms = UpdateBounds(norm_factor=spec.max_norm_factor, norm_floor=spec.norm_floor)
         self.bounds = prototype_bounds(spec, initial, models)
@@ -90,9 +93,12 @@ class UpdateGuard:
         self.models = models
         self.val_x, self.val_y = val_x, val_y
         wanted = spec.validation_margin is not None or spec.validation_loss_margin is not None
-        self.validating = wanted and len(val_y) > 0
+        self.validating = wanted and validation and len(val_y) > 0
         if wanted and not self.validating:
-            log.warning("validation-aware acceptance is off: the run has no validation data")
+            log.warning(
+                "validation-aware acceptance is off: the run has no labelled validation data "
+                "or withholds it"
+            )
         self._baseline: dict[str, ValidationScore] = {}
         self.seconds = 0.0  # spent judging since the round started
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from coordinator.engine import RoundEngine, _Collector
+from coordinator.influence import UpdateGuard
 from coordinator.inputs import prototype_models, server_data
 from coordinator.transport.base import ClientUpdate, Task
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
@@ -24,7 +25,7 @@ from takfl.influence import (
     validation_cost,
     validation_score,
 )
-from takfl.wire.validation import delta_norm
+from takfl.wire.validation import Refusal, delta_norm
 
 torch.set_num_threads(1)
 HEAD = ("head.3.weight", "head.3.bias")  # the digits CNNs' classifier
@@ -255,3 +256,17 @@ def test_shares_follow_the_plan_and_the_allowances() -> None:
     engine.weight_cap = caps.get
     assert share("S", "S-000", 990.0) == pytest.approx(0.99)  # most of the tier's weight
     assert not absorbs(engine, "L", bias_attack(engine.globals["L"]))
+
+
+def test_validation_withheld_from_every_method_switches_the_cost_test_off(
+    trained: tuple[RoundEngine, InProcessTransport],
+) -> None:
+    engine, _ = trained
+    args = (engine.cfg.intake, engine.globals, engine.scratch, engine.data.val_x)
+    on = UpdateGuard(*args, engine.data.val_y)
+    withheld = UpdateGuard(*args, engine.data.val_y, validation=False)
+    empty = UpdateGuard(*args[:3], engine.data.val_x[:0], engine.data.val_y[:0])
+    assert on.validating and not withheld.validating and not empty.validating
+    attack = row_attack(engine.globals["L"])
+    assert withheld.judge("L", attack, engine.globals["L"], 0.5).accepted
+    assert on.judge("L", attack, engine.globals["L"], 0.5).reason is Refusal.VALIDATION_COST
