@@ -510,8 +510,9 @@ def provision(
     (and site brokers bridged to it)."""
     from coordinator.broker.errors import BrokerStartError
     from coordinator.broker.site import SiteError, SiteSpec
+    from coordinator.broker.tls import tls_listen_addresses
     from coordinator.registry import RegistryError
-    from coordinator.serve import TLS_DIR, provision_sites, tls_listen_addresses
+    from coordinator.serve import TLS_DIR, provision_sites
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)

@@ -6,7 +6,6 @@ the MQTT transport, the resumable federation run, and the export at the end.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 import time
@@ -29,7 +28,7 @@ from coordinator.broker.mosquitto import (
 )
 from coordinator.broker.net import LOOPBACK
 from coordinator.broker.site import SiteFiles, SiteSpec, write_site_config
-from coordinator.broker.tls import make_fleet_tls
+from coordinator.broker.tls import make_fleet_tls, tls_listen_addresses
 from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import (
@@ -231,26 +230,6 @@ def provision(
         for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
             atomic_write_text(out_dir / f"{name}.password", password + "\n", mode=0o600)
     return records, files, coord_password
-
-
-def tls_listen_addresses(
-    tls_hosts: list[str], listen: list[str] | None, plain_host: str
-) -> tuple[str, ...]:
-    """Where the TLS listeners bind: the ``listen`` addresses when given; else the
-    ``tls_hosts`` that are IP addresses (agents connect to them, so the broker must
-    listen there); else the plain listener's ``plain_host`` (loopback by default)."""
-    if listen:
-        return tuple(dict.fromkeys(listen))
-    literal = [h for h in tls_hosts if _is_address(h)]
-    return tuple(dict.fromkeys(literal)) or (plain_host,)
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def reprovision(out_dir: Path, agent_id: str, *, max_samples: int | None = None) -> AgentRecord:

@@ -13,10 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.broker.site import SiteSpec
-from coordinator.broker.tls import make_fleet_tls
+from coordinator.broker.tls import make_fleet_tls, tls_listen_addresses
 from coordinator.cli import app
 from coordinator.metrics import MetricsTls, PrometheusMetrics, endpoint_problem
-from coordinator.serve import provision, provision_sites, tls_listen_addresses
+from coordinator.serve import provision, provision_sites
 from takfl.config import load_federation
 
 WIDE = {"COLUMNS": "200"}
