@@ -42,8 +42,9 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # for benchmarks.poison_agent; PYTHONPATH keeps precedence
-    sys.path.append(str(REPO))
+# First, for benchmarks.poison_agent: an installed distribution may ship a top-level package of the
+# same name (opacus does), and this checkout's must win.
+sys.path.insert(0, str(REPO))
 
 from benchmarks.poison_agent import start_poison_agent  # noqa: E402
 from coordinator.testbed import federation, metrics, read_state  # noqa: E402
