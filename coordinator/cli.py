@@ -666,11 +666,15 @@ def status(
         except (ValueError, OSError) as e:
             raise fail(str(e)) from None
         table = Table(title=f"agents of fleet {fleet!r} seen on {broker}")
-        for col in ("agent", "prototype", "state", "last seen"):
+        for col in ("agent", "prototype", "state", "last seen", "serving (local endpoint)"):
             table.add_column(col)
         for aid, info in sorted(agents_seen.items()):
             table.add_row(
-                aid, info.get("prototype", "?"), info.get("state", "?"), info.get("last_seen", "?")
+                aid,
+                info.get("prototype", "?"),
+                info.get("state", "?"),
+                info.get("last_seen", "?"),
+                info.get("serving", ""),
             )
         console.print(table)
 
