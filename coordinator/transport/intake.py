@@ -38,6 +38,7 @@ from coordinator.transport.base import ClientUpdate
 from coordinator.transport.dispatch import TaskDispatch
 from coordinator.transport.inbound import Inbound
 from takfl.mqtt.blobs import BlobReceiver, Missing
+from takfl.wire.bounds import StateBounds, check_state
 from takfl.wire.chunking import ReassemblyLimits
 from takfl.wire.codec import apply_delta, blob_compression, max_encoded_bytes
 from takfl.wire.errors import BlobTooLarge, DigestMismatch, WireError
@@ -142,6 +143,9 @@ class UpdateIntake:
         self._decided: OrderedDict[str, Ack] = OrderedDict()  # content_ref -> answer
         self._other_runs: set[str] = set()  # runs already logged
         self._logged: OrderedDict[str, None] = OrderedDict()  # unannounced digests logged
+        # per prototype, from the run's initial models (the engine sets them): per-tensor
+        # and buffer bounds, and the reference of the whole-delta norm bound
+        self.state_bounds: dict[str, StateBounds] = {}
 
     # -- verdicts -----------------------------------------------------------------------
     def _refuse(self, agent: str, verdict: Verdict, header: UpdateHeader | None) -> Decision:
@@ -318,10 +322,21 @@ class UpdateIntake:
         if codec is not None and codec != header.compression:
             detail = f"blob in {codec}, header says {header.compression}"
             return self._refuse(agent, refuse(Refusal.CODEC_MISMATCH, detail), header)
-        verdict, delta = decode_update(header, blob, a.reference, bounds=self.policy.bounds)
+        bounds = self.state_bounds.get(header.prototype)
+        verdict, delta = decode_update(
+            header,
+            blob,
+            a.reference,
+            bounds=self.policy.bounds,
+            reference_norm=bounds.reference_norm if bounds is not None else None,
+        )
         if delta is None:
             return self._refuse(agent, verdict, header)
         state = apply_delta(a.reference, delta)
+        if bounds is not None:
+            verdict = check_state(delta, state, a.reference, bounds)
+            if not verdict.accepted:
+                return self._refuse(agent, verdict, header)
         with self._lock:
             duplicate = (header.round_id, agent) in self._accepted
             if not duplicate:

@@ -46,6 +46,12 @@ class Refusal(str, Enum):
     SAMPLE_CAP = "sample_cap"  # claims more samples than its registry entry allows
     MALFORMED = "malformed"  # undecodable header, chunk or blob
     EXPIRED = "expired"  # incomplete when its time ran out
+    # inside the norm bound (takfl.wire.bounds, coordinator.influence)
+    TENSOR_BOUND = "tensor_bound"  # one tensor's delta over its bound from the run's start
+    BAD_VARIANCE = "bad_variance"  # a BatchNorm running variance not > 0 or over its bound
+    BAD_COUNTER = "bad_counter"  # a batch counter went back or jumped past its bound
+    BUFFER_BOUND = "buffer_bound"  # another buffer outside the bounds derived from the global
+    VALIDATION_COST = "validation_cost"  # alone, costs its tier more than the margin
     # protocol 1.0: versions, runs, freshness, codecs
     UNSUPPORTED_VERSION = "unsupported_version"  # another major protocol version
     OTHER_RUN = "other_run"  # of another run of the coordinator
