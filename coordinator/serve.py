@@ -449,18 +449,29 @@ def serve(
             if metrics is not None:
                 metrics.close()
     if settings.export:
-        export_run_dir(run_dir, report)
+        export_run_dir(run_dir, report, release_key=agents_file.parent / KEY_FILE)
     return results
 
 
-def export_run_dir(run_dir: Path, report: Callable[[str], None]) -> None:
-    """Export every prototype's final model as its device profile asks (needs the
-    export extra; a missing toolchain is reported, not fatal)."""
+def export_run_dir(
+    run_dir: Path, report: Callable[[str], None], *, release_key: Path | None = None
+) -> None:
+    """Export every prototype's final model as its device profile asks, and sign the
+    sidecars with ``release_key`` when it exists (needs the export extra; a missing
+    toolchain is reported, not fatal)."""
     try:
+        from export.metadata import sign_sidecars
         from export.run_export import export_run
     except ImportError as e:
         report(f"skipping export ({e}); install takfl-edge[export] and run takfl-export --run")
         return
     report("exporting every prototype's final model (ONNX / TFLite)...")
     export_run(run_dir)
+    if release_key is not None and release_key.is_file():
+        from takfl.release.keys import load_signer
+
+        signed = sign_sidecars(exports_dir(run_dir), load_signer(release_key))
+        report(f"signed {len(signed)} sidecar(s) with the fleet's release key")
+    else:
+        report("sidecars not signed: no release key beside the agent registry")
     report(f"exports written under {exports_dir(run_dir)}")

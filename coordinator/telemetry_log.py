@@ -18,8 +18,8 @@ Every record has ``kind`` and ``time`` (unix seconds, coordinator clock). Kinds:
 ``late`` are sampled agents whose update was refused as expired or for a closed round;
 ``missing`` are sampled agents that neither answered nor were late. Everything in a
 record was validated on receipt (telemetry is bounded by its schema); values no device
-of the tier can have measured (:func:`plausibility`: memory over the profile's limit or
-hardware class, times or deadline slack past the round's deadline x
+of the tier can have measured (:func:`plausibility`: memory over the tier's hardware
+class, times or deadline slack past the round's deadline x
 :data:`DEADLINE_FACTOR`) are moved out of ``telemetry`` into ``implausible``, so
 nothing reads them as measurements. The log stays
 bounded by agents x rounds: a registration is written again only when the agent's
@@ -51,13 +51,15 @@ ANY_DEVICE = Plausibility(memory_mb=float(max(HARDWARE_MEMORY_MB.values())), sec
 def plausibility(
     cfg: FederationConfig, deadline_s: float, factor: float = DEADLINE_FACTOR
 ) -> dict[str, Plausibility]:
-    """prototype -> what its devices can report: memory up to its profile's limit (else
-    its hardware class's), times and slack within ``deadline_s x factor``."""
+    """prototype -> what its devices can report: memory up to its hardware class's
+    (:data:`HARDWARE_MEMORY_MB`), times and slack within ``deadline_s x factor``.
+
+    Not the profile's ``memory_limit_mb``: that limit is a soft one the agent checks
+    after each task (``edge_agent.limits.over_memory``), so an honest agent can report
+    a peak above it; no honest device reports more memory than its class has."""
     out = {}
     for p in cfg.prototypes:
-        profile = prototype_profile(cfg, p.name)
-        limit = profile.training.memory_limit_mb
-        memory = limit if limit is not None else HARDWARE_MEMORY_MB[profile.hardware_class]
+        memory = HARDWARE_MEMORY_MB[prototype_profile(cfg, p.name).hardware_class]
         out[p.name] = Plausibility(memory_mb=float(memory), seconds=deadline_s * factor)
     return out
 
