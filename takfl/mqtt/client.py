@@ -4,9 +4,14 @@
   MQTT 5 ``clean_start=False`` with a session expiry), QoS 1 by default;
 - subscriptions are made in ``on_connect``, so every reconnect restores them;
 - topics are routed with ``message_callback_add``; the paho callbacks only copy
-  the message into a bounded inbox (full: dropped and counted), one dispatcher
-  thread hands it to its handler, so handlers never block the network loop and
-  all run on the same thread; periodic hooks run on that thread too;
+  the message into a bounded inbox, one dispatcher thread hands it to its handler,
+  so handlers all run on the same thread; periodic hooks run on that thread too. A
+  full inbox holds the network loop back until the dispatcher takes a message (counted
+  in ``inbox_waits``): nothing is dropped, the socket is not read meanwhile, and the
+  broker keeps what follows in the client's queue (Mosquitto's ``max_queued_messages``,
+  which provisioning sizes with the fleet). Only a client that is stopping drops
+  what it could not queue (unacknowledged: the broker delivers it again to the
+  session's next connection);
 - reconnects with exponential backoff and jitter (``reconnect_delay_set`` is
   re-armed with a jittered delay after every disconnect or failed attempt);
 - presence through a last will, armed afresh before every connection attempt when
@@ -103,7 +108,8 @@ class ClientCounters:
     connects: int = 0
     disconnects: int = 0
     received: int = 0
-    dropped: int = 0  # inbox full
+    dropped: int = 0  # not queued because the client was stopping (redelivered later)
+    inbox_waits: int = 0  # messages that waited for room in the inbox (backpressure)
     unrouted: int = 0  # no handler for the topic
     handler_errors: int = 0
     oversized: int = 0  # dropped for exceeding max_payload_bytes
@@ -279,16 +285,27 @@ class MqttClient:
                     self._client.ack(msg.mid, msg.qos)
                 return
             self.counters.bytes_received += size
-            try:
-                self._inbox.put_nowait((handler, msg.topic, bytes(msg.payload), msg.mid, msg.qos))
-            except queue.Full:
-                # Not acknowledged, so the broker delivers it again after a reconnect.
-                self.counters.dropped += 1
-                log.warning("%s: inbox full, deferred a message on %s", self.client_id, msg.topic)
+            self._hold((handler, msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
         self._client.message_callback_add(topic_filter, enqueue)
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=self.settings.qos)
+
+    def _hold(self, item: tuple[Handler, str, bytes, int, int]) -> None:
+        """Queue a received message for the dispatcher, waiting (on the network thread)
+        while the inbox is full; a client that stops meanwhile drops it, unacknowledged."""
+        try:
+            self._inbox.put_nowait(item)
+            return
+        except queue.Full:
+            self.counters.inbox_waits += 1
+        while not self._stopping.is_set():
+            try:
+                self._inbox.put(item, timeout=0.25)
+                return
+            except queue.Full:
+                continue
+        self.counters.dropped += 1  # not acknowledged: delivered again to the next session
 
     def on_connected(self, hook: Hook) -> None:
         """Run ``hook`` after every successful (re)connect, on the network thread."""
