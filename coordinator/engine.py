@@ -84,6 +84,32 @@ def sample_clients(
     return sorted(rng.choice(sorted(available), size=k, replace=False).tolist()) if k else []
 
 
+@dataclass(frozen=True, kw_only=True)
+class _TierWeights:
+    """A tier's sampled clients (``plan``, the list itself) and their allowances under
+    ``weight_cap``: ``caps`` (the known, non-zero ones), their sum ``known``, and how many
+    have none (``unknown``)."""
+
+    plan: list[str]
+    weight_cap: Callable[[str], int | None]
+    members: frozenset[str]
+    caps: dict[str, float]
+    known: float
+    unknown: int
+
+    @classmethod
+    def of(cls, plan: list[str], weight_cap: Callable[[str], int | None]) -> _TierWeights:
+        caps = {c: float(cap) for c in plan if (cap := weight_cap(c))}
+        return cls(
+            plan=plan,
+            weight_cap=weight_cap,
+            members=frozenset(plan),
+            caps=caps,
+            known=sum(caps.values()),
+            unknown=len(set(plan) - caps.keys()),
+        )
+
+
 class RoundEngine:
     """Runs TAKFL (or a baseline) rounds over any :class:`Transport`."""
 
@@ -133,6 +159,7 @@ class RoundEngine:
         self.rejected = 0
         self.refusals: Counter[str] = Counter()  # the guard's refusals, by Refusal value
         self._plan: dict[str, list[str]] = {}  # the round's sampled clients, by prototype
+        self._tiers: dict[str, _TierWeights] = {}  # their allowances, summed (see share)
         self.guard: UpdateGuard | None = None
         if judge_updates:
             # the round-0 globals (rebuilt identically on --resume) are the guard's fixed
@@ -198,10 +225,22 @@ class RoundEngine:
     def share(self, upd: ClientUpdate, weight: float) -> float:
         """The update's expected share of its tier's aggregate: its weight against those
         of the tier's other sampled clients, each counted at its allowance (unknown: as
-        heavy as this one), so a client with most of the weight is judged near 1."""
-        peers = [c for c in self._plan.get(upd.prototype, []) if c != upd.client_id]
-        others = sum(float(self.weight_cap(c) or weight) for c in peers)
-        return weight / (weight + others)
+        heavy as this one), so a client with most of the weight is judged near 1.
+
+        O(1) per update: the tier's allowances are summed once per plan (and weight cap)."""
+        tier = self._tier(upd.prototype)
+        own = tier.caps.get(upd.client_id)
+        known = tier.known - (own or 0.0)
+        unknown = tier.unknown - (1 if upd.client_id in tier.members and not own else 0)
+        return weight / (weight + known + unknown * weight)
+
+    def _tier(self, prototype: str) -> _TierWeights:
+        """The allowances of ``prototype``'s sampled clients, summed once per plan."""
+        ids = self._plan.get(prototype, [])
+        tier = self._tiers.get(prototype)
+        if tier is None or tier.plan is not ids or tier.weight_cap is not self.weight_cap:
+            tier = self._tiers[prototype] = _TierWeights.of(ids, self.weight_cap)
+        return tier
 
     def absorb(self, upd: ClientUpdate, col: _Collector) -> bool:
         """Fold one update into the round's aggregates (the client model is then dropped
@@ -254,10 +293,11 @@ class RoundEngine:
             start + self.policy.deadline_s,
             start + self.policy.deadline_s + self.policy.max_wait_s,
         )
-        while any(expected[p] - got[p] for p in plan):
+        waiting = {p: expected[p] - got[p] for p in plan}  # kept up to date: O(1) per update
+        while any(waiting.values()):
             now = self.clock()
             if now >= hard or (now >= deadline and self._quorum_met(plan, got)):
-                missing = {p: sorted(expected[p] - got[p]) for p in plan if expected[p] - got[p]}
+                missing = {p: sorted(ids) for p, ids in waiting.items() if ids}
                 log.warning("round %d closes without %s", round_id, missing)
                 break
             upd = self.transport.next_update(timeout=min(1.0, max(0.05, deadline - now)))
@@ -272,6 +312,7 @@ class RoundEngine:
                 self.rejected += 1
                 log.info("ignoring update from %s for round %d", upd.client_id, upd.round_id)
                 continue
+            waiting[upd.prototype].discard(upd.client_id)  # answered: no longer awaited
             if not self.absorb(upd, collectors[upd.prototype]):
                 self.rejected += 1
                 expected[upd.prototype].discard(upd.client_id)  # answered, refused: not awaited

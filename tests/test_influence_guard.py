@@ -276,3 +276,37 @@ def test_validation_withheld_from_every_method_switches_the_cost_test_off(
     attack = row_attack(engine.globals["L"])
     assert withheld.judge("L", attack, engine.globals["L"], 0.5).accepted
     assert on.judge("L", attack, engine.globals["L"], 0.5).reason is Refusal.VALIDATION_COST
+
+
+def test_shares_of_a_large_tier_sum_its_allowances_once_per_plan() -> None:
+    # Prepare: 3,000 sampled clients, half with an allowance; the weight caps are counted
+    engine, _ = run(small_config((2, 2, 1)), 1, None)
+    clients = [f"S-{i:04d}" for i in range(3000)]
+    engine._plan = {"S": clients}
+    calls: list[str] = []
+
+    def cap(client: str) -> int | None:
+        calls.append(client)
+        return 10 + int(client[2:]) % 7 if int(client[2:]) % 2 else None
+
+    engine.weight_cap = cap
+    state = engine.globals["S"]
+
+    def expected(client: str, weight: float) -> float:  # the definition, peer by peer
+        others = sum(float(cap(c) or weight) for c in clients if c != client)
+        return weight / (weight + others)
+
+    # Execute
+    shares = [
+        engine.share(
+            ClientUpdate(round_id=2, prototype="S", client_id=c, num_samples=20, state=state),
+            20.0,
+        )
+        for c in clients
+    ]
+    counted = len(calls)
+
+    # Assert
+    assert counted == len(clients)
+    for i in (0, 1, 1500, 2999):
+        assert shares[i] == expected(clients[i], 20.0)
