@@ -58,7 +58,7 @@ from takfl.wire.validation import (
 
 log = logging.getLogger(__name__)
 
-MEMORY = 4096  # decided headers remembered for idempotent re-acks
+MEMORY = 4096  # decided headers remembered for idempotent re-acks (at least 2 per agent)
 # Refusals of headers whose sender is not authenticated are not remembered: a forged
 # header must not decide the fate of a genuine one.
 UNAUTHENTICATED = frozenset({Refusal.UNKNOWN_AGENT, Refusal.BAD_SIGNATURE, Refusal.MALFORMED})
@@ -137,6 +137,7 @@ class UpdateIntake:
             p.limits, quiet_s=p.quiet_s, max_total_bytes=p.max_total_bytes, clock=clock
         )
         self.counters = IntakeCounters()
+        self.memory = max(MEMORY, 2 * len(registry))  # two rounds of every agent's header
         self._lock = threading.Lock()
         self._incoming: dict[tuple[str, str], UpdateHeader] = {}  # (agent, digest) -> header
         self._accepted: set[tuple[int, str]] = set()  # (round, agent)
@@ -182,7 +183,7 @@ class UpdateIntake:
     def _remember(self, header: UpdateHeader, ack: Ack) -> None:
         with self._lock:
             self._decided[header.content_ref()] = ack
-            while len(self._decided) > MEMORY:
+            while len(self._decided) > self.memory:
                 self._decided.popitem(last=False)
 
     # -- headers ------------------------------------------------------------------------

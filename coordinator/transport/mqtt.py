@@ -39,7 +39,7 @@ from coordinator.transport.presence import AgentState, Presence, PresenceGate
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
-from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits
+from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits, with_room_for
 from takfl.state import State
 from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
@@ -67,6 +67,7 @@ S = TypeVar("S", bound=SignedMessage)
 
 COORDINATOR_ID = "coordinator"  # agent_id of the coordinator's own Status
 GLOBAL_ENCODING = "fp32"  # global models travel uncompressed
+KEY_MARGIN = 1024  # rate-limit buckets kept beyond one per provisioned agent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,13 +167,21 @@ class MqttTransport(Transport):
             client_id,
             will=Will(self.topics.coordinator_status(), encode_message(offline)),
         )
+        # per-agent buckets for every provisioned agent (and a margin for unknown senders);
+        # a chunk request's limits keep three buckets per agent
+        agents = len(self.registry) + KEY_MARGIN
         self.sender = BlobSender(
             self.client,
             BlobStore(p.max_sent_blobs, p.max_sent_bytes),
-            ResendLimiter(p.resend, clock=clock),
+            ResendLimiter(with_room_for(p.resend, 3 * agents), clock=clock),
         )
         self._updates: queue.Queue[ClientUpdate] = queue.Queue()
-        self.gate = PresenceGate(self.topics, p.registrations, p.statuses, clock=clock)
+        self.gate = PresenceGate(
+            self.topics,
+            with_room_for(p.registrations, agents),
+            with_room_for(p.statuses, agents),
+            clock=clock,
+        )
         t = self.topics
         self.client.route(t.up_filter(Up.REGISTER), self._on_register, admit=self.gate.registration)
         self.client.route(t.up_filter(Up.STATUS), self._on_status, admit=self.gate.status)
