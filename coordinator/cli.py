@@ -12,10 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coordinator.engine import RoundResult
 from coordinator.registry import DEFAULT_SAMPLE_CEILING
-from coordinator.reproduce import PAPER_ALGORITHMS
-from takfl.algorithms import AlgorithmError, resolve_algorithm
 from takfl.config import (
     ALGORITHMS,
     LAMBDA_STRATEGIES,
@@ -23,9 +20,11 @@ from takfl.config import (
     FederationConfig,
     load_federation,
 )
+from takfl.method_names import PAPER_ALGORITHMS
 from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
 
 if TYPE_CHECKING:
+    from coordinator.engine import RoundResult
     from coordinator.metrics import MetricsTls
 
 app = typer.Typer(
@@ -115,6 +114,7 @@ def simulate(
     """Simulate a federation in process and compare algorithms like the paper's Table 1."""
     from coordinator.inputs import pick_device
     from coordinator.simulate import SimulationSpec, run_simulation
+    from takfl.algorithms import AlgorithmError, resolve_algorithm
 
     cfg = load_config_or_exit(config)
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
@@ -200,6 +200,7 @@ def reproduce(
     """Run the paper's comparison on its settings and print the paper's numbers beside ours."""
     from coordinator.inputs import pick_device
     from coordinator.reproduce import comparison_rows, load_paper_table, run_setting
+    from takfl.algorithms import AlgorithmError
 
     try:
         paper = load_paper_table(paper_table)
@@ -629,7 +630,11 @@ def status(
     ),
     ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
     fleet: str = typer.Option(None, help="Fleet name (default: the run's config name)."),
-    listen: float = typer.Option(2.0, help="Seconds to collect retained presence messages."),
+    listen: float = typer.Option(
+        2.0,
+        help="At most this many seconds to collect retained presence messages (it stops "
+        "as soon as they stop arriving).",
+    ),
     watch: bool = typer.Option(
         False, help="Live table of the run's agents, round, phase and stragglers (--run-dir)."
     ),

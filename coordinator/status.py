@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from coordinator.store import RunStore
 from takfl.mqtt.client import MqttClient, unique_client_id
 from takfl.mqtt.url import parse_broker_url
 from takfl.wire.errors import WireError
@@ -17,6 +17,8 @@ from takfl.wire.topics import Topics, Up
 
 def run_status(run_dir: Path) -> tuple[dict[str, Any], str]:
     """A flat view of state.json plus the fleet (config) name."""
+    from coordinator.store import RunStore  # torch: only for a run directory
+
     store = RunStore(run_dir)
     state = store.read_state()
     view: dict[str, Any] = {
@@ -65,6 +67,29 @@ def seen_status(seen: dict[str, dict[str, str]], payload: bytes) -> None:
         info["serving"] = serving_summary(st.inference)
 
 
+QUIET_S = 0.3  # retained statuses come right after the subscription; this long without one: all
+
+
+def wait_quiet(
+    latest: Callable[[], float | None],
+    listen_s: float,
+    quiet_s: float = QUIET_S,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Wait until ``quiet_s`` passed since ``latest()`` (the clock time of the last
+    message; None while none came), at most ``listen_s`` from now; the seconds waited."""
+    start = clock()
+    end = start + listen_s
+    while (now := clock()) < end:
+        last = latest()
+        if last is not None and now - last >= quiet_s:
+            break
+        sleep(min(0.05, end - now))
+    return clock() - start
+
+
 def broker_presence(
     url: str,
     fleet: str,
@@ -72,16 +97,21 @@ def broker_presence(
     *,
     password: str | None = None,
     ca_file: str | None = None,
+    quiet_s: float = QUIET_S,
 ) -> dict[str, dict[str, str]]:
-    """Retained statuses of the fleet's agents (state, prototype, last seen), collected for
-    ``listen_s`` (registrations are not retained: an agent's status names its prototype)."""
+    """Retained statuses of the fleet's agents (state, prototype, last seen), collected
+    once subscribed until none came for ``quiet_s`` (the broker sends the retained ones
+    at once), at most ``listen_s`` (registrations are not retained: an agent's status
+    names its prototype)."""
     topics = Topics(fleet)
     seen: dict[str, dict[str, str]] = {}
     lock = threading.Lock()
+    last: list[float | None] = [None]  # when the latest status was handled
 
     def on_status(topic: str, payload: bytes) -> None:
         with lock:
             seen_status(seen, payload)
+            last[0] = time.monotonic()
 
     # A clean session: a probe must leave nothing behind on the broker. A client id of its
     # own (<login>-<random>): on Mosquitto's service listener, where the read-only monitor
@@ -90,9 +120,9 @@ def broker_presence(
     client_id = unique_client_id(settings.username or "takfl-status")
     client = MqttClient(settings, client_id, persistent=False)
     client.route(topics.up_filter(Up.STATUS), on_status)
-    client.start(timeout=10)
+    client.start(timeout=10)  # returns once the subscription is answered
     try:
-        time.sleep(listen_s)
+        wait_quiet(lambda: last[0], listen_s, quiet_s)
     finally:
         client.stop()
     return seen

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 ALGORITHMS: tuple[str, ...] = ("takfl", "takfl-reg", "takfl-scaled", "feddf", "fedet", "fedavg")
 LAMBDA_STRATEGIES: tuple[str, ...] = ("heuristic", "fixed", "search", "learned", "unsupervised")
+PAPER_ALGORITHMS: tuple[str, ...] = ("fedavg", "feddf", "fedet", "takfl", "takfl-reg")  # Table 1
 
 U = TypeVar("U")
 
