@@ -167,6 +167,7 @@ class MqttTransport(Transport):
             client_id,
             will=Will(self.topics.coordinator_status(), encode_message(offline)),
         )
+        self._base_outbox = settings.outbox_size  # the outbox beyond a round's burst
         # per-agent buckets for every provisioned agent (and a margin for unknown senders);
         # a chunk request's limits keep three buckets per agent
         agents = len(self.registry) + KEY_MARGIN
@@ -264,6 +265,12 @@ class MqttTransport(Transport):
             self.observer.tasks_sent(round_id, proto, n, ref.size)
         if self.dispatch.assign(pairs):
             self.intake.new_round(self.dispatch.round)
+        # the whole burst waits in the outbox (a refused publish would cost the agent a
+        # task re-send): every task and its model's chunks, and room for the acks and
+        # announcements of every agent
+        self.client.reserve_outbox(
+            self._base_outbox + sum(1 + m.blob.count for _, m in pairs) + 2 * len(self.registry)
+        )
         for t, msg in pairs:
             self.client.publish(self.topics.down(t.client_id, Down.TASK), encode_message(msg))
             self.sender.publish(self.topics.down(t.client_id, Down.CHUNK), msg.blob.digest)

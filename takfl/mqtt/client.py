@@ -237,6 +237,7 @@ class MqttClient:
         self.connection_time = 0.0  # wall-clock time the current connection's will was armed
         self._arm_will()
         self._client.max_inflight_messages_set(settings.max_inflight)
+        self._outbox_size = settings.outbox_size
         self._client.max_queued_messages_set(settings.outbox_size)
 
     def _arm_will(self) -> None:
@@ -407,6 +408,15 @@ class MqttClient:
         with self._settled:
             self._settled.notify_all()
 
+    def reserve_outbox(self, messages: int) -> int:
+        """Let at least ``messages`` wait in the outbox (never fewer than the settings'
+        ``outbox_size``), for a burst the caller is about to publish, e.g. a round's tasks
+        and their models for thousands of agents; the outbox's size now."""
+        if messages > self._outbox_size:
+            self._outbox_size = messages
+            self._client.max_queued_messages_set(messages)
+        return self._outbox_size
+
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """Queue a message (QoS from settings). False if the outbox is full (counted).
 
@@ -443,7 +453,7 @@ class MqttClient:
         waiter: tuple[threading.Event, list[ReasonCode]] | None = None,
     ) -> None:
         """Remember which topic ``mid`` went to until its PUBACK; handle one already here."""
-        cap = self.settings.outbox_size + self.settings.max_inflight
+        cap = self._outbox_size + self.settings.max_inflight
         with self._pub_lock:
             early = self._early.pop(mid, None)
             if early is None:
