@@ -183,3 +183,18 @@ def test_persistent_session_keeps_messages_while_away(
                 back.stop()
         finally:
             agent.stop()
+
+
+def test_the_outbox_can_grow_on_an_open_connection(broker: BrokerHandle) -> None:
+    # Prepare
+    client = MqttClient(replace(broker.coordinator_settings, outbox_size=2), COORDINATOR_USER)
+    client.start(timeout=10)
+    try:
+        # Execute
+        size = client.reserve_outbox(10_000)
+        sent = [client.publish("takfl/unit/x", bytes([i])) for i in range(50)]
+    finally:
+        client.stop()
+
+    # Assert
+    assert size == 10_000 and all(sent)

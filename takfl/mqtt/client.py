@@ -237,8 +237,10 @@ class MqttClient:
         self.connection_time = 0.0  # wall-clock time the current connection's will was armed
         self._arm_will()
         self._client.max_inflight_messages_set(settings.max_inflight)
+        # The outbox bound is this client's (unacknowledged QoS > 0 messages, counted until
+        # their PUBACK): paho's own cannot change once connected (reserve_outbox).
         self._outbox_size = settings.outbox_size
-        self._client.max_queued_messages_set(settings.outbox_size)
+        self._client.max_queued_messages_set(0)
 
     def _arm_will(self) -> None:
         """Set the will for the next connection attempt (before paho reconnects)."""
@@ -412,24 +414,26 @@ class MqttClient:
         """Let at least ``messages`` wait in the outbox (never fewer than the settings'
         ``outbox_size``), for a burst the caller is about to publish, e.g. a round's tasks
         and their models for thousands of agents; the outbox's size now."""
-        if messages > self._outbox_size:
-            self._outbox_size = messages
-            self._client.max_queued_messages_set(messages)
-        return self._outbox_size
+        with self._pub_lock:
+            self._outbox_size = max(self._outbox_size, messages)
+            return self._outbox_size
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """Queue a message (QoS from settings). False if the outbox is full (counted).
 
         While disconnected, QoS > 0 messages wait in the outbox and go out on reconnect.
         """
+        if self.settings.qos > 0:
+            with self._pub_lock:
+                full = len(self._pub_topics) >= self._outbox_size
+            if full:
+                self.counters.publish_refused += 1
+                log.warning("%s: outbox full, refused a message on %s", self.client_id, topic)
+                return False
         info = self._client.publish(topic, payload, qos=self.settings.qos, retain=retain)
         self.counters.bytes_sent += len(payload)
-        if self.settings.qos > 0 and info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+        if self.settings.qos > 0:
             self._track(info.mid, topic)
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            self.counters.publish_refused += 1
-            log.warning("%s: outbox full, refused a message on %s", self.client_id, topic)
-            return False
         return info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
 
     def publish_confirmed(
