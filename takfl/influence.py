@@ -78,7 +78,8 @@ def validation_score(
     device) on (x, y), in eval mode. Non-finite logits count as wrong, with infinite loss."""
     if len(x) == 0:
         raise ValueError("no validation data to score on")
-    model.eval()
+    if model.training:  # a walk over every submodule: only when one is needed
+        model.eval()
     weights = {k: v.to(x.device) for k, v in state.items()}
     correct, loss = 0, 0.0
     for i in range(0, len(x), batch_size):

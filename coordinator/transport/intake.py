@@ -197,7 +197,7 @@ class UpdateIntake:
         admitted = self.admit(agent, header)
         if not admitted.accepted:
             return self._refuse(agent, admitted, header)
-        round_id, _ = self.dispatch.current()
+        round_id = self.dispatch.current_round()
         with self._lock:
             # a repeated header of this round gets the same answer; one of an earlier
             # round is checked again (and refused as stale)
@@ -385,7 +385,7 @@ class UpdateIntake:
                         agent, refuse(Refusal.EXPIRED, "blob incomplete at timeout"), header
                     )
                 )
-        round_id, _ = self.dispatch.current()
+        round_id = self.dispatch.current_round()
         with self._lock:
             stale = [(k, h) for k, h in self._incoming.items() if h.round_id < round_id]
         for key, header in stale:
