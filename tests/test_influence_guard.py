@@ -21,10 +21,12 @@ from takfl.influence import (
     CostMargins,
     ValidationCost,
     ValidationScore,
+    ValidationScorer,
     partial_application,
     validation_cost,
     validation_score,
 )
+from takfl.models import build_model
 from takfl.wire.validation import Refusal, delta_norm
 
 torch.set_num_threads(1)
@@ -310,3 +312,25 @@ def test_shares_of_a_large_tier_sum_its_allowances_once_per_plan() -> None:
     assert counted == len(clients)
     for i in (0, 1, 1500, 2999):
         assert shares[i] == expected(clients[i], 20.0)
+
+
+@pytest.mark.parametrize("builder", ["mlp_digits", "cnn_digits_large"])
+def test_the_scorer_scores_exactly_as_the_functional_call(builder: str) -> None:
+    # Prepare: a model (with BatchNorm statistics for the CNN) and three states of it
+    torch.manual_seed(0)
+    model = build_model(builder, 10, (1, 8, 8))
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(37, 1, 8, 8), torch.randint(0, 10, (37,))
+    states = [
+        {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in own.items()}
+        for _ in range(3)
+    ]
+    scorer = ValidationScorer(model)
+
+    # Execute
+    fast = [scorer.score(s, x, y, batch_size=16) for s in states]
+    reference = [validation_score(model, s, x, y, batch_size=16) for s in states]
+
+    # Assert: the same numbers, and the caller's module untouched
+    assert fast == reference
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
