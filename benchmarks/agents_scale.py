@@ -347,7 +347,8 @@ def time_status(spec: dict[str, str], timeout_s: float = 60.0) -> dict[str, Any]
     except subprocess.TimeoutExpired:
         return {"status_s": None, "status_error": f"no answer within {timeout_s:g} s"}
     took = time.perf_counter() - t
-    listed = sum(1 for line in out.stdout.splitlines() if " online " in line)
+    lines = out.stdout.splitlines()
+    listed = sum(1 for line in lines if " online " in line and "prototype" not in line)
     rec: dict[str, Any] = {"status_s": took, "status_rc": out.returncode, "status_online": listed}
     if out.returncode != 0:
         rec["status_error"] = out.stderr[-500:]

@@ -677,18 +677,36 @@ def status(
             )
         except (ValueError, OSError) as e:
             raise fail(str(e)) from None
-        table = Table(title=f"agents of fleet {fleet!r} seen on {broker}")
-        for col in ("agent", "prototype", "state", "last seen", "serving (local endpoint)"):
+        _print_agents(agents_seen, f"agents of fleet {fleet!r} seen on {broker}")
+
+
+def _print_agents(seen: dict[str, dict[str, str]], title: str) -> None:
+    """The agents seen: a table, or past ``RICH_ROWS`` agents a summary per prototype and
+    the list as plain text (a rich table of thousands of rows takes seconds to render)."""
+    from coordinator.status import (
+        AGENT_COLUMNS,
+        RICH_ROWS,
+        agent_rows,
+        plain_table,
+        presence_summary,
+    )
+
+    rows = agent_rows(seen)
+    if len(rows) <= RICH_ROWS:
+        table = Table(title=title)
+        for col in AGENT_COLUMNS:
             table.add_column(col)
-        for aid, info in sorted(agents_seen.items()):
-            table.add_row(
-                aid,
-                info.get("prototype", "?"),
-                info.get("state", "?"),
-                info.get("last_seen", "?"),
-                info.get("serving", ""),
-            )
+        for row in rows:
+            table.add_row(*row)
         console.print(table)
+        return
+    summary = Table(title=f"{title}: {len(rows)}")
+    for col in ("prototype", "online", "offline", "serving"):
+        summary.add_column(col, justify="left" if col == "prototype" else "right")
+    for proto, counts in presence_summary(seen).items():
+        summary.add_row(proto, *(str(counts.get(k, 0)) for k in ("online", "offline", "serving")))
+    console.print(summary)
+    typer.echo(plain_table(rows))
 
 
 @app.command()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,9 @@ def broker_presence(
     # A clean session: a probe must leave nothing behind on the broker. A client id of its
     # own (<login>-<random>): on Mosquitto's service listener, where the read-only monitor
     # logs in, two probes with one login never take each other's session over.
-    settings = parse_broker_url(url, password=password, ca_file=ca_file)
+    # QoS 0: a snapshot of retained messages needs no acknowledgement per message, so the
+    # broker sends thousands of them at once instead of 20 in flight at a time
+    settings = replace(parse_broker_url(url, password=password, ca_file=ca_file), qos=0)
     client_id = unique_client_id(settings.username or "takfl-status")
     client = MqttClient(settings, client_id, persistent=False)
     client.route(topics.up_filter(Up.STATUS), on_status)
@@ -126,3 +129,43 @@ def broker_presence(
     finally:
         client.stop()
     return seen
+
+
+AGENT_COLUMNS = ("agent", "prototype", "state", "last seen", "serving (local endpoint)")
+RICH_ROWS = 200  # past this many agents the list is plain text (a rich table of 5,000 rows: s)
+
+
+def agent_rows(seen: dict[str, dict[str, str]]) -> list[tuple[str, str, str, str, str]]:
+    """One row per agent, sorted by id: the cells of :data:`AGENT_COLUMNS`."""
+    return [
+        (
+            aid,
+            info.get("prototype", "?"),
+            info.get("state", "?"),
+            info.get("last_seen", "?"),
+            info.get("serving", ""),
+        )
+        for aid, info in sorted(seen.items())
+    ]
+
+
+def presence_summary(seen: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:
+    """prototype -> {"online": n, "offline": n, "serving": n} over the agents seen."""
+    out: dict[str, dict[str, int]] = {}
+    for info in seen.values():
+        counts = out.setdefault(info.get("prototype", "?"), {"online": 0, "offline": 0})
+        state = info.get("state", "?")
+        counts[state] = counts.get(state, 0) + 1
+        if info.get("serving"):
+            counts["serving"] = counts.get("serving", 0) + 1
+    return dict(sorted(out.items()))
+
+
+def plain_table(rows: Sequence[tuple[str, ...]], columns: tuple[str, ...] = AGENT_COLUMNS) -> str:
+    """``rows`` under ``columns`` as fixed-width text, one line per row."""
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(columns), line(tuple("-" * w for w in widths)), *map(line, rows)])

@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from coordinator.status import seen_status, serving_summary, wait_quiet
+from coordinator.status import (
+    agent_rows,
+    plain_table,
+    presence_summary,
+    seen_status,
+    serving_summary,
+    wait_quiet,
+)
 from takfl.wire.messages import InferenceStatus, Status, encode_message
 
 
@@ -88,3 +95,28 @@ def test_the_status_command_starts_without_torch() -> None:
 
     # Assert: torch alone takes seconds to import; status answers within two
     assert out.stdout.strip() == "False"
+
+
+def test_a_large_fleet_is_listed_as_plain_text_with_a_summary() -> None:
+    # Prepare
+    seen = {
+        "S-001": {"state": "online", "prototype": "S", "last_seen": "t1"},
+        "S-000": {"state": "offline", "prototype": "S", "last_seen": "t0"},
+        "M-000": {"state": "online", "prototype": "M", "serving": "no release: 0 requests"},
+    }
+
+    # Execute
+    rows = agent_rows(seen)
+    text = plain_table(rows)
+    summary = presence_summary(seen)
+
+    # Assert
+    assert [r[0] for r in rows] == ["M-000", "S-000", "S-001"]
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["agent", "prototype", "state", "last"]
+    assert lines[2].startswith("M-000  M          online") and lines[2].endswith("0 requests")
+    assert lines[4].split() == ["S-001", "S", "online", "t1"]
+    assert summary == {
+        "M": {"online": 1, "offline": 0, "serving": 1},
+        "S": {"online": 1, "offline": 1},
+    }
