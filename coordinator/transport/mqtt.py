@@ -68,6 +68,7 @@ S = TypeVar("S", bound=SignedMessage)
 COORDINATOR_ID = "coordinator"  # agent_id of the coordinator's own Status
 GLOBAL_ENCODING = "fp32"  # global models travel uncompressed
 KEY_MARGIN = 1024  # rate-limit buckets kept beyond one per provisioned agent
+OUTBOX_PER_AGENT = 8  # outbox room per provisioned agent beyond a round's tasks and models
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,10 +267,13 @@ class MqttTransport(Transport):
         if self.dispatch.assign(pairs):
             self.intake.new_round(self.dispatch.round)
         # the whole burst waits in the outbox (a refused publish would cost the agent a
-        # task re-send): every task and its model's chunks, and room for the acks and
-        # announcements of every agent
+        # task re-send): every task and its model's chunks, and room for what every agent
+        # may be sent while they go out (its acks, again for a header it re-announces while
+        # the coordinator is behind, its signed announcement, answers to chunk requests)
         self.client.reserve_outbox(
-            self._base_outbox + sum(1 + m.blob.count for _, m in pairs) + 2 * len(self.registry)
+            self._base_outbox
+            + sum(1 + m.blob.count for _, m in pairs)
+            + OUTBOX_PER_AGENT * len(self.registry)
         )
         for t, msg in pairs:
             self.client.publish(self.topics.down(t.client_id, Down.TASK), encode_message(msg))
