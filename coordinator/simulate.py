@@ -14,6 +14,7 @@ import torch
 
 from coordinator.engine import RoundEngine, RoundResult
 from coordinator.inputs import prototype_models, server_data
+from coordinator.privacy import build_privacy
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
 from takfl.algorithms import Algorithm
 from takfl.config import FederationConfig, prototype_profile, prototype_training
@@ -60,6 +61,8 @@ def metrics_line(algorithm: Algorithm, seed: int, res: RoundResult) -> list[dict
             "timings": res.timings,
             "info": res.info.get(proto, {}),
             "kept_previous": res.kept_previous.get(proto),  # why the new model was discarded
+            # under a private mode: epsilon spent so far at delta, noise multiplier, bound
+            **({"privacy": res.privacy[proto]} if proto in res.privacy else {}),
         }
         for proto, acc in res.accuracy.items()
     ]
@@ -93,6 +96,7 @@ def run_simulation(
         raise ValueError(f"each algorithm may run once per simulation, got {names}")
     final: dict[str, dict[str, list[float]]] = {a: {} for a in names}
     curves: dict[str, dict[str, list[list[float]]]] = {a: {} for a in names}
+    build_privacy(cfg, rounds=rounds)  # a budget the rounds would pass: refused before any work
     metrics_path = out_dir / METRICS_FILE
     metrics_path.write_text("")
     for seed in range(spec.first_seed, spec.first_seed + spec.seeds):
@@ -112,8 +116,17 @@ def run_simulation(
                 compression=profile_compression(cfg, spec.compression),
                 vectorise=spec.vectorise,
             )
+            # seeded noise: reproducible figures (no protection against who knows the seed)
+            privacy = build_privacy(cfg, rounds=rounds, noise_seed=seed)
             engine = RoundEngine(
-                cfg, models, sdata, transport, algorithm=algo, device=device, seed=seed
+                cfg,
+                models,
+                sdata,
+                transport,
+                algorithm=algo,
+                device=device,
+                seed=seed,
+                privacy=privacy,
             )
             per_proto: dict[str, list[float]] = {p.name: [] for p in cfg.prototypes}
             for r in range(1, rounds + 1):
@@ -136,6 +149,7 @@ def run_simulation(
                 "rounds": rounds,
                 "seeds": list(range(spec.first_seed, spec.first_seed + spec.seeds)),
                 "compression": spec.compression,
+                "privacy": cfg.privacy.model_dump(),
                 "validation": {a.name: a.validation for a in spec.algorithms},
                 "lambda_strategy": {
                     a.name: a.lambda_strategy.name for a in spec.algorithms if a.lambda_strategy
