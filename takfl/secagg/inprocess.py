@@ -26,7 +26,9 @@ class Dropouts:
 
 @dataclass(kw_only=True)
 class RoundTrace:
-    """What crossed the wire, in bytes per stage (payloads only), and the server used."""
+    """What crossed the wire, in bytes per stage, and the server used. Payloads only: public
+    keys 32 bytes each, sealed shares as sealed, masked inputs as their words, share
+    indices 2 bytes, client names as UTF-8; no message framing or signatures."""
 
     server: SecAggServer
     upload: dict[str, int] = field(default_factory=dict)  # stage -> bytes clients sent
@@ -49,7 +51,7 @@ def run_round(
         server.add_keys(c.advertise())
     trace.upload["keys"] = 64 * len(clients)
     rosters = server.rosters()
-    trace.download["keys"] = sum(64 * len(r) for r in rosters.values())
+    trace.download["keys"] = sum(64 + len(n.encode()) for r in rosters.values() for n in r)
     alive = {c: clients[c] for c in rosters if c not in drop.before_shares}
     for name, c in alive.items():
         shares = c.share(rosters[name])
@@ -64,7 +66,8 @@ def run_round(
         trace.upload["input"] = trace.upload.get("input", 0) + msg.masked.nbytes
     request = server.unmask_request()
     alive = {c: alive[c] for c in request.survivors if c not in drop.before_unmasking}
-    trace.download["unmasking"] = 16 * len(alive) * (len(request.survivors) + len(request.dropped))
+    names = sum(len(n.encode()) for n in (*request.survivors, *request.dropped))
+    trace.download["unmasking"] = names * len(alive)
     for c in alive.values():
         reply = c.unmask(request)
         server.add_unmasking(reply)
