@@ -292,3 +292,20 @@ def test_the_server_never_holds_an_individual_update() -> None:
     for arrays in snapshots:
         for name in survivors:
             assert not _holds(arrays, updates[name], encoded[name]), name
+
+
+# -- what is checked of the sum ----------------------------------------------------------------
+def test_an_honest_sum_passes_the_norm_check_and_an_unclipped_client_fails_it() -> None:
+    from takfl.secagg.checks import sum_problem
+
+    params = _params(6, threshold=4)
+    updates = _updates(params, seed=5)
+    updates[params.clients[0]] = np.zeros(params.length)
+    updates[params.clients[0]][0] = 10.0  # a client that skipped clipping (10 C)
+    enc = params.encoding
+    honest = np.sum([enc.decode(enc.encode(u)) for u in list(updates.values())[1:]], axis=0)
+    total = honest + updates[params.clients[0]]  # what the masked sum would decode to
+
+    assert sum_problem(honest, 5, 1.0) is None
+    assert sum_problem(total, 6, 1.0) is not None
+    assert sum_problem(np.array([np.nan]), 6, 1.0) == "the sum holds NaN or inf"
