@@ -488,6 +488,11 @@ def provision(
     mosquitto_host: str = typer.Option(
         "127.0.0.1", help="Address the central Mosquitto listens on (0.0.0.0: every interface)."
     ),
+    service_port: int = typer.Option(
+        None,
+        help="Port of Mosquitto's service listener, where status monitors and the release "
+        "service log in (default: --mosquitto-port + 1).",
+    ),
     listen: list[str] = typer.Option(
         None,
         help="Address the TLS listener binds (repeatable; 0.0.0.0: every interface). "
@@ -548,6 +553,7 @@ def provision(
             tls_port=tls_port,
             mosquitto_host=mosquitto_host,
             listen=list(listen) if listen else None,
+            service_port=service_port,
         )
     except (RegistryError, ValueError, BrokerStartError, OSError) as e:
         raise fail(str(e)) from None
@@ -563,7 +569,8 @@ def provision(
         console.print(
             f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator, "
             f"of the read-only takfl-monitor for status and of takfl-release for release "
-            f"in {out}/*.password)"
+            f"in {out}/*.password); agents and the coordinator connect to port "
+            f"{files.port}, status and release to the service port {files.service_port}"
         )
     if tls:
         console.print(

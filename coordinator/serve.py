@@ -47,7 +47,7 @@ from coordinator.telemetry_log import TelemetryRecorder, plausibility
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
 from takfl.config.loader import prototype_model, prototype_training
-from takfl.federation_data import build_federation_data
+from takfl.federation_data import FederationData, build_federation_data
 from takfl.files import atomic_write_text
 from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
@@ -56,6 +56,8 @@ from takfl.mqtt.url import parse_broker_url
 from takfl.release.keys import KEY_FILE, generate_release_key
 from takfl.run_layout import exports_dir
 from takfl.wire import validation
+from takfl.wire.envelope import new_run_id
+from takfl.wire.messages import InputNorm
 
 if TYPE_CHECKING:
     from coordinator.metrics import MetricsTls
@@ -202,6 +204,7 @@ def provision(
     tls_port: int = 8883,
     mosquitto_host: str = LOOPBACK,
     listen: list[str] | None = None,
+    service_port: int | None = None,
 ) -> tuple[list[RegistryEntry], MosquittoFiles | None, str]:
     """Secrets and registry for every configured client, and the fleet's release key
     (``release-key.pem`` + ``root.json`` for the devices; made once, kept when it exists);
@@ -210,7 +213,9 @@ def provision(
     ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
     TLS listeners on ``tls_port`` at the addresses :func:`tls_listen_addresses` gives
     (never every interface unless ``listen`` says "0.0.0.0"; the plain listener is on
-    ``mosquitto_host``, loopback unless told otherwise).
+    ``mosquitto_host``, loopback unless told otherwise), and a service listener on
+    ``service_port`` (default ``mosquitto_port + 1``, on ``mosquitto_host``) where the
+    monitor and the release service log in with client ids of their own.
     ``max_samples`` caps each agent's claimed sample count (None: its first registration
     pins it, refused above ``sample_ceiling``)."""
     if tls_hosts and mosquitto_port is None:
@@ -243,6 +248,7 @@ def provision(
             tls=tls,
             use_tool=False,  # the built-in PBKDF2-SHA512 hasher: one file write, not one per agent
             release=(RELEASE_USER, release_password),
+            service_port=service_port if service_port is not None else mosquitto_port + 1,
         )
         for name, password in (
             ("coordinator", coord_password),
@@ -336,6 +342,21 @@ def wait_for_agents(
         time.sleep(0.5)
 
 
+def run_id_of(store: RunStore) -> str:
+    """The run id of the run being resumed (a fresh one for a run from before run ids, or
+    when there is no run yet)."""
+    state = store.state_if_any()
+    return (state.get("run_id") if state is not None else None) or new_run_id()
+
+
+def input_norm(data: FederationData) -> InputNorm | None:
+    """The standardisation of the federation's data, per input channel (None if unknown)."""
+    mean, std = list(data.pool.mean), list(data.pool.std)
+    if not mean or len(mean) != data.input_shape[0] or len(std) != len(mean):
+        return None
+    return InputNorm(mean=[float(m) for m in mean], std=[float(s) for s in std])
+
+
 def serve(
     cfg: FederationConfig,
     run_dir: Path,
@@ -376,6 +397,7 @@ def serve(
         observers.append(metrics)
     observer = Observers(observers)
     allowances = AllowanceBook(agents_file, registry)
+    run_id = run_id_of(store) if settings.resume else new_run_id()
     with broker_for(settings, fleet, registry) as mqtt:
         transport = MqttTransport(
             mqtt,
@@ -386,7 +408,11 @@ def serve(
             policy=transport_policy(cfg, programs),
             on_allowance=allowances.pin,
             observer=observer,
+            run_id=run_id,
+            input_norm=input_norm(data),
         ).start(timeout=30)
+        if not settings.resume:  # the previous run's global models are no longer news
+            transport.clear_globals(p.name for p in cfg.prototypes)
         try:
             report(
                 f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
@@ -403,6 +429,7 @@ def serve(
                     seed=settings.seed,
                     resume=settings.resume,
                     policy=policy,
+                    run_id=run_id,
                 ),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
@@ -414,6 +441,7 @@ def serve(
                 transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             results = run.run()
+            transport.finish()  # late updates are answered "run_finished"
             c = transport.counters
             report(f"updates accepted {c.accepted}, refused {dict(c.refused) or 0}")
         finally:

@@ -26,6 +26,13 @@ def listeners(conf: Path) -> list[str]:
     return [line for line in conf.read_text().splitlines() if line.startswith("listener ")]
 
 
+def tls_listeners(conf: Path) -> list[str]:
+    """The agents' TLS listeners (port 8883); the plain and service ones stay on loopback."""
+    found = listeners(conf)
+    assert all(x.endswith(" 127.0.0.1") for x in found if not x.startswith("listener 8883 "))
+    return [x for x in found if x.startswith("listener 8883 ")]
+
+
 def test_metrics_bind_loopback_by_default() -> None:
     metrics = PrometheusMetrics(["S"])
     try:
@@ -94,13 +101,18 @@ def test_tls_listener_binds_the_addresses_given_never_all(tmp_path: Path) -> Non
     # a host name only: loopback, not every interface
     _, files, _ = provision(cfg, tmp_path / "a", mosquitto_port=18830, tls_hosts=["broker.lan"])
     assert files is not None
-    assert listeners(files.conf) == ["listener 18830 127.0.0.1", "listener 8883 127.0.0.1"]
+    # the plain listener, TLS, the service listener (monitors, the release service)
+    assert listeners(files.conf) == [
+        "listener 18830 127.0.0.1",
+        "listener 8883 127.0.0.1",
+        "listener 18831 127.0.0.1",
+    ]
     # an address agents connect to is listened on
     _, files, _ = provision(
         cfg, tmp_path / "b", mosquitto_port=18830, tls_hosts=["broker.lan", "192.168.1.10"]
     )
     assert files is not None
-    assert listeners(files.conf)[1:] == ["listener 8883 192.168.1.10"]
+    assert tls_listeners(files.conf) == ["listener 8883 192.168.1.10"]
     # --listen decides
     _, files, _ = provision(
         cfg,
@@ -110,7 +122,7 @@ def test_tls_listener_binds_the_addresses_given_never_all(tmp_path: Path) -> Non
         listen=["10.0.0.5", "10.0.0.6"],
     )
     assert files is not None
-    assert listeners(files.conf)[1:] == ["listener 8883 10.0.0.5", "listener 8883 10.0.0.6"]
+    assert tls_listeners(files.conf) == ["listener 8883 10.0.0.5", "listener 8883 10.0.0.6"]
     assert tls_listen_addresses(["h"], ["0.0.0.0"], "127.0.0.1") == ("0.0.0.0",)
 
 
@@ -122,7 +134,7 @@ def test_provision_listen_on_the_command_line(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "bound to 10.1.2.3" in result.output
-    assert listeners(out / "mosquitto" / "mosquitto.conf")[1:] == ["listener 8883 10.1.2.3"]
+    assert tls_listeners(out / "mosquitto" / "mosquitto.conf") == ["listener 8883 10.1.2.3"]
     refused = CliRunner().invoke(app, [*base, "--listen", "10.1.2.3"], env=WIDE)
     assert refused.exit_code == 2 and "--tls" in refused.output
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
@@ -23,55 +22,8 @@ from takfl.wire.chunking import sha256
 from takfl.wire.codec import decode_state
 from takfl.wire.errors import CodecError
 from takfl.wire.messages import Registration, UpdateHeader
+from takfl.wire.reasons import ACCEPTED, Refusal, Verdict, refuse
 from takfl.wire.signing import verify
-
-
-class Refusal(str, Enum):
-    """Why an update (or registration) was refused."""
-
-    UNKNOWN_AGENT = "unknown_agent"  # not in the registry
-    WRONG_PROTOTYPE = "wrong_prototype"  # agent is bound to another prototype
-    STALE_ROUND = "stale_round"  # for an earlier round (replay or late)
-    FUTURE_ROUND = "future_round"  # for a round not started
-    NOT_ASSIGNED = "not_assigned"  # the agent has no task this round
-    DUPLICATE = "duplicate"  # the agent already delivered another update this round
-    WRONG_BASE = "wrong_base"  # delta not relative to this round's global model
-    BAD_SIGNATURE = "bad_signature"  # HMAC does not verify
-    DIGEST_MISMATCH = "digest_mismatch"  # assembled blob does not hash to the declared digest
-    TOO_LARGE = "too_large"  # declared size or chunk count over the cap
-    SHAPE_MISMATCH = "shape_mismatch"  # tensor names/shapes/dtypes differ from the prototype's
-    NON_FINITE = "non_finite"  # NaN or inf
-    NORM_BOUND = "norm_bound"  # L2 norm of the delta over the bound relative to the global model
-    NO_SAMPLES = "no_samples"  # claims fewer than one training sample
-    SAMPLE_CAP = "sample_cap"  # claims more samples than its registry entry allows
-    MALFORMED = "malformed"  # undecodable header, chunk or blob
-    EXPIRED = "expired"  # incomplete when its time ran out
-    # inside the norm bound (takfl.wire.bounds, coordinator.influence)
-    TENSOR_BOUND = "tensor_bound"  # one tensor's delta over its bound from the run's start
-    BAD_VARIANCE = "bad_variance"  # a BatchNorm running variance not > 0 or over its bound
-    BAD_COUNTER = "bad_counter"  # a batch counter went back or jumped past its bound
-    BUFFER_BOUND = "buffer_bound"  # another buffer outside the bounds derived from the global
-    VALIDATION_COST = "validation_cost"  # alone, costs its tier more than the margin
-
-
-@dataclass(frozen=True)
-class Verdict:
-    reason: Refusal | None = None
-    detail: str = ""
-
-    @property
-    def accepted(self) -> bool:
-        return self.reason is None
-
-    def __str__(self) -> str:
-        return "accepted" if self.reason is None else f"{self.reason.value}: {self.detail}"
-
-
-ACCEPTED = Verdict()
-
-
-def refuse(reason: Refusal, detail: str) -> Verdict:
-    return Verdict(reason, detail)
 
 
 @dataclass(frozen=True, kw_only=True)
