@@ -1,7 +1,8 @@
 """An emulated 64-bit ARM board for the field trial (benchmarks/field_arm64.py): a Debian
 bookworm arm64 userland (the base of 64-bit Raspberry Pi OS) built by debootstrap and run
-by qemu-user-static through chroot, the agent installed in it with the README's board
-command, and its start-up costs measured. Everything here needs root.
+by qemu-user-static through chroot, the agent installed in it from the project's wheel with
+the README's board command, and its start-up costs measured. Everything here needs root
+(:func:`missing_prerequisite` says what this machine lacks).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -176,3 +178,36 @@ def probe_root(root: Path, broker: str | None = None) -> dict[str, Any]:
         in_root(root, script)
         out[name] = round(time.monotonic() - start, 1)
     return out
+
+
+def missing_prerequisite() -> str | None:
+    """Why this machine cannot run the trial (root, tools, arm64 binfmt); None if it can."""
+    if os.geteuid() != 0:
+        return "run as root (debootstrap, chroot and mounts need it)"
+    for tool in ("debootstrap", "mosquitto", "chroot"):
+        if shutil.which(tool) is None:
+            return (
+                f"{tool} not found: apt-get install -y qemu-user-static debootstrap "
+                "binfmt-support mosquitto"
+            )
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        return (
+            "no binfmt handler for arm64: apt-get install -y qemu-user-static binfmt-support"
+            " (then update-binfmts --enable qemu-aarch64)"
+        )
+    return None
+
+
+def build_wheel(work: Path) -> Path:
+    """The project's wheel, built here into ``work/dist``."""
+    dist = work / "dist"
+    dist.mkdir()
+    run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"),
+            *("--wheel-dir", str(dist), str(REPO)),
+        ],
+        cwd=work,
+    )
+    (wheel,) = dist.glob("takfl_edge-*.whl")
+    return wheel
