@@ -11,7 +11,7 @@ from coordinator.store import RunStore
 from takfl.mqtt.client import MqttClient
 from takfl.mqtt.url import parse_broker_url
 from takfl.wire.errors import WireError
-from takfl.wire.messages import Registration, Status, decode_message
+from takfl.wire.messages import InferenceStatus, Registration, Status, decode_message
 from takfl.wire.topics import Topics, Up
 
 
@@ -35,6 +35,33 @@ def run_status(run_dir: Path) -> tuple[dict[str, Any], str]:
     return view, str(state.get("config") or "")
 
 
+def serving_summary(block: InferenceStatus) -> str:
+    """One line of an agent's local inference service, from its status."""
+    release = "no release" if block.active_version is None else f"release {block.active_version}"
+    latency = (
+        ""
+        if block.latency_p50_ms is None or block.latency_p99_ms is None
+        else f", p50 {block.latency_p50_ms:.2f} / p99 {block.latency_p99_ms:.2f} ms"
+    )
+    return f"{release}: {block.requests} requests, {block.errors} errors{latency}"
+
+
+def seen_status(seen: dict[str, dict[str, str]], payload: bytes) -> None:
+    """Note a retained status in ``seen`` (agent -> fields shown): its state, when its
+    connection started and, for an agent that serves a model, its inference counters.
+    An undecodable payload changes nothing."""
+    try:
+        st = decode_message(Status, payload)
+    except WireError:
+        return
+    info = seen.setdefault(st.agent_id, {})
+    info["state"] = st.state
+    if st.time > 0:
+        info["last_seen"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.time))
+    if st.inference is not None:
+        info["serving"] = serving_summary(st.inference)
+
+
 def broker_presence(
     url: str,
     fleet: str,
@@ -49,15 +76,8 @@ def broker_presence(
     lock = threading.Lock()
 
     def on_status(topic: str, payload: bytes) -> None:
-        try:
-            st = decode_message(Status, payload)
-        except WireError:
-            return
         with lock:
-            info = seen.setdefault(st.agent_id, {})
-            info["state"] = st.state
-            if st.time > 0:
-                info["last_seen"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.time))
+            seen_status(seen, payload)
 
     def on_register(topic: str, payload: bytes) -> None:
         try:

@@ -2,7 +2,8 @@
 
 ``write_mosquitto_config`` writes into one directory::
 
-    mosquitto.conf   listener on host:port (+ optional TLS listener), no anonymous access,
+    mosquitto.conf   listener on host:port (+ optional TLS listeners on the addresses
+                     given, never every interface unless "0.0.0.0" is given), no anonymous access,
                      password_file, acl_file, persistence, client id forced to the username
     passwords        user:$7$... hashes (PBKDF2-SHA512), by ``mosquitto_passwd`` when installed
     acl              the coordinator user reads/writes takfl/<fleet>/#; each agent (username =
@@ -50,14 +51,14 @@ SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
 @dataclass(frozen=True, kw_only=True)
 class MosquittoTls:
-    """A TLS listener next to the plain one."""
+    """TLS listeners next to the plain one, one per address in ``binds``."""
 
     port: int
     cert_file: str
     key_file: str
     ca_file: str | None = None
     require_certificate: bool = False  # mutual TLS
-    bind: str | None = None  # address to listen on; None: the plain listener's, "": all
+    binds: tuple[str, ...] = ()  # addresses to listen on; empty: the plain listener's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +132,17 @@ def write_password_file(
     return MOSQUITTO_PASSWD
 
 
+def set_password(path: Path, user: str, password: str) -> None:
+    """Replace (or add) ``user``'s line of a Mosquitto password file, hashed in Python
+    (mode 0600); the other lines stay as they are. Mosquitto reads it again on SIGHUP."""
+    _check_credentials({user: password})
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.partition(":")[0] != user]
+    atomic_write_text(
+        path, "".join(f"{x}\n" for x in [*kept, f"{user}:{hash_password(password)}"]), mode=0o600
+    )
+
+
 def acl_text(
     topics: Topics,
     coordinator_user: str,
@@ -192,10 +204,20 @@ def conf_text(
         lines.append(f"user {run_as}")
     lines += ["", f"listener {port} {host}", "use_username_as_clientid true"]
     if tls is not None:
-        bind = host if tls.bind is None else tls.bind
+        lines += tls_listener_lines(tls, host)
+    return "\n".join(lines) + "\n"
+
+
+def tls_listener_lines(tls: MosquittoTls, host: str) -> list[str]:
+    """``mosquitto.conf`` lines of the TLS listeners: one per address of ``tls.binds``
+    (none given: the plain listener's ``host``), never every interface by omission."""
+    lines: list[str] = []
+    for bind in tls.binds or (host,):
+        if not bind or any(c.isspace() for c in bind):
+            raise ValueError(f"a listener address must be one word, got {bind!r}")
         lines += [
             "",
-            f"listener {tls.port} {bind}".rstrip(),
+            f"listener {tls.port} {bind}",
             "use_username_as_clientid true",
             f"certfile {tls.cert_file}",
             f"keyfile {tls.key_file}",
@@ -203,7 +225,7 @@ def conf_text(
         ]
         if tls.ca_file is not None:
             lines.append(f"cafile {tls.ca_file}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_mosquitto_config(

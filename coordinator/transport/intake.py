@@ -27,6 +27,7 @@ from coordinator.transport.base import ClientUpdate
 from coordinator.transport.dispatch import TaskDispatch
 from coordinator.transport.inbound import Inbound
 from takfl.mqtt.blobs import BlobReceiver, Missing
+from takfl.wire.bounds import StateBounds, check_state
 from takfl.wire.chunking import ReassemblyLimits
 from takfl.wire.codec import apply_delta, max_encoded_bytes
 from takfl.wire.errors import BlobTooLarge, DigestMismatch, WireError
@@ -117,6 +118,9 @@ class UpdateIntake:
         self._incoming: dict[tuple[str, str], UpdateHeader] = {}  # (agent, digest) -> header
         self._accepted: set[tuple[int, str]] = set()  # (round, agent)
         self._decided: OrderedDict[str, Ack] = OrderedDict()  # message_ref -> answer
+        # per prototype, from the run's initial models (the engine sets them): per-tensor
+        # and buffer bounds, and the reference of the whole-delta norm bound
+        self.state_bounds: dict[str, StateBounds] = {}
 
     # -- verdicts -----------------------------------------------------------------------
     def _refuse(self, agent: str, verdict: Verdict, header: UpdateHeader | None) -> Decision:
@@ -242,10 +246,21 @@ class UpdateIntake:
             return self._refuse(
                 agent, refuse(Refusal.STALE_ROUND, "round closed before it completed"), header
             )
-        verdict, delta = decode_update(header, blob, a.reference, bounds=self.policy.bounds)
+        bounds = self.state_bounds.get(header.prototype)
+        verdict, delta = decode_update(
+            header,
+            blob,
+            a.reference,
+            bounds=self.policy.bounds,
+            reference_norm=bounds.reference_norm if bounds is not None else None,
+        )
         if delta is None:
             return self._refuse(agent, verdict, header)
         state = apply_delta(a.reference, delta)
+        if bounds is not None:
+            verdict = check_state(delta, state, a.reference, bounds)
+            if not verdict.accepted:
+                return self._refuse(agent, verdict, header)
         with self._lock:
             duplicate = (header.round_id, agent) in self._accepted
             if not duplicate:

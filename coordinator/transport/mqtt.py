@@ -27,12 +27,13 @@ from coordinator.transport.dispatch import TaskDispatch, task_message
 from coordinator.transport.inbound import agent_of as read_agent
 from coordinator.transport.inbound import read
 from coordinator.transport.intake import Decision, IntakeCounters, IntakePolicy, UpdateIntake
-from coordinator.transport.presence import AgentState, Presence
+from coordinator.transport.presence import AgentState, Presence, PresenceGate
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
-from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
+from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits
 from takfl.state import State
+from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
 from takfl.wire.codec import encode_state
 from takfl.wire.messages import (
@@ -48,7 +49,7 @@ from takfl.wire.messages import (
 )
 from takfl.wire.signing import sign
 from takfl.wire.topics import Down, Topics, Up
-from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds
+from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds, Verdict
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=SignedMessage)
@@ -76,6 +77,11 @@ class TransportPolicy:
     # (agents that train through ExecuTorch fetch one by chunk request when not cached).
     programs: Mapping[str, bytes] = field(default_factory=dict)
     resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
+    # per agent, before a message is queued: an agent registers and says online once per
+    # connection (and the broker sends its will), so these leave room for a few
+    # reconnects a minute; the excess is dropped unread, counted, logged once a window
+    registrations: MessageLimits = field(default_factory=lambda: MessageLimits(per_window=10))
+    statuses: MessageLimits = field(default_factory=lambda: MessageLimits(per_window=20))
 
     def intake(self) -> IntakePolicy:
         return IntakePolicy(
@@ -87,11 +93,13 @@ class TransportPolicy:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TransportCounters:
     registrations: int = 0
     chunks_resent: int = 0
     task_retries: int = 0
+    registrations_dropped: int = 0  # over an agent's rate limit, dropped unread
+    statuses_dropped: int = 0
 
 
 class MqttTransport(Transport):
@@ -137,9 +145,10 @@ class MqttTransport(Transport):
             ResendLimiter(p.resend, clock=clock),
         )
         self._updates: queue.Queue[ClientUpdate] = queue.Queue()
+        self.gate = PresenceGate(self.topics, p.registrations, p.statuses, clock=clock)
         t = self.topics
-        self.client.route(t.up_filter(Up.REGISTER), self._on_register)
-        self.client.route(t.up_filter(Up.STATUS), self._on_status)
+        self.client.route(t.up_filter(Up.REGISTER), self._on_register, admit=self.gate.registration)
+        self.client.route(t.up_filter(Up.STATUS), self._on_status, admit=self.gate.status)
         self.client.route(t.up_filter(Up.ACK), self._on_task_ack)
         self.client.route(t.up_filter(Up.REQUEST), self._on_request)
         self.client.route(t.up_filter(Up.UPDATE), self._on_update)
@@ -237,6 +246,17 @@ class MqttTransport(Transport):
                 topic = self.topics.down(agent, Down.GLOBAL)
                 self.client.publish(topic, encode_message(signed), retain=True)
 
+    def bound_updates(self, bounds: Mapping[str, StateBounds]) -> None:
+        """Per-tensor, buffer and whole-norm bounds by prototype, checked on receipt."""
+        self.intake.state_bounds = dict(bounds)
+
+    def refused(self, update: ClientUpdate, verdict: Verdict) -> None:
+        """The engine refused an update the intake had accepted: counted with the
+        intake's refusals and told to the observer (metrics, telemetry log)."""
+        reason = (verdict.reason or Refusal.MALFORMED).value
+        self.counters.refused[reason] += 1
+        self.observer.refused(update.client_id, update.prototype, update.round_id, reason)
+
     @property
     def on_allowance(self) -> Callable[[str, int], None] | None:
         """Called with (agent, n) when a first registration pins an allowance."""
@@ -255,6 +275,8 @@ class MqttTransport(Transport):
     @property
     def transport_counters(self) -> TransportCounters:
         self._counters.registrations = self.presence.registrations
+        self._counters.registrations_dropped = self.gate.registrations.total_dropped
+        self._counters.statuses_dropped = self.gate.statuses.total_dropped
         return self._counters
 
     @property

@@ -1,18 +1,21 @@
 """Presence: which provisioned agents have registered and are online. No broker: the
 MQTT transport hands it received registrations and statuses and publishes the acks it
-returns.
+returns. :class:`PresenceGate` rate-limits both per agent before they are even queued.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from coordinator.transport.inbound import Inbound
+from coordinator.transport.inbound import Inbound, agent_of
+from takfl.mqtt.ratelimit import MessageLimiter, MessageLimits
 from takfl.wire.messages import Ack, Registration, Status
 from takfl.wire.signing import message_ref
+from takfl.wire.topics import Topics
 from takfl.wire.validation import AgentRecord, Refusal, Verdict, check_registration
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,33 @@ _RANK = {"online": 0, "offline": 1}  # within one connection, the will comes las
 def status_order(msg: Status) -> tuple[float, int]:
     """Order of an agent's statuses: by connection start, then online before offline."""
     return (msg.time, _RANK[msg.state])
+
+
+class PresenceGate:
+    """Token buckets per agent on registrations and statuses (so on presence changes),
+    checked on the network thread before a message is queued: a flood from one agent's
+    topics is dropped unread, counted and logged once a window, and cannot fill the
+    inbox every route shares. A topic that names no agent goes on (to be refused)."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        registrations: MessageLimits,
+        statuses: MessageLimits,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.topics = topics
+        self.registrations = MessageLimiter("registrations", registrations, clock=clock)
+        self.statuses = MessageLimiter("statuses", statuses, clock=clock)
+
+    def registration(self, topic: str) -> bool:
+        agent = agent_of(self.topics, topic)
+        return agent is None or self.registrations.allow(agent)
+
+    def status(self, topic: str) -> bool:
+        agent = agent_of(self.topics, topic)
+        return agent is None or self.statuses.allow(agent)
 
 
 class Presence:

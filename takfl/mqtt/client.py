@@ -48,6 +48,7 @@ from takfl.wire.messages import MAX_PACKET_BYTES
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
+Admit = Callable[[str], bool]  # topic -> may this message be queued?
 Hook = Callable[[], None]
 DenialHook = Callable[[str, str], None]  # (topic, reason)
 UNSUPPORTED_PROTOCOL = "Unsupported protocol version"  # CONNACK of a 3.1.1-only broker to MQTT 5
@@ -104,6 +105,7 @@ class ClientCounters:
     unrouted: int = 0  # no handler for the topic
     handler_errors: int = 0
     oversized: int = 0  # dropped for exceeding max_payload_bytes
+    refused_admission: int = 0  # dropped by a route's admit check (e.g. a rate limit)
     publish_refused: int = 0  # outbox full
     subscribe_refused: int = 0  # broker refused a subscription (ACL)
     publish_denied: int = 0  # MQTT 5: the broker's PUBACK refused a message (ACL)
@@ -232,11 +234,13 @@ class MqttClient:
             )
 
     # -- configuration (before start) --------------------------------------------------
-    def route(self, topic_filter: str, handler: Handler) -> None:
+    def route(self, topic_filter: str, handler: Handler, *, admit: Admit | None = None) -> None:
         """Subscribe to ``topic_filter`` (on every connect) and pass its messages to ``handler``.
 
         ``handler(topic, payload)`` runs on the dispatcher thread; exceptions are logged
-        and counted.
+        and counted. ``admit(topic)``, when given, runs on the network thread before a
+        message is queued: False drops it (acknowledged, counted), so a flood on one
+        topic cannot fill the inbox that every route shares.
         """
         self._filters.append(topic_filter)
 
@@ -252,6 +256,11 @@ class MqttClient:
                     msg.topic,
                     self.settings.max_payload_bytes,
                 )
+                if msg.qos > 0:
+                    self._client.ack(msg.mid, msg.qos)
+                return
+            if admit is not None and not admit(msg.topic):
+                self.counters.refused_admission += 1
                 if msg.qos > 0:
                     self._client.ack(msg.mid, msg.qos)
                 return
