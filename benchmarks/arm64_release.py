@@ -41,7 +41,7 @@ from takfl.release.reference import percentiles_ms
 EMULATION = "qemu emulation on this x86 machine, not board speed"
 STAGES = (0.5, 1.0)
 ABORT_ABOVE = 0.2
-DEVICE_TIMEOUT_S = 1800.0  # an emulated install (load, health check) is slow
+DEVICE_TIMEOUT_S = 900.0  # an emulated install (load, health check) is slow
 RELEASE_TIMEOUT_S = 5400.0  # the whole release command, the export on this host included
 PREDICTIONS = 16  # batch-1 requests to each agent's endpoint
 
@@ -185,9 +185,10 @@ def release_phase(
     run_dir: Path, fleet: Path, broker_port: int, ports: Mapping[str, int], cfg: FederationConfig
 ) -> dict[str, Any]:
     """Release to the boards, ask every agent's endpoint (``ports``: agent id -> port), and
-    read the figures back from the release records: the trial's ``release`` record."""
+    read the figures of the rollouts this release made back from the release records: the
+    trial's ``release`` record."""
     start = time.monotonic()
-    release_to_boards(run_dir, fleet, broker_port)
+    made = {r.id for r in release_to_boards(run_dir, fleet, broker_port)}
     wall_s = time.monotonic() - start
     log(f"released in {wall_s:.0f} s; asking every agent's endpoint for {PREDICTIONS} predictions")
     data = build_federation_data(cfg, 0)  # the seed the coordinator serves with by default
@@ -198,8 +199,12 @@ def release_phase(
         "stages": list(STAGES),
         "abort_above": ABORT_ABOVE,
         "wall_s": round(wall_s, 1),
-        "tiers": tier_figures(release_summary(run_dir)["rollouts"]),
-        "agents": device_figures(ReleaseStore(run_dir).load_rollouts(), served),
+        "tiers": tier_figures(
+            row for row in release_summary(run_dir)["rollouts"] if row["rollout"] in made
+        ),
+        "agents": device_figures(
+            (r for r in ReleaseStore(run_dir).load_rollouts() if r.id in made), served
+        ),
     }
 
 
