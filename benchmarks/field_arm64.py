@@ -8,12 +8,14 @@ federation whose Mosquitto broker and coordinator run on this (x86) host.
 Steps (each timed):
 1. ``debootstrap --arch=arm64 bookworm ROOT MIRROR`` (the mirror of this machine's apt
    sources), the host's CA bundle and resolv.conf copied in, /proc, /sys and /dev mounted
-   (unmounted again on every exit).
+   (unmounted again on every exit). The board's CPU is a Cortex-A76 (Raspberry Pi 5), in
+   qemu and in the root's /proc/cpuinfo (``arm64_board.BOARD_CPU`` says why).
 2. The project's wheel built here and copied with ``constraints.txt`` into the root's
    /root; there, with an empty environment and no pip configuration, the README's board
    command: ``python3 -m venv ~/takfl && ~/takfl/bin/pip install -c constraints.txt
    "takfl_edge-*.whl[agent]"``. Install time, venv size, CUDA packages (must be none).
-3. ``takfl-agent profiles``, ``import torch`` and ``takfl-agent doctor`` timed in the root.
+3. ``takfl-agent profiles``, ``import torch``, the agent's and the inference runtimes'
+   imports and ``takfl-agent doctor`` timed in the root.
 4. ``takfl-coordinator provision`` of a small digits federation (2 S, 1 M, 1 L agents,
    everyone every round), ``mosquitto -c`` of the generated config and ``takfl-coordinator
    serve`` on the host; every agent runs ``takfl-agent run`` inside the root on its shard
@@ -53,9 +55,12 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.arm64_board import (  # noqa: E402
     BOARD_HOME,
+    EMULATED_INFERENCE_THREADS,
+    LATENCY_BUDGET_FACTOR,
     SUITE,
     VENV,
     apt_mirror,
+    board_profile,
     build_root,
     build_wheel,
     chroot_cmd,
@@ -65,6 +70,7 @@ from benchmarks.arm64_board import (  # noqa: E402
     mounted,
     probe_root,
     run,
+    stage_profiles,
 )
 from benchmarks.arm64_release import print_release, release_args, release_phase  # noqa: E402
 from coordinator.broker.net import free_port, wait_port  # noqa: E402
@@ -182,12 +188,14 @@ def coordinator_command(cfg_path: Path, fleet: Path, run_dir: Path, port: int) -
 def board_command(
     root: Path, subcommand: str, agent: Agent, broker: str, *extra: str, env: dict[str, str]
 ) -> list[str]:
-    """``takfl-agent <subcommand>`` of ``agent`` inside the root with its staged secret,
-    then ``extra``; ``env`` is added to the board user's environment."""
+    """``takfl-agent <subcommand>`` of ``agent`` inside the root with its staged secret and
+    the emulated copy of its profile, then ``extra``; ``env`` is added to the board user's
+    environment."""
     cid, profile, _ = agent
     return chroot_cmd(
         root,
-        *(f"{VENV}/bin/takfl-agent", subcommand, "--profile", profile, "--broker", broker),
+        *(f"{VENV}/bin/takfl-agent", subcommand, "--profile", board_profile(profile)),
+        *("--broker", broker),
         *("--id", cid, "--secret-file", f"{BOARD_HOME}/trial/{cid}.secret", *extra),
         env=env,
     )
@@ -213,6 +221,7 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
     fleet = work / "fleet"
     provision_trial(cfg_path, fleet, port)
     agents = stage_boards(root, cfg, fleet)
+    budgets = stage_profiles(root, sorted({profile for _, profile, _ in agents}))
     ports = {cid: free_port() for cid, _, _ in agents}  # each agent's inference endpoint
     procs = TrialProcesses(work / "logs")
     try:
@@ -228,6 +237,11 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
         "wall_s": round(wall_s, 1),
         "accuracy": state.get("accuracy"),
         "doctor_exit": doctor_exit,
+        "emulated_profiles": {
+            "inference_threads": EMULATED_INFERENCE_THREADS,
+            "latency_budget_factor": LATENCY_BUDGET_FACTOR,
+            "latency_budget_ms": budgets,
+        },
         "agents": per_agent,
         "release": released,
     }
@@ -269,7 +283,8 @@ def agent_run_command(root: Path, agent: Agent, broker: str, port: int) -> list[
     the last round)."""
     data = f"{BOARD_HOME}/trial/data/{agent[0]}.npz"
     extra = ("--data", data, "--fleet", FLEET, "--threads", "1", *release_args(agent[0], port))
-    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # a crash under emulation leaves Python's stacks in the agent's log
+    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return board_command(root, "run", agent, broker, *extra, env=env)
 
 
@@ -376,7 +391,8 @@ def print_table(r: dict[str, Any]) -> None:
     )
     print(
         f"takfl-agent profiles {probe['profiles_s']} s, import torch {probe['import_torch_s']} s,"
-        f" import agent {probe['import_agent_s']} s"
+        f" import agent {probe['import_agent_s']} s, import onnxruntime "
+        f"{probe['import_onnxruntime_s']} s, import ai_edge_litert {probe['import_litert_s']} s"
     )
     print(
         f"{'agent':6} {'profile':16} {'rounds':>6} {'train s/round':>14} "
