@@ -79,8 +79,10 @@ def simulate(
     alpha: float = typer.Option(None, min=1e-6, help="Dirichlet alpha override."),
     compression: str = typer.Option(
         None,
-        help="Apply the wire codec to updates: fp32|fp16|"
-        "int8, or 'profile' (each device profile's own).",
+        help="Apply a wire codec to updates: fp32|fp16|int8|topk-int8|topk-fp16|sign1|"
+        "rot2|rot3|rot4 with optional settings (topk-int8:density=0.02, sign1:block=128), "
+        "or 'profile' (each device profile's own). Codecs with error feedback keep each "
+        "client's residual across rounds.",
     ),
     lambda_strategy: str = typer.Option(
         None, "--lambda-strategy", help=f"Override: {'|'.join(LAMBDA_STRATEGIES)}."
@@ -110,12 +112,16 @@ def simulate(
 ) -> None:
     """Simulate a federation in process and compare algorithms like the paper's Table 1."""
     from coordinator.inputs import pick_device
-    from coordinator.simulate import SimulationSpec, run_simulation
+    from coordinator.simulate import PROFILE, SimulationSpec, run_simulation
+    from takfl.wire.codec_names import CodecNameError, parse_codec
 
     cfg = load_config_or_exit(config)
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
-    if compression not in (None, "fp32", "fp16", "int8", "profile"):
-        raise fail(f"unknown compression {compression!r}; use fp32, fp16, int8 or profile")
+    if compression not in (None, PROFILE):
+        try:
+            parse_codec(compression)
+        except CodecNameError as e:
+            raise fail(f"{e} (or {PROFILE!r})") from None
     try:
         resolved = [
             resolve_algorithm(

@@ -14,11 +14,16 @@ import torch
 
 from coordinator.engine import RoundEngine, RoundResult
 from coordinator.inputs import prototype_models, server_data
+from coordinator.transport.base import ClientUpdate
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
 from takfl.algorithms import Algorithm
 from takfl.config import FederationConfig, prototype_profile, prototype_training
+from takfl.config.base import ModelSpec
 from takfl.federation_data import build_federation_data
 from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
+from takfl.wire.codecs import Codec, resolve_codec
+
+PROFILE = "profile"  # the compression choice: each device profile's own codec
 
 
 @dataclass(kw_only=True)
@@ -28,22 +33,77 @@ class SimulationSpec:
     first_seed: int = 0  # seeds run are first_seed .. first_seed + seeds - 1
     rounds: int | None = None  # None: the config's
     alpha: float | None = None  # None: the config's
-    compression: str | None = None  # apply the wire codec: fp32|fp16|int8|profile
+    # apply a wire codec to updates: a codec choice ("fp16", "topk-int8:density=0.02",
+    # ...; see takfl.wire.codec_names) or "profile" (each device profile's own)
+    compression: str | None = None
     data_dir: str | None = None
     # train a prototype's sampled clients together (vmap) where that equals the loop:
     # True, False, or None (automatic: on accelerators, and for small models on a CPU)
     vectorise: bool | None = None
 
 
-def profile_compression(cfg: FederationConfig, mode: str | None) -> str | dict[str, str] | None:
-    """``profile``: each prototype's device-profile compression, as real agents send."""
-    if mode != "profile":
-        return mode
-    return {p.name: prototype_profile(cfg, p.name).comms.compression for p in cfg.prototypes}
+def resolve_compression(cfg: FederationConfig, choice: str | None) -> dict[str, Codec] | None:
+    """Prototype -> the codec its updates go through: ``choice`` for every prototype, or
+    with ``profile`` each prototype's device-profile compression, as real agents send.
+
+    Raises:
+        CodecNameError (a ValueError): an unknown codec or a bad setting.
+    """
+    if choice is None:
+        return None
+    if choice == PROFILE:
+        return {
+            p.name: resolve_codec(prototype_profile(cfg, p.name).comms.compression)
+            for p in cfg.prototypes
+        }
+    codec = resolve_codec(choice)
+    return {p.name: codec for p in cfg.prototypes}
 
 
-def metrics_line(algorithm: Algorithm, seed: int, res: RoundResult) -> list[dict[str, Any]]:
-    """One JSON-able record per prototype for a finished round."""
+def fp32_bytes(
+    models: dict[str, ModelSpec], num_classes: int, input_shape: tuple[int, int, int]
+) -> dict[str, int]:
+    """Prototype -> size of its model's delta as an fp32 blob (the reference for ratios)."""
+    from takfl.models import build_model
+    from takfl.wire.codec import encode_state
+
+    return {
+        name: len(
+            encode_state(
+                build_model(spec.builder, num_classes, input_shape, **spec.args).state_dict(),
+                "fp32",
+            )
+        )
+        for name, spec in models.items()
+    }
+
+
+class UploadTally:
+    """Encoded update sizes of the round in progress, by prototype (an engine hook)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, list[float]] = {}
+
+    def __call__(self, upd: ClientUpdate) -> None:
+        if "upload_bytes" in upd.metrics:
+            self.sizes.setdefault(upd.prototype, []).append(upd.metrics["upload_bytes"])
+
+    def take(self) -> dict[str, float]:
+        """Mean bytes per update per prototype since the last call; then start over."""
+        out = {p: float(np.mean(v)) for p, v in self.sizes.items() if v}
+        self.sizes = {}
+        return out
+
+
+def metrics_line(
+    algorithm: Algorithm,
+    seed: int,
+    res: RoundResult,
+    upload: dict[str, float] | None = None,
+    fp32: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """One JSON-able record per prototype for a finished round; with a codec, the mean
+    encoded update size and the fp32 size of the same model's delta."""
     strategy = algorithm.lambda_strategy
     return [
         {
@@ -61,6 +121,11 @@ def metrics_line(algorithm: Algorithm, seed: int, res: RoundResult) -> list[dict
             "info": res.info.get(proto, {}),
             "kept_previous": res.kept_previous.get(proto),  # why the new model was discarded
         }
+        | (
+            {"upload_bytes": upload.get(proto), "fp32_bytes": fp32.get(proto)}
+            if upload is not None and fp32 is not None
+            else {}
+        )
         for proto, acc in res.accuracy.items()
     ]
 
@@ -95,9 +160,13 @@ def run_simulation(
     curves: dict[str, dict[str, list[list[float]]]] = {a: {} for a in names}
     metrics_path = out_dir / METRICS_FILE
     metrics_path.write_text("")
+    codecs = resolve_compression(cfg, spec.compression)
+    fp32: dict[str, int] | None = None
     for seed in range(spec.first_seed, spec.first_seed + spec.seeds):
         data = build_federation_data(cfg, seed, spec.data_dir, spec.alpha)
         sdata = server_data(data, device)
+        if codecs is not None and fp32 is None:
+            fp32 = fp32_bytes(models, data.num_classes, data.input_shape)
         for algo in spec.algorithms:
             alg = algo.name
             clients = [
@@ -109,17 +178,26 @@ def run_simulation(
                 num_classes=data.num_classes,
                 input_shape=data.input_shape,
                 device=device,
-                compression=profile_compression(cfg, spec.compression),
+                codecs=codecs,
                 vectorise=spec.vectorise,
             )
+            tally = UploadTally()
             engine = RoundEngine(
-                cfg, models, sdata, transport, algorithm=algo, device=device, seed=seed
+                cfg,
+                models,
+                sdata,
+                transport,
+                algorithm=algo,
+                device=device,
+                seed=seed,
+                on_update=tally,
             )
             per_proto: dict[str, list[float]] = {p.name: [] for p in cfg.prototypes}
             for r in range(1, rounds + 1):
                 res = engine.run_round(r)
                 with metrics_path.open("a") as f:
-                    for rec in metrics_line(algo, seed, res):
+                    upload = tally.take() if codecs is not None else None
+                    for rec in metrics_line(algo, seed, res, upload, fp32):
                         f.write(json.dumps(rec) + "\n")
                 for p, a in res.accuracy.items():
                     per_proto[p].append(a)
@@ -136,6 +214,7 @@ def run_simulation(
                 "rounds": rounds,
                 "seeds": list(range(spec.first_seed, spec.first_seed + spec.seeds)),
                 "compression": spec.compression,
+                "codecs": {p: str(c) for p, c in codecs.items()} if codecs else None,
                 "validation": {a.name: a.validation for a in spec.algorithms},
                 "lambda_strategy": {
                     a.name: a.lambda_strategy.name for a in spec.algorithms if a.lambda_strategy
