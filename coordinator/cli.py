@@ -80,7 +80,8 @@ def simulate(
     compression: str = typer.Option(
         None,
         help="Apply a wire codec to updates: fp32|fp16|int8|topk-int8|topk-fp16|sign1|"
-        "rot2|rot3|rot4 with optional settings (topk-int8:density=0.02, sign1:block=128), "
+        "rot2|rot3|rot4 with optional settings (topk-int8:density=0.02, "
+        "sign1:block=128,density=0.8), one per prototype (S=sign1:density=0.6;M=sign1;L=fp16), "
         "or 'profile' (each device profile's own). Codecs with error feedback keep each "
         "client's residual across rounds.",
     ),
@@ -112,14 +113,14 @@ def simulate(
 ) -> None:
     """Simulate a federation in process and compare algorithms like the paper's Table 1."""
     from coordinator.inputs import pick_device
-    from coordinator.simulate import PROFILE, SimulationSpec, run_simulation
-    from takfl.wire.codec_names import CodecNameError, parse_codec
+    from coordinator.simulate import PROFILE, SimulationSpec, resolve_compression, run_simulation
+    from takfl.wire.codec_names import CodecNameError
 
     cfg = load_config_or_exit(config)
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
-    if compression not in (None, PROFILE):
+    if compression is not None:
         try:
-            parse_codec(compression)
+            resolve_compression(cfg, compression)
         except CodecNameError as e:
             raise fail(f"{e} (or {PROFILE!r})") from None
     try:

@@ -21,6 +21,7 @@ from takfl.config import FederationConfig, prototype_profile, prototype_training
 from takfl.config.base import ModelSpec
 from takfl.federation_data import build_federation_data
 from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
+from takfl.wire.codec_names import CodecNameError
 from takfl.wire.codecs import Codec, resolve_codec
 
 PROFILE = "profile"  # the compression choice: each device profile's own codec
@@ -34,7 +35,8 @@ class SimulationSpec:
     rounds: int | None = None  # None: the config's
     alpha: float | None = None  # None: the config's
     # apply a wire codec to updates: a codec choice ("fp16", "topk-int8:density=0.02",
-    # ...; see takfl.wire.codec_names) or "profile" (each device profile's own)
+    # ...; see takfl.wire.codec_names), one per prototype ("S=sign1:density=0.6;M=...")
+    # or "profile" (each device profile's own)
     compression: str | None = None
     data_dir: str | None = None
     # train a prototype's sampled clients together (vmap) where that equals the loop:
@@ -43,21 +45,30 @@ class SimulationSpec:
 
 
 def resolve_compression(cfg: FederationConfig, choice: str | None) -> dict[str, Codec] | None:
-    """Prototype -> the codec its updates go through: ``choice`` for every prototype, or
-    with ``profile`` each prototype's device-profile compression, as real agents send.
+    """Prototype -> the codec its updates go through: ``choice`` for every prototype;
+    ``profile``: each prototype's device-profile compression, as real agents send; or one
+    choice per prototype, ``S=sign1:density=0.6;M=sign1;L=fp16`` (every prototype named).
 
     Raises:
-        CodecNameError (a ValueError): an unknown codec or a bad setting.
+        CodecNameError (a ValueError): an unknown codec, a bad setting, or a per-prototype
+            choice that misses or repeats a prototype or names an unknown one.
     """
     if choice is None:
         return None
+    names = [p.name for p in cfg.prototypes]
     if choice == PROFILE:
-        return {
-            p.name: resolve_codec(prototype_profile(cfg, p.name).comms.compression)
-            for p in cfg.prototypes
-        }
-    codec = resolve_codec(choice)
-    return {p.name: codec for p in cfg.prototypes}
+        return {n: resolve_codec(prototype_profile(cfg, n).comms.compression) for n in names}
+    items = [i.strip() for i in choice.split(";") if i.strip()]
+    heads = [i.partition("=")[0].strip() for i in items]
+    if len(items) == 1 and heads[0] not in names:
+        codec = resolve_codec(items[0])
+        return dict.fromkeys(names, codec)
+    if sorted(heads) != sorted(names):
+        raise CodecNameError(
+            f"a choice per prototype names each of {', '.join(names)} once "
+            f"(PROTOTYPE=CODEC;...), got {', '.join(heads)}"
+        )
+    return {h: resolve_codec(i.partition("=")[2]) for h, i in zip(heads, items, strict=True)}
 
 
 def fp32_bytes(

@@ -43,13 +43,23 @@ def test_compression_resolves_one_codec_or_each_profiles_own() -> None:
     assert resolve_compression(cfg, None) is None
     one = resolve_compression(cfg, "sign1:block=64")
     assert one is not None and {p: str(c) for p, c in one.items()} == dict.fromkeys(
-        ("S", "M", "L"), "sign1:block=64"
+        ("S", "M", "L"), "sign1:block=64,density=1"
     )
     profile = resolve_compression(cfg, "profile")
     assert profile is not None
     assert {p: c.name for p, c in profile.items()} == {"S": "int8", "M": "fp16", "L": "fp16"}
+    each = resolve_compression(cfg, "S=sign1:density=0.6; M=topk-int8 ;L=fp16")
+    assert each is not None
+    assert {p: str(c) for p, c in each.items()} == {
+        "S": "sign1:block=256,density=0.6",
+        "M": "topk-int8:density=0.03",
+        "L": "fp16",
+    }
     with pytest.raises(CodecNameError, match="unknown compression 'bf8'"):
         resolve_compression(cfg, "bf8")
+    for bad in ("S=sign1;M=sign1", "S=sign1;M=sign1;L=fp16;S=fp16", "S=sign1;M=sign1;X=fp16"):
+        with pytest.raises(CodecNameError, match="names each of S, M, L once"):
+            resolve_compression(cfg, bad)
 
 
 def test_roundtrip_without_feedback_is_the_codec_alone() -> None:
@@ -57,7 +67,7 @@ def test_roundtrip_without_feedback_is_the_codec_alone() -> None:
     carried = codec_roundtrip(trained, base, resolve_codec("fp16"), None)
     assert carried.residual is None
     assert carried.nbytes == len(
-        resolve_codec("fp16").encode({k: trained[k] - base[k] for k in base})
+        resolve_codec("fp16").encode({k: trained[k] - base[k] for k in base}, base)
     )
     for k in base:
         assert torch.allclose(carried.state[k], trained[k], atol=1e-3)
@@ -126,7 +136,7 @@ def test_transport_keeps_each_clients_residual_across_rounds() -> None:
         return out
 
     first = round_of(1, ["c0"])
-    assert first[0].metrics["upload_bytes"] < 0.06 * len(resolve_codec("fp32").encode(glob))
+    assert first[0].metrics["upload_bytes"] < 0.06 * len(resolve_codec("fp32").encode(glob, glob))
     kept = transport.residual("c0")
     assert kept is not None and transport.residual("c1") is None
     round_of(2, ["c1"])

@@ -55,15 +55,15 @@ def codec_roundtrip(
 
     delta = make_delta(trained, base)
     if not codec.error_feedback:
-        blob = codec.encode(delta, seed=seed)
+        blob = codec.encode(delta, base, seed=seed)
         return Carried(apply_delta(base, codec.decode(blob, base)), None, len(blob))
     try:
-        sent = encode_with_feedback(codec, delta, residual, seed=seed)
+        sent = encode_with_feedback(codec, delta, base, residual, seed=seed)
     except CodecError as e:
         if residual is None:
             raise
         log.warning("error-feedback residual dropped: %s", e)
-        sent = encode_with_feedback(codec, delta, None, seed=seed)
+        sent = encode_with_feedback(codec, delta, base, None, seed=seed)
     return Carried(apply_delta(base, sent.delta), sent.residual, len(sent.blob))
 
 

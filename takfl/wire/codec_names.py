@@ -31,21 +31,21 @@ CODECS: tuple[str, ...] = (
     "rot4",
 )
 
-DEFAULT_DENSITY = 0.03  # top-k: fraction of each tensor's entries sent
-DEFAULT_BLOCK = 256  # sign1 / rot*: entries per scale (and per rotation)
 MIN_BLOCK_LOG2, MAX_BLOCK_LOG2 = 3, 12  # blocks of 8 .. 4096 entries
+_TOPK: dict[str, float | int] = {"density": 0.03}  # fraction of each tensor's entries sent
+_BLOCKS: dict[str, float | int] = {"block": 256}  # entries per scale (and per rotation)
 
-# which settings each codec takes
-SETTINGS: dict[str, tuple[str, ...]] = {
-    "fp32": (),
-    "fp16": (),
-    "int8": (),
-    "topk-int8": ("density",),
-    "topk-fp16": ("density",),
-    "sign1": ("block",),
-    "rot2": ("block",),
-    "rot3": ("block",),
-    "rot4": ("block",),
+# the settings each codec takes, with their defaults
+SETTINGS: dict[str, dict[str, float | int]] = {
+    "fp32": {},
+    "fp16": {},
+    "int8": {},
+    "topk-int8": _TOPK,
+    "topk-fp16": _TOPK,
+    "sign1": _BLOCKS | {"density": 1.0},  # fraction of each tensor's blocks sent
+    "rot2": _BLOCKS,
+    "rot3": _BLOCKS,
+    "rot4": _BLOCKS,
 }
 
 
@@ -55,11 +55,12 @@ class CodecNameError(ValueError):
 
 @dataclass(frozen=True)
 class CodecChoice:
-    """A codec name and the settings its sender encodes with."""
+    """A codec name and the settings its sender encodes with (:func:`parse_codec` fills
+    in each codec's defaults; a setting the codec does not take is ignored)."""
 
     name: str
-    density: float = DEFAULT_DENSITY
-    block: int = DEFAULT_BLOCK
+    density: float = 1.0
+    block: int = 256
 
     def __str__(self) -> str:
         """The canonical text: the name, then the settings it takes, e.g.
@@ -116,4 +117,4 @@ def parse_codec(text: str) -> CodecChoice:
         if key in values:
             raise CodecNameError(f"{name}: {key} given twice")
         values[key] = _PARSERS[key](value.strip())
-    return CodecChoice(name, **values)  # type: ignore[arg-type]
+    return CodecChoice(name, **(SETTINGS[name] | values))  # type: ignore[arg-type]

@@ -39,9 +39,10 @@ from takfl.wire.codec import (
 from takfl.wire.codec_names import CODECS, CodecChoice, CodecNameError, parse_codec
 from takfl.wire.errors import CodecError
 from takfl.wire.packing import packed_codec
+from takfl.wire.sections import fed_back
 
-# encode(delta, choice, seed) -> blob; decode(blob, reference, max_bytes) -> delta
-Encode = Callable[[StateView, CodecChoice, int], bytes]
+# encode(delta, base, choice, seed) -> blob; decode(blob, base, max_bytes) -> delta
+Encode = Callable[[StateView, StateView, CodecChoice, int], bytes]
 Decode = Callable[[bytes, StateView, "int | None"], State]
 
 
@@ -73,13 +74,15 @@ class Codec:
     def __str__(self) -> str:
         return str(self.choice)
 
-    def encode(self, delta: StateView, *, seed: int = 0) -> bytes:
-        """``delta`` as this codec's blob; ``seed`` feeds codecs that randomise (rot*)."""
-        return self.unit.encode(delta, self.choice, seed)
+    def encode(self, delta: StateView, base: StateView, *, seed: int = 0) -> bytes:
+        """``delta`` (of a model against ``base``, the state both ends hold) as this
+        codec's blob; ``seed`` feeds codecs that randomise (rot*)."""
+        return self.unit.encode(delta, base, self.choice, seed)
 
-    def decode(self, blob: bytes, reference: StateView, *, max_bytes: int | None = None) -> State:
-        """The delta in ``blob`` (which must be this codec's), floating entries float32."""
-        return self.unit.decode(blob, reference, max_bytes)
+    def decode(self, blob: bytes, base: StateView, *, max_bytes: int | None = None) -> State:
+        """The delta in ``blob`` (which must be this codec's) against ``base``, whose
+        layout it must have; floating entries float32."""
+        return self.unit.decode(blob, base, max_bytes)
 
     def max_bytes(self, reference: StateView) -> int:
         return self.unit.max_bytes(reference)
@@ -90,7 +93,7 @@ def _tensor_unit(name: str, reference: str) -> CodecUnit:
         name=name,
         reference=reference,
         error_feedback=False,
-        encode=lambda delta, choice, seed: encode_state(delta, name),
+        encode=lambda delta, base, choice, seed: encode_state(delta, name),
         decode=lambda blob, ref, cap: _decode_tensors(blob, name, cap),
         max_bytes=max_encoded_bytes,
     )
@@ -110,8 +113,8 @@ def _topk_unit(values: str) -> CodecUnit:
         name=f"topk-{values}",
         reference=f"top-k sparsification (DGC, Lin et al. 2018), {values} values, {_EF}",
         error_feedback=True,
-        encode=lambda delta, choice, seed: topk.encode(
-            delta, values=values, density=choice.density
+        encode=lambda delta, base, choice, seed: topk.encode(
+            delta, base, values=values, density=choice.density
         ),
         decode=lambda blob, ref, cap: topk.decode(blob, ref, values=values, max_bytes=cap),
         max_bytes=lambda ref: topk.max_bytes(ref, values=values),
@@ -121,9 +124,12 @@ def _topk_unit(values: str) -> CodecUnit:
 def _sign_unit() -> CodecUnit:
     return CodecUnit(
         name="sign1",
-        reference=f"1-bit sign with a mean-magnitude scale per block (signSGD), {_EF}",
+        reference="1-bit sign with a mean-magnitude scale per block (signSGD; below density 1 "
+        f"a seeded random subset, Stich et al. 2018), {_EF}",
         error_feedback=True,
-        encode=lambda delta, choice, seed: sign.encode(delta, block=choice.block),
+        encode=lambda delta, base, choice, seed: sign.encode(
+            delta, base, block=choice.block, density=choice.density, seed=seed
+        ),
         decode=lambda blob, ref, cap: sign.decode(blob, ref, max_bytes=cap),
         max_bytes=sign.max_bytes,
     )
@@ -135,8 +141,8 @@ def _rotation_unit(bits: int) -> CodecUnit:
         reference=f"randomised Hadamard rotation, {bits}-bit uniform quantiser with a step "
         f"per block (Suresh et al. 2017; Flower's compression mod), {_EF}",
         error_feedback=True,
-        encode=lambda delta, choice, seed: rotation.encode(
-            delta, bits=bits, block=choice.block, seed=seed
+        encode=lambda delta, base, choice, seed: rotation.encode(
+            delta, base, bits=bits, block=choice.block, seed=seed
         ),
         decode=lambda blob, ref, cap: rotation.decode(blob, ref, bits=bits, max_bytes=cap),
         max_bytes=lambda ref: rotation.max_bytes(ref, bits=bits),
@@ -191,8 +197,8 @@ def blob_codec(blob: bytes) -> str:
     return name
 
 
-def decode_blob(blob: bytes, reference: StateView, *, max_bytes: int | None = None) -> State:
-    """Decode a blob of any registered codec against ``reference``.
+def decode_blob(blob: bytes, base: StateView, *, max_bytes: int | None = None) -> State:
+    """Decode a blob of any registered codec against ``base``.
 
     Raises:
         CodecError: an unknown codec, or whatever the codec's decoder refuses.
@@ -203,7 +209,7 @@ def decode_blob(blob: bytes, reference: StateView, *, max_bytes: int | None = No
     unit = _UNITS.get(name)
     if unit is None:
         raise CodecError(f"blob of unknown codec {name!r}")
-    return unit.decode(blob, reference, max_bytes)
+    return unit.decode(blob, base, max_bytes)
 
 
 # -- error feedback ------------------------------------------------------------------------
@@ -214,45 +220,49 @@ class Sent:
 
     blob: bytes
     delta: State
-    residual: State  # floating entries only, float32
+    residual: State  # the fed-back entries (floating, not running statistics), float32
 
 
 def check_residual(residual: StateView, delta: StateView) -> None:
-    """A residual fits ``delta``: one float32 entry of the same shape per floating entry.
+    """A residual fits ``delta``: one float32 entry of the same shape per fed-back entry
+    (:func:`takfl.wire.sections.fed_back`).
 
     Raises:
         CodecError: it does not (the model changed shape: drop the residual).
     """
-    floating = {k for k, t in delta.items() if t.is_floating_point()}
-    if set(residual) != floating:
-        raise CodecError("residual entries differ from the model's floating entries")
-    for k in floating:
+    names = fed_back(delta)
+    if set(residual) != set(names):
+        raise CodecError("residual entries differ from the model's fed-back entries")
+    for k in names:
         if residual[k].shape != delta[k].shape:
             raise CodecError(f"residual {k} has shape {tuple(residual[k].shape)}")
 
 
 def encode_with_feedback(
-    codec: Codec, delta: StateView, residual: StateView | None, *, seed: int = 0
+    codec: Codec,
+    delta: StateView,
+    base: StateView,
+    residual: StateView | None,
+    *,
+    seed: int = 0,
 ) -> Sent:
-    """Encode ``delta + residual`` (floating entries; None: no residual yet) and return
-    what was sent with the new residual ``(delta + residual) - decoded``.
+    """Encode ``delta + residual`` (against ``base``; None: no residual yet) and return
+    what was sent with the new residual ``(delta + residual) - decoded`` of the fed-back
+    entries (running statistics are never fed back).
 
     Pure. Summed over rounds, ``decoded`` deltas + the last residual = the true deltas
-    (up to float32 rounding).
+    (up to float32 rounding) on every fed-back entry.
     """
     if residual is not None:
         check_residual(residual, delta)
-    corrected: State = {}
-    for k, t in delta.items():
-        if t.is_floating_point():
-            x = t.detach().to(torch.float32)
-            corrected[k] = x + residual[k] if residual is not None else x
-        else:
-            corrected[k] = t
-    blob = codec.encode(corrected, seed=seed)
-    decoded = codec.decode(blob, corrected)
-    out = {k: corrected[k] - decoded[k] for k, t in corrected.items() if t.is_floating_point()}
-    return Sent(blob, decoded, out)
+    names = fed_back(delta)
+    corrected: State = dict(delta)
+    for k in names:
+        x = delta[k].detach().to(torch.float32)
+        corrected[k] = x + residual[k] if residual is not None else x
+    blob = codec.encode(corrected, base, seed=seed)
+    decoded = codec.decode(blob, base)
+    return Sent(blob, decoded, {k: corrected[k] - decoded[k] for k in names})
 
 
 __all__ = [

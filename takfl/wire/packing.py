@@ -6,45 +6,37 @@ would spend about 100 on its JSON header, which is most of a small model's updat
 bit per weight. (No safetensors blob this codec accepts starts with those four bytes:
 they would declare a header beyond its 16 MiB cap.) Names, shapes and dtypes are not
 sent: both ends know the model, so the payload is read against the receiver's reference
-state (its :func:`layout`: entries sorted by name). The payload starts with the
-layout's 8-byte :func:`fingerprint`, so a blob made for another model is refused before
-anything is read. Then come the codec's own settings and one section per entry in
-layout order:
-
-- a floating entry of two or more dimensions (weights, kernels) as the codec encodes it;
-- a floating entry of at most one dimension (biases, normalisation weights and running
-  statistics: about 1 % of a model) as its float16 values, finite: the codecs' coarse
-  steps and error feedback would drive a running variance negative (vectors go
-  uncompressed in PowerSGD, Vogels et al. 2019, for the same reasons);
-- any other entry (integer counters, boolean masks) as its raw little-endian bytes.
+state (its :func:`layout`: entries sorted by name), the state the delta applies to. The
+payload starts with the layout's 4-byte :func:`fingerprint`, so a blob made for another
+model is refused before anything is read; then the codec's settings; then one section
+per entry in layout order (:mod:`takfl.wire.sections`).
 
 Shared encodings: unsigned LEB128 varints (7 bits per byte, low group first, high bit set
-on every byte but the last, minimal length, at most 5 bytes: values below 2**32); bit
-fields packed little-endian (value ``i`` of width ``b`` occupies bits ``i*b .. i*b+b-1``,
-bit ``j`` of the stream is bit ``j % 8`` of byte ``j // 8``), unused bits of the last byte
-zero. Readers check every length against what is left before taking it.
+on every byte but the last, minimal length); bit fields packed little-endian (value ``i``
+of width ``b`` occupies bits ``i*b .. i*b+b-1``, bit ``j`` of the stream is bit ``j % 8``
+of byte ``j // 8``), unused bits of the last byte zero; numbers little-endian. Readers
+check every length against what is left before taking it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from takfl.state import State, StateView
-from takfl.wire.codec import FP16_MAX
+from takfl.state import StateView
 from takfl.wire.errors import CodecError, LayoutMismatch
 
 MAGIC = b"TKP"
 PACK_VERSION = 1
 MAX_NAME_BYTES = 32
 FRAME_BYTES = len(MAGIC) + 2 + MAX_NAME_BYTES  # the most framing before a payload
-FINGERPRINT_BYTES = 8
-MAX_VARINT_BYTES = 5
+FINGERPRINT_BYTES = 4
+INDEX_VARINT_BYTES = 5  # counts and indices: below 2**32
+MAX_VARINT_BYTES = 10  # any 64-bit value
 MAX_NUMEL = 2**32 - 1  # entries of one tensor a packed codec can address
 
 
@@ -63,11 +55,6 @@ class Entry:
     @property
     def floating(self) -> bool:
         return self.dtype.is_floating_point
-
-    @property
-    def compressed(self) -> bool:
-        """Whether the codec encodes it (floating, two or more dimensions)."""
-        return self.floating and len(self.shape) >= 2
 
 
 def layout(reference: StateView) -> list[Entry]:
@@ -93,10 +80,31 @@ def _dtype_code(entry: Entry) -> str:
 
 
 def fingerprint(entries: Sequence[Entry]) -> bytes:
-    """First 8 bytes of the SHA-256 of the lines ``name dtype d0,d1,..`` (dtype
-    ``float`` for every floating entry), one per entry in layout order."""
+    """First 4 bytes of the SHA-256 of the lines ``name dtype d0,d1,..`` (dtype ``float``
+    for every floating entry, else torch's name: ``int64``, ``bool``), one per entry in
+    layout order, each ending with a newline."""
     text = "".join(f"{e.name} {_dtype_code(e)} {','.join(map(str, e.shape))}\n" for e in entries)
     return hashlib.sha256(text.encode()).digest()[:FINGERPRINT_BYTES]
+
+
+# -- shared randomness ---------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+SEED_MASK = 2**32 - 1  # seeds travel as u32
+
+
+def draws(seed: int, position: int, length: int) -> np.ndarray:
+    """The pseudo-random uint64 draws of entries ``0 .. length-1`` of the entry at layout
+    ``position`` (from 0, every entry counted): ``splitmix64(seed + (c + 1) * 0x9E3779B97F4A7C15)``
+    with ``c = position * 2**32 + j``, all mod 2**64, where ``splitmix64(z)`` is
+    ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; z *= 0x94D049BB133111EB;
+    z ^= z >> 31``."""
+    c = np.uint64(position << 32) + np.arange(length, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed & SEED_MASK) + (c + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
 
 
 # -- the container ------------------------------------------------------------------------
@@ -144,10 +152,8 @@ def unpack(blob: bytes, codec: str, *, max_bytes: int | None) -> memoryview:
 
 # -- writing -------------------------------------------------------------------------------
 def varints(values: np.ndarray) -> bytes:
-    """LEB128 bytes of ``values`` (non-negative integers below 2**32), in order."""
+    """LEB128 bytes of ``values`` (non-negative integers below 2**64), in order."""
     v = np.asarray(values, dtype=np.uint64)
-    if v.size and int(v.max()) > MAX_NUMEL:
-        raise CodecError(f"varint value {int(v.max())} is beyond 2**32 - 1")
     nbytes = np.ones(v.shape, dtype=np.int64)
     for group in range(1, MAX_VARINT_BYTES):
         nbytes += v >= np.uint64(1 << (7 * group))
@@ -166,62 +172,24 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
 
 
-def vector(x: torch.Tensor, name: str) -> bytes:
-    """A floating entry of at most one dimension as little-endian float16 (finite)."""
-    v = x.detach().to("cpu", torch.float32).reshape(-1)
-    if not bool(torch.isfinite(v).all()):
-        raise CodecError(f"{name}: non-finite values cannot be encoded")
-    if bool((v.abs() > FP16_MAX).any()):
-        raise CodecError(f"{name}: values beyond the float16 range")
-    return v.to(torch.float16).numpy().astype("<f2").tobytes()
-
-
-# section(position in the layout, entry, flat float32 values, all finite) -> bytes
-Section = Callable[[int, "Entry", torch.Tensor], bytes]
-
-
-def encode_entries(delta: StateView, entries: Sequence[Entry], section: Section) -> bytes:
-    """The sections of every entry of ``delta`` in layout order: ``section`` for the
-    compressed entries, float16 for the other floating ones, raw bytes for the rest."""
-    parts = []
-    for position, e in enumerate(entries):
-        t = delta[e.name]
-        if e.compressed:
-            x = t.detach().to("cpu", torch.float32).reshape(-1)
-            if not bool(torch.isfinite(x).all()):
-                raise CodecError(f"{e.name}: non-finite values cannot be encoded")
-            parts.append(section(position, e, x))
-        elif e.floating:
-            parts.append(vector(t, e.name))
-        else:
-            parts.append(raw(t))
-    return b"".join(parts)
-
-
-def max_payload(reference: StateView, head: int, compressed: Callable[[int], int]) -> int:
-    """A bound on a packed blob for ``reference``'s layout: framing, fingerprint, ``head``
-    bytes of settings, ``compressed(numel)`` per compressed entry, the others as sent."""
-    total = FRAME_BYTES + FINGERPRINT_BYTES + head
-    for e in layout(reference):
-        if e.compressed:
-            total += compressed(e.numel)
-        else:
-            total += e.numel * (2 if e.floating else e.dtype.itemsize)
-    return total
-
-
 def u8(value: int) -> bytes:
-    return struct.pack("<B", value)
+    return bytes((value,))
 
 
-def u64(value: int) -> bytes:
-    return struct.pack("<Q", value)
+def u32(value: int) -> bytes:
+    return value.to_bytes(4, "little")
 
 
-def raw(t: torch.Tensor) -> bytes:
-    """A non-floating tensor's values as little-endian bytes."""
-    a = t.detach().to("cpu").contiguous().numpy()
-    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+def f16(values: torch.Tensor, what: str) -> bytes:
+    """``values`` as little-endian float16.
+
+    Raises:
+        CodecError: a value beyond the float16 range (non-finite values: the caller's).
+    """
+    v = values.detach().to("cpu", torch.float32).reshape(-1)
+    if bool((v.abs() > 65504.0).any()):
+        raise CodecError(f"{what}: values beyond the float16 range")
+    return v.to(torch.float16).numpy().astype("<f2").tobytes()
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -233,13 +201,17 @@ class Reader:
         self.pos = 0
         self.codec = codec
 
+    @property
+    def left(self) -> int:
+        return self.buf.size - self.pos
+
     def fail(self, what: str) -> CodecError:
         return CodecError(f"{self.codec} payload, byte {self.pos}: {what}")
 
     def take(self, n: int, what: str) -> np.ndarray:
         """The next ``n`` bytes (a view, nothing allocated)."""
-        if n < 0 or n > self.buf.size - self.pos:
-            raise self.fail(f"{what} needs {n} bytes, {self.buf.size - self.pos} left")
+        if n < 0 or n > self.left:
+            raise self.fail(f"{what} needs {n} bytes, {self.left} left")
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -247,22 +219,32 @@ class Reader:
     def u8(self, what: str) -> int:
         return int(self.take(1, what)[0])
 
-    def u64(self, what: str) -> int:
-        return int.from_bytes(self.take(8, what).tobytes(), "little")
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what).tobytes(), "little")
 
     def array(self, dtype: str, count: int, what: str) -> np.ndarray:
         """``count`` values of the little-endian numpy ``dtype`` (a copy)."""
         size = np.dtype(dtype).itemsize
         return self.take(count * size, what).view(dtype).copy()
 
+    def scales(self, count: int, what: str) -> np.ndarray:
+        """``count`` float16 scales as float32, each finite and not negative."""
+        values = self.array("<f2", count, what).astype(np.float32)
+        if values.size and not bool((np.isfinite(values) & (values >= 0)).all()):
+            raise self.fail(f"{what}: a scale that is negative, NaN or infinite")
+        return values
+
     def varint(self, what: str) -> int:
         return int(self.varints(1, what)[0])
 
-    def varints(self, count: int, what: str) -> np.ndarray:
-        """``count`` LEB128 values as uint64 (each below 2**32, minimally encoded)."""
+    def varints(self, count: int, what: str, *, max_bytes: int = INDEX_VARINT_BYTES) -> np.ndarray:
+        """``count`` minimally encoded LEB128 values as uint64, each at most ``max_bytes``
+        long (5: below 2**32; 10: below 2**64)."""
         if count == 0:
             return np.zeros(0, dtype=np.uint64)
-        window = self.buf[self.pos : self.pos + MAX_VARINT_BYTES * count]
+        if count > self.left:  # every varint takes at least one byte
+            raise self.fail(f"{what}: {count} varints do not fit in what is left")
+        window = self.buf[self.pos : self.pos + max_bytes * count]
         ends = np.flatnonzero(window < 0x80)
         if ends.size < count:
             raise self.fail(f"{what}: {count} varints do not fit in what is left")
@@ -270,17 +252,20 @@ class Reader:
         body = window[: int(ends[-1]) + 1]
         starts = np.concatenate(([0], ends[:-1] + 1))
         lengths = ends - starts + 1
-        if int(lengths.max()) > MAX_VARINT_BYTES:
-            raise self.fail(f"{what}: a varint longer than {MAX_VARINT_BYTES} bytes")
+        if int(lengths.max()) > max_bytes:
+            raise self.fail(f"{what}: a varint longer than {max_bytes} bytes")
         if bool(((lengths > 1) & (body[ends] == 0)).any()):
             raise self.fail(f"{what}: a varint is not minimally encoded")
+        if max_bytes == INDEX_VARINT_BYTES and bool(
+            ((lengths == max_bytes) & (body[ends] > 0x0F)).any()
+        ):
+            raise self.fail(f"{what}: a varint beyond 2**32 - 1")
+        if bool(((lengths == MAX_VARINT_BYTES) & (body[ends] > 1)).any()):
+            raise self.fail(f"{what}: a varint beyond 2**64 - 1")
         j = np.arange(body.size) - np.repeat(starts, lengths)
         groups = (body & 0x7F).astype(np.uint64) << (7 * j).astype(np.uint64)
-        values = np.add.reduceat(groups, starts)
-        if int(values.max()) > MAX_NUMEL:
-            raise self.fail(f"{what}: a varint beyond 2**32 - 1")
         self.pos += body.size
-        return values
+        return np.bitwise_or.reduceat(groups, starts)
 
     def bits(self, count: int, bits: int, what: str) -> np.ndarray:
         """``count`` codes of ``bits`` bits each (uint8); unused bits must be zero."""
@@ -292,43 +277,10 @@ class Reader:
         planes = stream[: count * bits].reshape(count, bits)
         return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
 
-    def exact(self, entry: Entry) -> torch.Tensor:
-        """A non-floating entry from its raw bytes, in the reference's dtype and shape."""
-        dtype = torch.empty(0, dtype=entry.dtype).numpy().dtype.newbyteorder("<")
-        values = self.array(dtype.str, entry.numel, entry.name)
-        if entry.dtype == torch.bool and bool((values.view(np.uint8) > 1).any()):
-            raise self.fail(f"{entry.name}: boolean bytes other than 0 and 1")
-        return torch.from_numpy(values.astype(dtype.newbyteorder("="))).reshape(entry.shape)
-
-    def vector(self, entry: Entry) -> torch.Tensor:
-        """A floating entry of at most one dimension from its float16 values."""
-        values = self.array("<f2", entry.numel, entry.name).astype(np.float32)
-        if not bool(np.isfinite(values).all()):
-            raise self.fail(f"{entry.name}: a value that is NaN or infinite")
-        return torch.from_numpy(values).reshape(entry.shape)
-
-    def entries(self, entries: Sequence[Entry], section: ReadSection) -> State:
-        """Every entry in layout order (``section`` reads the compressed ones, flat), then
-        checks that nothing is left."""
-        out: State = {}
-        for position, e in enumerate(entries):
-            if e.compressed:
-                out[e.name] = section(self, position, e).reshape(e.shape)
-            elif e.floating:
-                out[e.name] = self.vector(e)
-            else:
-                out[e.name] = self.exact(e)
-        self.finish()
-        return out
-
     def finish(self) -> None:
         """Refuse trailing bytes after the last section."""
-        if self.pos != self.buf.size:
-            raise self.fail(f"{self.buf.size - self.pos} bytes after the last section")
-
-
-# section(reader, position in the layout, entry) -> flat float32 values
-ReadSection = Callable[[Reader, int, Entry], torch.Tensor]
+        if self.left:
+            raise self.fail(f"{self.left} bytes after the last section")
 
 
 def read_start(payload: memoryview, codec: str, entries: Sequence[Entry]) -> Reader:
@@ -345,9 +297,3 @@ def read_start(payload: memoryview, codec: str, entries: Sequence[Entry]) -> Rea
             f"expected {fingerprint(entries).hex()})"
         )
     return reader
-
-
-def check_finite_nonneg(values: np.ndarray, reader: Reader, what: str) -> None:
-    """Scales are finite and not negative."""
-    if values.size and not bool((np.isfinite(values) & (values >= 0)).all()):
-        raise reader.fail(f"{what}: a scale that is negative, NaN or infinite")

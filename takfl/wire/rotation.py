@@ -2,13 +2,13 @@
 block spreads every block's energy evenly, so a uniform quantiser of 2-4 bits with one
 scale per block fits it (as in Flower's compression mod; QuaRot, Suresh et al. 2017).
 
-Payload (container, bit fields, fingerprint and the entries that are not compressed:
-:mod:`takfl.wire.packing`)::
+Payload (container, bit fields, fingerprint and the sections of statistics and integer
+entries: :mod:`takfl.wire.packing`, :mod:`takfl.wire.sections`)::
 
-    fingerprint (8 bytes)
+    fingerprint (4 bytes)
     log2(block) (u8, 3 .. 12)
     seed (u64): the rotation's random signs
-    per compressed entry, in layout order (the others: see takfl.wire.packing):
+    per coded entry, in layout order:
       blocks: numel // block full blocks of ``block`` entries, then, if
         r = numel % block > 0, one block of P = the next power of two >= r
         (zero-padded); nb blocks in all
@@ -17,11 +17,9 @@ Payload (container, bit fields, fingerprint and the entries that are not compres
 
 Decoding a block of length P (a power of two): ``y_i = (code_i - (2**bits - 1) / 2) * step``,
 then ``x = D * (H y) / sqrt(P)``, with ``H`` the Sylvester-Hadamard matrix of order P and
-``D`` the signs below; the padding is dropped. Entry ``j`` (0-based over the entry's padded
-length) of the entry at position ``t`` of the layout (all entries counted) has the sign of
-``splitmix64(seed + (c + 1) * 0x9E3779B97F4A7C15)``, ``c = t * 2**32 + j``, mod 2**64: bit 63
-set means -1. (splitmix64: ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
-z *= 0x94D049BB133111EB; z ^= z >> 31``, all mod 2**64.)
+``D`` the signs below; the padding is dropped. Entry ``j`` (from 0 over the entry's padded
+length) of the entry at position ``t`` of the layout has sign -1 where bit 63 of its draw
+(:func:`takfl.wire.packing.draws`) is set, else +1.
 
 Encoding: ``y = H (D * x) / sqrt(P)``; ``step = f16(DELTA[bits] * rms(y))`` where DELTA is
 the step of the uniform quantiser with least squared error for a unit Gaussian (the
@@ -37,30 +35,26 @@ import numpy as np
 import torch
 
 from takfl.state import State, StateView
-from takfl.wire.codec import FP16_MAX
-from takfl.wire.errors import CodecError
 from takfl.wire.packing import (
+    SEED_MASK,
     Entry,
     Reader,
-    check_finite_nonneg,
-    encode_entries,
+    draws,
+    f16,
     fingerprint,
     layout,
-    max_payload,
     pack,
     pack_bits,
     read_start,
     u8,
-    u64,
+    u32,
     unpack,
 )
+from takfl.wire.sections import encode_entries, max_payload, read_entries
 from takfl.wire.sign import read_block
 
 # least-squares uniform quantiser step for N(0, 1) with 2**bits levels (Max 1960)
 DELTA = {2: 0.9957, 3: 0.5860, 4: 0.3352}
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-SEED_MASK = 2**64 - 1
 
 
 def _name(bits: int) -> str:
@@ -69,13 +63,8 @@ def _name(bits: int) -> str:
 
 def signs(seed: int, position: int, length: int) -> torch.Tensor:
     """The random signs (+-1.0, float32) of the first ``length`` padded entries of the
-    entry at layout ``position``."""
-    c = np.uint64(position << 32) + np.arange(length, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = np.uint64(seed) + (c + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
+    entry at layout ``position``: -1 where bit 63 of its draw is set."""
+    z = draws(seed, position, length)
     return torch.from_numpy(1.0 - 2.0 * (z >> np.uint64(63)).astype(np.float32))
 
 
@@ -101,38 +90,36 @@ def padded_blocks(numel: int, block: int) -> list[tuple[int, int]]:
     return groups
 
 
-def _encode_section(x: torch.Tensor, sgn: torch.Tensor, bits: int, block: int) -> bytes:
+def _encode_section(x: torch.Tensor, sgn: torch.Tensor, bits: int, block: int, name: str) -> bytes:
     steps, codes, start, top = [], [], 0, (1 << bits) - 1
     for rows, length in padded_blocks(x.numel(), block):
         seg = x[start : start + rows * length]
         seg = torch.nn.functional.pad(seg, (0, rows * length - seg.numel()))
         y = hadamard((seg * sgn[start : start + rows * length]).reshape(rows, length))
         rms = y.to(torch.float64).pow(2).mean(dim=1).sqrt()
-        if bool((DELTA[bits] * rms > FP16_MAX).any()):
-            raise CodecError("a block's magnitude is beyond the float16 range of its step")
-        step = (DELTA[bits] * rms).to(torch.float16)
-        s = step.to(torch.float32)[:, None]
+        head = f16(DELTA[bits] * rms, f"{name} steps")
+        s = torch.from_numpy(np.frombuffer(head, dtype="<f2").astype(np.float32))[:, None]
         safe = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round(y / safe + top / 2).clamp_(0, top)
         q = torch.where(s > 0, q, torch.full_like(q, (top + 1) // 2))
-        steps.append(step.numpy().astype("<f2").tobytes())
+        steps.append(head)
         codes.append(q.to(torch.uint8).reshape(-1))
         start += rows * length
     return b"".join(steps) + pack_bits(torch.cat(codes).numpy(), bits)
 
 
-def encode(delta: StateView, *, bits: int, block: int, seed: int) -> bytes:
-    """Pack ``delta`` (floating entries all finite) as a rot<bits> blob with rotation
-    ``seed`` (any integer; taken mod 2**64)."""
+def encode(delta: StateView, base: StateView, *, bits: int, block: int, seed: int) -> bytes:
+    """Pack ``delta`` (against ``base``; floating entries all finite) as a rot<bits> blob
+    with rotation ``seed`` (any integer; taken mod 2**64)."""
     seed &= SEED_MASK
 
     def section(position: int, e: Entry, x: torch.Tensor) -> bytes:
         padded = sum(rows * n for rows, n in padded_blocks(e.numel, block))
-        return _encode_section(x, signs(seed, position, padded), bits, block)
+        return _encode_section(x, signs(seed, position, padded), bits, block, e.name)
 
     entries = layout(delta)
-    head = fingerprint(entries) + u8(block.bit_length() - 1) + u64(seed)
-    return pack(_name(bits), head + encode_entries(delta, entries, section))
+    head = fingerprint(entries) + u8(block.bit_length() - 1) + u32(seed)
+    return pack(_name(bits), head + encode_entries(delta, base, entries, section))
 
 
 def _read_section(
@@ -141,8 +128,7 @@ def _read_section(
     groups = padded_blocks(e.numel, block)
     nblocks = sum(rows for rows, _ in groups)
     padded = sum(rows * n for rows, n in groups)
-    steps = r.array("<f2", nblocks, f"{e.name} steps").astype(np.float32)
-    check_finite_nonneg(steps, r, e.name)
+    steps = r.scales(nblocks, f"{e.name} steps")
     codes = torch.from_numpy(r.bits(padded, bits, f"{e.name} codes").astype(np.float32))
     sgn = signs(seed, position, padded)
     out, start, b, middle = [], 0, 0, ((1 << bits) - 1) / 2
@@ -155,7 +141,7 @@ def _read_section(
 
 
 def decode(blob: bytes, reference: StateView, *, bits: int, max_bytes: int | None = None) -> State:
-    """The delta of a rot<bits> blob, shaped like ``reference``.
+    """The delta of a rot<bits> blob against ``reference`` (its layout and base).
 
     Raises:
         CodecError (LayoutMismatch for another model): any field out of its bounds.
@@ -163,9 +149,9 @@ def decode(blob: bytes, reference: StateView, *, bits: int, max_bytes: int | Non
     entries = layout(reference)
     r = read_start(unpack(blob, _name(bits), max_bytes=max_bytes), _name(bits), entries)
     block = read_block(r)
-    seed = r.u64("seed")
-    return r.entries(
-        entries, lambda r, position, e: _read_section(r, e, position, seed, bits, block)
+    seed = r.u32("seed")
+    return read_entries(
+        r, entries, reference, lambda r, pos, e: _read_section(r, e, pos, seed, bits, block)
     )
 
 

@@ -1,14 +1,14 @@
-"""Top-k sparse deltas: of each compressed tensor only its largest-magnitude entries go.
+"""Top-k sparse deltas: of each coded tensor only its largest-magnitude entries go.
 
-Payload (see :mod:`takfl.wire.packing` for the container, varints, the fingerprint and
-the sections of entries that are not compressed)::
+Payload (container, varints, fingerprint and the sections of statistics and integer
+entries: :mod:`takfl.wire.packing`, :mod:`takfl.wire.sections`)::
 
-    fingerprint (8 bytes)
-    per compressed entry, in layout order:
+    fingerprint (4 bytes)
+    per coded entry, in layout order:
       k (varint, 0 <= k <= numel)
       k index steps (varints): the first index, then index[i] - index[i-1] >= 1, so
         indices are strictly increasing and the last is below numel
-      values: topk-int8: scale s (f32, finite, >= 0), then k int8 in [-127, 127],
+      values: topk-int8: scale s (f16, finite, >= 0), then k int8 in [-127, 127],
                 value = q * s
               topk-fp16: k f16 values, finite
 
@@ -16,8 +16,9 @@ Decoded, an entry is zero everywhere but at its indices (float32, the reference'
 
 Encoding (the sender's choice, not checked by a receiver): ``k = ceil(density * numel)``
 (at least 1, at most the entry's non-zero count), the ``k`` entries of largest ``|x|``
-(ties: lower index first); int8 values with ``s = max|x_selected| / 127``, rounded half to
-even. What is not sent is the error-feedback residual (:mod:`takfl.wire.codecs`).
+(ties: lower index first); int8 values with ``s = max|x_selected| / 127`` rounded to
+f16, ``q = clamp(round_half_even(x / s))``. What is not sent is the error-feedback
+residual (:mod:`takfl.wire.codecs`).
 """
 
 from __future__ import annotations
@@ -28,22 +29,20 @@ import numpy as np
 import torch
 
 from takfl.state import State, StateView
-from takfl.wire.codec import FP16_MAX, INT8_MAX
-from takfl.wire.errors import CodecError
+from takfl.wire.codec import INT8_MAX
 from takfl.wire.packing import (
-    MAX_VARINT_BYTES,
+    INDEX_VARINT_BYTES,
     Entry,
     Reader,
-    check_finite_nonneg,
-    encode_entries,
+    f16,
     fingerprint,
     layout,
-    max_payload,
     pack,
     read_start,
     unpack,
     varints,
 )
+from takfl.wire.sections import encode_entries, max_payload, read_entries
 
 VALUE_BYTES = {"int8": 1, "fp16": 2}
 
@@ -63,19 +62,18 @@ def select(x: torch.Tensor, density: float) -> torch.Tensor:
 
 def _values_bytes(v: torch.Tensor, values: str, name: str) -> bytes:
     if values == "fp16":
-        if bool((v.abs() > FP16_MAX).any()):
-            raise CodecError(f"{name}: values beyond the float16 range; use topk-int8")
-        return v.to(torch.float16).numpy().astype("<f2").tobytes()
-    amax = float(v.abs().max()) if v.numel() else 0.0
-    scale = np.float32(amax / INT8_MAX)
-    q = np.zeros(v.numel(), dtype=np.int8)
+        return f16(v, f"{name} (use topk-int8)")
+    amax = v.abs().max() if v.numel() else torch.zeros(())
+    head = f16((amax / INT8_MAX).reshape(1), name)
+    scale = float(np.frombuffer(head, dtype="<f2")[0])
+    q = torch.zeros(v.numel(), dtype=torch.int8)
     if scale > 0:
-        q = torch.round(v / float(scale)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).numpy()
-    return scale.astype("<f4").tobytes() + q.tobytes()
+        q = torch.round(v / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return head + q.numpy().tobytes()
 
 
-def encode(delta: StateView, *, values: str, density: float) -> bytes:
-    """Pack ``delta`` (floating entries all finite) as a top-k blob."""
+def encode(delta: StateView, base: StateView, *, values: str, density: float) -> bytes:
+    """Pack ``delta`` (against ``base``; floating entries all finite) as a top-k blob."""
 
     def section(position: int, e: Entry, x: torch.Tensor) -> bytes:
         idx = select(x, density)
@@ -84,7 +82,8 @@ def encode(delta: StateView, *, values: str, density: float) -> bytes:
         return head + _values_bytes(x[idx], values, e.name)
 
     entries = layout(delta)
-    return pack(_name(values), fingerprint(entries) + encode_entries(delta, entries, section))
+    payload = fingerprint(entries) + encode_entries(delta, base, entries, section)
+    return pack(_name(values), payload)
 
 
 def _read_values(r: Reader, values: str, k: int, what: str) -> torch.Tensor:
@@ -93,12 +92,11 @@ def _read_values(r: Reader, values: str, k: int, what: str) -> torch.Tensor:
         if not bool(np.isfinite(v).all()):
             raise r.fail(f"{what}: a value that is NaN or infinite")
         return torch.from_numpy(v)
-    scale = r.array("<f4", 1, f"{what} scale")
-    check_finite_nonneg(scale, r, what)
+    scale = float(r.scales(1, f"{what} scale")[0])
     q = r.array("<i1", k, what)
     if bool((q < -INT8_MAX).any()):
         raise r.fail(f"{what}: int8 value -128 (the range is -127..127)")
-    return torch.from_numpy(q.astype(np.float32)) * float(scale[0])
+    return torch.from_numpy(q.astype(np.float32)) * scale
 
 
 def _read_section(r: Reader, values: str, e: Entry) -> torch.Tensor:
@@ -106,8 +104,6 @@ def _read_section(r: Reader, values: str, e: Entry) -> torch.Tensor:
     k = r.varint(f"{e.name} count")
     if k > n:
         raise r.fail(f"{e.name}: {k} indices for {n} entries")
-    if k > r.buf.size - r.pos:  # every index step takes at least one byte
-        raise r.fail(f"{e.name}: {k} indices do not fit in what is left")
     steps = r.varints(k, f"{e.name} indices")
     if k and bool((steps[1:] == 0).any()):
         raise r.fail(f"{e.name}: indices are not strictly increasing")
@@ -123,22 +119,22 @@ def _read_section(r: Reader, values: str, e: Entry) -> torch.Tensor:
 def decode(
     blob: bytes, reference: StateView, *, values: str, max_bytes: int | None = None
 ) -> State:
-    """The sparse delta of a top-k blob, shaped like ``reference``.
+    """The sparse delta of a top-k blob against ``reference`` (its layout and base).
 
     Raises:
         CodecError (LayoutMismatch for another model): any field out of its bounds.
     """
     entries = layout(reference)
     r = read_start(unpack(blob, _name(values), max_bytes=max_bytes), _name(values), entries)
-    return r.entries(entries, lambda r, position, e: _read_section(r, values, e))
+    return read_entries(r, entries, reference, lambda r, _, e: _read_section(r, values, e))
 
 
 def max_bytes(reference: StateView, *, values: str) -> int:
     """The largest top-k blob of ``reference``'s layout: every entry sent, index steps of
     one byte but the first and those of 128 or more (at most numel / 128)."""
 
-    def section(n: int) -> int:
-        steps = 2 * MAX_VARINT_BYTES + n + n // 128 * (MAX_VARINT_BYTES - 1)
-        return steps + n * VALUE_BYTES[values] + 4
+    def coded(n: int) -> int:
+        steps = 2 * INDEX_VARINT_BYTES + n + n // 128 * (INDEX_VARINT_BYTES - 1)
+        return steps + n * VALUE_BYTES[values] + 2
 
-    return max_payload(reference, 0, section)
+    return max_payload(reference, 0, coded)
