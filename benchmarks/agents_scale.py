@@ -72,8 +72,9 @@ import yaml
 from rich.console import Console
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # for benchmarks.fleet; PYTHONPATH keeps precedence
-    sys.path.append(str(REPO))
+# First, for benchmarks.fleet: an installed distribution may ship a top-level package of the
+# same name (opacus does), and this checkout's must win.
+sys.path.insert(0, str(REPO))
 
 from benchmarks.fleet.control import (  # noqa: E402
     DONE,

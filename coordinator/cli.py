@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.engine import RoundResult
+from coordinator.registry import DEFAULT_SAMPLE_CEILING
 from coordinator.reproduce import PAPER_ALGORITHMS
 from takfl.algorithms import AlgorithmError, resolve_algorithm
 from takfl.config import (
@@ -23,6 +24,9 @@ from takfl.config import (
     load_federation,
 )
 from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
+
+if TYPE_CHECKING:
+    from coordinator.metrics import MetricsTls
 
 app = typer.Typer(
     add_completion=False,
@@ -330,6 +334,17 @@ def accuracy_table(rows: list[tuple[int, dict[str, float]]], title: str) -> Tabl
     return table
 
 
+def _metrics_tls(cert: str | None, key: str | None, client_ca: str | None) -> MetricsTls | None:
+    """The metrics endpoint's TLS from the serve options (None: plain HTTP)."""
+    if cert is None and key is None and client_ca is None:
+        return None
+    if cert is None or key is None:
+        raise fail("metrics over HTTPS need both --metrics-cert-file and --metrics-key-file")
+    from coordinator.metrics import MetricsTls
+
+    return MetricsTls(cert, key, client_ca)
+
+
 @app.command()
 def serve(
     config: str = typer.Option(..., help="Bundled federation name or path to a YAML file."),
@@ -365,7 +380,21 @@ def serve(
     metrics_port: int = typer.Option(
         None, min=0, max=65535, help="Serve Prometheus metrics on this port (/metrics)."
     ),
-    metrics_addr: str = typer.Option("0.0.0.0", help="Address the metrics endpoint binds to."),
+    metrics_bind: str = typer.Option(
+        "127.0.0.1",
+        "--metrics-bind",
+        "--metrics-addr",
+        help="Address the metrics endpoint binds to; any other than loopback needs TLS "
+        "(--metrics-cert-file, --metrics-key-file) or --metrics-plaintext.",
+    ),
+    metrics_cert_file: str = typer.Option(None, help="Metrics over HTTPS: its certificate."),
+    metrics_key_file: str = typer.Option(None, help="Metrics over HTTPS: its key."),
+    metrics_client_ca: str = typer.Option(
+        None, help="Metrics over HTTPS: scrapers must present a certificate from this CA."
+    ),
+    metrics_plaintext: bool = typer.Option(
+        False, help="Allow plain, unauthenticated HTTP metrics on a non-loopback address."
+    ),
 ) -> None:
     """Run TAKFL rounds with real agents over MQTT, writing the run directory."""
     from coordinator.inputs import pick_device
@@ -377,6 +406,13 @@ def serve(
     from takfl.mqtt.url import parse_broker_url, read_password
 
     cfg = load_config_or_exit(config)
+    metrics_tls = _metrics_tls(metrics_cert_file, metrics_key_file, metrics_client_ca)
+    if metrics_port is not None:
+        from coordinator.metrics import endpoint_problem
+
+        problem = endpoint_problem(metrics_bind, metrics_tls, metrics_plaintext)
+        if problem is not None:
+            raise fail(problem)
     try:
         password = None if broker == "embedded" else read_password(password_file)
         if broker != "embedded":  # refuse a bad URL or TLS option before anything starts
@@ -400,7 +436,9 @@ def serve(
         wait_all_s=wait_all,
         export=export,
         metrics_port=metrics_port,
-        metrics_addr=metrics_addr,
+        metrics_bind=metrics_bind,
+        metrics_tls=metrics_tls,
+        metrics_plaintext=metrics_plaintext,
     )
     rows: list[tuple[int, dict[str, float]]] = []
     try:
@@ -433,7 +471,19 @@ def provision(
         None,
         min=1,
         help="Most training samples any agent may claim (its FedAvg weight); "
-        "default: what the agent's first registration says.",
+        "default: what the agent's first registration says, up to --sample-ceiling.",
+    ),
+    sample_ceiling: int = typer.Option(
+        DEFAULT_SAMPLE_CEILING,
+        min=1,
+        help="Fleet-wide: a first registration above it is refused, not pinned as the "
+        "agent's allowance (agents without --max-samples).",
+    ),
+    agent: str = typer.Option(
+        None,
+        help="Re-provision this one agent of the registry in --out (a replacement device, "
+        "or one whose data grew): a new secret and the allowance --max-samples; "
+        "restart serve with --resume to use it.",
     ),
     tls: bool = typer.Option(
         False, help="Also create a fleet CA, a server certificate and a TLS listener."
@@ -445,13 +495,25 @@ def provision(
     mosquitto_host: str = typer.Option(
         "127.0.0.1", help="Address the central Mosquitto listens on (0.0.0.0: every interface)."
     ),
+    service_port: int = typer.Option(
+        None,
+        help="Port of Mosquitto's service listener, where status monitors and the release "
+        "service log in (default: --mosquitto-port + 1).",
+    ),
+    listen: list[str] = typer.Option(
+        None,
+        help="Address the TLS listener binds (repeatable; 0.0.0.0: every interface). "
+        "Default: the --tls-host values that are IP addresses, else --mosquitto-host.",
+    ),
     site: list[str] = typer.Option(
         None,
         help="A site broker bridged to the central one: NAME (every agent) or "
         "NAME:PATTERN[,PATTERN] of agent ids (e.g. lab:S-*,M-000). Repeatable.",
     ),
     site_port: int = typer.Option(1883, help="Port the site brokers listen on."),
-    site_host: str = typer.Option("0.0.0.0", help="Address the site brokers listen on."),
+    site_host: str = typer.Option(
+        "127.0.0.1", help="Address the site brokers listen on (0.0.0.0: every interface)."
+    ),
     central_host: str = typer.Option(
         None, help="Address at which site brokers reach the central broker (with --site)."
     ),
@@ -460,15 +522,21 @@ def provision(
     (and site brokers bridged to it)."""
     from coordinator.broker.errors import BrokerStartError
     from coordinator.broker.site import SiteError, SiteSpec
+    from coordinator.broker.tls import tls_listen_addresses
     from coordinator.registry import RegistryError
     from coordinator.serve import TLS_DIR, provision_sites
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
+    if agent is not None:
+        _reprovision(out, agent, max_samples)
+        return
     if tls and not tls_host:
         raise fail("--tls needs at least one --tls-host (the name or address agents connect to)")
     if tls_host and not tls:
         raise fail("--tls-host is only used with --tls")
+    if listen and not tls:
+        raise fail("--listen sets where the TLS listener binds: use it with --tls")
     specs = []
     if site:
         if mosquitto_port is None:
@@ -487,9 +555,12 @@ def provision(
             mosquitto_port=mosquitto_port,
             mosquitto_user=mosquitto_user,
             max_samples=max_samples,
+            sample_ceiling=sample_ceiling,
             tls_hosts=list(tls_host) if tls else None,
             tls_port=tls_port,
             mosquitto_host=mosquitto_host,
+            listen=list(listen) if listen else None,
+            service_port=service_port,
         )
     except (RegistryError, ValueError, BrokerStartError, OSError) as e:
         raise fail(str(e)) from None
@@ -505,11 +576,13 @@ def provision(
         console.print(
             f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator, "
             f"of the read-only takfl-monitor for status and of takfl-release for release "
-            f"in {out}/*.password)"
+            f"in {out}/*.password); agents and the coordinator connect to port "
+            f"{files.port}, status and release to the service port {files.service_port}"
         )
     if tls:
         console.print(
-            f"TLS: listener on port {tls_port} for {', '.join(tls_host)}; copy "
+            f"TLS: listener on port {tls_port} for {', '.join(tls_host)}, bound to "
+            f"{', '.join(tls_listen_addresses(list(tls_host), listen, mosquitto_host))}; copy "
             f"{out / TLS_DIR / 'ca.crt'} to every device (takfl-agent run --ca-file) and keep "
             f"{out / TLS_DIR / 'ca.key'} private"
         )
@@ -534,6 +607,22 @@ def provision(
                 f"connect to it on port {site_port}; it bridges to {central_host}:{files.port} "
                 f"as {sf.bridge_user})"
             )
+
+
+def _reprovision(out: Path, agent: str, max_samples: int | None) -> None:
+    from coordinator.registry import RegistryError, secret_path
+    from coordinator.serve import reprovision
+
+    try:
+        record = reprovision(out, agent, max_samples=max_samples)
+    except (RegistryError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    allowance = record.max_samples or f"open, up to {record.sample_ceiling}"
+    console.print(
+        f"{agent}: new secret {secret_path(out, agent)} (copy it to the replacement device; "
+        f"the old one no longer verifies), allowance {allowance}; restart serve with "
+        "--resume (and send Mosquitto SIGHUP) to use it"
+    )
 
 
 @app.command()
@@ -591,11 +680,15 @@ def status(
         except (ValueError, OSError) as e:
             raise fail(str(e)) from None
         table = Table(title=f"agents of fleet {fleet!r} seen on {broker}")
-        for col in ("agent", "prototype", "state", "last seen"):
+        for col in ("agent", "prototype", "state", "last seen", "serving (local endpoint)"):
             table.add_column(col)
         for aid, info in sorted(agents_seen.items()):
             table.add_row(
-                aid, info.get("prototype", "?"), info.get("state", "?"), info.get("last_seen", "?")
+                aid,
+                info.get("prototype", "?"),
+                info.get("state", "?"),
+                info.get("last_seen", "?"),
+                info.get("serving", ""),
             )
         console.print(table)
 

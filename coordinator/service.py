@@ -38,6 +38,7 @@ class ServeOptions:
     seed: int = 0
     resume: bool = False
     policy: RoundPolicy = field(default_factory=RoundPolicy)
+    run_id: str = ""  # the run's id on the wire, kept in the state ("": none)
 
 
 def checkpoint_meta(
@@ -138,6 +139,9 @@ class FederationRun:
                 # the round's metrics went with the state; a kill before (or during) the
                 # metrics write is repaired here, and a repeat changes nothing
                 self.store.commit_metrics(self.completed, records)
+            if self.options.run_id and not self.state.get("run_id"):
+                self.state["run_id"] = self.options.run_id  # a run from before run ids
+                self.store.write_state(self.state)
             log.info("resuming after round %d", self.completed)
             return
         if self.store.exists() and not self.options.resume:
@@ -153,6 +157,7 @@ class FederationRun:
             digests[p.name] = self.store.save_global(meta, self.engine.globals[p.name])
         self.state = {
             "round": 0,
+            "run_id": self.options.run_id,
             "phase": "starting",
             "config": self.cfg.name,
             "algorithm": self.engine.algorithm.name,

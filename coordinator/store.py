@@ -3,10 +3,11 @@
 
 Every write goes to a temporary file in the same folder and is renamed into
 place, so a coordinator killed at any point leaves either the old or the new
-file, never half of one. A round is committed by writing ``state.json`` (which
-carries the round's metrics records); ``metrics.jsonl`` is then brought in line
-with it, idempotently per (round, prototype), and again on resume, so the two
-never disagree after a restart.
+file, never half of one; the exception is ``telemetry.jsonl``, appended in place
+(a torn last line after a kill is skipped on reading). A round is committed by
+writing ``state.json`` (which carries the round's metrics records);
+``metrics.jsonl`` is then brought in line with it, idempotently per (round,
+prototype), and again on resume, so the two never disagree after a restart.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -151,19 +153,28 @@ class RunStore:
 
     # -- telemetry ----------------------------------------------------------
     def _append_jsonl(self, name: str, records: list[dict[str, Any]]) -> None:
-        """Append JSON lines: the whole new file is written and renamed into place."""
+        """Append JSON lines in O(size of the records): written at the end of the file,
+        flushed and fsynced before returning. A crash mid-append can leave a torn last
+        line, which :meth:`_read_jsonl` skips; the next append starts on a line of its own
+        so it is not glued to the torn one."""
         path = self.root / name
+        body = "".join(json.dumps(r) + "\n" for r in records).encode()
         with self._append_lock:
-            old = path.read_bytes() if path.is_file() else b""
-            new = "".join(json.dumps(r) + "\n" for r in records).encode()
-            atomic_write_bytes(path, old + new)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                    body = b"\n" + body
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
 
     def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
         path = self.root / name
         if not path.is_file():
             return []
         out = []
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

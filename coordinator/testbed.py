@@ -168,6 +168,7 @@ class Federation:
     broker_url_agents: str
     broker_url_coordinator: str  # "embedded": the coordinator starts the broker itself
     port: int
+    service_port: int  # monitors and the release service (Mosquitto's service listener)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     mosquitto: MosquittoProcess | None = None
 
@@ -237,20 +238,28 @@ class Federation:
             *("--secret-file", str(secret), "--federation", str(self.cfg_path)),
         ]
 
-    def start_coordinator(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
-        """``takfl-coordinator serve`` of this federation on CPU, without export; logged as
-        ``coordinator-<n>`` (n counts the coordinators started, restarts included)."""
-        name = f"coordinator-{sum(1 for n in self.procs if n.startswith('coordinator'))}"
+    def serve_args(self, *extra: str, broker: str | None = None) -> list[str]:
+        """``serve`` and its options for this federation on CPU, without export (the
+        arguments of ``python -m coordinator.cli``)."""
         url = broker or self.broker_url_coordinator
         if url != "embedded" and "--password-file" not in extra:
             extra = (*extra, "--password-file", str(self.work / "coordinator.password"))
-        command = [
-            *(sys.executable, "-m", "coordinator.cli", "serve"),
+        return [
+            "serve",
             *("--config", str(self.cfg_path), "--broker", url, "--run-dir", str(self.run_dir)),
             *("--agents", str(self.work / "agents.json"), "--device", "cpu", "--no-export"),
             *("--port", str(self.port), *extra),
         ]
-        return self._spawn(name, command)
+
+    def next_coordinator(self) -> str:
+        """``coordinator-<n>``: n counts the coordinators started, restarts included."""
+        return f"coordinator-{sum(1 for n in self.procs if n.startswith('coordinator'))}"
+
+    def start_coordinator(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
+        """``takfl-coordinator serve`` of this federation (:meth:`serve_args`), logged as
+        :meth:`next_coordinator`."""
+        command = [sys.executable, "-m", "coordinator.cli", *self.serve_args(*extra, broker=broker)]
+        return self._spawn(self.next_coordinator(), command)
 
     def simulate(self, out: Path) -> list[dict[str, Any]]:
         """The same federation run in process by ``simulate`` (TAKFL, same seed, partition,
@@ -300,6 +309,7 @@ def federation(
         work,
         mosquitto_port=port if mosquitto else None,
         mosquitto_user=getpass.getuser(),
+        service_port=free_port() if mosquitto else None,
     )
     fed = Federation(
         cfg_path=cfg_path,
@@ -308,6 +318,7 @@ def federation(
         broker_url_agents=loopback_url(port),
         broker_url_coordinator=loopback_url(port, COORDINATOR_USER) if mosquitto else "embedded",
         port=port,
+        service_port=files.service_port or port if isinstance(files, MosquittoFiles) else port,
     )
     if isinstance(files, MosquittoFiles):
         fed.mosquitto = MosquittoProcess(files).start()

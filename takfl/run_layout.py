@@ -80,6 +80,7 @@ class RunState(TypedDict):
     this version does not know are kept as they are."""
 
     round: int  # last completed round; 0 before the first
+    run_id: NotRequired[str]  # the run's id on the wire (32 hex digits), made when it starts
     phase: NotRequired[str]  # starting | collecting | round complete | finished
     config: NotRequired[str]  # the federation config's name
     algorithm: NotRequired[str]

@@ -131,6 +131,7 @@ class SimDevice:
         self.client.route(self.topics.down(self.agent_id, Down.CHUNK), self._on_chunk)
         self._current: tuple[ReleaseOffer, Release] | None = None
         self._lock = threading.Lock()
+        self._run = ""
 
     def start(self) -> SimDevice:
         self.client.start(timeout=10)
@@ -150,6 +151,7 @@ class SimDevice:
                 "state": state,
                 "active_version": self.active,
                 "sent_at": time.time(),
+                "run": offer.run,
                 **kw,
             }
         )
@@ -163,6 +165,7 @@ class SimDevice:
             self.forged += 1
             return
         self.offers.append(offer)
+        self._run = offer.run  # reports and chunk requests echo the release command's run
         if self.behaviour == "silent":
             return
         try:
@@ -193,7 +196,9 @@ class SimDevice:
         if not self.receiver.expect(COORDINATOR, ref):
             return
         missing = self.receiver.missing(COORDINATOR, digest)[:REQUEST_BATCH]
-        request = ChunkRequest(agent_id=self.agent_id, digest=digest, missing=missing)
+        request = ChunkRequest(
+            run=self._run, agent_id=self.agent_id, digest=digest, missing=missing
+        )
         self.chunk_requests += 1
         self.client.publish(
             self.topics.up(self.agent_id, Up.REQUEST),

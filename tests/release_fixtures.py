@@ -9,6 +9,7 @@ torch is imported only to export a model (the crash child never needs it).
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -157,9 +158,10 @@ def offer(
     rollout: str = "r1",
     chunk_size: int = 1024,
     action: str = "install",
-    sent_at: float = 0.0,
+    sent_at: float | None = None,
 ) -> ReleaseOffer:
-    """The coordinator's offer of ``built`` to ``agent``, signed with its secret."""
+    """The coordinator's offer of ``built`` to ``agent``, signed with its secret, sent at
+    ``sent_at`` (default: now)."""
     msg = ReleaseOffer(
         agent_id=agent,
         prototype=PROTOTYPE,
@@ -168,7 +170,7 @@ def offer(
         version=built.version,
         metadata=built.metadata.decode(),
         chunk_size=chunk_size,
-        sent_at=sent_at,
+        sent_at=time.time() if sent_at is None else sent_at,
     )
     return sign(msg, secret)
 

@@ -70,6 +70,9 @@ def world(tmp_path: Path) -> World:
     )
 
 
+RUN = "0123456789abcdef" * 2  # the release command's run, echoed by the reports
+
+
 def control_for(world: World, rollout: Rollout, clock: Clock, saves: list[int]) -> ReleaseControl:
     source = StoredReleases(world.store, world.signing, {"M": 1024}, [world.v2])
     return ReleaseControl(
@@ -79,6 +82,7 @@ def control_for(world: World, rollout: Rollout, clock: Clock, saves: list[int]) 
         save=lambda: saves.append(1),
         offer_retry_s=10.0,
         clock=clock,
+        run_id=RUN,
     )
 
 
@@ -98,6 +102,7 @@ def received(
             "version": version,
             "state": state,
             "sent_at": 1.0,
+            "run": RUN,
             **kw,
         }
     )
@@ -208,7 +213,7 @@ def test_when_no_rollback_release_can_be_made_the_rollout_stays_halted(world: Wo
     signing, store, v2 = world.signing, world.store, world.v2
     r = rollout_m(previous=1)
     control = ReleaseControl(
-        registry, [r], Broken(store, signing, {"M": 1024}, [v2]), save=lambda: None
+        registry, [r], Broken(store, signing, {"M": 1024}, [v2]), save=lambda: None, run_id=RUN
     )
     control.start()
 

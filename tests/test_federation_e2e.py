@@ -64,7 +64,7 @@ def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[n
         assert all(r["clients"] == r["sampled"] for r in served), served
 
         # status through the read-only monitor account sees every agent, online
-        url = f"mqtt://takfl-monitor@127.0.0.1:{fed.port}"
+        url = f"mqtt://takfl-monitor@127.0.0.1:{fed.service_port}"
         out = CliRunner().invoke(
             app,
             ["status", "--run-dir", str(fed.run_dir), "--broker", url, "--listen", "3"],

@@ -162,10 +162,22 @@ def test_each_bad_update_is_refused_with_its_reason(kind: str, tmp_path: Path) -
             secret=secret,
             num_samples=5,
             chunk_size=CHUNK,
-            compression="fp32",
         )
         send_raw(a1, up.header, split(up.blob, CHUNK))
         expect_refusal(a1, up.header, Refusal.NON_FINITE)
+
+        # an update in another compression than its task's (fp16)
+        up = prepare_update(
+            t1.message,
+            trained_from(t1.global_state, 9),
+            t1.global_state,
+            secret=secret,
+            num_samples=5,
+            chunk_size=CHUNK,
+            compression="fp32",
+        )
+        send_raw(a1, up.header, split(up.blob, CHUNK))
+        expect_refusal(a1, up.header, Refusal.CODEC_MISMATCH)
 
         # a declared length over the cap (1 GiB for a ~8 KiB model): refused before allocating
         up = prepared(t1, a1, seed=4)
@@ -207,6 +219,7 @@ def test_each_bad_update_is_refused_with_its_reason(kind: str, tmp_path: Path) -
                 Refusal.BAD_SIGNATURE,
                 Refusal.SHAPE_MISMATCH,
                 Refusal.NON_FINITE,
+                Refusal.CODEC_MISMATCH,
                 Refusal.TOO_LARGE,
                 Refusal.WRONG_PROTOTYPE,
                 Refusal.STALE_ROUND,

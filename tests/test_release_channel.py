@@ -194,7 +194,8 @@ def test_an_offer_during_an_install_is_judged_when_it_ends(
     for data in release.blobs.values():
         for c in split(data, CHUNK):
             ch.on_chunk(c)
-    ch.on_offer(ch.offer_topic, message)  # the worker is installing now
+    # the worker is installing now; the desk offers again (a fresh stamp, as every send)
+    ch.on_offer(ch.offer_topic, encode_message(offer(release, SECRET, chunk_size=CHUNK)))
     # Execute
     finish(ch)
     end = time.monotonic() + 10

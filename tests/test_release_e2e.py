@@ -73,7 +73,7 @@ def start_serving_agents(fed: Federation) -> dict[str, int]:
 
 def release_round(fed: Federation, round_: int) -> dict[str, Rollout]:
     settings = ReleaseSettings(
-        broker=loopback_url(fed.port, RELEASE_USER),
+        broker=loopback_url(fed.service_port, RELEASE_USER),
         password=(fed.work / "release.password").read_text().strip(),
         agents_file=fed.work / "agents.json",
         round=round_,

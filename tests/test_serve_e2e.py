@@ -29,9 +29,10 @@ from coordinator.testbed import ENV
 from takfl.mqtt.blobs import BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient
 from takfl.release.keys import KEY_FILE, ROOT_FILE, generate_release_key, load_signer
+from takfl.secret_files import write_secret_file
 from takfl.wire.messages import ChunkRequest, Status, decode_message, encode_message
 from takfl.wire.release import ReleaseReport
-from takfl.wire.signing import generate_secret, verify, write_secret_file
+from takfl.wire.signing import generate_secret, verify
 from takfl.wire.topics import Down, Topics, Up
 from tests.brokers import COORDINATOR_USER, MOSQUITTO, SKIP_NO_MOSQUITTO, running_broker
 from tests.release_fixtures import (

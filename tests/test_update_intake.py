@@ -53,7 +53,7 @@ class Fixture:
             task,
             ref,
             self.registry["a1"].secret,
-            comms=CommsSpec(),
+            comms=CommsSpec(compression="fp32"),
             num_classes=10,
             input_shape=(1, 8, 8),
         )

@@ -82,7 +82,7 @@ def examples() -> list[WireMessage]:
 @pytest.mark.parametrize("msg", examples(), ids=lambda m: type(m).__name__)
 def test_messages_round_trip(msg: WireMessage) -> None:
     data = encode_message(msg)
-    assert json.loads(data)["schema"] == 1
+    assert json.loads(data)["protocol"] == "1.0"
     assert decode_message(type(msg), data) == msg
 
 
@@ -95,7 +95,9 @@ def _mutated(msg: WireMessage, **changes: object) -> bytes:
 @pytest.mark.parametrize(
     ("changes", "where"),
     [
-        ({"schema": 2}, "schema"),
+        ({"protocol": "1"}, "protocol"),
+        ({"protocol": 1.0}, "protocol"),
+        ({"schema": 1}, "schema"),
         ({"extra": 1}, "extra"),
         ({"kind": "task"}, "kind"),
         ({"round_id": -1}, "round_id"),
@@ -115,7 +117,7 @@ def test_update_header_decoding_is_strict(changes: dict[str, object], where: str
         decode_message(UpdateHeader, _mutated(header, **changes))
 
 
-@pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"[]", b"null", b'{"schema": 1'])
+@pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"[]", b"null", b'{"protocol": "1.0"'])
 def test_non_json_is_malformed(data: bytes) -> None:
     with pytest.raises(MalformedMessage):
         decode_message(Status, data)

@@ -42,6 +42,7 @@ from coordinator.broker.mosquitto import (
     hash_password,
     write_password_file,
 )
+from coordinator.broker.net import LOOPBACK
 from takfl.files import atomic_write_text
 from takfl.wire.topics import BROADCAST, Topics, check_ident
 
@@ -147,7 +148,7 @@ def write_site_config(
     central_host: str,
     agent_passwords: Mapping[str, str],
     port: int,
-    host: str = "0.0.0.0",
+    host: str = LOOPBACK,
     run_as: str | None = None,
 ) -> SiteFiles:
     """A site broker's configuration, and its bridge user added to the central broker's

@@ -39,6 +39,18 @@ class FleetTls:
     hosts: tuple[str, ...]
 
 
+def tls_listen_addresses(
+    tls_hosts: list[str], listen: list[str] | None, plain_host: str
+) -> tuple[str, ...]:
+    """Where the broker's TLS listeners bind: the ``listen`` addresses when given; else
+    the ``tls_hosts`` that are IP addresses (agents connect to them, so the broker must
+    listen there); else the plain listener's ``plain_host`` (loopback by default)."""
+    if listen:
+        return tuple(dict.fromkeys(listen))
+    literal = [h for h in tls_hosts if san_entry(h).startswith("IP:")]
+    return tuple(dict.fromkeys(literal)) or (plain_host,)
+
+
 def san_entry(host: str) -> str:
     """``IP:...`` for an address, ``DNS:...`` for a name (ValueError for neither)."""
     try:

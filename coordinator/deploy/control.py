@@ -6,7 +6,9 @@
 release made when a rollout halts, signs every offer with the addressed agent's
 secret, says which blobs an agent may fetch, and saves the records after every
 transition. Each call returns a :class:`Decision`; the MQTT service
-(:mod:`coordinator.deploy.service`) publishes it. Thread-safe: the service calls it
+(:mod:`coordinator.deploy.service`) publishes it. A release command is a run of its own:
+every offer carries the desk's ``run_id`` and a report of another run is ignored
+(``other_run``). Thread-safe: the service calls it
 from its dispatcher thread and, at the end, from the thread that runs it.
 """
 
@@ -22,6 +24,7 @@ from typing import Protocol
 from coordinator.deploy.publish import Published
 from coordinator.deploy.rollout import Offer, Rollout, Step
 from coordinator.transport.inbound import Inbound
+from takfl.wire.envelope import new_run_id
 from takfl.wire.release import ReleaseOffer, ReleaseReport
 from takfl.wire.signing import sign
 from takfl.wire.validation import AgentRecord
@@ -61,14 +64,17 @@ class ReleaseControl:
         save: Callable[[], None],
         offer_retry_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        run_id: str | None = None,
     ) -> None:
+        """``run_id``: this command's run (None: a fresh one)."""
         self.registry = registry
         self.rollouts = {r.id: r for r in rollouts}
         self.source = source
         self.save = save
         self.offer_retry_s = offer_retry_s
         self.clock = clock
-        self.ignored = 0  # reports that matched no rollout or device
+        self.run_id = run_id if run_id is not None else new_run_id()
+        self.ignored = 0  # reports that matched no rollout or device, or of another run
         self._fetchable: dict[str, set[str]] = {}  # agent -> digests of releases offered it
         self._lock = threading.Lock()
 
@@ -94,6 +100,10 @@ class ReleaseControl:
             return Decision()
         with self._lock:
             rollout = self.rollouts.get(msg.rollout)
+            if msg.run != self.run_id:
+                self.ignored += 1
+                log.info("ignored release report of %s of another run %r", agent, msg.run)
+                return Decision()
             if rollout is None or agent not in rollout.devices:
                 self.ignored += 1
                 log.info("ignored release report of %s about rollout %s", agent, msg.rollout)
@@ -162,6 +172,7 @@ class ReleaseControl:
             decision.keep.append(published)
         self._fetchable.setdefault(offer.agent, set()).update(published.blobs)
         message = ReleaseOffer(
+            run=self.run_id,
             agent_id=offer.agent,
             prototype=rollout.prototype,
             rollout=rollout.id,

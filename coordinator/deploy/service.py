@@ -5,23 +5,27 @@ Thin glue in the style of :mod:`coordinator.transport.mqtt`: every handler reads
 agent's secret) -> asks :class:`~coordinator.deploy.control.ReleaseControl` -> publishes
 its :class:`~coordinator.deploy.control.Decision`. Routes::
 
-    up/+/release    ReleaseReport     -> control.report
+    up/+/release    ReleaseReport     -> control.report (fresh, of this command's run)
     up/+/request    ChunkRequest      -> chunks of a release blob offered to that agent
-                                         (a BlobSender with the coordinator's resend limits)
+                                         (fresh, of this run; a BlobSender with the
+                                         coordinator's resend limits)
     every tick      timeouts, re-offers, rollback offers
     down/<a>/release  ReleaseOffer (signed with the agent's secret; not retained: the
                       desk sends an unanswered offer again)
     down/<a>/chunk    artifact chunks, as the agent asks for them
 
 **Broker login.** The service logs in as its own user, :data:`RELEASE_USER`, never as
-the coordinator: Mosquitto's generated configuration has ``use_username_as_clientid``,
-so a second connection as ``takfl-coordinator`` would take over (and cut off) a running
-``serve``. The release user's ACL (``coordinator.broker.acl.release_grants``) allows only
-what this module does: write ``down/+/release`` and ``down/+/chunk``, read
-``up/+/release`` and ``up/+/request``. ``provision`` writes its password to
-``release.password``; the embedded broker (``coordinator.serve.embedded_access``) knows
-the same login. ``serve`` and the release service may run side by side: both read
-``up/+/request`` and each answers only for the blobs it sent.
+the coordinator, with a client id of its own (``takfl-release-<random>``), so two
+release commands, or a release and a running ``serve``, never take each other's session
+over (on Mosquitto: on its service listener, where client ids are the clients'; on an
+agents' listener the broker makes the login the client id, see
+:mod:`coordinator.broker.mosquitto`). The release user's ACL
+(``coordinator.broker.acl.release_grants``) allows only what this module does: write
+``down/+/release`` and ``down/+/chunk``, read ``up/+/release`` and ``up/+/request``.
+``provision`` writes its password to ``release.password``; the embedded broker
+(``coordinator.serve.embedded_access``) knows the same login. ``serve`` and the release
+service may run side by side: both read ``up/+/request`` and each answers only for the
+blobs it sent, of its own run.
 
 The session is clean (not persistent): a release command is short-lived, and a
 persistent session would make the broker queue every agent's chunk requests for it
@@ -39,8 +43,9 @@ from dataclasses import dataclass, field
 from coordinator.deploy.control import Decision, ReleaseControl
 from coordinator.transport.inbound import read
 from takfl.mqtt.blobs import BlobSender, BlobStore
-from takfl.mqtt.client import MqttClient, MqttSettings
+from takfl.mqtt.client import MqttClient, MqttSettings, unique_client_id
 from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
+from takfl.wire.freshness import ReplayGuard
 from takfl.wire.messages import ChunkRequest, encode_message
 from takfl.wire.release import ReleaseReport
 from takfl.wire.topics import Down, Topics, Up
@@ -48,7 +53,7 @@ from takfl.wire.validation import AgentRecord
 
 log = logging.getLogger(__name__)
 
-RELEASE_USER = "takfl-release"  # broker username and client id of the release service
+RELEASE_USER = "takfl-release"  # broker username of the release service
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,14 +76,17 @@ class ReleaseService:
         control: ReleaseControl,
         *,
         policy: ReleasePolicy | None = None,
-        client_id: str = RELEASE_USER,
+        client_id: str | None = None,
         report: Callable[[str], None] = print,
     ) -> None:
+        """``client_id``: default ``takfl-release-<random>`` (unique per command)."""
         self.topics = Topics(fleet)
         self.registry = registry
         self.control = control
         self.policy = policy or ReleasePolicy()
         self.report = report
+        self.guard = ReplayGuard()
+        client_id = client_id or unique_client_id(RELEASE_USER)
         self.client = MqttClient(settings, client_id, persistent=False)
         self.sender = BlobSender(
             self.client,
@@ -121,16 +129,18 @@ class ReleaseService:
 
     # -- handlers (dispatcher thread) -------------------------------------------------------
     def _on_report(self, topic: str, payload: bytes) -> None:
-        received = read(ReleaseReport, self.topics, topic, payload, self.registry)
+        received = read(ReleaseReport, self.topics, topic, payload, self.registry, guard=self.guard)
         self._publish(self.control.report(received))
 
     def _on_request(self, topic: str, payload: bytes) -> None:
-        received = read(ChunkRequest, self.topics, topic, payload, self.registry)
+        received = read(ChunkRequest, self.topics, topic, payload, self.registry, guard=self.guard)
         agent, request = received.agent, received.message
         if not received.ok or agent is None or request is None:
             log.info("ignored chunk request on %s: %s", topic, received.verdict)
             return
-        if self.control.may_fetch(agent, request.digest):  # else: serve's blob, or nobody's
+        if request.run != self.control.run_id:
+            return  # serve's, or of another release command
+        if self.control.may_fetch(agent, request.digest):  # else: nobody's
             self.chunks_sent += self.sender.answer(
                 self.topics.down(agent, Down.CHUNK), request, agent
             )

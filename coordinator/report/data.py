@@ -101,7 +101,9 @@ def device_stats(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def agent_table(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per agent: platform, updates, refusals, mean train time, peak memory,
-    traffic, retries and the smallest deadline slack."""
+    traffic, retries and the smallest deadline slack; ``implausible``: the values it
+    reported that no device of its tier can have measured (``field=value``, flagged by
+    the telemetry log and never counted as measurements)."""
     rows: dict[str, dict[str, Any]] = {}
 
     def row(agent: str, proto: str | None) -> dict[str, Any]:
@@ -121,6 +123,7 @@ def agent_table(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "bytes_received": 0,
                 "retries": 0,
                 "min_slack_s": None,
+                "implausible": [],
             },
         )
 
@@ -135,6 +138,10 @@ def agent_table(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if kind == "update":
             r["updates"] += 1
+        for name, value in sorted((e.get("implausible") or {}).items()):
+            flag = f"{name}={value:g}"
+            if flag not in r["implausible"]:
+                r["implausible"].append(flag)
         t = e.get("telemetry") or {}
         p = t.get("platform") or {}
         if p:

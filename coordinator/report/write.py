@@ -93,6 +93,7 @@ AGENT_COLUMNS = [
     "received KiB",
     "retries",
     "min slack s",
+    "implausible (not measurements)",
 ]
 EXPORT_COLUMNS = [  # headers of EXPORT_FIELDS
     "tier",
@@ -192,6 +193,7 @@ def _agents(rep: dict[str, Any]) -> list[str]:
             a["bytes_received"] // 1024,
             a["retries"],
             a["min_slack_s"],
+            ", ".join(a.get("implausible", [])),
         ]
         for a in rep["agents"]
     ]

@@ -8,11 +8,14 @@ engine never knows which one it talks to.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from takfl.config.base import ModelSpec
 from takfl.config.profile import TrainingSpec
 from takfl.state import State
+from takfl.wire.bounds import StateBounds
+from takfl.wire.validation import Verdict
 
 
 @dataclass(kw_only=True)
@@ -63,6 +66,16 @@ class Transport(ABC):
 
     def publish_global(self, round_id: int, prototype: str, state: State) -> None:
         """Announce a prototype's new global model (no-op where nobody listens)."""
+        return None
+
+    def bound_updates(self, bounds: Mapping[str, StateBounds]) -> None:
+        """The bounds each prototype's updates must meet (from the run's initial models),
+        for a transport that checks updates on receipt (no-op otherwise)."""
+        return None
+
+    def refused(self, update: ClientUpdate, verdict: Verdict) -> None:
+        """The engine refused ``update`` after the transport handed it on (counted and
+        reported where the transport keeps refusals; no-op otherwise)."""
         return None
 
     def close(self) -> None:

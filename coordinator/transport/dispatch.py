@@ -1,7 +1,7 @@
-"""Task dispatch: which agent has which task this round, signed task messages, task
-acknowledgements, re-sends of unacknowledged tasks, and which chunk requests for a
-global model an agent may make. No broker: the MQTT transport publishes what this
-decides.
+"""Task dispatch: the run, which agent has which task this round, signed task messages,
+task acknowledgements, re-sends of unacknowledged tasks (each signed anew: a fresh
+``sent_at`` and nonce), and which chunk requests for a global model an agent may make.
+No broker: the MQTT transport publishes what this decides.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from takfl.state import State
 from takfl.wire.messages import (
     Ack,
     BlobRef,
+    InputNorm,
     ModelRef,
     TaskMessage,
     TrainingRef,
 )
-from takfl.wire.signing import sign
+from takfl.wire.signing import restamp, sign
 from takfl.wire.validation import AgentRecord
 
 
@@ -42,10 +43,14 @@ def task_message(
     num_classes: int,
     input_shape: tuple[int, int, int],
     program: BlobRef | None = None,
+    run: str = "",
+    input_norm: InputNorm | None = None,
 ) -> TaskMessage:
-    """The signed wire form of ``task``, whose global model is the blob ``ref``;
-    ``program``: the training program offered with it, if any."""
+    """The signed wire form of ``task`` in run ``run``, whose global model is the blob
+    ``ref``; ``program``: the training program offered with it, if any; ``input_norm``:
+    how the coordinator's data is standardised."""
     msg = TaskMessage(
+        run=run,
         round_id=task.round_id,
         agent_id=task.client_id,
         prototype=task.prototype,
@@ -59,12 +64,14 @@ def task_message(
         chunk_size=comms.chunk_size_kib * 1024,
         blob=ref,
         program=program,
+        input_norm=input_norm,
     )
     return sign(msg, secret)
 
 
 class TaskDispatch:
-    """Assignments of the current round. Thread-safe (engine and dispatcher threads)."""
+    """Assignments of the current round of run ``run``. Thread-safe (engine and dispatcher
+    threads). Once :meth:`finish` is called the run has ended: no task is sent again."""
 
     def __init__(
         self,
@@ -72,10 +79,13 @@ class TaskDispatch:
         *,
         retry_s: float,
         clock: Callable[[], float] = time.monotonic,
+        run: str = "",
     ) -> None:
         self.registry = registry
         self.retry_s = retry_s
         self.clock = clock
+        self.run = run
+        self.finished = False
         self.round = -1
         self._assignments: dict[str, Assignment] = {}
         self._lock = threading.Lock()
@@ -125,6 +135,7 @@ class TaskDispatch:
             if (
                 a is None
                 or ack.subject != "task"
+                or ack.run != self.run
                 or ack.round_id != a.message.round_id
                 or ack.digest != a.message.blob.digest
             ):
@@ -141,12 +152,30 @@ class TaskDispatch:
         return digest == a.message.blob.digest or (program is not None and digest == program.digest)
 
     def due_retries(self) -> list[TaskMessage]:
-        """Unacknowledged tasks whose deadline has not passed, last sent ``retry_s`` ago."""
+        """Unacknowledged tasks whose deadline has not passed, last sent ``retry_s`` ago,
+        each signed anew (nothing once the run finished)."""
         now, wall = self.clock(), time.time()
         due = []
         with self._lock:
+            if self.finished:
+                return []
             for a in self._assignments.values():
                 if not a.acked and now - a.sent_at >= self.retry_s and wall < a.message.deadline:
                     a.sent_at = now
+                    a.message = restamp(a.message, self.registry[a.message.agent_id].secret)
                     due.append(a.message)
         return due
+
+    def awaited(self, delivered: Callable[[int], set[str]]) -> list[str]:
+        """Agents of the current round whose update is still wanted: not among
+        ``delivered(round)`` and their task's deadline not passed."""
+        now = time.time()
+        with self._lock:
+            round_id, assignments = self.round, dict(self._assignments)
+        done = delivered(round_id)
+        return [a for a, x in assignments.items() if a not in done and now < x.message.deadline]
+
+    def finish(self) -> None:
+        """The run has ended: updates are answered ``run_finished``, tasks not re-sent."""
+        with self._lock:
+            self.finished = True

@@ -7,14 +7,17 @@
     if channel.on_chunk(decode_chunk(payload)): return
     client.every_tick(channel.tick)
 
-An offer must be signed with this agent's secret and addressed to it; the
-:class:`~edge_agent.deploy.installer.Installer` judges it. The artifacts it asks for are
-expected in the channel's own :class:`BlobReceiver` (sizes from the *signed* lengths) and
-requested with signed :class:`ChunkRequest` s on ``up/<me>/request``; the coordinator
-answers on ``down/<me>/chunk``. Missing chunks are asked for again after ``quiet_s``; an
-artifact with no progress for ``limits.timeout_s``, or whose chunks do not reassemble to
-its signed SHA-256, fails the install. Installs run on a worker thread; their reports
-are published from :meth:`tick`. Every report is signed and goes to ``up/<me>/release``.
+An offer must be signed with this agent's secret, addressed to it and fresh (sent within
+the replay window, its nonce not seen before; the release service re-offers with a fresh
+stamp); the :class:`~edge_agent.deploy.installer.Installer` judges it. Reports and
+chunk requests carry the run of the latest offer (the release service's). The
+artifacts it asks for are expected in the channel's own :class:`BlobReceiver` (sizes
+from the *signed* lengths) and requested with signed :class:`ChunkRequest` s on
+``up/<me>/request``; the coordinator answers on ``down/<me>/chunk``. Missing chunks are
+asked for again after ``quiet_s``; an artifact with no progress for
+``limits.timeout_s``, or whose chunks do not reassemble to its signed SHA-256, fails the
+install. Installs run on a worker thread; their reports are published from
+:meth:`tick`. Every report is signed and goes to ``up/<me>/release``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from takfl.mqtt.blobs import REQUEST_BATCH, BlobReceiver
 from takfl.release.metadata import ReleaseRefusal, ReleaseRefused
 from takfl.wire.chunking import ReassemblyLimits
 from takfl.wire.errors import WireError
+from takfl.wire.freshness import ReplayGuard
 from takfl.wire.messages import Chunk, ChunkRequest, decode_message, encode_message
 from takfl.wire.release import ReleaseOffer
 from takfl.wire.signing import sign, verify
@@ -58,6 +62,7 @@ class ChannelCounters:
     offers: int = 0
     bad_offers: int = 0  # undecodable
     unauthenticated: int = 0  # not signed with this agent's secret or not addressed to it
+    stale: int = 0  # signed for it but outside the replay window, or replayed
     chunk_requests: int = 0
     bad_chunks: int = 0  # chunks of an expected artifact that did not fit it
     reports: int = 0
@@ -93,6 +98,8 @@ class ReleaseChannel:
         )
         self._done: queue.Queue[Decision] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self.guard = ReplayGuard()
+        self.run = ""  # the release service's run, from its latest offer
 
     @property
     def offer_topic(self) -> str:
@@ -112,7 +119,13 @@ class ReleaseChannel:
             self.counters.unauthenticated += 1
             log.warning("%s: ignored a release offer not signed for it", self.agent_id)
             return
+        fresh = self.guard.check(SOURCE, offer.sent_at, offer.nonce)
+        if not fresh.accepted:
+            self.counters.stale += 1
+            log.warning("%s: ignored a release offer: %s", self.agent_id, fresh)
+            return
         self.counters.offers += 1
+        self.run = offer.run
         log.info("%s: offered release %d (%s)", self.agent_id, offer.version, offer.action)
         self._apply(self.installer.offer(offer))
 
@@ -181,7 +194,8 @@ class ReleaseChannel:
 
     def _request(self, digest: str, indices: list[int]) -> None:
         request = sign(
-            ChunkRequest(agent_id=self.agent_id, digest=digest, missing=indices), self._secret
+            ChunkRequest(run=self.run, agent_id=self.agent_id, digest=digest, missing=indices),
+            self._secret,
         )
         self.publish(self.topics.up(self.agent_id, Up.REQUEST), encode_message(request))
         self.counters.chunk_requests += 1

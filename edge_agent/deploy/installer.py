@@ -130,6 +130,7 @@ class Installer:
     ) -> ReleaseReport:
         active = self.store.active
         return ReleaseReport(
+            run=offer.run,
             agent_id=self.agent_id,
             prototype=self.profile.prototype,
             rollout=offer.rollout,

@@ -10,6 +10,15 @@ from takfl.config.base import ModelSpec, Strict
 from takfl.config.training import LocalTraining
 
 HardwareClass = Literal["workstation", "jetson", "raspberry-pi", "phone", "microcontroller"]
+# The most memory (MB) a device of each class has: what its telemetry may plausibly report
+# when its profile sets no memory limit (takfl.wire.telemetry.Plausibility).
+HARDWARE_MEMORY_MB: dict[HardwareClass, int] = {
+    "workstation": 4 * 1024 * 1024,  # 4 TiB: the largest workstations and servers
+    "jetson": 64 * 1024,  # Jetson AGX Orin 64 GB
+    "raspberry-pi": 16 * 1024,  # Raspberry Pi 5 16 GB
+    "phone": 24 * 1024,  # the largest phones
+    "microcontroller": 64,  # boards with external PSRAM
+}
 
 
 TrainingBackend = Literal["torch", "executorch"]

@@ -29,7 +29,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from enum import Enum
 from typing import Annotated, Any
 
 from pydantic import (
@@ -47,6 +46,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import CanonicalJSONSerializer, JSONSerializer
 
+from takfl.wire.reasons import ReleaseRefusal as ReleaseRefusal  # its home: the wire's reasons
 from takfl.wire.topics import IDENT_RE
 
 MAX_METADATA_BYTES = 64 * 1024  # signed release metadata larger than this is refused unread
@@ -78,24 +78,6 @@ TextFloat = Annotated[
     Field(allow_inf_nan=False),
     PlainSerializer(repr, return_type=str),
 ]
-
-
-class ReleaseRefusal(str, Enum):
-    """Why a device refused or failed a release (what it reports, by name)."""
-
-    MALFORMED = "malformed"  # not parseable as release metadata, or over the size cap
-    BAD_SIGNATURE = "bad_signature"  # not signed by the fleet's release key (or tampered)
-    EXPIRED = "expired"  # past its expiry (freeze attack, or simply too old)
-    OLD_VERSION = "old_version"  # not newer than the release the device already trusts
-    WRONG_TARGET = "wrong_target"  # for another fleet or prototype, or the wrong targets
-    BAD_ARTIFACT = "bad_artifact"  # an artifact's length or SHA-256 is not the signed one
-    INCOMPATIBLE = "incompatible"  # runtime, format or memory this device cannot meet
-    NO_SPACE = "no_space"  # not enough free disk for the new slot
-    DOWNLOAD_FAILED = "download_failed"  # the artifacts did not arrive in time
-    LOAD_FAILED = "load_failed"  # the runtime cannot load the artifact
-    PARITY = "parity"  # outputs differ from the signed reference outputs
-    TOO_SLOW = "too_slow"  # batch-1 latency over the profile's budget
-    TIMED_OUT = "timed_out"  # (coordinator side) no report within the per-device timeout
 
 
 class ReleaseRefused(ValueError):

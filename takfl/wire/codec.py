@@ -144,6 +144,17 @@ def read_header(data: bytes) -> tuple[dict[str, str], dict[str, dict[str, object
     return meta, header
 
 
+def blob_compression(data: bytes) -> str | None:
+    """The compression a blob's codec tag names (``"fp16"`` for ``"1:fp16"``), or None
+    when ``data`` is not a blob of this codec version (:func:`decode_state` then says why)."""
+    try:
+        meta, _ = read_header(data)
+    except CodecError:
+        return None
+    version, _, compression = str(meta.get(CODEC_KEY, "")).partition(":")
+    return compression if version == CODEC_VERSION and compression in COMPRESSIONS else None
+
+
 def _check_layout(compression: str, entries: Mapping[str, Mapping[str, object]]) -> None:
     """Every tensor has a dtype its compression mode can produce; int8 scales pair up."""
     float_code = _FLOAT_CODE[compression]

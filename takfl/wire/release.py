@@ -1,9 +1,10 @@
 """Wire messages of model releases: the offer to one device and its reports.
 
 An offer travels on the device's ``down/release`` topic, signed with the device's
-secret (HMAC, as every message the device acts on); it carries the release metadata
-itself, which is independently signed with the fleet's release key (TUF, see
-:mod:`takfl.release.metadata`), and the chunk size of the artifacts. The device then
+secret (HMAC, as every message the device acts on) and stamped afresh at every send; it
+carries the release metadata itself, which is independently signed with the fleet's
+release key (TUF, see :mod:`takfl.release.metadata`), and the chunk size of the
+artifacts. The device then
 asks for the artifacts' chunks (``ChunkRequest`` on ``up/request``, the digests being
 the SHA-256 the metadata signs) and reports each step of the install on
 ``up/release``.
@@ -15,7 +16,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from takfl.wire.messages import MAX_CHUNK_BYTES, FiniteFloat, Ident, SignedMessage
+from takfl.wire.messages import MAX_CHUNK_BYTES, Ident, SignedMessage
+from takfl.wire.reasons import OK, ReasonCode
 
 MAX_RELEASE_METADATA_CHARS = 48 * 1024  # the signed metadata inside an offer
 
@@ -37,7 +39,6 @@ class ReleaseOffer(SignedMessage):
     version: Annotated[int, Field(ge=1)]  # the metadata's version, for routing and logs
     metadata: Annotated[str, StringConstraints(max_length=MAX_RELEASE_METADATA_CHARS)]
     chunk_size: Annotated[int, Field(gt=0, le=MAX_CHUNK_BYTES)]  # of the artifact blobs
-    sent_at: FiniteFloat  # unix time
 
 
 class ReleaseReport(SignedMessage):
@@ -49,7 +50,7 @@ class ReleaseReport(SignedMessage):
     rollout: Ident
     version: Annotated[int, Field(ge=1)]  # the offered release's version
     state: ReleaseState
-    reason: Annotated[str, StringConstraints(max_length=64)] = "ok"  # a ReleaseRefusal value
+    reason: ReasonCode = OK  # "ok" or a ReleaseRefusal value
     detail: Annotated[str, StringConstraints(max_length=512)] = ""
     active_version: Annotated[int, Field(ge=1)] | None = None  # serving now (None: nothing)
     runtime: Annotated[str, StringConstraints(max_length=64)] = ""
@@ -57,4 +58,3 @@ class ReleaseReport(SignedMessage):
     latency_p50_ms: OptFloat = None  # batch-1 latency measured by the health check
     latency_p99_ms: OptFloat = None
     peak_rss_mb: OptFloat = None  # the device process's peak RSS after loading the model
-    sent_at: FiniteFloat
