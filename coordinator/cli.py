@@ -128,8 +128,11 @@ def simulate(
     alpha: float = typer.Option(None, min=1e-6, help="Dirichlet alpha override."),
     compression: str = typer.Option(
         None,
-        help="Apply the wire codec to updates: fp32|fp16|"
-        "int8, or 'profile' (each device profile's own).",
+        help="Apply a wire codec to updates: fp32|fp16|int8|topk-int8|topk-fp16|sign1|"
+        "rot2|rot3|rot4 with optional settings (topk-int8:density=0.02, "
+        "sign1:block=128,density=0.8), one per prototype (S=sign1:density=0.6;M=sign1;L=fp16), "
+        "or 'profile' (each device profile's own). Codecs with error feedback keep each "
+        "client's residual across rounds.",
     ),
     lambda_strategy: str = typer.Option(
         None, "--lambda-strategy", help=f"Override: {'|'.join(LAMBDA_STRATEGIES)}."
@@ -166,7 +169,8 @@ def simulate(
     """Simulate a federation in process and compare algorithms like the paper's Table 1."""
     from coordinator.inputs import pick_device
     from coordinator.privacy import PrivacyBudgetExceeded
-    from coordinator.simulate import SimulationSpec, run_simulation
+    from coordinator.simulate import PROFILE, SimulationSpec, resolve_compression, run_simulation
+    from takfl.wire.codec_names import CodecNameError
 
     cfg = apply_privacy(
         load_config_or_exit(config),
@@ -180,8 +184,11 @@ def simulate(
         },
     )
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
-    if compression not in (None, "fp32", "fp16", "int8", "profile"):
-        raise fail(f"unknown compression {compression!r}; use fp32, fp16, int8 or profile")
+    if compression is not None:
+        try:
+            resolve_compression(cfg, compression)
+        except CodecNameError as e:
+            raise fail(f"{e} (or {PROFILE!r})") from None
     try:
         resolved = [
             resolve_algorithm(

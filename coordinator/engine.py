@@ -269,6 +269,18 @@ class RoundEngine:
             if ids
         )
 
+    def _stop_awaiting(
+        self, round_id: int, expected: dict[str, set[str]], got: dict[str, set[str]]
+    ) -> None:
+        """Stop awaiting the clients whose update of ``round_id`` the transport refused on
+        receipt (their final answer): without this a refused client keeps the round open
+        until its hard limit."""
+        for r, client in self.transport.refused_answers():
+            for p, ids in expected.items():
+                if r == round_id and client in ids and client not in got[p]:
+                    ids.discard(client)
+                    log.info("round %d: %s answered with a refused update", round_id, client)
+
     def collect(
         self,
         round_id: int,
@@ -291,6 +303,7 @@ class RoundEngine:
                 missing = {p: sorted(expected[p] - got[p]) for p in plan if expected[p] - got[p]}
                 log.warning("round %d closes without %s", round_id, missing)
                 break
+            self._stop_awaiting(round_id, expected, got)
             upd = self.transport.next_update(timeout=min(1.0, max(0.05, deadline - now)))
             if upd is None:
                 continue
