@@ -4,7 +4,8 @@
         [--goal-drop 0.5] [--json benchmarks/results/bandwidth.json]
 
 ``RUNS_DIR`` holds ``simulate`` runs named ``<config>-<label>-s<seed>`` (one seed each,
-``--compression`` set: see docs/results/bandwidth.md for the commands). Runs of one
+``--compression`` set), e.g. ``takfl-coordinator simulate --config digits --seeds 1
+--first-seed 0 --compression topk-int8 --out RUNS_DIR/digits-topk-int8-s0``). Runs of one
 config and label form a row: per tier, the encoded update's size as a fraction of the
 same model's fp32 delta (mean over every update of every round and seed, and the largest
 round mean), the final-round test accuracy (mean ± population std over seeds) and the
