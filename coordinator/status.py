@@ -33,6 +33,12 @@ def run_status(run_dir: Path) -> tuple[dict[str, Any], str]:
     for proto, lam in (state.get("lambdas") or {}).items():
         if lam:
             view[f"lambdas {proto}"] = ", ".join(f"{k}={v:.2f}" for k, v in lam.items())
+    privacy = state.get("privacy") or {}
+    for proto, rec in (privacy.get("prototypes") or {}).items():
+        view[f"epsilon {proto}"] = (
+            f"{rec.get('epsilon', 0.0):.3f} of {privacy.get('budget')} at delta "
+            f"{privacy.get('delta')} ({privacy.get('mode')})"
+        )
     if state.get("updated"):
         view["updated"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state["updated"]))
     return view, str(state.get("config") or "")

@@ -41,9 +41,7 @@ def test_bounds_come_from_the_profiles_and_the_deadline() -> None:
     bounds = plausibility(load_federation("digits"), deadline_s=120.0)
     # the hardware class's memory, not the profile's (soft) limit: an honest agent's
     # peak can pass the limit (the S profile allows 768 MB, a torch process uses more)
-    assert bounds["S"] == Plausibility(
-        memory_mb=float(HARDWARE_MEMORY_MB["phone"]), seconds=240.0
-    )
+    assert bounds["S"] == Plausibility(memory_mb=float(HARDWARE_MEMORY_MB["phone"]), seconds=240.0)
     assert bounds["M"].memory_mb == HARDWARE_MEMORY_MB["raspberry-pi"]
     assert bounds["L"].memory_mb == HARDWARE_MEMORY_MB["workstation"]
     assert set(HARDWARE_MEMORY_MB) == set(get_args(HardwareClass))

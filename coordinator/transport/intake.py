@@ -72,6 +72,20 @@ NOT_REMEMBERED = UNAUTHENTICATED | NOT_YET | RUN_STATE
 # Stale and replayed messages are never answered (an answer to a replayed copy could be
 # taken for the answer to the genuine header): counted and logged only.
 SILENT = frozenset({Refusal.STALE_MESSAGE, Refusal.REPLAYED})
+# A refusal that is not about the sender, the run's state or which round it is, sent to an
+# authenticated agent, is its final answer to its task: the agent stops offering that update
+# (its outbox takes the refusal as the ack), so the round engine stops awaiting it.
+NOT_AN_ANSWER = (
+    NOT_REMEMBERED
+    | SILENT
+    | {
+        Refusal.UNSUPPORTED_VERSION,
+        Refusal.STALE_ROUND,
+        Refusal.DUPLICATE,
+    }
+)
+
+
 LOGGED_DIGESTS = 1024  # unannounced digests remembered so each is logged once
 
 
@@ -109,6 +123,16 @@ class Decision:
     @property
     def accepted(self) -> bool:
         return self.update is not None
+
+
+def refused_answer(decision: Decision) -> tuple[int, str] | None:
+    """(round, agent) when ``decision`` refuses an agent's answer to its task for good."""
+    ack, reason = decision.ack, decision.verdict.reason
+    if decision.agent is None or ack is None or ack.accepted or ack.round_id is None:
+        return None
+    if ack.subject != "update" or reason is None or reason in NOT_AN_ANSWER:
+        return None
+    return ack.round_id, decision.agent
 
 
 NOTHING = Decision(agent=None, verdict=Verdict())

@@ -34,7 +34,13 @@ from coordinator.transport.control import ControlDesk
 from coordinator.transport.dispatch import TaskDispatch, task_message
 from coordinator.transport.inbound import agent_of as read_agent
 from coordinator.transport.inbound import read
-from coordinator.transport.intake import Decision, IntakeCounters, IntakePolicy, UpdateIntake
+from coordinator.transport.intake import (
+    Decision,
+    IntakeCounters,
+    IntakePolicy,
+    UpdateIntake,
+    refused_answer,
+)
 from coordinator.transport.presence import AgentState, Presence, PresenceGate
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
@@ -178,6 +184,7 @@ class MqttTransport(Transport):
             ResendLimiter(with_room_for(p.resend, 3 * agents), clock=clock),
         )
         self._updates: queue.Queue[ClientUpdate] = queue.Queue()
+        self._refused: queue.Queue[tuple[int, str]] = queue.Queue()  # final refusals
         self.gate = PresenceGate(
             self.topics,
             with_room_for(p.registrations, agents),
@@ -284,6 +291,14 @@ class MqttTransport(Transport):
             return self._updates.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
+
+    def refused_answers(self) -> list[tuple[int, str]]:
+        out = []
+        while True:
+            try:
+                out.append(self._refused.get_nowait())
+            except queue.Empty:
+                return out
 
     def publish_global(self, round_id: int, prototype: str, state: State) -> None:
         """Announce (retained) the digest and size of a prototype's new global model: to
@@ -396,6 +411,9 @@ class MqttTransport(Transport):
                 decision.ack.round_id if decision.ack is not None else None,
                 (decision.verdict.reason or Refusal.MALFORMED).value,
             )
+            answer = refused_answer(decision)
+            if answer is not None:
+                self._refused.put(answer)
         if decision.agent is not None and decision.ack is not None:
             self._ack(decision.agent, decision.ack)
 
