@@ -42,6 +42,7 @@ def test_limits_grow_with_the_fleet() -> None:
         FleetLimits.for_agents(-1)
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_provision_sizes_the_broker_for_the_fleet(tmp_path: Path) -> None:
     # Prepare: the digits federation with 2,000 clients per prototype (6,000 agents)
     cfg = load_federation("digits")

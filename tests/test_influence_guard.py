@@ -161,6 +161,7 @@ def absorbs(engine: RoundEngine, proto: str, state: dict[str, torch.Tensor]) -> 
     return engine.absorb(update, col)
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_a_poisoned_round_leaves_every_tier_within_5_points_of_a_clean_run() -> None:
     # Prepare / Execute: the same seed, once clean, once with L-001 poisoning round 4 (the
     # issue's round: L fell from 90.0 % to 13.9 %)

@@ -71,6 +71,7 @@ def test_gate_keys_on_the_topics_agent() -> None:
     assert gate.registration("takfl/unit/nobody")  # names no agent: refused downstream
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_a_flood_of_signed_registrations_and_statuses_is_dropped_unread(tmp_path: Path) -> None:
     # Prepare: a1 floods with its own secret; a2 is honest
     registry = wire_registry({"a1": "S", "a2": "S"})

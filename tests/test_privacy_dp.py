@@ -222,6 +222,7 @@ def test_a_round_that_would_pass_the_budget_is_refused_before_its_tasks() -> Non
         privacy.check_round(3, plan, available)
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_the_ledger_survives_a_restart() -> None:
     first = build_privacy(_dp(8.0), rounds=10)  # type: ignore[arg-type]
     for b in first.budgets.values():
