@@ -55,6 +55,7 @@ from takfl.config.base import ModelSpec
 from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.ratelimit import UNLIMITED, ResendLimits
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.messages import MAX_PACKET_BYTES, ChunkRequest, encode_message
 from takfl.wire.signing import generate_secret, sign
 from takfl.wire.topics import Down, Topics, Up
@@ -143,14 +144,18 @@ def amplification(kind: str, resend: ResendLimits, requests: int, tmp: Path) -> 
             registry,
             num_classes=10,
             input_shape=(1, 8, 8),
-            policy=TransportPolicy(quiet_s=600, task_retry_s=600, resend=resend),
+            policy=TransportPolicy(
+                quiet_s=600, task_retry=RetryPolicy(base_s=600, max_s=600), resend=resend
+            ),
             client_id=COORD,
         ).start(timeout=10)
         link = AgentLink(
             agent,
             FLEET,
             AgentIdentity(agent_id=AGENT, prototype="L", secret=secret, num_samples=10),
-            policy=LinkPolicy(quiet_s=600, ack_timeout_s=600, resend=resend),
+            policy=LinkPolicy(
+                quiet_s=600, update_retry=RetryPolicy(base_s=600, max_s=600), resend=resend
+            ),
         ).start(timeout=10)
         try:
             if not transport.wait_for_agents([AGENT], 30):

@@ -21,8 +21,9 @@ coordinator's status says it is online on a connection not yet registered with; 
 registration is not retained). Everything the coordinator sends must be fresh (its
 ``sent_at`` within the replay window, its nonce new) and of the run it concerns
 (:class:`RunFilter`). A task is acknowledged on receipt; its global blob is reassembled
-and missing chunks are asked for again. An update header is announced again every
-``ack_timeout_s`` until the coordinator acknowledges it or the task's deadline passes;
+and missing chunks are asked for again. An update header is announced again after
+15 s, 30 s, 60 s, then every 120 s (``LinkPolicy.update_retry``, jittered) until the
+coordinator acknowledges it or the task's deadline passes;
 the blob stays in a bounded store to answer chunk requests. The latest announcement of
 the prototype's new global model is kept (``wait_global``).
 """
@@ -120,7 +121,7 @@ class AgentLink:
             self.topics,
             me,
             secret=identity.secret,
-            ack_timeout_s=p.ack_timeout_s,
+            retry=p.update_retry,
             max_sent_blobs=p.max_sent_blobs,
             resend=p.resend,
             clock=clock,

@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 
 from edge_agent.intake import IntakePolicy
 from takfl.mqtt.ratelimit import ResendLimits
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.chunking import ReassemblyLimits
 
 
 @dataclass(frozen=True, kw_only=True)
 class LinkPolicy:
     quiet_s: float = 5.0  # ask again for missing global-model chunks after this long
-    ack_timeout_s: float = 15.0  # announce an update header again after this long without ack
+    # announce an update header again after 15 s without an ack, then 30 s, 60 s, 120 s ...
+    update_retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: ReassemblyLimits = field(
         default_factory=lambda: ReassemblyLimits(max_pending=4, timeout_s=600.0)
     )

@@ -2,11 +2,12 @@
 
 An update goes out as its signed header, then the chunks of its blob. The outbox keeps
 the blob in a bounded :class:`BlobStore` to answer the coordinator's chunk requests
-(within the :class:`ResendLimits`), announces a header again every ``ack_timeout_s``
-until it is acknowledged or the task's deadline passes, answers a task the coordinator
-repeats with the update already sent (every header published again is signed anew: a
-fresh ``sent_at`` and nonce, the same content), and keeps the acks received (of updates, by blob
-digest, and of the registration) for :meth:`UpdateOutbox.wait_ack`. The bookkeeping is
+(within the :class:`ResendLimits`), announces a header again after growing waits
+(:class:`RetryPolicy`) until it is acknowledged or the task's deadline passes, answers a
+task the coordinator repeats with the update already sent (every header published again
+is signed anew: a fresh ``sent_at`` and nonce, the same content), and keeps the acks
+received (of updates, by blob digest, and of the registration) for
+:meth:`UpdateOutbox.wait_ack`. The bookkeeping is
 :class:`edge_agent.retries.UpdateRetries`; this class adds the lock, the waiting and the
 publishing. Thread-safe.
 """
@@ -22,6 +23,7 @@ from edge_agent.retries import UpdateRetries
 from takfl.mqtt.blobs import BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient
 from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.messages import Ack, ChunkRequest, UpdateHeader, encode_message
 from takfl.wire.signing import restamp
 from takfl.wire.topics import Topics, Up
@@ -40,7 +42,7 @@ class UpdateOutbox:
         agent_id: str,
         *,
         secret: bytes,
-        ack_timeout_s: float,
+        retry: RetryPolicy,
         max_sent_blobs: int,
         resend: ResendLimits,
         clock: Callable[[], float] = time.monotonic,
@@ -58,7 +60,7 @@ class UpdateOutbox:
         # Unacknowledged headers and updates already sent, by (round, global digest): a task
         # repeated by a coordinator that restarted mid-round is answered with the same update.
         self.retries = UpdateRetries(
-            ack_timeout_s=ack_timeout_s,
+            retry=retry,
             max_answered=max_sent_blobs,
             clock=clock,
             wall_clock=wall_clock,

@@ -4,21 +4,23 @@ are due to be announced again, and which update answers a repeated task.
 No network and no threads here: the link calls these methods under its own lock and
 publishes what they return. Both clocks are injected, so a test can step time::
 
-    book = UpdateRetries(ack_timeout_s=15.0, clock=fake.monotonic, wall_clock=fake.time)
+    book = UpdateRetries(retry=RetryPolicy(jitter=0), clock=fake.monotonic, wall_clock=fake.time)
     book.sent(header, deadline=task.deadline)
     fake.advance(15.0)
-    book.due()            # -> [header]: announce it again
+    book.due()            # -> [header]: announce it again, then after 30 s, 60 s, 120 s, 120 s
     book.acknowledged(header.blob.digest, ack)
     book.due()            # -> []
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.messages import Ack, UpdateHeader
 
 MEMORY = 256  # acks remembered (oldest forgotten first)
@@ -29,6 +31,8 @@ class _Outgoing:
     header: UpdateHeader
     last_sent: float  # injected monotonic clock
     deadline: float  # unix time (the task's deadline)
+    wait: float  # seconds after last_sent before announcing again
+    sends: int = 1
 
 
 class UpdateRetries:
@@ -38,17 +42,17 @@ class UpdateRetries:
     def __init__(
         self,
         *,
-        ack_timeout_s: float,
+        retry: RetryPolicy,
         max_answered: int,
         memory: int = MEMORY,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
-        if ack_timeout_s <= 0:
-            raise ValueError(f"ack_timeout_s must be > 0, got {ack_timeout_s}")
         if max_answered < 1 or memory < 1:
             raise ValueError("max_answered and memory must be at least 1")
-        self.ack_timeout_s = ack_timeout_s
+        self.retry = retry
+        self.rng = rng or random.Random()
         self.max_answered = max_answered
         self.memory = memory
         self.clock = clock
@@ -60,10 +64,10 @@ class UpdateRetries:
 
     def sent(self, header: UpdateHeader, deadline: float) -> None:
         """Record that ``header`` was just published; it answers its task from now on and
-        is due again after ``ack_timeout_s`` without an ack, until ``deadline`` (unix)."""
+        is due again when its retry wait passes without an ack, until ``deadline`` (unix)."""
         digest = header.blob.digest
         self._acks.pop(digest, None)  # an ack is awaited for this send
-        self._outgoing[digest] = _Outgoing(header, self.clock(), deadline)
+        self._outgoing[digest] = self._armed(header, deadline)
         self._answered[(header.round_id, header.base_digest)] = (header, deadline)
         self._answered.move_to_end((header.round_id, header.base_digest))
         while len(self._answered) > self.max_answered:
@@ -77,8 +81,11 @@ class UpdateRetries:
             return None
         header, deadline = answered
         self._acks.pop(header.blob.digest, None)
-        self._outgoing[header.blob.digest] = _Outgoing(header, self.clock(), deadline)
+        self._outgoing[header.blob.digest] = self._armed(header, deadline)
         return header
+
+    def _armed(self, header: UpdateHeader, deadline: float) -> _Outgoing:
+        return _Outgoing(header, self.clock(), deadline, wait=self.retry.draw(1, self.rng))
 
     def acknowledged(self, key: str, ack: Ack) -> None:
         """The coordinator answered ``key`` (a blob digest or the registration key)."""
@@ -102,15 +109,18 @@ class UpdateRetries:
         return None
 
     def due(self) -> list[UpdateHeader]:
-        """Headers to announce again now (each restarts its wait); those past their
-        deadline are dropped without a retry."""
+        """Headers to announce again now (each waits twice as long as before for its ack,
+        up to the policy's longest wait); those past their deadline are dropped without a
+        retry."""
         now, wall = self.clock(), self.wall_clock()
         due: list[UpdateHeader] = []
         for digest, out in list(self._outgoing.items()):
             if wall > out.deadline:
                 del self._outgoing[digest]
-            elif now - out.last_sent >= self.ack_timeout_s:
+            elif now - out.last_sent >= out.wait:
+                out.sends += 1
                 out.last_sent = now
+                out.wait = self.retry.draw(out.sends, self.rng)
                 due.append(out.header)
         self.retries += len(due)
         return due

@@ -34,6 +34,7 @@ from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.client import MqttSettings
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.messages import MAX_PACKET_BYTES
 from takfl.wire.signing import generate_secret
 from takfl.wire.validation import AgentRecord
@@ -209,10 +210,10 @@ def make_registry(prototypes: dict[str, str]) -> dict[str, AgentRecord]:
     }
 
 
-FAST_TRANSPORT = TransportPolicy(quiet_s=0.5, task_retry_s=2.0)
+FAST_TRANSPORT = TransportPolicy(quiet_s=0.5, task_retry=RetryPolicy(base_s=2.0, max_s=2.0))
 # Tasks asking for fp32 updates (bit-exact; any other compression is refused codec_mismatch).
 FP32_TRANSPORT = replace(FAST_TRANSPORT, comms=CommsSpec(compression="fp32"))
-FAST_LINK = LinkPolicy(quiet_s=0.5, ack_timeout_s=2.0)
+FAST_LINK = LinkPolicy(quiet_s=0.5, update_retry=RetryPolicy(base_s=2.0, max_s=2.0))
 
 
 @contextmanager

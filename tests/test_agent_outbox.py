@@ -11,6 +11,7 @@ import torch
 from edge_agent.outbox import UpdateOutbox
 from takfl.mqtt.client import MqttClient
 from takfl.mqtt.ratelimit import UNLIMITED
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.chunking import blob_ref
 from takfl.wire.codec import encode_state
 from takfl.wire.messages import (
@@ -82,7 +83,7 @@ def outbox(client: FakeClient, clocks: Clocks, **kw: Any) -> UpdateOutbox:
         TOPICS,
         "a1",
         secret=SECRET,
-        ack_timeout_s=kw.get("ack_timeout_s", 15.0),
+        retry=RetryPolicy(base_s=kw.get("ack_timeout_s", 15.0), jitter=0.0),
         max_sent_blobs=2,
         resend=UNLIMITED,
         clock=lambda: clocks.mono,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edge_agent.retries import UpdateRetries
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.chunking import blob_ref
 from takfl.wire.messages import Ack, UpdateHeader
 
@@ -55,7 +56,7 @@ def clocks() -> FakeClocks:
 
 def book(clocks: FakeClocks, **kw: int) -> UpdateRetries:
     return UpdateRetries(
-        ack_timeout_s=10.0,
+        retry=RetryPolicy(base_s=10.0, max_s=40.0, jitter=0.0),
         max_answered=kw.get("max_answered", 4),
         memory=kw.get("memory", 8),
         clock=lambda: clocks.mono,
@@ -72,10 +73,61 @@ def test_header_is_due_after_the_ack_timeout_and_not_before(clocks: FakeClocks) 
     assert b.due() == []
     clocks.advance(0.1)
     assert b.due() == [h]
-    assert b.due() == []  # the wait restarted
-    clocks.advance(10.0)
+    assert b.due() == []  # the wait restarted, twice as long
+    clocks.advance(19.9)
+    assert b.due() == []
+    clocks.advance(0.1)
     assert b.due() == [h]
     assert b.retries == 2
+
+
+def test_waits_double_up_to_the_longest_and_stay_there(clocks: FakeClocks) -> None:
+    b, h = book(clocks), header(1, b"x")
+    b.sent(h, deadline=clocks.wall + 10_000)
+    times = []
+    for _ in range(600):
+        clocks.advance(1.0)
+        if b.due():
+            times.append(clocks.mono - 100.0)
+    assert times[:6] == [10.0, 30.0, 70.0, 110.0, 150.0, 190.0]  # 10, 20, 40, 40, 40 ...
+
+
+def test_jitter_stretches_each_wait_and_spreads_a_fleet(clocks: FakeClocks) -> None:
+    import random
+
+    books = [
+        UpdateRetries(
+            retry=RetryPolicy(base_s=10.0, max_s=40.0, jitter=0.25),
+            max_answered=1,
+            clock=lambda: clocks.mono,
+            wall_clock=lambda: clocks.wall,
+            rng=random.Random(seed),
+        )
+        for seed in range(50)
+    ]
+    h = header(1, b"x")
+    for b in books:
+        b.sent(h, deadline=clocks.wall + 1000)
+    first: list[float] = []
+    for _ in range(140):
+        clocks.advance(0.1)
+        first += [clocks.mono - 100.0 for b in books if b.due()]
+    assert len(first) == 50  # every book retried once within 14 s, none before 10 s
+    assert min(first) >= 10.0 - 1e-9 and max(first) <= 12.5 + 0.1
+    assert max(first) - min(first) > 1.0  # not in step
+
+
+def test_retry_policy_waits_and_refusals() -> None:
+    p = RetryPolicy(base_s=15.0, max_s=120.0, jitter=0.25)
+    assert [p.wait_s(n, 0.0) for n in (1, 2, 3, 4, 5, 9)] == [15, 30, 60, 120, 120, 120]
+    assert p.wait_s(1, 0.999) == pytest.approx(15 * 1.24975)
+    assert p.wait_s(10**6, 0.0) == 120.0  # no overflow
+    with pytest.raises(ValueError, match="base_s"):
+        RetryPolicy(base_s=0)
+    with pytest.raises(ValueError, match="base_s"):
+        RetryPolicy(base_s=10, max_s=5)
+    with pytest.raises(ValueError, match="jitter"):
+        RetryPolicy(jitter=-0.1)
 
 
 def test_ack_stops_retries_and_is_remembered(clocks: FakeClocks) -> None:
@@ -135,7 +187,5 @@ def test_answered_updates_and_acks_are_bounded_oldest_first(clocks: FakeClocks) 
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="ack_timeout_s"):
-        UpdateRetries(ack_timeout_s=0, max_answered=1)
     with pytest.raises(ValueError, match="at least 1"):
-        UpdateRetries(ack_timeout_s=1, max_answered=0)
+        UpdateRetries(retry=RetryPolicy(), max_answered=0)

@@ -20,6 +20,7 @@ from coordinator.transport.intake import Decision, IntakePolicy, UpdateIntake
 from coordinator.transport.presence import Presence
 from takfl.config.base import ModelSpec
 from takfl.config.profile import CommsSpec
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.canonical import canonical_bytes
 from takfl.wire.chunking import blob_ref, split
 from takfl.wire.codec import encode_state, make_delta
@@ -49,7 +50,7 @@ class Fixture:
     def __init__(self) -> None:
         self.secret = generate_secret()
         self.registry = {"a1": AgentRecord(agent_id="a1", prototype="S", secret=self.secret)}
-        self.dispatch = TaskDispatch(self.registry, retry_s=60.0, run=RUN)
+        self.dispatch = TaskDispatch(self.registry, retry=RetryPolicy(base_s=60.0), run=RUN)
         self.intake = UpdateIntake(
             self.registry, self.dispatch, IntakePolicy(quiet_s=60.0), guard=ReplayGuard()
         )

@@ -12,6 +12,7 @@ from coordinator.transport.inbound import read
 from coordinator.transport.intake import Decision, IntakePolicy, UpdateIntake
 from takfl.config.base import ModelSpec
 from takfl.config.profile import CommsSpec
+from takfl.mqtt.retry import RetryPolicy
 from takfl.wire.chunking import blob_ref, split
 from takfl.wire.codec import encode_state
 from takfl.wire.messages import Chunk, UpdateHeader, encode_chunk, encode_message
@@ -37,7 +38,7 @@ class Fixture:
             "a1": AgentRecord(agent_id="a1", prototype="S", secret=generate_secret()),
             "a2": AgentRecord(agent_id="a2", prototype="S", secret=generate_secret()),
         }
-        self.dispatch = TaskDispatch(self.registry, retry_s=60.0)
+        self.dispatch = TaskDispatch(self.registry, retry=RetryPolicy(base_s=60.0))
         self.intake = UpdateIntake(self.registry, self.dispatch, IntakePolicy(quiet_s=60.0))
         self.state = global_state()
         task = Task(
@@ -186,3 +187,21 @@ def test_unassigned_agent_and_unannounced_chunks() -> None:
     assert f.intake.counters.ignored_chunks == len(split(up.blob, CHUNK))
     assert f.intake.chunk("a1", b"garbage").ack is None
     assert f.intake.counters.malformed_chunks == 1
+
+
+def test_unacknowledged_tasks_are_sent_again_with_doubling_waits() -> None:
+    f = Fixture()
+    clock = [0.0]
+    f.dispatch.clock = lambda: clock[0]
+    f.dispatch.retry = RetryPolicy(base_s=10.0, max_s=40.0, jitter=0.0)
+    f.dispatch.assign([])  # no new round: the assignment stays
+    a = f.dispatch.assignment("a1")
+    assert a is not None
+    a.sent_at, a.wait = 0.0, 10.0
+    resent = []
+    for t in range(1, 200):
+        clock[0] = float(t)
+        if f.dispatch.due_retries():
+            resent.append(t)
+    assert resent[:5] == [10, 30, 70, 110, 150]  # 10, 20, 40, 40 ...
+    assert f.dispatch.assignment("a1").message.nonce != f.task.nonce  # signed anew

@@ -1,11 +1,13 @@
 """Task dispatch: the run, which agent has which task this round, signed task messages,
 task acknowledgements, re-sends of unacknowledged tasks (each signed anew: a fresh
-``sent_at`` and nonce), and which chunk requests for a global model an agent may make.
+``sent_at`` and nonce; each after twice the wait of the one before, :class:`RetryPolicy`),
+and which chunk requests for a global model an agent may make.
 No broker: the MQTT transport publishes what this decides.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from coordinator.transport.base import Task
 from takfl.config.profile import CommsSpec
+from takfl.mqtt.retry import RetryPolicy
 from takfl.state import State
 from takfl.wire.messages import (
     Ack,
@@ -31,6 +34,8 @@ class Assignment:
     message: TaskMessage
     reference: State  # the global state the agent's delta is relative to (CPU)
     sent_at: float
+    wait: float  # seconds after sent_at before the task is sent again
+    sends: int = 1
     acked: bool = False
 
 
@@ -77,12 +82,14 @@ class TaskDispatch:
         self,
         registry: Mapping[str, AgentRecord],
         *,
-        retry_s: float,
+        retry: RetryPolicy,
         clock: Callable[[], float] = time.monotonic,
         run: str = "",
+        rng: random.Random | None = None,
     ) -> None:
         self.registry = registry
-        self.retry_s = retry_s
+        self.retry = retry
+        self.rng = rng or random.Random()
         self.clock = clock
         self.run = run
         self.finished = False
@@ -115,7 +122,10 @@ class TaskDispatch:
                 if t.round_id == self.round:
                     ref = {k: v.detach().to("cpu") for k, v in t.global_state.items()}
                     self._assignments[t.client_id] = Assignment(
-                        message=msg, reference=ref, sent_at=self.clock()
+                        message=msg,
+                        reference=ref,
+                        sent_at=self.clock(),
+                        wait=self.retry.draw(1, self.rng),
                     )
         return started
 
@@ -157,16 +167,18 @@ class TaskDispatch:
         return digest == a.message.blob.digest or (program is not None and digest == program.digest)
 
     def due_retries(self) -> list[TaskMessage]:
-        """Unacknowledged tasks whose deadline has not passed, last sent ``retry_s`` ago,
-        each signed anew (nothing once the run finished)."""
+        """Unacknowledged tasks whose deadline has not passed and whose retry wait has
+        passed since they were last sent, each signed anew (nothing once the run finished)."""
         now, wall = self.clock(), time.time()
         due = []
         with self._lock:
             if self.finished:
                 return []
             for a in self._assignments.values():
-                if not a.acked and now - a.sent_at >= self.retry_s and wall < a.message.deadline:
+                if not a.acked and now - a.sent_at >= a.wait and wall < a.message.deadline:
+                    a.sends += 1
                     a.sent_at = now
+                    a.wait = self.retry.draw(a.sends, self.rng)
                     a.message = restamp(a.message, self.registry[a.message.agent_id].secret)
                     due.append(a.message)
         return due

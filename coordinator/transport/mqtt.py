@@ -46,6 +46,7 @@ from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
 from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits, with_room_for
+from takfl.mqtt.retry import RetryPolicy
 from takfl.state import State
 from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
@@ -89,7 +90,8 @@ class TransportPolicy:
     max_total_bytes: int = 4 * 1024**3  # reassembly buffers across all agents
     max_chunk_bytes: int = 16 * 1024 * 1024  # payload of one received chunk
     quiet_s: float = 5.0  # ask again for missing update chunks after this long
-    task_retry_s: float = 15.0  # send a task again when the agent has not acknowledged it
+    # send a task again when the agent has not acknowledged it: after 15 s, 30 s, 60 s, 120 s ...
+    task_retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_sent_blobs: int = 16  # global blobs kept to answer chunk requests
     max_sent_bytes: int = 4 * 1024**3
     # ExecuTorch training programs by prototype, offered with every task of that prototype
@@ -161,7 +163,7 @@ class MqttTransport(Transport):
         self.guard = ReplayGuard(p.freshness)
         self.presence = Presence(self.registry, on_allowance=on_allowance, guard=self.guard)
         self.dispatch = TaskDispatch(
-            self.registry, retry_s=p.task_retry_s, clock=clock, run=self.run_id
+            self.registry, retry=p.task_retry, clock=clock, run=self.run_id
         )
         self.intake = UpdateIntake(
             self.registry, self.dispatch, p.intake(), clock=clock, guard=self.guard
