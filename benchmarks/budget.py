@@ -68,15 +68,24 @@ def point_dir(case: str, mode: str, passes: float | None, seed: int) -> Path:
 
 
 def run_point(
-    case: str, mode: str, passes: float | None, seed: int, methods: list[str], rounds: int | None
+    case: str,
+    mode: str,
+    passes: float | None,
+    seed: int,
+    methods: list[str],
+    rounds: int | None,
+    *,
+    tag: str | None = None,
+    distill: dict[str, Any] | None = None,
 ) -> None:
-    """One simulate process for one budget point and seed (skipped when done)."""
-    out = point_dir(case, mode, passes, seed)
+    """One simulate process for one budget point and seed (skipped when done); ``tag``
+    names the folder of a variant (default: the mode), ``distill`` its other settings."""
+    out = point_dir(case, tag or mode, passes, seed)
     if (out / "results.json").is_file():
         print(f"done already: {out}")
         return
     out.mkdir(parents=True, exist_ok=True)
-    cfg = point_config(case, passes, adaptive=mode != "fixed")
+    cfg = point_config(case, passes, adaptive=mode == "adaptive", **(distill or {}))
     config = out / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [
@@ -118,9 +127,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         [float(p) for p in args.passes.split(",")] if args.passes else [None]
     )
     methods = args.methods.split(",")
+    distill = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in args.set)}
     for p in budgets:
         for s in seeds:
-            run_point(args.case, args.mode, p, s, methods, args.rounds)
+            run_point(
+                args.case, args.mode, p, s, methods, args.rounds, tag=args.tag, distill=distill
+            )
 
 
 # -- summarise ---------------------------------------------------------------------------
@@ -280,7 +292,7 @@ def plot_case(case: str, modes: dict[str, Any], path: Path) -> None:
     tiers = list(next(iter(next(iter(first.values())).values()))["test"])
     fig, axes = plt.subplots(1, len(tiers), figsize=(4.2 * len(tiers), 3.6), squeeze=False)
     colours = {"takfl-reg": "C0", "fedet": "C1", "feddf": "C2"}
-    styles = {"fixed": "-", "adaptive": "--"}
+    styles = {"fixed": "-", "adaptive": "--"}  # variants (other tags) dotted
     for ax, tier in zip(axes[0], tiers, strict=True):
         for mode, points in modes.items():
             if mode == "fedavg":
@@ -492,6 +504,8 @@ def main() -> None:
     run.add_argument("--methods", default=",".join(METHODS))
     run.add_argument("--rounds", type=int, default=None)
     run.add_argument("--fedavg", action="store_true", help="run FedAvg alone, once per seed")
+    run.add_argument("--set", action="append", default=[], help="distill KEY=VALUE (repeatable)")
+    run.add_argument("--tag", default=None, help="folder of a variant (default: the mode)")
     run.set_defaults(fn=cmd_run)
     summ = sub.add_parser("summarise")
     summ.add_argument("--runs", default=str(RUNS))

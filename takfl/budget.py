@@ -21,20 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
-from takfl.config.federation import DEFAULT_DISTILL_PASSES, DistillSpec
+from takfl.config.federation import DistillSpec
 from takfl.distill import Distilled, DistillSettings
 from takfl.stopping import EarlyStopping
 
 
 def distill_settings(d: DistillSpec) -> DistillSettings:
-    """The spec's optimiser settings and budget; none named: DEFAULT_DISTILL_PASSES."""
-    passes = d.passes
-    if d.steps is None and d.epochs is None and passes is None:
-        passes = DEFAULT_DISTILL_PASSES
+    """The spec's optimiser settings and its budget in the unit that wins: epochs, else
+    steps, else passes (DEFAULT_DISTILL_PASSES when the config names none)."""
+    unit: dict[str, int | float | None] = {"epochs": d.epochs}
+    if d.epochs is None:
+        unit = {"steps": d.steps} if d.steps is not None else {"passes": d.passes}
     return DistillSettings(
-        steps=d.steps or 0,
-        epochs=d.epochs,
-        passes=passes,
+        **unit,
         batch_size=d.batch_size,
         learning_rate=d.learning_rate,
         weight_decay=d.weight_decay,

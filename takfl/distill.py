@@ -59,10 +59,10 @@ Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True, kw_only=True)
 class DistillSettings:
-    steps: int = 0  # optimiser steps (used when neither ``epochs`` nor ``passes`` is set)
-    epochs: int | None = None  # passes over the shuffled public set; overrides ``steps``
-    # the budget in passes over the shuffled public set, fractions allowed; overrides both
-    passes: float | None = None
+    # the budget, one unit of three (epochs, else passes, else steps)
+    steps: int = 0  # optimiser steps
+    epochs: int | None = None  # whole passes over the shuffled public set
+    passes: float | None = None  # passes over the shuffled public set, fractions allowed
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam
     weight_decay: float = 0.0  # Adam's L2 penalty, as the reference code sets it
@@ -74,11 +74,11 @@ class DistillSettings:
         """Optimiser steps for a public set of ``n`` samples: with ``passes``, that many
         passes of ceil(n / batch_size) batches, rounded up to a whole step."""
         per_pass = math.ceil(n / self.batch_size)
+        if self.epochs is not None:
+            return self.epochs * per_pass
         if self.passes is not None:
             return max(1, math.ceil(self.passes * per_pass - 1e-9))
-        if self.epochs is None:
-            return self.steps
-        return self.epochs * per_pass
+        return self.steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,30 +163,29 @@ def takfl_objective_stacked(
 
 
 def batch_indices(n: int, settings: DistillSettings, seed: int) -> Iterator[torch.Tensor]:
-    """The batch sequence of one distillation over samples 0..n-1: epochs of shuffled
-    passes (the reference's DataLoader with shuffle), ``passes`` the same cut to its
-    step count (a one-sample batch, which BatchNorm cannot train on, is left out), or
+    """The batch sequence of one distillation over samples 0..n-1: ``epochs`` shuffled
+    passes (the reference's DataLoader with shuffle); else ``passes``, the same cut to its
+    step count (a one-sample batch, which BatchNorm cannot train on, is left out); else
     ``steps`` batches drawn with replacement."""
     gen = torch.Generator().manual_seed(seed)
-    b = min(settings.batch_size, n)
-    if settings.passes is not None:
-        total, done = settings.total_steps(n), 0
-        while done < total:
-            for idx in torch.randperm(n, generator=gen).split(settings.batch_size):
-                if len(idx) < 2 <= n:
-                    continue
-                yield idx
-                done += 1
-                if done == total:
-                    return
+    if settings.epochs is not None:
+        for _ in range(settings.epochs):
+            yield from torch.randperm(n, generator=gen).split(settings.batch_size)
         return
-    if settings.epochs is None:
+    if settings.passes is None:
+        b = min(settings.batch_size, n)
         for _ in range(settings.steps):
             yield torch.randint(0, n, (b,), generator=gen)
         return
-    for _ in range(settings.epochs):
-        perm = torch.randperm(n, generator=gen)
-        yield from perm.split(settings.batch_size)
+    total, done = settings.total_steps(n), 0
+    while done < total:
+        for idx in torch.randperm(n, generator=gen).split(settings.batch_size):
+            if len(idx) < 2 <= n:
+                continue
+            yield idx
+            done += 1
+            if done == total:
+                return
 
 
 def device_batches(

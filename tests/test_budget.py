@@ -64,10 +64,10 @@ def test_passes_count_whole_and_fractional_passes() -> None:
     assert sorted(first_two_passes) == sorted(list(range(40)) * 2)  # each sample once a pass
 
 
-def test_passes_override_epochs_and_steps() -> None:
-    s = DistillSettings(steps=5, epochs=2, passes=1.0, batch_size=16)
-    assert s.total_steps(40) == 3
-    assert DistillSettings(steps=5, epochs=2, batch_size=16).total_steps(40) == 6
+def test_one_budget_unit_wins() -> None:
+    assert DistillSettings(steps=5, epochs=2, passes=1.0, batch_size=16).total_steps(40) == 6
+    assert DistillSettings(steps=5, passes=1.0, batch_size=16).total_steps(40) == 3
+    assert len(list(batch_indices(40, DistillSettings(steps=5, epochs=2, batch_size=16), 0))) == 6
 
 
 def test_a_pool_restricts_the_samples_drawn() -> None:
@@ -82,8 +82,10 @@ def test_a_pool_restricts_the_samples_drawn() -> None:
 
 def test_a_config_that_names_no_budget_gets_the_default_passes() -> None:
     assert distill_settings(DistillSpec()).passes == DEFAULT_DISTILL_PASSES
-    assert distill_settings(DistillSpec(steps=7)).total_steps(400) == 7
-    assert distill_settings(DistillSpec(steps=7, passes=2)).total_steps(400) == 14
+    assert distill_settings(DistillSpec(passes=2)).total_steps(400) == 14
+    # a config's steps or epochs override its passes (so does a test that shortens one)
+    assert distill_settings(DistillSpec(steps=7, passes=2)).total_steps(400) == 7
+    assert distill_settings(DistillSpec(steps=7, epochs=1)).total_steps(400) == 7
     assert DistillSpec().adaptive is True
 
 

@@ -58,19 +58,19 @@ class PrototypeSpec(Strict):
     training: TrainingOverride | None = None  # overrides the profile's local training
 
 
-# The budget of a config that names none (no steps, epochs or passes): passes over the
-# public set, chosen on validation (docs/results/budget.md).
+# The budget of a config that names none, in passes over the public set, chosen on
+# validation (docs/results/budget.md).
 DEFAULT_DISTILL_PASSES = 10.0
 
 
 class DistillSpec(Strict):
-    # The budget of one distillation (the cap when adaptive), in one of three units;
-    # passes overrides epochs, which overrides steps. None named: DEFAULT_DISTILL_PASSES.
+    # The budget of one distillation (the cap when adaptive), in one of three units:
+    # epochs, when set, overrides steps, which overrides passes.
     steps: int | None = Field(None, ge=0)  # optimiser steps per distillation
     epochs: int | None = Field(None, gt=0)  # whole passes over the shuffled public set
     # passes over the shuffled public set, fractions allowed: ceil(passes x ceil(N /
     # batch_size)) steps, N the public samples distillation draws from
-    passes: float | None = Field(None, gt=0, allow_inf_nan=False)
+    passes: float = Field(DEFAULT_DISTILL_PASSES, gt=0, allow_inf_nan=False)
     batch_size: int = Field(64, gt=0)
     learning_rate: float = Field(1e-3, gt=0)  # Adam
     weight_decay: float = Field(0.0, ge=0)  # Adam weight decay
