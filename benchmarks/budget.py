@@ -230,9 +230,37 @@ def cmd_summarise(args: argparse.Namespace) -> None:
         print(f"written: {args.json}")
     for case, modes in data.items():
         print(markdown_case(case, modes))
+        for mode, points in modes.items():
+            for tag in sorted(points, key=budget_key):
+                misses = goal_misses(points[tag], modes)
+                if "takfl-reg" in points[tag] and len(points[tag]) > 1:
+                    verdict = "met" if not misses else "NOT met: " + "; ".join(misses)
+                    print(f"- goal, {case} {mode} {tag}: {verdict}")
     if args.plots is not None:
         for case, modes in data.items():
             plot_case(case, modes, args.plots / f"budget-{case}.png")
+
+
+def goal_misses(point: dict[str, Any], modes: dict[str, Any]) -> list[str]:
+    """Where takfl-reg misses the goal at one point: the mean over tiers and every tier's
+    mean >= FedET's and FedDF's, its largest tier >= FedAvg's largest - 1."""
+    t = point["takfl-reg"]["test"]
+    tiers = [k for k in t if k != "mean_over_tiers"]
+    out = []
+    for b in ("fedet", "feddf"):
+        if b not in point:
+            continue
+        for tier in [*tiers, "mean_over_tiers"]:
+            gap = t[tier]["mean"] - point[b]["test"][tier]["mean"]
+            if gap < 0:
+                out.append(f"{tier} {gap:+.1f} vs {b}")
+    fedavg = modes.get("fedavg", {}).get("default", {}).get("fedavg")
+    if fedavg is not None:
+        big = tiers[-1]
+        gap = t[big]["mean"] - (fedavg["test"][big]["mean"] - 1.0)
+        if gap < 0:
+            out.append(f"{big} {gap:+.1f} vs fedavg - 1")
+    return out
 
 
 def fmt(cell: dict[str, Any]) -> str:
@@ -351,7 +379,8 @@ def cmd_trace(args: argparse.Namespace) -> None:
         captured.update(protos=protos, data=data, seed=seed)
         return algo.unit.step(protos, data, algorithm, seed, timings)
 
-    rec = replace(algo, unit=replace(algo.unit, step=recording_step))
+    # client logits kept too, for FedET's targets
+    rec = replace(algo, unit=replace(algo.unit, step=recording_step, client_logits=True))
     data = build_federation_data(cfg, args.seed)
     device = torch.device("cpu")
     trainings = {p.name: prototype_training(cfg, p.name) for p in cfg.prototypes}
