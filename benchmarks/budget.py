@@ -232,8 +232,8 @@ def cmd_summarise(args: argparse.Namespace) -> None:
         print(markdown_case(case, modes))
         for mode, points in modes.items():
             for tag in sorted(points, key=budget_key):
-                misses = goal_misses(points[tag], modes)
                 if "takfl-reg" in points[tag] and len(points[tag]) > 1:
+                    misses = goal_misses(points[tag], modes)
                     verdict = "met" if not misses else "NOT met: " + "; ".join(misses)
                     print(f"- goal, {case} {mode} {tag}: {verdict}")
     if args.plots is not None:
@@ -371,7 +371,10 @@ def cmd_trace(args: argparse.Namespace) -> None:
     from takfl.federation_data import build_federation_data
 
     torch.set_num_threads(1)
-    cfg = FederationConfig.model_validate(point_config(args.case, args.passes, adaptive=False))
+    distill = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in args.set)}
+    cfg = FederationConfig.model_validate(
+        point_config(args.case, args.passes, adaptive=False, **distill)
+    )
     algo = resolve_algorithm(cfg.algorithm, "takfl-reg")
     captured: dict[str, Any] = {}
 
@@ -405,8 +408,14 @@ def cmd_trace(args: argparse.Namespace) -> None:
         print(
             f"round {r}: " + " ".join(f"{p}={a:.1f}" for p, a in res.accuracy.items()), flush=True
         )
-    traces = trace_round(cfg, captured, args.passes)
+    variants = [
+        {k: float(x) for k, _, x in (kv.partition("=") for kv in v.split(","))}
+        for v in args.variants.split(";")
+        if v
+    ]
+    traces = trace_round(cfg, captured, args.passes, variants)
     out = {
+        "settings": distill,
         "case": args.case,
         "seed": args.seed,
         "round": args.round,
@@ -419,75 +428,101 @@ def cmd_trace(args: argparse.Namespace) -> None:
         plot_trace(out, args.plot)
 
 
-def trace_round(cfg: Any, captured: dict[str, Any], passes: float) -> dict[str, Any]:
+def trace_round(
+    cfg: Any, captured: dict[str, Any], passes: float, variants: list[dict[str, float]]
+) -> dict[str, Any]:
     """Per student: per TAKFL teacher and for FedET and FedDF, (step, agreement with its
-    target on the public set) and (step, validation accuracy) every quarter pass."""
-
-    from takfl.baselines import feddf_objective, feddf_target, fedet_objective, fedet_targets
-    from takfl.distill import DistillSettings, run_distillation, takfl_objective
-    from takfl.stopping import EarlyStopping
+    target on the public set) and (step, validation accuracy) every quarter pass; the
+    largest teacher's candidate, FedET and FedDF also with each variant's settings
+    (``gamma``, ``T``, ``lr``) in place of the config's."""
+    from takfl.distill import DistillSettings
     from takfl.training import predict_logits
 
     protos, data, seed = captured["protos"], captured["data"], captured["seed"]
     d = cfg.algorithm.distill
-    settings = DistillSettings(
-        passes=passes,
-        batch_size=d.batch_size,
-        learning_rate=d.learning_rate,
-        weight_decay=d.weight_decay,
-    )
     every = max(1, round(0.25 * math.ceil(len(data.public_x) / d.batch_size)))
-    teachers = [p for p in protos if p.mean_logits is not None]
-    labels, diverse, has = fedet_targets([z for p in protos for z in p.client_logits])
-    fdf = feddf_target([p.mean_logits for p in teachers], [p.num_clients for p in teachers])
+    base = {"gamma": d.self_reg_weight, "T": d.temperature, "lr": d.learning_rate}
     out: dict[str, Any] = {}
     for j, student in enumerate(protos):
         student.model.load_state_dict(student.avg_state)
         self_logits = predict_logits(student.model, data.public_x)
-        objectives = {
-            f"takfl-reg/{t.name}": (
-                takfl_objective(
-                    t.mean_logits,
-                    self_logits,
-                    d.temperature,
-                    d.self_reg_weight,
-                    d.self_reg_temperature,
-                ),
-                t.mean_logits.argmax(1),
-            )
-            for t in teachers
-        }
-        objectives["fedet"] = (
-            fedet_objective(
-                labels, diverse, has, d.temperature, cfg.algorithm.fedet.diversity_weight
-            ),
-            labels,
-        )
-        objectives["feddf"] = (feddf_objective(fdf, d.temperature), fdf.argmax(1))
+        runs = trace_objectives(cfg, protos, self_logits, base, "", all_teachers=True)
+        for v in variants:
+            tag = " [" + ", ".join(f"{k} {x:g}" for k, x in v.items()) + "]"
+            runs |= trace_objectives(cfg, protos, self_logits, base | v, tag, all_teachers=False)
         rows = {}
-        for name, (objective, target) in objectives.items():
-            curves = {}
-            for score, (x, y) in {
-                "agreement": (data.public_x, target),
-                "val": (data.val_x, data.val_y),
-            }.items():
-                stop = EarlyStopping(x=x, labels=y, every=every, patience=10**9)
-                run = run_distillation(
-                    student.model,
-                    student.avg_state,
-                    data.public_x,
-                    objective,
-                    settings,
-                    seed=seed * 1000 + j,
-                    early_stopping=stop,
-                )
-                curves[score] = [[s, 100 * v] for s, v in run.scores]
-            rows[name] = curves
+        for name, (objective, target, lr) in runs.items():
+            settings = DistillSettings(
+                passes=passes,
+                batch_size=d.batch_size,
+                learning_rate=lr,
+                weight_decay=d.weight_decay,
+            )
+            rows[name] = trace_one(
+                student, data, objective, target, settings, every, seed * 1000 + j
+            )
         out[student.name] = {
             "steps_per_pass": math.ceil(len(data.public_x) / d.batch_size),
             "curves": rows,
         }
     return out
+
+
+def trace_objectives(
+    cfg: Any,
+    protos: list[Any],
+    self_logits: Any,
+    s: dict[str, float],
+    tag: str,
+    *,
+    all_teachers: bool,
+) -> dict[str, tuple[Any, Any, float]]:
+    """name -> (objective, its target's labels on the public set, learning rate)."""
+    from takfl.baselines import feddf_objective, feddf_target, fedet_objective, fedet_targets
+    from takfl.distill import takfl_objective
+
+    d = cfg.algorithm.distill
+    teachers = [p for p in protos if p.mean_logits is not None]
+    labels, diverse, has = fedet_targets([z for p in protos for z in p.client_logits])
+    fdf = feddf_target([p.mean_logits for p in teachers], [p.num_clients for p in teachers])
+    out = {
+        f"takfl-reg/{t.name}{tag}": (
+            takfl_objective(t.mean_logits, self_logits, s["T"], s["gamma"], d.self_reg_temperature),
+            t.mean_logits.argmax(1),
+            s["lr"],
+        )
+        for t in (teachers if all_teachers else teachers[-1:])
+    }
+    diversity = cfg.algorithm.fedet.diversity_weight
+    out[f"fedet{tag}"] = (fedet_objective(labels, diverse, has, s["T"], diversity), labels, s["lr"])
+    out[f"feddf{tag}"] = (feddf_objective(fdf, s["T"]), fdf.argmax(1), s["lr"])
+    return out
+
+
+def trace_one(
+    student: Any, data: Any, objective: Any, target: Any, settings: Any, every: int, seed: int
+) -> dict[str, list[list[float]]]:
+    """(step, %) of agreement with ``target`` on the public set and of validation accuracy."""
+    from takfl.distill import run_distillation
+    from takfl.stopping import EarlyStopping
+
+    curves = {}
+    for score, (x, y) in {
+        "agreement": (data.public_x, target),
+        "val": (data.val_x, data.val_y),
+    }.items():
+        stop = EarlyStopping(x=x, labels=y, every=every, patience=10**9)
+        run = run_distillation(
+            student.model,
+            student.avg_state,
+            data.public_x,
+            objective,
+            settings,
+            seed=seed,
+            early_stopping=stop,
+        )
+        curves[score] = [[st, 100 * v] for st, v in run.scores]
+    return curves
 
 
 def plot_trace(out: dict[str, Any], path: Path) -> None:
@@ -502,7 +537,7 @@ def plot_trace(out: dict[str, Any], path: Path) -> None:
         tr = out["traces"][s]
         per_pass = tr["steps_per_pass"]
         for name, curves in tr["curves"].items():
-            ls = "-" if name.startswith("takfl") else "--"
+            ls = ":" if "[" in name else "-" if name.startswith("takfl") else "--"
             for row, score in enumerate(("agreement", "val")):
                 pts = np.array(curves[score])
                 axes[row][col].plot(pts[:, 0] / per_pass, pts[:, 1], ls, label=name)
@@ -548,6 +583,12 @@ def main() -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--json", type=Path, required=True)
     tr.add_argument("--plot", type=Path, default=None)
+    tr.add_argument("--set", action="append", default=[], help="distill KEY=VALUE (repeatable)")
+    tr.add_argument(
+        "--variants",
+        default="",
+        help="settings traced beside the config's, e.g. 'gamma=0.01;T=1,gamma=0.01;lr=0.003'",
+    )
     tr.set_defaults(fn=cmd_trace)
     args = ap.parse_args()
     args.fn(args)

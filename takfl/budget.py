@@ -4,7 +4,8 @@ distillation before it.
 Every distilling method (TAKFL's m distillations per student, FedDF's and FedET's one)
 gets the same cap and, with ``distill.adaptive``, the same rule (:mod:`takfl.stopping`):
 scored on its start and every ``check_every`` passes, stopped ``stop_patience`` passes
-after its best score, its best checkpoint kept. The score is the student's top-1
+after its best score, its best checkpoint kept (a score equal to the best counts as
+better: the later checkpoint is kept and the distillation goes on). The score is the student's top-1
 accuracy on the labelled validation set when the run gives one; otherwise its agreement
 with its own target on public samples held out from distillation (the same samples for
 every method and student of a round). With a fixed budget every distillation runs the
@@ -72,7 +73,11 @@ class Budget:
             return None
         if self.val_x is not None and self.val_y is not None:
             return EarlyStopping(
-                x=self.val_x, labels=self.val_y, every=self.every, patience=self.patience
+                x=self.val_x,
+                labels=self.val_y,
+                every=self.every,
+                patience=self.patience,
+                ties_improve=True,
             )
         if self.holdout is None:
             raise ValueError("an adaptive budget without validation needs held-out samples")
@@ -82,6 +87,7 @@ class Budget:
             labels=targets[..., hold],
             every=self.every,
             patience=self.patience,
+            ties_improve=True,
         )
 
     def baseline_rule(self, targets: torch.Tensor) -> EarlyStopping | None:

@@ -278,7 +278,7 @@ def run_distillation(
     )
     stop, tracker, best = early_stopping, None, None
     if stop is not None:
-        tracker = Tracker(copies=1, patience=stop.patience)
+        tracker = Tracker(copies=1, patience=stop.patience, ties_improve=stop.ties_improve)
         tracker.observe(0, [_score(model, stop)])
         best = _cpu_state(model)
     model.train()

@@ -172,7 +172,11 @@ def run_distillations_batched(
     was_training = model.training
     stacked = {**params, **buffers}
     stop = early_stopping
-    tracker = Tracker(copies=copies, patience=stop.patience) if stop is not None else None
+    tracker = (
+        Tracker(copies=copies, patience=stop.patience, ties_improve=stop.ties_improve)
+        if stop is not None
+        else None
+    )
     best: list[State] = []
     if stop is not None and tracker is not None:
         tracker.observe(0, _stacked_scores(model, params, buffers, stop))

@@ -5,7 +5,11 @@ optimiser steps: the top-1 agreement of the student's eval-mode predictions on `
 with ``labels``, which are the labelled validation set's labels (FedDF's official code
 selects checkpoints on validation accuracy) or, without validation, the labels its own
 target gives held-out public samples. It stops after ``patience`` steps without a
-strictly better score and keeps its best checkpoint, the start included.
+better score and keeps its best checkpoint, the start included. With ``ties_improve`` a
+score equal to the best counts as better (the later checkpoint is kept and patience
+restarts): on a small validation set plateaus of equal accuracy are common, and a
+distillation on one keeps going; without it (FedDF's rule) only a strictly better score
+does.
 
 Copies distilled together (one student, m teachers, batched) are tracked one by one
 by a :class:`Tracker`: a copy that stopped is no longer scored and its best checkpoint
@@ -30,6 +34,7 @@ class EarlyStopping:
     labels: torch.Tensor  # (V,) shared by every copy, or (copies, V): one row per copy
     every: int = 20  # optimiser steps between two scores
     patience: int = 100  # steps without a better score before stopping
+    ties_improve: bool = False  # a score equal to the best counts as better
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.patience < 1:
@@ -63,6 +68,7 @@ class Tracker:
 
     copies: int
     patience: int
+    ties_improve: bool = False
     best: list[float] = field(init=False)
     best_step: list[int] = field(init=False)
     stopped: list[int | None] = field(init=False)
@@ -90,7 +96,7 @@ class Tracker:
         improved = []
         for c in self.active():
             self.history[c].append((step, scores[c]))
-            if scores[c] > self.best[c]:
+            if scores[c] > self.best[c] or (self.ties_improve and scores[c] == self.best[c]):
                 self.best[c], self.best_step[c] = scores[c], step
                 improved.append(c)
             elif step - self.best_step[c] >= self.patience:

@@ -102,6 +102,15 @@ def test_tracker_stops_after_patience_and_reports_improvements() -> None:
     assert t.steps_trained(0, 10) == 6 and t.steps_trained(1, 10) == 4
 
 
+def test_ties_keep_the_later_checkpoint_only_when_asked() -> None:
+    strict, ties = Tracker(copies=1, patience=2), Tracker(copies=1, patience=2, ties_improve=True)
+    for t in (strict, ties):
+        assert t.observe(0, [0.5]) == [0]
+    assert strict.observe(2, [0.5]) == [] and strict.stopped == [2]  # FedDF's rule
+    assert ties.observe(2, [0.5]) == [0] and ties.best_step == [2]  # a plateau goes on
+    assert ties.observe(4, [0.4]) == [] and ties.stopped == [4]
+
+
 def test_agreement_per_copy() -> None:
     logits = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])  # (2, 2, 2)
     assert agreement(logits, torch.tensor([0, 1])).tolist() == [1.0, 0.5]
