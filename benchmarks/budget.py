@@ -230,6 +230,9 @@ def cmd_summarise(args: argparse.Namespace) -> None:
         print(f"written: {args.json}")
     for case, modes in data.items():
         print(markdown_case(case, modes))
+        for mode in ("fixed", "adaptive"):
+            if mode in modes:
+                print(equal_compute(case, modes[mode], mode))
         for mode, points in modes.items():
             for tag in sorted(points, key=budget_key):
                 if "takfl-reg" in points[tag] and len(points[tag]) > 1:
@@ -302,6 +305,35 @@ def markdown_case(case: str, modes: dict[str, Any]) -> str:
                 f"{fedavg['val']['mean_over_tiers']['mean']:.1f} | 0 | 0 | 0 |"
             )
     return "\n".join(lines)
+
+
+def equal_compute(case: str, points: dict[str, Any], mode: str) -> str:
+    """Each TAKFL point beside the baselines' point whose measured distillation GFLOP per
+    round is nearest to TAKFL's (log scale), from the same mode's grid."""
+    rows = [
+        f"\n### {case}, {mode} budget, at equal distillation compute\n",
+        "| takfl-reg cap | GFLOP | mean over tiers | baseline | its cap | GFLOP | "
+        "mean over tiers | tiers takfl-reg / baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tag in sorted(points, key=budget_key):
+        t = points[tag].get("takfl-reg")
+        if t is None:
+            continue
+        g = t["costs"]["distill_gflop"]
+        for b in ("fedet", "feddf"):
+            cands = [(k, v[b]) for k, v in points.items() if b in v]
+            k, row = min(cands, key=lambda kv: abs(math.log(kv[1]["costs"]["distill_gflop"] / g)))
+            tiers = [x for x in t["test"] if x != "mean_over_tiers"]
+            pairs = " ".join(
+                f"{x} {t['test'][x]['mean']:.1f}/{row['test'][x]['mean']:.1f}" for x in tiers
+            )
+            rows.append(
+                f"| {tag.lstrip('p')} | {g:.1f} | {fmt(t['test']['mean_over_tiers'])} | {b} | "
+                f"{k.lstrip('p')} | {row['costs']['distill_gflop']:.1f} | "
+                f"{fmt(row['test']['mean_over_tiers'])} | {pairs} |"
+            )
+    return "\n".join(rows)
 
 
 def budget_key(tag: str) -> float:
@@ -525,7 +557,9 @@ def trace_one(
     return curves
 
 
-def plot_trace(out: dict[str, Any], path: Path) -> None:
+def plot_trace(out: dict[str, Any], path: Path, names: list[str] | None = None) -> None:
+    """Agreement and validation accuracy against passes, a column per student; ``names``:
+    only these curves (default: all)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -537,6 +571,8 @@ def plot_trace(out: dict[str, Any], path: Path) -> None:
         tr = out["traces"][s]
         per_pass = tr["steps_per_pass"]
         for name, curves in tr["curves"].items():
+            if names is not None and name not in names:
+                continue
             ls = ":" if "[" in name else "-" if name.startswith("takfl") else "--"
             for row, score in enumerate(("agreement", "val")):
                 pts = np.array(curves[score])
@@ -555,6 +591,11 @@ def plot_trace(out: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"plot: {path}")
+
+
+def cmd_plot_trace(args: argparse.Namespace) -> None:
+    names = [n for n in args.names.split(";") if n] or None
+    plot_trace(json.loads(args.json.read_text()), args.plot, names)
 
 
 def main() -> None:
@@ -590,6 +631,11 @@ def main() -> None:
         help="settings traced beside the config's, e.g. 'gamma=0.01;T=1,gamma=0.01;lr=0.003'",
     )
     tr.set_defaults(fn=cmd_trace)
+    pt = sub.add_parser("plot-trace")
+    pt.add_argument("--json", type=Path, required=True)
+    pt.add_argument("--plot", type=Path, required=True)
+    pt.add_argument("--names", default="", help="curves to draw, ';'-separated (default: all)")
+    pt.set_defaults(fn=cmd_plot_trace)
     args = ap.parse_args()
     args.fn(args)
 
