@@ -134,7 +134,7 @@ def l_model() -> tuple[ModelSpec, dict[str, torch.Tensor]]:
 
 def amplification(kind: str, resend: ResendLimits, requests: int, tmp: Path) -> dict[str, Any]:
     secret = generate_secret()
-    registry = {AGENT: AgentRecord(AGENT, "L", secret)}
+    registry = {AGENT: AgentRecord(agent_id=AGENT, prototype="L", secret=secret)}
     spec, state = l_model()
     with broker(kind, tmp) as (coord, agent):
         transport = MqttTransport(
@@ -155,7 +155,18 @@ def amplification(kind: str, resend: ResendLimits, requests: int, tmp: Path) -> 
         try:
             if not transport.wait_for_agents([AGENT], 30):
                 raise RuntimeError("agent did not register")
-            transport.send_tasks([Task(1, "L", AGENT, spec, state, time.time() + 600)])
+            transport.send_tasks(
+                [
+                    Task(
+                        round_id=1,
+                        prototype="L",
+                        client_id=AGENT,
+                        model=spec,
+                        global_state=state,
+                        deadline=time.time() + 600,
+                    )
+                ]
+            )
             task = link.next_task(timeout=60)
             if task is None:
                 raise RuntimeError("no task")
@@ -215,7 +226,9 @@ def child_main(spec: str) -> int:
         password=cfg["password"],
         max_payload_bytes=cfg["max_payload_bytes"],
     )
-    registry = {AGENT: AgentRecord(AGENT, "L", bytes.fromhex(cfg["secret"]))}
+    registry = {
+        AGENT: AgentRecord(agent_id=AGENT, prototype="L", secret=bytes.fromhex(cfg["secret"]))
+    }
     transport = MqttTransport(
         settings, FLEET, registry, num_classes=10, input_shape=(1, 8, 8), client_id=COORD
     ).start(timeout=10)

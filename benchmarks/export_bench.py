@@ -47,6 +47,7 @@ from takfl.config.profile import TrainingSpec
 from takfl.data import load_digits
 from takfl.federation_data import build_federation_data
 from takfl.models import build_model, count_parameters, get_entry, model_names
+from takfl.run_layout import CONFIG_FILE
 from takfl.training import train_local
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export.json"
@@ -79,15 +80,15 @@ def trained_models(
         model = build_model(spec.builder, fed.num_classes, fed.input_shape, **spec.args)
         train_local(model, x, y, TrainingSpec(epochs=epochs, batch_size=32), seed=i)
         meta = CheckpointMeta(
-            proto.name,
-            0,
-            spec.builder,
-            fed.num_classes,
-            fed.input_shape,
-            dict(spec.args),
-            fed.pool.class_names,
-            fed.pool.mean,
-            fed.pool.std,
+            prototype=proto.name,
+            round=0,
+            builder=spec.builder,
+            num_classes=fed.num_classes,
+            input_shape=fed.input_shape,
+            builder_args=dict(spec.args),
+            class_names=fed.pool.class_names,
+            mean=fed.pool.mean,
+            std=fed.pool.std,
         )
         out[proto.name] = (model.eval(), meta)
     source = (
@@ -98,7 +99,7 @@ def trained_models(
 
 
 def run_models(run: Path) -> tuple[dict[str, tuple[torch.nn.Module, CheckpointMeta]], str]:
-    cfg = load_federation(run / "config.yaml")
+    cfg = load_federation(run / CONFIG_FILE)
     out = {}
     for proto in cfg.prototypes:
         path = latest_checkpoint(run, proto.name)
@@ -303,7 +304,7 @@ def main() -> None:
     args = ap.parse_args()
     console = Console(width=max(Console().width, 160))
 
-    cfg = load_federation(args.run / "config.yaml" if args.run else "digits")
+    cfg = load_federation(args.run / CONFIG_FILE if args.run else "digits")
     models, source = run_models(args.run) if args.run else trained_models(cfg, args.epochs)
     console.print(f"models: {source}")
     data: ExportData = eval_data(cfg)

@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -47,176 +46,32 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.arm64_board import (  # noqa: E402
+    BOARD_HOME,
+    SUITE,
+    VENV,
+    apt_mirror,
+    build_root,
+    chroot_cmd,
+    install_agent,
+    log,
+    mounted,
+    probe_root,
+    run,
+)
 from coordinator.broker.net import free_port, wait_port  # noqa: E402
+from coordinator.registry import secret_path  # noqa: E402
 from coordinator.store import RunStore  # noqa: E402
-from takfl.config import load_federation  # noqa: E402
+from coordinator.testbed import stop_processes  # noqa: E402
+from takfl.config import FederationConfig, load_federation  # noqa: E402
 from takfl.federation_data import build_federation_data, client_id  # noqa: E402
 
 DEFAULT_ROOT = Path("/var/tmp/takfl-field-arm64/root")
-SUITE = "bookworm"
 FLEET = "field-arm64"
 CLIENTS = {"S": 2, "M": 1, "L": 1}  # every prototype of the digits federation
 # Board profiles per prototype: the digits federation's S tier is a phone that trains
 # through ExecuTorch, which the board install (the agent extra) does not include.
 BOARD_PROFILES = {"S": "raspberry-pi-4", "M": "raspberry-pi-5", "L": "workstation"}
-BOARD_HOME = "/root"  # the board user's home inside the root
-VENV = f"{BOARD_HOME}/takfl"
-CUDA_PREFIXES = ("nvidia-", "cuda-", "triton")
-# The README's board command, run in the board user's home holding the wheel and constraints
-BOARD_COMMAND = (
-    'python3 -m venv ~/takfl && ~/takfl/bin/pip install -c constraints.txt "{wheel}[agent]"'
-)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def apt_mirror() -> str:
-    """The first Debian mirror named in this machine's apt sources (one-line or deb822)."""
-    paths = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in paths:
-        try:
-            text = path.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            line = line.strip()
-            m = re.match(r"deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line) or re.match(
-                r"URIs:\s*(\S+)", line
-            )
-            if m and "/debian" in m.group(1) and "security" not in m.group(1):
-                return m.group(1)
-    return "http://deb.debian.org/debian"
-
-
-def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    log("$ " + " ".join(cmd))
-    return subprocess.run(cmd, check=True, text=True, **kw)
-
-
-def timed(cmd: list[str], **kw: Any) -> float:
-    start = time.monotonic()
-    run(cmd, **kw)
-    return time.monotonic() - start
-
-
-def build_root(root: Path, mirror: str, fresh: bool) -> float | None:
-    """debootstrap the arm64 root unless a finished one is there; seconds it took or None."""
-    done = root / ".takfl-root-complete"
-    if fresh and root.exists():
-        unmount_all(root)
-        shutil.rmtree(root)
-    if done.exists():
-        return None
-    if root.exists():  # an interrupted build
-        unmount_all(root)
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    seconds = timed(
-        [
-            "debootstrap",
-            "--arch=arm64",
-            "--variant=minbase",
-            "--include=python3,python3-venv,ca-certificates",
-            SUITE,
-            str(root),
-            mirror,
-        ]
-    )
-    done.write_text(f"{SUITE} {mirror}\n")
-    return seconds
-
-
-MOUNTS = (("proc", "proc", "proc"), ("sysfs", "sys", "sysfs"), ("/dev", "dev", None))
-
-
-def unmount_all(root: Path) -> None:
-    for _, sub, _ in reversed(MOUNTS):
-        target = root / sub
-        if os.path.ismount(target):
-            subprocess.run(["umount", "-l", str(target)], check=False)
-
-
-@contextmanager
-def mounted(root: Path):  # type: ignore[no-untyped-def]
-    """/proc, /sys and /dev inside the root for as long as the block runs."""
-    try:
-        for source, sub, fstype in MOUNTS:
-            target = root / sub
-            target.mkdir(exist_ok=True)
-            if os.path.ismount(target):
-                continue
-            if fstype is None:
-                run(["mount", "--bind", source, str(target)])
-            else:
-                run(["mount", "-t", fstype, source, str(target)])
-        yield
-    finally:
-        unmount_all(root)
-
-
-def chroot_cmd(root: Path, *argv: str, env: dict[str, str] | None = None) -> list[str]:
-    """A command run inside the root with a board user's clean environment (no PIP_*
-    settings, no pip config from this machine)."""
-    base = {"HOME": BOARD_HOME, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-    pairs = [f"{k}={v}" for k, v in {**base, **(env or {})}.items()]
-    return ["chroot", str(root), "/usr/bin/env", "-i", *pairs, *argv]
-
-
-def in_root(root: Path, script: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return run(chroot_cmd(root, "/bin/sh", "-c", f"cd {BOARD_HOME} && {script}"), **kw)
-
-
-def install_agent(root: Path, wheel: Path) -> dict[str, Any]:
-    """The README's board command inside the root, from scratch."""
-    home = root / BOARD_HOME.lstrip("/")
-    for stale in (home / "takfl", home / ".cache" / "pip"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for old in home.glob("takfl_edge-*.whl"):
-        old.unlink()
-    shutil.copy2(wheel, home / wheel.name)
-    shutil.copy2(REPO / "constraints.txt", home / "constraints.txt")
-    # pip inside the root trusts what this machine trusts (a proxy's CA included)
-    shutil.copy2("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
-    shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
-    board_command = BOARD_COMMAND.format(wheel=wheel.name)
-    start = time.monotonic()
-    in_root(root, board_command)
-    install_s = time.monotonic() - start
-    frozen = in_root(root, "~/takfl/bin/pip freeze", capture_output=True).stdout.split()
-    du = run(["du", "-sm", str(home / "takfl")], capture_output=True).stdout.split()[0]
-    versions = dict(line.split("==", 1) for line in frozen if "==" in line)
-    return {
-        "board_command": board_command,
-        "install_s": round(install_s, 1),
-        "venv_mb": int(du),
-        "packages": len(versions),
-        "torch": versions.get("torch"),
-        "numpy": versions.get("numpy"),
-        "cuda_packages": sorted(n for n in versions if n.lower().startswith(CUDA_PREFIXES)),
-    }
-
-
-def probe_root(root: Path, broker: str | None = None) -> dict[str, Any]:
-    """Platform and start-up costs inside the root."""
-    out: dict[str, Any] = {}
-    probe = in_root(
-        root,
-        "uname -m && ~/takfl/bin/python -c 'import platform, sys; "
-        "print(platform.machine(), sys.version.split()[0], platform.libc_ver()[1])'",
-        capture_output=True,
-    ).stdout.split()
-    out["uname_m"], out["machine"], out["python"], out["glibc"] = probe[:4]
-    for name, script in (
-        ("profiles_s", "~/takfl/bin/takfl-agent profiles > /dev/null"),
-        ("import_torch_s", "~/takfl/bin/python -c 'import torch'"),
-        ("import_agent_s", "~/takfl/bin/python -c 'import edge_agent.runner'"),
-    ):
-        start = time.monotonic()
-        in_root(root, script)
-        out[name] = round(time.monotonic() - start, 1)
-    return out
 
 
 def write_federation(work: Path, rounds: int) -> Path:
@@ -234,30 +89,23 @@ def write_federation(work: Path, rounds: int) -> Path:
     return path
 
 
-def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
-    """Mosquitto and the coordinator here, the agents inside the root, to the last round."""
-    cfg_path = write_federation(work, rounds)
-    cfg = load_federation(cfg_path)
-    port = free_port()
-    py = sys.executable
+Agent = tuple[str, str, int]  # agent id, profile, samples
+
+
+def provision_trial(cfg_path: Path, fleet: Path, port: int) -> None:
+    """``takfl-coordinator provision``: secrets, registry and Mosquitto config in ``fleet``."""
     run(
         [
-            py,
-            "-m",
-            "coordinator.cli",
-            "provision",
-            "--config",
-            str(cfg_path),
-            "--out",
-            str(work / "fleet"),
-            "--mosquitto-port",
-            str(port),
-            "--mosquitto-user",
-            "root",
+            *(sys.executable, "-m", "coordinator.cli", "provision", "--config", str(cfg_path)),
+            *("--out", str(fleet), "--mosquitto-port", str(port), "--mosquitto-user", "root"),
         ],
         cwd=REPO,
     )
-    fleet = work / "fleet"
+
+
+def stage_boards(root: Path, cfg: FederationConfig, fleet: Path) -> list[Agent]:
+    """Each agent's shard (a .npz file, as a device holds its private data) and secret
+    copied into the root's ``~/trial``; (agent id, profile, samples) of every agent."""
     board_dir = root / "root" / "trial"
     shutil.rmtree(board_dir, ignore_errors=True)
     (board_dir / "data").mkdir(parents=True)
@@ -268,145 +116,145 @@ def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
             cid = client_id(proto.name, k)
             _, x, y = data.clients[cid]
             np.savez(board_dir / "data" / f"{cid}.npz", x=x.numpy(), y=y.numpy())
-            shutil.copy2(fleet / "secrets" / f"{cid}.secret", board_dir / f"{cid}.secret")
+            shutil.copy2(secret_path(fleet, cid), board_dir / f"{cid}.secret")
             os.chmod(board_dir / f"{cid}.secret", 0o600)
             agents.append((cid, proto.profile, len(y)))
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    return agents
 
-    def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        with open(logs / f"{name}.log", "wb") as out:
-            procs[name] = subprocess.Popen(
+
+class TrialProcesses:
+    """The trial's long-running processes, each logging to ``logs/<name>.log``."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.logs.mkdir(exist_ok=True)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        with open(self.logs / f"{name}.log", "wb") as out:
+            self.procs[name] = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
             )
 
+    def wait_for(self, name: str, poll_s: float = 2.0) -> int:
+        """Wait for process ``name`` to exit; RuntimeError as soon as another one fails."""
+        proc = self.procs[name]
+        while proc.poll() is None:
+            dead = [n for n, p in self.procs.items() if n != name and p.poll() not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} failed: see the logs in {self.logs}")
+            time.sleep(poll_s)
+        return proc.returncode
+
+    def stop(self) -> None:
+        """Terminate what still runs; kill what has not exited 20 s later."""
+        stop_processes(self.procs.values(), timeout=20.0)
+
+
+def coordinator_command(cfg_path: Path, fleet: Path, run_dir: Path, port: int) -> list[str]:
+    """``takfl-coordinator serve`` on the host, patient with emulated agents (1 h limits)."""
+    return [
+        *(sys.executable, "-m", "coordinator.cli", "serve", "--config", str(cfg_path)),
+        *("--broker", f"mqtt://takfl-coordinator@127.0.0.1:{port}"),
+        *("--password-file", str(fleet / "coordinator.password"), "--run-dir", str(run_dir)),
+        *("--agents", str(fleet / "agents.json"), "--device", "cpu", "--no-export"),
+        *("--deadline", "3600", "--wait-all", "3600", "--max-wait", "3600"),
+    ]
+
+
+def board_command(
+    root: Path, subcommand: str, agent: Agent, broker: str, *extra: str, env: dict[str, str]
+) -> list[str]:
+    """``takfl-agent <subcommand>`` of ``agent`` inside the root with its staged secret,
+    then ``extra``; ``env`` is added to the board user's environment."""
+    cid, profile, _ = agent
+    return chroot_cmd(
+        root,
+        *(f"{VENV}/bin/takfl-agent", subcommand, "--profile", profile, "--broker", broker),
+        *("--id", cid, "--secret-file", f"{BOARD_HOME}/trial/{cid}.secret", *extra),
+        env=env,
+    )
+
+
+def run_doctor(root: Path, agent: Agent, broker: str, logs: Path) -> int:
+    """The preflight a user runs first, on the first agent's board, with the coordinator
+    up; its exit code (its output in ``logs/doctor.log``)."""
+    extra = ("--fleet", FLEET, "--wait", "600")
+    cmd = board_command(root, "doctor", agent, broker, *extra, env={"COLUMNS": "160"})
+    doctor = subprocess.run(cmd, capture_output=True, text=True)
+    (logs / "doctor.log").write_text(doctor.stdout + doctor.stderr)
+    log(f"doctor in the root exited {doctor.returncode} (log: {logs}/doctor.log)")
+    return doctor.returncode
+
+
+def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
+    """Mosquitto and the coordinator here, the agents inside the root, to the last round."""
+    cfg_path = write_federation(work, rounds)
+    cfg = load_federation(cfg_path)
+    port = free_port()
+    fleet = work / "fleet"
+    provision_trial(cfg_path, fleet, port)
+    agents = stage_boards(root, cfg, fleet)
+    procs = TrialProcesses(work / "logs")
     broker_agents = f"mqtt://127.0.0.1:{port}"
     env_host = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     start = time.monotonic()
     try:
-        spawn("mosquitto", ["mosquitto", "-c", str(fleet / "mosquitto" / "mosquitto.conf")])
+        procs.spawn("mosquitto", ["mosquitto", "-c", str(fleet / "mosquitto" / "mosquitto.conf")])
         if not wait_port("127.0.0.1", port, 15):
-            raise RuntimeError(f"mosquitto did not open port {port}: see {logs}/mosquitto.log")
-        spawn(
-            "coordinator",
-            [
-                py,
-                "-m",
-                "coordinator.cli",
-                "serve",
-                "--config",
-                str(cfg_path),
-                "--broker",
-                f"mqtt://takfl-coordinator@127.0.0.1:{port}",
-                "--password-file",
-                str(fleet / "coordinator.password"),
-                "--run-dir",
-                str(work / "run"),
-                "--agents",
-                str(fleet / "agents.json"),
-                "--device",
-                "cpu",
-                "--no-export",
-                "--deadline",
-                "3600",
-                "--wait-all",
-                "3600",
-                "--max-wait",
-                "3600",
-            ],
-            env=env_host,
-        )
-        doctor = subprocess.run(
-            chroot_cmd(
-                root,
-                f"{VENV}/bin/takfl-agent",
-                "doctor",
-                "--profile",
-                agents[0][1],
-                "--broker",
-                broker_agents,
-                "--id",
-                agents[0][0],
-                "--secret-file",
-                f"{BOARD_HOME}/trial/{agents[0][0]}.secret",
-                "--fleet",
-                FLEET,
-                "--wait",
-                "600",
-                env={"COLUMNS": "160"},
-            ),
-            capture_output=True,
-            text=True,
-        )
-        # the preflight a user runs first, on the first agent's board, with the coordinator up
-        (logs / "doctor.log").write_text(doctor.stdout + doctor.stderr)
-        log(f"doctor in the root exited {doctor.returncode} (log: {logs}/doctor.log)")
-        for cid, profile, _ in agents:
-            spawn(
-                cid,
-                chroot_cmd(
-                    root,
-                    f"{VENV}/bin/takfl-agent",
-                    "run",
-                    "--profile",
-                    profile,
-                    "--broker",
-                    broker_agents,
-                    "--id",
-                    cid,
-                    "--secret-file",
-                    f"{BOARD_HOME}/trial/{cid}.secret",
-                    "--data",
-                    f"{BOARD_HOME}/trial/data/{cid}.npz",
-                    "--fleet",
-                    FLEET,
-                    "--threads",
-                    "1",
-                    "--max-tasks",
-                    str(rounds),
-                    env={"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-                ),
+            raise RuntimeError(
+                f"mosquitto did not open port {port}: see {procs.logs}/mosquitto.log"
             )
-        coordinator = procs["coordinator"]
-        while coordinator.poll() is None:
-            dead = [n for n, p in procs.items() if n != "coordinator" and p.poll() not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"{', '.join(dead)} failed: see the logs in {logs}")
-            time.sleep(2)
-        if coordinator.returncode != 0:
-            raise RuntimeError(f"the coordinator exited {coordinator.returncode}: {logs}")
+        procs.spawn(
+            "coordinator", coordinator_command(cfg_path, fleet, work / "run", port), env_host
+        )
+        doctor_exit = run_doctor(root, agents[0], broker_agents, procs.logs)
+        for agent in agents:
+            procs.spawn(agent[0], agent_run_command(root, agent, broker_agents, rounds))
+        code = procs.wait_for("coordinator")
+        if code != 0:
+            raise RuntimeError(f"the coordinator exited {code}: {procs.logs}")
         wall_s = time.monotonic() - start
         for cid, _, _ in agents:
-            procs[cid].wait(600)
+            procs.procs[cid].wait(600)
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    state = RunStore(work / "run").read_state()
-    per_agent = agent_figures(work / "run", agents)
+        procs.stop()
+    state, per_agent = completed_run(work / "run", agents, rounds, procs.logs)
+    return {
+        "rounds": rounds,
+        "rounds_completed": state.get("round"),
+        "wall_s": round(wall_s, 1),
+        "accuracy": state.get("accuracy"),
+        "doctor_exit": doctor_exit,
+        "agents": per_agent,
+    }
+
+
+def agent_run_command(root: Path, agent: Agent, broker: str, rounds: int) -> list[str]:
+    """``takfl-agent run`` inside the root on the agent's own shard, for ``rounds`` tasks."""
+    data = f"{BOARD_HOME}/trial/data/{agent[0]}.npz"
+    extra = ("--data", data, "--fleet", FLEET, "--threads", "1", "--max-tasks", str(rounds))
+    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return board_command(root, "run", agent, broker, *extra, env=env)
+
+
+def completed_run(
+    run_dir: Path, agents: list[Agent], rounds: int, logs: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The finished run's state and per-agent figures; RuntimeError when it stopped early
+    or an agent lacks an update in some round."""
+    state = RunStore(run_dir).read_state()
+    per_agent = agent_figures(run_dir, agents)
     missing = [a["agent"] for a in per_agent if a["rounds"] < rounds]
     if state.get("round") != rounds or missing:
         lacking = f"; not every round has an update from {', '.join(missing)}" if missing else ""
         raise RuntimeError(
             f"the federation stopped at round {state.get('round')} of {rounds}{lacking}: see {logs}"
         )
-    return {
-        "rounds": rounds,
-        "rounds_completed": state.get("round"),
-        "wall_s": round(wall_s, 1),
-        "accuracy": state.get("accuracy"),
-        "doctor_exit": doctor.returncode,
-        "agents": per_agent,
-    }
+    return dict(state), per_agent
 
 
-def agent_figures(run_dir: Path, agents: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+def agent_figures(run_dir: Path, agents: list[Agent]) -> list[dict[str, Any]]:
     """Per agent, from the run's telemetry log (``RUN/telemetry.jsonl``; its ``update``
     records hold the accepted update's size and the agent's report): train seconds and
     update bytes per round, the codec, and the highest peak RSS."""
@@ -434,6 +282,63 @@ def agent_figures(run_dir: Path, agents: list[tuple[str, str, int]]) -> list[dic
     return out
 
 
+def missing_prerequisite() -> str | None:
+    """Why this machine cannot run the trial (root, tools, arm64 binfmt); None if it can."""
+    if os.geteuid() != 0:
+        return "run as root (debootstrap, chroot and mounts need it)"
+    for tool in ("debootstrap", "mosquitto", "chroot"):
+        if shutil.which(tool) is None:
+            return (
+                f"{tool} not found: apt-get install -y qemu-user-static debootstrap "
+                "binfmt-support mosquitto"
+            )
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        return (
+            "no binfmt handler for arm64: apt-get install -y qemu-user-static binfmt-support"
+            " (then update-binfmts --enable qemu-aarch64)"
+        )
+    return None
+
+
+def build_wheel(work: Path) -> Path:
+    """The project's wheel, built here into ``work/dist``."""
+    dist = work / "dist"
+    dist.mkdir()
+    run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"),
+            *("--wheel-dir", str(dist), str(REPO)),
+        ],
+        cwd=work,
+    )
+    (wheel,) = dist.glob("takfl_edge-*.whl")
+    return wheel
+
+
+def trial(root: Path, work: Path, mirror: str, fresh: bool, rounds: int) -> dict[str, Any]:
+    """Every step of the trial in a fresh ``work`` folder; the JSON record."""
+    result: dict[str, Any] = {
+        "machine": "x86_64 host, 2 cores shared; arm64 userland under qemu-user-static",
+        "emulated": True,
+        "suite": SUITE,
+        "mirror": mirror,
+        "clients": CLIENTS,
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log(f"root {root} ({'fresh' if fresh else 'reused if complete'}), mirror {mirror}")
+    result["debootstrap_s"] = build_root(root, mirror, fresh)
+    with ExitStack() as stack:
+        stack.enter_context(mounted(root))
+        wheel = build_wheel(work)
+        result["install"] = install_agent(root, wheel)
+        if result["install"]["cuda_packages"]:
+            raise RuntimeError(f"CUDA packages installed: {result['install']['cuda_packages']}")
+        result["probe"] = probe_root(root)
+        result["federation"] = federation(root, work, rounds)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
@@ -443,63 +348,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/field_arm64.json")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("run as root (debootstrap, chroot and mounts need it)", file=sys.stderr)
-        return 2
-    for tool in ("debootstrap", "mosquitto", "chroot"):
-        if shutil.which(tool) is None:
-            print(
-                f"{tool} not found: apt-get install -y qemu-user-static debootstrap "
-                "binfmt-support mosquitto",
-                file=sys.stderr,
-            )
-            return 2
-    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
-        print(
-            "no binfmt handler for arm64: apt-get install -y qemu-user-static binfmt-support"
-            " (then update-binfmts --enable qemu-aarch64)",
-            file=sys.stderr,
-        )
+    if (problem := missing_prerequisite()) is not None:
+        print(problem, file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the mounts come off
     mirror = args.mirror or apt_mirror()
-    result: dict[str, Any] = {
-        "machine": "x86_64 host, 2 cores shared; arm64 userland under qemu-user-static",
-        "emulated": True,
-        "suite": SUITE,
-        "mirror": mirror,
-        "clients": CLIENTS,
-    }
-    work = args.work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    log(f"root {args.root} ({'fresh' if args.fresh else 'reused if complete'}), mirror {mirror}")
-    result["debootstrap_s"] = build_root(args.root, mirror, args.fresh)
-    with ExitStack() as stack:
-        stack.enter_context(mounted(args.root))
-        dist = work / "dist"
-        dist.mkdir()
-        run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "-q",
-                "--no-deps",
-                "--no-build-isolation",
-                "--wheel-dir",
-                str(dist),
-                str(REPO),
-            ],
-            cwd=work,
-        )
-        (wheel,) = dist.glob("takfl_edge-*.whl")
-        result["install"] = install_agent(args.root, wheel)
-        if result["install"]["cuda_packages"]:
-            raise RuntimeError(f"CUDA packages installed: {result['install']['cuda_packages']}")
-        result["probe"] = probe_root(args.root)
-        result["federation"] = federation(args.root, work, args.rounds)
+    result = trial(args.root, args.work, mirror, args.fresh, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)

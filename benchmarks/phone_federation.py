@@ -33,8 +33,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator.simulate import SimulationSpec, run_simulation
+from coordinator.testbed import federation, metrics
+from takfl.algorithms import resolve_algorithm
 from takfl.config import load_federation, load_profile
-from tests.federation_harness import federation, metrics
 
 RESULTS = Path(__file__).parent / "results" / "phone_federation.json"
 
@@ -49,9 +50,13 @@ def by_round(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
 def simulate(cfg_path: Path, out: Path, rounds: int) -> dict[str, dict[int, float]]:
     torch.set_num_threads(1)
     cfg = load_federation(cfg_path)
-    run_simulation(
-        cfg, SimulationSpec(["takfl"], 1, rounds, compression="profile"), out, torch.device("cpu")
+    spec = SimulationSpec(
+        algorithms=[resolve_algorithm(cfg.algorithm, "takfl")],
+        seeds=1,
+        rounds=rounds,
+        compression="profile",
     )
+    run_simulation(cfg, spec, out, torch.device("cpu"))
     return by_round(metrics(out))
 
 

@@ -5,12 +5,18 @@
 Runs the small digits federation of the end-to-end tests (2 S, 2 M, 2 L clients,
 everyone sampled, 10 distillation steps) as real processes over the embedded broker:
 ``takfl-coordinator serve``, honest ``takfl-agent run`` processes, and, per attack,
-provisioned agents that lie with their own secrets (``tests/poison_agent.py``):
+provisioned agents that lie with their own secrets (``benchmarks/poison_agent.py``):
 
 - ``clean``: every agent honest;
 - ``poison``: L-001 sends its delta x1000 and claims 50 x its samples (the issue's attack);
 - ``poison-norm``: L-001 sends its delta x1000 with its true sample count;
-- ``zero-samples``: S-001 claims 0 samples.
+- ``zero-samples``: S-001 claims 0 samples;
+- ``poison-bias``: in round 4, L-001 puts the whole delta norm the intake allowed before
+  per-tensor bounds (0.99 x 5 x the global's norm) on one class's classifier bias, with
+  its true sample count (issue 19: extreme but finite logits); run with ``--rounds 4``;
+- ``poison-row``: in round 4, L-001 raises one class's classifier row and bias by 2 x
+  their norms in the global, inside every per-tensor bound (only validation-aware
+  acceptance can tell); run with ``--rounds 4``.
 
 Prints one row (coordinator exit code, rounds completed, per-prototype accuracy of the
 last completed round, whether every checkpoint is finite, honest agents still up,
@@ -25,6 +31,7 @@ import json
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,13 +41,21 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-from tests.federation_harness import federation, metrics, read_state
+REPO = Path(__file__).resolve().parent.parent
+# First, for benchmarks.poison_agent: an installed distribution may ship a top-level package of the
+# same name (opacus does), and this checkout's must win.
+sys.path.insert(0, str(REPO))
+
+from benchmarks.poison_agent import start_poison_agent  # noqa: E402
+from coordinator.testbed import federation, metrics, read_state  # noqa: E402
 
 ATTACKS: dict[str, dict[str, tuple[int, list[str]]]] = {
     "clean": {},
     "poison": {"L-001": (1, ["1:1000:50", "2:1000:50", "3:1000:50"])},
     "poison-norm": {"L-001": (1, ["1:1000:1", "2:1000:1", "3:1000:1"])},
     "zero-samples": {"S-001": (1, ["1:1:0", "2:1:0", "3:1:0"])},
+    "poison-bias": {"L-001": (1, ["4:0.99:1:bias"])},
+    "poison-row": {"L-001": (1, ["4:2:1:row"])},
 }
 AGENTS = ("S-000", "S-001", "M-000", "M-001", "L-000", "L-001")
 
@@ -55,7 +70,7 @@ def run(attack: str, rounds: int) -> dict[str, object]:
         for aid in honest:
             fed.start_agent(aid)
         for aid, (shard, lies) in hostile.items():
-            fed.start_poison_agent(aid, shard, lies)
+            start_poison_agent(fed, aid, shard, lies)
         start = time.monotonic()
         coord = fed.start_coordinator(
             "--deadline", "40", "--quorum", "0.5", "--max-wait", "120", "--wait-all", "300"
@@ -68,9 +83,11 @@ def run(attack: str, rounds: int) -> dict[str, object]:
         time.sleep(3)  # let agents react to the last global model
         state = read_state(fed.run_dir)
         done = int(state.get("round", 0))
-        acc = {
-            m["prototype"]: m["test_accuracy"] for m in metrics(fed.run_dir) if m["round"] == done
-        }
+        records = metrics(fed.run_dir)
+        acc = {m["prototype"]: m["test_accuracy"] for m in records if m["round"] == done}
+        by_round: dict[int, dict[str, float]] = {}
+        for m in records:
+            by_round.setdefault(int(m["round"]), {})[m["prototype"]] = m["test_accuracy"]
         finite = all(
             bool(torch.isfinite(t).all())
             for path in (fed.run_dir / "models").glob("*/round-*.safetensors")
@@ -87,6 +104,7 @@ def run(attack: str, rounds: int) -> dict[str, object]:
         "rounds_completed": done,
         "rounds": rounds,
         "accuracy": acc,
+        "accuracy_by_round": by_round,
         "all_checkpoints_finite": finite,
         "honest_agents_up": f"{len(up)}/{len(honest)}",
         "refusals": refused[-1] if refused else "",

@@ -65,18 +65,21 @@ from coordinator.engine import _Collector
 from coordinator.inputs import pick_device, prototype_models
 from takfl.algorithms import resolve_algorithm
 from takfl.config import load_federation, prototype_training
+from takfl.config.base import ModelSpec
 from takfl.config.federation import FederationConfig
 from takfl.distill import batch_indices, kd_loss
 from takfl.fedavg import fedavg
-from takfl.federation_data import build_federation_data
+from takfl.federation_data import FederationData, build_federation_data
 from takfl.lambdas import heuristic_candidates
 from takfl.models import build_model
 from takfl.robust import make_aggregator
-from takfl.server import EvalData, PrototypeInput, distill_settings, server_step
+from takfl.server import PrototypeInput, StepData, distill_settings, server_step
+from takfl.state import State
 from takfl.task_arithmetic import merge, simplex_candidates, task_vector
 from takfl.training import predict_logits, train_local
 
-State = dict[str, torch.Tensor]
+Models = dict[str, ModelSpec]
+Clients = dict[str, list[tuple[State, int]]]  # prototype -> (client state, samples)
 
 
 def client_models(cfg, data, models):  # type: ignore[no-untyped-def]
@@ -128,17 +131,11 @@ def aggregate(cfg, clients, models, data, device, keep: bool):  # type: ignore[n
     return protos
 
 
-def naive_step(cfg, clients, models, data, device, seed: int, lambdas: str = "search") -> None:  # type: ignore[no-untyped-def]
-    """TAKFL with the reference code's structure (same step and candidate counts): the
-    teacher's client models re-run inside every distillation batch (autograd on), the
-    student's own start re-run for the self-regulariser, batches rebuilt from per-item
-    tensors, a deep copy of the model per candidate merge."""
-    d = cfg.algorithm.distill
-    settings = distill_settings(cfg.algorithm)
-    gamma = d.self_reg_weight if cfg.algorithm.name in ("takfl-reg", "takfl-scaled") else 0.0
-    lam_spec = cfg.algorithm.lambdas
-    items = [data.public_x[i] for i in range(len(data.public_x))]  # per-item "dataset"
-    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
+def naive_teachers(
+    cfg: FederationConfig, clients: Clients, models: Models, data: Data, device: torch.device
+) -> tuple[dict[str, list[torch.nn.Module]], dict[str, State]]:
+    """Every client model on the device, per prototype (the teachers the reference code
+    re-runs), and each prototype's FedAvg state."""
     teachers: dict[str, list[torch.nn.Module]] = {}
     avgs: dict[str, State] = {}
     for p in cfg.prototypes:
@@ -151,6 +148,72 @@ def naive_step(cfg, clients, models, data, device, seed: int, lambdas: str = "se
         avgs[p.name] = fedavg(
             [s for s, _ in clients[p.name]], [float(n) for _, n in clients[p.name]]
         )
+    return teachers, avgs
+
+
+def naive_distill(
+    cfg: FederationConfig,
+    base_model: torch.nn.Module,
+    start_model: torch.nn.Module,
+    teachers: list[torch.nn.Module],
+    items: list[torch.Tensor],
+    avg: State,
+    device: torch.device,
+    seed: int,
+) -> State:
+    """One distillation as the reference code runs it; its task vector against ``avg``."""
+    d = cfg.algorithm.distill
+    settings = distill_settings(cfg.algorithm)
+    gamma = d.self_reg_weight if cfg.algorithm.name in ("takfl-reg", "takfl-scaled") else 0.0
+    model = copy.deepcopy(base_model).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=d.learning_rate, weight_decay=d.weight_decay)
+    for idx in batch_indices(len(items), settings, seed):
+        x = torch.stack([items[int(i)] for i in idx]).to(device)
+        z = torch.stack([t(x) for t in teachers]).mean(0)  # grad on
+        s = model(x)
+        loss = kd_loss(s, z.detach(), d.temperature)
+        if gamma > 0:
+            with torch.no_grad():
+                own = start_model(x)
+            loss = loss + gamma * kd_loss(s, own, d.self_reg_temperature)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return task_vector({k: v.cpu() for k, v in model.state_dict().items()}, avg)
+
+
+def naive_best(
+    base_model: torch.nn.Module,
+    avg: State,
+    vectors: list[State],
+    cands: list[torch.Tensor],
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    device: torch.device,
+) -> float:
+    """The best validation accuracy over the candidate merges, each on a deep copy."""
+    best = -1.0
+    for lam in cands:
+        cand = copy.deepcopy(base_model)
+        cand.load_state_dict(merge(avg, vectors, lam))
+        cand.to(device).eval()
+        with torch.no_grad():
+            out = cand(val_x)
+            acc = float((out.argmax(1) == val_y).float().mean())
+            F.cross_entropy(out, val_y)
+        best = max(best, acc)
+    return best
+
+
+def naive_step(cfg, clients, models, data, device, seed: int, lambdas: str = "search") -> None:  # type: ignore[no-untyped-def]
+    """TAKFL with the reference code's structure (same step and candidate counts): the
+    teacher's client models re-run inside every distillation batch (autograd on), the
+    student's own start re-run for the self-regulariser, batches rebuilt from per-item
+    tensors, a deep copy of the model per candidate merge."""
+    lam_spec = cfg.algorithm.lambdas
+    items = [data.public_x[i] for i in range(len(data.public_x))]  # per-item "dataset"
+    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
+    teachers, avgs = naive_teachers(cfg, clients, models, data, device)
     m_teachers = len(cfg.prototypes)
     if lambdas == "heuristic":
         cands = heuristic_candidates(
@@ -163,37 +226,14 @@ def naive_step(cfg, clients, models, data, device, seed: int, lambdas: str = "se
         base_model = build_model(spec.builder, data.num_classes, data.input_shape, **spec.args)
         base_model.load_state_dict(avgs[student.name])
         start_model = copy.deepcopy(base_model).to(device).eval()
-        vectors = []
-        for teacher in cfg.prototypes:
-            model = copy.deepcopy(base_model).to(device).train()
-            opt = torch.optim.Adam(
-                model.parameters(), lr=d.learning_rate, weight_decay=d.weight_decay
+        avg = avgs[student.name]
+        vectors = [
+            naive_distill(
+                cfg, base_model, start_model, teachers[t.name], items, avg, device, seed * 1000 + j
             )
-            for idx in batch_indices(len(items), settings, seed * 1000 + j):
-                x = torch.stack([items[int(i)] for i in idx]).to(device)
-                z = torch.stack([t(x) for t in teachers[teacher.name]]).mean(0)  # grad on
-                s = model(x)
-                loss = kd_loss(s, z.detach(), d.temperature)
-                if gamma > 0:
-                    with torch.no_grad():
-                        own = start_model(x)
-                    loss = loss + gamma * kd_loss(s, own, d.self_reg_temperature)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            vectors.append(
-                task_vector({k: v.cpu() for k, v in model.state_dict().items()}, avgs[student.name])
-            )
-        best = -1.0
-        for lam in cands:
-            cand = copy.deepcopy(base_model)
-            cand.load_state_dict(merge(avgs[student.name], vectors, lam))
-            cand.to(device).eval()
-            with torch.no_grad():
-                out = cand(val_x)
-                acc = float((out.argmax(1) == val_y).float().mean())
-                F.cross_entropy(out, val_y)
-            best = max(best, acc)
+            for t in cfg.prototypes
+        ]
+        naive_best(base_model, avg, vectors, cands, val_x, val_y, device)
 
 
 def timed(fn, repeats: int, device: torch.device) -> list[float]:  # type: ignore[no-untyped-def]
@@ -334,7 +374,7 @@ def with_distill(cfg: FederationConfig, **changes: object) -> FederationConfig:
 
 
 def variant_fns(cfg, clients, models, data, device, lambdas: str) -> dict[str, Callable[[], None]]:  # type: ignore[no-untyped-def]
-    ev = EvalData(data.public_x.to(device), data.val_x.to(device), data.val_y.to(device))
+    ev = StepData(data.public_x.to(device), data.val_x.to(device), data.val_y.to(device))
 
     def ours(name: str, batched: bool | str):  # type: ignore[no-untyped-def]
         spec = with_distill(cfg, batched=batched).algorithm
@@ -387,6 +427,9 @@ class SyntheticData:
         self.val_y = torch.randint(0, num_classes, (n_val,), generator=g)
 
 
+Data = FederationData | SyntheticData
+
+
 def synthetic_clients(cfg, models, data, cap: int | None) -> dict[str, list[tuple[State, int]]]:  # type: ignore[no-untyped-def]
     """Randomly initialised client models, as many per prototype as one round samples."""
     out: dict[str, list[tuple[State, int]]] = {}
@@ -433,7 +476,7 @@ def print_table(title: str, rows: dict[str, dict], device: torch.device) -> None
     Console(width=150).print(table)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--config", default=None, help="digits (default), or cifar10-homo with --paper-scale"
@@ -465,9 +508,11 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
     ap.add_argument("--variants", default=None, help="comma-separated subset to run")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    return ap
+
+
+def configure(args: argparse.Namespace) -> FederationConfig:
+    """The federation to time, with the distillation and lambda options applied."""
     config = args.config or ("cifar10-homo" if args.paper_scale else "digits")
     cfg = load_federation(config)
     # a fixed budget: every variant runs every distillation to the configured steps
@@ -490,52 +535,55 @@ def main() -> None:
         cfg = cfg.model_copy(
             update={"algorithm": cfg.algorithm.model_copy(update={"lambdas": lam})}
         )
-    models = prototype_models(cfg)
+    return cfg
+
+
+def step_inputs(
+    args: argparse.Namespace, cfg: FederationConfig, models: Models
+) -> tuple[Data, Clients, str, int]:
+    """(data, client models, lambda strategy, public size): digits with one real round of
+    local training, or synthetic CIFAR-shaped tensors and random models at paper scale."""
     if args.paper_scale:
         n_public = args.public_size or cfg.data.public_size or 50000
-        data = SyntheticData(n_public, args.val_size or cfg.data.validation_size or 500, 10, 0)
-        clients = synthetic_clients(cfg, models, data, args.clients)
-        lambdas = "heuristic"
-    else:
-        data = build_federation_data(cfg, 0)
-        clients = client_models(cfg, data, models)
-        lambdas = "search"
-        n_public = len(data.public_x)
-    fns = variant_fns(cfg, clients, models, data, device, lambdas)
-    if args.variants:
-        keep = args.variants.split(",")
-        fns = {k: v for k, v in fns.items() if k in keep}
-    peak = bf16_peak_tflops(device, args.peak_tflops)
-    rows = measure(
-        fns, student_images(cfg, n_public), args.repeats, device, peak, not args.no_flops
+        fake = SyntheticData(n_public, args.val_size or cfg.data.validation_size or 500, 10, 0)
+        return fake, synthetic_clients(cfg, models, fake, args.clients), "heuristic", n_public
+    data = build_federation_data(cfg, 0)
+    return data, client_models(cfg, data, models), "search", len(data.public_x)
+
+
+def is_shrunk(args: argparse.Namespace) -> bool:
+    """A paper-scale run with any of its sizes changed."""
+    sizes = (
+        args.public_size,
+        args.val_size,
+        args.epochs,
+        args.steps,
+        args.batch_size,
+        args.clients,
+        args.candidates_per_exponent,
     )
+    return args.paper_scale and any(v is not None for v in sizes)
+
+
+def result_record(
+    args: argparse.Namespace,
+    cfg: FederationConfig,
+    device: torch.device,
+    models: Models,
+    clients: Clients,
+    lambdas: str,
+    n_public: int,
+    peak: float | None,
+    rows: dict[str, dict],
+) -> dict[str, object]:
+    """The JSON record: the run's settings, the machine, and every variant's figures."""
     d = cfg.algorithm.distill
     settings = distill_settings(cfg.algorithm)
-    scale = "paper-scale, SYNTHETIC inputs (timing only)" if args.paper_scale else cfg.name
-    shrunk = args.paper_scale and any(
-        v is not None
-        for v in (
-            args.public_size,
-            args.val_size,
-            args.epochs,
-            args.steps,
-            args.batch_size,
-            args.clients,
-            args.candidates_per_exponent,
-        )
-    )
-    title = (
-        f"one server step, {scale}{' SHRUNK' if shrunk else ''}, {device} "
-        f"({args.threads} threads), median of {args.repeats}"
-    )
-    print_table(title, rows, device)
-    if peak is None:
-        print("device bf16 peak unknown (give --peak-tflops): achieved GFLOP/s only")
-    record = {
+    return {
         "config": cfg.name,
         "mode": "paper-scale" if args.paper_scale else "digits",
         "synthetic_inputs": bool(args.paper_scale),
-        "shrunk": bool(shrunk),
+        "shrunk": bool(is_shrunk(args)),
         "argv": " ".join(["python", "benchmarks/server_step.py", *sys.argv[1:]]),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
@@ -564,6 +612,32 @@ def main() -> None:
         "variants": rows,
         "median_s": {k: r["median_s"] for k, r in rows.items()},
     }
+
+
+def main() -> None:
+    args = parser().parse_args()
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    cfg = configure(args)
+    models = prototype_models(cfg)
+    data, clients, lambdas, n_public = step_inputs(args, cfg, models)
+    fns = variant_fns(cfg, clients, models, data, device, lambdas)
+    if args.variants:
+        keep = args.variants.split(",")
+        fns = {k: v for k, v in fns.items() if k in keep}
+    peak = bf16_peak_tflops(device, args.peak_tflops)
+    rows = measure(
+        fns, student_images(cfg, n_public), args.repeats, device, peak, not args.no_flops
+    )
+    scale = "paper-scale, SYNTHETIC inputs (timing only)" if args.paper_scale else cfg.name
+    title = (
+        f"one server step, {scale}{' SHRUNK' if is_shrunk(args) else ''}, {device} "
+        f"({args.threads} threads), median of {args.repeats}"
+    )
+    print_table(title, rows, device)
+    if peak is None:
+        print("device bf16 peak unknown (give --peak-tflops): achieved GFLOP/s only")
+    record = result_record(args, cfg, device, models, clients, lambdas, n_public, peak, rows)
     default = "server_step_paper.json" if args.paper_scale else "server_step.json"
     out = Path(args.out or f"benchmarks/results/{default}")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from takfl.vectorised_training import ClientData, train_clients
 RESULTS = Path(__file__).resolve().parent / "results" / "simulate_clients.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Case:
     name: str
     builder: str
@@ -61,40 +61,40 @@ def cases(cifar_samples: int, cifar_epochs: int, clients: int) -> dict[str, Case
     return {
         # the digits federation's prototypes (models, epochs, batch, optimiser, lr)
         "digits-S": Case(
-            "digits-S",
-            "mlp_digits",
-            {"width": 8},
-            digits,
-            clients,
-            10,
-            TrainingSpec(epochs=10, batch_size=8, optimizer="sgd", learning_rate=0.003),
+            name="digits-S",
+            builder="mlp_digits",
+            args={"width": 8},
+            input_shape=digits,
+            clients=clients,
+            mean_samples=10,
+            spec=TrainingSpec(epochs=10, batch_size=8, optimizer="sgd", learning_rate=0.003),
         ),
         "digits-M": Case(
-            "digits-M",
-            "cnn_digits_small",
-            {},
-            digits,
-            clients,
-            56,
-            TrainingSpec(epochs=5, batch_size=16, optimizer="adam", learning_rate=0.002),
+            name="digits-M",
+            builder="cnn_digits_small",
+            args={},
+            input_shape=digits,
+            clients=clients,
+            mean_samples=56,
+            spec=TrainingSpec(epochs=5, batch_size=16, optimizer="adam", learning_rate=0.002),
         ),
         "digits-L": Case(
-            "digits-L",
-            "cnn_digits_large",
-            {},
-            digits,
-            clients,
-            280,
-            TrainingSpec(epochs=2, batch_size=32, optimizer="adam", learning_rate=0.001),
+            name="digits-L",
+            builder="cnn_digits_large",
+            args={},
+            input_shape=digits,
+            clients=clients,
+            mean_samples=280,
+            spec=TrainingSpec(epochs=2, batch_size=32, optimizer="adam", learning_rate=0.001),
         ),
         "cifar-resnet8": Case(
-            "cifar-resnet8",
-            "resnet8",
-            {},
-            (3, 32, 32),
-            clients,
-            cifar_samples,
-            TrainingSpec(
+            name="cifar-resnet8",
+            builder="resnet8",
+            args={},
+            input_shape=(3, 32, 32),
+            clients=clients,
+            mean_samples=cifar_samples,
+            spec=TrainingSpec(
                 epochs=cifar_epochs,
                 batch_size=64,
                 optimizer="adam",

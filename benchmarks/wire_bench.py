@@ -332,7 +332,16 @@ def update_seconds(
         if not transport.wait_for_agents([AGENT], 10):
             raise TimeoutError("agent did not register")
         transport.send_tasks(
-            [Task(1, "P", AGENT, ModelSpec(builder="mlp_digits"), state, time.time() + 300)]
+            [
+                Task(
+                    round_id=1,
+                    prototype="P",
+                    client_id=AGENT,
+                    model=ModelSpec(builder="mlp_digits"),
+                    global_state=state,
+                    deadline=time.time() + 300,
+                )
+            ]
         )
         task = link.next_task(timeout=60)
         if task is None:
@@ -353,7 +362,9 @@ def throughput_rows(runs: int, mib: float) -> list[dict[str, Any]]:
     for kind in kinds:
         with tempfile.TemporaryDirectory() as tmp, broker_settings(kind, Path(tmp)) as (c, a):
             blob_times = [blob_transfer_seconds(c, a, blob, 128 * 1024) for _ in range(runs)]
-            record = AgentRecord(AGENT, "P", generate_secret())  # one agent across runs
+            record = AgentRecord(
+                agent_id=AGENT, prototype="P", secret=generate_secret()
+            )  # one agent across runs
             upd = [update_seconds(c, a, mib, record) for _ in range(max(1, runs // 2))]
         med = statistics.median(blob_times)
         upd_med = statistics.median(t for t, _ in upd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.engine import RoundResult
+from coordinator.registry import DEFAULT_SAMPLE_CEILING
 from coordinator.reproduce import PAPER_ALGORITHMS
 from takfl.algorithms import AlgorithmError, resolve_algorithm
 from takfl.config import (
@@ -22,6 +23,10 @@ from takfl.config import (
     FederationConfig,
     load_federation,
 )
+from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
+
+if TYPE_CHECKING:
+    from coordinator.metrics import MetricsTls
 
 app = typer.Typer(
     add_completion=False,
@@ -169,8 +174,7 @@ def simulate(
             raise fail(str(e)) from e
     console.print(results_table(results, f"final test accuracy (%), {seeds} seed(s)"))
     console.print(
-        f"metrics: {out / 'metrics.jsonl'}  results: {out / 'results.json'}  "
-        f"plot: {out / 'accuracy.png'}"
+        f"metrics: {out / METRICS_FILE}  results: {out / RESULTS_FILE}  plot: {out / PLOT_FILE}"
     )
 
 
@@ -234,7 +238,7 @@ def reproduce(
         for row in comparison_rows(cfg.name, tiers, results, paper):
             table.add_row(*row)
         console.print(table)
-        console.print(f"results: {out / cfg.name / 'results.json'}")
+        console.print(f"results: {out / cfg.name / RESULTS_FILE}")
 
 
 @app.command("compare-runs")
@@ -323,6 +327,17 @@ def accuracy_table(rows: list[tuple[int, dict[str, float]]], title: str) -> Tabl
     return table
 
 
+def _metrics_tls(cert: str | None, key: str | None, client_ca: str | None) -> MetricsTls | None:
+    """The metrics endpoint's TLS from the serve options (None: plain HTTP)."""
+    if cert is None and key is None and client_ca is None:
+        return None
+    if cert is None or key is None:
+        raise fail("metrics over HTTPS need both --metrics-cert-file and --metrics-key-file")
+    from coordinator.metrics import MetricsTls
+
+    return MetricsTls(cert, key, client_ca)
+
+
 @app.command()
 def serve(
     config: str = typer.Option(..., help="Bundled federation name or path to a YAML file."),
@@ -358,7 +373,21 @@ def serve(
     metrics_port: int = typer.Option(
         None, min=0, max=65535, help="Serve Prometheus metrics on this port (/metrics)."
     ),
-    metrics_addr: str = typer.Option("0.0.0.0", help="Address the metrics endpoint binds to."),
+    metrics_bind: str = typer.Option(
+        "127.0.0.1",
+        "--metrics-bind",
+        "--metrics-addr",
+        help="Address the metrics endpoint binds to; any other than loopback needs TLS "
+        "(--metrics-cert-file, --metrics-key-file) or --metrics-plaintext.",
+    ),
+    metrics_cert_file: str = typer.Option(None, help="Metrics over HTTPS: its certificate."),
+    metrics_key_file: str = typer.Option(None, help="Metrics over HTTPS: its key."),
+    metrics_client_ca: str = typer.Option(
+        None, help="Metrics over HTTPS: scrapers must present a certificate from this CA."
+    ),
+    metrics_plaintext: bool = typer.Option(
+        False, help="Allow plain, unauthenticated HTTP metrics on a non-loopback address."
+    ),
 ) -> None:
     """Run TAKFL rounds with real agents over MQTT, writing the run directory."""
     from coordinator.inputs import pick_device
@@ -370,6 +399,13 @@ def serve(
     from takfl.mqtt.url import parse_broker_url, read_password
 
     cfg = load_config_or_exit(config)
+    metrics_tls = _metrics_tls(metrics_cert_file, metrics_key_file, metrics_client_ca)
+    if metrics_port is not None:
+        from coordinator.metrics import endpoint_problem
+
+        problem = endpoint_problem(metrics_bind, metrics_tls, metrics_plaintext)
+        if problem is not None:
+            raise fail(problem)
     try:
         password = None if broker == "embedded" else read_password(password_file)
         if broker != "embedded":  # refuse a bad URL or TLS option before anything starts
@@ -393,7 +429,9 @@ def serve(
         wait_all_s=wait_all,
         export=export,
         metrics_port=metrics_port,
-        metrics_addr=metrics_addr,
+        metrics_bind=metrics_bind,
+        metrics_tls=metrics_tls,
+        metrics_plaintext=metrics_plaintext,
     )
     rows: list[tuple[int, dict[str, float]]] = []
     try:
@@ -426,7 +464,19 @@ def provision(
         None,
         min=1,
         help="Most training samples any agent may claim (its FedAvg weight); "
-        "default: what the agent's first registration says.",
+        "default: what the agent's first registration says, up to --sample-ceiling.",
+    ),
+    sample_ceiling: int = typer.Option(
+        DEFAULT_SAMPLE_CEILING,
+        min=1,
+        help="Fleet-wide: a first registration above it is refused, not pinned as the "
+        "agent's allowance (agents without --max-samples).",
+    ),
+    agent: str = typer.Option(
+        None,
+        help="Re-provision this one agent of the registry in --out (a replacement device, "
+        "or one whose data grew): a new secret and the allowance --max-samples; "
+        "restart serve with --resume to use it.",
     ),
     tls: bool = typer.Option(
         False, help="Also create a fleet CA, a server certificate and a TLS listener."
@@ -438,13 +488,25 @@ def provision(
     mosquitto_host: str = typer.Option(
         "127.0.0.1", help="Address the central Mosquitto listens on (0.0.0.0: every interface)."
     ),
+    service_port: int = typer.Option(
+        None,
+        help="Port of Mosquitto's service listener, where status monitors and the release "
+        "service log in (default: --mosquitto-port + 1).",
+    ),
+    listen: list[str] = typer.Option(
+        None,
+        help="Address the TLS listener binds (repeatable; 0.0.0.0: every interface). "
+        "Default: the --tls-host values that are IP addresses, else --mosquitto-host.",
+    ),
     site: list[str] = typer.Option(
         None,
         help="A site broker bridged to the central one: NAME (every agent) or "
         "NAME:PATTERN[,PATTERN] of agent ids (e.g. lab:S-*,M-000). Repeatable.",
     ),
     site_port: int = typer.Option(1883, help="Port the site brokers listen on."),
-    site_host: str = typer.Option("0.0.0.0", help="Address the site brokers listen on."),
+    site_host: str = typer.Option(
+        "127.0.0.1", help="Address the site brokers listen on (0.0.0.0: every interface)."
+    ),
     central_host: str = typer.Option(
         None, help="Address at which site brokers reach the central broker (with --site)."
     ),
@@ -453,15 +515,21 @@ def provision(
     (and site brokers bridged to it)."""
     from coordinator.broker.errors import BrokerStartError
     from coordinator.broker.site import SiteError, SiteSpec
+    from coordinator.broker.tls import tls_listen_addresses
     from coordinator.registry import RegistryError
     from coordinator.serve import TLS_DIR, provision_sites
     from coordinator.serve import provision as do_provision
 
     cfg = load_config_or_exit(config)
+    if agent is not None:
+        _reprovision(out, agent, max_samples)
+        return
     if tls and not tls_host:
         raise fail("--tls needs at least one --tls-host (the name or address agents connect to)")
     if tls_host and not tls:
         raise fail("--tls-host is only used with --tls")
+    if listen and not tls:
+        raise fail("--listen sets where the TLS listener binds: use it with --tls")
     specs = []
     if site:
         if mosquitto_port is None:
@@ -480,9 +548,12 @@ def provision(
             mosquitto_port=mosquitto_port,
             mosquitto_user=mosquitto_user,
             max_samples=max_samples,
+            sample_ceiling=sample_ceiling,
             tls_hosts=list(tls_host) if tls else None,
             tls_port=tls_port,
             mosquitto_host=mosquitto_host,
+            listen=list(listen) if listen else None,
+            service_port=service_port,
         )
     except (RegistryError, ValueError, BrokerStartError, OSError) as e:
         raise fail(str(e)) from None
@@ -490,14 +561,21 @@ def provision(
         f"{len(records)} agents: registry {out / 'agents.json'}, secrets in "
         f"{out / 'secrets'} (copy each to its device, mode 600)"
     )
+    console.print(
+        f"releases: signed with {out / 'release-key.pem'} (keep it private); copy "
+        f"{out / 'root.json'} to every device (it verifies releases with it)"
+    )
     if files is not None:
         console.print(
-            f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator and "
-            f"of the read-only takfl-monitor for status in {out}/*.password)"
+            f"mosquitto: mosquitto -c {files.conf}  (passwords of takfl-coordinator, "
+            f"of the read-only takfl-monitor for status and of takfl-release for release "
+            f"in {out}/*.password); agents and the coordinator connect to port "
+            f"{files.port}, status and release to the service port {files.service_port}"
         )
     if tls:
         console.print(
-            f"TLS: listener on port {tls_port} for {', '.join(tls_host)}; copy "
+            f"TLS: listener on port {tls_port} for {', '.join(tls_host)}, bound to "
+            f"{', '.join(tls_listen_addresses(list(tls_host), listen, mosquitto_host))}; copy "
             f"{out / TLS_DIR / 'ca.crt'} to every device (takfl-agent run --ca-file) and keep "
             f"{out / TLS_DIR / 'ca.key'} private"
         )
@@ -524,6 +602,22 @@ def provision(
             )
 
 
+def _reprovision(out: Path, agent: str, max_samples: int | None) -> None:
+    from coordinator.registry import RegistryError, secret_path
+    from coordinator.serve import reprovision
+
+    try:
+        record = reprovision(out, agent, max_samples=max_samples)
+    except (RegistryError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    allowance = record.max_samples or f"open, up to {record.sample_ceiling}"
+    console.print(
+        f"{agent}: new secret {secret_path(out, agent)} (copy it to the replacement device; "
+        f"the old one no longer verifies), allowance {allowance}; restart serve with "
+        "--resume (and send Mosquitto SIGHUP) to use it"
+    )
+
+
 @app.command()
 def status(
     run_dir: Path = typer.Option(None, help="Read the state of this run directory."),
@@ -542,7 +636,8 @@ def status(
     interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes of --watch."),
     times: int = typer.Option(None, min=1, help="Stop --watch after this many refreshes."),
 ) -> None:
-    """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy."""
+    """Agents (online/offline, prototype, last seen), round, phase, per-prototype accuracy,
+    and each release's state per tier with the devices' inference latency."""
     from coordinator.status import broker_presence, run_status
     from takfl.mqtt.url import read_password
 
@@ -567,6 +662,7 @@ def status(
         for k, v in state.items():
             table.add_row(k, str(v))
         console.print(table)
+        _print_releases(run_dir)
     if broker is not None:
         if fleet is None:
             raise fail("--fleet is needed with --broker when no --run-dir is given")
@@ -577,11 +673,15 @@ def status(
         except (ValueError, OSError) as e:
             raise fail(str(e)) from None
         table = Table(title=f"agents of fleet {fleet!r} seen on {broker}")
-        for col in ("agent", "prototype", "state", "last seen"):
+        for col in ("agent", "prototype", "state", "last seen", "serving (local endpoint)"):
             table.add_column(col)
         for aid, info in sorted(agents_seen.items()):
             table.add_row(
-                aid, info.get("prototype", "?"), info.get("state", "?"), info.get("last_seen", "?")
+                aid,
+                info.get("prototype", "?"),
+                info.get("state", "?"),
+                info.get("last_seen", "?"),
+                info.get("serving", ""),
             )
         console.print(table)
 
@@ -603,6 +703,143 @@ def report(
     console.print(f"report: {html_path}  data: {json_path}")
 
 
+def _print_releases(run_dir: Path) -> None:
+    """Each release's state per tier and the devices' latency per hardware class."""
+    from coordinator.deploy.tables import release_tables
+
+    # piped or captured output keeps whole columns (as takfl-export's tables do)
+    out = console if console.is_terminal else Console(width=max(console.width, 160))
+    try:
+        for item in release_tables(run_dir):
+            out.print(item)
+    except ValueError as e:  # a damaged rollout record: say so, show the rest
+        console.print(f"[yellow]releases: {e}[/yellow]")
+
+
+def _plain(line: str) -> None:
+    """Print a progress line as it is (device-reported details are not markup)."""
+    console.print(line, markup=False, highlight=False)
+
+
+def _release_done(rollouts: list[Any], run: Path) -> None:
+    """Print the release tables; exit 1 unless every rollout completed."""
+    _print_releases(run)
+    unfinished = [f"{r.id} {r.state.value}" for r in rollouts if r.state.value != "completed"]
+    if unfinished:
+        console.print(f"[yellow]not completed:[/yellow] {', '.join(unfinished)}")
+        raise typer.Exit(1)
+
+
+_BROKER_HELP = "'embedded' (loopback amqtt) or mqtt://takfl-release@host:port (mqtts:// with TLS)"
+_PASSWORD_HELP = "File holding the release login's password (provision writes release.password)."
+
+
+@app.command()
+def release(
+    run: Path = typer.Argument(..., help="Run directory (serve or demo output)."),
+    prototype: list[str] = typer.Option(None, help="Prototype to release (repeatable)."),
+    all_prototypes: bool = typer.Option(False, "--all", help="Release every prototype."),
+    round_: int = typer.Option(
+        None, "--round", min=0, help="Round whose models to release (default: the run's last)."
+    ),
+    stages: str = typer.Option("10%,50%,100%", help="Cumulative fractions of each tier."),
+    abort_above: str = typer.Option("20%", help="Halt and roll back past this failure rate."),
+    device_timeout: float = typer.Option(600.0, min=1, help="Seconds a device has to install."),
+    timeout: float = typer.Option(3600.0, min=1, help="Seconds the whole rollout may take."),
+    release_key: Path = typer.Option(None, help="Release key (default: beside agents.json)."),
+    broker: str = typer.Option("embedded", help=_BROKER_HELP),
+    password_file: Path = typer.Option(None, help=_PASSWORD_HELP),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
+    cert_file: str = typer.Option(None, help="mqtts: client certificate (mutual TLS)."),
+    key_file: str = typer.Option(None, help="mqtts: key of the client certificate."),
+    port: int = typer.Option(1883, help="Port of the embedded broker."),
+    fleet: str = typer.Option(None, help="Fleet name in the topics (default: config name)."),
+    agents: Path = typer.Option(None, help="Agent registry (default RUN/agents.json)."),
+) -> None:
+    """Release each prototype's export of a round to its devices, in stages: signed
+    metadata, artifacts over the chunked path, halt and roll back past --abort-above.
+    Exits 1 unless every rollout completed."""
+    from coordinator.broker.errors import BrokerStartError
+    from coordinator.deploy.command import release as run_release
+    from coordinator.deploy.command import release_settings
+    from coordinator.deploy.stages import parse_fraction, parse_stages
+    from coordinator.store import RunStoreError
+    from takfl.mqtt.client import MqttConnectError
+
+    if bool(prototype) == all_prototypes:
+        raise fail("give --prototype P (repeatable) or --all")
+    try:
+        settings = release_settings(
+            broker=broker,
+            password_file=password_file,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            embedded_port=port,
+            fleet=fleet,
+            agents_file=agents,
+            release_key=release_key,
+            round=round_,
+            stages=parse_stages(stages),
+            abort_above=parse_fraction(abort_above, "--abort-above"),
+            device_timeout_s=device_timeout,
+            timeout_s=timeout,
+        )
+        names = None if all_prototypes else prototype
+        rollouts = run_release(run, names, settings, report=_plain)
+    except ImportError as e:
+        raise fail(f"a release needs the export toolchain (takfl-edge[export]): {e}") from None
+    except (BrokerStartError, MqttConnectError, RunStoreError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    _release_done(rollouts, run)
+
+
+@app.command()
+def rollback(
+    run: Path = typer.Argument(..., help="Run directory the release was made from."),
+    prototype: str = typer.Option(..., help="Prototype to roll back."),
+    to: int = typer.Option(..., min=1, help="Release version to reinstate."),
+    device_timeout: float = typer.Option(600.0, min=1, help="Seconds a device has to install."),
+    timeout: float = typer.Option(3600.0, min=1, help="Seconds the rollback may take."),
+    release_key: Path = typer.Option(None, help="Release key (default: beside agents.json)."),
+    broker: str = typer.Option("embedded", help=_BROKER_HELP),
+    password_file: Path = typer.Option(None, help=_PASSWORD_HELP),
+    ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
+    cert_file: str = typer.Option(None, help="mqtts: client certificate (mutual TLS)."),
+    key_file: str = typer.Option(None, help="mqtts: key of the client certificate."),
+    port: int = typer.Option(1883, help="Port of the embedded broker."),
+    fleet: str = typer.Option(None, help="Fleet name in the topics (default: config name)."),
+    agents: Path = typer.Option(None, help="Agent registry (default RUN/agents.json)."),
+) -> None:
+    """Reinstate an earlier release on every device of a prototype: a newer signed
+    version that names it (devices refuse plain older versions). Exits 1 unless it
+    completed."""
+    from coordinator.broker.errors import BrokerStartError
+    from coordinator.deploy.command import release_settings
+    from coordinator.deploy.command import rollback as run_rollback
+    from coordinator.store import RunStoreError
+    from takfl.mqtt.client import MqttConnectError
+
+    try:
+        settings = release_settings(
+            broker=broker,
+            password_file=password_file,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            embedded_port=port,
+            fleet=fleet,
+            agents_file=agents,
+            release_key=release_key,
+            device_timeout_s=device_timeout,
+            timeout_s=timeout,
+        )
+        rollout = run_rollback(run, prototype, to, settings, report=_plain)
+    except (BrokerStartError, MqttConnectError, RunStoreError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    _release_done([rollout], run)
+
+
 @app.command()
 def demo(
     config: str = typer.Option("digits", help="Bundled federation name or path."),
@@ -612,8 +849,14 @@ def demo(
     export: bool = typer.Option(False, help="Export the final models (adds a few minutes)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     report: bool = typer.Option(False, help="Write the field-trial report at the end."),
+    release: bool = typer.Option(
+        True,
+        help="At the end, release every tier's model to its agents (staged, signed, health "
+        "checked) and ask each agent's local endpoint for predictions.",
+    ),
 ) -> None:
-    """Embedded broker + coordinator + one agent process per client, a few real rounds."""
+    """Embedded broker + coordinator + one agent process per client, a few real rounds,
+    then a release of the final models to the agents, which serve predictions."""
     from coordinator.demo import DemoSettings, run_demo
     from coordinator.inputs import pick_device
 
@@ -623,7 +866,9 @@ def demo(
     run_demo(
         cfg,
         run_dir,
-        DemoSettings(config, rounds, deadline, export=export),
+        DemoSettings(
+            config_name=config, rounds=rounds, deadline_s=deadline, export=export, release=release
+        ),
         pick_device(device),
         on_round=_round_printer(rows),
         report=lambda m: console.print(m),

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.simulate import METRICS_FILE
+from takfl.run_layout import METRICS_FILE
 
 Record = dict[str, Any]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,18 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from coordinator.influence import UpdateGuard
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.algorithms import Algorithm, resolve_algorithm
 from takfl.config import FederationConfig, prototype_training
 from takfl.config.base import ModelSpec
 from takfl.models import build_model
 from takfl.robust import Aggregator, LogitsAccumulator, StateAccumulator, make_aggregator
-from takfl.server import EvalData, PrototypeInput, server_step
-from takfl.state import non_finite_entry
+from takfl.server import PrototypeInput, StepData, server_step
+from takfl.state import State, non_finite_entry
 from takfl.training import accuracy, predict_logits
 
 log = logging.getLogger(__name__)
-State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class RoundPolicy:
     max_wait_s: float = 600.0  # past the deadline, wait at most this long for a quorum
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerData:
     """Tensors on the compute device."""
 
@@ -50,7 +51,7 @@ class ServerData:
     input_shape: tuple[int, int, int]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoundResult:
     round_id: int
     accuracy: dict[str, float]  # prototype -> test accuracy, percent
@@ -100,9 +101,13 @@ class RoundEngine:
         on_update: Callable[[ClientUpdate], None] | None = None,
         clock: Callable[[], float] = time.time,
         weight_cap: Callable[[str], int | None] | None = None,
+        judge_updates: bool = True,
     ) -> None:
         """``weight_cap(client)``: the most samples (FedAvg weight) a client may count for,
-        None for no cap; weights above it are clipped to it."""
+        None for no cap; weights above it are clipped to it. ``judge_updates``: every
+        update passes the config's intake bounds and validation-aware acceptance
+        (:class:`coordinator.influence.UpdateGuard`) before it counts; False takes them
+        as they come (for tests of the server step's own fallbacks)."""
         self.cfg = cfg
         self.algorithm = algorithm if algorithm is not None else resolve_algorithm(cfg.algorithm)
         self.models = models
@@ -126,6 +131,21 @@ class RoundEngine:
             self.scratch[p.name] = model.to(self.device)
         self.trainings = {p.name: prototype_training(cfg, p.name) for p in cfg.prototypes}
         self.rejected = 0
+        self.refusals: Counter[str] = Counter()  # the guard's refusals, by Refusal value
+        self._plan: dict[str, list[str]] = {}  # the round's sampled clients, by prototype
+        self.guard: UpdateGuard | None = None
+        if judge_updates:
+            # the round-0 globals (rebuilt identically on --resume) are the guard's fixed
+            # reference: no accepted update can loosen the bounds
+            self.guard = UpdateGuard(
+                cfg.intake,
+                dict(self.globals),
+                self.scratch,
+                data.val_x,
+                data.val_y,
+                validation=self.algorithm.validation,
+            )
+            transport.bound_updates(self.guard.bounds)
 
     # -- sampling and tasks -------------------------------------------------
     def plan(self, round_id: int) -> dict[str, list[str]]:
@@ -146,14 +166,14 @@ class RoundEngine:
                 )
                 out.append(
                     Task(
-                        round_id,
-                        proto,
-                        cid,
-                        self.models[proto],
-                        self.globals[proto],
-                        deadline,
-                        seed,
-                        self.trainings[proto],
+                        round_id=round_id,
+                        prototype=proto,
+                        client_id=cid,
+                        model=self.models[proto],
+                        global_state=self.globals[proto],
+                        deadline=deadline,
+                        seed=seed,
+                        training=self.trainings[proto],
                     )
                 )
         return out
@@ -175,6 +195,14 @@ class RoundEngine:
             return float(cap)
         return float(upd.num_samples)
 
+    def share(self, upd: ClientUpdate, weight: float) -> float:
+        """The update's expected share of its tier's aggregate: its weight against those
+        of the tier's other sampled clients, each counted at its allowance (unknown: as
+        heavy as this one), so a client with most of the weight is judged near 1."""
+        peers = [c for c in self._plan.get(upd.prototype, []) if c != upd.client_id]
+        others = sum(float(self.weight_cap(c) or weight) for c in peers)
+        return weight / (weight + others)
+
     def absorb(self, upd: ClientUpdate, col: _Collector) -> bool:
         """Fold one update into the round's aggregates (the client model is then dropped
         unless the aggregator keeps it); False if it cannot count."""
@@ -182,6 +210,16 @@ class RoundEngine:
         if weight is None:
             log.warning("ignoring update of %s: %d samples", upd.client_id, upd.num_samples)
             return False
+        if self.guard is not None:
+            share = self.share(upd, weight)
+            verdict = self.guard.judge(upd.prototype, upd.state, self.globals[upd.prototype], share)
+            if not verdict.accepted:
+                log.warning(
+                    "refused update of %s (round %d): %s", upd.client_id, upd.round_id, verdict
+                )
+                self.refusals[verdict.reason.value if verdict.reason else "refused"] += 1
+                self.transport.refused(upd, verdict)
+                return False
         col.fedavg.add(upd.state, weight)
         if not self.algorithm.needs_teacher_logits:
             return True  # no distillation: teacher logits would go unused
@@ -236,6 +274,7 @@ class RoundEngine:
                 continue
             if not self.absorb(upd, collectors[upd.prototype]):
                 self.rejected += 1
+                expected[upd.prototype].discard(upd.client_id)  # answered, refused: not awaited
                 continue
             got[upd.prototype].add(upd.client_id)
             if self.on_update is not None:
@@ -257,6 +296,9 @@ class RoundEngine:
         keep = self.algorithm.needs_client_logits
         collectors = {p: _Collector(self.aggregator, self.globals[p], keep) for p in plan}
         got: dict[str, set[str]] = {p: set() for p in plan}
+        self._plan = plan
+        if self.guard is not None:
+            self.guard.start_round()
         for upd in resumed or []:
             wanted = upd.prototype in plan and upd.client_id in plan[upd.prototype]
             if wanted and self.absorb(upd, collectors[upd.prototype]):
@@ -265,6 +307,8 @@ class RoundEngine:
         self.transport.send_tasks(todo)
         self.collect(round_id, plan, collectors, got)
         timings["collect_s"] = time.perf_counter() - t0
+        if self.guard is not None:
+            timings["guard_s"] = self.guard.seconds  # part of collect_s
 
         kept: dict[str, str] = {}
         protos = []
@@ -293,7 +337,7 @@ class RoundEngine:
         d = self.data
         outputs, step_times = server_step(
             protos,
-            EvalData(d.public_x, d.val_x, d.val_y),
+            StepData(d.public_x, d.val_x, d.val_y),
             self.algorithm,
             seed=self.seed * 10_000 + round_id,
         )
@@ -318,15 +362,15 @@ class RoundEngine:
             self.transport.publish_global(round_id, name, self.globals[name])
         timings["eval_s"] = time.perf_counter() - t1
         return RoundResult(
-            round_id,
-            acc,
-            {n: o.lambdas for n, o in outputs.items()},
-            {p: len(got[p]) for p in plan},
-            {p: len(ids) for p, ids in plan.items()},
-            timings,
-            {
+            round_id=round_id,
+            accuracy=acc,
+            lambdas={n: o.lambdas for n, o in outputs.items()},
+            received={p: len(got[p]) for p in plan},
+            sampled={p: len(ids) for p, ids in plan.items()},
+            timings=timings,
+            info={
                 n: o.info | ({"global_val_accuracy": val_acc[n]} if n in val_acc else {})
                 for n, o in outputs.items()
             },
-            kept,
+            kept_previous=kept,
         )

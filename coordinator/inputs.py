@@ -26,11 +26,11 @@ def prototype_models(cfg: FederationConfig) -> dict[str, ModelSpec]:
 def server_data(data: FederationData, device: torch.device) -> ServerData:
     """Public, validation and test tensors moved once to the compute device."""
     return ServerData(
-        data.public_x.to(device),
-        data.val_x.to(device),
-        data.val_y.to(device),
-        data.test_x.to(device),
-        data.test_y.to(device),
-        data.num_classes,
-        data.input_shape,
+        public_x=data.public_x.to(device),
+        val_x=data.val_x.to(device),
+        val_y=data.val_y.to(device),
+        test_x=data.test_x.to(device),
+        test_y=data.test_y.to(device),
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
     )

@@ -1,5 +1,11 @@
 """Prometheus metrics of a running coordinator (``serve --metrics-port N``).
 
+The endpoint binds 127.0.0.1 unless ``--metrics-bind`` says otherwise. It has no
+authentication of its own, so another address needs TLS (prometheus-client's own
+``certfile``/``keyfile``, and with ``client_cafile`` a client certificate the scraper
+must present: :class:`MetricsTls`) or the explicit ``--metrics-plaintext``
+(:func:`endpoint_problem`).
+
 Metric names (all in one registry per coordinator, served at ``/metrics``):
 
     takfl_round                              gauge    round in progress (0 before round 1)
@@ -12,27 +18,59 @@ Metric names (all in one registry per coordinator, served at ``/metrics``):
                                                       Refusal value (bad_signature, expired, ...)
     takfl_bytes_sent_total{prototype}        counter  global-model bytes sent with tasks
     takfl_bytes_received_total{prototype}    counter  accepted update-blob bytes
+    takfl_telemetry_implausible_total{field} counter  reported values no device of the tier
+                                                      can have measured (stored flagged,
+                                                      coordinator.telemetry_log.plausibility)
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from coordinator.broker.net import LOOPBACK, is_loopback
 from coordinator.observe import FleetObserver
+from coordinator.telemetry_log import ANY_DEVICE
 from takfl.wire.messages import UpdateHeader
-from takfl.wire.telemetry import Telemetry
+from takfl.wire.telemetry import Plausibility, Telemetry, implausible
 
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass(frozen=True)
+class MetricsTls:
+    """TLS of the endpoint: its certificate and key, and optionally the CA whose client
+    certificates it requires (mutual TLS: only a scraper holding one gets the metrics)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+def endpoint_problem(bind: str, tls: MetricsTls | None, plaintext: bool) -> str | None:
+    """Why the endpoint may not start as asked, or None: an address other than loopback
+    needs TLS or the explicit ``plaintext``."""
+    if is_loopback(bind) or tls is not None or plaintext:
+        return None
+    return (
+        f"the metrics endpoint on {bind} would be open to the network without "
+        "authentication: give --metrics-cert-file and --metrics-key-file (TLS; with "
+        "--metrics-client-ca, scrapers must present a certificate) or --metrics-plaintext"
+    )
 
 
 class PrometheusMetrics(FleetObserver):
     """The coordinator's metrics; :meth:`serve` exposes them over HTTP."""
 
-    def __init__(self, prototypes: Sequence[str]) -> None:
+    def __init__(
+        self, prototypes: Sequence[str], bounds: Mapping[str, Plausibility] | None = None
+    ) -> None:
+        """``bounds``: what each prototype's devices can report (others: any device)."""
+        self.bounds = dict(bounds or {})
         self.registry = CollectorRegistry()
         r = self.registry
         self.round = Gauge("takfl_round", "Round in progress (0 before round 1).", registry=r)
@@ -63,6 +101,12 @@ class PrometheusMetrics(FleetObserver):
         self.bytes_received = Counter(
             "takfl_bytes_received", "Accepted update-blob bytes.", ["prototype"], registry=r
         )
+        self.implausible = Counter(
+            "takfl_telemetry_implausible",
+            "Reported telemetry values no device of the tier can have measured.",
+            ["field"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._online: dict[str, tuple[str, bool]] = {}
         self._server: Any = None
@@ -73,9 +117,14 @@ class PrometheusMetrics(FleetObserver):
             self.bytes_received.labels(p)
             self.registrations.labels(p)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Start the HTTP endpoint (a daemon thread); returns the bound port."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = LOOPBACK, tls: MetricsTls | None = None) -> int:
+        """Start the HTTP(S) endpoint (a daemon thread); returns the bound port."""
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {"certfile": tls.cert_file, "keyfile": tls.key_file}
+            if tls.client_ca_file is not None:
+                options |= {"client_cafile": tls.client_ca_file, "client_auth_required": True}
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry, **options)
         self._server = server
         return int(server.server_address[1])
 
@@ -86,8 +135,14 @@ class PrometheusMetrics(FleetObserver):
             self._server = None
 
     # -- FleetObserver ------------------------------------------------------------------------
+    def _flag(self, prototype: str, telemetry: Telemetry | None) -> None:
+        if telemetry is not None:
+            for name in implausible(telemetry, self.bounds.get(prototype, ANY_DEVICE)):
+                self.implausible.labels(name).inc()
+
     def registered(self, agent: str, prototype: str, telemetry: Telemetry | None) -> None:
         self.registrations.labels(prototype).inc()
+        self._flag(prototype, telemetry)
 
     def presence(self, agent: str, prototype: str, online: bool) -> None:
         with self._lock:
@@ -101,6 +156,7 @@ class PrometheusMetrics(FleetObserver):
     def accepted(self, header: UpdateHeader) -> None:
         self.accepted_updates.labels(header.prototype).inc()
         self.bytes_received.labels(header.prototype).inc(header.blob.size)
+        self._flag(header.prototype, header.telemetry)
 
     def refused(self, agent: str, prototype: str | None, round_id: int | None, reason: str) -> None:
         self.refused_updates.labels(reason).inc()

@@ -13,40 +13,58 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.embedded import EmbeddedBroker
-from coordinator.broker.mosquitto import MosquittoFiles, MosquittoTls, write_mosquitto_config
+from coordinator.broker.mosquitto import (
+    PASSWORDS_NAME,
+    MosquittoFiles,
+    MosquittoTls,
+    set_password,
+    write_mosquitto_config,
+)
 from coordinator.broker.net import LOOPBACK
 from coordinator.broker.site import SiteFiles, SiteSpec, write_site_config
-from coordinator.broker.tls import make_fleet_tls
+from coordinator.broker.tls import make_fleet_tls, tls_listen_addresses
+from coordinator.deploy.service import RELEASE_USER
 from coordinator.engine import RoundPolicy, RoundResult
 from coordinator.observe import FleetObserver, Observers
 from coordinator.registry import (
+    DEFAULT_SAMPLE_CEILING,
     REGISTRY_FILE,
-    AgentRecord,
     AllowanceBook,
+    RegistryEntry,
     load_registry,
     provision_agents,
+    reprovision_agent,
 )
 from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore, RunStoreError
-from coordinator.telemetry_log import TelemetryRecorder
+from coordinator.telemetry_log import TelemetryRecorder, plausibility
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
 from takfl.config.loader import prototype_model, prototype_training
-from takfl.federation_data import build_federation_data
+from takfl.federation_data import FederationData, build_federation_data
 from takfl.files import atomic_write_text
 from takfl.models import build_model
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 from takfl.mqtt.url import parse_broker_url
+from takfl.release.keys import KEY_FILE, generate_release_key
+from takfl.run_layout import exports_dir
 from takfl.wire import validation
+from takfl.wire.envelope import new_run_id
+from takfl.wire.messages import InputNorm
+
+if TYPE_CHECKING:
+    from coordinator.metrics import MetricsTls
 
 log = logging.getLogger(__name__)
 TLS_DIR = "tls"  # provision's CA and server certificate
+MOSQUITTO_DIR = "mosquitto"  # provision's Mosquitto configuration
 COORDINATOR_USER = "takfl-coordinator"
 MONITOR_USER = "takfl-monitor"  # read-only, for takfl-coordinator status
 
@@ -71,24 +89,31 @@ class ServeSettings:
     wait_agents_s: float = 600.0  # ...and at most this long for one agent per prototype
     export: bool = True
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free)
-    metrics_addr: str = "0.0.0.0"
+    metrics_bind: str = LOOPBACK  # another address needs metrics_tls or metrics_plaintext
+    metrics_tls: MetricsTls | None = None
+    metrics_plaintext: bool = False
 
 
 def embedded_access(
-    fleet: str, registry: dict[str, AgentRecord], coordinator_password: str
+    fleet: str,
+    registry: dict[str, RegistryEntry],
+    coordinator_password: str,
+    release_password: str | None = None,
 ) -> BrokerAccess:
-    """Logins of the embedded broker: the coordinator, and every provisioned agent with the
-    password derived from its secret (what ``takfl-agent run`` uses), under the fleet's ACL."""
+    """Logins of the embedded broker: the coordinator, every provisioned agent with the
+    password derived from its secret (what ``takfl-agent run`` uses), and with
+    ``release_password`` the release service (``RELEASE_USER``), under the fleet's ACL."""
     return BrokerAccess.for_fleet(
         fleet,
         (COORDINATOR_USER, coordinator_password),
         {a: mqtt_password(r.secret) for a, r in registry.items()},
+        release=None if release_password is None else (RELEASE_USER, release_password),
     )
 
 
 @contextmanager
 def broker_for(
-    settings: ServeSettings, fleet: str, registry: dict[str, AgentRecord]
+    settings: ServeSettings, fleet: str, registry: dict[str, RegistryEntry]
 ) -> Iterator[MqttSettings]:
     """Start the embedded broker when asked (its coordinator password lives only in this
     process); otherwise parse the URL."""
@@ -114,9 +139,15 @@ def broker_for(
         )
 
 
-def wire_registry(records: dict[str, AgentRecord]) -> dict[str, validation.AgentRecord]:
+def wire_registry(records: dict[str, RegistryEntry]) -> dict[str, validation.AgentRecord]:
     return {
-        a: validation.AgentRecord(a, r.prototype, r.secret, max_samples=r.max_samples)
+        a: validation.AgentRecord(
+            agent_id=a,
+            prototype=r.prototype,
+            secret=r.secret,
+            max_samples=r.max_samples,
+            sample_ceiling=r.sample_ceiling,
+        )
         for a, r in records.items()
     }
 
@@ -168,17 +199,25 @@ def provision(
     mosquitto_port: int | None = None,
     mosquitto_user: str | None = None,
     max_samples: int | None = None,
+    sample_ceiling: int | None = DEFAULT_SAMPLE_CEILING,
     tls_hosts: list[str] | None = None,
     tls_port: int = 8883,
     mosquitto_host: str = LOOPBACK,
-) -> tuple[list[AgentRecord], MosquittoFiles | None, str]:
-    """Secrets and registry for every configured client; optionally a Mosquitto config
-    (password file, per-agent ACL) with a fresh coordinator password, and with
+    listen: list[str] | None = None,
+    service_port: int | None = None,
+) -> tuple[list[RegistryEntry], MosquittoFiles | None, str]:
+    """Secrets and registry for every configured client, and the fleet's release key
+    (``release-key.pem`` + ``root.json`` for the devices; made once, kept when it exists);
+    optionally a Mosquitto config (password file, per-agent ACL) with fresh passwords of
+    the coordinator, the read-only monitor and the release service, and with
     ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
-    a TLS listener on ``tls_port`` (all interfaces; the plain one listens on
-    ``mosquitto_host``, loopback unless told otherwise).
+    TLS listeners on ``tls_port`` at the addresses :func:`tls_listen_addresses` gives
+    (never every interface unless ``listen`` says "0.0.0.0"; the plain listener is on
+    ``mosquitto_host``, loopback unless told otherwise), and a service listener on
+    ``service_port`` (default ``mosquitto_port + 1``, on ``mosquitto_host``) where the
+    monitor and the release service log in with client ids of their own.
     ``max_samples`` caps each agent's claimed sample count (None: its first registration
-    pins it)."""
+    pins it, refused above ``sample_ceiling``)."""
     if tls_hosts and mosquitto_port is None:
         raise ValueError("a TLS listener needs a Mosquitto configuration: add --mosquitto-port")
     tls = None
@@ -188,15 +227,17 @@ def provision(
             port=tls_port,
             cert_file=str(material.server_cert.resolve()),
             key_file=str(material.server_key.resolve()),
-            bind="",
+            binds=tls_listen_addresses(tls_hosts, listen, mosquitto_host),
         )
-    records = provision_agents(cfg, out_dir, max_samples=max_samples)
+    records = provision_agents(cfg, out_dir, max_samples=max_samples, sample_ceiling=sample_ceiling)
+    if not (out_dir / KEY_FILE).exists():  # devices trust it: never replaced here
+        generate_release_key(out_dir)
     coord_password = secrets.token_hex(16)
     files = None
     if mosquitto_port is not None:
-        monitor_password = secrets.token_hex(16)
+        monitor_password, release_password = secrets.token_hex(16), secrets.token_hex(16)
         files = write_mosquitto_config(
-            out_dir / "mosquitto",
+            out_dir / MOSQUITTO_DIR,
             fleet=fleet or cfg.name,
             port=mosquitto_port,
             host=mosquitto_host,
@@ -206,10 +247,28 @@ def provision(
             monitor=(MONITOR_USER, monitor_password),
             tls=tls,
             use_tool=False,  # the built-in PBKDF2-SHA512 hasher: one file write, not one per agent
+            release=(RELEASE_USER, release_password),
+            service_port=service_port if service_port is not None else mosquitto_port + 1,
         )
-        for name, password in (("coordinator", coord_password), ("monitor", monitor_password)):
+        for name, password in (
+            ("coordinator", coord_password),
+            ("monitor", monitor_password),
+            ("release", release_password),
+        ):
             atomic_write_text(out_dir / f"{name}.password", password + "\n", mode=0o600)
     return records, files, coord_password
+
+
+def reprovision(out_dir: Path, agent_id: str, *, max_samples: int | None = None) -> RegistryEntry:
+    """Re-provision one agent in ``out_dir`` (:func:`coordinator.registry.reprovision_agent`:
+    a new secret and allowance) and, when ``out_dir`` holds a Mosquitto configuration,
+    its broker password (derived from the new secret). A running ``serve`` reads the
+    registry at start: restart it with ``--resume``; Mosquitto reloads on SIGHUP."""
+    record = reprovision_agent(out_dir, agent_id, max_samples=max_samples)
+    passwords = out_dir / MOSQUITTO_DIR / PASSWORDS_NAME
+    if passwords.is_file():
+        set_password(passwords, agent_id, mqtt_password(record.secret))
+    return record
 
 
 def provision_sites(
@@ -220,7 +279,7 @@ def provision_sites(
     *,
     central_host: str,
     port: int = 1883,
-    host: str = "0.0.0.0",
+    host: str = LOOPBACK,
     fleet: str | None = None,
     run_as: str | None = None,
 ) -> list[SiteFiles]:
@@ -283,6 +342,21 @@ def wait_for_agents(
         time.sleep(0.5)
 
 
+def run_id_of(store: RunStore) -> str:
+    """The run id of the run being resumed (a fresh one for a run from before run ids, or
+    when there is no run yet)."""
+    state = store.state_if_any()
+    return (state.get("run_id") if state is not None else None) or new_run_id()
+
+
+def input_norm(data: FederationData) -> InputNorm | None:
+    """The standardisation of the federation's data, per input channel (None if unknown)."""
+    mean, std = list(data.pool.mean), list(data.pool.std)
+    if not mean or len(mean) != data.input_shape[0] or len(std) != len(mean):
+        return None
+    return InputNorm(mean=[float(m) for m in mean], std=[float(s) for s in std])
+
+
 def serve(
     cfg: FederationConfig,
     run_dir: Path,
@@ -305,17 +379,25 @@ def serve(
     fleet = settings.fleet or cfg.name
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
     programs = training_programs(cfg, data.num_classes, data.input_shape, report)
-    observers: list[FleetObserver] = [TelemetryRecorder(store)]
+    bounds = plausibility(cfg, settings.deadline_s)  # what each tier's devices can report
+    observers: list[FleetObserver] = [TelemetryRecorder(store, bounds=bounds)]
     metrics = None
     if settings.metrics_port is not None:
-        from coordinator.metrics import PrometheusMetrics
+        from coordinator.metrics import PrometheusMetrics, endpoint_problem
 
-        metrics = PrometheusMetrics([p.name for p in cfg.prototypes])
-        bound = metrics.serve(settings.metrics_port, settings.metrics_addr)
-        report(f"Prometheus metrics on http://{settings.metrics_addr}:{bound}/metrics")
+        problem = endpoint_problem(
+            settings.metrics_bind, settings.metrics_tls, settings.metrics_plaintext
+        )
+        if problem is not None:
+            raise ValueError(problem)
+        metrics = PrometheusMetrics([p.name for p in cfg.prototypes], bounds)
+        bound = metrics.serve(settings.metrics_port, settings.metrics_bind, settings.metrics_tls)
+        scheme = "http" if settings.metrics_tls is None else "https"
+        report(f"Prometheus metrics on {scheme}://{settings.metrics_bind}:{bound}/metrics")
         observers.append(metrics)
     observer = Observers(observers)
     allowances = AllowanceBook(agents_file, registry)
+    run_id = run_id_of(store) if settings.resume else new_run_id()
     with broker_for(settings, fleet, registry) as mqtt:
         transport = MqttTransport(
             mqtt,
@@ -326,7 +408,11 @@ def serve(
             policy=transport_policy(cfg, programs),
             on_allowance=allowances.pin,
             observer=observer,
+            run_id=run_id,
+            input_norm=input_norm(data),
         ).start(timeout=30)
+        if not settings.resume:  # the previous run's global models are no longer news
+            transport.clear_globals(p.name for p in cfg.prototypes)
         try:
             report(
                 f"coordinator on {mqtt.host}:{mqtt.port}, fleet {fleet!r}, "
@@ -338,7 +424,13 @@ def serve(
                 transport,
                 store,
                 device,
-                ServeOptions(settings.rounds or cfg.rounds, settings.seed, settings.resume, policy),
+                ServeOptions(
+                    rounds=settings.rounds or cfg.rounds,
+                    seed=settings.seed,
+                    resume=settings.resume,
+                    policy=policy,
+                    run_id=run_id,
+                ),
                 on_round=on_round,
                 on_phase=lambda phase, r: report(f"round {r}: {phase}"),
                 registry=transport.registry,
@@ -349,6 +441,7 @@ def serve(
                 transport, cfg, len(registry), settings.wait_all_s, settings.wait_agents_s, report
             )
             results = run.run()
+            transport.finish()  # late updates are answered "run_finished"
             c = transport.counters
             report(f"updates accepted {c.accepted}, refused {dict(c.refused) or 0}")
         finally:
@@ -356,18 +449,29 @@ def serve(
             if metrics is not None:
                 metrics.close()
     if settings.export:
-        export_run_dir(run_dir, report)
+        export_run_dir(run_dir, report, release_key=agents_file.parent / KEY_FILE)
     return results
 
 
-def export_run_dir(run_dir: Path, report: Callable[[str], None]) -> None:
-    """Export every prototype's final model as its device profile asks (needs the
-    export extra; a missing toolchain is reported, not fatal)."""
+def export_run_dir(
+    run_dir: Path, report: Callable[[str], None], *, release_key: Path | None = None
+) -> None:
+    """Export every prototype's final model as its device profile asks, and sign the
+    sidecars with ``release_key`` when it exists (needs the export extra; a missing
+    toolchain is reported, not fatal)."""
     try:
+        from export.metadata import sign_sidecars
         from export.run_export import export_run
     except ImportError as e:
         report(f"skipping export ({e}); install takfl-edge[export] and run takfl-export --run")
         return
     report("exporting every prototype's final model (ONNX / TFLite)...")
     export_run(run_dir)
-    report(f"exports written under {run_dir / 'exports'}")
+    if release_key is not None and release_key.is_file():
+        from takfl.release.keys import load_signer
+
+        signed = sign_sidecars(exports_dir(run_dir), load_signer(release_key))
+        report(f"signed {len(signed)} sidecar(s) with the fleet's release key")
+    else:
+        report("sidecars not signed: no release key beside the agent registry")
+    report(f"exports written under {exports_dir(run_dir)}")

@@ -26,17 +26,19 @@ from takfl.algorithms import resolve_algorithm
 from takfl.checkpoint import CheckpointMeta
 from takfl.config import FederationConfig
 from takfl.federation_data import FederationData
+from takfl.run_layout import RunState
 from takfl.wire.validation import AgentRecord, UpdateBounds, check_stored_update
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeOptions:
     rounds: int
     seed: int = 0
     resume: bool = False
     policy: RoundPolicy = field(default_factory=RoundPolicy)
+    run_id: str = ""  # the run's id on the wire, kept in the state ("": none)
 
 
 def checkpoint_meta(
@@ -48,15 +50,15 @@ def checkpoint_meta(
 ) -> CheckpointMeta:
     spec = models[prototype]
     return CheckpointMeta(
-        prototype,
-        round_id,
-        spec.builder,
-        data.num_classes,
-        data.input_shape,
-        dict(spec.args),
-        list(data.pool.class_names),
-        list(data.pool.mean),
-        list(data.pool.std),
+        prototype=prototype,
+        round=round_id,
+        builder=spec.builder,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        builder_args=dict(spec.args),
+        class_names=list(data.pool.class_names),
+        mean=list(data.pool.mean),
+        std=list(data.pool.std),
     )
 
 
@@ -108,7 +110,7 @@ class FederationRun:
         self.on_phase = on_phase or (lambda phase, r: None)
         self.completed = 0
         self.prepared = False
-        self.state: dict[str, Any] = {}
+        self.state: RunState = {"round": 0}
 
     def _weight_cap(self, client: str) -> int | None:
         record = self.registry.get(client) if self.registry is not None else None
@@ -125,17 +127,21 @@ class FederationRun:
     def _prepare(self) -> None:
         if self.options.resume and self.store.exists():
             self.state = self.store.read_state()
-            self.completed = int(self.state["round"])
+            self.completed = self.state["round"]
             digests = self.state.get("checkpoints", {})
             if self.completed > 0:
                 for p in self.cfg.prototypes:
                     self.engine.globals[p.name] = self.store.load_global(
                         p.name, self.completed, digests.get(p.name)
                     )
-            if self.state.get("round_metrics") is not None:
+            records = self.state.get("round_metrics")
+            if records is not None:
                 # the round's metrics went with the state; a kill before (or during) the
                 # metrics write is repaired here, and a repeat changes nothing
-                self.store.commit_metrics(self.completed, self.state["round_metrics"])
+                self.store.commit_metrics(self.completed, records)
+            if self.options.run_id and not self.state.get("run_id"):
+                self.state["run_id"] = self.options.run_id  # a run from before run ids
+                self.store.write_state(self.state)
             log.info("resuming after round %d", self.completed)
             return
         if self.store.exists() and not self.options.resume:
@@ -151,6 +157,7 @@ class FederationRun:
             digests[p.name] = self.store.save_global(meta, self.engine.globals[p.name])
         self.state = {
             "round": 0,
+            "run_id": self.options.run_id,
             "phase": "starting",
             "config": self.cfg.name,
             "algorithm": self.engine.algorithm.name,
@@ -162,8 +169,9 @@ class FederationRun:
         }
         self.store.write_state(self.state)
 
-    def _save_state(self, **changes: Any) -> None:
-        self.state.update(changes, updated=time.time())
+    def _save_state(self) -> None:
+        """Write ``self.state``, stamped with the time."""
+        self.state["updated"] = time.time()
         self.store.write_state(self.state)
 
     def _known(self, plan: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -221,7 +229,9 @@ class FederationRun:
                 plan = self.engine.plan(r)
             plan = self._known(plan)
             resumed = self._resumed(r)
-            self._save_state(phase="collecting", open_round={"id": r, "plan": plan})
+            self.state["phase"] = "collecting"
+            self.state["open_round"] = {"id": r, "plan": plan}
+            self._save_state()
             self.on_phase("collecting", r)
             self.observer.round_started(r, plan)
             started = time.monotonic()
@@ -236,20 +246,24 @@ class FederationRun:
             # the state is the commit point: it carries the checkpoints' digests and the
             # round's metrics, which metrics.jsonl then receives (again on resume if a
             # kill falls in between)
-            self._save_state(
-                round=r,
-                phase="round complete",
-                open_round=None,
-                accuracy=res.accuracy,
-                lambdas=res.lambdas,
-                checkpoints=digests,
-                round_metrics=records,
+            self.state.update(
+                {
+                    "round": r,
+                    "phase": "round complete",
+                    "open_round": None,
+                    "accuracy": res.accuracy,
+                    "lambdas": res.lambdas,
+                    "checkpoints": digests,
+                    "round_metrics": records,
+                }
             )
+            self._save_state()
             self.store.commit_metrics(r, records)
             self.store.clear_pending(r)
             self.observer.round_finished(r, time.monotonic() - started)
             results.append(res)
             if self.on_round is not None:
                 self.on_round(res)
-        self._save_state(phase="finished")
+        self.state["phase"] = "finished"
+        self._save_state()
         return results

@@ -18,10 +18,7 @@ from coordinator.transport.inprocess import InProcessTransport, VirtualClient
 from takfl.algorithms import Algorithm
 from takfl.config import FederationConfig, prototype_profile, prototype_training
 from takfl.federation_data import build_federation_data
-
-METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
-PLOT_FILE = "accuracy.png"
+from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
 
 
 @dataclass(kw_only=True)
@@ -104,7 +101,7 @@ def run_simulation(
         for algo in spec.algorithms:
             alg = algo.name
             clients = [
-                VirtualClient(cid, proto, x, y, trainings[proto])
+                VirtualClient(client_id=cid, prototype=proto, x=x, y=y, training=trainings[proto])
                 for cid, (proto, x, y) in data.clients.items()
             ]
             transport = InProcessTransport(

@@ -1,24 +1,13 @@
-"""The run directory: state, per-round global models, metrics, pending updates, exports.
-
-    RUN/config.yaml                         the federation config the run uses
-    RUN/state.json                          last completed round, plan of the current one,
-                                            lambdas, accuracies, the SHA-256 of each
-                                            prototype's checkpoint, the round's metrics
-    RUN/models/<prototype>/round-<r>.safetensors
-    RUN/metrics.jsonl                       one line per round per prototype
-    RUN/telemetry.jsonl                     one line per event: registrations, presence,
-                                            updates with the agent's telemetry, refusals,
-                                            and a summary per round (coordinator.telemetry_log)
-    RUN/report.html, RUN/report.json        the field-trial report (coordinator.report)
-    RUN/pending/round-<r>/<client>.safetensors   accepted updates of the open round
-    RUN/exports/
+"""The run store: reads and writes a run directory (layout and state schema in
+``takfl.run_layout``): state, per-round global models, metrics, telemetry, pending updates.
 
 Every write goes to a temporary file in the same folder and is renamed into
 place, so a coordinator killed at any point leaves either the old or the new
-file, never half of one. A round is committed by writing ``state.json`` (which
-carries the round's metrics records); ``metrics.jsonl`` is then brought in line
-with it, idempotently per (round, prototype), and again on resume, so the two
-never disagree after a restart.
+file, never half of one; the exception is ``telemetry.jsonl``, appended in place
+(a torn last line after a kill is skipped on reading). A round is committed by
+writing ``state.json`` (which carries the round's metrics records);
+``metrics.jsonl`` is then brought in line with it, idempotently per (round,
+prototype), and again on resume, so the two never disagree after a restart.
 """
 
 from __future__ import annotations
@@ -26,33 +15,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, load_file
 
 from coordinator.transport.base import ClientUpdate
+from takfl import run_layout
 from takfl.checkpoint import CheckpointMeta, save_checkpoint
 from takfl.config import FederationConfig
 from takfl.files import atomic_write_bytes
-from takfl.state import non_finite_entry
+from takfl.run_layout import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    TELEMETRY_FILE,
+    RunLayoutError,
+    RunState,
+)
+from takfl.state import State, non_finite_entry
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.json"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-TELEMETRY_FILE = "telemetry.jsonl"
-REPORT_HTML = "report.html"
-REPORT_JSON = "report.json"
-MODELS_DIR = "models"
-PENDING_DIR = "pending"
-EXPORTS_DIR = "exports"
 
 
 class RunStoreError(RuntimeError):
@@ -66,36 +54,32 @@ class RunStore:
 
     # -- paths --------------------------------------------------------------
     def model_path(self, prototype: str, round_id: int) -> Path:
-        return self.root / MODELS_DIR / prototype / f"round-{round_id}.safetensors"
+        return run_layout.model_path(self.root, prototype, round_id)
 
     def pending_dir(self, round_id: int) -> Path:
-        return self.root / PENDING_DIR / f"round-{round_id}"
+        return run_layout.pending_dir(self.root, round_id)
 
     @property
     def exports_dir(self) -> Path:
-        return self.root / EXPORTS_DIR
+        return run_layout.exports_dir(self.root)
 
     # -- state and config ---------------------------------------------------
     def exists(self) -> bool:
         return (self.root / STATE_FILE).is_file()
 
-    def write_json(self, name: str, data: Any) -> None:
-        atomic_write_bytes(self.root / name, json.dumps(data, indent=2, sort_keys=True).encode())
-
-    def read_state(self) -> dict[str, Any]:
-        path = self.root / STATE_FILE
-        if not path.is_file():
-            raise RunStoreError(f"{self.root} has no {STATE_FILE}; is it a run directory?")
+    def read_state(self) -> RunState:
+        """The committed state; :class:`RunStoreError` when missing or malformed."""
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RunStoreError(f"{path} is not valid JSON ({e})") from e
-        if not isinstance(data, dict) or "round" not in data:
-            raise RunStoreError(f"{path} lacks the 'round' entry")
-        return data
+            return run_layout.read_run_state(self.root)
+        except RunLayoutError as e:
+            raise RunStoreError(str(e)) from e
 
-    def write_state(self, state: dict[str, Any]) -> None:
-        self.write_json(STATE_FILE, state)
+    def state_if_any(self) -> RunState | None:
+        """The committed state, None where the directory has none (a simulate output)."""
+        return self.read_state() if self.exists() else None
+
+    def write_state(self, state: RunState) -> None:
+        atomic_write_bytes(self.root / STATE_FILE, run_layout.encode_run_state(state))
 
     def write_config(self, cfg: FederationConfig) -> None:
         text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
@@ -106,14 +90,12 @@ class RunStore:
         return self.root / CONFIG_FILE
 
     # -- models -------------------------------------------------------------
-    def save_global(self, meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> str:
+    def save_global(self, meta: CheckpointMeta, state: State) -> str:
         """Write the prototype's checkpoint of ``meta.round``; returns its SHA-256 (hex),
         to be recorded in the run state."""
         return save_checkpoint(self.model_path(meta.prototype, meta.round), state, meta)
 
-    def load_global(
-        self, prototype: str, round_id: int, sha256: str | None = None
-    ) -> dict[str, torch.Tensor]:
+    def load_global(self, prototype: str, round_id: int, sha256: str | None = None) -> State:
         """The checkpoint, checked: its SHA-256 equal to ``sha256`` (the digest the run
         state recorded; None for runs from before digests were kept), readable, every
         floating value finite. Anything else is a :class:`RunStoreError` naming the file."""
@@ -153,13 +135,14 @@ class RunStore:
 
     def metrics(self) -> list[dict[str, Any]]:
         """Metrics of committed rounds, one record per (round, prototype) (the last one)."""
-        state = self.read_state() if self.exists() else {}
-        committed = state.get("round")
+        state = self.state_if_any()
+        committed = state["round"] if state is not None else None
         latest: dict[tuple[int, str], dict[str, Any]] = {}
         for r in self._metrics_lines():
-            if committed is None or int(r.get("round", 0)) <= int(committed):
+            if committed is None or int(r.get("round", 0)) <= committed:
                 latest[_metrics_key(r)] = r
-        for r in state.get("round_metrics") or []:  # committed, file not yet written
+        pending = (state.get("round_metrics") if state is not None else None) or []
+        for r in pending:  # committed, file not yet written
             latest.setdefault(_metrics_key(r), r)
         return sorted(latest.values(), key=_metrics_key)
 
@@ -170,19 +153,28 @@ class RunStore:
 
     # -- telemetry ----------------------------------------------------------
     def _append_jsonl(self, name: str, records: list[dict[str, Any]]) -> None:
-        """Append JSON lines: the whole new file is written and renamed into place."""
+        """Append JSON lines in O(size of the records): written at the end of the file,
+        flushed and fsynced before returning. A crash mid-append can leave a torn last
+        line, which :meth:`_read_jsonl` skips; the next append starts on a line of its own
+        so it is not glued to the torn one."""
         path = self.root / name
+        body = "".join(json.dumps(r) + "\n" for r in records).encode()
         with self._append_lock:
-            old = path.read_bytes() if path.is_file() else b""
-            new = "".join(json.dumps(r) + "\n" for r in records).encode()
-            atomic_write_bytes(path, old + new)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                    body = b"\n" + body
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
 
     def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
         path = self.root / name
         if not path.is_file():
             return []
         out = []
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -221,12 +213,12 @@ class RunStore:
                 with safe_open(str(path), framework="pt") as f:
                     meta = f.metadata() or {}
                 upd = ClientUpdate(
-                    int(meta["round"]),
-                    meta["prototype"],
-                    meta["client_id"],
-                    int(meta["num_samples"]),
-                    load_file(str(path)),
-                    json.loads(meta.get("metrics", "{}")),
+                    round_id=int(meta["round"]),
+                    prototype=meta["prototype"],
+                    client_id=meta["client_id"],
+                    num_samples=int(meta["num_samples"]),
+                    state=load_file(str(path)),
+                    metrics=json.loads(meta.get("metrics", "{}")),
                 )
             except (SafetensorError, OSError, KeyError, ValueError) as e:
                 log.warning("skipping persisted update %s: unreadable (%s)", path, e)

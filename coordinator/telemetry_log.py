@@ -4,10 +4,11 @@ atomically (the run store writes the whole new file and renames it into place).
 Every record has ``kind`` and ``time`` (unix seconds, coordinator clock). Kinds::
 
     register  agent_id, prototype, round (the coordinator's open round, 0 before round 1),
-              telemetry (object or null: takfl.wire.telemetry.Telemetry, as received)
+              telemetry (object or null: takfl.wire.telemetry.Telemetry, as received but
+              for implausible values), implausible (field -> value; only when any)
     presence  agent_id, prototype, online (bool); written when the state changes
     update    agent_id, prototype, round, num_samples, upload_bytes (the delta blob),
-              compression, telemetry (object or null)
+              compression, telemetry (object or null), implausible (as for register)
     refusal   agent_id, prototype (or null), round (or null), reason (a Refusal value)
     round     round, duration_s, sampled / answered / late / missing: prototype -> [agent ids],
               refused: reason -> count (this round's refusals of updates),
@@ -16,7 +17,11 @@ Every record has ``kind`` and ``time`` (unix seconds, coordinator clock). Kinds:
 
 ``late`` are sampled agents whose update was refused as expired or for a closed round;
 ``missing`` are sampled agents that neither answered nor were late. Everything in a
-record was validated on receipt (telemetry is bounded by its schema). The log stays
+record was validated on receipt (telemetry is bounded by its schema); values no device
+of the tier can have measured (:func:`plausibility`: memory over the tier's hardware
+class, times or deadline slack past the round's deadline x
+:data:`DEADLINE_FACTOR`) are moved out of ``telemetry`` into ``implausible``, so
+nothing reads them as measurements. The log stays
 bounded by agents x rounds: a registration is written again only when the agent's
 platform changed (an agent re-registers on every reconnect), and at most
 ``MAX_REFUSALS`` refusals per agent and round are written (the round record counts all).
@@ -32,11 +37,42 @@ from typing import Any
 
 from coordinator.observe import LATE_REASONS, FleetObserver
 from coordinator.store import RunStore
+from takfl.config import FederationConfig, prototype_profile
+from takfl.config.profile import HARDWARE_MEMORY_MB
 from takfl.wire.messages import UpdateHeader
-from takfl.wire.telemetry import Telemetry
+from takfl.wire.telemetry import Plausibility, Telemetry, implausible
 
-KINDS = ("register", "presence", "update", "refusal", "round")
 MAX_REFUSALS = 16  # refusal records per agent and round (the round record counts every one)
+DEADLINE_FACTOR = 2.0  # times and deadline slack within the round's deadline x this
+# for a tier without its own bounds: the largest device, a day
+ANY_DEVICE = Plausibility(memory_mb=float(max(HARDWARE_MEMORY_MB.values())), seconds=86_400.0)
+
+
+def plausibility(
+    cfg: FederationConfig, deadline_s: float, factor: float = DEADLINE_FACTOR
+) -> dict[str, Plausibility]:
+    """prototype -> what its devices can report: memory up to its hardware class's
+    (:data:`HARDWARE_MEMORY_MB`), times and slack within ``deadline_s x factor``.
+
+    Not the profile's ``memory_limit_mb``: that limit is a soft one the agent checks
+    after each task (``edge_agent.limits.over_memory``), so an honest agent can report
+    a peak above it; no honest device reports more memory than its class has."""
+    out = {}
+    for p in cfg.prototypes:
+        memory = HARDWARE_MEMORY_MB[prototype_profile(cfg, p.name).hardware_class]
+        out[p.name] = Plausibility(memory_mb=float(memory), seconds=deadline_s * factor)
+    return out
+
+
+def screen(
+    telemetry: Telemetry | None, bounds: Plausibility
+) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """The telemetry as JSON without its implausible values, and those values."""
+    if telemetry is None:
+        return None, {}
+    flagged = implausible(telemetry, bounds)
+    data = telemetry.model_dump(mode="json")
+    return {k: v for k, v in data.items() if k not in flagged}, flagged
 
 
 class _Round:
@@ -52,9 +88,17 @@ class _Round:
 class TelemetryRecorder(FleetObserver):
     """Writes the telemetry log of one run as events arrive (thread-safe)."""
 
-    def __init__(self, store: RunStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        clock: Callable[[], float] = time.time,
+        bounds: Mapping[str, Plausibility] | None = None,
+    ) -> None:
+        """``bounds``: prototype -> :class:`Plausibility` (:func:`plausibility`); other
+        prototypes get :data:`ANY_DEVICE`."""
         self.store = store
         self.clock = clock
+        self.bounds = dict(bounds or {})
         self._lock = threading.Lock()
         self._round_id = 0
         self._rounds: dict[int, _Round] = {}
@@ -64,6 +108,10 @@ class TelemetryRecorder(FleetObserver):
 
     def _write(self, kind: str, **fields: Any) -> None:
         self.store.append_telemetry([{"kind": kind, "time": self.clock(), **fields}])
+
+    def _screened(self, prototype: str, telemetry: Telemetry | None) -> dict[str, Any]:
+        data, flagged = screen(telemetry, self.bounds.get(prototype, ANY_DEVICE))
+        return {"telemetry": data} | ({"implausible": flagged} if flagged else {})
 
     def _open(self, round_id: int | None) -> _Round | None:
         return self._rounds.get(round_id) if round_id is not None else None
@@ -81,7 +129,7 @@ class TelemetryRecorder(FleetObserver):
             agent_id=agent,
             prototype=prototype,
             round=round_id,
-            telemetry=None if telemetry is None else telemetry.model_dump(mode="json"),
+            **self._screened(prototype, telemetry),
         )
 
     def presence(self, agent: str, prototype: str, online: bool) -> None:
@@ -103,7 +151,6 @@ class TelemetryRecorder(FleetObserver):
             if r is not None:
                 r.answered[header.prototype].add(header.agent_id)
                 r.bytes_up[header.prototype] += header.blob.size
-        t = header.telemetry
         self._write(
             "update",
             agent_id=header.agent_id,
@@ -112,7 +159,7 @@ class TelemetryRecorder(FleetObserver):
             num_samples=header.num_samples,
             upload_bytes=header.blob.size,
             compression=header.compression,
-            telemetry=None if t is None else t.model_dump(mode="json"),
+            **self._screened(header.prototype, header.telemetry),
         )
 
     def refused(self, agent: str, prototype: str | None, round_id: int | None, reason: str) -> None:

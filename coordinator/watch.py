@@ -44,8 +44,9 @@ def watch_view(run_dir: Path) -> WatchView:
     """What the live table shows, read from the run directory now."""
     store = RunStore(run_dir)
     state = store.read_state()
-    open_round = (state.get("open_round") or {}).get("id")
-    plan: dict[str, list[str]] = (state.get("open_round") or {}).get("plan") or {}
+    opened = state.get("open_round")
+    open_round = opened["id"] if opened else None
+    plan = opened["plan"] if opened else {}
     rows: dict[str, AgentRow] = {}
 
     def row(agent: str, proto: str | None) -> AgentRow:
@@ -81,7 +82,7 @@ def watch_view(run_dir: Path) -> WatchView:
             elif not r.this_round:
                 r.this_round = "sampled"
     return WatchView(
-        round=int(state.get("round", 0)),
+        round=state["round"],
         phase=str(state.get("phase", "?")),
         open_round=open_round,
         agents=sorted(rows.values(), key=lambda a: (a.prototype, a.agent_id)),

@@ -176,11 +176,12 @@ def validate(
 
 # --- subcommands defined in their own modules --------------------------------------------
 # Register them here, e.g. ``app.command("run")(run_agent.run)``.
-from edge_agent import doctor_command, predict_command, run_command  # noqa: E402
+from edge_agent import doctor_command, predict_command, run_command, serve_command  # noqa: E402
 
 app.command("run")(run_command.run)
 app.command("predict")(predict_command.predict)
 app.command("doctor")(doctor_command.doctor)
+app.command("serve")(serve_command.serve)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ from edge_agent.watch import refusal_fix
 from takfl.config import ConfigError, DeviceProfile, load_profile
 
 if TYPE_CHECKING:
-    from takfl.mqtt.client import MqttSettings
+    from takfl.mqtt.client import MqttClient, MqttSettings
 
 EXIT_INPUT = 2
 CHILD_TIMEOUT_S = 300  # importing torch under emulation or on a slow SD card takes a while
@@ -125,6 +126,101 @@ def ntp_synchronised() -> bool | None:
     return {"yes": True, "no": False}.get(out)
 
 
+def reachable(settings: MqttSettings) -> Check:
+    """Whether a TCP connection to the broker opens within 5 s."""
+    where = f"{settings.host}:{settings.port}"
+    try:
+        socket.create_connection((settings.host, settings.port), timeout=5).close()
+    except OSError as e:
+        return Check(
+            "broker",
+            Status.FAIL,
+            f"cannot reach {where}: {e}",
+            "check the address and port in --broker, that the broker runs, and the "
+            "network or firewall between them",
+        )
+    return ok("broker", f"{where} reachable")
+
+
+def connect(
+    settings: MqttSettings, agent_id: str | None, routes: dict[str, Callable[[str, bytes], None]]
+) -> tuple[MqttClient | None, Check]:
+    """A started client with ``routes`` (MQTT 5, or 3.1.1 where the broker lacks 5), and
+    the credentials check; no client when the broker refused the login."""
+    from takfl.mqtt.client import UNSUPPORTED_PROTOCOL, MqttClient, MqttConnectError
+
+    for protocol in ("5", "3.1.1"):
+        client = MqttClient(
+            replace(settings, protocol=protocol, reconnect_min_s=30, reconnect_max_s=60),
+            agent_id or f"takfl-doctor-{os.getpid()}",
+            persistent=False,
+        )
+        for topic, handler in routes.items():
+            client.route(topic, handler)
+        try:
+            client.start(timeout=10)
+        except MqttConnectError as e:
+            reason = client.last_connect_error or str(e)
+            if reason == UNSUPPORTED_PROTOCOL and protocol == "5":
+                continue
+            who = agent_id or "an anonymous client (give --id and --secret-file)"
+            return None, Check(
+                "credentials",
+                Status.FAIL,
+                f"the broker refused {who}: {reason}",
+                refusal_fix(reason, agent_id or "this agent"),
+            )
+        return client, ok("credentials", f"accepted (MQTT {client.settings.protocol})")
+    raise RuntimeError("no MQTT client was made")  # the loop returns on its last protocol
+
+
+def publish_check(client: MqttClient, fleet: str, agent_id: str, secret: bytes | None) -> Check:
+    """Publish the agent's own "offline" status (signed as the agent signs it, so the
+    coordinator sees an ordinary status) and say whether the broker let it through."""
+    from takfl.wire.messages import Status as StatusMessage
+    from takfl.wire.messages import encode_message
+    from takfl.wire.signing import sign
+    from takfl.wire.topics import Topics, Up
+
+    topic = Topics(fleet).up(agent_id, Up.STATUS)
+    offline = StatusMessage(agent_id=agent_id, state="offline", time=time.time())
+    if secret is not None:
+        offline = sign(offline, secret)
+    answer = client.publish_confirmed(topic, encode_message(offline), 10, retain=True)
+    if answer is None:
+        return Check("publish", Status.FAIL, f"no PUBACK on {topic} in 10 s")
+    if answer.is_failure:
+        return Check(
+            "publish",
+            Status.FAIL,
+            f"refused on {topic}: {answer}",
+            f"the broker's ACL lets {agent_id} write only under its fleet: check "
+            f"--fleet {fleet} against the coordinator's fleet, and that "
+            f"{agent_id} was provisioned for it",
+        )
+    if client.settings.protocol == "5":
+        return ok("publish", f"allowed on {topic}")
+    return Check(
+        "publish",
+        Status.WARN,
+        f"sent on {topic}; the broker speaks MQTT 3.1.1, which does not say "
+        "whether it refused a message",
+    )
+
+
+def coordinator_check(state: str | None, fleet: str, wait_s: float) -> Check:
+    """The coordinator's last status on the fleet's topic (None: none arrived)."""
+    if state == "online":
+        return ok("coordinator", f"fleet {fleet} online")
+    return Check(
+        "coordinator",
+        Status.FAIL,
+        f"no coordinator of fleet {fleet} online ({state or 'not seen'} within {wait_s:g} s)",
+        f"start `takfl-coordinator serve` for fleet {fleet} on this broker, or give "
+        "the coordinator's fleet with --fleet (its federation's name or its --fleet)",
+    )
+
+
 def broker_checks(
     settings: MqttSettings,
     fleet: str,
@@ -137,28 +233,14 @@ def broker_checks(
     The publish test is the agent's own "offline" status, signed with ``secret`` as the agent
     signs it, so the coordinator sees an ordinary status rather than a forged one.
     Returns the checks and the coordinator's status time (for the clock check)."""
-    from takfl.mqtt.client import UNSUPPORTED_PROTOCOL, MqttClient, MqttConnectError
     from takfl.wire.errors import WireError
     from takfl.wire.messages import Status as StatusMessage
-    from takfl.wire.messages import decode_message, encode_message
-    from takfl.wire.signing import sign
-    from takfl.wire.topics import Topics, Up
+    from takfl.wire.messages import decode_message
+    from takfl.wire.topics import Topics
 
-    where = f"{settings.host}:{settings.port}"
-    try:
-        socket.create_connection((settings.host, settings.port), timeout=5).close()
-    except OSError as e:
-        return [
-            Check(
-                "broker",
-                Status.FAIL,
-                f"cannot reach {where}: {e}",
-                "check the address and port in --broker, that the broker runs, and the "
-                "network or firewall between them",
-            )
-        ], None
-    checks = [ok("broker", f"{where} reachable")]
-    topics = Topics(fleet)
+    checks = [reachable(settings)]
+    if checks[0].status is Status.FAIL:
+        return checks, None
     seen: list[StatusMessage] = []
     arrived = threading.Event()
 
@@ -169,83 +251,20 @@ def broker_checks(
             return
         arrived.set()
 
-    client = None
-    for protocol in ("5", "3.1.1"):
-        client = MqttClient(
-            replace(settings, protocol=protocol, reconnect_min_s=30, reconnect_max_s=60),
-            agent_id or f"takfl-doctor-{os.getpid()}",
-            persistent=False,
-        )
-        client.route(topics.coordinator_status(), on_status)
-        try:
-            client.start(timeout=10)
-        except MqttConnectError as e:
-            reason = client.last_connect_error or str(e)
-            if reason == UNSUPPORTED_PROTOCOL and protocol == "5":
-                continue
-            who = agent_id or "an anonymous client (give --id and --secret-file)"
-            return [
-                *checks,
-                Check(
-                    "credentials",
-                    Status.FAIL,
-                    f"the broker refused {who}: {reason}",
-                    refusal_fix(reason, agent_id or "this agent"),
-                ),
-            ], None
-        break
-    if client is None:  # the loop above always makes one
-        raise RuntimeError("no MQTT client was made")
-    v5 = client.settings.protocol == "5"
-    checks.append(ok("credentials", f"accepted (MQTT {client.settings.protocol})"))
+    client, credentials = connect(
+        settings, agent_id, {Topics(fleet).coordinator_status(): on_status}
+    )
+    checks.append(credentials)
+    if client is None:
+        return checks, None
     try:
         if agent_id is not None:
-            topic = topics.up(agent_id, Up.STATUS)
-            offline = StatusMessage(agent_id=agent_id, state="offline", time=time.time())
-            if secret is not None:
-                offline = sign(offline, secret)
-            answer = client.publish_confirmed(topic, encode_message(offline), 10, retain=True)
-            if answer is None:
-                checks.append(Check("publish", Status.FAIL, f"no PUBACK on {topic} in 10 s"))
-            elif answer.is_failure:
-                checks.append(
-                    Check(
-                        "publish",
-                        Status.FAIL,
-                        f"refused on {topic}: {answer}",
-                        f"the broker's ACL lets {agent_id} write only under its fleet: check "
-                        f"--fleet {fleet} against the coordinator's fleet, and that "
-                        f"{agent_id} was provisioned for it",
-                    )
-                )
-            elif v5:
-                checks.append(ok("publish", f"allowed on {topic}"))
-            else:
-                checks.append(
-                    Check(
-                        "publish",
-                        Status.WARN,
-                        f"sent on {topic}; the broker speaks MQTT 3.1.1, which does not say "
-                        "whether it refused a message",
-                    )
-                )
+            checks.append(publish_check(client, fleet, agent_id, secret))
         arrived.wait(wait_s)
     finally:
         client.stop()
     status = seen[-1] if seen else None
-    if status is not None and status.state == "online":
-        checks.append(ok("coordinator", f"fleet {fleet} online"))
-    else:
-        state = "offline" if status is not None else "not seen"
-        checks.append(
-            Check(
-                "coordinator",
-                Status.FAIL,
-                f"no coordinator of fleet {fleet} online ({state} within {wait_s:g} s)",
-                f"start `takfl-coordinator serve` for fleet {fleet} on this broker, or give "
-                "the coordinator's fleet with --fleet (its federation's name or its --fleet)",
-            )
-        )
+    checks.append(coordinator_check(status.state if status else None, fleet, wait_s))
     return checks, status.time if status is not None else None
 
 
@@ -259,6 +278,51 @@ def checks_table(checks: list[Check]) -> Table:
     for c in checks:
         table.add_row(c.name, Text(c.status.value, style=colour[c.status]), c.detail, c.fix)
     return table
+
+
+def agent_settings(
+    broker: str, agent_id: str | None, secret_file: Path | None, ca_file: str | None, err: Console
+) -> tuple[MqttSettings, bytes | None]:
+    """The broker settings with the agent's credentials, and its secret; a bad option or
+    secret file is printed to ``err`` and ends the command (exit 2)."""
+    from takfl.mqtt.credentials import mqtt_password
+    from takfl.mqtt.url import parse_broker_url
+    from takfl.secret_files import load_secret_file
+    from takfl.wire.errors import WireError
+
+    if (agent_id is None) != (secret_file is None):
+        err.print(Text("give --id and --secret-file together", style="red"))
+        raise typer.Exit(EXIT_INPUT)
+    secret = None
+    try:
+        settings = parse_broker_url(broker, ca_file=ca_file)
+        if secret_file is not None:
+            secret = load_secret_file(secret_file)
+        if agent_id is not None and secret is not None and settings.username is None:
+            settings = replace(settings, username=agent_id, password=mqtt_password(secret))
+    except (ValueError, WireError, OSError) as e:
+        err.print(Text(f"error: {e}", style="red"))
+        raise typer.Exit(EXIT_INPUT) from None
+    return settings, secret
+
+
+def local_checks(prof: DeviceProfile) -> list[Check]:
+    """Platform, torch, the profile's runtime and the machine's resources."""
+    py = sys.version_info
+    checks = check_platform(platform.machine(), platform.system(), (py[0], py[1], py[2]))
+    checks.append(check_torch(child_json(_TORCH_PROBE), prof))
+    checks.append(probe_runtime(prof))
+    total, available = meminfo_mb()
+    checks += check_resources(
+        prof,
+        total_mb=total,
+        available_mb=available,
+        free_disk_mb=shutil.disk_usage(Path.cwd()).free / 2**20,
+        cores=len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count() or 1,
+    )
+    return checks
 
 
 def doctor(
@@ -281,38 +345,8 @@ def doctor(
         raise typer.Exit(EXIT_INPUT) from None
     settings, secret = None, None
     if broker is not None:
-        from takfl.mqtt.credentials import mqtt_password
-        from takfl.mqtt.url import parse_broker_url
-        from takfl.wire.errors import WireError
-        from takfl.wire.signing import load_secret_file
-
-        if (agent_id is None) != (secret_file is None):
-            err.print(Text("give --id and --secret-file together", style="red"))
-            raise typer.Exit(EXIT_INPUT)
-        try:
-            settings = parse_broker_url(broker, ca_file=ca_file)
-            if secret_file is not None:
-                secret = load_secret_file(secret_file)
-            if agent_id is not None and secret is not None and settings.username is None:
-                settings = replace(settings, username=agent_id, password=mqtt_password(secret))
-        except (ValueError, WireError, OSError) as e:
-            err.print(Text(f"error: {e}", style="red"))
-            raise typer.Exit(EXIT_INPUT) from None
-
-    py = sys.version_info
-    checks = check_platform(platform.machine(), platform.system(), (py[0], py[1], py[2]))
-    checks.append(check_torch(child_json(_TORCH_PROBE), prof))
-    checks.append(probe_runtime(prof))
-    total, available = meminfo_mb()
-    checks += check_resources(
-        prof,
-        total_mb=total,
-        available_mb=available,
-        free_disk_mb=shutil.disk_usage(Path.cwd()).free / 2**20,
-        cores=len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count() or 1,
-    )
+        settings, secret = agent_settings(broker, agent_id, secret_file, ca_file, err)
+    checks = local_checks(prof)
     coordinator_time = None
     if settings is not None:
         more, coordinator_time = broker_checks(settings, fleet, agent_id, wait, secret)

@@ -8,6 +8,13 @@ does not hold it, reassembles blobs (duplicates and reordering tolerated, missin
 asked for again after a quiet period), refuses a global model that does not decode or
 holds NaN/inf, and hands on each task once its global model and its program are here.
 
+The coordinator's run is followed: a task of another run than the current one starts
+that run, unless it was sent before the current run's first task (a task of an older
+run, delivered late from a persistent session): that one is refused ``other_run``,
+counted, logged once per run and not acknowledged. A chunk that does not fit its blob
+is refused alone (the blob stays and the chunk is asked for again); a chunk of no
+expected blob is dropped, counted and logged once per digest.
+
 Each step returns a :class:`Decision`: acks of tasks to sign and publish, tasks ready to
 train, program chunks to ask for, and a task repeated by the coordinator that must be
 answered again with the update already sent. It never raises on bad input and needs no
@@ -37,6 +44,7 @@ from takfl.wire.validation import Refusal
 log = logging.getLogger(__name__)
 
 COORDINATOR = "coordinator"  # blob source name of the coordinator
+LOGGED_DIGESTS = 256  # unexpected digests remembered so each is logged once
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class IntakeCounters:
     blob_errors: int = 0  # chunks refused, digests failed, undecodable or non-finite blobs
     ignored_chunks: int = 0  # chunks of no expected blob
     refused: Counter[str] = field(default_factory=Counter)  # tasks refused, by Refusal value
+    runs: int = 0  # runs of the coordinator seen (tasks of a new run)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +106,10 @@ class TaskIntake:
         self._fetching: set[str] = set()  # digests of programs being received
         self._parked: dict[str, list[ReceivedTask]] = {}  # program digest -> tasks needing it
         self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()  # (round, global digest)
+        self.run = ""  # the coordinator's current run ("" before its first task)
+        self._run_since = 0.0  # sent_at of the current run's first task
+        self._old_runs: set[str] = set()  # older runs already logged
+        self._logged: OrderedDict[str, None] = OrderedDict()  # unexpected digests logged
 
     def _ack(self, task: TaskMessage, reason: Refusal | None = None) -> Ack:
         """The ack of ``task``: accepted, or refused for ``reason`` (counted)."""
@@ -105,6 +118,7 @@ class TaskIntake:
         return Ack(
             subject="task",
             agent_id=self.agent_id,
+            run=task.run,
             round_id=task.round_id,
             digest=task.blob.digest,
             accepted=reason is None,
@@ -118,6 +132,8 @@ class TaskIntake:
         task = received.message
         if task is None:
             self._bad(received)
+            return NOTHING
+        if not self._follow_run(task):
             return NOTHING
         key = (task.round_id, task.blob.digest)
         if key in self._seen:
@@ -137,6 +153,22 @@ class TaskIntake:
         self.counters.tasks += 1
         return Decision(acks=(self._ack(task),), requests=self._fetch_program(task))
 
+    def _follow_run(self, task: TaskMessage) -> bool:
+        """True if ``task`` is of the current run or starts a new one; False (counted,
+        logged once per run) for a task of an older run."""
+        if task.run == self.run:
+            return True
+        if self.run and task.sent_at < self._run_since:
+            self.counters.refused[Refusal.OTHER_RUN.value] += 1
+            if task.run not in self._old_runs:
+                self._old_runs.add(task.run)
+                log.warning("%s: ignoring tasks of an older run %s", self.agent_id, task.run)
+            return False
+        log.info("%s: the coordinator runs %s", self.agent_id, task.run or "(no run id)")
+        self.run, self._run_since = task.run, task.sent_at
+        self.counters.runs += 1
+        return True
+
     def _bad(self, received: Inbound[TaskMessage]) -> None:
         """Count and log a task that cannot be acted on (it is not acknowledged)."""
         self.counters.bad_tasks += 1
@@ -146,9 +178,10 @@ class TaskIntake:
             log.warning("%s: malformed task: %s", self.agent_id, received.verdict.detail)
         else:
             log.warning(
-                "%s: refusing a task not signed for it (round %d)",
+                "%s: refusing a task (round %d): %s",
                 self.agent_id,
                 received.decoded.round_id,
+                received.verdict,
             )
 
     def _fetch_program(self, task: TaskMessage) -> tuple[Missing, ...]:
@@ -172,10 +205,10 @@ class TaskIntake:
         try:
             chunk = decode_chunk(payload)
             if not self.receiver.is_pending(COORDINATOR, chunk.hex_digest):
-                self.counters.ignored_chunks += 1
+                self._ignored(chunk.hex_digest)
                 return NOTHING
             blob = self.receiver.add(COORDINATOR, chunk)
-        except WireError as e:
+        except WireError as e:  # this chunk alone (a failed digest drops its blob)
             self.counters.blob_errors += 1
             log.warning("%s: bad global-model chunk: %s", self.agent_id, e)
             return NOTHING
@@ -184,6 +217,16 @@ class TaskIntake:
         if chunk.hex_digest in self._fetching:
             return self._program_arrived(chunk.hex_digest, blob)
         return self._global_arrived(chunk.hex_digest, blob)
+
+    def _ignored(self, digest: str) -> None:
+        """Count a chunk of no expected blob; log the first of each digest."""
+        self.counters.ignored_chunks += 1
+        if digest in self._logged:
+            return
+        self._logged[digest] = None
+        if len(self._logged) > LOGGED_DIGESTS:
+            self._logged.popitem(last=False)
+        log.info("%s: dropped chunks of %s: no task expects it", self.agent_id, digest[:12])
 
     def _program_arrived(self, digest: str, blob: bytes) -> Decision:
         self._fetching.discard(digest)

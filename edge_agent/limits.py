@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from edge_agent.memory import peak_rss_mb
 from takfl.config.profile import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -29,18 +30,6 @@ def apply_limits(spec: TrainingSpec) -> dict[str, object]:
     return applied
 
 
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MB (None where the OS does not say)."""
-    try:
-        import resource
-        import sys
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
-    except (ImportError, OSError):
-        return None
-
-
 def over_memory(spec: TrainingSpec) -> str | None:
     """A warning when the peak resident size exceeded the profile's limit, else None."""
     peak = peak_rss_mb()
@@ -49,19 +38,4 @@ def over_memory(spec: TrainingSpec) -> str | None:
     return (
         f"peak memory {peak:.0f} MB exceeded the profile's {spec.memory_limit_mb} MB; "
         "lower the batch size or choose a smaller model for this tier"
-    )
-
-
-def effective_training(profile: TrainingSpec, dictated: TrainingSpec | None) -> TrainingSpec:
-    """The coordinator decides epochs, batch, optimiser and learning rate; the device
-    keeps its own training backend, threads, memory cap and time budget."""
-    if dictated is None:
-        return profile
-    return dictated.model_copy(
-        update={
-            "backend": profile.backend,
-            "threads": profile.threads,
-            "memory_limit_mb": profile.memory_limit_mb,
-            "time_budget_s": profile.time_budget_s,
-        }
     )

@@ -16,14 +16,15 @@ a unit and publish its answer. :class:`TaskIntake` judges tasks and reassembles 
 global models and training programs; :class:`UpdateOutbox` keeps the updates sent until
 acknowledged and answers chunk requests within the :class:`ResendLimits` of the policy.
 
-Presence: a retained ``online`` status on connect, ``offline`` as last will and
-on close, all signed and stamped with the connection's start time. The signed
-registration is published (retained) on every connect. A task is acknowledged on
-receipt; its global blob is reassembled and missing chunks are asked for again. An
-update header is announced again every ``ack_timeout_s`` until the coordinator
-acknowledges it or the task's deadline passes; the blob stays in a bounded store to
-answer chunk requests. The latest announcement of the prototype's new global model is
-kept (``wait_global``).
+Presence and registration: :class:`RegistrationBook` (an agent registers when the
+coordinator's status says it is online on a connection not yet registered with; the
+registration is not retained). Everything the coordinator sends must be fresh (its
+``sent_at`` within the replay window, its nonce new) and of the run it concerns
+(:class:`RunFilter`). A task is acknowledged on receipt; its global blob is reassembled
+and missing chunks are asked for again. An update header is announced again every
+``ack_timeout_s`` until the coordinator acknowledges it or the task's deadline passes;
+the blob stays in a bounded store to answer chunk requests. The latest announcement of
+the prototype's new global model is kept (``wait_global``).
 """
 
 from __future__ import annotations
@@ -32,23 +33,22 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from edge_agent.identity import AgentIdentity
 from edge_agent.inbound import InboundReader
-from edge_agent.intake import COORDINATOR, Decision, IntakePolicy, ReceivedTask, TaskIntake
+from edge_agent.intake import COORDINATOR, Decision, ReceivedTask, TaskIntake
+from edge_agent.link_policy import LinkCounters, LinkPolicy
 from edge_agent.outbox import UpdateOutbox
+from edge_agent.presence import RegistrationBook, RunFilter, coordinator_presence
 from edge_agent.programs import ProgramCache
 from takfl.mqtt.blobs import BlobSender, Missing
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
-from takfl.mqtt.ratelimit import ResendLimits
-from takfl.wire.chunking import ReassemblyLimits
+from takfl.wire.errors import WireError
 from takfl.wire.messages import (
     Ack,
     ChunkRequest,
@@ -56,12 +56,17 @@ from takfl.wire.messages import (
     GlobalAnnouncement,
     Registration,
     UpdateHeader,
+    decode_chunk,
     encode_message,
 )
-from takfl.wire.signing import message_ref, sign
+from takfl.wire.signing import sign
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import Down, Topics, Up, check_ident
 from takfl.wire.update import PreparedUpdate, prepare_update
+
+if TYPE_CHECKING:  # the release side is imported only by agents that install releases
+    from edge_agent.deploy.deployment import Deployment
+    from edge_agent.serving.stats import StatusSchedule
 
 __all__ = [
     "COORDINATOR",
@@ -76,33 +81,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REGISTER_KEY = "register"  # key of the registration ack in wait_ack
-
-
-@dataclass(frozen=True, kw_only=True)
-class LinkPolicy:
-    quiet_s: float = 5.0  # ask again for missing global-model chunks after this long
-    ack_timeout_s: float = 15.0  # announce an update header again after this long without ack
-    limits: ReassemblyLimits = field(
-        default_factory=lambda: ReassemblyLimits(max_pending=4, timeout_s=600.0)
-    )
-    max_sent_blobs: int = 4  # update blobs kept to answer chunk requests
-    max_tasks: int = 16  # received tasks waiting for next_task
-    resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
-    programs: bool = False  # fetch the training programs tasks offer (ExecuTorch agents)
-
-    def intake(self) -> IntakePolicy:
-        return IntakePolicy(limits=self.limits, quiet_s=self.quiet_s, programs=self.programs)
-
-
-@dataclass(kw_only=True)
-class LinkCounters:
-    tasks: int = 0
-    bad_tasks: int = 0  # undecodable, badly signed or not for this agent
-    blob_errors: int = 0  # chunks refused, digests failed, undecodable blobs
-    ignored_chunks: int = 0  # chunks of no expected blob
-    requests_answered: int = 0
-    header_retries: int = 0
-    unauthenticated: int = 0  # acks, requests, announcements not signed for this agent
 
 
 class AgentLink:
@@ -127,13 +105,16 @@ class AgentLink:
         self.clock = clock
         self.wall_clock = wall_clock
         me = identity.agent_id
+        self.releases: Deployment | None = None  # set by serve_releases
+        self._status_schedule: StatusSchedule | None = None
+        self.intake = TaskIntake(me, p.intake(), clock=clock)  # before the will: its run
         self.client = MqttClient(settings, me, will=self._will)
         self.reader = InboundReader(me, identity.secret, identity.prototype)
-        self.intake = TaskIntake(me, p.intake(), clock=clock)
         self.outbox = UpdateOutbox(
             self.client,
             self.topics,
             me,
+            secret=identity.secret,
             ack_timeout_s=p.ack_timeout_s,
             max_sent_blobs=p.max_sent_blobs,
             resend=p.resend,
@@ -143,7 +124,8 @@ class AgentLink:
         self._ready: queue.Queue[ReceivedTask] = queue.Queue(maxsize=p.max_tasks)
         self._cond = threading.Condition()
         self._global: GlobalAnnouncement | None = None  # latest of this agent's prototype
-        self._registrations: deque[str] = deque(maxlen=8)  # message_ref of recent ones
+        self.registrations = RegistrationBook()
+        self.runs = RunFilter(me)
         routes = {
             Down.TASK: self._on_task,
             Down.CHUNK: self._on_chunk,
@@ -153,6 +135,7 @@ class AgentLink:
         }
         for kind, handler in routes.items():
             self.client.route(self.topics.down(me, kind), handler)
+        self.client.route(self.topics.coordinator_status(), self._on_coordinator)
         self.client.on_connected(self._announce)
         self.client.every_tick(self._tick)
 
@@ -162,6 +145,8 @@ class AgentLink:
         return self
 
     def close(self) -> None:
+        if self.releases is not None:
+            self.releases.channel.wait_idle(30.0)  # let an install finish and report
         self.client.stop(final=(self._status_topic(), self._status("offline")))
 
     def __enter__(self) -> AgentLink:
@@ -178,7 +163,12 @@ class AgentLink:
     # -- public API -----------------------------------------------------------------------
     def registration(self) -> Registration:
         telemetry = self.telemetry() if self.telemetry is not None else None
-        return self.identity.registration(self.wall_clock(), telemetry)
+        return self.identity.registration(self.wall_clock(), telemetry, run=self.intake.run)
+
+    @property
+    def run(self) -> str:
+        """The coordinator's run this agent follows ("" before its first task)."""
+        return self.intake.run
 
     def next_task(self, timeout: float) -> ReceivedTask | None:
         """The next task whose global model has fully arrived, or None after ``timeout`` s."""
@@ -208,8 +198,7 @@ class AgentLink:
             compression=compression,
             telemetry=telemetry,
         )
-        self.send_prepared(prepared, deadline=task.message.deadline)
-        return prepared.header
+        return self.send_prepared(prepared, deadline=task.message.deadline)
 
     def send_prepared(
         self,
@@ -217,10 +206,11 @@ class AgentLink:
         *,
         deadline: float,
         chunk_indices: Iterable[int] | None = None,
-    ) -> None:
-        """Send a prepared update: keep the blob, publish the header, then the chunks
-        (all, or only ``chunk_indices``; the rest can be requested)."""
-        self.outbox.send(prepared, deadline, chunk_indices)
+    ) -> UpdateHeader:
+        """Send a prepared update: keep the blob, publish the header (stamped now), then the
+        chunks (all, or only ``chunk_indices``; the rest can be requested). Returns the
+        header as sent."""
+        return self.outbox.send(prepared, deadline, chunk_indices)
 
     def traffic(self) -> tuple[int, int, int]:
         """(payload bytes sent, bytes received, retries: headers announced again plus
@@ -243,6 +233,18 @@ class AgentLink:
         (key: ``REGISTER_KEY``), or None after ``timeout`` s."""
         return self.outbox.wait_ack(key, timeout)
 
+    def serve_releases(self, deployment: Deployment, *, status_every_s: float = 30.0) -> None:
+        """Also install the releases of this agent's prototype over this connection (one
+        MQTT session per agent: the broker knows it by its agent id): route
+        ``down/<me>/release`` to the deployment's channel, offer it every chunk first, tick
+        it, and carry its inference block on the status. Call before :meth:`start`."""
+        from edge_agent.serving.stats import StatusSchedule
+
+        channel = deployment.channel
+        self.releases = deployment
+        self._status_schedule = StatusSchedule(status_every_s, clock=self.clock)
+        self.client.route(channel.offer_topic, channel.on_offer)
+
     # -- inspection -------------------------------------------------------------------------
     @property
     def counters(self) -> LinkCounters:
@@ -256,6 +258,8 @@ class AgentLink:
             requests_answered=self.outbox.requests_answered,
             header_retries=self.outbox.header_retries,
             unauthenticated=self.reader.unauthenticated,
+            stale=self.reader.stale,
+            other_run=self.runs.ignored,
         )
 
     @property
@@ -273,24 +277,43 @@ class AgentLink:
         return self.topics.up(self.identity.agent_id, Up.STATUS)
 
     def _status(self, state: Literal["online", "offline"], at: float | None = None) -> bytes:
-        """A signed status of the connection that started at ``at`` (the current one)."""
-        return self.identity.status(state, self.client.connection_time if at is None else at)
+        """A signed status of the connection that started at ``at`` (a will, made then),
+        or of the current connection (made now)."""
+        when = self.client.connection_time if at is None else at
+        inference = self.releases.inference_status() if self.releases is not None else None
+        return self.identity.status(state, when, inference, run=self.intake.run, sent_at=at)
 
     def _will(self, connection_time: float) -> Will:
         return Will(self._status_topic(), self._status("offline", connection_time))
 
     def _announce(self) -> None:
-        registration = self.registration()
-        with self._cond:
-            self._registrations.append(message_ref(registration))
+        """Online (retained) on every connect; the registration follows the coordinator's
+        status (:meth:`_on_coordinator`), which arrives with the subscription."""
+        self.registrations.connected()
         self.client.publish(self._status_topic(), self._status("online"), retain=True)
+        if self.releases is not None and self._status_schedule is not None:
+            self._status_schedule.sent(self.releases.inference_status())
+
+    def _register(self) -> None:
+        registration = self.registration()
+        self.registrations.sent(registration)
         topic = self.topics.up(self.identity.agent_id, Up.REGISTER)
-        self.client.publish(topic, encode_message(registration), retain=True)
+        self.client.publish(topic, encode_message(registration))
+
+    def _on_coordinator(self, _topic: str, payload: bytes) -> None:
+        """The coordinator's presence: register when it came online on a connection this
+        link has not registered with (unsigned, like every monitor's view of it: at worst
+        a forged one makes the agent register once more)."""
+        presence = coordinator_presence(payload)
+        if presence is not None and self.registrations.coordinator(*presence):
+            self._register()
 
     def _request(self, missing: Missing) -> None:
         """Ask the coordinator for the chunks it has not delivered yet."""
         me = self.identity.agent_id
-        request = ChunkRequest(agent_id=me, digest=missing.digest, missing=missing.indices)
+        request = ChunkRequest(
+            run=self.intake.run, agent_id=me, digest=missing.digest, missing=missing.indices
+        )
         signed = sign(request, self.identity.secret)
         self.client.publish(self.topics.up(me, Up.REQUEST), encode_message(signed))
 
@@ -315,16 +338,32 @@ class AgentLink:
         self._decided(self.intake.task(self.reader.task(payload)))
 
     def _on_chunk(self, _topic: str, payload: bytes) -> None:
+        if self.releases is not None and self._release_chunk(payload):
+            return
         self._decided(self.intake.chunk(payload))
+
+    def _release_chunk(self, payload: bytes) -> bool:
+        """True if the chunk belonged to a release artifact being fetched (and was taken);
+        anything else, malformed chunks included, is the task intake's to judge."""
+        try:
+            chunk = decode_chunk(payload)
+        except WireError:
+            return False
+        return self.releases is not None and self.releases.channel.on_chunk(chunk)
 
     def _on_request(self, _topic: str, payload: bytes) -> None:
         request = self.reader.control(ChunkRequest, payload, "chunk request")
-        if request is not None:
+        if request is None:
+            return
+        if self.runs.accepts("chunk request", request.run, self.outbox.run_of(request.digest)):
             self.outbox.answer(request, COORDINATOR)
 
     def _on_global(self, _topic: str, payload: bytes) -> None:
-        ann = self.reader.control(GlobalAnnouncement, payload, "global announcement")
+        # retained, so possibly older than the replay window: ordered by round instead
+        ann = self.reader.control(GlobalAnnouncement, payload, "global announcement", fresh=False)
         if ann is None or ann.prototype != self.identity.prototype:
+            return
+        if not self.runs.accepts("global announcement", ann.run, self.intake.run or None):
             return
         with self._cond:
             if self._global is None or ann.round_id >= self._global.round_id:
@@ -336,14 +375,15 @@ class AgentLink:
         if ack is None:
             return
         me = self.identity.agent_id
-        if ack.subject == "register":
-            with self._cond:
-                mine = ack.digest in self._registrations
-            if not mine:
-                log.info("%s: ignored an ack of another registration", me)
-                return
+        if ack.subject == "register" and not self.registrations.answers(ack):
+            log.info("%s: ignored an ack of another registration", me)
+            return
         key = REGISTER_KEY if ack.subject == "register" else ack.digest
         if key is None:
+            return
+        if ack.subject == "update" and not self.runs.accepts(
+            "update ack", ack.run, self.outbox.run_of(key)
+        ):
             return
         if not ack.accepted:
             log.warning(
@@ -355,3 +395,15 @@ class AgentLink:
         for missing in self.intake.tick():
             self._request(missing)
         self.outbox.retry_due()
+        if self.releases is not None:
+            self._tick_releases(self.releases)
+
+    def _tick_releases(self, deployment: Deployment) -> None:
+        """Drive the release channel; publish the status again when the inference block
+        changed (at most every ``status_every_s``)."""
+        deployment.channel.tick()
+        block = deployment.inference_status()
+        schedule = self._status_schedule
+        if schedule is not None and self.client.is_connected and schedule.due(block):
+            self.client.publish(self._status_topic(), self._status("online"), retain=True)
+            schedule.sent(block)

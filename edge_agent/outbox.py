@@ -4,7 +4,8 @@ An update goes out as its signed header, then the chunks of its blob. The outbox
 the blob in a bounded :class:`BlobStore` to answer the coordinator's chunk requests
 (within the :class:`ResendLimits`), announces a header again every ``ack_timeout_s``
 until it is acknowledged or the task's deadline passes, answers a task the coordinator
-repeats with the update already sent, and keeps the acks received (of updates, by blob
+repeats with the update already sent (every header published again is signed anew: a
+fresh ``sent_at`` and nonce, the same content), and keeps the acks received (of updates, by blob
 digest, and of the registration) for :meth:`UpdateOutbox.wait_ack`. The bookkeeping is
 :class:`edge_agent.retries.UpdateRetries`; this class adds the lock, the waiting and the
 publishing. Thread-safe.
@@ -22,6 +23,7 @@ from takfl.mqtt.blobs import BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient
 from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
 from takfl.wire.messages import Ack, ChunkRequest, UpdateHeader, encode_message
+from takfl.wire.signing import restamp
 from takfl.wire.topics import Topics, Up
 from takfl.wire.update import PreparedUpdate
 
@@ -37,6 +39,7 @@ class UpdateOutbox:
         topics: Topics,
         agent_id: str,
         *,
+        secret: bytes,
         ack_timeout_s: float,
         max_sent_blobs: int,
         resend: ResendLimits,
@@ -45,6 +48,7 @@ class UpdateOutbox:
     ) -> None:
         self.client = client
         self.agent_id = agent_id
+        self._secret = secret
         self.clock = clock
         self.update_topic = topics.up(agent_id, Up.UPDATE)
         self.chunk_topic = topics.up(agent_id, Up.CHUNK)
@@ -65,13 +69,15 @@ class UpdateOutbox:
 
     def send(
         self, prepared: PreparedUpdate, deadline: float, chunk_indices: Iterable[int] | None
-    ) -> None:
-        """Keep the blob, publish the header, then the chunks (all, or ``chunk_indices``)."""
-        header = prepared.header
+    ) -> UpdateHeader:
+        """Keep the blob, publish the header (stamped now), then the chunks (all, or
+        ``chunk_indices``); returns the header as sent."""
+        header = restamp(prepared.header, self._secret)
         self.sender.keep(prepared.blob, header.blob.chunk_size)
         with self._cond:
             self.retries.sent(header, deadline)
         self._publish(header, chunk_indices)
+        return header
 
     def answer_again(self, task_key: tuple[int, str]) -> None:
         """Send the update already sent for a task repeated with this ``(round, global
@@ -85,12 +91,17 @@ class UpdateOutbox:
             self.agent_id,
             task_key[0],
         )
-        self._publish(header)
+        self._publish(restamp(header, self._secret))
 
     def answer(self, request: ChunkRequest, requester: str) -> None:
         """Publish the chunks of a kept blob ``request`` asks for, as far as allowed."""
         sent = self.sender.answer(self.chunk_topic, request, requester)
         self.requests_answered += int(sent > 0)
+
+    def run_of(self, digest: str) -> str | None:
+        """The run of the update whose blob is ``digest``, None if none is kept."""
+        with self._cond:
+            return self.retries.run_of(digest)
 
     def acknowledged(self, key: str, ack: Ack) -> None:
         """The coordinator answered ``key`` (a blob digest or the registration key)."""
@@ -115,7 +126,7 @@ class UpdateOutbox:
             due = self.retries.due()
         self.header_retries += len(due)
         for header in due:
-            self.client.publish(self.update_topic, encode_message(header))
+            self.client.publish(self.update_topic, encode_message(restamp(header, self._secret)))
 
     def _publish(self, header: UpdateHeader, chunk_indices: Iterable[int] | None = None) -> None:
         self.client.publish(self.update_topic, encode_message(header))

@@ -14,6 +14,7 @@ from takfl.config import ConfigError, load_profile
 
 if TYPE_CHECKING:
     import numpy as np
+    from tuf.api.metadata import Root
 
     from export.formats import FormatUnit
 
@@ -72,14 +73,20 @@ def predict(
     inputs: Path = typer.Option(..., "--input", help="A .npz with x (and y), or 'digits'."),
     runtime: str = typer.Option(None, help="Override the profile's runtime."),
     show: int = typer.Option(10, min=0, help="Predictions to print."),
+    release_root: Path = typer.Option(
+        None,
+        help="The fleet's root.json (from provision; the demo's is RUN/root.json): the "
+        "sidecar must be signed by the fleet's release key it names.",
+    ),
     allow_unverified: bool = typer.Option(
         False,
         "--allow-unverified",
-        help="Run a model without a matching sidecar (.json with its SHA-256). Unsafe.",
+        help="Run a model without a matching, signed sidecar (.json with its SHA-256). Unsafe.",
     ),
 ) -> None:
     """Classify inputs with the exported model, as the device would. The model must match
-    its sidecar (SHA-256, size, metadata) unless --allow-unverified is given."""
+    its sidecar (SHA-256, size, metadata), and the sidecar must be signed with the fleet's
+    release key (checked against --release-root), unless --allow-unverified is given."""
     from export.common import TORCH_RUNTIME
     from export.formats import profile_format
     from export.metadata import verify_sidecar
@@ -92,7 +99,7 @@ def predict(
         if allow_unverified:
             console.print(f"[yellow]warning:[/yellow] running {path.name} without verifying it")
         else:
-            verify_sidecar(path)
+            verify_sidecar(path, trusted_root(release_root))
         runner = load_artifact(
             path,
             runtime=runtime or (None if inf.runtime == TORCH_RUNTIME else inf.runtime),
@@ -122,3 +129,20 @@ def predict(
     if y is not None:
         acc = float((probs.argmax(1) == y).mean()) * 100
         console.print(f"accuracy on {len(x)} labelled inputs: {acc:.2f}%")
+
+
+def trusted_root(path: Path | None) -> Root:
+    """The fleet's root metadata that vouches for signed sidecars.
+
+    Raises:
+        ValueError: none given (``ReleaseKeyError`` for an unreadable one).
+    """
+    from takfl.release.keys import load_root
+
+    if path is None:
+        raise ValueError(
+            "give --release-root (the fleet's root.json: provision writes it beside agents.json, "
+            "the demo into its run directory) to check the export's signature, or "
+            "--allow-unverified to run it unchecked"
+        )
+    return load_root(path)

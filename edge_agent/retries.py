@@ -91,6 +91,16 @@ class UpdateRetries:
     def ack(self, key: str) -> Ack | None:
         return self._acks.get(key)
 
+    def run_of(self, digest: str) -> str | None:
+        """The run of the update whose blob is ``digest`` (None: not one this book holds)."""
+        out = self._outgoing.get(digest)
+        if out is not None:
+            return out.header.run
+        for header, _ in self._answered.values():
+            if header.blob.digest == digest:
+                return header.run
+        return None
+
     def due(self) -> list[UpdateHeader]:
         """Headers to announce again now (each restarts its wait); those past their
         deadline are dropped without a retry."""

@@ -6,11 +6,15 @@ import logging
 import signal
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from takfl.config import ConfigError, load_profile
+
+if TYPE_CHECKING:
+    from edge_agent.runner import ReleaseOptions
 
 console = Console()
 
@@ -44,6 +48,20 @@ def run(
     patience: float = typer.Option(
         60.0, min=1.0, help="Seconds without broker or coordinator before saying so."
     ),
+    release_root: Path = typer.Option(
+        None,
+        help="Also install the fleet's model releases: its root.json (from provision), "
+        "which names the release key. Needs --state-dir.",
+    ),
+    state_dir: Path = typer.Option(
+        None, help="Where installed releases live (A/B slots, trust state)."
+    ),
+    serve_on: str = typer.Option(
+        None,
+        "--serve",
+        help="Serve the active release for inference on HOST:PORT (e.g. 127.0.0.1:8500; "
+        "loopback unless said otherwise). Needs --release-root.",
+    ),
 ) -> None:
     """Train on local data for the coordinator, within the device profile's limits."""
     from edge_agent.data import load_demo_shard, load_local_data
@@ -52,8 +70,8 @@ def run(
     from takfl.mqtt.credentials import mqtt_password
     from takfl.mqtt.url import parse_broker_url, read_password
     from takfl.ondevice import ExecuTorchMissing
+    from takfl.secret_files import load_secret_file
     from takfl.wire.errors import WireError
-    from takfl.wire.signing import load_secret_file
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -65,6 +83,9 @@ def run(
         prof.training.threads = threads
     if (data is None) == (demo_shard is None):
         console.print("[red]give exactly one of --data DIR and --demo-shard K[/red]")
+        raise typer.Exit(2)
+    if (release_root is None) != (state_dir is None) or (serve_on and release_root is None):
+        console.print("[red]--release-root and --state-dir go together; --serve needs both[/red]")
         raise typer.Exit(2)
     if mqtt_protocol not in ("5", "3.1.1"):
         console.print(f"[red]--mqtt-protocol {mqtt_protocol}: expected 5 or 3.1.1[/red]")
@@ -81,6 +102,7 @@ def run(
             _, x, y = load_demo_shard(federation, prof.prototype, demo_shard)
         else:
             x, y = load_local_data(data)
+        releases = release_options(release_root, state_dir, serve_on)
     except (WireError, DataError, ValueError, ConfigError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -99,6 +121,7 @@ def run(
             y,
             report=lambda m: console.print(m, markup=False, highlight=False),
             patience_s=patience,
+            releases=releases,
         )
     except ExecuTorchMissing as e:
         console.print(f"[red]error:[/red] {e}")
@@ -112,3 +135,21 @@ def run(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(3) from None
     console.print(f"stopped after {stats.tasks_done} task(s)")
+
+
+def release_options(
+    root: Path | None, state_dir: Path | None, serve_on: str | None
+) -> ReleaseOptions | None:
+    """The release side of ``run``, or None when it installs no releases.
+
+    Raises:
+        ValueError: an unreadable root (``ReleaseKeyError``) or a malformed ``--serve``.
+    """
+    if root is None or state_dir is None:
+        return None
+    from edge_agent.runner import ReleaseOptions
+    from edge_agent.serving.server import parse_listen
+    from takfl.release.keys import load_root
+
+    endpoint = parse_listen(serve_on) if serve_on else None
+    return ReleaseOptions(root=load_root(root), state_dir=state_dir, endpoint=endpoint)

@@ -12,11 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from edge_agent.limits import apply_limits, effective_training, over_memory, peak_rss_mb
+from edge_agent.limits import apply_limits, over_memory, peak_rss_mb
 from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
 from edge_agent.telemetry import platform_info, task_telemetry
 from edge_agent.watch import LinkWatch
@@ -28,6 +30,11 @@ from takfl.ondevice import ProgramError, require_executorch, train_program
 from takfl.training import LocalResult, train_local
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.validation import check_layout
+
+if TYPE_CHECKING:
+    from tuf.api.metadata import Root
+
+    from edge_agent.serving.server import Endpoint, LocalServer
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0  # wait for the broker's answer to the MQTT 5 question
@@ -44,10 +51,14 @@ class AgentStats:
     rounds: list[int] = field(default_factory=list)
 
 
-def dictated_training(task: ReceivedTask) -> TrainingSpec | None:
-    """Local-training settings the coordinator put in the task, if any."""
-    t = task.message.training
-    return None if t is None else TrainingSpec(**t.model_dump())
+@dataclass(frozen=True, kw_only=True)
+class ReleaseOptions:
+    """Install the fleet's releases beside training (``run --release-root``), and serve
+    the active model on ``endpoint`` when given (``--serve``)."""
+
+    root: Root  # the fleet's release root (root.json)
+    state_dir: Path  # A/B slots and trust state
+    endpoint: Endpoint | None = None
 
 
 class NoProgram(RuntimeError):
@@ -104,6 +115,7 @@ class Agent:
         *,
         report: Callable[[str], None] = print,
         patience_s: float = 60.0,
+        releases: ReleaseOptions | None = None,
     ) -> None:
         if len(x) == 0:
             raise ValueError("the agent has no private data to train on")
@@ -119,6 +131,7 @@ class Agent:
         self.settings = settings
         self.fleet = fleet
         self.patience_s = patience_s
+        self.releases = releases
         self._denials: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.identity = AgentIdentity(
             agent_id=agent_id,
@@ -216,7 +229,7 @@ class Agent:
             log.warning("refusing the global model of round %d: %s", msg.round_id, verdict)
             return
         model.load_state_dict(task.global_state)
-        spec = effective_training(self.profile.training, dictated_training(task))
+        spec = self.profile.training.with_dictated(msg.training)  # the coordinator's say
         try:
             result = self.trainer(task, model, self.x, self.y, spec)
         except (NoProgram, ProgramError) as e:
@@ -279,6 +292,7 @@ class Agent:
             patience_s=self.patience_s,
         )
         self._choose_protocol(watch)
+        server = self._serve_releases()
         self.link.start(timeout=None)  # keeps trying in the background until the broker is up
         try:
             while not self.stop_event.is_set():
@@ -307,4 +321,32 @@ class Agent:
                         break
         finally:
             self.link.close()
+            if server is not None:
+                server.close()
         return self.stats
+
+    def _serve_releases(self) -> LocalServer | None:
+        """Attach release installs to the link (and start the local inference endpoint)
+        when asked for; the active release serves at once, before the broker answers."""
+        options = self.releases
+        if options is None:
+            return None
+        from edge_agent.deploy.deployment import DeployConfig, Deployment
+        from edge_agent.serving.server import LocalServer
+
+        config = DeployConfig(
+            profile=self.profile,
+            fleet=self.fleet,
+            agent_id=self.identity.agent_id,
+            secret=self.identity.secret,
+            root=options.root,
+            state_dir=options.state_dir,
+        )
+        deployment = Deployment(config, publish=self.link.client.publish)
+        deployment.open()
+        self.link.serve_releases(deployment)
+        if options.endpoint is None:
+            return None
+        server = LocalServer(deployment.app(), options.endpoint).start()
+        self.report(f"serving {self.profile.prototype} releases on {server.endpoint}")
+        return server

@@ -12,12 +12,16 @@ PyTorch; 2 bad input (checkpoint, config, prototype, format), nothing exported.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from export.common import QUANTIZATIONS, REPORT_FILE, ExportError, parse_choices
 from export.formats import DEFAULT_FORMATS, format_names, resolve_formats
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Signer
 
 app = typer.Typer(
     add_completion=False,
@@ -38,8 +42,9 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from takfl.checkpoint import CheckpointError
     from takfl.config import ConfigError
     from takfl.data import DataError
+    from takfl.release.keys import ReleaseKeyError
 
-    return CheckpointError, ConfigError, DataError, ExportError
+    return CheckpointError, ConfigError, DataError, ExportError, ReleaseKeyError
 
 
 @app.command()
@@ -77,6 +82,12 @@ def export(
         help="Instead of --formats: the ExecuTorch training program (forward, loss, backward) "
         "and XNNPACK inference program for phones, each checked against PyTorch.",
     ),
+    sign_with: Path = typer.Option(
+        None,
+        help="The fleet's release key (release-key.pem from provision): sign every sidecar, "
+        "so devices can check them against root.json (default with --run: RUN/release-key.pem "
+        "when there is one).",
+    ),
 ) -> None:
     """Export, quantise and verify; print one table and write report.json."""
     from export.report import print_reports
@@ -84,10 +95,12 @@ def export(
     if (checkpoint is None) == (run is None):
         raise _fail("give either --checkpoint (with --config) or --run")
     try:
+        signer = _signer(sign_with, run)
         if run is not None:
             from export.run_export import EXPORTS_DIR, export_run
 
             result = export_run(run, threads=threads, latency_iters=latency_iters)
+            _sign(Path(run) / EXPORTS_DIR, signer)
             print_reports(result.reports, f"Exports of {run}")
             for name, why in result.errors.items():
                 err.print(f"[red]{name}: not exported:[/red] {why}", highlight=False)
@@ -98,7 +111,7 @@ def export(
         if config is None:
             raise _fail("--checkpoint needs --config (bundled federation name or YAML path)")
         if executorch:
-            _export_executorch(checkpoint, config, out, prototype)
+            _export_executorch(checkpoint, config, out, prototype, signer)
         from export.pipeline import ExportOptions, export_checkpoint
 
         options = ExportOptions(
@@ -111,13 +124,43 @@ def export(
         report = export_checkpoint(checkpoint, config, out, prototype=prototype, options=options)
     except _input_errors() as e:
         raise _fail(str(e)) from None
+    _sign(Path(report.out_dir), signer)
     print_reports([report], f"Export of {checkpoint}")
     err.print(f"report: {Path(report.out_dir) / REPORT_FILE}", highlight=False)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED_ROWS)
 
 
+def _signer(key: Path | None, run: Path | None) -> Signer | None:
+    """The release key to sign sidecars with: ``key``, else the run's own (the demo keeps
+    one in its run directory), else None (sidecars stay unsigned, and say so)."""
+    from takfl.release.keys import KEY_FILE, load_signer
+
+    if key is None and run is not None and (Path(run) / KEY_FILE).is_file():
+        key = Path(run) / KEY_FILE
+    return None if key is None else load_signer(key)
+
+
+def _sign(folder: Path, signer: Signer | None) -> None:
+    """Sign every sidecar under ``folder``, or say that they stay unsigned."""
+    from export.metadata import sign_sidecars
+
+    if signer is None:
+        err.print(
+            "sidecars not signed (no release key: --sign-with PROVISION/release-key.pem); "
+            "devices will need --allow-unverified to run them",
+            highlight=False,
+        )
+        return
+    signed = sign_sidecars(folder, signer)
+    err.print(f"signed {len(signed)} sidecar(s) with the fleet's release key", highlight=False)
+
+
 def _export_executorch(
-    checkpoint: Path, config: str, out: Path | None, prototype: str | None
+    checkpoint: Path,
+    config: str,
+    out: Path | None,
+    prototype: str | None,
+    signer: Signer | None,
 ) -> None:
     from export.executorch_export import ProgramExportError, ProgramParityError
     from export.pipeline import export_programs
@@ -133,6 +176,8 @@ def _export_executorch(
     for unit, built in programs:
         print(f"{unit.title:<17} {built.path}  ({built.path.stat().st_size / 1024:.0f} KiB)")
         print(f"  {built.check}")
+    if programs:
+        _sign(programs[0][1].path.parent, signer)
     raise typer.Exit(EXIT_OK)
 
 

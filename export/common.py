@@ -12,6 +12,8 @@ import io
 import warnings
 from collections.abc import Iterable, Iterator
 
+from takfl.run_layout import EXPORT_REPORT
+
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "dynamic")
 TORCH_RUNTIME = "torch"  # PyTorch eager: the reference row, and a profile that runs it
 
@@ -22,7 +24,7 @@ ONNX_OPSET = 18  # the exporter's native opset (no version conversion); ONNX Run
 INPUT_NAME = "input"  # (B, C, H, W) float32, normalised as the metadata says
 OUTPUT_NAME = "logits"  # (B, num_classes) float32
 SIDECAR_SUFFIX = ".json"  # <artifact>.json next to every artifact
-REPORT_FILE = "report.json"
+REPORT_FILE = EXPORT_REPORT  # in every folder an export fills (takfl.run_layout)
 TFLITE_METADATA_NAME = "takfl"  # name of the embedded TFLite metadata entry
 ARTIFACT_SCHEMA = 1  # version of the metadata layout below
 

@@ -32,6 +32,9 @@ from export.formats import unit_for_path
 from takfl.files import atomic_write_text
 
 if TYPE_CHECKING:
+    from securesystemslib.signer import Signer
+    from tuf.api.metadata import Root
+
     from export.formats import Built, FormatUnit
     from takfl.checkpoint import CheckpointMeta
 
@@ -230,11 +233,44 @@ def read_sidecar(artifact: str | Path, *, check_digest: bool = True) -> dict[str
 _IDENTITY_FIELDS = ("prototype", "round", "builder", "num_classes", "input_shape", "format")
 
 
-def verify_sidecar(artifact: str | Path) -> ArtifactMetadata:
+def sign_sidecar(artifact: str | Path, signer: Signer) -> Path:
+    """Sign ``artifact``'s sidecar with the fleet's release key (rewritten atomically):
+    its SHA-256 and metadata then cannot be rewritten along with a replaced file."""
+    from takfl.release.signatures import sign_document
+
+    side = sidecar_path(artifact)
+    data = read_sidecar(artifact, check_digest=True)
+    atomic_write_text(
+        side, json.dumps(sign_document(data, signer), indent=2, sort_keys=True) + "\n"
+    )
+    return side
+
+
+def _is_artifact(path: Path) -> bool:
+    try:
+        unit_for_path(path)
+    except ArtifactError:
+        return False
+    return True
+
+
+def sign_sidecars(folder: str | Path, signer: Signer) -> list[Path]:
+    """Sign the sidecar of every artifact under ``folder`` (an export folder or a run's
+    ``exports/``); the sidecars signed."""
+    signed = []
+    for side in sorted(Path(folder).rglob(f"*{SIDECAR_SUFFIX}")):
+        artifact = side.with_name(side.name.removesuffix(SIDECAR_SUFFIX))
+        if artifact.is_file() and _is_artifact(artifact):
+            signed.append(sign_sidecar(artifact, signer))
+    return signed
+
+
+def verify_sidecar(artifact: str | Path, root: Root | None = None) -> ArtifactMetadata:
     """The metadata of ``artifact`` from its sidecar, which must exist and match: the
     file's SHA-256 and size, its name and format, and (where the file carries metadata
-    readable here) the prototype, round, builder, classes and input shape embedded in it.
-    Raises :class:`ArtifactError` naming what differs."""
+    readable here) the prototype, round, builder, classes and input shape embedded in it;
+    with ``root`` (the fleet's root.json), the sidecar must also be signed by the fleet's
+    release key. Raises :class:`ArtifactError` naming what differs."""
     p = Path(artifact)
     if not p.is_file():
         raise ArtifactError(f"no artifact at {p}")
@@ -245,6 +281,16 @@ def verify_sidecar(artifact: str | Path) -> ArtifactMetadata:
             "--allow-unverified to run it anyway"
         )
     data = read_sidecar(p, check_digest=True)
+    if root is not None:
+        from takfl.release.signatures import SignatureError, verify_document
+
+        try:
+            verify_document(data, root)
+        except SignatureError as e:
+            raise ArtifactError(
+                f"{side.name} cannot be trusted: {e}; export it again with the fleet's release "
+                "key (takfl-export --sign-with), or pass --allow-unverified to run it anyway"
+            ) from e
     meta = ArtifactMetadata.from_dict(data, str(side))
     problems = []
     if data.get("file") != p.name:

@@ -10,8 +10,6 @@ its reason; the others go ahead.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +23,9 @@ from export.source import prototype_profile
 from takfl.checkpoint import CheckpointError
 from takfl.config import ConfigError, DeviceProfile, load_federation
 from takfl.data import DataError
-
-RUN_CONFIG = "config.yaml"
-RUN_STATE = "state.json"
-MODELS_DIR = "models"
-EXPORTS_DIR = "exports"
-_CHECKPOINT = re.compile(r"^round-(\d+)\.safetensors$")
+from takfl.run_layout import CONFIG_FILE as RUN_CONFIG
+from takfl.run_layout import EXPORTS_DIR, RunLayoutError, read_run_state
+from takfl.run_layout import latest_checkpoint as layout_latest_checkpoint
 
 
 @dataclass(kw_only=True)
@@ -57,16 +52,12 @@ class RunExport:
 
 
 def latest_checkpoint(run_dir: str | Path, prototype: str) -> Path:
-    """The highest-numbered ``round-<r>.safetensors`` of a prototype in the run store."""
-    folder = Path(run_dir) / MODELS_DIR / prototype
-    found = []
-    for p in folder.glob("round-*.safetensors"):
-        m = _CHECKPOINT.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    if not found:
-        raise CheckpointError(f"no round-<r>.safetensors checkpoint in {folder}")
-    return max(found)[1]
+    """The highest-numbered ``round-<r>.safetensors`` of a prototype in the run store;
+    :class:`CheckpointError` when it has none."""
+    try:
+        return layout_latest_checkpoint(run_dir, prototype)
+    except RunLayoutError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def profile_request(profile: DeviceProfile) -> tuple[list[FormatUnit], list[str], str]:
@@ -84,8 +75,8 @@ def profile_request(profile: DeviceProfile) -> tuple[list[FormatUnit], list[str]
 
 def _state_round(run: Path) -> int | None:
     try:
-        return int(json.loads((run / RUN_STATE).read_text())["round"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_run_state(run)["round"]
+    except (OSError, RunLayoutError):
         return None
 
 

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from takfl.config.federation import ALGORITHMS, AlgorithmSpec
+from takfl.config.federation import AlgorithmSpec
 from takfl.lambdas import LambdaStrategy, resolve_lambda_strategy
+from takfl.method_names import ALGORITHMS, registry, unknown_name
 from takfl.server import (
-    EvalData,
     PrototypeInput,
+    StepData,
     StepOutput,
     fedavg_step,
     feddf_step,
@@ -25,7 +26,7 @@ from takfl.server import (
 )
 
 Step = Callable[
-    [list[PrototypeInput], EvalData, "Algorithm", int, dict[str, float]], dict[str, StepOutput]
+    [list[PrototypeInput], StepData, "Algorithm", int, dict[str, float]], dict[str, StepOutput]
 ]
 
 
@@ -79,9 +80,10 @@ class Algorithm:
 
 
 _TAKFL = "TAKFL, Morafah et al., arXiv 2409.18461"
-_UNITS: dict[str, AlgorithmUnit] = {
-    u.name: u
-    for u in (
+_UNITS: dict[str, AlgorithmUnit] = registry(
+    "algorithm",
+    ALGORITHMS,
+    (
         AlgorithmUnit(
             name="takfl",
             reference=f"{_TAKFL}: per-teacher distillation, merge with sum(lambda) = 1",
@@ -139,8 +141,9 @@ _UNITS: dict[str, AlgorithmUnit] = {
             lambda_strategy=False,
             validation="optional",
         ),
-    )
-}
+    ),
+    lambda unit: unit.name,
+)
 
 
 def algorithm_units() -> dict[str, AlgorithmUnit]:
@@ -164,7 +167,7 @@ def resolve_algorithm(
     name = name or spec.name
     unit = _UNITS.get(name)
     if unit is None:
-        raise AlgorithmError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}")
+        raise AlgorithmError(unknown_name("algorithm", name, ALGORITHMS))
     updates: dict[str, object] = {"name": name}
     if validation is not None:
         updates["validation"] = validation

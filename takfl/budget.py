@@ -30,11 +30,13 @@ from takfl.stopping import EarlyStopping
 def distill_settings(d: DistillSpec) -> DistillSettings:
     """The spec's optimiser settings and its budget in the unit that wins: epochs, else
     steps, else passes (DEFAULT_DISTILL_PASSES when the config names none)."""
-    unit: dict[str, int | float | None] = {"epochs": d.epochs}
+    steps, passes = 0, None
     if d.epochs is None:
-        unit = {"steps": d.steps} if d.steps is not None else {"passes": d.passes}
+        steps, passes = (d.steps, None) if d.steps is not None else (0, d.passes)
     return DistillSettings(
-        **unit,
+        steps=steps,
+        epochs=d.epochs,
+        passes=passes,
         batch_size=d.batch_size,
         learning_rate=d.learning_rate,
         weight_decay=d.weight_decay,

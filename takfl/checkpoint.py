@@ -27,7 +27,7 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model it claims."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CheckpointMeta:
     prototype: str
     round: int

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from takfl.state import State
 from takfl.stopping import EarlyStopping, Tracker, agreement
 
-State = dict[str, torch.Tensor]
 Precision = Literal["fp32", "bf16"]
 
 

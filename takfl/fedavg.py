@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-State = dict[str, torch.Tensor]
+from takfl.state import State
 
 
 class FedAvgAccumulator:

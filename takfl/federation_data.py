@@ -27,14 +27,7 @@ def client_id(prototype: str, index: int) -> str:
     return f"{prototype}-{index:03d}"
 
 
-def parse_client_id(cid: str) -> tuple[str, int]:
-    proto, _, idx = cid.rpartition("-")
-    if not proto or not idx.isdigit():
-        raise ValueError(f"{cid!r} is not a client id of the form <prototype>-<index>")
-    return proto, int(idx)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class FederationData:
     """Tensors on CPU. ``clients[cid] = (prototype, x, y)``."""
 
@@ -102,4 +95,13 @@ def build_federation_data(
         for k, idx in enumerate(shards):
             x, y = take(idx)
             clients[client_id(proto, k)] = (proto, x, y)
-    return FederationData(pool, part, public_x, val_x, val_y, test_x, test_y, clients)
+    return FederationData(
+        pool=pool,
+        partition=part,
+        public_x=public_x,
+        val_x=val_x,
+        val_y=val_y,
+        test_x=test_x,
+        test_y=test_y,
+        clients=clients,
+    )

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from takfl.config.federation import LAMBDA_STRATEGIES, LambdaSpec
+from takfl.config.federation import LambdaSpec
+from takfl.method_names import LAMBDA_STRATEGIES, registry, unknown_name
 from takfl.task_arithmetic import (
     MergeScorer,
     best_on_validation,
@@ -143,9 +144,10 @@ def _unsupervised(ctx: LambdaContext) -> LambdaChoice:
     return LambdaChoice(lam, {"public_entropy": ent})
 
 
-_REGISTRY: dict[str, LambdaStrategy] = {
-    s.name: s
-    for s in (
+_REGISTRY: dict[str, LambdaStrategy] = registry(
+    "lambda strategy",
+    LAMBDA_STRATEGIES,
+    (
         LambdaStrategy(
             name="heuristic",
             reference="TAKFL reference code (hojinchangucsd/TAKFL, main_fedhd.heuristic): "
@@ -179,8 +181,9 @@ _REGISTRY: dict[str, LambdaStrategy] = {
             needs_validation=False,
             choose=_unsupervised,
         ),
-    )
-}
+    ),
+    lambda unit: unit.name,
+)
 
 
 def lambda_strategies() -> dict[str, LambdaStrategy]:
@@ -192,6 +195,4 @@ def resolve_lambda_strategy(name: str) -> LambdaStrategy:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown lambda strategy {name!r}; choose from {', '.join(LAMBDA_STRATEGIES)}"
-        ) from None
+        raise ValueError(unknown_name("lambda strategy", name, LAMBDA_STRATEGIES)) from None

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from takfl.config.profile import TrainingSpec
 from takfl.optim import SGD_MOMENTUM
+from takfl.state import State, StateView
 from takfl.training import LocalResult
 
 PARAM_PREFIX = "model."  # parameter names in a training program: PARAM_PREFIX + state-dict name
@@ -64,7 +64,7 @@ def program_parameters(module: Any, probe: tuple[torch.Tensor, torch.Tensor]) ->
     return program_parameters_now(module)
 
 
-def load_weights(params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+def load_weights(params: StateView, state: StateView) -> None:
     """Copy every parameter of ``state`` into the program's ``params``; a name or shape
     the program lacks is a :class:`ProgramError`."""
     missing = sorted(set(params) - set(state))
@@ -81,7 +81,7 @@ def load_weights(params: Mapping[str, torch.Tensor], state: Mapping[str, torch.T
 
 def train_program(
     program: bytes,
-    global_state: Mapping[str, torch.Tensor],
+    global_state: StateView,
     x: torch.Tensor,
     y: torch.Tensor,
     spec: TrainingSpec,
@@ -136,10 +136,15 @@ def train_program(
     trained = program_parameters_now(module)
     state = {k: trained[k].clone() if k in trained else v.clone() for k, v in global_state.items()}
     return LocalResult(
-        state, len(x), total / max(steps, 1), steps, time.monotonic() - start, stopped
+        state=state,
+        num_samples=len(x),
+        mean_loss=total / max(steps, 1),
+        steps=steps,
+        seconds=time.monotonic() - start,
+        stopped_early=stopped,
     )
 
 
-def program_parameters_now(module: Any) -> dict[str, torch.Tensor]:
+def program_parameters_now(module: Any) -> State:
     """The program's current parameters by state-dict name (after at least one call)."""
     return {k.removeprefix(PARAM_PREFIX): v for k, v in module.named_parameters().items()}

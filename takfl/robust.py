@@ -23,8 +23,8 @@ import torch
 from takfl.config.federation import AggregationSpec
 from takfl.fedavg import FedAvgAccumulator
 from takfl.logits import ClientLogits, MeanLogits
+from takfl.state import State
 
-State = dict[str, torch.Tensor]
 Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (K, ...) values, (K,) weights
 
 

@@ -34,13 +34,12 @@ from takfl.distill_batched import (
     vmap_unsupported,
 )
 from takfl.lambdas import LambdaContext
+from takfl.state import State
 from takfl.task_arithmetic import MergeScorer, best_on_validation, merge, task_vector
 from takfl.training import predict_logits
 
 if TYPE_CHECKING:
     from takfl.algorithms import Algorithm
-
-State = dict[str, torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,10 @@ class StepOutput:
 
 
 @dataclass
-class EvalData:
-    """Tensors on the compute device. ``public_x`` unlabelled; validation labelled,
-    None when the run withholds it from every method."""
+class StepData:
+    """The data a server step uses, as tensors on the compute device: ``public_x``
+    unlabelled (distillation); validation labelled, None when the run withholds it
+    from every method."""
 
     public_x: torch.Tensor
     val_x: torch.Tensor | None = None
@@ -83,7 +83,7 @@ def distill_settings(spec: AlgorithmSpec) -> DistillSettings:
     return spec_settings(spec.distill)
 
 
-def plan(algo: Algorithm, data: EvalData, seed: int) -> Budget:
+def plan(algo: Algorithm, data: StepData, seed: int) -> Budget:
     """The round's budget for ``algo`` (the same for every method given the same spec)."""
     return plan_budget(algo.spec.distill, data.public_x, data.val_x, data.val_y, seed=seed)
 
@@ -96,7 +96,7 @@ def _add(timings: dict[str, float], key: str, since: float) -> float:
 
 def fedavg_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -107,7 +107,7 @@ def fedavg_step(
 
 def takfl_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -178,7 +178,7 @@ def _gflop(
     student: PrototypeInput,
     runs: list[Distilled],
     budget: Budget,
-    data: EvalData,
+    data: StepData,
     batched: bool,
     self_logits: torch.Tensor | None = None,
 ) -> float:
@@ -197,7 +197,7 @@ def _distill_all(
     student: PrototypeInput,
     targets: list[torch.Tensor],
     self_logits: torch.Tensor | None,
-    data: EvalData,
+    data: StepData,
     budget: Budget,
     algo: Algorithm,
     gamma: float,
@@ -252,7 +252,7 @@ def _distill_all(
 
 
 def choose_scale(
-    scorer: MergeScorer, lambdas: torch.Tensor, grid: list[float], data: EvalData
+    scorer: MergeScorer, lambdas: torch.Tensor, grid: list[float], data: StepData
 ) -> float:
     """The scale s in ``grid`` whose merge theta_avg + s * sum lambda tau scores best on
     validation (ties: the smaller s)."""
@@ -268,7 +268,7 @@ def choose_scale(
 
 def _single_target(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -303,7 +303,7 @@ def _single_target(
 
 def feddf_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -322,7 +322,7 @@ def feddf_step(
 
 def fedet_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     seed: int,
     timings: dict[str, float],
@@ -340,7 +340,7 @@ def fedet_step(
 
 def server_step(
     protos: list[PrototypeInput],
-    data: EvalData,
+    data: StepData,
     algo: Algorithm,
     *,
     seed: int,
@@ -352,5 +352,5 @@ def server_step(
     """
     timings: dict[str, float] = {}
     if not algo.validation:
-        data = EvalData(data.public_x)
+        data = StepData(data.public_x)
     return algo.unit.step(protos, data, algo, seed, timings), timings

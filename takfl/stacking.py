@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-State = dict[str, torch.Tensor]
+from takfl.state import State
+
 StackedForward = Callable[[State, State, torch.Tensor], torch.Tensor]
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-State = dict[str, torch.Tensor]
+from takfl.state import State
 
 
 def task_vector(theta: State, base: State) -> State:

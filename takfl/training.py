@@ -10,11 +10,12 @@ from torch import nn
 
 from takfl.config.profile import TrainingSpec
 from takfl.optim import LocalOptimizer
+from takfl.state import State
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LocalResult:
-    state: dict[str, torch.Tensor]  # trained weights, every state-dict entry, on CPU
+    state: State  # trained weights, every state-dict entry, on CPU
     num_samples: int
     mean_loss: float
     steps: int
@@ -81,7 +82,12 @@ def train_local(
             break
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     return LocalResult(
-        state, len(x), total / max(steps, 1), steps, time.monotonic() - start, stopped
+        state=state,
+        num_samples=len(x),
+        mean_loss=total / max(steps, 1),
+        steps=steps,
+        seconds=time.monotonic() - start,
+        stopped_early=stopped,
     )
 
 

@@ -58,6 +58,7 @@ from torch import nn
 from takfl.config.profile import TrainingSpec
 from takfl.optim import ADAM_BETAS, ADAM_EPS, SGD_MOMENTUM
 from takfl.stacking import stack_copies, vmapped_forward
+from takfl.state import State
 from takfl.training import LocalResult
 
 
@@ -114,7 +115,7 @@ class StackedOptimizer:
     parameter, the moments and the step counter stay as they were.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], spec: TrainingSpec) -> None:
+    def __init__(self, params: State, spec: TrainingSpec) -> None:
         self.params = params  # name -> (G, ...) leaf tensors, updated in place
         self.spec = spec
         any_p = next(iter(params.values()))
@@ -255,12 +256,12 @@ def train_clients(
     keys = {k: by_id.get(id(v), k) for k, v in model.state_dict(keep_vars=True).items()}
     return [
         LocalResult(
-            {k: stacked[src][c].detach().to("cpu").clone() for k, src in keys.items()},
-            len(clients[c].x),
-            losses[c] / max(steps[c], 1),
-            steps[c],
-            seconds,
-            stopped[c],
+            state={k: stacked[src][c].detach().to("cpu").clone() for k, src in keys.items()},
+            num_samples=len(clients[c].x),
+            mean_loss=losses[c] / max(steps[c], 1),
+            steps=steps[c],
+            seconds=seconds,
+            stopped_early=stopped[c],
         )
         for c in everyone
     ]

@@ -32,6 +32,7 @@ from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.broker.net import LOOPBACK
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
+from takfl.config.profile import CommsSpec
 from takfl.mqtt.client import MqttSettings
 from takfl.wire.messages import MAX_PACKET_BYTES
 from takfl.wire.signing import generate_secret
@@ -66,6 +67,7 @@ class BrokerHandle:
     agent_settings: dict[str, MqttSettings]
     files: MosquittoFiles | None = None  # Mosquitto only
     _server: Any = field(default=None, repr=False)
+    monitor_settings: MqttSettings | None = None  # Mosquitto's service listener, if asked
 
     def settings_for(self, agent: str) -> MqttSettings:
         """Client settings (with the agent's credentials on Mosquitto)."""
@@ -92,6 +94,10 @@ class BrokerHandle:
         self.start()
 
 
+MONITOR_USER = "takfl-monitor"
+MONITOR_PASSWORD = "monitor-" + secrets.token_hex(8)
+
+
 def _mosquitto(
     tmp_path: Path,
     fleet: str,
@@ -99,6 +105,7 @@ def _mosquitto(
     persistence: bool,
     use_tool: bool | None,
     max_packet_bytes: int,
+    service: bool,
 ) -> tuple[MosquittoProcess, dict[str, str], str]:
     passwords = {a: secrets.token_hex(8) for a in agents}
     coordinator_password = secrets.token_hex(8)
@@ -114,6 +121,8 @@ def _mosquitto(
         run_as=getpass.getuser(),
         use_tool=use_tool,
         max_packet_bytes=max_packet_bytes,
+        monitor=(MONITOR_USER, MONITOR_PASSWORD) if service else None,
+        service_port=free_port() if service else None,
     )
     return MosquittoProcess(files), passwords, coordinator_password
 
@@ -128,12 +137,14 @@ def running_broker(
     persistence: bool = True,
     use_tool: bool | None = None,
     max_packet_bytes: int = MAX_PACKET_BYTES,
+    service: bool = False,
 ) -> Iterator[BrokerHandle]:
     """Start a broker of ``kind`` ("embedded" or "mosquitto") on a free loopback port.
 
     Both get a user per agent (username = agent id) plus the coordinator user and the
     fleet's ACL; Mosquitto's generated configuration in ``tmp_path/mosquitto`` also has
-    persistence. The broker is stopped on exit, also when the body raises.
+    persistence, and with ``service`` a service listener with a monitor login
+    (``monitor_settings``). The broker is stopped on exit, also when the body raises.
     """
     agent_ids = list(agents)
     handle: BrokerHandle
@@ -159,7 +170,7 @@ def running_broker(
         if MOSQUITTO_MISSING:
             pytest.skip("mosquitto binary not installed")
         proc, passwords, coord_pw = _mosquitto(
-            tmp_path, fleet, agent_ids, persistence, use_tool, max_packet_bytes
+            tmp_path, fleet, agent_ids, persistence, use_tool, max_packet_bytes, service
         )
         proc.start()
         base = replace(BASE_SETTINGS, port=proc.port)
@@ -172,6 +183,14 @@ def running_broker(
             {a: replace(base, username=a, password=passwords[a]) for a in agent_ids},
             proc.files,
             proc,
+            None
+            if proc.files.service_port is None
+            else replace(
+                base,
+                port=proc.files.service_port,
+                username=MONITOR_USER,
+                password=MONITOR_PASSWORD,
+            ),
         )
     else:
         raise ValueError(f"unknown broker kind {kind!r}; expected {EMBEDDED!r} or {MOSQUITTO!r}")
@@ -184,10 +203,15 @@ def running_broker(
 # -- coordinator and agents over a test broker ----------------------------------------------------
 def make_registry(prototypes: dict[str, str]) -> dict[str, AgentRecord]:
     """A registry with a fresh secret per agent: agent id -> prototype given."""
-    return {a: AgentRecord(a, p, generate_secret()) for a, p in prototypes.items()}
+    return {
+        a: AgentRecord(agent_id=a, prototype=p, secret=generate_secret())
+        for a, p in prototypes.items()
+    }
 
 
 FAST_TRANSPORT = TransportPolicy(quiet_s=0.5, task_retry_s=2.0)
+# Tasks asking for fp32 updates (bit-exact; any other compression is refused codec_mismatch).
+FP32_TRANSPORT = replace(FAST_TRANSPORT, comms=CommsSpec(compression="fp32"))
 FAST_LINK = LinkPolicy(quiet_s=0.5, ack_timeout_s=2.0)
 
 

@@ -38,7 +38,7 @@ def make_run(root: Path, rounds: int, resume: bool) -> FederationRun:
     cfg = small_config()
     data = build_federation_data(cfg, 0)
     clients = [
-        VirtualClient(cid, p, x, y, prototype_training(cfg, p))
+        VirtualClient(client_id=cid, prototype=p, x=x, y=y, training=prototype_training(cfg, p))
         for cid, (p, x, y) in data.clients.items()
     ]
     tr = InProcessTransport(clients, num_classes=data.num_classes, input_shape=data.input_shape)
@@ -48,7 +48,7 @@ def make_run(root: Path, rounds: int, resume: bool) -> FederationRun:
         tr,
         RunStore(root),
         torch.device("cpu"),
-        ServeOptions(rounds, resume=resume, policy=RoundPolicy(deadline_s=30)),
+        ServeOptions(rounds=rounds, resume=resume, policy=RoundPolicy(deadline_s=30)),
     )
 
 

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from coordinator.registry import load_registry
+from coordinator.testbed import ENV, Federation, federation
 from coordinator.transport.mqtt import MqttTransport
 from edge_agent.doctor import (
     Status,
@@ -31,8 +32,9 @@ from edge_agent.doctor import (
 from takfl.config import load_profile
 from takfl.federation_data import client_id
 from takfl.mqtt.url import parse_broker_url
-from takfl.wire.signing import generate_secret, write_secret_file
-from tests.federation_harness import ENV, MOSQUITTO_MISSING, Federation, federation
+from takfl.secret_files import write_secret_file
+from takfl.wire.signing import generate_secret
+from tests.brokers import MOSQUITTO_MISSING
 
 WIDE = {**ENV, "COLUMNS": "250", "NO_COLOR": "1", "TTY_COMPATIBLE": "0"}
 PI5 = load_profile("raspberry-pi-5")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.federation_harness import ENV
+from coordinator.testbed import ENV
 
 _RUN_AND_REPORT = """
 import json, sys

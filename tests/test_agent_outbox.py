@@ -22,7 +22,7 @@ from takfl.wire.messages import (
     decode_chunk,
     decode_message,
 )
-from takfl.wire.signing import generate_secret, sign
+from takfl.wire.signing import generate_secret, sign, verify
 from takfl.wire.topics import Topics, Up
 from takfl.wire.update import PreparedUpdate, prepare_update
 
@@ -81,6 +81,7 @@ def outbox(client: FakeClient, clocks: Clocks, **kw: Any) -> UpdateOutbox:
         cast(MqttClient, client),
         TOPICS,
         "a1",
+        secret=SECRET,
         ack_timeout_s=kw.get("ack_timeout_s", 15.0),
         max_sent_blobs=2,
         resend=UNLIMITED,
@@ -90,8 +91,17 @@ def outbox(client: FakeClient, clocks: Clocks, **kw: Any) -> UpdateOutbox:
 
 
 def ack(up: PreparedUpdate) -> Ack:
+    """The coordinator's ack of ``up`` (one fixed message: the same stamp every time)."""
     h = up.header
-    return Ack(subject="update", agent_id="a1", round_id=1, digest=h.blob.digest, accepted=True)
+    return Ack(
+        subject="update",
+        agent_id="a1",
+        round_id=1,
+        digest=h.blob.digest,
+        accepted=True,
+        sent_at=0.0,
+        nonce=h.blob.digest[:32],
+    )
 
 
 def test_an_update_goes_out_as_its_header_then_its_chunks() -> None:
@@ -103,7 +113,10 @@ def test_an_update_goes_out_as_its_header_then_its_chunks() -> None:
     # Assert
     sent = client.take()
     assert sent[0][0] == UPDATE
-    assert decode_message(UpdateHeader, sent[0][1]) == up.header
+    # each send is stamped afresh (sent_at, nonce, signature); the content is the header's
+    fresh = {"sent_at", "nonce", "signature"}
+    sent_header = decode_message(UpdateHeader, sent[0][1])
+    assert sent_header.model_dump(exclude=fresh) == up.header.model_dump(exclude=fresh)
     assert [t for t, _ in sent[1:]] == [CHUNKS] * up.header.blob.count
     assert b"".join(decode_chunk(p).payload for _, p in sent[1:]) == up.blob
 
@@ -144,8 +157,13 @@ def test_a_repeated_task_gets_the_same_update_again() -> None:
     # Execute
     box.answer_again((4, up.header.base_digest))
     box.answer_again((5, up.header.base_digest))  # a task never answered: nothing to send
-    # Assert
-    assert client.take() == first
+    # Assert: the same update (a fresh stamp: a receiver refuses a nonce seen before)
+    again = client.take()
+    assert [t for t, _ in again] == [t for t, _ in first]
+    old, new = (decode_message(UpdateHeader, sent[0][1]) for sent in (first, again))
+    assert new.content_ref() == old.content_ref() and new.nonce != old.nonce
+    assert verify(new, SECRET)
+    assert again[1:] == first[1:]
 
 
 def test_chunk_requests_are_answered_from_the_kept_blob() -> None:

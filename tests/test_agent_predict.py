@@ -11,18 +11,21 @@ from typer.testing import CliRunner
 
 from edge_agent.cli import app
 from edge_agent.predict_command import pick_artifact
+from export.metadata import sign_sidecars
 from export.pipeline import ExportOptions, export_checkpoint
 from takfl.checkpoint import CheckpointMeta, save_checkpoint
 from takfl.config import load_federation
 from takfl.config.profile import TrainingSpec
 from takfl.federation_data import build_federation_data
 from takfl.models import build_model
+from takfl.release.keys import generate_release_key, load_signer
 from takfl.training import accuracy, train_local
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, Path]:
-    """L's model trained on the digits private pool, exported to ONNX fp32."""
+    """L's model trained on the digits private pool, exported to ONNX fp32, its sidecar
+    signed with a fleet's release key (the root beside the export folder: ROOT)."""
     root = tmp_path_factory.mktemp("predict")
     cfg = load_federation("digits")
     data = build_federation_data(cfg, 0)
@@ -33,15 +36,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, Pat
     res = train_local(model, xs, ys, TrainingSpec(epochs=5, batch_size=32), seed=0)
     acc = accuracy(model, data.test_x, data.test_y)
     meta = CheckpointMeta(
-        "L",
-        5,
-        "cnn_digits_large",
-        10,
-        (1, 8, 8),
-        {},
-        data.pool.class_names,
-        data.pool.mean,
-        data.pool.std,
+        prototype="L",
+        round=5,
+        builder="cnn_digits_large",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        builder_args={},
+        class_names=data.pool.class_names,
+        mean=data.pool.mean,
+        std=data.pool.std,
     )
     ckpt = root / "L.safetensors"
     save_checkpoint(ckpt, res.state, meta)
@@ -49,6 +52,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, Pat
     export_checkpoint(
         ckpt, "digits", out, prototype="L", options=ExportOptions(formats=["onnx"], latency_iters=2)
     )
+    key, _root = generate_release_key(root / "fleet")
+    assert sign_sidecars(out, load_signer(key))
     # raw (un-normalised) test images, as a device would hold them
     raw = (
         data.test_x.numpy() * np.asarray(data.pool.std)[None, :, None, None]
@@ -73,6 +78,8 @@ def test_predict_runs_the_export_with_the_profiles_runtime(exported) -> None:  #
             str(npz),
             "--show",
             "3",
+            "--release-root",
+            str(fleet_root(folder)),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -108,7 +115,14 @@ def test_predict_errors_are_clear(args: list[str], fragment: str) -> None:
     assert "Traceback" not in result.output
 
 
-def predict_args(model: Path, npz: Path, *extra: str) -> list[str]:
+def fleet_root(export_folder: Path) -> Path:
+    """The root.json of the fleet whose key signed the fixture's sidecars."""
+    return export_folder.parent.parent / "fleet" / "root.json"
+
+
+def predict_args(model: Path, npz: Path, *extra: str, root: Path | None = None) -> list[str]:
+    """``predict`` on ``model``, checked against the fleet ``root`` when one is given."""
+    trust = [] if root is None else ["--release-root", str(root)]
     return [
         "predict",
         "--profile",
@@ -117,6 +131,7 @@ def predict_args(model: Path, npz: Path, *extra: str) -> list[str]:
         str(model),
         "--input",
         str(npz),
+        *trust,
         *extra,
     ]
 
@@ -127,32 +142,69 @@ def copy_export(folder: Path, dst: Path) -> Path:
     return Path(shutil.copytree(folder, dst))
 
 
-@pytest.mark.parametrize("tamper", ["missing-sidecar", "model-changed", "sidecar-rewritten"])
-def test_predict_refuses_an_unverified_export(exported, tmp_path: Path, tamper: str) -> None:  # type: ignore[no-untyped-def]
+TAMPERING = [
+    ("missing-sidecar", "no sidecar"),
+    ("model-changed", "SHA-256"),
+    # the attacker rewrites the sidecar to match: the signature no longer covers it
+    ("model-and-sidecar-rewritten", "not signed by the fleet's release key"),
+    ("signatures-dropped", "carries no signature"),
+    ("signed-by-another-key", "not signed by the fleet's release key"),
+    ("signed-by-the-fleet-but-renamed", "prototype"),  # identity checks still apply
+]
+
+
+@pytest.mark.parametrize("tamper, fragment", TAMPERING, ids=[t for t, _ in TAMPERING])
+def test_predict_refuses_an_unverified_export(  # type: ignore[no-untyped-def]
+    exported, tmp_path: Path, tamper: str, fragment: str
+) -> None:
     import json
+
+    from securesystemslib.signer import CryptoSigner
+
+    from export.metadata import file_sha256
+    from takfl.release.signatures import sign_document
 
     folder, _acc, npz = exported
     copy = copy_export(folder, tmp_path / "L")
     model = next(copy.glob("*-fp32.onnx"))
     side = model.with_name(model.name + ".json")
+    body = json.loads(side.read_text())
     if tamper == "missing-sidecar":
         side.unlink()
-        fragment = "no sidecar"
     elif tamper == "model-changed":
         data = bytearray(model.read_bytes())
         data[-1] ^= 0xFF  # one flipped byte
         model.write_bytes(bytes(data))
-        fragment = "SHA-256"
-    else:  # the digest is made to match, but the sidecar claims another prototype and round
-        body = json.loads(side.read_text())
-        body["prototype"], body["round"] = "S", 99
+    elif tamper == "model-and-sidecar-rewritten":
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF
+        model.write_bytes(bytes(data))
+        body["sha256"], body["size"] = file_sha256(model), len(data)
         side.write_text(json.dumps(body))
-        fragment = "prototype"
-    result = CliRunner().invoke(app, predict_args(model, npz), terminal_width=300)
+    elif tamper == "signatures-dropped":
+        del body["signatures"]
+        side.write_text(json.dumps(body))
+    elif tamper == "signed-by-another-key":
+        side.write_text(json.dumps(sign_document(body, CryptoSigner.generate_ed25519())))
+    else:  # a fleet-signed sidecar of another prototype and round, put beside this model
+        key = fleet_root(folder).with_name("release-key.pem")
+        body["prototype"], body["round"] = "S", 99
+        side.write_text(json.dumps(sign_document(body, load_signer(key))))
+    result = CliRunner().invoke(
+        app, predict_args(model, npz, root=fleet_root(folder)), terminal_width=300
+    )
     output = " ".join(result.output.split())
     assert result.exit_code == 2, result.output
     assert fragment in output
     assert "Traceback" not in output
+
+
+def test_predict_needs_the_fleets_root_to_trust_an_export(exported) -> None:  # type: ignore[no-untyped-def]
+    folder, _acc, npz = exported
+    model = next(folder.glob("*-fp32.onnx"))
+    result = CliRunner().invoke(app, predict_args(model, npz), terminal_width=300)
+    assert result.exit_code == 2, result.output
+    assert "give --release-root" in " ".join(result.output.split())
 
 
 def test_predict_runs_an_unverified_export_only_when_told(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

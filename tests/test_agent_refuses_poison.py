@@ -27,12 +27,12 @@ torch.set_num_threads(1)
 
 def task(round_id: int, state: dict[str, torch.Tensor]) -> Task:
     return Task(
-        round_id,
-        "S",
-        "a1",
-        ModelSpec(builder="mlp_digits", args={"width": 8}),
-        state,
-        time.time() + 120,
+        round_id=round_id,
+        prototype="S",
+        client_id="a1",
+        model=ModelSpec(builder="mlp_digits", args={"width": 8}),
+        global_state=state,
+        deadline=time.time() + 120,
     )
 
 

@@ -36,8 +36,15 @@ def header(round_id: int, payload: bytes, base: str = BASE) -> UpdateHeader:
 
 
 def ack_for(h: UpdateHeader) -> Ack:
+    """The coordinator's ack of ``h`` (one fixed message: the same stamp every time)."""
     return Ack(
-        subject="update", agent_id="a1", round_id=h.round_id, digest=h.blob.digest, accepted=True
+        subject="update",
+        agent_id="a1",
+        round_id=h.round_id,
+        digest=h.blob.digest,
+        accepted=True,
+        sent_at=0.0,
+        nonce=h.blob.digest[:32],
     )
 
 

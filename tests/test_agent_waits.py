@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.broker.net import free_port
+from coordinator.testbed import ENV, federation
 from edge_agent.watch import LinkWatch
 from takfl.federation_data import client_id
-from takfl.wire.signing import generate_secret, write_secret_file
-from tests.brokers import EMBEDDED, running_broker
-from tests.federation_harness import ENV, MOSQUITTO_MISSING, federation
+from takfl.secret_files import write_secret_file
+from takfl.wire.signing import generate_secret
+from tests.brokers import EMBEDDED, MOSQUITTO_MISSING, running_broker
 
 M0 = client_id("M", 0)
 

@@ -43,7 +43,7 @@ RESULT_FIELDS = {
 
 
 def load_benchmark() -> ModuleType:
-    """The script as a module (benchmarks/ is not a package)."""
+    """The script as a module, loaded from its file (as `python benchmarks/...` runs it)."""
     spec = importlib.util.spec_from_file_location("agents_scale", SCRIPT)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {SCRIPT}")

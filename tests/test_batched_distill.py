@@ -27,7 +27,7 @@ from takfl.distill_batched import (
     vmap_unsupported,
 )
 from takfl.models import build_model
-from takfl.server import EvalData, PrototypeInput, server_step, takfl_step
+from takfl.server import PrototypeInput, StepData, server_step, takfl_step
 from takfl.task_arithmetic import task_vector
 from takfl.training import predict_logits
 
@@ -133,7 +133,7 @@ class ItemGate(nn.Module):
         return out
 
 
-def tiny_round(models: list[nn.Module]) -> tuple[list[PrototypeInput], EvalData]:
+def tiny_round(models: list[nn.Module]) -> tuple[list[PrototypeInput], StepData]:
     protos = []
     for i, (model, z) in enumerate(zip(models, teachers(len(models)), strict=True)):
         protos.append(
@@ -146,7 +146,7 @@ def tiny_round(models: list[nn.Module]) -> tuple[list[PrototypeInput], EvalData]
             )
         )
     g = torch.Generator().manual_seed(3)
-    data = EvalData(
+    data = StepData(
         public(), torch.randn(16, *SHAPE, generator=g), torch.randint(0, K, (16,), generator=g)
     )
     return protos, data

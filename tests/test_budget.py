@@ -24,7 +24,7 @@ from takfl.distill import (
 )
 from takfl.distill_batched import run_distillations_batched
 from takfl.models import build_model
-from takfl.server import EvalData, PrototypeInput, server_step
+from takfl.server import PrototypeInput, StepData, server_step
 from takfl.stopping import EarlyStopping, Tracker, agreement
 
 SHAPE = (1, 8, 8)
@@ -204,7 +204,7 @@ def test_batched_early_stopping_equals_sequential() -> None:
 
 
 # -- the server step -------------------------------------------------------------------
-def tiny_round() -> tuple[list[PrototypeInput], EvalData]:
+def tiny_round() -> tuple[list[PrototypeInput], StepData]:
     torch.manual_seed(0)
     protos = []
     for i, name in enumerate("SML"):
@@ -221,7 +221,7 @@ def tiny_round() -> tuple[list[PrototypeInput], EvalData]:
             )
         )
     g = torch.Generator().manual_seed(4)
-    data = EvalData(inputs(N, 5), inputs(V, 6), torch.randint(0, K, (V,), generator=g))
+    data = StepData(inputs(N, 5), inputs(V, 6), torch.randint(0, K, (V,), generator=g))
     return protos, data
 
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from coordinator.compare import final_accuracy, lambdas_per_round, read_metrics, scale_counts
+from takfl.run_layout import METRICS_FILE
 
 
 def write_run(folder: Path, seed: int, accs: dict[str, float], scale: float = 1.0) -> Path:
@@ -31,7 +32,7 @@ def write_run(folder: Path, seed: int, accs: dict[str, float], scale: float = 1.
                         "info": {"scale": scale} if alg == "takfl-scaled" else {},
                     }
                 )
-    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (folder / METRICS_FILE).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return folder
 
 

@@ -410,12 +410,12 @@ def test_load_dataset_errors(name: str, fragment: str) -> None:
 
 def test_subset_keeps_metadata() -> None:
     ds = TensorDataset(
-        torch.arange(24, dtype=torch.float32).reshape(6, 1, 2, 2),
-        torch.tensor([0, 1, 0, 1, 0, 1]),
-        ["even", "odd"],
-        [0.5],
-        [2.0],
-        "toy",
+        x=torch.arange(24, dtype=torch.float32).reshape(6, 1, 2, 2),
+        y=torch.tensor([0, 1, 0, 1, 0, 1]),
+        class_names=["even", "odd"],
+        mean=[0.5],
+        std=[2.0],
+        name="toy",
     )
 
     sub = ds.subset(np.array([5, 0]))
@@ -427,6 +427,10 @@ def test_subset_keeps_metadata() -> None:
 
 def test_tensor_dataset_checks_shapes() -> None:
     with pytest.raises(DataError, match=r"\(N, C, H, W\)"):
-        TensorDataset(torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.int64), ["a"])
+        TensorDataset(
+            x=torch.zeros(4, 8, 8), y=torch.zeros(4, dtype=torch.int64), class_names=["a"]
+        )
     with pytest.raises(DataError, match="4 images but labels"):
-        TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(3, dtype=torch.int64), ["a"])
+        TensorDataset(
+            x=torch.zeros(4, 1, 8, 8), y=torch.zeros(3, dtype=torch.int64), class_names=["a"]
+        )

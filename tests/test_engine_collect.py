@@ -81,7 +81,13 @@ def make_engine(
         (
             (
                 start + t,
-                ClientUpdate(round_id, cid[0], cid, 5, engine.globals[cid[0]]),
+                ClientUpdate(
+                    round_id=round_id,
+                    prototype=cid[0],
+                    client_id=cid,
+                    num_samples=5,
+                    state=engine.globals[cid[0]],
+                ),
             )
             for cid, t in arrivals.items()
         ),
@@ -143,9 +149,18 @@ def test_stale_unknown_and_duplicate_updates_are_counted_and_ignored() -> None:
     )
     g = engine.globals
     transport.script += [
-        (1001.5, ClientUpdate(0, "S", "S-001", 5, g["S"])),  # an old round
-        (1002.0, ClientUpdate(1, "S", "S-009", 5, g["S"])),  # not sampled
-        (1003.0, ClientUpdate(1, "S", "S-000", 5, g["S"])),  # a duplicate
+        (
+            1001.5,
+            ClientUpdate(round_id=0, prototype="S", client_id="S-001", num_samples=5, state=g["S"]),
+        ),  # an old round
+        (
+            1002.0,
+            ClientUpdate(round_id=1, prototype="S", client_id="S-009", num_samples=5, state=g["S"]),
+        ),  # not sampled
+        (
+            1003.0,
+            ClientUpdate(round_id=1, prototype="S", client_id="S-000", num_samples=5, state=g["S"]),
+        ),  # a duplicate
     ]
     transport.script.sort(key=lambda item: item[0])
     got = collect(engine)

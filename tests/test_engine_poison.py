@@ -1,5 +1,5 @@
 """No poison propagates through the server step: an update that got past every check
-(here: in-process clients, which nothing validates) and turns a prototype's model
+(here: in-process clients with the engine's own guard off) and turns a prototype's model
 non-finite leaves that prototype on its previous global, recorded in the metrics,
 and every other prototype finite."""
 
@@ -36,12 +36,16 @@ def test_non_finite_server_output_keeps_the_previous_global() -> None:
     cfg.algorithm.lambdas.search_candidates = 2
     data = build_federation_data(cfg, 0)
     clients = [
-        VirtualClient(cid, p, x, y, prototype_training(cfg, p))
+        VirtualClient(client_id=cid, prototype=p, x=x, y=y, training=prototype_training(cfg, p))
         for cid, (p, x, y) in data.clients.items()
     ]
     transport = PoisonedTransport(clients, num_classes=10, input_shape=(1, 8, 8))
     engine = RoundEngine(
-        cfg, prototype_models(cfg), server_data(data, torch.device("cpu")), transport
+        cfg,
+        prototype_models(cfg),
+        server_data(data, torch.device("cpu")),
+        transport,
+        judge_updates=False,  # the server step's own fallback is what is tested here
     )
     before = {k: v.clone() for k, v in engine.globals["L"].items()}
     res = engine.run_round(1)
@@ -71,7 +75,31 @@ def test_weights_are_clipped_to_the_allowance_and_zero_is_refused() -> None:
         weight_cap=caps.get,
     )
     state = engine.globals["L"]
-    assert engine.weight(ClientUpdate(1, "L", "L-000", 5000, state)) == 100.0
-    assert engine.weight(ClientUpdate(1, "L", "L-000", 40, state)) == 40.0
-    assert engine.weight(ClientUpdate(1, "L", "L-001", 5000, state)) == 5000.0  # no cap known
-    assert engine.weight(ClientUpdate(1, "L", "L-000", 0, state)) is None
+    assert (
+        engine.weight(
+            ClientUpdate(
+                round_id=1, prototype="L", client_id="L-000", num_samples=5000, state=state
+            )
+        )
+        == 100.0
+    )
+    assert (
+        engine.weight(
+            ClientUpdate(round_id=1, prototype="L", client_id="L-000", num_samples=40, state=state)
+        )
+        == 40.0
+    )
+    assert (
+        engine.weight(
+            ClientUpdate(
+                round_id=1, prototype="L", client_id="L-001", num_samples=5000, state=state
+            )
+        )
+        == 5000.0
+    )  # no cap known
+    assert (
+        engine.weight(
+            ClientUpdate(round_id=1, prototype="L", client_id="L-000", num_samples=0, state=state)
+        )
+        is None
+    )

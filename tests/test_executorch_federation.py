@@ -11,8 +11,9 @@ import importlib.util
 import pytest
 import yaml
 
+from coordinator.testbed import federation, metrics, read_state
 from takfl.config import load_profile
-from tests.federation_harness import MOSQUITTO_MISSING, federation, metrics, read_state
+from tests.brokers import MOSQUITTO_MISSING
 
 pytestmark = [
     pytest.mark.slow,

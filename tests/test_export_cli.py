@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from export.cli import EXIT_BAD_INPUT, EXIT_OK, app
+from export.common import ArtifactError
 from export.pipeline import export_checkpoint
 from export.run_export import export_run, latest_checkpoint
 from export.tflite_export import litert_torch_importable
@@ -49,7 +50,15 @@ def write_checkpoint(
     torch.manual_seed(round_)
     model = build_model(state_from or builder, 10, (1, 8, 8), **({} if state_from else args))
     meta = CheckpointMeta(
-        prototype, round_, builder, 10, (1, 8, 8), args, digits.class_names, digits.mean, digits.std
+        prototype=prototype,
+        round=round_,
+        builder=builder,
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        builder_args=args,
+        class_names=digits.class_names,
+        mean=digits.mean,
+        std=digits.std,
     )
     save_checkpoint(path, model.state_dict(), meta)
     return path
@@ -223,3 +232,29 @@ def test_run_mode_records_a_broken_prototype_and_exports_the_rest(tmp_path: Path
 def test_run_mode_without_a_run_directory_is_a_clean_error(tmp_path: Path) -> None:
     code, output = invoke("--run", tmp_path)
     assert_clean_error(code, output, "is not a run directory", "config.yaml")
+
+
+def test_sign_with_signs_every_sidecar_for_the_fleets_root(tmp_path: Path) -> None:
+    from export.metadata import verify_sidecar
+    from takfl.release.keys import generate_release_key, load_root
+
+    key, root = generate_release_key(tmp_path / "fleet")
+    ckpt = write_checkpoint(tmp_path / "S.safetensors", "S", *MODELS["S"], round_=4)
+    common = ("--config", str(DIGITS_YAML), "--formats", "onnx", "--latency-iters", "1")
+
+    code, output = invoke(
+        "--checkpoint", ckpt, *common, "--out", tmp_path / "signed", "--sign-with", key
+    )
+    assert code == EXIT_OK, output
+    assert "signed 1 sidecar(s)" in output
+    model = tmp_path / "signed" / "S-round-4-fp32.onnx"
+    assert verify_sidecar(model, load_root(root)).prototype == "S"
+
+    code, output = invoke("--checkpoint", ckpt, *common, "--out", tmp_path / "plain")
+    assert code == EXIT_OK, output
+    assert "sidecars not signed" in output
+    with pytest.raises(ArtifactError, match="carries no signature"):
+        verify_sidecar(tmp_path / "plain" / "S-round-4-fp32.onnx", load_root(root))
+
+    code, output = invoke("--checkpoint", ckpt, *common, "--sign-with", tmp_path / "no-key.pem")
+    assert_clean_error(code, output, "no-key.pem")

@@ -43,15 +43,15 @@ def trained() -> tuple[torch.nn.Module, CheckpointMeta, ExportData]:
     model.eval()
     assert accuracy(model, fed.test_x, fed.test_y) > 90.0  # a real model, not noise
     meta = CheckpointMeta(
-        "M",
-        1,
-        "cnn_digits_small",
-        10,
-        (1, 8, 8),
-        {},
-        fed.pool.class_names,
-        fed.pool.mean,
-        fed.pool.std,
+        prototype="M",
+        round=1,
+        builder="cnn_digits_small",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        builder_args={},
+        class_names=fed.pool.class_names,
+        mean=fed.pool.mean,
+        std=fed.pool.std,
     )
     return model, meta, eval_data(cfg, calibration_samples=256)
 

@@ -16,14 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.cli import app
-from takfl.wire.signing import write_secret_file
-from tests.federation_harness import (
-    MOSQUITTO_MISSING,
-    federation,
-    metrics,
-    read_state,
-    wait_until,
-)
+from coordinator.testbed import federation, metrics, read_state, wait_until
+from takfl.secret_files import write_secret_file
+from tests.brokers import MOSQUITTO_MISSING
 
 pytestmark = pytest.mark.slow
 needs_mosquitto = pytest.mark.skipif(
@@ -69,7 +64,7 @@ def test_mqtt_federation_matches_simulation(tmp_path) -> None:  # type: ignore[n
         assert all(r["clients"] == r["sampled"] for r in served), served
 
         # status through the read-only monitor account sees every agent, online
-        url = f"mqtt://takfl-monitor@127.0.0.1:{fed.port}"
+        url = f"mqtt://takfl-monitor@127.0.0.1:{fed.service_port}"
         out = CliRunner().invoke(
             app,
             ["status", "--run-dir", str(fed.run_dir), "--broker", url, "--listen", "3"],

@@ -1,6 +1,6 @@
 """A real federation with hostile agents: the coordinator and honest agents as separate
 processes over a real broker, and two provisioned agents that lie using only their own
-secrets (``tests/poison_agent.py``, also real processes).
+secrets (``benchmarks/poison_agent.py``, also real processes).
 
 L-001 sends, in round 1, its delta scaled by 1,000 while claiming 50 x its samples,
 and in round 2 the scaled delta with its true count; S-001 claims zero samples. Every
@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.federation_harness import federation, metrics, read_state
+from benchmarks.poison_agent import start_poison_agent
+from coordinator.testbed import federation, metrics, read_state
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +27,8 @@ def test_poisoned_agents_leave_every_prototype_finite_and_accurate(tmp_path) -> 
         for aid in HONEST:
             fed.start_agent(aid)
 
-        fed.start_poison_agent("L-001", 1, ["1:1000:50", "2:1000:1"])
-        fed.start_poison_agent("S-001", 1, ["1:1:0", "2:1:0"])
+        start_poison_agent(fed, "L-001", 1, ["1:1000:50", "2:1000:1"])
+        start_poison_agent(fed, "S-001", 1, ["1:1:0", "2:1:0"])
         # A task's deadline also bounds how late an honest agent may answer: generous,
         # so that a loaded machine delays the rounds instead of dropping honest updates.
         coord = fed.start_coordinator(

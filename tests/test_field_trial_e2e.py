@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from coordinator.broker.net import free_port
 from coordinator.cli import app
 from coordinator.report import write_report
+from coordinator.testbed import federation, read_state, wait_until
 from tests.browser import CHROMIUM, render
-from tests.federation_harness import federation, read_state, wait_until
 
 pytestmark = pytest.mark.slow
 AGENTS = {"S-000", "S-001", "M-000", "M-001", "L-000"}

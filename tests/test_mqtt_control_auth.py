@@ -58,12 +58,12 @@ def start_task(transport: MqttTransport, link: AgentLink, round_id: int = 1) -> 
     transport.send_tasks(
         [
             Task(
-                round_id,
-                "S",
-                link.identity.agent_id,
-                ModelSpec(builder="mlp_digits"),
-                model_state(round_id),
-                time.time() + 120,
+                round_id=round_id,
+                prototype="S",
+                client_id=link.identity.agent_id,
+                model=ModelSpec(builder="mlp_digits"),
+                global_state=model_state(round_id),
+                deadline=time.time() + 120,
             )
         ]
     )
@@ -126,8 +126,9 @@ def test_chunk_request_amplification_is_bounded(kind: str, tmp_path: Path) -> No
         blob = task.message.blob
         # a provisioned agent asks, properly signed, for its whole global model 100 times
         me = link.identity.agent_id
+        run = task.message.run
         request = sign(
-            ChunkRequest(agent_id=me, digest=blob.digest, missing=list(range(blob.count))),
+            ChunkRequest(run=run, agent_id=me, digest=blob.digest, missing=list(range(blob.count))),
             link.identity.secret,
         )
         payload = encode_message(request)
@@ -147,13 +148,15 @@ def test_chunk_request_amplification_is_bounded(kind: str, tmp_path: Path) -> No
             task.global_state,
             secret=link.identity.secret,
             num_samples=3,
-            compression="fp32",
         )
         link.send_prepared(up, deadline=task.message.deadline)
         assert transport.next_update(timeout=30) is not None
         ask = sign(
             ChunkRequest(
-                agent_id=me, digest=up.header.blob.digest, missing=list(range(up.header.blob.count))
+                run=run,
+                agent_id=me,
+                digest=up.header.blob.digest,
+                missing=list(range(up.header.blob.count)),
             ),
             registry[me].secret,
         )

@@ -30,7 +30,13 @@ PROGRAM = bytes(range(256)) * 1200  # 300 KiB: three 128 KiB chunks
 def task(agent: str, round_id: int) -> Task:
     state = {"w": torch.full((4, 4), float(round_id)), "b": torch.zeros(4)}
     return Task(
-        round_id, "S", agent, ModelSpec(builder="mlp_digits"), state, time.time() + 60, seed=1
+        round_id=round_id,
+        prototype="S",
+        client_id=agent,
+        model=ModelSpec(builder="mlp_digits"),
+        global_state=state,
+        deadline=time.time() + 60,
+        seed=1,
     )
 
 

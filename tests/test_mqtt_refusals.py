@@ -88,12 +88,12 @@ def start_round(
     transport.send_tasks(
         [
             Task(
-                round_id,
-                "S",
-                link.identity.agent_id,
-                ModelSpec(builder="mlp_digits"),
-                state,
-                time.time() + 120,
+                round_id=round_id,
+                prototype="S",
+                client_id=link.identity.agent_id,
+                model=ModelSpec(builder="mlp_digits"),
+                global_state=state,
+                deadline=time.time() + 120,
             )
             for link in links
         ]
@@ -121,7 +121,10 @@ def test_each_bad_update_is_refused_with_its_reason(kind: str, tmp_path: Path) -
         chunks = split(up.blob, CHUNK)
         bad = chunks[1]
         chunks[1] = Chunk(
-            bad.digest, bad.index, bad.count, bytes([bad.payload[0] ^ 0x40]) + bad.payload[1:]
+            digest=bad.digest,
+            index=bad.index,
+            count=bad.count,
+            payload=bytes([bad.payload[0] ^ 0x40]) + bad.payload[1:],
         )
         send_raw(a1, up.header, chunks)
         expect_refusal(a1, up.header, Refusal.DIGEST_MISMATCH)
@@ -159,10 +162,22 @@ def test_each_bad_update_is_refused_with_its_reason(kind: str, tmp_path: Path) -
             secret=secret,
             num_samples=5,
             chunk_size=CHUNK,
-            compression="fp32",
         )
         send_raw(a1, up.header, split(up.blob, CHUNK))
         expect_refusal(a1, up.header, Refusal.NON_FINITE)
+
+        # an update in another compression than its task's (fp16)
+        up = prepare_update(
+            t1.message,
+            trained_from(t1.global_state, 9),
+            t1.global_state,
+            secret=secret,
+            num_samples=5,
+            chunk_size=CHUNK,
+            compression="fp32",
+        )
+        send_raw(a1, up.header, split(up.blob, CHUNK))
+        expect_refusal(a1, up.header, Refusal.CODEC_MISMATCH)
 
         # a declared length over the cap (1 GiB for a ~8 KiB model): refused before allocating
         up = prepared(t1, a1, seed=4)
@@ -204,6 +219,7 @@ def test_each_bad_update_is_refused_with_its_reason(kind: str, tmp_path: Path) -
                 Refusal.BAD_SIGNATURE,
                 Refusal.SHAPE_MISMATCH,
                 Refusal.NON_FINITE,
+                Refusal.CODEC_MISMATCH,
                 Refusal.TOO_LARGE,
                 Refusal.WRONG_PROTOTYPE,
                 Refusal.STALE_ROUND,

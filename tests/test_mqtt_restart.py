@@ -16,6 +16,7 @@ from takfl.wire.codec import apply_delta, make_delta
 from takfl.wire.update import prepare_update
 from tests.brokers import (
     BROKER_KINDS,
+    FP32_TRANSPORT,
     agent_link,
     coordinator_transport,
     make_registry,
@@ -50,12 +51,21 @@ def test_update_transfer_completes_across_a_broker_restart(kind: str, tmp_path: 
     base = model_state(0)
     with (
         running_broker(kind, tmp_path, agents=["a1"]) as broker,
-        coordinator_transport(broker, registry) as transport,
+        coordinator_transport(broker, registry, policy=FP32_TRANSPORT) as transport,
         agent_link(broker, registry["a1"]) as link,
     ):
         assert transport.wait_for_agents(["a1"], timeout=10)
         transport.send_tasks(
-            [Task(4, "S", "a1", ModelSpec(builder="mlp_digits"), base, time.time() + 120)]
+            [
+                Task(
+                    round_id=4,
+                    prototype="S",
+                    client_id="a1",
+                    model=ModelSpec(builder="mlp_digits"),
+                    global_state=base,
+                    deadline=time.time() + 120,
+                )
+            ]
         )
         task = link.next_task(timeout=30)
         assert task is not None

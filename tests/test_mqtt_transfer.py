@@ -21,6 +21,7 @@ from takfl.wire.topics import Up
 from takfl.wire.update import prepare_update
 from tests.brokers import (
     BROKER_KINDS,
+    FP32_TRANSPORT,
     agent_link,
     coordinator_transport,
     make_registry,
@@ -49,12 +50,12 @@ def assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 
 def task_for(agent: str, prototype: str, round_id: int, state: dict[str, torch.Tensor]) -> Task:
     return Task(
-        round_id,
-        prototype,
-        agent,
-        ModelSpec(builder="mlp_digits"),
-        state,
-        time.time() + 120,
+        round_id=round_id,
+        prototype=prototype,
+        client_id=agent,
+        model=ModelSpec(builder="mlp_digits"),
+        global_state=state,
+        deadline=time.time() + 120,
         seed=3,
     )
 
@@ -76,7 +77,7 @@ def test_five_megabyte_model_crosses_bit_exact_despite_duplicates(
     base = big_state(0)
     with (
         running_broker(kind, tmp_path, agents=["a1"]) as broker,
-        coordinator_transport(broker, registry) as transport,
+        coordinator_transport(broker, registry, policy=FP32_TRANSPORT) as transport,
         agent_link(broker, registry["a1"]) as link,
     ):
         assert transport.wait_for_agents(["a1"], timeout=10)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
-from takfl.wire import vectors as gen
+from takfl import wire_vectors as gen
 
 ROOT = Path(__file__).resolve().parent.parent / "docs" / "protocol"
 VEC = ROOT / "vectors"
-REGENERATE = "regenerate with: python -m takfl.wire.vectors"
+REGENERATE = "regenerate with: python -m takfl.wire_vectors --out docs/protocol"
 
 
 def manifest() -> dict:
@@ -50,9 +50,7 @@ SIGNED = [
 ]
 
 
-@pytest.mark.parametrize(
-    "name", sorted({"task", "registration", *[f"update-{c}" for c in gen.COMPRESSIONS], *SIGNED})
-)
+@pytest.mark.parametrize("name", sorted(SIGNED))
 def test_signature_is_hmac_of_the_documented_bytes(name: str) -> None:
     # Prepare
     secret = bytes.fromhex(manifest()["secret_hex"])
@@ -126,13 +124,16 @@ def test_manifest_lists_every_vector_with_its_digest() -> None:
 
 
 def test_every_wire_message_has_a_vector_and_a_schema() -> None:
-    # Every JSON message class of takfl.wire.messages is listed, and a native agent finds
-    # at least one vector of each kind, each on the topic the code uses.
-    from takfl.wire import messages
+    # Every JSON message class of takfl.wire.messages and takfl.wire.release is listed, and
+    # a native agent finds at least one vector of each kind, each on the topic the code uses.
+    from takfl.wire import messages, release
+    from takfl.wire.canonical import canonical_bytes
+    from takfl.wire.errors import UnsupportedVersion
 
     defined = {
         cls
-        for cls in vars(messages).values()
+        for module in (messages, release)
+        for cls in vars(module).values()
         if isinstance(cls, type)
         and issubclass(cls, messages.WireMessage)
         and "kind" in cls.model_fields
@@ -143,9 +144,82 @@ def test_every_wire_message_has_a_vector_and_a_schema() -> None:
     by_kind = {gen.message_kind(c): c for c in gen.MESSAGES}
     for name, entry in entries.items():
         data = (VEC / entry["file"]).read_bytes()
-        decoded = messages.decode_message(by_kind[entry["kind"]], data)
-        assert messages.encode_message(decoded) == data, name
         assert entry["topic"].startswith("takfl/demo/")
+        if entry["reads"] == "other_major":
+            with pytest.raises(UnsupportedVersion):
+                messages.decode_message(by_kind[entry["kind"]], data)
+            continue
+        decoded = messages.decode_message(by_kind[entry["kind"]], data)
+        # re-encoded, a received message is the canonical form of what was received
+        assert messages.encode_message(decoded) == canonical_bytes(entry["object"]), name
+        assert (messages.encode_message(decoded) == data) == entry["canonical_wire"], name
+
+
+def test_manifest_lists_every_message_vector_including_every_update_codec() -> None:
+    entries = manifest()["messages"]
+    message_files = {p.name.removesuffix(".json") for p in VEC.glob("*.json")} - {
+        "manifest",
+        "architectures",
+        "release-root",
+        "release-metadata",
+    }
+    assert set(entries) == message_files
+    assert {f"update-{c}" for c in gen.COMPRESSIONS} <= set(entries)
+
+
+def test_received_objects_verify_as_received() -> None:
+    # A native sender's bytes, an omitted optional field, a higher minor with unknown
+    # fields: each verifies over the object as received (never over a re-encoding).
+    from takfl.wire.messages import Registration, decode_message
+    from takfl.wire.signing import verify
+
+    secret = bytes.fromhex(manifest()["secret_hex"])
+    for name in ("registration-native", "registration-omitted", "registration-1.1"):
+        reg = decode_message(Registration, (VEC / f"{name}.json").read_bytes())
+        assert verify(reg, secret), name
+        assert reg.telemetry is None or reg.telemetry.bytes_sent == 0
+    minor = decode_message(Registration, (VEC / "registration-1.1.json").read_bytes())
+    assert minor.protocol == "1.1" and "battery_pct" in minor.wire_object()
+
+
+def test_the_version_refusal_is_read_across_majors() -> None:
+    from takfl.wire.messages import decode_version_refusal
+    from takfl.wire.signing import verify
+
+    obj = json.loads((VEC / "ack-register-unsupported-version.json").read_bytes())
+    as_two = {**obj, "protocol": "2.0"}  # as a 2.x agent receives a 2.x coordinator's
+    for received in (obj, as_two):
+        ack = decode_version_refusal(received)
+        assert (ack.accepted, ack.reason) == (False, "unsupported_version")
+    ack = decode_version_refusal(obj)
+    assert verify(ack, bytes.fromhex(manifest()["secret_hex"]))
+
+
+def test_canonical_cases_match_the_code() -> None:
+    from takfl.wire.canonical import canonical_bytes, parse_json
+
+    for case in manifest()["canonical"]:
+        once = canonical_bytes(parse_json(case["input"]))
+        assert once.decode() == case["canonical"]
+        assert canonical_bytes(parse_json(once)) == once  # canonical is a fixed point
+
+
+def test_reasons_are_one_enumerated_schema_type() -> None:
+    from takfl.wire.reasons import REASONS, Refusal, ReleaseRefusal
+
+    ack = json.loads((ROOT / "schemas" / "ack.schema.json").read_text())
+    report = json.loads((ROOT / "schemas" / "release_report.schema.json").read_text())
+    assert ack["properties"]["reason"]["enum"] == list(REASONS) == manifest()["reasons"]
+    assert report["properties"]["reason"]["enum"] == list(REASONS)
+    assert {r.value for r in Refusal} | {r.value for r in ReleaseRefusal} | {"ok"} == set(REASONS)
+
+
+def test_envelope_keys_are_required_in_every_schema() -> None:
+    for cls in gen.MESSAGES:
+        schema = json.loads((ROOT / "schemas" / f"{gen.message_kind(cls)}.schema.json").read_text())
+        assert {"protocol", "kind", "run", "sent_at", "nonce", "signature"} <= set(
+            schema["required"]
+        )
 
 
 def test_unsigned_messages_are_only_the_coordinators_broadcasts() -> None:
@@ -192,3 +266,53 @@ def test_program_chunks_reassemble_to_the_task_program() -> None:
     assert program == (VEC / "program.pte").read_bytes() and len(program) == ref["size"]
     request = json.loads((VEC / "chunk-request-program.json").read_bytes())
     assert request["digest"] == ref["digest"] and request["missing"] == list(range(ref["count"]))
+
+
+def test_release_metadata_is_ed25519_over_the_documented_canonical_bytes() -> None:
+    # Prepare: only the vectors and a plain Ed25519 verifier, as a native agent has them
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    rel = manifest()["release"]
+    doc = json.loads((VEC / rel["metadata"]).read_bytes())
+    signed_bytes = (VEC / rel["signed_bytes"]).read_bytes()
+    key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(rel["public_key_hex"]))
+
+    # Execute: the canonical form (sorted keys, no spaces, no floats) of "signed"
+    canonical = json.dumps(doc["signed"], sort_keys=True, separators=(",", ":")).encode()
+
+    # Assert
+    assert canonical == signed_bytes
+    assert doc["signatures"] == [{"keyid": rel["keyid"], "sig": rel["signature"]}]
+    key.verify(bytes.fromhex(rel["signature"]), signed_bytes)  # raises if it does not verify
+    root = json.loads((VEC / rel["root"]).read_bytes())
+    assert root["signed"]["roles"]["targets"]["keyids"] == [rel["keyid"]]
+    targets = doc["signed"]["targets"]
+    for part in ("model", "reference"):
+        data = (VEC / rel[part]["file"]).read_bytes()
+        target = targets[rel[part]["target"]]
+        assert target["length"] == len(data)
+        assert target["hashes"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_release_vectors_verify_as_a_device_verifies_them() -> None:
+    from datetime import datetime
+
+    from takfl.release.keys import parse_root
+    from takfl.release.metadata import check_artifact, verify_release
+
+    rel = manifest()["release"]
+    root = parse_root((VEC / rel["root"]).read_bytes())
+    offer = json.loads((VEC / "release-offer.json").read_bytes())
+
+    release = verify_release(
+        offer["metadata"].encode(),
+        root,
+        fleet=gen.FLEET,
+        prototype=gen.PROTOTYPE,
+        now=datetime.fromisoformat(rel["verify_at"]),
+    )
+
+    assert offer["metadata"].encode() == (VEC / rel["metadata"]).read_bytes()
+    assert release.version == offer["version"] == 4
+    check_artifact(release.model, (VEC / rel["model"]["file"]).read_bytes())
+    check_artifact(release.reference, (VEC / rel["reference"]["file"]).read_bytes())

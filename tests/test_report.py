@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from coordinator.report import ReportError, build_report, write_report
-from coordinator.store import METRICS_FILE, RunStore
+from coordinator.store import RunStore
 from coordinator.telemetry_log import TelemetryRecorder
+from takfl.run_layout import METRICS_FILE, REPORT_JSON, export_report_path
 from takfl.wire.chunking import blob_ref
 from takfl.wire.messages import UpdateHeader
 from takfl.wire.telemetry import PlatformInfo, Telemetry
@@ -111,8 +112,8 @@ def fake_run(root: Path, rounds: int = 3) -> Path:
         if r == 3:
             rec.refused("M-001", "M", r, "bad_signature")
         rec.round_finished(r, 12.5)
-    (root / "exports").mkdir()
-    (root / "exports" / "report.json").write_text(
+    export_report_path(root).parent.mkdir()
+    export_report_path(root).write_text(
         json.dumps(
             {
                 "prototypes": [
@@ -206,7 +207,7 @@ def test_report_renders_in_chromium(tmp_path) -> None:  # type: ignore[no-untype
     out = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html")])
     assert out.exit_code == 0, out.output
     html = (tmp_path / "r.html").read_text()
-    data = json.loads((tmp_path / "report.json").read_text())
+    data = json.loads((tmp_path / REPORT_JSON).read_text())
     assert data["config"] == "digits-trial"
     assert_self_contained(html)
     assert html.count("data:image/png;base64,") == 5  # every figure is there

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from coordinator.cli import app
 from coordinator.reproduce import load_paper_table
 from takfl.config import load_federation
+from takfl.run_layout import RESULTS_FILE
 
 
 def write_cifar(root: Path) -> None:
@@ -97,7 +98,7 @@ def test_reproduce_smoke_prints_paper_values_beside_ours(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     assert "(11.50)" in result.output and "(33.50)" in result.output  # the paper's cells
     assert "(22.50)" in result.output and "n/a" in result.output  # takfl-reg: not given
-    results = json.loads((out / "cifar10-homo" / "results.json").read_text())["results"]
+    results = json.loads((out / "cifar10-homo" / RESULTS_FILE).read_text())["results"]
     assert set(results) == {"fedavg", "takfl-reg"}
     for by_tier in results.values():
         assert set(by_tier) == {"S", "M", "L"}

@@ -19,8 +19,7 @@ from takfl.robust import (
     trimmed_mean,
     weighted_mean,
 )
-
-State = dict[str, torch.Tensor]
+from takfl.state import State
 
 
 def honest(k: int, seed: int = 0) -> list[State]:

@@ -144,7 +144,9 @@ def poisoned_pending(root: Path, update: ClientUpdate) -> None:
 
 def pending_update(root: Path, client: str, prototype: str, num_samples: int) -> ClientUpdate:
     state = RunStore(root).load_global(prototype, 1)
-    return ClientUpdate(2, prototype, client, num_samples, state)
+    return ClientUpdate(
+        round_id=2, prototype=prototype, client_id=client, num_samples=num_samples, state=state
+    )
 
 
 def test_resume_skips_persisted_updates_that_no_longer_validate(
@@ -153,7 +155,7 @@ def test_resume_skips_persisted_updates_that_no_longer_validate(
     root = copy_run(finished_run, tmp_path / "run")
     cfg = small_config()
     registry = {
-        cid: AgentRecord(cid, cid.split("-")[0], b"k")
+        cid: AgentRecord(agent_id=cid, prototype=cid.split("-")[0], secret=b"k")
         for cid in ("S-000", "S-001", "M-000", "M-001", "L-000")
     }
     # round 2 was open with three persisted updates when the coordinator stopped

@@ -28,7 +28,7 @@ def setup():  # type: ignore[no-untyped-def]
 
 def transport(cfg, data) -> InProcessTransport:  # type: ignore[no-untyped-def]
     clients = [
-        VirtualClient(cid, p, x, y, prototype_training(cfg, p))
+        VirtualClient(client_id=cid, prototype=p, x=x, y=y, training=prototype_training(cfg, p))
         for cid, (p, x, y) in data.clients.items()
     ]
     return InProcessTransport(clients, num_classes=10, input_shape=(1, 8, 8))
@@ -43,7 +43,7 @@ def make_run(
         tr or transport(cfg, data),
         RunStore(root),
         torch.device("cpu"),
-        ServeOptions(rounds, resume=resume, policy=RoundPolicy(deadline_s=30)),
+        ServeOptions(rounds=rounds, resume=resume, policy=RoundPolicy(deadline_s=30)),
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.registry import AgentRecord, AllowanceBook, load_registry, save_registry
+from coordinator.registry import AllowanceBook, RegistryEntry, load_registry, save_registry
 from coordinator.transport.base import Task
 from takfl.config.base import ModelSpec
 from takfl.wire.messages import encode_message
@@ -25,8 +25,10 @@ torch.set_num_threads(1)
 def test_allowance_book_pins_once_and_persists(tmp_path: Path) -> None:
     path = tmp_path / "agents.json"
     records = [
-        AgentRecord("a1", "S", "phone", "00" * 32),
-        AgentRecord("a2", "S", "phone", "11" * 32, 7),
+        RegistryEntry(agent_id="a1", prototype="S", profile="phone", secret_hex="00" * 32),
+        RegistryEntry(
+            agent_id="a2", prototype="S", profile="phone", secret_hex="11" * 32, max_samples=7
+        ),
     ]
     save_registry(path, records)
     book = AllowanceBook(path, load_registry(path))
@@ -67,7 +69,16 @@ def test_first_registration_pins_the_allowance(kind: str, tmp_path: Path) -> Non
 
             # an update claiming more than the allowance is refused with its own reason
             transport.send_tasks(
-                [Task(1, "S", "a1", ModelSpec(builder="mlp_digits"), state, time.time() + 60)]
+                [
+                    Task(
+                        round_id=1,
+                        prototype="S",
+                        client_id="a1",
+                        model=ModelSpec(builder="mlp_digits"),
+                        global_state=state,
+                        deadline=time.time() + 60,
+                    )
+                ]
             )
             task = link.next_task(timeout=30)
             assert task is not None

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from takfl.config import load_federation
+from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
 
 
 def small_digits_config(tmp_path: Path, **algorithm: object) -> Path:
@@ -53,7 +54,7 @@ def test_simulate_writes_metrics_results_and_plot(tmp_path: Path) -> None:
     )
     assert "final test accuracy" in output
 
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
     assert len(lines) == 2 * 2 * 3  # algorithms x rounds x prototypes
     takfl = [r for r in lines if r["algorithm"] == "takfl"]
     for rec in takfl:
@@ -65,14 +66,14 @@ def test_simulate_writes_metrics_results_and_plot(tmp_path: Path) -> None:
     # every global model's validation accuracy is recorded, for choosing settings on it
     assert all(0.0 <= r["info"]["global_val_accuracy"] <= 100.0 for r in lines)
 
-    results = json.loads((out / "results.json").read_text())["results"]
+    results = json.loads((out / RESULTS_FILE).read_text())["results"]
     assert set(results) == {"takfl", "fedavg"}
     for by_proto in results.values():
         assert set(by_proto) == {"S", "M", "L"}
         for cell in by_proto.values():
             assert len(cell["per_seed"]) == 1
             assert cell["mean"] == pytest.approx(cell["per_seed"][0])
-    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
@@ -99,7 +100,7 @@ def test_same_seed_gives_same_partition_and_numbers(tmp_path: Path) -> None:
         runs.append(
             [
                 (r["prototype"], r["test_accuracy"], r["lambdas"])
-                for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                for r in map(json.loads, (out / METRICS_FILE).read_text().splitlines())
             ]
         )
     assert runs[0] == runs[1]
@@ -125,7 +126,7 @@ def test_baselines_run_through_the_same_engine(tmp_path: Path, algorithm: str) -
             "cpu",
         ]
     )
-    results = json.loads((out / "results.json").read_text())["results"]
+    results = json.loads((out / RESULTS_FILE).read_text())["results"]
     assert set(results[algorithm]) == {"S", "M", "L"}
 
 
@@ -143,7 +144,7 @@ def test_every_lambda_strategy_runs(tmp_path: Path, strategy: str) -> None:
     run_cli(
         ["simulate", "--config", str(config), "--rounds", "1", "--out", str(out), "--device", "cpu"]
     )
-    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rec = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
     if strategy == "fixed":
         lam = {r["prototype"]: r["lambdas"] for r in rec}
         assert lam["L"] == pytest.approx({"S": 0.0, "M": 0.0, "L": 1.0})
@@ -191,7 +192,7 @@ def test_console_script_runs_a_real_process(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert (out / "results.json").exists()
+    assert (out / RESULTS_FILE).exists()
 
 
 def test_partition_command_prints_every_client() -> None:

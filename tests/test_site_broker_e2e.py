@@ -14,15 +14,9 @@ from coordinator.broker.mosquitto import MosquittoProcess
 from coordinator.broker.net import free_port
 from coordinator.broker.site import SiteSpec
 from coordinator.serve import provision, provision_sites
+from coordinator.testbed import Federation, metrics, read_state, small_federation, wait_until
 from takfl.config import load_federation
-from tests.federation_harness import (
-    MOSQUITTO_MISSING,
-    Federation,
-    metrics,
-    read_state,
-    small_federation,
-    wait_until,
-)
+from tests.brokers import MOSQUITTO_MISSING
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,13 +47,14 @@ def test_bridged_site_federation_survives_a_site_broker_restart(tmp_path) -> Non
         run_as=user,
     )
     assert sorted(site.agents) == sorted(AGENTS)
+    # the agents know only their site broker
     fed = Federation(
-        cfg_path,
-        cfg,
-        work,
-        f"mqtt://127.0.0.1:{site_port}",  # the agents know only their site broker
-        f"mqtt://takfl-coordinator@127.0.0.1:{central_port}",
-        central_port,
+        cfg_path=cfg_path,
+        cfg=cfg,
+        work=work,
+        broker_url_agents=f"mqtt://127.0.0.1:{site_port}",
+        broker_url_coordinator=f"mqtt://takfl-coordinator@127.0.0.1:{central_port}",
+        port=central_port,
     )
     fed.mosquitto = MosquittoProcess(central_files).start()
     site_broker = MosquittoProcess(site.broker).start()

@@ -24,7 +24,7 @@ from coordinator.serve import provision
 from takfl.config import load_federation
 from takfl.mqtt.client import MqttClient, MqttConnectError, MqttSettings, TlsSettings
 from takfl.mqtt.credentials import mqtt_password
-from takfl.wire.signing import load_secret_file
+from takfl.secret_files import load_secret_file
 from tests.brokers import SKIP_NO_MOSQUITTO
 
 pytestmark = [
@@ -68,7 +68,8 @@ def test_provision_tls_cli_writes_ca_certificate_and_listener(tmp_path: Path) ->
         assert (out / "tls" / name).is_file()
     assert os.stat(out / "tls" / "ca.key").st_mode & 0o077 == 0
     conf = (out / "mosquitto" / "mosquitto.conf").read_text()
-    assert "listener 8884\n" in conf
+    # the TLS listener binds the --tls-host that is an address, not every interface
+    assert "listener 8884 127.0.0.1\n" in conf and "listener 8884\n" not in conf
     assert f"certfile {(out / 'tls' / 'server.crt').resolve()}" in conf
     text = subprocess.run(
         ["openssl", "x509", "-noout", "-text", "-in", str(out / "tls" / "server.crt")],

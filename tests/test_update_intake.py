@@ -34,19 +34,26 @@ class Fixture:
 
     def __init__(self) -> None:
         self.registry = {
-            "a1": AgentRecord("a1", "S", generate_secret()),
-            "a2": AgentRecord("a2", "S", generate_secret()),
+            "a1": AgentRecord(agent_id="a1", prototype="S", secret=generate_secret()),
+            "a2": AgentRecord(agent_id="a2", prototype="S", secret=generate_secret()),
         }
         self.dispatch = TaskDispatch(self.registry, retry_s=60.0)
         self.intake = UpdateIntake(self.registry, self.dispatch, IntakePolicy(quiet_s=60.0))
         self.state = global_state()
-        task = Task(1, "S", "a1", ModelSpec(builder="mlp_digits"), self.state, time.time() + 60)
+        task = Task(
+            round_id=1,
+            prototype="S",
+            client_id="a1",
+            model=ModelSpec(builder="mlp_digits"),
+            global_state=self.state,
+            deadline=time.time() + 60,
+        )
         ref = blob_ref(encode_state(self.state, "fp32"), CHUNK)
         self.task = task_message(
             task,
             ref,
             self.registry["a1"].secret,
-            comms=CommsSpec(),
+            comms=CommsSpec(compression="fp32"),
             num_classes=10,
             input_shape=(1, 8, 8),
         )
@@ -140,7 +147,12 @@ def test_tampered_chunk_fails_the_digest() -> None:
     assert f.header(up.header).verdict.accepted
     chunks = split(up.blob, CHUNK)
     c = chunks[0]
-    chunks[0] = Chunk(c.digest, c.index, c.count, bytes([c.payload[0] ^ 1]) + c.payload[1:])
+    chunks[0] = Chunk(
+        digest=c.digest,
+        index=c.index,
+        count=c.count,
+        payload=bytes([c.payload[0] ^ 1]) + c.payload[1:],
+    )
     last = f.chunks(chunks)[-1]
     assert last.ack is not None and last.ack.reason == Refusal.DIGEST_MISMATCH.value
     assert f.intake.pending() == 0

@@ -21,6 +21,7 @@ from takfl.config import load_federation, load_profile
 from takfl.config.base import ModelSpec
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
+from takfl.run_layout import METRICS_FILE
 from takfl.training import make_optimizer, train_local
 from takfl.vectorised_training import (
     ClientData,
@@ -210,15 +211,24 @@ def _transport_updates(
 
     monkeypatch.setattr(inprocess, "train_local", counting)
     data = make_clients([21, 16, 5])
-    clients = [VirtualClient(f"c{i}", "M", c.x, c.y, spec) for i, c in enumerate(data)] + [
-        VirtualClient("s0", "S", data[0].x, data[0].y, spec)
-    ]
+    clients = [
+        VirtualClient(client_id=f"c{i}", prototype="M", x=c.x, y=c.y, training=spec)
+        for i, c in enumerate(data)
+    ] + [VirtualClient(client_id="s0", prototype="S", x=data[0].x, y=data[0].y, training=spec)]
     transport = InProcessTransport(clients, num_classes=10, input_shape=SHAPE, vectorise=vectorise)
     torch.manual_seed(4)
     specs = {"M": ModelSpec(builder="cnn_digits_small"), "S": ModelSpec(builder="mlp_digits")}
     globals_ = {p: build_model(m.builder, 10, SHAPE).state_dict() for p, m in specs.items()}
     tasks = [
-        Task(1, c.prototype, c.client_id, specs[c.prototype], globals_[c.prototype], 0.0, 11 * i)
+        Task(
+            round_id=1,
+            prototype=c.prototype,
+            client_id=c.client_id,
+            model=specs[c.prototype],
+            global_state=globals_[c.prototype],
+            deadline=0.0,
+            seed=11 * i,
+        )
         for i, c in enumerate(clients)
     ]
     transport.send_tasks(tasks)
@@ -290,7 +300,7 @@ def test_simulation_gives_the_same_metrics_both_ways(tmp_path: Path) -> None:
         spec = SimulationSpec(algorithms=algs, rounds=2, vectorise=vectorise)
         out = tmp_path / f"vec-{vectorise}"
         run_simulation(cfg, spec, out, torch.device("cpu"))
-        runs[vectorise] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[vectorise] = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
     assert len(runs[True]) == len(runs[False]) == 2 * 2 * 3
     for a, b in zip(runs[False], runs[True], strict=True):
         assert (a["algorithm"], a["round"], a["prototype"]) == (

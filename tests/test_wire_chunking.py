@@ -100,13 +100,13 @@ def test_chunks_must_match_their_declaration() -> None:
     r.expect(ref)
     digest = bytes.fromhex(ref.digest)
     with pytest.raises(ChunkMismatch, match="expected 100"):
-        r.add(Chunk(digest, 0, 3, b"x" * 99))
+        r.add(Chunk(digest=digest, index=0, count=3, payload=b"x" * 99))
     with pytest.raises(ChunkMismatch, match="expected 50"):
-        r.add(Chunk(digest, 2, 3, b"x" * 100))
+        r.add(Chunk(digest=digest, index=2, count=3, payload=b"x" * 100))
     with pytest.raises(ChunkMismatch, match="declared 3"):
-        r.add(Chunk(digest, 0, 4, b"x" * 100))
+        r.add(Chunk(digest=digest, index=0, count=4, payload=b"x" * 100))
     with pytest.raises(UnknownBlob):
-        r.add(Chunk(b"\x01" * 32, 0, 1, b""))
+        r.add(Chunk(digest=b"\x01" * 32, index=0, count=1, payload=b""))
     with pytest.raises(ChunkMismatch, match="different layout"):
         r.expect(blob_ref(blob, 50).model_copy(update={"digest": ref.digest}))
 
@@ -114,7 +114,12 @@ def test_chunks_must_match_their_declaration() -> None:
 def test_tampered_chunk_fails_the_digest_and_drops_the_blob() -> None:
     blob = blob_of(300)
     chunks = split(blob, 100)
-    bad = Chunk(chunks[1].digest, 1, 3, bytes([chunks[1].payload[0] ^ 1]) + chunks[1].payload[1:])
+    bad = Chunk(
+        digest=chunks[1].digest,
+        index=1,
+        count=3,
+        payload=bytes([chunks[1].payload[0] ^ 1]) + chunks[1].payload[1:],
+    )
     r = Reassembler()
     r.expect(blob_ref(blob, 100))
     r.add(chunks[0])

@@ -82,7 +82,7 @@ def examples() -> list[WireMessage]:
 @pytest.mark.parametrize("msg", examples(), ids=lambda m: type(m).__name__)
 def test_messages_round_trip(msg: WireMessage) -> None:
     data = encode_message(msg)
-    assert json.loads(data)["schema"] == 1
+    assert json.loads(data)["protocol"] == "1.0"
     assert decode_message(type(msg), data) == msg
 
 
@@ -95,7 +95,9 @@ def _mutated(msg: WireMessage, **changes: object) -> bytes:
 @pytest.mark.parametrize(
     ("changes", "where"),
     [
-        ({"schema": 2}, "schema"),
+        ({"protocol": "1"}, "protocol"),
+        ({"protocol": 1.0}, "protocol"),
+        ({"schema": 1}, "schema"),
         ({"extra": 1}, "extra"),
         ({"kind": "task"}, "kind"),
         ({"round_id": -1}, "round_id"),
@@ -115,7 +117,7 @@ def test_update_header_decoding_is_strict(changes: dict[str, object], where: str
         decode_message(UpdateHeader, _mutated(header, **changes))
 
 
-@pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"[]", b"null", b'{"schema": 1'])
+@pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"[]", b"null", b'{"protocol": "1.0"'])
 def test_non_json_is_malformed(data: bytes) -> None:
     with pytest.raises(MalformedMessage):
         decode_message(Status, data)
@@ -127,7 +129,7 @@ def test_oversized_message_is_refused_unread() -> None:
 
 
 def test_chunk_round_trip_and_header_size() -> None:
-    chunk = Chunk(bytes(range(32)), 2, 5, b"payload")
+    chunk = Chunk(digest=bytes(range(32)), index=2, count=5, payload=b"payload")
     data = encode_chunk(chunk)
     assert len(data) == CHUNK_HEADER_BYTES + 7
     assert decode_chunk(data) == chunk
@@ -149,7 +151,7 @@ def test_malformed_chunks_are_refused(data: bytes, match: str) -> None:
 
 
 def test_chunk_payload_cap() -> None:
-    data = encode_chunk(Chunk(bytes(32), 0, 1, b"x" * 10))
+    data = encode_chunk(Chunk(digest=bytes(32), index=0, count=1, payload=b"x" * 10))
     with pytest.raises(MalformedChunk, match="cap"):
         decode_chunk(data, max_payload=9)
 

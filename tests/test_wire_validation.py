@@ -25,9 +25,9 @@ from takfl.wire.validation import (
 torch.set_num_threads(1)
 SECRET = b"s" * 32
 REGISTRY = {
-    "pi-1": AgentRecord("pi-1", "S", SECRET),
-    "jet-1": AgentRecord("jet-1", "M", b"m" * 32),
-    "capped": AgentRecord("capped", "S", SECRET, max_samples=20),
+    "pi-1": AgentRecord(agent_id="pi-1", prototype="S", secret=SECRET),
+    "jet-1": AgentRecord(agent_id="jet-1", prototype="M", secret=b"m" * 32),
+    "capped": AgentRecord(agent_id="capped", prototype="S", secret=SECRET, max_samples=20),
 }
 GLOBAL_DIGEST = "0f" * 32
 # ||reference|| = 3.55, so deltas up to 8.87 pass

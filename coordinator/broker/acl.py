@@ -3,7 +3,9 @@ the generated Mosquitto files and the embedded broker.
 
 The coordinator reads and writes everything under its fleet; each agent (username =
 agent id) writes only its own ``up/`` tree and reads only its own ``down/`` tree and the
-fleet's broadcasts; an optional monitor (``takfl-coordinator status``) only reads.
+fleet's broadcasts; an optional monitor (``takfl-coordinator status``) only reads; an
+optional release service (``takfl-coordinator release``) only sends offers and artifact
+chunks down and reads release reports and chunk requests (:func:`release_grants`).
 Everything else is denied.
 """
 
@@ -13,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from takfl.wire.topics import Topics, check_ident
+from takfl.wire.topics import Direction, Down, Topics, Up, check_ident
 
 Access = Literal["read", "write", "readwrite"]
 
@@ -61,8 +63,28 @@ def filter_within(requested: str, allowed: str) -> bool:
     return len(req) == len(alw)
 
 
+def _every_agent(topics: Topics, direction: Direction, leaf: Up | Down) -> str:
+    """``takfl/<fleet>/agent/+/<direction>/<leaf>``."""
+    return topics.acl_tree("+", direction).removesuffix("#") + leaf.value
+
+
+def release_grants(topics: Topics) -> tuple[Grant, ...]:
+    """The release service's topics (``coordinator.deploy.service``): offers and artifact
+    chunks to every agent, release reports and chunk requests from every agent."""
+    return (
+        Grant("write", _every_agent(topics, "down", Down.RELEASE)),
+        Grant("write", _every_agent(topics, "down", Down.CHUNK)),
+        Grant("read", topics.up_filter(Up.RELEASE)),
+        Grant("read", topics.up_filter(Up.REQUEST)),
+    )
+
+
 def fleet_acl(
-    topics: Topics, coordinator_user: str, agents: Iterable[str], monitor_user: str | None = None
+    topics: Topics,
+    coordinator_user: str,
+    agents: Iterable[str],
+    monitor_user: str | None = None,
+    release_user: str | None = None,
 ) -> FleetAcl:
     """The ACL of one fleet (see the module docstring)."""
     grants: dict[str, tuple[Grant, ...]] = {
@@ -74,6 +96,8 @@ def fleet_acl(
         grants[check_ident(monitor_user, "monitor username")] = (
             Grant("read", topics.fleet_filter()),
         )
+    if release_user is not None:
+        grants[check_ident(release_user, "release username")] = release_grants(topics)
     ids = []
     for agent in agents:
         ids.append(check_ident(agent, "agent id"))
@@ -110,12 +134,23 @@ class BrokerAccess:
         coordinator: tuple[str, str],
         agents: Mapping[str, str],
         monitor: tuple[str, str] | None = None,
+        release: tuple[str, str] | None = None,
     ) -> BrokerAccess:
-        """Coordinator, agents (id -> password) and an optional read-only monitor."""
+        """Coordinator, agents (id -> password), an optional read-only monitor and an
+        optional release service."""
         if coordinator[0] in agents:
             raise ValueError(f"coordinator username {coordinator[0]!r} is also an agent id")
         users = {coordinator[0]: coordinator[1], **agents}
-        if monitor is not None:
-            users[monitor[0]] = monitor[1]
-        acl = fleet_acl(Topics(fleet), coordinator[0], agents, monitor[0] if monitor else None)
+        for extra in (monitor, release):
+            if extra is not None:
+                if extra[0] in agents:
+                    raise ValueError(f"username {extra[0]!r} is also an agent id")
+                users[extra[0]] = extra[1]
+        acl = fleet_acl(
+            Topics(fleet),
+            coordinator[0],
+            agents,
+            monitor[0] if monitor else None,
+            release[0] if release else None,
+        )
         return cls(users, acl)

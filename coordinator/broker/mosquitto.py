@@ -2,9 +2,19 @@
 
 ``write_mosquitto_config`` writes into one directory::
 
-    mosquitto.conf   listener on host:port (+ optional TLS listener), no anonymous access,
-                     password_file, acl_file, persistence, client id forced to the username
-    passwords        user:$7$... hashes (PBKDF2-SHA512), by ``mosquitto_passwd`` when installed
+    mosquitto.conf   listener on host:port (+ optional TLS listeners on the addresses
+                     given, never every interface unless "0.0.0.0" is given) for agents, the
+                     coordinator and site bridges, where the client id is forced to the
+                     username (an agent cannot take over another's session); a service
+                     listener (loopback by default) for monitors and the release service,
+                     whose client ids are their own (``<login>-<random>``, so two monitors
+                     with one login coexist); no anonymous access, a password file per kind
+                     of listener, one ACL, persistence
+    passwords        user:$7$... hashes (PBKDF2-SHA512), by ``mosquitto_passwd`` when installed:
+                     every login (and site bridges, added by ``site``); on these listeners
+                     a monitor or the release service has its login as client id
+    service.passwords  the coordinator, the monitor and the release service: agents cannot
+                     log in on the service listener at all
     acl              the coordinator user reads/writes takfl/<fleet>/#; each agent (username =
                      agent id) writes only its own up/ tree and reads only its own down/ tree
                      and the fleet's broadcasts
@@ -40,6 +50,7 @@ MOSQUITTO = "mosquitto"
 MOSQUITTO_PASSWD = "mosquitto_passwd"
 CONF_NAME = "mosquitto.conf"
 PASSWORDS_NAME = "passwords"
+SERVICE_PASSWORDS_NAME = "service.passwords"
 ACL_NAME = "acl"
 DATA_DIR = "data"
 LOG_NAME = "mosquitto.log"
@@ -48,19 +59,29 @@ SALT_BYTES = 12
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MosquittoTls:
-    """A TLS listener next to the plain one."""
+    """TLS listeners next to the plain one, one per address in ``binds``."""
 
     port: int
     cert_file: str
     key_file: str
     ca_file: str | None = None
     require_certificate: bool = False  # mutual TLS
-    bind: str | None = None  # address to listen on; None: the plain listener's, "": all
+    binds: tuple[str, ...] = ()  # addresses to listen on; empty: the plain listener's
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class ServiceListener:
+    """The listener of monitors and services: its own password file (no agent logs in
+    there) and client ids of the clients' choosing."""
+
+    port: int
+    host: str
+    passwords: Path
+
+
+@dataclass(frozen=True, kw_only=True)
 class MosquittoFiles:
     """Paths written by :func:`write_mosquitto_config` and where the broker listens."""
 
@@ -73,6 +94,7 @@ class MosquittoFiles:
     host: str
     port: int
     password_method: str  # "mosquitto_passwd" or "python"
+    service_port: int | None = None  # monitors and services (None: no such listener)
 
 
 def find_mosquitto(name: str = MOSQUITTO) -> str | None:
@@ -131,11 +153,28 @@ def write_password_file(
     return MOSQUITTO_PASSWD
 
 
+def set_password(path: Path, user: str, password: str) -> None:
+    """Replace (or add) ``user``'s line of a Mosquitto password file, hashed in Python
+    (mode 0600); the other lines stay as they are. Mosquitto reads it again on SIGHUP."""
+    _check_credentials({user: password})
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.partition(":")[0] != user]
+    atomic_write_text(
+        path, "".join(f"{x}\n" for x in [*kept, f"{user}:{hash_password(password)}"]), mode=0o600
+    )
+
+
 def acl_text(
-    topics: Topics, coordinator_user: str, agents: Iterable[str], monitor_user: str | None = None
+    topics: Topics,
+    coordinator_user: str,
+    agents: Iterable[str],
+    monitor_user: str | None = None,
+    release_user: str | None = None,
 ) -> str:
     """ACL file of the fleet (rules in :mod:`coordinator.broker.acl`)."""
-    return mosquitto_acl_text(fleet_acl(topics, coordinator_user, agents, monitor_user))
+    return mosquitto_acl_text(
+        fleet_acl(topics, coordinator_user, agents, monitor_user, release_user)
+    )
 
 
 def conf_text(
@@ -152,6 +191,7 @@ def conf_text(
     run_as: str | None = None,
     max_queued_messages: int = 10_000,
     max_packet_bytes: int | None = MAX_PACKET_BYTES,
+    service: ServiceListener | None = None,
 ) -> str:
     """``mosquitto.conf`` text (Mosquitto 2.x).
 
@@ -159,13 +199,17 @@ def conf_text(
     header) is dropped by the broker; a packet over ``max_packet_size`` closes the
     sender's connection before the broker buffers it. ``max_packet_bytes=None`` writes
     neither (Mosquitto's default: no limit; for measurements only).
+
+    With ``service``, logins are per listener (``per_listener_settings true``): the
+    agents' listeners read ``passwords`` and force the client id to the username, the
+    service listener reads its own password file and leaves client ids alone.
     """
+    per_listener = service is not None
+    agent_auth = _auth_lines(passwords, acl) if per_listener else []
     lines = [
         "# takfl: generated Mosquitto configuration",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {passwords.resolve()}",
-        f"acl_file {acl.resolve()}",
+        f"per_listener_settings {'true' if per_listener else 'false'}",
+        *([] if per_listener else _auth_lines(passwords, acl)),
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {data.resolve()}/",
         f"autosave_interval {autosave_interval_s}",
@@ -184,12 +228,31 @@ def conf_text(
         ]
     if run_as is not None:
         lines.append(f"user {run_as}")
-    lines += ["", f"listener {port} {host}", "use_username_as_clientid true"]
+    lines += ["", f"listener {port} {host}", *agent_auth, "use_username_as_clientid true"]
     if tls is not None:
-        bind = host if tls.bind is None else tls.bind
+        lines += tls_listener_lines(tls, host, agent_auth)
+    if service is not None:
         lines += [
             "",
-            f"listener {tls.port} {bind}".rstrip(),
+            f"listener {service.port} {service.host}",
+            *_auth_lines(service.passwords, acl),
+            "# monitors and services: client ids are their own (<login>-<random>)",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def tls_listener_lines(tls: MosquittoTls, host: str, auth: list[str] | None = None) -> list[str]:
+    """``mosquitto.conf`` lines of the TLS listeners: one per address of ``tls.binds``
+    (none given: the plain listener's ``host``), never every interface by omission; with
+    ``auth``, the listener's own login lines (``per_listener_settings true``)."""
+    lines: list[str] = []
+    for bind in tls.binds or (host,):
+        if not bind or any(c.isspace() for c in bind):
+            raise ValueError(f"a listener address must be one word, got {bind!r}")
+        lines += [
+            "",
+            f"listener {tls.port} {bind}",
+            *(auth or []),
             "use_username_as_clientid true",
             f"certfile {tls.cert_file}",
             f"keyfile {tls.key_file}",
@@ -197,7 +260,16 @@ def conf_text(
         ]
         if tls.ca_file is not None:
             lines.append(f"cafile {tls.ca_file}")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _auth_lines(passwords: Path, acl: Path) -> list[str]:
+    """No anonymous access; logins from ``passwords``, topic rules from ``acl``."""
+    return [
+        "allow_anonymous false",
+        f"password_file {passwords.resolve()}",
+        f"acl_file {acl.resolve()}",
+    ]
 
 
 def write_mosquitto_config(
@@ -215,15 +287,23 @@ def write_mosquitto_config(
     use_tool: bool | None = None,
     monitor: tuple[str, str] | None = None,
     max_packet_bytes: int | None = MAX_PACKET_BYTES,
+    release: tuple[str, str] | None = None,
+    service_port: int | None = None,
 ) -> MosquittoFiles:
     """Write a complete Mosquitto configuration for one fleet.
 
     Args:
         coordinator: (username, password) of the coordinator.
         monitor: (username, password) of a read-only observer, e.g. for status probes.
+        release: (username, password) of the release service (``takfl-coordinator
+            release``): offers and artifact chunks only.
         agents: agent id (its username) -> password.
         run_as: ``user`` option (the account mosquitto drops to when started as root).
         use_tool: see :func:`write_password_file`.
+        service_port: the service listener's port (on ``host``): the coordinator, the
+            monitor and the release service log in there with client ids of their own
+            (several monitors under one login), agents cannot log in there. None: no
+            service listener (client ids forced to usernames everywhere).
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -234,10 +314,25 @@ def write_mosquitto_config(
     data, log_file = d / DATA_DIR, d / LOG_NAME
     data.mkdir(exist_ok=True)
     users = {coordinator[0]: coordinator[1], **agents}
-    if monitor is not None:
-        users[monitor[0]] = monitor[1]
+    for extra in (monitor, release):
+        if extra is not None:
+            users[extra[0]] = extra[1]
+    services = {u: p for u, p in users.items() if u not in agents}
     method = write_password_file(passwords, users, use_tool=use_tool)
-    acl.write_text(acl_text(topics, coordinator[0], agents, monitor[0] if monitor else None))
+    service = None
+    if service_port is not None:
+        service_file = d / SERVICE_PASSWORDS_NAME
+        service = ServiceListener(port=service_port, host=host, passwords=service_file)
+        write_password_file(service.passwords, services, use_tool=use_tool)
+    acl.write_text(
+        acl_text(
+            topics,
+            coordinator[0],
+            agents,
+            monitor[0] if monitor else None,
+            release[0] if release else None,
+        )
+    )
     os.chmod(acl, 0o600)
     files_conf.write_text(
         conf_text(
@@ -252,9 +347,21 @@ def write_mosquitto_config(
             tls=tls,
             run_as=run_as,
             max_packet_bytes=max_packet_bytes,
+            service=service,
         )
     )
-    return MosquittoFiles(d, files_conf, passwords, acl, data, log_file, host, port, method)
+    return MosquittoFiles(
+        directory=d,
+        conf=files_conf,
+        passwords=passwords,
+        acl=acl,
+        data=data,
+        log=log_file,
+        host=host,
+        port=port,
+        password_method=method,
+        service_port=service_port,
+    )
 
 
 class MosquittoProcess:
@@ -297,7 +404,8 @@ class MosquittoProcess:
             self._proc = subprocess.Popen(
                 [binary, "-c", str(self.files.conf)], stdout=subprocess.DEVNULL, stderr=err
             )
-        if not wait_port(self.host, self.port, timeout) or not self.running:
+        ports = [p for p in (self.port, self.files.service_port) if p is not None]
+        if not all(wait_port(self.host, p, timeout) for p in ports) or not self.running:
             code = self._proc.poll()
             self.stop()
             raise BrokerStartError(

@@ -42,6 +42,7 @@ from coordinator.broker.mosquitto import (
     hash_password,
     write_password_file,
 )
+from coordinator.broker.net import LOOPBACK
 from takfl.files import atomic_write_text
 from takfl.wire.topics import BROADCAST, Topics, check_ident
 
@@ -80,7 +81,7 @@ class SiteSpec:
         return [a for a in all_agents if any(fnmatch.fnmatchcase(a, p) for p in self.patterns)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SiteFiles:
     site: str
     broker: MosquittoFiles
@@ -147,7 +148,7 @@ def write_site_config(
     central_host: str,
     agent_passwords: Mapping[str, str],
     port: int,
-    host: str = "0.0.0.0",
+    host: str = LOOPBACK,
     run_as: str | None = None,
 ) -> SiteFiles:
     """A site broker's configuration, and its bridge user added to the central broker's
@@ -191,5 +192,17 @@ def write_site_config(
     conf_path = d / CONF_NAME
     atomic_write_text(conf_path, conf, mode=0o600)
     os.chmod(passwords, 0o600)
-    files = MosquittoFiles(d, conf_path, passwords, acl, data, d / LOG_NAME, host, port, "python")
-    return SiteFiles(site.name, files, site.bridge_user, tuple(agents))
+    files = MosquittoFiles(
+        directory=d,
+        conf=conf_path,
+        passwords=passwords,
+        acl=acl,
+        data=data,
+        log=d / LOG_NAME,
+        host=host,
+        port=port,
+        password_method="python",
+    )
+    return SiteFiles(
+        site=site.name, broker=files, bridge_user=site.bridge_user, agents=tuple(agents)
+    )

@@ -30,13 +30,25 @@ SERVER_DAYS = 825  # the longest validity clients commonly accept for a server c
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.crt", "server.key"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FleetTls:
     ca_cert: Path
     ca_key: Path
     server_cert: Path
     server_key: Path
     hosts: tuple[str, ...]
+
+
+def tls_listen_addresses(
+    tls_hosts: list[str], listen: list[str] | None, plain_host: str
+) -> tuple[str, ...]:
+    """Where the broker's TLS listeners bind: the ``listen`` addresses when given; else
+    the ``tls_hosts`` that are IP addresses (agents connect to them, so the broker must
+    listen there); else the plain listener's ``plain_host`` (loopback by default)."""
+    if listen:
+        return tuple(dict.fromkeys(listen))
+    literal = [h for h in tls_hosts if san_entry(h).startswith("IP:")]
+    return tuple(dict.fromkeys(literal)) or (plain_host,)
 
 
 def san_entry(host: str) -> str:
@@ -99,4 +111,6 @@ def make_fleet_tls(directory: str | Path, hosts: list[str], *, fleet: str = "tak
         os.chmod(p, 0o600)
     for p in (csr, ext, d / "ca.srl"):
         p.unlink(missing_ok=True)
-    return FleetTls(ca_cert, ca_key, cert, key, tuple(hosts))
+    return FleetTls(
+        ca_cert=ca_cert, ca_key=ca_key, server_cert=cert, server_key=key, hosts=tuple(hosts)
+    )

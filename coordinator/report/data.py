@@ -2,7 +2,8 @@
 
 Sources (all optional but ``metrics.jsonl``): ``state.json``, ``metrics.jsonl``
 (accuracy and lambdas per round; several algorithms when the run compared baselines),
-``telemetry.jsonl`` (``coordinator.telemetry_log``) and ``exports/report.json``.
+``telemetry.jsonl`` (``coordinator.telemetry_log``), ``exports/report.json`` and the
+release records (``coordinator.deploy.summary``).
 Pure reading and arithmetic: no plotting, no writing.
 """
 
@@ -11,15 +12,16 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from coordinator.deploy.summary import release_summary
 from coordinator.observe import LATE_REASONS
-from coordinator.store import EXPORTS_DIR, RunStore
-
-EXPORT_REPORT = "report.json"  # written by takfl-export --run into RUN/exports/
+from coordinator.store import RunStore
+from takfl.run_layout import METRICS_FILE, export_report_path
 
 
 class ReportError(ValueError):
@@ -99,7 +101,9 @@ def device_stats(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def agent_table(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per agent: platform, updates, refusals, mean train time, peak memory,
-    traffic, retries and the smallest deadline slack."""
+    traffic, retries and the smallest deadline slack; ``implausible``: the values it
+    reported that no device of its tier can have measured (``field=value``, flagged by
+    the telemetry log and never counted as measurements)."""
     rows: dict[str, dict[str, Any]] = {}
 
     def row(agent: str, proto: str | None) -> dict[str, Any]:
@@ -119,6 +123,7 @@ def agent_table(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "bytes_received": 0,
                 "retries": 0,
                 "min_slack_s": None,
+                "implausible": [],
             },
         )
 
@@ -133,6 +138,10 @@ def agent_table(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if kind == "update":
             r["updates"] += 1
+        for name, value in sorted((e.get("implausible") or {}).items()):
+            flag = f"{name}={value:g}"
+            if flag not in r["implausible"]:
+                r["implausible"].append(flag)
         t = e.get("telemetry") or {}
         p = t.get("platform") or {}
         if p:
@@ -236,29 +245,31 @@ def traffic(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+EXPORT_FIELDS = (  # what the report keeps of each verified export, in its table's order
+    "prototype",
+    "format",
+    "quantization",
+    "runtime",
+    "status",
+    "size_mb",
+    "accuracy",
+    "agreement",
+    "max_abs_diff",
+    "p50_ms",
+)
+
+
 def export_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Rows of ``exports/report.json`` (format, quantisation, runtime, status, size, ...)."""
-    path = run_dir / EXPORTS_DIR / EXPORT_REPORT
+    path = export_report_path(run_dir)
     if not path.is_file():
         return []
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError:
         return []
-    keys = (
-        "prototype",
-        "format",
-        "quantization",
-        "runtime",
-        "status",
-        "size_mb",
-        "accuracy",
-        "agreement",
-        "max_abs_diff",
-        "p50_ms",
-    )
     return [
-        {k: row.get(k) for k in keys}
+        {k: row.get(k) for k in EXPORT_FIELDS}
         for proto in data.get("prototypes", [])
         for row in proto.get("rows", [])
     ]
@@ -267,13 +278,13 @@ def export_rows(run_dir: Path) -> list[dict[str, Any]]:
 def committed_metrics(store: RunStore) -> list[dict[str, Any]]:
     """metrics.jsonl lines of committed rounds (every round of a simulate output), the
     last line per (algorithm, seed, round, prototype)."""
-    state = store.read_state() if store.exists() else {}
-    done = state.get("round")
+    state = store.state_if_any()
+    done = state["round"] if state is not None else None
     latest: dict[tuple[str, int, int, str], dict[str, Any]] = {}
     for m in store.metrics_records():
         if "round" not in m or "prototype" not in m or "test_accuracy" not in m:
             continue
-        if done is not None and int(m["round"]) > int(done):
+        if done is not None and int(m["round"]) > done:
             continue
         key = (str(m.get("algorithm", "?")), int(m.get("seed", 0)), int(m["round"]), m["prototype"])
         latest[key] = m
@@ -291,12 +302,10 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         raise ReportError(f"cannot read {run}: {e}") from e
     if not metrics:
         raise ReportError(
-            f"{run} has no metrics.jsonl records; give the run directory of serve, demo or "
+            f"{run} has no {METRICS_FILE} records; give the run directory of serve, demo or "
             "simulate after at least one round"
         )
-    state: dict[str, Any] = {}
-    if store.exists():
-        state = store.read_state()
+    state: Mapping[str, Any] = store.state_if_any() or {}
     curves = accuracy_curves(metrics)
     prototypes = list(dict.fromkeys(m["prototype"] for m in metrics))  # the config's order
     main = state.get("algorithm") or next(iter(curves))
@@ -324,4 +333,5 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "stragglers": straggler_timeline(events, metrics),
         "traffic": traffic(events),
         "exports": export_rows(run),
+        "releases": release_summary(run),
     }

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.report import plots
-from coordinator.report.data import build_report
-from coordinator.store import REPORT_HTML, REPORT_JSON
+from coordinator.report.data import EXPORT_FIELDS, build_report
 from takfl.files import atomic_write_text
+from takfl.run_layout import REPORT_HTML, REPORT_JSON
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;
@@ -79,71 +79,86 @@ def _cards(rep: dict[str, Any]) -> str:
     return f'<div class="cards">{out}</div>'
 
 
-def render_html(rep: dict[str, Any]) -> str:
-    """The page for a report dict (see ``coordinator.report.data.build_report``)."""
-    main = rep["algorithm"]
-    finals = rep["final"]
-    protos = rep["prototypes"]
-    acc_rows = [
-        [alg, *[finals[alg].get(p) for p in protos]]
-        for alg in sorted(finals, key=lambda a: (a != main, a))
-    ]
-    lam_alg = main if main in rep["lambdas"] else next(iter(rep["lambdas"]), None)
-    lam_grids = rep["lambdas"].get(lam_alg, {}) if lam_alg else {}
-    agents = [
-        [
-            a["agent_id"],
-            a["prototype"],
-            a["platform"],
-            a["runtimes"],
-            a["updates"],
-            a["refused"],
-            a["mean_train_s"],
-            a["peak_rss_mb"],
-            a["rss_limit_mb"],
-            a["bytes_sent"] // 1024,
-            a["bytes_received"] // 1024,
-            a["retries"],
-            a["min_slack_s"],
-        ]
-        for a in rep["agents"]
-    ]
-    exports = [
-        [
-            e["prototype"],
-            e["format"],
-            e["quantization"],
-            e["runtime"],
-            e["status"],
-            e["size_mb"],
-            e["accuracy"],
-            e["agreement"],
-            e["max_abs_diff"],
-            e["p50_ms"],
-        ]
-        for e in rep["exports"]
-    ]
-    parts = [
+AGENT_COLUMNS = [
+    "agent",
+    "tier",
+    "platform",
+    "runtimes",
+    "updates",
+    "refused",
+    "mean train s",
+    "peak RSS MB",
+    "limit MB",
+    "sent KiB",
+    "received KiB",
+    "retries",
+    "min slack s",
+    "implausible (not measurements)",
+]
+EXPORT_COLUMNS = [  # headers of EXPORT_FIELDS
+    "tier",
+    "format",
+    "quant",
+    "runtime",
+    "status",
+    "size MB",
+    "accuracy %",
+    "agreement %",
+    "max |diff|",
+    "p50 ms",
+]
+
+
+def _head(rep: dict[str, Any]) -> list[str]:
+    """Document head, title and the line of run facts."""
+    title = escape(rep["config"] or rep["run"])
+    phase = f" · phase {escape(str(rep['phase']))}" if rep["phase"] else ""
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>takfl-edge field-trial report: {escape(rep['config'] or rep['run'])}</title>",
+        f"<title>takfl-edge field-trial report: {title}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>Field-trial report: {escape(rep['config'] or rep['run'])}</h1>",
+        f"<h1>Field-trial report: {title}</h1>",
         f'<p class="meta">run <code>{escape(rep["run"])}</code> · algorithm '
-        f"<b>{escape(main)}</b> · {rep['rounds']} round(s)"
-        + (f" · phase {escape(str(rep['phase']))}" if rep["phase"] else "")
+        f"<b>{escape(rep['algorithm'])}</b> · {rep['rounds']} round(s)"
+        + phase
         + f" · generated {escape(rep['generated'])}</p>",
-        _cards(rep),
+    ]
+
+
+def _accuracy(rep: dict[str, Any]) -> list[str]:
+    """Accuracy per round (plot) and the final accuracy of every algorithm, the run's first."""
+    main, finals, protos = rep["algorithm"], rep["final"], rep["prototypes"]
+    rows = [
+        [alg, *[finals[alg].get(p) for p in protos]]
+        for alg in sorted(finals, key=lambda a: (a != main, a))
+    ]
+    return [
         "<h2>Test accuracy per tier</h2>",
         _img(plots.accuracy_plot(rep["accuracy"], main), "accuracy per round", "no rounds"),
-        _table(["algorithm", *[f"{p} final %" for p in protos]], acc_rows),
+        _table(["algorithm", *[f"{p} final %" for p in protos]], rows),
+    ]
+
+
+def _lambdas(rep: dict[str, Any]) -> list[str]:
+    """The merge coefficients of the run's algorithm (or the first that has some)."""
+    main = rep["algorithm"]
+    lam_alg = main if main in rep["lambdas"] else next(iter(rep["lambdas"]), None)
+    lam_grids = rep["lambdas"].get(lam_alg, {}) if lam_alg else {}
+    return [
         f"<h2>Merge coefficients λ per student ({escape(str(lam_alg or main))})</h2>",
         _img(
             plots.lambda_heatmap(lam_grids),
             "lambda heatmap",
             f"{main} reports no merge coefficients",
         ),
+    ]
+
+
+def _fleet(rep: dict[str, Any]) -> list[str]:
+    """The devices, stragglers and traffic plots (empty notes for simulations)."""
+    return [
         "<h2>Devices: training time and memory per tier</h2>",
         _img(
             plots.device_plot(rep["devices"]),
@@ -158,47 +173,137 @@ def render_html(rep: dict[str, Any]) -> str:
             "bytes per round per tier",
             "no traffic record in this run (simulations have none)",
         ),
-        "<h2>Agents</h2>",
+    ]
+
+
+def _agents(rep: dict[str, Any]) -> list[str]:
+    """One row per agent of the telemetry log."""
+    rows = [
+        [
+            a["agent_id"],
+            a["prototype"],
+            a["platform"],
+            a["runtimes"],
+            a["updates"],
+            a["refused"],
+            a["mean_train_s"],
+            a["peak_rss_mb"],
+            a["rss_limit_mb"],
+            a["bytes_sent"] // 1024,
+            a["bytes_received"] // 1024,
+            a["retries"],
+            a["min_slack_s"],
+            ", ".join(a.get("implausible", [])),
+        ]
+        for a in rep["agents"]
+    ]
+    if not rows:
+        return [
+            "<h2>Agents</h2>",
+            '<p class="missing">no agent registered through the telemetry log</p>',
+        ]
+    return ["<h2>Agents</h2>", _table(AGENT_COLUMNS, rows, left=4)]
+
+
+def _exports(rep: dict[str, Any]) -> list[str]:
+    """One row per verified export of the run."""
+    rows = [[e[k] for k in EXPORT_FIELDS] for e in rep["exports"]]
+    if not rows:
+        missing = "no exports in this run (takfl-export --run RUN adds them)"
+        return ["<h2>Exports</h2>", f'<p class="missing">{missing}</p>']
+    return ["<h2>Exports</h2>", _table(EXPORT_COLUMNS, rows, left=5)]
+
+
+def _releases_html(releases: dict[str, list[dict[str, Any]]] | None) -> str:
+    """Each release's state per tier, and on-device latency per hardware class."""
+    if not releases or not releases.get("rollouts"):
+        return '<p class="missing">nothing released from this run (takfl-coordinator release)</p>'
+    rollouts = [
+        [
+            r["prototype"],
+            r["version"],
+            r["action"],
+            r["state"],
+            r["stage"],
+            f"{r['offered']}/{r['devices']}",
+            r["installed"],
+            ", ".join(f"{k} {n}" for k, n in r["failed"].items()) or "0",
+            r["rolled_back"],
+            r["bytes"] // 1024,
+            r["install_s"],
+            r["rollout_s"],
+            r["halt_reason"],
+        ]
+        for r in releases["rollouts"]
+    ]
+    latency = [
+        [
+            r["hardware_class"],
+            r["prototype"],
+            r["version"],
+            r["runtime"],
+            r["devices"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["worst_p99_ms"],
+            r["peak_rss_mb"],
+        ]
+        for r in releases.get("latency", [])
+    ]
+    head = ["tier", "version", "action", "state", "stage", "offered", "installed"]
+    parts = [
         _table(
             [
-                "agent",
-                "tier",
-                "platform",
-                "runtimes",
-                "updates",
-                "refused",
-                "mean train s",
-                "peak RSS MB",
-                "limit MB",
-                "sent KiB",
-                "received KiB",
-                "retries",
-                "min slack s",
+                *head,
+                "failed (reason)",
+                "rolled back",
+                "KiB",
+                "install s",
+                "rollout s",
+                "halted because",
             ],
-            agents,
+            rollouts,
             left=4,
         )
-        if agents
-        else '<p class="missing">no agent registered through the telemetry log</p>',
-        "<h2>Exports</h2>",
-        _table(
-            [
-                "tier",
-                "format",
-                "quant",
-                "runtime",
-                "status",
-                "size MB",
-                "accuracy %",
-                "agreement %",
-                "max |diff|",
-                "p50 ms",
-            ],
-            exports,
-            left=5,
-        )
-        if exports
-        else '<p class="missing">no exports in this run (takfl-export --run RUN adds them)</p>',
+    ]
+    if latency:
+        parts += [
+            "<h3>On-device inference latency at batch 1 (health check)</h3>",
+            _table(
+                [
+                    "hardware",
+                    "tier",
+                    "version",
+                    "runtime",
+                    "devices",
+                    "p50 ms",
+                    "p99 ms",
+                    "worst p99 ms",
+                    "peak RSS MB",
+                ],
+                latency,
+                left=4,
+            ),
+        ]
+    return "\n".join(parts)
+
+
+def _releases(rep: dict[str, Any]) -> list[str]:
+    """Each release's state per tier and the devices' latency (empty note without any)."""
+    return ["<h2>Releases to the devices</h2>", _releases_html(rep.get("releases"))]
+
+
+def render_html(rep: dict[str, Any]) -> str:
+    """The page for a report dict (see ``coordinator.report.data.build_report``)."""
+    parts = [
+        *_head(rep),
+        _cards(rep),
+        *_accuracy(rep),
+        *_lambdas(rep),
+        *_fleet(rep),
+        *_agents(rep),
+        *_exports(rep),
+        *_releases(rep),
         "</body></html>",
     ]
     return "\n".join(parts)

@@ -8,15 +8,17 @@ engine never knows which one it talks to.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import torch
 
 from takfl.config.base import ModelSpec
 from takfl.config.profile import TrainingSpec
+from takfl.state import State
+from takfl.wire.bounds import StateBounds
+from takfl.wire.validation import Verdict
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Task:
     """One client's work for one round."""
 
@@ -24,13 +26,13 @@ class Task:
     prototype: str
     client_id: str
     model: ModelSpec
-    global_state: dict[str, torch.Tensor]  # the prototype's global weights, CPU
+    global_state: State  # the prototype's global weights, CPU
     deadline: float  # unix time after which the update is no longer wanted
     seed: int = 0  # local-training seed: the same task trains identically everywhere
     training: TrainingSpec | None = None  # epochs/batch/lr dictated for this prototype
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClientUpdate:
     """A client's validated answer to a task: full trained weights (the transport
     reconstructs them from a delta when it carried one)."""
@@ -39,7 +41,7 @@ class ClientUpdate:
     prototype: str
     client_id: str
     num_samples: int
-    state: dict[str, torch.Tensor]
+    state: State
     metrics: dict[str, float] = field(default_factory=dict)  # train loss, seconds, ...
 
 
@@ -62,8 +64,18 @@ class Transport(ABC):
         Refused updates are logged and counted by the transport, never returned.
         """
 
-    def publish_global(self, round_id: int, prototype: str, state: dict[str, torch.Tensor]) -> None:
+    def publish_global(self, round_id: int, prototype: str, state: State) -> None:
         """Announce a prototype's new global model (no-op where nobody listens)."""
+        return None
+
+    def bound_updates(self, bounds: Mapping[str, StateBounds]) -> None:
+        """The bounds each prototype's updates must meet (from the run's initial models),
+        for a transport that checks updates on receipt (no-op otherwise)."""
+        return None
+
+    def refused(self, update: ClientUpdate, verdict: Verdict) -> None:
+        """The engine refused ``update`` after the transport handed it on (counted and
+        reported where the transport keeps refusals; no-op otherwise)."""
         return None
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
-"""Task dispatch: which agent has which task this round, signed task messages, task
-acknowledgements, re-sends of unacknowledged tasks, and which chunk requests for a
-global model an agent may make. No broker: the MQTT transport publishes what this
-decides.
+"""Task dispatch: the run, which agent has which task this round, signed task messages,
+task acknowledgements, re-sends of unacknowledged tasks (each signed anew: a fresh
+``sent_at`` and nonce), and which chunk requests for a global model an agent may make.
+No broker: the MQTT transport publishes what this decides.
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ from dataclasses import dataclass
 
 from coordinator.transport.base import Task
 from takfl.config.profile import CommsSpec
-from takfl.wire.codec import State
+from takfl.state import State
 from takfl.wire.messages import (
     Ack,
     BlobRef,
+    InputNorm,
     ModelRef,
     TaskMessage,
     TrainingRef,
 )
-from takfl.wire.signing import sign
+from takfl.wire.signing import restamp, sign
 from takfl.wire.validation import AgentRecord
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Assignment:
     message: TaskMessage
     reference: State  # the global state the agent's delta is relative to (CPU)
@@ -42,24 +43,19 @@ def task_message(
     num_classes: int,
     input_shape: tuple[int, int, int],
     program: BlobRef | None = None,
+    run: str = "",
+    input_norm: InputNorm | None = None,
 ) -> TaskMessage:
-    """The signed wire form of ``task``, whose global model is the blob ``ref``;
-    ``program``: the training program offered with it, if any."""
-    t = task.training
+    """The signed wire form of ``task`` in run ``run``, whose global model is the blob
+    ``ref``; ``program``: the training program offered with it, if any; ``input_norm``:
+    how the coordinator's data is standardised."""
     msg = TaskMessage(
+        run=run,
         round_id=task.round_id,
         agent_id=task.client_id,
         prototype=task.prototype,
         model=ModelRef(builder=task.model.builder, args=dict(task.model.args)),
-        training=None
-        if t is None
-        else TrainingRef(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            optimizer=t.optimizer,
-            learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay,
-        ),
+        training=None if task.training is None else TrainingRef(**task.training.dictated()),
         num_classes=num_classes,
         input_shape=input_shape,
         seed=task.seed,
@@ -68,12 +64,14 @@ def task_message(
         chunk_size=comms.chunk_size_kib * 1024,
         blob=ref,
         program=program,
+        input_norm=input_norm,
     )
     return sign(msg, secret)
 
 
 class TaskDispatch:
-    """Assignments of the current round. Thread-safe (engine and dispatcher threads)."""
+    """Assignments of the current round of run ``run``. Thread-safe (engine and dispatcher
+    threads). Once :meth:`finish` is called the run has ended: no task is sent again."""
 
     def __init__(
         self,
@@ -81,10 +79,13 @@ class TaskDispatch:
         *,
         retry_s: float,
         clock: Callable[[], float] = time.monotonic,
+        run: str = "",
     ) -> None:
         self.registry = registry
         self.retry_s = retry_s
         self.clock = clock
+        self.run = run
+        self.finished = False
         self.round = -1
         self._assignments: dict[str, Assignment] = {}
         self._lock = threading.Lock()
@@ -113,7 +114,9 @@ class TaskDispatch:
             for t, msg in pairs:
                 if t.round_id == self.round:
                     ref = {k: v.detach().to("cpu") for k, v in t.global_state.items()}
-                    self._assignments[t.client_id] = Assignment(msg, ref, self.clock())
+                    self._assignments[t.client_id] = Assignment(
+                        message=msg, reference=ref, sent_at=self.clock()
+                    )
         return started
 
     def current(self) -> tuple[int, dict[str, Assignment]]:
@@ -132,6 +135,7 @@ class TaskDispatch:
             if (
                 a is None
                 or ack.subject != "task"
+                or ack.run != self.run
                 or ack.round_id != a.message.round_id
                 or ack.digest != a.message.blob.digest
             ):
@@ -148,12 +152,30 @@ class TaskDispatch:
         return digest == a.message.blob.digest or (program is not None and digest == program.digest)
 
     def due_retries(self) -> list[TaskMessage]:
-        """Unacknowledged tasks whose deadline has not passed, last sent ``retry_s`` ago."""
+        """Unacknowledged tasks whose deadline has not passed, last sent ``retry_s`` ago,
+        each signed anew (nothing once the run finished)."""
         now, wall = self.clock(), time.time()
         due = []
         with self._lock:
+            if self.finished:
+                return []
             for a in self._assignments.values():
                 if not a.acked and now - a.sent_at >= self.retry_s and wall < a.message.deadline:
                     a.sent_at = now
+                    a.message = restamp(a.message, self.registry[a.message.agent_id].secret)
                     due.append(a.message)
         return due
+
+    def awaited(self, delivered: Callable[[int], set[str]]) -> list[str]:
+        """Agents of the current round whose update is still wanted: not among
+        ``delivered(round)`` and their task's deadline not passed."""
+        now = time.time()
+        with self._lock:
+            round_id, assignments = self.round, dict(self._assignments)
+        done = delivered(round_id)
+        return [a for a, x in assignments.items() if a not in done and now < x.message.deadline]
+
+    def finish(self) -> None:
+        """The run has ended: updates are answered ``run_finished``, tasks not re-sent."""
+        with self._lock:
+            self.finished = True

@@ -12,6 +12,7 @@ from torch import nn
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
+from takfl.state import State
 from takfl.training import LocalResult, train_local
 from takfl.vectorised_training import (
     ClientData,
@@ -23,7 +24,7 @@ from takfl.vectorised_training import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VirtualClient:
     client_id: str
     prototype: str
@@ -32,9 +33,7 @@ class VirtualClient:
     training: TrainingSpec
 
 
-def codec_roundtrip(
-    trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], compression: str
-) -> dict[str, torch.Tensor]:
+def codec_roundtrip(trained: State, base: State, compression: str) -> State:
     """What the coordinator reconstructs from a delta sent with ``compression``."""
     from takfl.wire.codec import apply_delta, decode_state, encode_state, make_delta
 
@@ -154,10 +153,10 @@ class InProcessTransport(Transport):
         if mode is not None:
             state = codec_roundtrip(state, task.global_state, mode)
         return ClientUpdate(
-            task.round_id,
-            task.prototype,
-            task.client_id,
-            result.num_samples,
-            state,
-            {"train_loss": result.mean_loss, "train_s": result.seconds},
+            round_id=task.round_id,
+            prototype=task.prototype,
+            client_id=task.client_id,
+            num_samples=result.num_samples,
+            state=state,
+            metrics={"train_loss": result.mean_loss, "train_s": result.seconds},
         )

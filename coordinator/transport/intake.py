@@ -9,8 +9,19 @@ agent and, once an update is accepted, the :class:`ClientUpdate` for the engine.
 never raises on bad input and needs no broker: the MQTT transport publishes what it
 decides.
 
-A decision is remembered by the exact header it answers (a hash of its signed fields
-and signature), so a repeated header gets the same answer while a different header,
+Before anything else a header must come from a provisioned agent and verify under its
+secret, belong to the coordinator's current run (else ``other_run``: answered, never
+acted on, logged once per run), be fresh (else ``stale_message`` or ``replayed``:
+counted and logged, never answered) and arrive before the run finished (else
+``run_finished``). An update must be encoded as its task's compression
+(``codec_mismatch``). A chunk that does not fit its announcement (count, payload length)
+is refused alone and counted; the update stays pending and the chunk is asked for
+again. A chunk of a digest nobody announced is dropped, counted and logged once per
+digest.
+
+A decision is remembered by the content of the header it answers (a hash of its signed
+fields without ``sent_at``, ``nonce`` and ``signature``: an agent re-announces a header
+with a fresh nonce), so a repeated header gets the same answer while a different header,
 even one announcing the same blob, is judged on its own.
 """
 
@@ -27,12 +38,15 @@ from coordinator.transport.base import ClientUpdate
 from coordinator.transport.dispatch import TaskDispatch
 from coordinator.transport.inbound import Inbound
 from takfl.mqtt.blobs import BlobReceiver, Missing
+from takfl.wire.bounds import StateBounds, check_state
 from takfl.wire.chunking import ReassemblyLimits
-from takfl.wire.codec import apply_delta, max_encoded_bytes
+from takfl.wire.codec import apply_delta, blob_compression, max_encoded_bytes
 from takfl.wire.errors import BlobTooLarge, DigestMismatch, WireError
+from takfl.wire.freshness import ReplayGuard
 from takfl.wire.messages import Ack, UpdateHeader, decode_chunk
-from takfl.wire.signing import message_ref
+from takfl.wire.signing import verify
 from takfl.wire.validation import (
+    ACCEPTED,
     AgentRecord,
     Refusal,
     UpdateBounds,
@@ -52,7 +66,13 @@ UNAUTHENTICATED = frozenset({Refusal.UNKNOWN_AGENT, Refusal.BAD_SIGNATURE, Refus
 # the coordinator, e.g. restarted with --resume, has sent that round's tasks) are not
 # remembered either: the same update is welcome once the round is open.
 NOT_YET = frozenset({Refusal.FUTURE_ROUND, Refusal.NOT_ASSIGNED})
-NOT_REMEMBERED = UNAUTHENTICATED | NOT_YET
+# Neither are refusals that say where the run is rather than what the header holds.
+RUN_STATE = frozenset({Refusal.OTHER_RUN, Refusal.RUN_FINISHED})
+NOT_REMEMBERED = UNAUTHENTICATED | NOT_YET | RUN_STATE
+# Stale and replayed messages are never answered (an answer to a replayed copy could be
+# taken for the answer to the genuine header): counted and logged only.
+SILENT = frozenset({Refusal.STALE_MESSAGE, Refusal.REPLAYED})
+LOGGED_DIGESTS = 1024  # unannounced digests remembered so each is logged once
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,16 +86,17 @@ class IntakePolicy:
     quiet_s: float = 5.0  # ask again for missing update chunks after this long
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IntakeCounters:
     accepted: int = 0
     refused: Counter[str] = field(default_factory=Counter)  # by Refusal value
     malformed_chunks: int = 0
+    bad_chunks: int = 0  # chunks that did not fit their announcement (refused alone)
     ignored_chunks: int = 0  # chunks of no announced update
     chunk_requests_sent: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Decision:
     """The intake's answer to one message: what to tell the agent, what to hand on."""
 
@@ -90,7 +111,7 @@ class Decision:
         return self.update is not None
 
 
-NOTHING = Decision(None, Verdict())
+NOTHING = Decision(agent=None, verdict=Verdict())
 
 
 class UpdateIntake:
@@ -104,9 +125,12 @@ class UpdateIntake:
         policy: IntakePolicy | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        guard: ReplayGuard | None = None,
     ) -> None:
+        """``guard`` refuses stale and replayed headers (None: no freshness check)."""
         self.registry = registry
         self.dispatch = dispatch
+        self.guard = guard
         self.policy = policy or IntakePolicy()
         p = self.policy
         self.receiver = BlobReceiver(
@@ -116,21 +140,35 @@ class UpdateIntake:
         self._lock = threading.Lock()
         self._incoming: dict[tuple[str, str], UpdateHeader] = {}  # (agent, digest) -> header
         self._accepted: set[tuple[int, str]] = set()  # (round, agent)
-        self._decided: OrderedDict[str, Ack] = OrderedDict()  # message_ref -> answer
+        self._decided: OrderedDict[str, Ack] = OrderedDict()  # content_ref -> answer
+        self._other_runs: set[str] = set()  # runs already logged
+        self._logged: OrderedDict[str, None] = OrderedDict()  # unannounced digests logged
+        # per prototype, from the run's initial models (the engine sets them): per-tensor
+        # and buffer bounds, and the reference of the whole-delta norm bound
+        self.state_bounds: dict[str, StateBounds] = {}
 
     # -- verdicts -----------------------------------------------------------------------
     def _refuse(self, agent: str, verdict: Verdict, header: UpdateHeader | None) -> Decision:
         reason = verdict.reason or Refusal.MALFORMED
         self.counters.refused[reason.value] += 1
-        log.warning(
-            "refused update from %s (round %s): %s",
-            agent,
-            header.round_id if header else "?",
-            verdict,
-        )
+        if reason in SILENT:
+            log.warning("ignored update header from %s: %s", agent, verdict)
+            return Decision(agent=agent, verdict=verdict)
+        if reason is Refusal.OTHER_RUN and header is not None:
+            if header.run not in self._other_runs:
+                self._other_runs.add(header.run)
+                log.warning("updates of another run (%s) arrive, e.g. from %s", header.run, agent)
+        else:
+            log.warning(
+                "refused update from %s (round %s): %s",
+                agent,
+                header.round_id if header else "?",
+                verdict,
+            )
         ack = Ack(
             subject="update",
             agent_id=agent,
+            run=header.run if header else "",
             round_id=header.round_id if header else None,
             digest=header.blob.digest if header else None,
             accepted=False,
@@ -139,11 +177,11 @@ class UpdateIntake:
         )
         if header is not None and reason not in NOT_REMEMBERED:
             self._remember(header, ack)
-        return Decision(agent, verdict, ack)
+        return Decision(agent=agent, verdict=verdict, ack=ack)
 
     def _remember(self, header: UpdateHeader, ack: Ack) -> None:
         with self._lock:
-            self._decided[message_ref(header)] = ack
+            self._decided[header.content_ref()] = ack
             while len(self._decided) > MEMORY:
                 self._decided.popitem(last=False)
 
@@ -155,16 +193,19 @@ class UpdateIntake:
             return NOTHING
         if header is None:
             return self._refuse(agent, received.verdict, None)
+        admitted = self.admit(agent, header)
+        if not admitted.accepted:
+            return self._refuse(agent, admitted, header)
         round_id, _ = self.dispatch.current()
         with self._lock:
             # a repeated header of this round gets the same answer; one of an earlier
             # round is checked again (and refused as stale)
             decided = (
-                self._decided.get(message_ref(header)) if header.round_id == round_id else None
+                self._decided.get(header.content_ref()) if header.round_id == round_id else None
             )
             in_progress = (agent, header.blob.digest) in self._incoming
         if decided is not None:
-            return Decision(agent, Verdict(), decided)
+            return Decision(agent=agent, verdict=Verdict(), ack=decided)
         if in_progress:
             return NOTHING
         verdict = self.check(agent, header, round_id)
@@ -178,7 +219,25 @@ class UpdateIntake:
             return self._refuse(agent, refuse(Refusal.MALFORMED, str(e)), header)
         with self._lock:
             self._incoming[(agent, header.blob.digest)] = header
-        return Decision(agent, verdict)
+        return Decision(agent=agent, verdict=verdict)
+
+    def admit(self, agent: str, header: UpdateHeader) -> Verdict:
+        """Who sent it, for which run, when: a provisioned agent's signature, the current
+        run, fresh, and the run not finished."""
+        record = self.registry.get(agent)
+        if record is None:
+            return refuse(Refusal.UNKNOWN_AGENT, f"agent {agent!r} is not provisioned")
+        if not verify(header, record.secret):
+            return refuse(Refusal.BAD_SIGNATURE, f"update header of {agent!r}")
+        if header.run != self.dispatch.run:
+            return refuse(Refusal.OTHER_RUN, f"run {header.run!r}, this run is {self.dispatch.run}")
+        if self.guard is not None:
+            verdict = self.guard.check(agent, header.sent_at, header.nonce)
+            if not verdict.accepted:
+                return verdict
+        if self.dispatch.finished:
+            return refuse(Refusal.RUN_FINISHED, f"run {self.dispatch.run} has ended")
+        return ACCEPTED
 
     def check(self, agent: str, header: UpdateHeader, round_id: int) -> Verdict:
         """Header checks against the agent's assignment in round ``round_id``."""
@@ -197,6 +256,11 @@ class UpdateIntake:
             done = (header.round_id, agent) in self._accepted
         if done:
             return refuse(Refusal.DUPLICATE, f"{agent} already delivered round {header.round_id}")
+        if header.compression != a.message.compression:
+            return refuse(
+                Refusal.CODEC_MISMATCH,
+                f"update in {header.compression}, its task asked {a.message.compression}",
+            )
         if time.time() > a.message.deadline:
             return refuse(Refusal.EXPIRED, f"task deadline of round {header.round_id} passed")
         return verdict
@@ -216,20 +280,32 @@ class UpdateIntake:
         with self._lock:
             header = self._incoming.get(key)
         if header is None:
-            self.counters.ignored_chunks += 1
+            self._ignored(agent, chunk.hex_digest)
             return NOTHING
         try:
             blob = self.receiver.add(agent, chunk)
         except DigestMismatch as e:
             self._drop(key)
             return self._refuse(agent, refuse(Refusal.DIGEST_MISMATCH, str(e)), header)
-        except WireError as e:
-            self._drop(key)
-            return self._refuse(agent, refuse(Refusal.MALFORMED, str(e)), header)
+        except WireError as e:  # the chunk alone: the update stays, the chunk is asked again
+            self.counters.bad_chunks += 1
+            log.info("refused a chunk of %s's update %s: %s", agent, chunk.hex_digest[:12], e)
+            return NOTHING
         if blob is None:
             return NOTHING
         self._drop(key)
         return self._complete(agent, header, blob)
+
+    def _ignored(self, agent: str, digest: str) -> None:
+        """Count a chunk of no announced update; log the first of each digest."""
+        self.counters.ignored_chunks += 1
+        with self._lock:
+            if digest in self._logged:
+                return
+            self._logged[digest] = None
+            if len(self._logged) > LOGGED_DIGESTS:
+                self._logged.popitem(last=False)
+        log.info("dropped chunks of %s for %s: no update announced it", agent, digest[:12])
 
     def _drop(self, key: tuple[str, str]) -> None:
         self.receiver.discard(*key)
@@ -242,10 +318,25 @@ class UpdateIntake:
             return self._refuse(
                 agent, refuse(Refusal.STALE_ROUND, "round closed before it completed"), header
             )
-        verdict, delta = decode_update(header, blob, a.reference, bounds=self.policy.bounds)
+        codec = blob_compression(blob)
+        if codec is not None and codec != header.compression:
+            detail = f"blob in {codec}, header says {header.compression}"
+            return self._refuse(agent, refuse(Refusal.CODEC_MISMATCH, detail), header)
+        bounds = self.state_bounds.get(header.prototype)
+        verdict, delta = decode_update(
+            header,
+            blob,
+            a.reference,
+            bounds=self.policy.bounds,
+            reference_norm=bounds.reference_norm if bounds is not None else None,
+        )
         if delta is None:
             return self._refuse(agent, verdict, header)
         state = apply_delta(a.reference, delta)
+        if bounds is not None:
+            verdict = check_state(delta, state, a.reference, bounds)
+            if not verdict.accepted:
+                return self._refuse(agent, verdict, header)
         with self._lock:
             duplicate = (header.round_id, agent) in self._accepted
             if not duplicate:
@@ -254,18 +345,24 @@ class UpdateIntake:
             return self._refuse(agent, refuse(Refusal.DUPLICATE, "already delivered"), header)
         metrics = dict(header.metrics) | {"upload_bytes": float(header.blob.size)}
         update = ClientUpdate(
-            header.round_id, header.prototype, agent, header.num_samples, state, metrics
+            round_id=header.round_id,
+            prototype=header.prototype,
+            client_id=agent,
+            num_samples=header.num_samples,
+            state=state,
+            metrics=metrics,
         )
         self.counters.accepted += 1
         ack = Ack(
             subject="update",
             agent_id=agent,
+            run=header.run,
             round_id=header.round_id,
             digest=header.blob.digest,
             accepted=True,
         )
         self._remember(header, ack)
-        return Decision(agent, verdict, ack, update, header)
+        return Decision(agent=agent, verdict=verdict, ack=ack, update=update, header=header)
 
     # -- periodic -----------------------------------------------------------------------
     def new_round(self, round_id: int) -> None:
@@ -294,6 +391,11 @@ class UpdateIntake:
             self._drop(key)
             out.append(self._refuse(key[0], refuse(Refusal.STALE_ROUND, "round closed"), header))
         return requests, out
+
+    def delivered(self, round_id: int) -> set[str]:
+        """Agents whose update of ``round_id`` was accepted."""
+        with self._lock:
+            return {agent for r, agent in self._accepted if r == round_id}
 
     def pending(self) -> int:
         """Update blobs announced and not yet complete."""

@@ -7,6 +7,13 @@ handler reads the message once (:func:`coordinator.transport.inbound.read`), han
 to its unit and publishes the answer. Per round it signs a task for every selected agent
 and sends it with the prototype's global model (fp32 safetensors, chunked).
 
+Every message belongs to the transport's run (``run_id``): tasks, acks, requests and
+announcements carry it, and what an agent sends for another run is recognised
+(``other_run``) and never acted on. Control messages are checked for freshness (one
+:class:`ReplayGuard` per transport); every publish of a signed message is stamped anew.
+When the run ends (:meth:`MqttTransport.finish`) updates still arriving are answered
+``run_finished``.
+
 Threads: the engine calls the Transport methods; paho's network thread only
 queues messages; one dispatcher thread runs every handler and periodic check.
 """
@@ -16,40 +23,44 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeVar
-
-import torch
+from typing import Literal, TypeVar
 
 from coordinator.observe import FleetObserver
 from coordinator.transport.base import ClientUpdate, Task, Transport
+from coordinator.transport.control import ControlDesk
 from coordinator.transport.dispatch import TaskDispatch, task_message
 from coordinator.transport.inbound import agent_of as read_agent
 from coordinator.transport.inbound import read
 from coordinator.transport.intake import Decision, IntakeCounters, IntakePolicy, UpdateIntake
-from coordinator.transport.presence import AgentState, Presence
+from coordinator.transport.presence import AgentState, Presence, PresenceGate
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
-from takfl.mqtt.ratelimit import ResendLimiter, ResendLimits
+from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits
+from takfl.state import State
+from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
 from takfl.wire.codec import encode_state
+from takfl.wire.envelope import new_run_id
+from takfl.wire.freshness import FreshnessPolicy, ReplayGuard
 from takfl.wire.messages import (
     Ack,
     BlobRef,
     ChunkRequest,
     GlobalAnnouncement,
+    InputNorm,
     Registration,
     SignedMessage,
     Status,
     UpdateHeader,
     encode_message,
 )
-from takfl.wire.signing import sign
+from takfl.wire.signing import restamp, sign
 from takfl.wire.topics import Down, Topics, Up
-from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds
+from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds, Verdict
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=SignedMessage)
@@ -77,6 +88,15 @@ class TransportPolicy:
     # (agents that train through ExecuTorch fetch one by chunk request when not cached).
     programs: Mapping[str, bytes] = field(default_factory=dict)
     resend: ResendLimits = field(default_factory=ResendLimits)  # answers to chunk requests
+    freshness: FreshnessPolicy = field(default_factory=FreshnessPolicy)  # replay window
+    # after the last round: how long late updates are still answered ("run_finished")
+    # while some agent of that round has not delivered (agents re-announce every 15 s)
+    finish_grace_s: float = 20.0
+    # per agent, before a message is queued: an agent registers and says online once per
+    # connection (and the broker sends its will), so these leave room for a few
+    # reconnects a minute; the excess is dropped unread, counted, logged once a window
+    registrations: MessageLimits = field(default_factory=lambda: MessageLimits(per_window=10))
+    statuses: MessageLimits = field(default_factory=lambda: MessageLimits(per_window=20))
 
     def intake(self) -> IntakePolicy:
         return IntakePolicy(
@@ -88,11 +108,13 @@ class TransportPolicy:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TransportCounters:
     registrations: int = 0
     chunks_resent: int = 0
     task_retries: int = 0
+    registrations_dropped: int = 0  # over an agent's rate limit, dropped unread
+    statuses_dropped: int = 0
 
 
 class MqttTransport(Transport):
@@ -111,22 +133,34 @@ class MqttTransport(Transport):
         clock: Callable[[], float] = time.monotonic,
         on_allowance: Callable[[str, int], None] | None = None,
         observer: FleetObserver | None = None,
+        run_id: str | None = None,
+        input_norm: InputNorm | None = None,
     ) -> None:
         """``on_allowance(agent, n)`` is called when an agent's first accepted registration
         pins its sample allowance (to persist it); ``observer`` hears of registrations,
-        presence, tasks, accepted and refused updates (telemetry log, metrics)."""
+        presence, tasks, accepted and refused updates (telemetry log, metrics).
+        ``run_id``: the run every message belongs to (None: a fresh one);
+        ``input_norm``: the data's standardisation, told to the agents in every task."""
         self.observer = observer or FleetObserver()
         self.topics = Topics(fleet)
         self.registry = dict(registry)
         self.num_classes = num_classes
         self.input_shape = input_shape
+        self.input_norm = input_norm
+        self.run_id = run_id if run_id is not None else new_run_id()
         self.policy = policy or TransportPolicy()
         p = self.policy
-        self.presence = Presence(self.registry, on_allowance=on_allowance)
-        self.dispatch = TaskDispatch(self.registry, retry_s=p.task_retry_s, clock=clock)
-        self.intake = UpdateIntake(self.registry, self.dispatch, p.intake(), clock=clock)
+        self.guard = ReplayGuard(p.freshness)
+        self.presence = Presence(self.registry, on_allowance=on_allowance, guard=self.guard)
+        self.dispatch = TaskDispatch(
+            self.registry, retry_s=p.task_retry_s, clock=clock, run=self.run_id
+        )
+        self.intake = UpdateIntake(
+            self.registry, self.dispatch, p.intake(), clock=clock, guard=self.guard
+        )
+        self.desk = ControlDesk(self.dispatch)  # task acks and chunk requests
         self._counters = TransportCounters()
-        offline = Status(agent_id=COORDINATOR_ID, state="offline", time=0.0)
+        offline = self._coordinator_status("offline", 0.0)
         self.client = MqttClient(
             settings,
             client_id,
@@ -138,9 +172,10 @@ class MqttTransport(Transport):
             ResendLimiter(p.resend, clock=clock),
         )
         self._updates: queue.Queue[ClientUpdate] = queue.Queue()
+        self.gate = PresenceGate(self.topics, p.registrations, p.statuses, clock=clock)
         t = self.topics
-        self.client.route(t.up_filter(Up.REGISTER), self._on_register)
-        self.client.route(t.up_filter(Up.STATUS), self._on_status)
+        self.client.route(t.up_filter(Up.REGISTER), self._on_register, admit=self.gate.registration)
+        self.client.route(t.up_filter(Up.STATUS), self._on_status, admit=self.gate.status)
         self.client.route(t.up_filter(Up.ACK), self._on_task_ack)
         self.client.route(t.up_filter(Up.REQUEST), self._on_request)
         self.client.route(t.up_filter(Up.UPDATE), self._on_update)
@@ -154,8 +189,12 @@ class MqttTransport(Transport):
         return self
 
     def close(self) -> None:
-        offline = Status(agent_id=COORDINATOR_ID, state="offline", time=time.time())
+        offline = self._coordinator_status("offline", time.time())
         self.client.stop(final=(self.topics.coordinator_status(), encode_message(offline)))
+
+    def _coordinator_status(self, state: Literal["online", "offline"], at: float) -> Status:
+        """The coordinator's presence (unsigned, for monitors and agents' re-registration)."""
+        return Status(agent_id=COORDINATOR_ID, state=state, time=at, run=self.run_id)
 
     def __enter__(self) -> MqttTransport:
         return self.start()
@@ -205,6 +244,8 @@ class MqttTransport(Transport):
                     num_classes=self.num_classes,
                     input_shape=self.input_shape,
                     program=programs.get(t.prototype),
+                    run=self.run_id,
+                    input_norm=self.input_norm,
                 ),
             )
             for t in tasks
@@ -224,12 +265,16 @@ class MqttTransport(Transport):
         except queue.Empty:
             return None
 
-    def publish_global(self, round_id: int, prototype: str, state: dict[str, torch.Tensor]) -> None:
+    def publish_global(self, round_id: int, prototype: str, state: State) -> None:
         """Announce (retained) the digest and size of a prototype's new global model: to
         monitors on the broadcast topic, and signed to each of the prototype's agents."""
         ref = blob_ref(encode_state(state, GLOBAL_ENCODING), self.policy.global_chunk_size)
         ann = GlobalAnnouncement(
-            round_id=round_id, prototype=prototype, digest=ref.digest, size=ref.size
+            run=self.run_id,
+            round_id=round_id,
+            prototype=prototype,
+            digest=ref.digest,
+            size=ref.size,
         )
         self.client.publish(self.topics.global_model(prototype), encode_message(ann), retain=True)
         for agent, record in sorted(self.registry.items()):
@@ -237,6 +282,36 @@ class MqttTransport(Transport):
                 signed = sign(ann.model_copy(update={"agent_id": agent}), record.secret)
                 topic = self.topics.down(agent, Down.GLOBAL)
                 self.client.publish(topic, encode_message(signed), retain=True)
+
+    def clear_globals(self, prototypes: Iterable[str]) -> None:
+        """A new run starts: clear (empty retained payload) the announcements of the
+        previous run's global models, on the broadcast topics of ``prototypes`` and on
+        every provisioned agent's ``down/global``."""
+        for prototype in prototypes:
+            self.client.publish(self.topics.global_model(prototype), b"", retain=True)
+        for agent in sorted(self.registry):
+            self.client.publish(self.topics.down(agent, Down.GLOBAL), b"", retain=True)
+
+    def finish(self, grace_s: float | None = None) -> None:
+        """The run has ended: from now on every update is answered ``run_finished``.
+        Waits (at most ``grace_s``, default the policy's) while an agent of the last
+        round has neither delivered nor passed its task's deadline, so an update still on
+        its way gets its answer before the coordinator leaves."""
+        self.dispatch.finish()
+        end = time.monotonic() + (self.policy.finish_grace_s if grace_s is None else grace_s)
+        while time.monotonic() < end and self.dispatch.awaited(self.intake.delivered):
+            time.sleep(0.2)
+
+    def bound_updates(self, bounds: Mapping[str, StateBounds]) -> None:
+        """Per-tensor, buffer and whole-norm bounds by prototype, checked on receipt."""
+        self.intake.state_bounds = dict(bounds)
+
+    def refused(self, update: ClientUpdate, verdict: Verdict) -> None:
+        """The engine refused an update the intake had accepted: counted with the
+        intake's refusals and told to the observer (metrics, telemetry log)."""
+        reason = (verdict.reason or Refusal.MALFORMED).value
+        self.counters.refused[reason] += 1
+        self.observer.refused(update.client_id, update.prototype, update.round_id, reason)
 
     @property
     def on_allowance(self) -> Callable[[str, int], None] | None:
@@ -256,6 +331,8 @@ class MqttTransport(Transport):
     @property
     def transport_counters(self) -> TransportCounters:
         self._counters.registrations = self.presence.registrations
+        self._counters.registrations_dropped = self.gate.registrations.total_dropped
+        self._counters.statuses_dropped = self.gate.statuses.total_dropped
         return self._counters
 
     @property
@@ -271,14 +348,15 @@ class MqttTransport(Transport):
 
     # -- publishing ------------------------------------------------------------
     def _announce(self) -> None:
-        online = Status(agent_id=COORDINATOR_ID, state="online", time=time.time())
+        """Online (retained) on every connect: agents register again when they see it."""
+        online = self._coordinator_status("online", time.time())
         self.client.publish(self.topics.coordinator_status(), encode_message(online), retain=True)
 
     def _signed(self, agent: str, message: S) -> S:
-        """``message`` signed with the agent's secret (unsigned for an unknown agent, which
-        cannot verify it anyway)."""
+        """``message`` stamped now and signed with the agent's secret (unsigned for an
+        unknown agent, which cannot verify it anyway)."""
         record = self.registry.get(agent)
-        return message if record is None else sign(message, record.secret)
+        return message if record is None else restamp(message, record.secret)
 
     def _ack(self, agent: str, ack: Ack) -> None:
         self.client.publish(
@@ -310,6 +388,9 @@ class MqttTransport(Transport):
         if not verdict.accepted:
             self.counters.refused[(verdict.reason or Refusal.MALFORMED).value] += 1
             log.warning("refused registration on %s: %s", topic, verdict)
+            # registrations are never retained in 1.0; a retained one (an old agent's) is
+            # cleared so that it is not delivered again to every coordinator
+            self.client.publish(topic, b"", retain=True)
             if received.agent is not None:
                 record = self.registry.get(received.agent)
                 self.observer.refused(
@@ -326,30 +407,22 @@ class MqttTransport(Transport):
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         received = read(Status, self.topics, topic, payload, self.registry)
+        if received.verdict.reason is Refusal.UNKNOWN_AGENT:
+            self.client.publish(topic, b"", retain=True)  # no longer provisioned: cleared
         if self.presence.status(received) and received.agent is not None:
             msg = received.message
             online = msg is not None and msg.state == "online"
             self.observer.presence(received.agent, self.registry[received.agent].prototype, online)
 
     def _on_task_ack(self, topic: str, payload: bytes) -> None:
-        received = read(Ack, self.topics, topic, payload, self.registry)
-        if not received.ok or received.agent is None or received.message is None:
-            log.info("ignored task ack on %s: %s", topic, received.verdict)
-            return
-        ack = received.message
-        self.dispatch.acknowledged(received.agent, ack)
-        if not ack.accepted:
-            log.warning("agent %s refused its task: %s %s", received.agent, ack.reason, ack.detail)
+        self.desk.task_ack(read(Ack, self.topics, topic, payload, self.registry, guard=self.guard))
 
     def _on_request(self, topic: str, payload: bytes) -> None:
-        received = read(ChunkRequest, self.topics, topic, payload, self.registry)
-        agent, request = received.agent, received.message
-        if not received.ok or agent is None or request is None:
-            log.info("ignored chunk request on %s: %s", topic, received.verdict)
-            return
-        if self.dispatch.may_fetch(agent, request.digest):
-            n = self.sender.answer(self.topics.down(agent, Down.CHUNK), request, agent)
-            self._counters.chunks_resent += n
+        received = read(ChunkRequest, self.topics, topic, payload, self.registry, guard=self.guard)
+        request = self.desk.chunk_request(received)
+        if request is not None and received.agent is not None:
+            topic = self.topics.down(received.agent, Down.CHUNK)
+            self._counters.chunks_resent += self.sender.answer(topic, request, received.agent)
 
     def _on_update(self, topic: str, payload: bytes) -> None:
         received = read(
@@ -364,13 +437,15 @@ class MqttTransport(Transport):
     def _tick(self) -> None:
         requests, decisions = self.intake.tick()
         for m in requests:
-            request = ChunkRequest(agent_id=m.source, digest=m.digest, missing=m.indices)
+            request = ChunkRequest(
+                run=self.run_id, agent_id=m.source, digest=m.digest, missing=m.indices
+            )
             self.client.publish(
                 self.topics.down(m.source, Down.REQUEST),
                 encode_message(self._signed(m.source, request)),
             )
         for decision in decisions:
             self._decided(decision)
-        for msg in self.dispatch.due_retries():
+        for msg in self.dispatch.due_retries():  # each signed anew
             self._counters.task_retries += 1
             self.client.publish(self.topics.down(msg.agent_id, Down.TASK), encode_message(msg))

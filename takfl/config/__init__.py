@@ -2,8 +2,6 @@
 
 from takfl.config.base import ModelSpec
 from takfl.config.federation import (
-    ALGORITHMS,
-    LAMBDA_STRATEGIES,
     AlgorithmSpec,
     DistillSpec,
     FederationConfig,
@@ -21,7 +19,9 @@ from takfl.config.loader import (
     prototype_profile,
     prototype_training,
 )
-from takfl.config.profile import DeviceProfile
+from takfl.config.profile import DeviceProfile, TrainingSpec
+from takfl.config.training import LocalTraining, TrainingOverride
+from takfl.method_names import ALGORITHMS, LAMBDA_STRATEGIES
 
 __all__ = [
     "ALGORITHMS",
@@ -32,9 +32,12 @@ __all__ = [
     "DistillSpec",
     "FederationConfig",
     "LambdaSpec",
+    "LocalTraining",
     "ModelSpec",
     "Problem",
     "PrototypeSpec",
+    "TrainingOverride",
+    "TrainingSpec",
     "bundled_names",
     "load_federation",
     "load_profile",

@@ -131,8 +131,8 @@ def load_federation(name_or_path: str | Path) -> FederationConfig:
                 f"profile {prof.name!r} is for prototype {prof.prototype!r}, not {proto.name!r}"
             )
             problems.append(Problem(f"prototypes.{i}.profile", message))
-        wanted = proto.training.optimizer if proto.training is not None else None
-        if prof.training.backend == "executorch" and wanted not in (None, "sgd"):
+        applied = prof.training.with_dictated(proto.training)
+        if prof.training.backend == "executorch" and applied.optimizer != "sgd":
             message = (
                 f"profile {prof.name!r} trains through ExecuTorch, whose runtime has SGD only; "
                 f"set optimizer: sgd (or leave it out)"
@@ -151,11 +151,7 @@ def prototype_profile(cfg: FederationConfig, name: str) -> DeviceProfile:
 
 def prototype_training(cfg: FederationConfig, name: str) -> TrainingSpec:
     """The prototype's profile training settings with the federation's overrides applied."""
-    proto = cfg.prototype(name)
-    base = prototype_profile(cfg, name).training
-    if proto.training is None:
-        return base
-    return base.model_copy(update=proto.training.model_dump(exclude_none=True))
+    return prototype_profile(cfg, name).training.with_dictated(cfg.prototype(name).training)
 
 
 def prototype_model(cfg: FederationConfig, name: str) -> ModelSpec:

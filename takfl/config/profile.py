@@ -7,22 +7,30 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from takfl.config.base import ModelSpec, Strict
+from takfl.config.training import LocalTraining
 
 HardwareClass = Literal["workstation", "jetson", "raspberry-pi", "phone", "microcontroller"]
+# The most memory (MB) a device of each class has: what its telemetry may plausibly report
+# when its profile sets no memory limit (takfl.wire.telemetry.Plausibility).
+HARDWARE_MEMORY_MB: dict[HardwareClass, int] = {
+    "workstation": 4 * 1024 * 1024,  # 4 TiB: the largest workstations and servers
+    "jetson": 64 * 1024,  # Jetson AGX Orin 64 GB
+    "raspberry-pi": 16 * 1024,  # Raspberry Pi 5 16 GB
+    "phone": 24 * 1024,  # the largest phones
+    "microcontroller": 64,  # boards with external PSRAM
+}
 
 
 TrainingBackend = Literal["torch", "executorch"]
 
 
-class TrainingSpec(Strict):
+class TrainingSpec(LocalTraining):
+    """A device's local training: the settings the coordinator may dictate, and what the
+    device keeps for itself (backend, threads, memory cap, time budget)."""
+
     # Local training engine: torch, or a training program run by the ExecuTorch runtime
     # (phones; the coordinator ships the program; SGD only).
     backend: TrainingBackend = "torch"
-    epochs: int = Field(1, gt=0)  # local epochs per round (E)
-    batch_size: int = Field(32, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)  # torch intra-op threads
     memory_limit_mb: int | None = Field(None, gt=0)  # address-space cap for the agent process
     time_budget_s: float | None = Field(None, gt=0)  # stop local training after this long
@@ -41,6 +49,11 @@ class InferenceSpec(Strict):
     format: Literal["onnx", "tflite", "torch"] = "onnx"
     quantization: Literal["none", "int8", "dynamic"] = "none"
     threads: int = Field(1, ge=1)
+    # A release installs only if its batch-1 p99 latency here is within this budget
+    # (milliseconds; None: no budget) and its model file within this memory (MB; None:
+    # no check).
+    latency_budget_ms: float | None = Field(None, gt=0)
+    memory_limit_mb: int | None = Field(None, gt=0)
 
 
 class CommsSpec(Strict):

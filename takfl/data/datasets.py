@@ -24,7 +24,7 @@ class DataError(ValueError):
     """A data set is missing, malformed or inconsistent; the message says what to fix."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TensorDataset:
     """Images x: float32 (N, C, H, W), normalised; labels y: int64 (N,)."""
 
@@ -58,7 +58,12 @@ class TensorDataset:
     def subset(self, indices: np.ndarray | Sequence[int]) -> TensorDataset:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return TensorDataset(
-            self.x[idx], self.y[idx], self.class_names, self.mean, self.std, self.name
+            x=self.x[idx],
+            y=self.y[idx],
+            class_names=self.class_names,
+            mean=self.mean,
+            std=self.std,
+            name=self.name,
         )
 
 
@@ -75,7 +80,12 @@ def _from_arrays(
 ) -> TensorDataset:
     x, mean, std = normalise(images.astype(np.float32))
     return TensorDataset(
-        torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)), class_names, mean, std, name
+        x=torch.from_numpy(x),
+        y=torch.from_numpy(labels.astype(np.int64)),
+        class_names=class_names,
+        mean=mean,
+        std=std,
+        name=name,
     )
 
 

@@ -25,7 +25,7 @@ class PrototypeShare:
     clients: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Partition:
     """Index arrays into the pool. ``private[name][k]`` are client k's samples."""
 
@@ -151,7 +151,7 @@ def make_partition(
             )
         except PartitionError as e:
             raise PartitionError(f"prototype {proto.name!r} (ratio {proto.ratio:g}): {e}") from e
-    return Partition(test, validation, public, private)
+    return Partition(test=test, validation=validation, public=public, private=private)
 
 
 def partition_summary(part: Partition, labels: np.ndarray, num_classes: int) -> list[list[str]]:

@@ -15,7 +15,7 @@ from takfl.model_catalog import MODEL_OPTIONS
 Builder = Callable[..., nn.Module]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelEntry:
     """One registered architecture.
 
@@ -59,7 +59,13 @@ def register(
                 f"model {name!r} takes options {shown}; list them in takfl/model_catalog.py "
                 f"as MODEL_OPTIONS[{name!r}]"
             )
-        _REGISTRY[name] = ModelEntry(name, builder, family, default_input_shape, reference)
+        _REGISTRY[name] = ModelEntry(
+            name=name,
+            builder=builder,
+            family=family,
+            default_input_shape=default_input_shape,
+            reference=reference,
+        )
         return builder
 
     return wrap

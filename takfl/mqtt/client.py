@@ -19,7 +19,8 @@
   (paho only says that the connection failed, so the handshake is tried once more
   directly to learn why);
 - a received message larger than ``max_payload_bytes`` is dropped (and counted) before
-  it is copied or queued.
+  it is copied or queued, and so is an empty one: an empty payload is never a message
+  (it is how a retained message is cleared).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import contextlib
 import logging
 import queue
 import random
+import secrets
 import socket
 import ssl
 import threading
@@ -48,6 +50,7 @@ from takfl.wire.messages import MAX_PACKET_BYTES
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
+Admit = Callable[[str], bool]  # topic -> may this message be queued?
 Hook = Callable[[], None]
 DenialHook = Callable[[str, str], None]  # (topic, reason)
 UNSUPPORTED_PROTOCOL = "Unsupported protocol version"  # CONNACK of a 3.1.1-only broker to MQTT 5
@@ -57,7 +60,7 @@ class MqttConnectError(ConnectionError):
     """The broker could not be reached or refused the connection."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TlsSettings:
     ca_file: str | None = None  # CA bundle that signed the broker's certificate
     cert_file: str | None = None  # client certificate (mutual TLS), optional
@@ -65,7 +68,7 @@ class TlsSettings:
     insecure: bool = False  # skip the hostname check (lab setups with self-signed certs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MqttSettings:
     """How to reach the broker."""
 
@@ -95,7 +98,7 @@ class Will:
     retain: bool = True
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClientCounters:
     connects: int = 0
     disconnects: int = 0
@@ -104,11 +107,19 @@ class ClientCounters:
     unrouted: int = 0  # no handler for the topic
     handler_errors: int = 0
     oversized: int = 0  # dropped for exceeding max_payload_bytes
+    empty: int = 0  # empty payloads (a retained message cleared), dropped
+    refused_admission: int = 0  # dropped by a route's admit check (e.g. a rate limit)
     publish_refused: int = 0  # outbox full
     subscribe_refused: int = 0  # broker refused a subscription (ACL)
     publish_denied: int = 0  # MQTT 5: the broker's PUBACK refused a message (ACL)
     bytes_sent: int = 0  # payload bytes handed to the broker connection
     bytes_received: int = 0  # payload bytes of routed messages
+
+
+def unique_client_id(login: str) -> str:
+    """``<login>-<8 hex digits>``: the client id of a monitor or service that may run more
+    than once under one broker login (agents and the coordinator keep a stable id)."""
+    return f"{login}-{secrets.token_hex(4)}"
 
 
 def backoff_delay(attempt: int, min_s: int, max_s: int, rng: random.Random) -> int:
@@ -232,17 +243,24 @@ class MqttClient:
             )
 
     # -- configuration (before start) --------------------------------------------------
-    def route(self, topic_filter: str, handler: Handler) -> None:
+    def route(self, topic_filter: str, handler: Handler, *, admit: Admit | None = None) -> None:
         """Subscribe to ``topic_filter`` (on every connect) and pass its messages to ``handler``.
 
         ``handler(topic, payload)`` runs on the dispatcher thread; exceptions are logged
-        and counted.
+        and counted. ``admit(topic)``, when given, runs on the network thread before a
+        message is queued: False drops it (acknowledged, counted), so a flood on one
+        topic cannot fill the inbox that every route shares.
         """
         self._filters.append(topic_filter)
 
         def enqueue(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             self.counters.received += 1
             size = len(msg.payload)
+            if size == 0:
+                self.counters.empty += 1
+                if msg.qos > 0:
+                    self._client.ack(msg.mid, msg.qos)
+                return
             if size > self.settings.max_payload_bytes:
                 self.counters.oversized += 1
                 log.warning(
@@ -252,6 +270,11 @@ class MqttClient:
                     msg.topic,
                     self.settings.max_payload_bytes,
                 )
+                if msg.qos > 0:
+                    self._client.ack(msg.mid, msg.qos)
+                return
+            if admit is not None and not admit(msg.topic):
+                self.counters.refused_admission += 1
                 if msg.qos > 0:
                     self._client.ack(msg.mid, msg.qos)
                 return

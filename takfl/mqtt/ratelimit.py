@@ -9,15 +9,21 @@ Token buckets, refilled continuously over ``window_s``:
 
 A request over a limit is answered with the chunks that still fit (in index order), or
 not at all.
+
+:class:`MessageLimiter` is the same bucket for whole messages (registrations, statuses):
+one per agent, the excess dropped before any work is done on it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,3 +106,71 @@ class ResendLimiter:
                 self.refused_requests += 1
             self.limited_bytes += sum(sizes[n:])
             return n
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageLimits:
+    """A token bucket per key (e.g. an agent and a kind of message): ``per_window``
+    messages, refilled continuously over ``window_s``."""
+
+    window_s: float = 60.0
+    per_window: float = 10.0
+    max_keys: int = 4096  # buckets kept (least recently used dropped first)
+
+
+class MessageLimiter:
+    """Admits messages per key up to its :class:`MessageLimits`; the rest are dropped,
+    counted per key, and logged once per key and window (with how many were dropped).
+    Thread-safe: it may run on a network thread before a message is queued."""
+
+    def __init__(
+        self,
+        name: str,
+        limits: MessageLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name  # what is limited, for the log ("registrations", ...)
+        self.limits = limits or MessageLimits()
+        self.clock = clock
+        self.dropped: Counter[str] = Counter()  # key -> messages dropped
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._logged: dict[str, tuple[float, int]] = {}  # key -> (window start, dropped then)
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        """True if a message of ``key`` may go on now (its bucket loses a token)."""
+        lim = self.limits
+        now = self.clock()
+        with self._lock:
+            b = self._buckets.get(key)
+            if b is None:
+                b = self._buckets[key] = _Bucket(float(lim.per_window), now)
+                while len(self._buckets) > lim.max_keys:
+                    old, _ = self._buckets.popitem(last=False)
+                    self._logged.pop(old, None)
+            else:
+                self._buckets.move_to_end(key)
+                b.refill(now, lim.window_s)
+            if b.level >= 1:
+                b.level -= 1
+                return True
+            self.dropped[key] += 1
+            since, count = self._logged.get(key, (-float("inf"), 0))
+            due = now - since >= lim.window_s
+            if due:
+                self._logged[key] = (now, self.dropped[key])
+        if due:
+            log.warning(
+                "%s from %s over %g per %gs: dropping them (%d dropped in the last window)",
+                self.name,
+                key,
+                lim.per_window,
+                lim.window_s,
+                self.dropped[key] - count,
+            )
+        return False
+
+    @property
+    def total_dropped(self) -> int:
+        with self._lock:
+            return sum(self.dropped.values())

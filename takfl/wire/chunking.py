@@ -44,7 +44,12 @@ def split(blob: bytes, chunk_size: int) -> list[Chunk]:
     count = chunk_count(len(blob), chunk_size)
     view = memoryview(blob)
     return [
-        Chunk(digest, i, count, bytes(view[i * chunk_size : (i + 1) * chunk_size]))
+        Chunk(
+            digest=digest,
+            index=i,
+            count=count,
+            payload=bytes(view[i * chunk_size : (i + 1) * chunk_size]),
+        )
         for i in range(count)
     ]
 
@@ -56,7 +61,7 @@ def expected_length(ref: BlobRef, index: int) -> int:
     return ref.size - (ref.count - 1) * ref.chunk_size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReassemblyLimits:
     """Caps applied before any buffer is allocated."""
 
@@ -68,7 +73,7 @@ class ReassemblyLimits:
     remember_completed: int = 256  # completed digests kept to tell late duplicates apart
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Pending:
     ref: BlobRef
     buffer: bytearray
@@ -78,7 +83,7 @@ class _Pending:
     duplicates: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReassemblyStats:
     completed: int = 0
     duplicates: int = 0
@@ -140,7 +145,11 @@ class Reassembler:
             )
         self._completed.pop(ref.digest, None)
         self._pending[ref.digest] = _Pending(
-            ref, bytearray(ref.size), bytearray(ref.count), ref.count, self.clock()
+            ref=ref,
+            buffer=bytearray(ref.size),
+            received=bytearray(ref.count),
+            remaining=ref.count,
+            last_progress=self.clock(),
         )
         return True
 

@@ -36,10 +36,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from takfl.state import State, StateView
 from takfl.wire.errors import CodecError
 from takfl.wire.messages import COMPRESSIONS
-
-State = dict[str, torch.Tensor]
 
 CODEC_KEY = "takfl.codec"
 CODEC_VERSION = "1"
@@ -92,7 +91,7 @@ def _encode_float(name: str, t: torch.Tensor, compression: str) -> State:
     return {name: q.contiguous(), name + SCALE_SUFFIX: scale}
 
 
-def encode_state(tensors: Mapping[str, torch.Tensor], compression: str) -> bytes:
+def encode_state(tensors: StateView, compression: str) -> bytes:
     """Encode a tensor dict as safetensors bytes with ``compression`` (fp32, fp16 or int8).
 
     Args:
@@ -143,6 +142,17 @@ def read_header(data: bytes) -> tuple[dict[str, str], dict[str, dict[str, object
     if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in header.values()):
         raise CodecError("safetensors header has a malformed entry")
     return meta, header
+
+
+def blob_compression(data: bytes) -> str | None:
+    """The compression a blob's codec tag names (``"fp16"`` for ``"1:fp16"``), or None
+    when ``data`` is not a blob of this codec version (:func:`decode_state` then says why)."""
+    try:
+        meta, _ = read_header(data)
+    except CodecError:
+        return None
+    version, _, compression = str(meta.get(CODEC_KEY, "")).partition(":")
+    return compression if version == CODEC_VERSION and compression in COMPRESSIONS else None
 
 
 def _check_layout(compression: str, entries: Mapping[str, Mapping[str, object]]) -> None:
@@ -201,9 +211,7 @@ def decode_state(data: bytes, *, max_bytes: int | None = None) -> State:
     return out
 
 
-def _check_same_keys(
-    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], what: str
-) -> None:
+def _check_same_keys(a: StateView, b: StateView, what: str) -> None:
     if set(a) != set(b):
         missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
         raise CodecError(f"{what}: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -214,7 +222,7 @@ def _check_same_keys(
             )
 
 
-def make_delta(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> State:
+def make_delta(trained: StateView, base: StateView) -> State:
     """``trained - base`` in float32 for floating tensors; trained values for the others.
 
     Both dicts must have the same names and shapes (else :class:`CodecError`).
@@ -228,7 +236,7 @@ def make_delta(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Ten
     }
 
 
-def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> State:
+def apply_delta(base: StateView, delta: StateView) -> State:
     """Full weights from a base state and a decoded delta, in the base's dtypes.
 
     Floating tensors: ``base + delta`` (computed in float32); others: the delta's value.
@@ -244,12 +252,7 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     return out
 
 
-def state_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of raw tensor data in ``tensors``."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def max_encoded_bytes(reference: Mapping[str, torch.Tensor]) -> int:
+def max_encoded_bytes(reference: StateView) -> int:
     """An upper bound on ``len(encode_state(x, c))`` for any ``x`` shaped like ``reference``,
     any compression: float32 data (the widest mode) plus a generous header allowance."""
     data = sum(

@@ -41,3 +41,14 @@ class DigestMismatch(WireError):
 
 class SecretError(WireError):
     """A secret file is missing, unreadable or holds no valid secret."""
+
+
+class UnsupportedVersion(WireError):
+    """A message of another major protocol version: not decoded. ``received`` is the JSON
+    object as it came (for the one message read across majors: the refusal of a
+    registration, see :func:`takfl.wire.messages.decode_version_refusal`)."""
+
+    def __init__(self, what: str, version: str, received: dict[str, object]) -> None:
+        super().__init__(f"{what}: protocol {version}, this code speaks another major version")
+        self.version = version
+        self.received = received

@@ -1,9 +1,8 @@
-"""Typed wire messages: JSON headers and the compact binary chunk.
+"""Typed wire messages: the JSON messages of a round and the compact binary chunk.
 
-Every JSON message carries ``schema`` (the wire schema version) and ``kind``
-(which message it is), and is decoded strictly: unknown keys, wrong types,
-out-of-range values or a version/kind that does not match raise
-:class:`~takfl.wire.errors.MalformedMessage`.
+Every JSON message has the envelope of :mod:`takfl.wire.envelope` (protocol version,
+kind, run, ``sent_at``, nonce, signature), is canonical JSON on the wire and is decoded
+strictly (:func:`decode_message`).
 
 A chunk is ``CHUNK_HEADER`` (44 bytes, big-endian) followed by the payload::
 
@@ -12,34 +11,37 @@ A chunk is ``CHUNK_HEADER`` (44 bytes, big-endian) followed by the payload::
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
-    ValidationError,
     model_validator,
 )
 
 from takfl.config.profile import HardwareClass
+from takfl.config.training import LocalTraining, Optimizer
+from takfl.wire.envelope import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from takfl.wire.envelope import WIRE_MODEL, Strict, validate_object
+from takfl.wire.envelope import SignedMessage as SignedMessage
+from takfl.wire.envelope import WireMessage as WireMessage
+from takfl.wire.envelope import decode_message as decode_message
+from takfl.wire.envelope import encode_message as encode_message
 from takfl.wire.errors import MalformedChunk, MalformedMessage
+from takfl.wire.reasons import OK, ReasonCode, Refusal
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import IDENT_RE
 
-SCHEMA_VERSION = 1
-MAX_MESSAGE_BYTES = 64 * 1024  # a JSON message larger than this is refused unread
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # payload of one chunk (profiles allow up to 16 MiB)
 # Largest MQTT packet any party needs: a full chunk, its header, topic and framing.
 # Brokers (Mosquitto's max_packet_size, the embedded one) and clients refuse larger ones.
 MAX_PACKET_BYTES = MAX_CHUNK_BYTES + 64 * 1024
 MAX_METRICS = 32  # metric entries in an update header
-MAX_MISSING = 4096  # chunk indices in one ChunkRequest
+MAX_MISSING = 4096  # chunk indices a receiver accepts in one ChunkRequest (senders: 1024)
+MAX_CHANNELS = 1024  # entries of a task's input normalisation
 DIGEST_BYTES = 32  # SHA-256
 
 Compression = Literal["fp32", "fp16", "int8"]
@@ -47,7 +49,6 @@ COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, StringConstraints(pattern=f"^{IDENT_RE}$")]
-Signature = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 NonNegInt = Annotated[int, Field(ge=0, le=2**53)]
@@ -60,11 +61,7 @@ def chunk_count(size: int, chunk_size: int) -> int:
     return max(1, math.ceil(size / chunk_size))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
-
-
-class BlobRef(_Strict):
+class BlobRef(Strict):
     """A content-addressed blob as announced before its chunks."""
 
     digest: Digest  # SHA-256 of the whole blob, hex
@@ -81,39 +78,26 @@ class BlobRef(_Strict):
         return self
 
 
-class ModelRef(_Strict):
+class ModelRef(Strict):
     """Which zoo builder an agent builds (see ``takfl.models``)."""
 
     builder: Ident
-    args: dict[str, Any] = {}
+    args: dict[str, Any] = Field(default_factory=dict)
 
 
-class TrainingRef(_Strict):
+class TrainingRef(LocalTraining):
     """Local-training settings the coordinator dictates for a task (the device keeps
     its own threads, memory cap and time budget)."""
 
+    # The config's LocalTraining as a task carries it: every setting stated (no
+    # defaults but weight_decay's), checked strictly and within the protocol's caps.
+    model_config = WIRE_MODEL
+
     epochs: Annotated[int, Field(ge=1, le=10_000)]
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)]
-    optimizer: Literal["adam", "sgd"]
+    optimizer: Optimizer
     learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-
-
-class WireMessage(_Strict):
-    """Base of every JSON message."""
-
-    schema_version: Literal[1] = Field(1, alias="schema")  # SCHEMA_VERSION
-
-
-class SignedMessage(WireMessage):
-    """A message authenticated with the sender's per-agent secret (see ``takfl.wire.signing``)."""
-
-    signature: Signature = ""
-
-    def signing_payload(self) -> bytes:
-        """Canonical bytes covered by the signature: every field but ``signature``, sorted keys."""
-        fields = self.model_dump(mode="json", by_alias=True, exclude={"signature"})
-        return json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 class Registration(SignedMessage):
@@ -123,8 +107,25 @@ class Registration(SignedMessage):
     profile: Label  # device profile name
     hardware_class: HardwareClass
     num_samples: NonNegInt  # private training samples on the device
-    sent_at: FiniteFloat  # unix time
     telemetry: Telemetry | None = None  # platform and resources (takfl.wire.telemetry)
+
+
+class InputNorm(Strict):
+    """How the model's inputs are standardised: per channel ``c``,
+    ``x = (x01 - mean[c]) / std[c]``, where ``x01`` are the raw values scaled to [0, 1]
+    (8-bit images: / 255; the bundled 8x8 digits: / 16). One entry per input channel."""
+
+    mean: Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_CHANNELS)]
+    std: Annotated[
+        list[Annotated[float, Field(gt=0, allow_inf_nan=False)]],
+        Field(min_length=1, max_length=MAX_CHANNELS),
+    ]
+
+    @model_validator(mode="after")
+    def _one_per_channel(self) -> InputNorm:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"{len(self.mean)} means for {len(self.std)} standard deviations")
+        return self
 
 
 class TaskMessage(SignedMessage):
@@ -149,6 +150,18 @@ class TaskMessage(SignedMessage):
     # same for every round of a prototype, so an agent caches it by digest and asks for
     # its chunks (ChunkRequest) only when it does not hold it. None: no program offered.
     program: BlobRef | None = None
+    # the standardisation the coordinator's data has (a native agent applies the same to
+    # its raw inputs); None: not known to the coordinator
+    input_norm: InputNorm | None = None
+
+    @model_validator(mode="after")
+    def _norm_per_channel(self) -> TaskMessage:
+        if self.input_norm is not None and len(self.input_norm.mean) != self.input_shape[0]:
+            raise ValueError(
+                f"input_norm has {len(self.input_norm.mean)} channels, input_shape "
+                f"{self.input_shape[0]}"
+            )
+        return self
 
 
 class UpdateHeader(SignedMessage):
@@ -165,7 +178,7 @@ class UpdateHeader(SignedMessage):
     metrics: Annotated[
         dict[Annotated[str, StringConstraints(max_length=64)], FiniteFloat],
         Field(max_length=MAX_METRICS),
-    ] = {}
+    ] = Field(default_factory=dict)
     telemetry: Telemetry | None = None  # platform and resources (takfl.wire.telemetry)
 
     @property
@@ -193,7 +206,8 @@ AckSubject = Literal["register", "task", "update"]
 
 
 class Ack(SignedMessage):
-    """What was accepted or refused, and why (``reason`` is ``"ok"`` or a Refusal value).
+    """What was accepted or refused, and why (``reason``: ``"ok"`` or a refusal,
+    :data:`takfl.wire.reasons.REASONS`).
 
     Signed with the agent's secret (by the coordinator for registrations and updates, by
     the agent for tasks). ``digest`` names what is answered: the blob of an update or of a
@@ -207,22 +221,43 @@ class Ack(SignedMessage):
     round_id: NonNegInt | None = None
     digest: Digest | None = None
     accepted: bool
-    reason: Annotated[str, StringConstraints(max_length=64)] = "ok"
+    reason: ReasonCode = OK
     detail: Annotated[str, StringConstraints(max_length=512)] = ""
+
+
+Milliseconds = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+
+
+class InferenceStatus(Strict):
+    """An agent's local inference service since it started: prediction requests, those
+    refused or failed, the latency of the recent ones (milliseconds, request received to
+    answer ready) and the release it serves (None: none)."""
+
+    requests: NonNegInt
+    errors: NonNegInt
+    latency_p50_ms: Milliseconds | None = None  # None until a prediction was served
+    latency_p99_ms: Milliseconds | None = None
+    active_version: Annotated[int, Field(ge=1)] | None = None
 
 
 class Status(SignedMessage):
     """Presence of an agent or of the coordinator (retained; ``offline`` is the last will).
 
-    An agent signs its status. ``time`` is the start of the connection it describes (the
-    will armed for a connection carries the same time as the ``online`` sent on it), so a
-    receiver orders statuses by (time, online before offline) and ignores older ones.
+    An agent signs its status and names its prototype. ``time`` is the start of the
+    connection it describes (the will armed for a connection carries the same time, and
+    the same ``sent_at``, as the ``online`` sent on it), so a receiver orders statuses by
+    (time, online before offline) and ignores older ones; a status is the one signed
+    message exempt from the replay window (the broker publishes a will long after it was
+    made). An agent that serves inference adds ``inference`` and publishes its ``online``
+    status again (same ``time``) when that changed.
     """
 
     kind: Literal["status"] = "status"
     agent_id: Ident  # "coordinator" for the coordinator
     state: Literal["online", "offline"]
     time: FiniteFloat
+    prototype: Ident | None = None  # the agent's; None for the coordinator
+    inference: InferenceStatus | None = None
 
 
 class GlobalAnnouncement(SignedMessage):
@@ -238,28 +273,16 @@ class GlobalAnnouncement(SignedMessage):
     agent_id: Ident | None = None
 
 
-M = TypeVar("M", bound=WireMessage)
+def decode_version_refusal(received: dict[str, Any]) -> Ack:
+    """The one message read across major versions: an ``ack`` refusing a registration
+    with ``unsupported_version`` (its fields are those of protocol 1.0's ``ack`` in every
+    major version). ``received``: the object of an :class:`UnsupportedVersion`.
 
-
-def encode_message(message: WireMessage) -> bytes:
-    """Compact JSON bytes of ``message``."""
-    return message.model_dump_json(by_alias=True).encode()
-
-
-def decode_message(cls: type[M], data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
-    """Parse and validate ``data`` as a ``cls`` message; :class:`MalformedMessage` otherwise."""
-    if not isinstance(data, bytes | bytearray):
-        raise MalformedMessage(f"{cls.__name__}: expected bytes, got {type(data).__name__}")
-    if len(data) > max_bytes:
-        raise MalformedMessage(f"{cls.__name__}: {len(data)} bytes exceeds the {max_bytes} cap")
-    try:
-        return cls.model_validate_json(data)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in e.errors()[:5]
-        )
-        raise MalformedMessage(f"{cls.__name__}: {problems}") from e
+    Raises MalformedMessage when it is anything else."""
+    ack = validate_object(Ack, received, None)
+    if ack.subject != "register" or ack.reason != Refusal.UNSUPPORTED_VERSION.value:
+        raise MalformedMessage(f"an ack of protocol {ack.protocol} that is not a version refusal")
+    return ack
 
 
 # -- binary chunks ------------------------------------------------------------------
@@ -269,7 +292,7 @@ _CHUNK_HEADER = struct.Struct(">3sB32sII")
 CHUNK_HEADER_BYTES = _CHUNK_HEADER.size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Chunk:
     """Piece ``index`` of ``count`` of the blob whose SHA-256 is ``digest``."""
 
@@ -313,4 +336,4 @@ def decode_chunk(data: bytes, *, max_payload: int | None = None) -> Chunk:
     payload = bytes(data[CHUNK_HEADER_BYTES:])
     if max_payload is not None and len(payload) > max_payload:
         raise MalformedChunk(f"payload of {len(payload)} bytes exceeds the {max_payload} cap")
-    return Chunk(digest, index, count, payload)
+    return Chunk(digest=digest, index=index, count=count, payload=payload)

@@ -1,33 +1,29 @@
-"""HMAC-SHA256 authentication of wire headers with per-agent secrets.
+"""HMAC-SHA256 authentication of wire messages with per-agent secrets.
 
-The signature covers the canonical encoding of every header field except the
-signature itself (see :meth:`SignedMessage.signing_payload`): the message kind,
-round id, agent id, prototype and, for updates, the digest of the blob, so a
-header cannot be replayed for another round, agent or blob. Comparison is
-constant-time.
-
-A secret file holds one line: the secret in hex (at least 16 bytes).
+The signature covers the canonical bytes of the message object without ``signature``
+(:func:`takfl.wire.messages.signed_part`), prefixed with ``DOMAIN``: every field, the
+envelope (protocol version, run, ``sent_at``, ``nonce``) included, so a message cannot be
+replayed for another round, agent, blob or run, nor again later (a receiver refuses a
+nonce it has seen, :mod:`takfl.wire.freshness`). A received message is checked over the
+object as received, never over a re-encoding of its typed fields. Comparison is
+constant-time. Secret files (reading and writing) are in :mod:`takfl.secret_files`.
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
 import secrets
-import stat
+import time
 from hashlib import sha256
-from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from takfl.files import atomic_write_text
+from takfl.wire.envelope import SignedMessage, signed_part
 from takfl.wire.errors import SecretError
-from takfl.wire.messages import SignedMessage
-
-log = logging.getLogger(__name__)
+from takfl.wire.freshness import new_nonce
 
 SECRET_BYTES = 32  # generated secrets
 MIN_SECRET_BYTES = 16  # shortest secret accepted from a file
-DOMAIN = b"takfl-wire-v1\x00"  # prefix of every signed payload
+DOMAIN = b"takfl-wire-v1\x00"  # prefix of every signed payload (the same in every 1.x)
 
 S = TypeVar("S", bound=SignedMessage)
 
@@ -49,49 +45,38 @@ def sign(message: S, secret: bytes) -> S:
     return message.model_copy(update={"signature": hmac_hex(secret, message.signing_payload())})
 
 
-def verify(message: SignedMessage, secret: bytes) -> bool:
-    """True iff ``message.signature`` is the HMAC of its other fields under ``secret``."""
-    if not message.signature:
+def restamp(message: S, secret: bytes, now: float | None = None) -> S:
+    """``message`` sent again: a fresh ``sent_at`` (``now``, default the time) and nonce,
+    signed anew (a receiver refuses the same nonce twice)."""
+    fresh = message.model_copy(
+        update={
+            "sent_at": time.time() if now is None else now,
+            "nonce": new_nonce(),
+            "signature": "",
+        }
+    )
+    return sign(fresh, secret)
+
+
+def verify_object(obj: dict[str, Any], secret: bytes) -> bool:
+    """True iff ``obj["signature"]`` is the HMAC of the rest of ``obj`` under ``secret``."""
+    signature = obj.get("signature")
+    if not isinstance(signature, str) or not signature:
         return False
-    expected = hmac_hex(secret, message.signing_payload())
-    return hmac.compare_digest(expected, message.signature)
+    return hmac.compare_digest(hmac_hex(secret, signed_part(obj)), signature)
+
+
+def verify(message: SignedMessage, secret: bytes) -> bool:
+    """True iff ``message.signature`` is the HMAC of its other fields under ``secret``
+    (of the object as received, for a received message)."""
+    return verify_object(message.wire_object(), secret)
+
+
+def object_ref(obj: dict[str, Any]) -> str:
+    """Hex SHA-256 naming one exact message object: its signed bytes, then its signature."""
+    return sha256(signed_part(obj) + str(obj.get("signature", "")).encode()).hexdigest()
 
 
 def message_ref(message: SignedMessage) -> str:
     """Hex SHA-256 naming one exact signed message (its signed fields and signature)."""
-    return sha256(message.signing_payload() + message.signature.encode()).hexdigest()
-
-
-def write_secret_file(
-    path: str | Path, secret: bytes | None = None, *, overwrite: bool = False
-) -> bytes:
-    """Write ``secret`` (a new one when None) as hex to ``path`` with mode 0600; returns it."""
-    p = Path(path)
-    secret = secret if secret is not None else generate_secret()
-    if len(secret) < MIN_SECRET_BYTES:
-        raise SecretError(f"secret of {len(secret)} bytes is too short (min {MIN_SECRET_BYTES})")
-    if p.exists() and not overwrite:
-        raise SecretError(f"{p} exists; pass overwrite=True to replace it")
-    atomic_write_text(p, secret.hex() + "\n", mode=0o600)
-    return secret
-
-
-def load_secret_file(path: str | Path) -> bytes:
-    """Read a secret written by :func:`write_secret_file` (``--secret-file``)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="ascii").strip()
-        mode = p.stat().st_mode
-    except (OSError, UnicodeDecodeError) as e:
-        raise SecretError(f"cannot read secret file {p} ({e})") from e
-    try:
-        secret = bytes.fromhex(text)
-    except ValueError as e:
-        raise SecretError(f"{p} does not hold a hex secret; regenerate it") from e
-    if len(secret) < MIN_SECRET_BYTES:
-        raise SecretError(
-            f"{p}: secret of {len(secret)} bytes is too short (min {MIN_SECRET_BYTES})"
-        )
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("secret file %s is readable by other users; chmod 600 it", p)
-    return secret
+    return object_ref(message.wire_object())

@@ -22,10 +22,17 @@ Fields (every one optional; an agent reports what its platform can tell):
     retries                                update headers announced again + reconnects
     deadline_slack_s                       task deadline minus the time the update was
                                            sent (negative: late)
+
+The schema's bounds only keep numbers sane. What a device can really report depends on
+the device and the round: :func:`implausible` names the values outside a
+:class:`Plausibility` (memory over the device's, times or deadline slack past the
+round's deadline x k), which a receiver stores flagged, never as measurements.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -70,3 +77,38 @@ class Telemetry(_Strict):
     bytes_received: Count = 0
     retries: Count = 0
     deadline_slack_s: Annotated[float, Field(ge=-_BIG, le=_BIG, allow_inf_nan=False)] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plausibility:
+    """What one tier's devices can report: at most ``memory_mb`` of memory (the profile's
+    limit, else its hardware class's), at most ``seconds`` of training, and a deadline
+    slack within ``[-seconds, seconds]`` (``seconds``: the round's deadline x k)."""
+
+    memory_mb: float
+    seconds: float
+
+    def __post_init__(self) -> None:
+        for name in ("memory_mb", "seconds"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v}")
+
+
+MEMORY_FIELDS = ("peak_rss_mb", "rss_limit_mb")
+
+
+def implausible(telemetry: Telemetry, bounds: Plausibility) -> dict[str, float]:
+    """Field -> reported value for every value ``bounds`` says the device cannot have
+    measured (empty when all are plausible)."""
+    out: dict[str, float] = {}
+    for name in MEMORY_FIELDS:
+        v = getattr(telemetry, name)
+        if v is not None and v > bounds.memory_mb:
+            out[name] = v
+    if telemetry.train_s is not None and telemetry.train_s > bounds.seconds:
+        out["train_s"] = telemetry.train_s
+    slack = telemetry.deadline_slack_s
+    if slack is not None and abs(slack) > bounds.seconds:
+        out["deadline_slack_s"] = slack
+    return out

@@ -8,11 +8,14 @@ Layout (``<a>`` is an agent id, ``<p>`` a prototype name)::
     takfl/<fleet>/agent/<a>/up/chunk        agent -> coordinator  binary chunks of the update blob
     takfl/<fleet>/agent/<a>/up/request      agent -> coordinator  ChunkRequest for the global blob
     takfl/<fleet>/agent/<a>/up/ack          agent -> coordinator  Ack of a task
+    takfl/<fleet>/agent/<a>/up/release      agent -> coordinator  ReleaseReport (install steps)
     takfl/<fleet>/agent/<a>/down/task       coordinator -> agent  Task
     takfl/<fleet>/agent/<a>/down/chunk      coordinator -> agent  binary chunks of the global blob
     takfl/<fleet>/agent/<a>/down/request    coordinator -> agent  ChunkRequest for the update blob
     takfl/<fleet>/agent/<a>/down/ack        coordinator -> agent  Ack of a registration or update
     takfl/<fleet>/agent/<a>/down/global     coordinator -> agent  GlobalAnnouncement (retained)
+    takfl/<fleet>/agent/<a>/down/release    coordinator -> agent  ReleaseOffer (artifacts follow
+                                                                  as chunks on down/chunk)
     takfl/<fleet>/broadcast/status          coordinator -> all    Status (retained; also last will)
     takfl/<fleet>/broadcast/global/<p>      coordinator -> all    GlobalAnnouncement (retained,
                                                                   unsigned: for monitors)
@@ -58,6 +61,7 @@ class Up(str, Enum):
     CHUNK = "chunk"
     REQUEST = "request"
     ACK = "ack"
+    RELEASE = "release"
 
 
 class Down(str, Enum):
@@ -68,6 +72,7 @@ class Down(str, Enum):
     REQUEST = "request"
     ACK = "ack"
     GLOBAL = "global"
+    RELEASE = "release"
 
 
 def check_ident(value: str, what: str = "identifier") -> str:

@@ -9,6 +9,7 @@ import torch
 
 from takfl.wire.chunking import blob_ref
 from takfl.wire.codec import encode_state, make_delta
+from takfl.wire.freshness import new_nonce
 from takfl.wire.messages import Compression, TaskMessage, UpdateHeader
 from takfl.wire.signing import sign
 from takfl.wire.telemetry import Telemetry
@@ -37,13 +38,15 @@ def prepare_update(
     """Encode ``trained - base`` as the task asks and sign the header announcing it.
 
     Args:
-        task: the task being answered (round, agent, prototype, base digest, defaults).
+        task: the task being answered (run, round, agent, prototype, base digest, defaults).
         trained: the locally trained state dict; base: the task's global state.
-        compression, chunk_size: override the task's choices.
+        compression, chunk_size: override the task's choices (a coordinator refuses an
+            update in another compression than its task's: ``codec_mismatch``).
         telemetry: the agent's report, signed with the header.
     """
     blob = encode_state(make_delta(trained, base), compression or task.compression)
     header = UpdateHeader(
+        run=task.run,
         round_id=task.round_id,
         agent_id=task.agent_id,
         prototype=task.prototype,
@@ -58,6 +61,8 @@ def prepare_update(
 
 
 def signed_update_header(header: UpdateHeader, secret: bytes, **changes: object) -> UpdateHeader:
-    """A copy of ``header`` with ``changes`` applied (validated) and signed again."""
-    fields = header.model_dump(by_alias=True) | changes | {"signature": ""}
+    """A copy of ``header`` with ``changes`` applied (validated) and signed again (a fresh
+    nonce unless ``changes`` gives one)."""
+    fields = header.model_dump(by_alias=True) | {"nonce": new_nonce()} | changes
+    fields["signature"] = ""
     return sign(UpdateHeader.model_validate(fields, strict=False), secret)

@@ -14,69 +14,29 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
-from takfl.state import non_finite_entry
+from takfl.state import State, non_finite_entry
 from takfl.wire.chunking import sha256
-from takfl.wire.codec import State, decode_state
+from takfl.wire.codec import decode_state
 from takfl.wire.errors import CodecError
 from takfl.wire.messages import Registration, UpdateHeader
+from takfl.wire.reasons import ACCEPTED, Refusal, Verdict, refuse
 from takfl.wire.signing import verify
 
 
-class Refusal(str, Enum):
-    """Why an update (or registration) was refused."""
-
-    UNKNOWN_AGENT = "unknown_agent"  # not in the registry
-    WRONG_PROTOTYPE = "wrong_prototype"  # agent is bound to another prototype
-    STALE_ROUND = "stale_round"  # for an earlier round (replay or late)
-    FUTURE_ROUND = "future_round"  # for a round not started
-    NOT_ASSIGNED = "not_assigned"  # the agent has no task this round
-    DUPLICATE = "duplicate"  # the agent already delivered another update this round
-    WRONG_BASE = "wrong_base"  # delta not relative to this round's global model
-    BAD_SIGNATURE = "bad_signature"  # HMAC does not verify
-    DIGEST_MISMATCH = "digest_mismatch"  # assembled blob does not hash to the declared digest
-    TOO_LARGE = "too_large"  # declared size or chunk count over the cap
-    SHAPE_MISMATCH = "shape_mismatch"  # tensor names/shapes/dtypes differ from the prototype's
-    NON_FINITE = "non_finite"  # NaN or inf
-    NORM_BOUND = "norm_bound"  # L2 norm of the delta over the bound relative to the global model
-    NO_SAMPLES = "no_samples"  # claims fewer than one training sample
-    SAMPLE_CAP = "sample_cap"  # claims more samples than its registry entry allows
-    MALFORMED = "malformed"  # undecodable header, chunk or blob
-    EXPIRED = "expired"  # incomplete when its time ran out
-
-
-@dataclass(frozen=True)
-class Verdict:
-    reason: Refusal | None = None
-    detail: str = ""
-
-    @property
-    def accepted(self) -> bool:
-        return self.reason is None
-
-    def __str__(self) -> str:
-        return "accepted" if self.reason is None else f"{self.reason.value}: {self.detail}"
-
-
-ACCEPTED = Verdict()
-
-
-def refuse(reason: Refusal, detail: str) -> Verdict:
-    return Verdict(reason, detail)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentRecord:
     """A provisioned agent: its secret, the prototype it trains and the most training
-    samples it may claim (its FedAvg weight); None until provisioned or first registered."""
+    samples it may claim (its FedAvg weight); None until provisioned or first registered,
+    and then at most ``sample_ceiling`` (the fleet's; None: no ceiling)."""
 
     agent_id: str
     prototype: str
     secret: bytes = field(repr=False)
-    max_samples: int | None = field(default=None, kw_only=True)
+    max_samples: int | None = None
+    sample_ceiling: int | None = None
 
 
 DEFAULT_NORM_FACTOR = 5.0  # honest digits deltas measured at 0.1-0.5 x the global norm
@@ -86,8 +46,9 @@ DEFAULT_NORM_FLOOR = 1.0
 @dataclass(frozen=True, kw_only=True)
 class UpdateBounds:
     """What a decoded update may be. The delta's L2 norm (over every floating tensor)
-    is bounded relative to the global model it is a delta of:
-    ``||delta|| <= norm_factor * max(||global||, norm_floor)``."""
+    is bounded relative to a reference norm: ``||delta|| <= norm_factor * max(||ref||,
+    norm_floor)``, where ``ref`` is the run's initial global model when the caller knows
+    it (an accepted update cannot move that), else the global model the delta is of."""
 
     norm_factor: float = DEFAULT_NORM_FACTOR
     norm_floor: float = DEFAULT_NORM_FLOOR  # keeps the bound sane for near-zero globals
@@ -99,19 +60,31 @@ class UpdateBounds:
         if not (math.isfinite(self.norm_floor) and self.norm_floor > 0):
             raise ValueError(f"norm_floor must be a positive number, got {self.norm_floor}")
 
-    def max_norm(self, reference: Mapping[str, torch.Tensor]) -> float:
-        """The largest delta norm allowed against the global state ``reference``."""
-        return self.norm_factor * max(delta_norm(reference), self.norm_floor)
+    def max_norm(
+        self, reference: Mapping[str, torch.Tensor], reference_norm: float | None = None
+    ) -> float:
+        """The largest delta norm allowed against the global state ``reference``, or
+        against ``reference_norm`` (the run's initial global's norm) when given."""
+        norm = delta_norm(reference) if reference_norm is None else reference_norm
+        return self.norm_factor * max(norm, self.norm_floor)
 
 
 def check_samples(num_samples: int, record: AgentRecord) -> Verdict:
-    """At least one sample, at most what the agent's registry entry allows."""
+    """At least one sample, at most what the agent's registry entry allows: its
+    allowance, or while it has none the fleet's ceiling."""
     if num_samples < 1:
         return refuse(Refusal.NO_SAMPLES, f"{record.agent_id!r} claims {num_samples} samples")
     if record.max_samples is not None and num_samples > record.max_samples:
         return refuse(
             Refusal.SAMPLE_CAP,
             f"{record.agent_id!r} claims {num_samples} samples, allowed {record.max_samples}",
+        )
+    ceiling = record.sample_ceiling
+    if record.max_samples is None and ceiling is not None and num_samples > ceiling:
+        return refuse(
+            Refusal.SAMPLE_CAP,
+            f"{record.agent_id!r} claims {num_samples} samples, over the fleet's ceiling "
+            f"{ceiling}; raise its allowance with takfl-coordinator provision --agent",
         )
     return ACCEPTED
 
@@ -193,18 +166,20 @@ def check_delta(
     reference: Mapping[str, torch.Tensor],
     *,
     bounds: UpdateBounds,
+    reference_norm: float | None = None,
 ) -> Verdict:
     """Names, shapes and dtypes equal to ``reference`` (the global state the delta is
     relative to; floating -> float32 after decoding), all values finite, L2 norm within
-    ``bounds.max_norm(reference)``."""
+    ``bounds.max_norm(reference, reference_norm)``."""
     verdict = check_layout(delta, reference)
     if not verdict.accepted:
         return verdict
-    norm, bound = delta_norm(delta), bounds.max_norm(reference)
+    norm, bound = delta_norm(delta), bounds.max_norm(reference, reference_norm)
     if norm > bound:
+        what = "global" if reference_norm is None else "initial global"
         return refuse(
             Refusal.NORM_BOUND,
-            f"delta norm {norm:.4g} > {bounds.norm_factor:g} x global norm (bound {bound:.4g})",
+            f"delta norm {norm:.4g} > {bounds.norm_factor:g} x {what} norm (bound {bound:.4g})",
         )
     return ACCEPTED
 
@@ -240,8 +215,10 @@ def decode_update(
     reference: Mapping[str, torch.Tensor],
     *,
     bounds: UpdateBounds,
+    reference_norm: float | None = None,
 ) -> tuple[Verdict, State | None]:
-    """Check a complete blob against its (already checked) header and decode the delta.
+    """Check a complete blob against its (already checked) header and decode the delta
+    (norm bound: :func:`check_delta`).
 
     Returns ``(ACCEPTED, delta)`` or ``(refusal, None)``.
     """
@@ -251,7 +228,7 @@ def decode_update(
         delta = decode_state(blob, max_bytes=bounds.max_blob_bytes)
     except CodecError as e:
         return refuse(Refusal.MALFORMED, str(e)), None
-    verdict = check_delta(delta, reference, bounds=bounds)
+    verdict = check_delta(delta, reference, bounds=bounds, reference_norm=reference_norm)
     return (verdict, delta) if verdict.accepted else (verdict, None)
 
 
@@ -280,7 +257,9 @@ def check_stored_update(
             )
         samples = check_samples(num_samples, record)
     else:
-        samples = check_samples(num_samples, AgentRecord(agent_id, prototype, b""))
+        samples = check_samples(
+            num_samples, AgentRecord(agent_id=agent_id, prototype=prototype, secret=b"")
+        )
     if not samples.accepted:
         return samples
     layout = check_layout(state, reference)
