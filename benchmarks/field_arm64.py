@@ -8,17 +8,24 @@ federation whose Mosquitto broker and coordinator run on this (x86) host.
 Steps (each timed):
 1. ``debootstrap --arch=arm64 bookworm ROOT MIRROR`` (the mirror of this machine's apt
    sources), the host's CA bundle and resolv.conf copied in, /proc, /sys and /dev mounted
-   (unmounted again on every exit).
+   (unmounted again on every exit). The board's CPU is a Cortex-A76 (Raspberry Pi 5), in
+   qemu and in the root's /proc/cpuinfo (``arm64_board.BOARD_CPU`` says why).
 2. The project's wheel built here and copied with ``constraints.txt`` into the root's
    /root; there, with an empty environment and no pip configuration, the README's board
    command: ``python3 -m venv ~/takfl && ~/takfl/bin/pip install -c constraints.txt
    "takfl_edge-*.whl[agent]"``. Install time, venv size, CUDA packages (must be none).
-3. ``takfl-agent profiles``, ``import torch`` and ``takfl-agent doctor`` timed in the root.
+3. ``takfl-agent profiles``, ``import torch``, the agent's and the inference runtimes'
+   imports and ``takfl-agent doctor`` timed in the root.
 4. ``takfl-coordinator provision`` of a small digits federation (2 S, 1 M, 1 L agents,
    everyone every round), ``mosquitto -c`` of the generated config and ``takfl-coordinator
    serve`` on the host; every agent runs ``takfl-agent run`` inside the root on its shard
-   (written as a .npz file, as a device holds its private data) to the last round.
-5. Writes ``benchmarks/results/field_arm64.json`` and prints a table.
+   (written as a .npz file, as a device holds its private data) to the last round, also
+   installing releases (``--release-root`` the fleet's root.json, ``--state-dir``) and
+   serving them on a loopback port (``--serve``).
+5. After the last round, every tier's final model released to those agents over the same
+   Mosquitto with the release login, in stages of half and all, and a few predictions asked
+   of every agent's endpoint from the host (``benchmarks/arm64_release.py``).
+6. Writes ``benchmarks/results/field_arm64.json`` and prints a table.
 
 Every figure is emulation on this machine, not the speed of a board. It must run as root
 (debootstrap, chroot, mounts). With ``--fresh`` the root is built again from nothing;
@@ -48,23 +55,31 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.arm64_board import (  # noqa: E402
     BOARD_HOME,
+    EMULATED_INFERENCE_THREADS,
+    LATENCY_BUDGET_FACTOR,
     SUITE,
     VENV,
     apt_mirror,
+    board_profile,
     build_root,
+    build_wheel,
     chroot_cmd,
     install_agent,
     log,
+    missing_prerequisite,
     mounted,
     probe_root,
     run,
+    stage_profiles,
 )
+from benchmarks.arm64_release import print_release, release_args, release_phase  # noqa: E402
 from coordinator.broker.net import free_port, wait_port  # noqa: E402
 from coordinator.registry import secret_path  # noqa: E402
 from coordinator.store import RunStore  # noqa: E402
 from coordinator.testbed import stop_processes  # noqa: E402
 from takfl.config import FederationConfig, load_federation  # noqa: E402
 from takfl.federation_data import build_federation_data, client_id  # noqa: E402
+from takfl.release.keys import ROOT_FILE  # noqa: E402
 
 DEFAULT_ROOT = Path("/var/tmp/takfl-field-arm64/root")
 FLEET = "field-arm64"
@@ -104,11 +119,13 @@ def provision_trial(cfg_path: Path, fleet: Path, port: int) -> None:
 
 
 def stage_boards(root: Path, cfg: FederationConfig, fleet: Path) -> list[Agent]:
-    """Each agent's shard (a .npz file, as a device holds its private data) and secret
-    copied into the root's ``~/trial``; (agent id, profile, samples) of every agent."""
+    """Each agent's shard (a .npz file, as a device holds its private data) and secret,
+    and the fleet's ``root.json`` (which verifies releases), copied into the root's
+    ``~/trial``; (agent id, profile, samples) of every agent."""
     board_dir = root / "root" / "trial"
     shutil.rmtree(board_dir, ignore_errors=True)
     (board_dir / "data").mkdir(parents=True)
+    shutil.copy2(fleet / ROOT_FILE, board_dir / ROOT_FILE)
     data = build_federation_data(cfg, 0)
     agents = []
     for proto in cfg.prototypes:
@@ -135,6 +152,12 @@ class TrialProcesses:
             self.procs[name] = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
             )
+
+    def check_running(self, names: list[str]) -> None:
+        """RuntimeError naming those of ``names`` that are no longer running."""
+        gone = [n for n in names if self.procs[n].poll() is not None]
+        if gone:
+            raise RuntimeError(f"{', '.join(gone)} exited: see the logs in {self.logs}")
 
     def wait_for(self, name: str, poll_s: float = 2.0) -> int:
         """Wait for process ``name`` to exit; RuntimeError as soon as another one fails."""
@@ -165,12 +188,14 @@ def coordinator_command(cfg_path: Path, fleet: Path, run_dir: Path, port: int) -
 def board_command(
     root: Path, subcommand: str, agent: Agent, broker: str, *extra: str, env: dict[str, str]
 ) -> list[str]:
-    """``takfl-agent <subcommand>`` of ``agent`` inside the root with its staged secret,
-    then ``extra``; ``env`` is added to the board user's environment."""
+    """``takfl-agent <subcommand>`` of ``agent`` inside the root with its staged secret and
+    the emulated copy of its profile, then ``extra``; ``env`` is added to the board user's
+    environment."""
     cid, profile, _ = agent
     return chroot_cmd(
         root,
-        *(f"{VENV}/bin/takfl-agent", subcommand, "--profile", profile, "--broker", broker),
+        *(f"{VENV}/bin/takfl-agent", subcommand, "--profile", board_profile(profile)),
+        *("--broker", broker),
         *("--id", cid, "--secret-file", f"{BOARD_HOME}/trial/{cid}.secret", *extra),
         env=env,
     )
@@ -188,53 +213,78 @@ def run_doctor(root: Path, agent: Agent, broker: str, logs: Path) -> int:
 
 
 def federation(root: Path, work: Path, rounds: int) -> dict[str, Any]:
-    """Mosquitto and the coordinator here, the agents inside the root, to the last round."""
+    """Mosquitto and the coordinator here, the agents inside the root, to the last round;
+    then the release to the agents (:func:`benchmarks.arm64_release.release_phase`)."""
     cfg_path = write_federation(work, rounds)
     cfg = load_federation(cfg_path)
     port = free_port()
     fleet = work / "fleet"
     provision_trial(cfg_path, fleet, port)
     agents = stage_boards(root, cfg, fleet)
+    budgets = stage_profiles(root, sorted({profile for _, profile, _ in agents}))
+    ports = {cid: free_port() for cid, _, _ in agents}  # each agent's inference endpoint
     procs = TrialProcesses(work / "logs")
-    broker_agents = f"mqtt://127.0.0.1:{port}"
-    env_host = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    start = time.monotonic()
     try:
-        procs.spawn("mosquitto", ["mosquitto", "-c", str(fleet / "mosquitto" / "mosquitto.conf")])
-        if not wait_port("127.0.0.1", port, 15):
-            raise RuntimeError(
-                f"mosquitto did not open port {port}: see {procs.logs}/mosquitto.log"
-            )
-        procs.spawn(
-            "coordinator", coordinator_command(cfg_path, fleet, work / "run", port), env_host
-        )
-        doctor_exit = run_doctor(root, agents[0], broker_agents, procs.logs)
-        for agent in agents:
-            procs.spawn(agent[0], agent_run_command(root, agent, broker_agents, rounds))
-        code = procs.wait_for("coordinator")
-        if code != 0:
-            raise RuntimeError(f"the coordinator exited {code}: {procs.logs}")
-        wall_s = time.monotonic() - start
-        for cid, _, _ in agents:
-            procs.procs[cid].wait(600)
+        doctor_exit, wall_s = train_rounds(procs, root, cfg_path, agents, ports, port)
+        state, per_agent = completed_run(work / "run", agents, rounds, procs.logs)
+        procs.check_running(list(ports))
+        released = release_phase(work / "run", fleet, port, ports, cfg)
     finally:
         procs.stop()
-    state, per_agent = completed_run(work / "run", agents, rounds, procs.logs)
     return {
         "rounds": rounds,
         "rounds_completed": state.get("round"),
         "wall_s": round(wall_s, 1),
         "accuracy": state.get("accuracy"),
         "doctor_exit": doctor_exit,
+        "emulated_profiles": {
+            "inference_threads": EMULATED_INFERENCE_THREADS,
+            "latency_budget_factor": LATENCY_BUDGET_FACTOR,
+            "latency_budget_ms": budgets,
+        },
         "agents": per_agent,
+        "release": released,
     }
 
 
-def agent_run_command(root: Path, agent: Agent, broker: str, rounds: int) -> list[str]:
-    """``takfl-agent run`` inside the root on the agent's own shard, for ``rounds`` tasks."""
+def train_rounds(
+    procs: TrialProcesses,
+    root: Path,
+    cfg_path: Path,
+    agents: list[Agent],
+    ports: dict[str, int],
+    port: int,
+) -> tuple[int, float]:
+    """Mosquitto on ``port`` and the coordinator of ``cfg_path`` here (the fleet and run
+    folders beside it), the doctor and then every agent in the root (serving on its port
+    of ``ports``), until the coordinator ends its last round; the doctor's exit code and
+    the rounds' wall time. The agents keep running."""
+    work = cfg_path.parent
+    fleet = work / "fleet"
+    broker_agents = f"mqtt://127.0.0.1:{port}"
+    env_host = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    procs.spawn("mosquitto", ["mosquitto", "-c", str(fleet / "mosquitto" / "mosquitto.conf")])
+    if not wait_port("127.0.0.1", port, 15):
+        raise RuntimeError(f"mosquitto did not open port {port}: see {procs.logs}/mosquitto.log")
+    procs.spawn("coordinator", coordinator_command(cfg_path, fleet, work / "run", port), env_host)
+    doctor_exit = run_doctor(root, agents[0], broker_agents, procs.logs)
+    for agent in agents:
+        procs.spawn(agent[0], agent_run_command(root, agent, broker_agents, ports[agent[0]]))
+    code = procs.wait_for("coordinator")
+    if code != 0:
+        raise RuntimeError(f"the coordinator exited {code}: {procs.logs}")
+    return doctor_exit, time.monotonic() - start
+
+
+def agent_run_command(root: Path, agent: Agent, broker: str, port: int) -> list[str]:
+    """``takfl-agent run`` inside the root on the agent's own shard, installing releases
+    and serving them on loopback ``port``; it runs until stopped (the release comes after
+    the last round)."""
     data = f"{BOARD_HOME}/trial/data/{agent[0]}.npz"
-    extra = ("--data", data, "--fleet", FLEET, "--threads", "1", "--max-tasks", str(rounds))
-    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    extra = ("--data", data, "--fleet", FLEET, "--threads", "1", *release_args(agent[0], port))
+    # a crash under emulation leaves Python's stacks in the agent's log
+    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return board_command(root, "run", agent, broker, *extra, env=env)
 
 
@@ -280,39 +330,6 @@ def agent_figures(run_dir: Path, agents: list[Agent]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def missing_prerequisite() -> str | None:
-    """Why this machine cannot run the trial (root, tools, arm64 binfmt); None if it can."""
-    if os.geteuid() != 0:
-        return "run as root (debootstrap, chroot and mounts need it)"
-    for tool in ("debootstrap", "mosquitto", "chroot"):
-        if shutil.which(tool) is None:
-            return (
-                f"{tool} not found: apt-get install -y qemu-user-static debootstrap "
-                "binfmt-support mosquitto"
-            )
-    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
-        return (
-            "no binfmt handler for arm64: apt-get install -y qemu-user-static binfmt-support"
-            " (then update-binfmts --enable qemu-aarch64)"
-        )
-    return None
-
-
-def build_wheel(work: Path) -> Path:
-    """The project's wheel, built here into ``work/dist``."""
-    dist = work / "dist"
-    dist.mkdir()
-    run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"),
-            *("--wheel-dir", str(dist), str(REPO)),
-        ],
-        cwd=work,
-    )
-    (wheel,) = dist.glob("takfl_edge-*.whl")
-    return wheel
 
 
 def trial(root: Path, work: Path, mirror: str, fresh: bool, rounds: int) -> dict[str, Any]:
@@ -374,7 +391,8 @@ def print_table(r: dict[str, Any]) -> None:
     )
     print(
         f"takfl-agent profiles {probe['profiles_s']} s, import torch {probe['import_torch_s']} s,"
-        f" import agent {probe['import_agent_s']} s"
+        f" import agent {probe['import_agent_s']} s, import onnxruntime "
+        f"{probe['import_onnxruntime_s']} s, import ai_edge_litert {probe['import_litert_s']} s"
     )
     print(
         f"{'agent':6} {'profile':16} {'rounds':>6} {'train s/round':>14} "
@@ -391,6 +409,7 @@ def print_table(r: dict[str, Any]) -> None:
         f"rounds {fed['rounds_completed']}/{fed['rounds']} in {fed['wall_s']} s; "
         f"test accuracy {fed['accuracy']}"
     )
+    print_release(fed["release"])
 
 
 if __name__ == "__main__":

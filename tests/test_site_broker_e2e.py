@@ -55,6 +55,7 @@ def test_bridged_site_federation_survives_a_site_broker_restart(tmp_path) -> Non
         broker_url_agents=f"mqtt://127.0.0.1:{site_port}",
         broker_url_coordinator=f"mqtt://takfl-coordinator@127.0.0.1:{central_port}",
         port=central_port,
+        service_port=central_files.service_port or central_port,
     )
     fed.mosquitto = MosquittoProcess(central_files).start()
     site_broker = MosquittoProcess(site.broker).start()
