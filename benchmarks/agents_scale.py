@@ -1,6 +1,7 @@
 """The coordinator against N light agents on one Mosquitto: registration, round overhead, memory.
 
-    python benchmarks/agents_scale.py [--agents 10,100,500] [--rounds 3] [--agents-per-worker 100]
+    python benchmarks/agents_scale.py [--agents 100,500,1000,2000,5000] [--rounds 3]
+        [--agents-per-worker 1000]
 
 For every N, a fresh federation is provisioned (``coordinator.serve.provision``: agent
 registry, per-agent secrets, Mosquitto password file and ACL) and one Mosquitto is
@@ -11,13 +12,14 @@ so no distillation is timed) runs in its own process; the N agents are real
 
 The federation: one prototype ``S`` (profile ``android-phone``: int8 update
 compression, 128 KiB chunks) of N clients, sample rate 1.0 (every agent gets a task
-every round), model ``mlp_digits`` with width 8 (610 parameters; ``--width``), the
-digits data set with the demo federation's test/validation/public sizes (360/100/400)
-and ``partition.min_per_client: 1``, so the 937 private samples give each of up to 937
-clients a real shard (a larger N is refused by the partition and reported as such).
-Agents do not train: each announces the size of its shard and answers a task at once
-with the global state plus a deterministic perturbation of 1e-3 * sin(...) on every
-floating tensor, so the update is a valid, non-zero delta.
+every round), model ``mlp_digits`` with width 8 (610 parameters; ``--width``). The
+coordinator's server data (test/validation/public 360/100/400) come from the digits
+data set; the agents' shards are synthetic: agent i announces
+``synthetic_samples(i)`` (8 to 71) samples, so N is not limited by the digits pool.
+Agents do not train: each announces its shard size and answers a task at once with
+the global state plus a deterministic perturbation of 1e-3 * sin(...) on every
+floating tensor, so the update is a valid, non-zero delta. A worker process serves
+``--agents-per-worker`` agents from one thread (``benchmarks.fleet.loop_client``).
 
 Measured, per N:
 
@@ -45,6 +47,17 @@ Measured, per N:
 The transport's and the agents' counters (messages dropped on a full inbox, chunks
 asked for again, headers re-announced, refusals) go into the JSON: they show where a
 round was slowed down by a recovery timer rather than by work.
+
+4. overhead of a round: a round's wall time with no training in it (the agents answer
+   at once), so all of it is coordination: tasks, signatures, transfers, checks,
+   aggregation; messages deferred by the coordinator (its inbox full) and dropped by
+   the broker (a client's queue full, from Mosquitto's log).
+5. telemetry: the run's telemetry log (``TelemetryRecorder``) written by the
+   coordinator for every registration, presence change and update: bytes per record.
+6. ``takfl-coordinator status --broker`` (the monitor's login, service listener)
+   run while every agent is online: seconds until it printed its table, agents listed.
+
+The load average of the machine is recorded before and after each N.
 
 Prints the command line, the machine and a table; writes benchmarks/results/agents_scale.json.
 """
@@ -91,6 +104,7 @@ from benchmarks.fleet.coordinator_side import coordinator_main  # noqa: E402
 from benchmarks.fleet.light_agents import PERTURBATION, perturbed, worker_main  # noqa: E402
 from benchmarks.fleet.results import (  # noqa: E402
     cell,
+    goals,
     recovery_notes,
     results_table,
     slope_table,
@@ -100,10 +114,8 @@ from benchmarks.fleet.results import (  # noqa: E402
 from coordinator.broker import BrokerStartError, MosquittoProcess, find_mosquitto, free_port  # noqa: E402
 from coordinator.broker.mosquitto import MosquittoFiles  # noqa: E402
 from coordinator.registry import REGISTRY_FILE, RegistryEntry  # noqa: E402
-from coordinator.serve import provision  # noqa: E402
+from coordinator.serve import MONITOR_USER, provision  # noqa: E402
 from takfl.config import ConfigError, load_federation, load_profile  # noqa: E402
-from takfl.data import PartitionError  # noqa: E402
-from takfl.federation_data import FederationData, build_federation_data  # noqa: E402
 
 __all__ = ["PERTURBATION", "ScaleOptions", "perturbed", "run"]
 
@@ -114,17 +126,16 @@ BUILDER = "mlp_digits"
 DATA = {"dataset": "digits", "test_size": 360, "validation_size": 100, "public_size": 400}
 DATA_NOTE = (
     "one prototype S (android-phone: int8 deltas, 128 KiB chunks), N clients, sample rate "
-    "1.0, mlp_digits (width in options); digits test/validation/public 360/100/400, the 937 "
-    "private samples split by Dirichlet(0.3) with min_per_client 1; agents announce their "
-    "real shard size but do not train: each answers with the global state + 1e-3*sin(...) "
-    "on every float tensor"
+    "1.0, mlp_digits (width in options); server data from digits (test/validation/public "
+    "360/100/400); synthetic shards (agent i announces 8 + (i * 37) % 64 samples); agents "
+    "do not train: each answers with the global state + 1e-3*sin(...) on every float tensor"
 )
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScaleOptions:
     rounds: int = 3  # timed rounds per N
-    agents_per_worker: int = 100  # AgentLinks served by one worker process
+    agents_per_worker: int = 1000  # AgentLinks served by one worker process (one thread)
     register_timeout_s: float = 180.0  # all N agents registered and online within this
     round_timeout_s: float = 120.0  # a round closes at this deadline with whoever answered
     startup_timeout_s: float = 180.0  # child processes imported and ready
@@ -156,9 +167,13 @@ def federation_config(n: int, rounds: int, width: int = 8) -> dict[str, Any]:
     }
 
 
-def agent_specs(records: list[RegistryEntry], data: FederationData) -> list[dict[str, Any]]:
+def synthetic_samples(index: int) -> int:
+    """The shard size agent ``index`` announces: 8 to 71, spread deterministically."""
+    return 8 + (index * 37) % 64
+
+
+def agent_specs(records: list[RegistryEntry]) -> list[dict[str, Any]]:
     """What a worker needs to serve each provisioned agent (its secret, its shard size)."""
-    shard = {cid: len(x) for cid, (_, x, _) in data.clients.items()}
     hardware = load_profile(PROFILE).hardware_class
     return [
         {
@@ -168,7 +183,7 @@ def agent_specs(records: list[RegistryEntry], data: FederationData) -> list[dict
             "profile": r.profile,
             "secret_hex": r.secret_hex,
             "hardware_class": hardware,
-            "num_samples": shard[r.agent_id],
+            "num_samples": synthetic_samples(i),
         }
         for i, r in enumerate(records)
     ]
@@ -211,8 +226,10 @@ def drive(
     pool: list[Child],
     opts: ScaleOptions,
     report: Callable[[str], None],
+    status_spec: dict[str, str] | None = None,
 ) -> None:
-    """Release the children phase by phase and gather their figures into ``rec``."""
+    """Release the children phase by phase and gather their figures into ``rec``; with
+    ``status_spec``, time ``takfl-coordinator status`` while every agent is online."""
     for c in [coordinator, *pool]:
         c.expect(READY, opts.startup_timeout_s)
     coordinator.send(GO)
@@ -225,6 +242,8 @@ def drive(
     connected = [w.expect(STARTED, 30.0) for w in pool]
     rec["agents_connected"] = sum(c["connected"] for c in connected)
     rec["worker_connect_s"] = max(c["connect_s"] for c in connected)
+    if status_spec is not None:
+        rec |= time_status(status_spec)
     for w in pool:
         w.send(STOP)
     agent_counters: dict[str, int] = {}
@@ -246,8 +265,7 @@ def measure(n: int, opts: ScaleOptions, report: Callable[[str], None] = print) -
         )
         try:
             cfg = load_federation(cfg_path)
-            data = build_federation_data(cfg, opts.seed)
-        except (ConfigError, PartitionError) as e:
+        except ConfigError as e:
             rec["error"] = f"no valid federation of {n} clients: {e}"
             return summarise(rec)
         t = time.perf_counter()
@@ -271,8 +289,13 @@ def measure(n: int, opts: ScaleOptions, report: Callable[[str], None] = print) -
             "round_timeout_s": opts.round_timeout_s,
             "tracemalloc": opts.tracemalloc,
             "register_timeout_s": opts.register_timeout_s,
+            "run_dir": str(work / "run"),
         }
-        agents = agent_specs(records, data)
+        agents = agent_specs(records)
+        status_spec = {
+            "url": f"mqtt://{MONITOR_USER}@{files.host}:{files.service_port}",
+            "password_file": str(work / "fed" / "monitor.password"),
+        }
         broker = MosquittoProcess(files)
         children: list[Child] = []
         try:
@@ -280,14 +303,56 @@ def measure(n: int, opts: ScaleOptions, report: Callable[[str], None] = print) -
             coordinator, pool = start_children(
                 work, files, coordinator_spec, agents, opts, children
             )
-            drive(rec, coordinator, pool, opts, report)
+            rec["load_before"] = list(os.getloadavg())
+            drive(rec, coordinator, pool, opts, report, status_spec)
+            rec["load_after"] = list(os.getloadavg())
         except (BenchError, BrokerStartError) as e:
             rec["error"] = str(e)
         finally:
             for c in children:
                 c.stop()
             broker.stop()
+            rec["broker_dropped"] = broker_drops(files.log)
     return summarise(rec)
+
+
+def broker_drops(log_file: Path) -> int:
+    """Messages Mosquitto says it dropped (a client's queue full), from its log."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return 0
+    return sum(1 for line in text.splitlines() if "dropped" in line.lower())
+
+
+def time_status(spec: dict[str, str], timeout_s: float = 60.0) -> dict[str, Any]:
+    """``takfl-coordinator status --broker`` as an operator runs it: seconds until it
+    exits, its exit code and the agents its table lists."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "coordinator.cli",
+        "status",
+        "--broker",
+        spec["url"],
+        "--password-file",
+        spec["password_file"],
+        "--fleet",
+        FLEET,
+    ]
+    env = os.environ | {"COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    t = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status_s": None, "status_error": f"no answer within {timeout_s:g} s"}
+    took = time.perf_counter() - t
+    lines = out.stdout.splitlines()
+    listed = sum(1 for line in lines if " online " in line and "prototype" not in line)
+    rec: dict[str, Any] = {"status_s": took, "status_rc": out.returncode, "status_online": listed}
+    if out.returncode != 0:
+        rec["status_error"] = out.stderr[-500:]
+    return rec
 
 
 def environment() -> dict[str, Any]:
@@ -317,6 +382,7 @@ def run(
     report: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure every N in ``agents``; the JSON record (also written to ``output``)."""
+    load_at_start = list(os.getloadavg())
     results = []
     for n in agents:
         report(f"N = {n}: {math.ceil(n / opts.agents_per_worker)} worker process(es)")
@@ -328,11 +394,12 @@ def run(
             report(f"N = {n} failed: {rec['error']}")
     record = {
         "command": command,
-        "environment": environment(),
+        "environment": environment() | {"load_average_at_start": load_at_start},
         "options": asdict(opts),
         "federation": DATA_NOTE,
         "results": results,
         "memory_slopes": slopes(results),
+        "goals": goals(results),
     }
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +420,8 @@ def print_record(console: Console, record: dict[str, Any], opts: ScaleOptions) -
     console.print(f"model: {BUILDER} width {opts.width}, {cell(params, 'd')} parameters")
     console.print(results_table(record))
     console.print(slope_table(record))
+    for name, g in record["goals"].items():
+        console.print(f"goal {name}: {g}")
     for r in record["results"]:
         if notes := recovery_notes(r):
             console.print(f"N = {r['agents']}, timed rounds: {notes}")
@@ -362,9 +431,9 @@ def print_record(console: Console, record: dict[str, Any], opts: ScaleOptions) -
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--agents", default="10,100,500", help="comma-separated N values")
+    ap.add_argument("--agents", default="100,500,1000,2000,5000", help="comma-separated N values")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--agents-per-worker", type=int, default=100)
+    ap.add_argument("--agents-per-worker", type=int, default=1000)
     ap.add_argument("--register-timeout", type=float, default=180.0)
     ap.add_argument("--round-timeout", type=float, default=120.0)
     ap.add_argument("--no-tracemalloc", action="store_true")

@@ -12,10 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coordinator.engine import RoundResult
 from coordinator.registry import DEFAULT_SAMPLE_CEILING
-from coordinator.reproduce import PAPER_ALGORITHMS
-from takfl.algorithms import AlgorithmError, resolve_algorithm
 from takfl.config import (
     ALGORITHMS,
     LAMBDA_STRATEGIES,
@@ -23,9 +20,11 @@ from takfl.config import (
     FederationConfig,
     load_federation,
 )
+from takfl.method_names import CLIPPING_MODES, PAPER_ALGORITHMS, PRIVACY_MODES
 from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
 
 if TYPE_CHECKING:
+    from coordinator.engine import RoundResult
     from coordinator.metrics import MetricsTls
 
 app = typer.Typer(
@@ -49,6 +48,50 @@ def load_config_or_exit(name: str) -> FederationConfig:
         for p in e.problems:
             console.print(f"  [red]-[/red] {p}")
         raise typer.Exit(2) from None
+
+
+# The privacy options of simulate and serve (each overrides the config's privacy section).
+PRIVACY_OPTION = typer.Option(None, "--privacy", help=f"Privacy mode: {'|'.join(PRIVACY_MODES)}.")
+EPSILON_OPTION = typer.Option(
+    None, "--epsilon", min=0.0, help="central-dp: the budget epsilon (the run stops before it)."
+)
+DELTA_OPTION = typer.Option(None, "--delta", min=0.0, max=1.0, help="central-dp: delta.")
+NOISE_OPTION = typer.Option(
+    None,
+    "--noise-multiplier",
+    min=0.0,
+    help="central-dp: noise std / clip norm (default: calibrated to the budget over the rounds).",
+)
+CLIP_NORM_OPTION = typer.Option(
+    None, "--clip-norm", min=0.0, help="central-dp: L2 bound of each update (first, if adaptive)."
+)
+CLIPPING_OPTION = typer.Option(
+    None, "--clipping", help=f"central-dp clipping: {'|'.join(CLIPPING_MODES)}."
+)
+
+
+def apply_privacy(cfg: FederationConfig, overrides: dict[str, Any]) -> FederationConfig:
+    """``cfg`` with the command line's privacy options, or exit with the reason."""
+    from coordinator.privacy import with_privacy
+
+    try:
+        return with_privacy(cfg, overrides)
+    except ValueError as e:
+        raise fail(f"invalid privacy options: {e}") from None
+
+
+def check_privacy(cfg: FederationConfig, algorithms: list[Any]) -> None:
+    """Exit with every reason an algorithm (or the aggregation) cannot run in the config's
+    privacy mode."""
+    from takfl.privacy.modes import PrivacyConfigError, resolve_privacy
+    from takfl.robust import make_aggregator
+
+    aggregator = make_aggregator(cfg.aggregation)
+    for algo in algorithms:
+        try:
+            resolve_privacy(cfg.privacy, algo, aggregator)
+        except PrivacyConfigError as e:
+            raise fail(str(e)) from None
 
 
 def results_table(results: dict[str, dict[str, dict[str, Any]]], title: str) -> Table:
@@ -83,8 +126,11 @@ def simulate(
     alpha: float = typer.Option(None, min=1e-6, help="Dirichlet alpha override."),
     compression: str = typer.Option(
         None,
-        help="Apply the wire codec to updates: fp32|fp16|"
-        "int8, or 'profile' (each device profile's own).",
+        help="Apply a wire codec to updates: fp32|fp16|int8|topk-int8|topk-fp16|sign1|"
+        "rot2|rot3|rot4 with optional settings (topk-int8:density=0.02, "
+        "sign1:block=128,density=0.8), one per prototype (S=sign1:density=0.6;M=sign1;L=fp16), "
+        "or 'profile' (each device profile's own). Codecs with error feedback keep each "
+        "client's residual across rounds.",
     ),
     lambda_strategy: str = typer.Option(
         None, "--lambda-strategy", help=f"Override: {'|'.join(LAMBDA_STRATEGIES)}."
@@ -111,15 +157,37 @@ def simulate(
         "CPU for models up to 50k parameters).",
     ),
     out: Path = typer.Option(Path("runs/simulate"), help="Output folder."),
+    privacy: str = PRIVACY_OPTION,
+    epsilon: float = EPSILON_OPTION,
+    delta: float = DELTA_OPTION,
+    noise_multiplier: float = NOISE_OPTION,
+    clip_norm: float = CLIP_NORM_OPTION,
+    clipping: str = CLIPPING_OPTION,
 ) -> None:
     """Simulate a federation in process and compare algorithms like the paper's Table 1."""
     from coordinator.inputs import pick_device
-    from coordinator.simulate import SimulationSpec, run_simulation
+    from coordinator.privacy import PrivacyBudgetExceeded
+    from coordinator.simulate import PROFILE, SimulationSpec, resolve_compression, run_simulation
+    from takfl.algorithms import AlgorithmError, resolve_algorithm
+    from takfl.wire.codec_names import CodecNameError
 
-    cfg = load_config_or_exit(config)
+    cfg = apply_privacy(
+        load_config_or_exit(config),
+        {
+            "mode": privacy,
+            "epsilon": epsilon,
+            "delta": delta,
+            "noise_multiplier": noise_multiplier,
+            "clip_norm": clip_norm,
+            "clipping": clipping,
+        },
+    )
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
-    if compression not in (None, "fp32", "fp16", "int8", "profile"):
-        raise fail(f"unknown compression {compression!r}; use fp32, fp16, int8 or profile")
+    if compression is not None:
+        try:
+            resolve_compression(cfg, compression)
+        except CodecNameError as e:
+            raise fail(f"{e} (or {PROFILE!r})") from None
     try:
         resolved = [
             resolve_algorithm(
@@ -129,6 +197,7 @@ def simulate(
         ]
     except AlgorithmError as e:
         raise fail(str(e)) from None
+    check_privacy(cfg, resolved)
     try:
         dev = pick_device(device)
     except ValueError as e:
@@ -170,7 +239,7 @@ def simulate(
 
         try:
             results = run_simulation(cfg, spec, out, dev, on_round)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, PrivacyBudgetExceeded) as e:
             raise fail(str(e)) from e
     console.print(results_table(results, f"final test accuracy (%), {seeds} seed(s)"))
     console.print(
@@ -200,6 +269,7 @@ def reproduce(
     """Run the paper's comparison on its settings and print the paper's numbers beside ours."""
     from coordinator.inputs import pick_device
     from coordinator.reproduce import comparison_rows, load_paper_table, run_setting
+    from takfl.algorithms import AlgorithmError
 
     try:
         paper = load_paper_table(paper_table)
@@ -388,17 +458,39 @@ def serve(
     metrics_plaintext: bool = typer.Option(
         False, help="Allow plain, unauthenticated HTTP metrics on a non-loopback address."
     ),
+    privacy: str = PRIVACY_OPTION,
+    epsilon: float = EPSILON_OPTION,
+    delta: float = DELTA_OPTION,
+    noise_multiplier: float = NOISE_OPTION,
+    clip_norm: float = CLIP_NORM_OPTION,
+    clipping: str = CLIPPING_OPTION,
 ) -> None:
     """Run TAKFL rounds with real agents over MQTT, writing the run directory."""
     from coordinator.inputs import pick_device
+    from coordinator.privacy import PrivacyBudgetExceeded
     from coordinator.registry import RegistryError
     from coordinator.serve import ServeSettings
     from coordinator.serve import serve as run_serve
     from coordinator.store import RunStoreError
+    from takfl.algorithms import AlgorithmError, resolve_algorithm
     from takfl.mqtt.client import MqttConnectError
     from takfl.mqtt.url import parse_broker_url, read_password
 
-    cfg = load_config_or_exit(config)
+    cfg = apply_privacy(
+        load_config_or_exit(config),
+        {
+            "mode": privacy,
+            "epsilon": epsilon,
+            "delta": delta,
+            "noise_multiplier": noise_multiplier,
+            "clip_norm": clip_norm,
+            "clipping": clipping,
+        },
+    )
+    try:
+        check_privacy(cfg, [resolve_algorithm(cfg.algorithm)])
+    except AlgorithmError as e:
+        raise fail(str(e)) from None
     metrics_tls = _metrics_tls(metrics_cert_file, metrics_key_file, metrics_client_ca)
     if metrics_port is not None:
         from coordinator.metrics import endpoint_problem
@@ -443,7 +535,14 @@ def serve(
             on_round=_round_printer(rows),
             report=lambda m: console.print(m),
         )
-    except (RegistryError, RunStoreError, MqttConnectError, ValueError, OSError) as e:
+    except (
+        RegistryError,
+        RunStoreError,
+        MqttConnectError,
+        PrivacyBudgetExceeded,
+        ValueError,
+        OSError,
+    ) as e:
         raise fail(str(e)) from None
     if rows:
         console.print(accuracy_table(rows, f"{cfg.name}: test accuracy (%) per prototype"))
@@ -629,7 +728,11 @@ def status(
     ),
     ca_file: str = typer.Option(None, help="mqtts: CA certificate that signed the broker's."),
     fleet: str = typer.Option(None, help="Fleet name (default: the run's config name)."),
-    listen: float = typer.Option(2.0, help="Seconds to collect retained presence messages."),
+    listen: float = typer.Option(
+        2.0,
+        help="At most this many seconds to collect retained presence messages (it stops "
+        "as soon as they stop arriving).",
+    ),
     watch: bool = typer.Option(
         False, help="Live table of the run's agents, round, phase and stragglers (--run-dir)."
     ),
@@ -672,18 +775,36 @@ def status(
             )
         except (ValueError, OSError) as e:
             raise fail(str(e)) from None
-        table = Table(title=f"agents of fleet {fleet!r} seen on {broker}")
-        for col in ("agent", "prototype", "state", "last seen", "serving (local endpoint)"):
+        _print_agents(agents_seen, f"agents of fleet {fleet!r} seen on {broker}")
+
+
+def _print_agents(seen: dict[str, dict[str, str]], title: str) -> None:
+    """The agents seen: a table, or past ``RICH_ROWS`` agents a summary per prototype and
+    the list as plain text (a rich table of thousands of rows takes seconds to render)."""
+    from coordinator.status import (
+        AGENT_COLUMNS,
+        RICH_ROWS,
+        agent_rows,
+        plain_table,
+        presence_summary,
+    )
+
+    rows = agent_rows(seen)
+    if len(rows) <= RICH_ROWS:
+        table = Table(title=title)
+        for col in AGENT_COLUMNS:
             table.add_column(col)
-        for aid, info in sorted(agents_seen.items()):
-            table.add_row(
-                aid,
-                info.get("prototype", "?"),
-                info.get("state", "?"),
-                info.get("last_seen", "?"),
-                info.get("serving", ""),
-            )
+        for row in rows:
+            table.add_row(*row)
         console.print(table)
+        return
+    summary = Table(title=f"{title}: {len(rows)}")
+    for col in ("prototype", "online", "offline", "serving"):
+        summary.add_column(col, justify="left" if col == "prototype" else "right")
+    for proto, counts in presence_summary(seen).items():
+        summary.add_row(proto, *(str(counts.get(k, 0)) for k in ("online", "offline", "serving")))
+    console.print(summary)
+    typer.echo(plain_table(rows))
 
 
 @app.command()

@@ -18,11 +18,14 @@ import torch
 from torch import nn
 
 from coordinator.influence import UpdateGuard
+from coordinator.privacy import RunPrivacy, build_privacy
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from takfl.algorithms import Algorithm, resolve_algorithm
 from takfl.config import FederationConfig, prototype_training
 from takfl.config.base import ModelSpec
 from takfl.models import build_model
+from takfl.privacy.central import ClippedSum
+from takfl.privacy.modes import resolve_privacy
 from takfl.robust import Aggregator, LogitsAccumulator, StateAccumulator, make_aggregator
 from takfl.server import PrototypeInput, StepData, server_step
 from takfl.state import State, non_finite_entry
@@ -62,17 +65,35 @@ class RoundResult:
     info: dict[str, dict[str, float]] = field(default_factory=dict)
     # prototype -> why its new model was discarded and the previous global kept
     kept_previous: dict[str, str] = field(default_factory=dict)
+    # prototype -> its release under a private mode (epsilon spent, delta, noise, bound)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class _Collector:
     """State of one round for one prototype: the aggregate of the client weights and of
-    their teacher logits (streaming for FedAvg, per client for the robust methods)."""
+    their teacher logits (streaming for FedAvg, per client for the robust methods).
+    ``private``: the clipped, noised sum of a private mode, which replaces the
+    aggregator's and is released even when nobody answered."""
 
-    def __init__(self, aggregator: Aggregator, reference: State, keep_client_logits: bool) -> None:
-        self.fedavg: StateAccumulator = aggregator.states(reference)
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        reference: State,
+        keep_client_logits: bool,
+        private: ClippedSum | None = None,
+    ) -> None:
+        self.private = private
+        self.fedavg: StateAccumulator = (
+            private if private is not None else aggregator.states(reference)
+        )
         self.logits: LogitsAccumulator = aggregator.logits()
         self.client_logits: list[torch.Tensor] = []
         self.keep = keep_client_logits
+
+    @property
+    def releases(self) -> bool:
+        """Whether the round gives this prototype a new aggregate."""
+        return self.private is not None or self.fedavg.count > 0
 
 
 def sample_clients(
@@ -82,6 +103,32 @@ def sample_clients(
     want = max(1, math.ceil(rate * total - 1e-9))
     k = min(want, len(available))
     return sorted(rng.choice(sorted(available), size=k, replace=False).tolist()) if k else []
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TierWeights:
+    """A tier's sampled clients (``plan``, the list itself) and their allowances under
+    ``weight_cap``: ``caps`` (the known, non-zero ones), their sum ``known``, and how many
+    have none (``unknown``)."""
+
+    plan: list[str]
+    weight_cap: Callable[[str], int | None]
+    members: frozenset[str]
+    caps: dict[str, float]
+    known: float
+    unknown: int
+
+    @classmethod
+    def of(cls, plan: list[str], weight_cap: Callable[[str], int | None]) -> _TierWeights:
+        caps = {c: float(cap) for c in plan if (cap := weight_cap(c))}
+        return cls(
+            plan=plan,
+            weight_cap=weight_cap,
+            members=frozenset(plan),
+            caps=caps,
+            known=sum(caps.values()),
+            unknown=len(set(plan) - caps.keys()),
+        )
 
 
 class RoundEngine:
@@ -101,13 +148,20 @@ class RoundEngine:
         on_update: Callable[[ClientUpdate], None] | None = None,
         clock: Callable[[], float] = time.time,
         weight_cap: Callable[[str], int | None] | None = None,
+        privacy: RunPrivacy | None = None,
         judge_updates: bool = True,
     ) -> None:
         """``weight_cap(client)``: the most samples (FedAvg weight) a client may count for,
-        None for no cap; weights above it are clipped to it. ``judge_updates``: every
-        update passes the config's intake bounds and validation-aware acceptance
+        None for no cap; weights above it are clipped to it. ``privacy``: the run's budget
+        (default: built from the config for its own number of rounds). ``judge_updates``:
+        every update passes the config's intake bounds and validation-aware acceptance
         (:class:`coordinator.influence.UpdateGuard`) before it counts; False takes them
-        as they come (for tests of the server step's own fallbacks)."""
+        as they come (for tests of the server step's own fallbacks).
+
+        Raises:
+            PrivacyConfigError: the algorithm or aggregation cannot run in the config's
+                privacy mode.
+            PrivacyBudgetExceeded: the config's noise cannot last the run."""
         self.cfg = cfg
         self.algorithm = algorithm if algorithm is not None else resolve_algorithm(cfg.algorithm)
         self.models = models
@@ -120,6 +174,9 @@ class RoundEngine:
         self.clock = clock
         self.weight_cap = weight_cap or (lambda client: None)
         self.aggregator = make_aggregator(cfg.aggregation)
+        resolve_privacy(cfg.privacy, self.algorithm, self.aggregator)
+        self.privacy = privacy if privacy is not None else build_privacy(cfg, rounds=cfg.rounds)
+        self.teacher_from_aggregate = self.privacy.mode.teacher_from_aggregate
         self.scratch: dict[str, nn.Module] = {}
         self.globals: dict[str, State] = {}
         for i, p in enumerate(cfg.prototypes):
@@ -133,6 +190,7 @@ class RoundEngine:
         self.rejected = 0
         self.refusals: Counter[str] = Counter()  # the guard's refusals, by Refusal value
         self._plan: dict[str, list[str]] = {}  # the round's sampled clients, by prototype
+        self._tiers: dict[str, _TierWeights] = {}  # their allowances, summed (see share)
         self.guard: UpdateGuard | None = None
         if judge_updates:
             # the round-0 globals (rebuilt identically on --resume) are the guard's fixed
@@ -198,10 +256,22 @@ class RoundEngine:
     def share(self, upd: ClientUpdate, weight: float) -> float:
         """The update's expected share of its tier's aggregate: its weight against those
         of the tier's other sampled clients, each counted at its allowance (unknown: as
-        heavy as this one), so a client with most of the weight is judged near 1."""
-        peers = [c for c in self._plan.get(upd.prototype, []) if c != upd.client_id]
-        others = sum(float(self.weight_cap(c) or weight) for c in peers)
-        return weight / (weight + others)
+        heavy as this one), so a client with most of the weight is judged near 1.
+
+        O(1) per update: the tier's allowances are summed once per plan (and weight cap)."""
+        tier = self._tier(upd.prototype)
+        own = tier.caps.get(upd.client_id)
+        known = tier.known - (own or 0.0)
+        unknown = tier.unknown - (1 if upd.client_id in tier.members and not own else 0)
+        return weight / (weight + known + unknown * weight)
+
+    def _tier(self, prototype: str) -> _TierWeights:
+        """The allowances of ``prototype``'s sampled clients, summed once per plan."""
+        ids = self._plan.get(prototype, [])
+        tier = self._tiers.get(prototype)
+        if tier is None or tier.plan is not ids or tier.weight_cap is not self.weight_cap:
+            tier = self._tiers[prototype] = _TierWeights.of(ids, self.weight_cap)
+        return tier
 
     def absorb(self, upd: ClientUpdate, col: _Collector) -> bool:
         """Fold one update into the round's aggregates (the client model is then dropped
@@ -221,8 +291,8 @@ class RoundEngine:
                 self.transport.refused(upd, verdict)
                 return False
         col.fedavg.add(upd.state, weight)
-        if not self.algorithm.needs_teacher_logits:
-            return True  # no distillation: teacher logits would go unused
+        if not self.algorithm.needs_teacher_logits or self.teacher_from_aggregate:
+            return True  # teacher logits unused, or taken from the released aggregate
         model = self.scratch[upd.prototype]
         model.load_state_dict(upd.state)
         logits = predict_logits(model, self.data.public_x)
@@ -237,6 +307,21 @@ class RoundEngine:
             for p, ids in plan.items()
             if ids
         )
+
+    def _stop_awaiting(
+        self, round_id: int, expected: dict[str, set[str]], waiting: dict[str, set[str]]
+    ) -> None:
+        """Stop awaiting the clients whose update of ``round_id`` the transport refused on
+        receipt (their final answer): without this a refused client keeps the round open
+        until its hard limit."""
+        for r, client in self.transport.refused_answers():
+            if r != round_id:
+                continue
+            for p, ids in waiting.items():
+                if client in ids:
+                    ids.discard(client)
+                    expected[p].discard(client)
+                    log.info("round %d: %s answered with a refused update", round_id, client)
 
     def collect(
         self,
@@ -254,12 +339,14 @@ class RoundEngine:
             start + self.policy.deadline_s,
             start + self.policy.deadline_s + self.policy.max_wait_s,
         )
-        while any(expected[p] - got[p] for p in plan):
+        waiting = {p: expected[p] - got[p] for p in plan}  # kept up to date: O(1) per update
+        while any(waiting.values()):
             now = self.clock()
             if now >= hard or (now >= deadline and self._quorum_met(plan, got)):
-                missing = {p: sorted(expected[p] - got[p]) for p in plan if expected[p] - got[p]}
+                missing = {p: sorted(ids) for p, ids in waiting.items() if ids}
                 log.warning("round %d closes without %s", round_id, missing)
                 break
+            self._stop_awaiting(round_id, expected, waiting)
             upd = self.transport.next_update(timeout=min(1.0, max(0.05, deadline - now)))
             if upd is None:
                 continue
@@ -272,6 +359,7 @@ class RoundEngine:
                 self.rejected += 1
                 log.info("ignoring update from %s for round %d", upd.client_id, upd.round_id)
                 continue
+            waiting[upd.prototype].discard(upd.client_id)  # answered: no longer awaited
             if not self.absorb(upd, collectors[upd.prototype]):
                 self.rejected += 1
                 expected[upd.prototype].discard(upd.client_id)  # answered, refused: not awaited
@@ -293,8 +381,18 @@ class RoundEngine:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         plan = plan if plan is not None else self.plan(round_id)
+        available = self.transport.clients()
+        self.privacy.check_round(round_id, plan, available)  # before any task goes out
         keep = self.algorithm.needs_client_logits
-        collectors = {p: _Collector(self.aggregator, self.globals[p], keep) for p in plan}
+        collectors = {
+            p: _Collector(
+                self.aggregator,
+                self.globals[p],
+                keep,
+                self.privacy.accumulator(round_id, p, self.globals[p], len(plan[p])),
+            )
+            for p in plan
+        }
         got: dict[str, set[str]] = {p: set() for p in plan}
         self._plan = plan
         if self.guard is not None:
@@ -311,29 +409,15 @@ class RoundEngine:
             timings["guard_s"] = self.guard.seconds  # part of collect_s
 
         kept: dict[str, str] = {}
+        released: dict[str, dict[str, float]] = {}
         protos = []
         for p in self.cfg.prototypes:
             col = collectors[p.name]
-            has = col.fedavg.count > 0
-            avg = col.fedavg.result() if has else self.globals[p.name]
-            bad = non_finite_entry(avg)
-            if bad is not None:
-                kept[p.name] = f"aggregate has NaN/inf in {bad}"
-                avg = self.globals[p.name]
-            teacher = col.logits.mean() if has and col.logits.count and bad is None else None
-            if teacher is not None and not bool(torch.isfinite(teacher).all()):
-                kept[p.name] = "teacher logits have NaN/inf; prototype left out as a teacher"
-                teacher = None
-            protos.append(
-                PrototypeInput(
-                    name=p.name,
-                    model=self.scratch[p.name],
-                    avg_state=avg,
-                    mean_logits=teacher,
-                    num_clients=col.logits.count if teacher is not None else 0,
-                    client_logits=col.client_logits if teacher is not None else [],
+            protos.append(self._prototype_input(p.name, col, len(plan.get(p.name, [])), kept))
+            if col.private is not None:
+                released[p.name] = self.privacy.released(
+                    p.name, col.private, plan[p.name], available.get(p.name, [])
                 )
-            )
         d = self.data
         outputs, step_times = server_step(
             protos,
@@ -373,4 +457,38 @@ class RoundEngine:
                 for n, o in outputs.items()
             },
             kept_previous=kept,
+            privacy=released,
+        )
+
+    def _prototype_input(
+        self, name: str, col: _Collector, sampled: int, kept: dict[str, str]
+    ) -> PrototypeInput:
+        """What the server step gets of one prototype: its aggregate (the previous global
+        when nothing was released or the aggregate is not finite, with the reason put in
+        ``kept``) and its teacher logits (the clients' mean, or under a private mode the
+        logits of the released aggregate)."""
+        has = col.releases
+        avg = col.fedavg.result() if has else self.globals[name]
+        bad = non_finite_entry(avg)
+        if bad is not None:
+            kept[name] = f"aggregate has NaN/inf in {bad}"
+            avg = self.globals[name]
+        teacher, clients = None, 0
+        if has and bad is None and self.algorithm.needs_teacher_logits:
+            if self.teacher_from_aggregate:
+                model = self.scratch[name]
+                model.load_state_dict(avg)
+                teacher, clients = predict_logits(model, self.data.public_x), sampled
+            elif col.logits.count:
+                teacher, clients = col.logits.mean(), col.logits.count
+        if teacher is not None and not bool(torch.isfinite(teacher).all()):
+            kept[name] = "teacher logits have NaN/inf; prototype left out as a teacher"
+            teacher = None
+        return PrototypeInput(
+            name=name,
+            model=self.scratch[name],
+            avg_state=avg,
+            mean_logits=teacher,
+            num_clients=clients if teacher is not None else 0,
+            client_logits=col.client_logits if teacher is not None else [],
         )

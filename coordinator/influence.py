@@ -34,9 +34,9 @@ from takfl.config.federation import IntakeSpec
 from takfl.influence import (
     CostMargins,
     ValidationScore,
+    ValidationScorer,
     partial_application,
     validation_cost,
-    validation_score,
 )
 from takfl.state import State, StateView
 from takfl.wire.bounds import StateBounds, check_state, state_bounds
@@ -100,6 +100,7 @@ class UpdateGuard:
                 "or withholds it"
             )
         self._baseline: dict[str, ValidationScore] = {}
+        self._scorers: dict[str, ValidationScorer] = {}  # a private copy per prototype
         self.seconds = 0.0  # spent judging since the round started
 
     def start_round(self) -> None:
@@ -140,15 +141,13 @@ class UpdateGuard:
         return self._validate(prototype, state, base, share)
 
     def _validate(self, prototype: str, state: StateView, base: StateView, share: float) -> Verdict:
-        model = self.models[prototype]
+        scorer = self._scorers.get(prototype)
+        if scorer is None:
+            scorer = self._scorers[prototype] = ValidationScorer(self.models[prototype])
         before = self._baseline.get(prototype)
         if before is None:
-            before = self._baseline[prototype] = validation_score(
-                model, base, self.val_x, self.val_y
-            )
-        after = validation_score(
-            model, partial_application(base, state, share), self.val_x, self.val_y
-        )
+            before = self._baseline[prototype] = scorer.score(base, self.val_x, self.val_y)
+        after = scorer.score(partial_application(base, state, share), self.val_x, self.val_y)
         cost = validation_cost(before, after)
         why = self.margins.exceeded(cost)
         log.debug(

@@ -18,6 +18,9 @@ Metric names (all in one registry per coordinator, served at ``/metrics``):
                                                       Refusal value (bad_signature, expired, ...)
     takfl_bytes_sent_total{prototype}        counter  global-model bytes sent with tasks
     takfl_bytes_received_total{prototype}    counter  accepted update-blob bytes
+    takfl_privacy_epsilon{prototype}         gauge    epsilon spent so far at the run's delta
+                                                      (private modes; absent in plain mode)
+    takfl_privacy_delta                      gauge    the delta that epsilon is stated at
     takfl_telemetry_implausible_total{field} counter  reported values no device of the tier
                                                       can have measured (stored flagged,
                                                       coordinator.telemetry_log.plausibility)
@@ -101,6 +104,13 @@ class PrometheusMetrics(FleetObserver):
         self.bytes_received = Counter(
             "takfl_bytes_received", "Accepted update-blob bytes.", ["prototype"], registry=r
         )
+        self.epsilon = Gauge(
+            "takfl_privacy_epsilon",
+            "Epsilon spent so far at the run's delta (central DP).",
+            ["prototype"],
+            registry=r,
+        )
+        self.delta = Gauge("takfl_privacy_delta", "The delta epsilon is stated at.", registry=r)
         self.implausible = Counter(
             "takfl_telemetry_implausible",
             "Reported telemetry values no device of the tier can have measured.",
@@ -167,3 +177,8 @@ class PrometheusMetrics(FleetObserver):
     def round_finished(self, round_id: int, duration_s: float) -> None:
         self.rounds.inc()
         self.duration.observe(duration_s)
+
+    def privacy_spent(self, round_id: int, epsilon: Mapping[str, float], delta: float) -> None:
+        for proto, eps in epsilon.items():
+            self.epsilon.labels(proto).set(eps)
+        self.delta.set(delta)

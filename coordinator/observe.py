@@ -47,6 +47,10 @@ class FleetObserver:
     def round_finished(self, round_id: int, duration_s: float) -> None:
         """The server step of ``round_id`` is done and its models are saved."""
 
+    def privacy_spent(self, round_id: int, epsilon: Mapping[str, float], delta: float) -> None:
+        """After ``round_id``, each prototype has spent ``epsilon`` at ``delta`` (private
+        modes only)."""
+
 
 class Observers(FleetObserver):
     """Several observers as one; an observer's failure is logged, never raised."""
@@ -81,3 +85,6 @@ class Observers(FleetObserver):
 
     def round_finished(self, round_id: int, duration_s: float) -> None:
         self._each("round_finished", round_id, duration_s)
+
+    def privacy_spent(self, round_id: int, epsilon: Mapping[str, float], delta: float) -> None:
+        self._each("privacy_spent", round_id, epsilon, delta)

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from takfl.config import FederationConfig
-from takfl.federation_data import client_id
 from takfl.files import atomic_write_text
 from takfl.secret_files import write_secret_file
 from takfl.wire.signing import generate_secret
@@ -124,6 +123,8 @@ def provision_agents(
     ``secrets/<id>.secret`` to copy onto that device; the registry goes to ``agents.json``.
     ``max_samples`` caps every agent's claimed sample count (None: the first accepted
     registration pins it, if at or below ``sample_ceiling``; None there: any count)."""
+    from takfl.federation_data import client_id  # torch: not for `status` and other probes
+
     check_client_count(cfg)
     _check_positive("max_samples", max_samples)
     _check_positive("sample_ceiling", sample_ceiling)

@@ -15,7 +15,6 @@ from takfl.algorithms import resolve_algorithm
 from takfl.config import FederationConfig
 
 PAPER_TABLE = Path(__file__).resolve().parents[1] / "profiles" / "paper" / "takfl-table.yaml"
-PAPER_ALGORITHMS = ["fedavg", "feddf", "fedet", "takfl", "takfl-reg"]
 
 
 class PaperTable(BaseModel):

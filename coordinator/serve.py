@@ -43,7 +43,7 @@ from coordinator.registry import (
 )
 from coordinator.service import FederationRun, ServeOptions, update_bounds
 from coordinator.store import RunStore, RunStoreError
-from coordinator.telemetry_log import TelemetryRecorder, plausibility
+from coordinator.telemetry_log import TelemetryRecorder, TelemetryWriter, plausibility
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
 from takfl.config import FederationConfig, prototype_profile
 from takfl.config.loader import prototype_model, prototype_training
@@ -380,7 +380,8 @@ def serve(
     policy = RoundPolicy(settings.deadline_s, settings.quorum, settings.max_wait_s)
     programs = training_programs(cfg, data.num_classes, data.input_shape, report)
     bounds = plausibility(cfg, settings.deadline_s)  # what each tier's devices can report
-    observers: list[FleetObserver] = [TelemetryRecorder(store, bounds=bounds)]
+    telemetry = TelemetryWriter(store)  # off the transport's dispatcher thread
+    observers: list[FleetObserver] = [TelemetryRecorder(store, bounds=bounds, writer=telemetry)]
     metrics = None
     if settings.metrics_port is not None:
         from coordinator.metrics import PrometheusMetrics, endpoint_problem
@@ -446,6 +447,7 @@ def serve(
             report(f"updates accepted {c.accepted}, refused {dict(c.refused) or 0}")
         finally:
             transport.close()
+            telemetry.close()
             if metrics is not None:
                 metrics.close()
     if settings.export:

@@ -19,6 +19,7 @@ import torch
 from coordinator.engine import RoundEngine, RoundPolicy, RoundResult
 from coordinator.inputs import prototype_models, server_data
 from coordinator.observe import FleetObserver
+from coordinator.privacy import PrivacyBudgetExceeded, build_privacy
 from coordinator.simulate import metrics_line
 from coordinator.store import RunStore, RunStoreError
 from coordinator.transport.base import ClientUpdate, Transport
@@ -93,6 +94,9 @@ class FederationRun:
         self.registry = registry
         self.bounds = update_bounds(cfg)
         self.models = prototype_models(cfg)
+        # the budget over the whole run: refused here, before anything starts, if the
+        # configured noise cannot last it; the noise comes from the OS's entropy
+        self.privacy = build_privacy(cfg, rounds=options.rounds)
         self.engine = RoundEngine(
             cfg,
             self.models,
@@ -104,6 +108,7 @@ class FederationRun:
             policy=options.policy,
             on_update=store.save_pending,
             weight_cap=self._weight_cap,
+            privacy=self.privacy,
         )
         self.on_round = on_round
         self.observer = observer or FleetObserver()
@@ -134,6 +139,8 @@ class FederationRun:
                     self.engine.globals[p.name] = self.store.load_global(
                         p.name, self.completed, digests.get(p.name)
                     )
+            self.privacy.load_state(self.state.get("privacy"))
+            self.privacy.check_run(self.options.rounds - self.completed)
             records = self.state.get("round_metrics")
             if records is not None:
                 # the round's metrics went with the state; a kill before (or during) the
@@ -167,6 +174,8 @@ class FederationRun:
             "open_round": None,
             "checkpoints": digests,
         }
+        if self.privacy.budgets:
+            self.state["privacy"] = self.privacy.to_state()
         self.store.write_state(self.state)
 
     def _save_state(self) -> None:
@@ -221,7 +230,7 @@ class FederationRun:
 
     def run(self) -> list[RoundResult]:
         self.prepare()
-        results = []
+        results: list[RoundResult] = []
         for r in range(self.completed + 1, self.options.rounds + 1):
             open_round = self.state.get("open_round")
             plan = open_round["plan"] if open_round and open_round.get("id") == r else None
@@ -235,7 +244,15 @@ class FederationRun:
             self.on_phase("collecting", r)
             self.observer.round_started(r, plan)
             started = time.monotonic()
-            res = self.engine.run_round(r, resumed=resumed, plan=plan)
+            try:
+                res = self.engine.run_round(r, resumed=resumed, plan=plan)
+            except PrivacyBudgetExceeded as e:
+                log.warning("%s", e)
+                self.state["phase"] = "stopped: privacy budget"
+                self.state["open_round"] = None
+                self._save_state()
+                self.store.clear_pending(r)
+                return results
             digests = {
                 name: self.store.save_global(
                     checkpoint_meta(self.cfg, self.data, self.models, name, r), state
@@ -257,10 +274,14 @@ class FederationRun:
                     "round_metrics": records,
                 }
             )
+            if self.privacy.budgets:
+                self.state["privacy"] = self.privacy.to_state()
             self._save_state()
             self.store.commit_metrics(r, records)
             self.store.clear_pending(r)
             self.observer.round_finished(r, time.monotonic() - started)
+            if self.privacy.budgets:
+                self.observer.privacy_spent(r, self.privacy.epsilons(), self.privacy.spec.delta)
             results.append(res)
             if self.on_round is not None:
                 self.on_round(res)

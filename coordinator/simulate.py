@@ -14,11 +14,18 @@ import torch
 
 from coordinator.engine import RoundEngine, RoundResult
 from coordinator.inputs import prototype_models, server_data
+from coordinator.privacy import build_privacy
+from coordinator.transport.base import ClientUpdate
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
 from takfl.algorithms import Algorithm
 from takfl.config import FederationConfig, prototype_profile, prototype_training
+from takfl.config.base import ModelSpec
 from takfl.federation_data import build_federation_data
 from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
+from takfl.wire.codec_names import CodecNameError
+from takfl.wire.codecs import Codec, resolve_codec
+
+PROFILE = "profile"  # the compression choice: each device profile's own codec
 
 
 @dataclass(kw_only=True)
@@ -28,22 +35,87 @@ class SimulationSpec:
     first_seed: int = 0  # seeds run are first_seed .. first_seed + seeds - 1
     rounds: int | None = None  # None: the config's
     alpha: float | None = None  # None: the config's
-    compression: str | None = None  # apply the wire codec: fp32|fp16|int8|profile
+    # apply a wire codec to updates: a codec choice ("fp16", "topk-int8:density=0.02",
+    # ...; see takfl.wire.codec_names), one per prototype ("S=sign1:density=0.6;M=...")
+    # or "profile" (each device profile's own)
+    compression: str | None = None
     data_dir: str | None = None
     # train a prototype's sampled clients together (vmap) where that equals the loop:
     # True, False, or None (automatic: on accelerators, and for small models on a CPU)
     vectorise: bool | None = None
 
 
-def profile_compression(cfg: FederationConfig, mode: str | None) -> str | dict[str, str] | None:
-    """``profile``: each prototype's device-profile compression, as real agents send."""
-    if mode != "profile":
-        return mode
-    return {p.name: prototype_profile(cfg, p.name).comms.compression for p in cfg.prototypes}
+def resolve_compression(cfg: FederationConfig, choice: str | None) -> dict[str, Codec] | None:
+    """Prototype -> the codec its updates go through: ``choice`` for every prototype;
+    ``profile``: each prototype's device-profile compression, as real agents send; or one
+    choice per prototype, ``S=sign1:density=0.6;M=sign1;L=fp16`` (every prototype named).
+
+    Raises:
+        CodecNameError (a ValueError): an unknown codec, a bad setting, or a per-prototype
+            choice that misses or repeats a prototype or names an unknown one.
+    """
+    if choice is None:
+        return None
+    names = [p.name for p in cfg.prototypes]
+    if choice == PROFILE:
+        return {n: resolve_codec(prototype_profile(cfg, n).comms.compression) for n in names}
+    items = [i.strip() for i in choice.split(";") if i.strip()]
+    heads = [i.partition("=")[0].strip() for i in items]
+    if len(items) == 1 and heads[0] not in names:
+        codec = resolve_codec(items[0])
+        return dict.fromkeys(names, codec)
+    if sorted(heads) != sorted(names):
+        raise CodecNameError(
+            f"a choice per prototype names each of {', '.join(names)} once "
+            f"(PROTOTYPE=CODEC;...), got {', '.join(heads)}"
+        )
+    return {h: resolve_codec(i.partition("=")[2]) for h, i in zip(heads, items, strict=True)}
 
 
-def metrics_line(algorithm: Algorithm, seed: int, res: RoundResult) -> list[dict[str, Any]]:
-    """One JSON-able record per prototype for a finished round."""
+def fp32_bytes(
+    models: dict[str, ModelSpec], num_classes: int, input_shape: tuple[int, int, int]
+) -> dict[str, int]:
+    """Prototype -> size of its model's delta as an fp32 blob (the reference for ratios)."""
+    from takfl.models import build_model
+    from takfl.wire.codec import encode_state
+
+    return {
+        name: len(
+            encode_state(
+                build_model(spec.builder, num_classes, input_shape, **spec.args).state_dict(),
+                "fp32",
+            )
+        )
+        for name, spec in models.items()
+    }
+
+
+class UploadTally:
+    """Encoded update sizes of the round in progress, by prototype (an engine hook)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, list[float]] = {}
+
+    def __call__(self, upd: ClientUpdate) -> None:
+        if "upload_bytes" in upd.metrics:
+            self.sizes.setdefault(upd.prototype, []).append(upd.metrics["upload_bytes"])
+
+    def take(self) -> dict[str, float]:
+        """Mean bytes per update per prototype since the last call; then start over."""
+        out = {p: float(np.mean(v)) for p, v in self.sizes.items() if v}
+        self.sizes = {}
+        return out
+
+
+def metrics_line(
+    algorithm: Algorithm,
+    seed: int,
+    res: RoundResult,
+    upload: dict[str, float] | None = None,
+    fp32: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """One JSON-able record per prototype for a finished round; with a codec, the mean
+    encoded update size and the fp32 size of the same model's delta."""
     strategy = algorithm.lambda_strategy
     return [
         {
@@ -60,7 +132,14 @@ def metrics_line(algorithm: Algorithm, seed: int, res: RoundResult) -> list[dict
             "timings": res.timings,
             "info": res.info.get(proto, {}),
             "kept_previous": res.kept_previous.get(proto),  # why the new model was discarded
+            # under a private mode: epsilon spent so far at delta, noise multiplier, bound
+            **({"privacy": res.privacy[proto]} if proto in res.privacy else {}),
         }
+        | (
+            {"upload_bytes": upload.get(proto), "fp32_bytes": fp32.get(proto)}
+            if upload is not None and fp32 is not None
+            else {}
+        )
         for proto, acc in res.accuracy.items()
     ]
 
@@ -93,11 +172,16 @@ def run_simulation(
         raise ValueError(f"each algorithm may run once per simulation, got {names}")
     final: dict[str, dict[str, list[float]]] = {a: {} for a in names}
     curves: dict[str, dict[str, list[list[float]]]] = {a: {} for a in names}
+    build_privacy(cfg, rounds=rounds)  # a budget the rounds would pass: refused before any work
     metrics_path = out_dir / METRICS_FILE
     metrics_path.write_text("")
+    codecs = resolve_compression(cfg, spec.compression)
+    fp32: dict[str, int] | None = None
     for seed in range(spec.first_seed, spec.first_seed + spec.seeds):
         data = build_federation_data(cfg, seed, spec.data_dir, spec.alpha)
         sdata = server_data(data, device)
+        if codecs is not None and fp32 is None:
+            fp32 = fp32_bytes(models, data.num_classes, data.input_shape)
         for algo in spec.algorithms:
             alg = algo.name
             clients = [
@@ -109,17 +193,29 @@ def run_simulation(
                 num_classes=data.num_classes,
                 input_shape=data.input_shape,
                 device=device,
-                compression=profile_compression(cfg, spec.compression),
+                codecs=codecs,
                 vectorise=spec.vectorise,
             )
+            # seeded noise: reproducible figures (no protection against who knows the seed)
+            privacy = build_privacy(cfg, rounds=rounds, noise_seed=seed)
+            tally = UploadTally()
             engine = RoundEngine(
-                cfg, models, sdata, transport, algorithm=algo, device=device, seed=seed
+                cfg,
+                models,
+                sdata,
+                transport,
+                algorithm=algo,
+                device=device,
+                seed=seed,
+                privacy=privacy,
+                on_update=tally,
             )
             per_proto: dict[str, list[float]] = {p.name: [] for p in cfg.prototypes}
             for r in range(1, rounds + 1):
                 res = engine.run_round(r)
                 with metrics_path.open("a") as f:
-                    for rec in metrics_line(algo, seed, res):
+                    upload = tally.take() if codecs is not None else None
+                    for rec in metrics_line(algo, seed, res, upload, fp32):
                         f.write(json.dumps(rec) + "\n")
                 for p, a in res.accuracy.items():
                     per_proto[p].append(a)
@@ -136,6 +232,8 @@ def run_simulation(
                 "rounds": rounds,
                 "seeds": list(range(spec.first_seed, spec.first_seed + spec.seeds)),
                 "compression": spec.compression,
+                "privacy": cfg.privacy.model_dump(),
+                "codecs": {p: str(c) for p, c in codecs.items()} if codecs else None,
                 "validation": {a.name: a.validation for a in spec.algorithms},
                 "lambda_strategy": {
                     a.name: a.lambda_strategy.name for a in spec.algorithms if a.lambda_strategy

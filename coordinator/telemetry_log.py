@@ -25,10 +25,18 @@ nothing reads them as measurements. The log stays
 bounded by agents x rounds: a registration is written again only when the agent's
 platform changed (an agent re-registers on every reconnect), and at most
 ``MAX_REFUSALS`` refusals per agent and round are written (the round record counts all).
+
+Records are appended in O(record) (:meth:`RunStore.append_telemetry`: written at the
+end of the file and fsynced). With a :class:`TelemetryWriter`, as ``serve`` runs it,
+the appends happen on a thread of their own, in batches: the transport's dispatcher
+thread, which calls the recorder for every registration, presence change and update,
+never waits for the disk, and a thousand records arriving together cost one write and
+one fsync, not a thousand.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, defaultdict
@@ -41,6 +49,8 @@ from takfl.config import FederationConfig, prototype_profile
 from takfl.config.profile import HARDWARE_MEMORY_MB
 from takfl.wire.messages import UpdateHeader
 from takfl.wire.telemetry import Plausibility, Telemetry, implausible
+
+log = logging.getLogger(__name__)
 
 MAX_REFUSALS = 16  # refusal records per agent and round (the round record counts every one)
 DEADLINE_FACTOR = 2.0  # times and deadline slack within the round's deadline x this
@@ -75,6 +85,61 @@ def screen(
     return {k: v for k, v in data.items() if k not in flagged}, flagged
 
 
+class TelemetryWriter:
+    """Appends telemetry records to a run store from a thread of its own, in batches
+    (whatever arrived while the previous batch was being written). Order is kept;
+    :meth:`flush` waits until everything handed in is on disk; :meth:`close` flushes
+    and stops the thread (records handed in after that are written at once)."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+        self.batches = 0  # appends made (one write and fsync each)
+        self._pending: list[dict[str, Any]] = []
+        self._writing = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self._cond:
+            if not self._closed:
+                self._pending.append(record)
+                self._cond.notify_all()
+                return
+        self.store.append_telemetry([record])
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+                self._writing = True
+            try:
+                self.store.append_telemetry(batch)
+                self.batches += 1
+            except OSError:
+                log.exception("telemetry: %d record(s) not written", len(batch))
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every record handed in is written; False after ``timeout`` s."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._writing, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+
 class _Round:
     def __init__(self, plan: Mapping[str, Sequence[str]]) -> None:
         self.plan = {p: sorted(ids) for p, ids in plan.items()}
@@ -93,10 +158,13 @@ class TelemetryRecorder(FleetObserver):
         store: RunStore,
         clock: Callable[[], float] = time.time,
         bounds: Mapping[str, Plausibility] | None = None,
+        writer: TelemetryWriter | None = None,
     ) -> None:
         """``bounds``: prototype -> :class:`Plausibility` (:func:`plausibility`); other
-        prototypes get :data:`ANY_DEVICE`."""
+        prototypes get :data:`ANY_DEVICE`. ``writer``: appends on its own thread (None:
+        each record is appended before the call returns)."""
         self.store = store
+        self.writer = writer
         self.clock = clock
         self.bounds = dict(bounds or {})
         self._lock = threading.Lock()
@@ -107,7 +175,11 @@ class TelemetryRecorder(FleetObserver):
         self._refusals: Counter[tuple[int | None, str]] = Counter()  # (round, agent)
 
     def _write(self, kind: str, **fields: Any) -> None:
-        self.store.append_telemetry([{"kind": kind, "time": self.clock(), **fields}])
+        record = {"kind": kind, "time": self.clock(), **fields}
+        if self.writer is not None:
+            self.writer.append(record)
+        else:
+            self.store.append_telemetry([record])
 
     def _screened(self, prototype: str, telemetry: Telemetry | None) -> dict[str, Any]:
         data, flagged = screen(telemetry, self.bounds.get(prototype, ANY_DEVICE))

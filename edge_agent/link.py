@@ -81,6 +81,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REGISTER_KEY = "register"  # key of the registration ack in wait_ack
+ClientFactory = Callable[..., MqttClient]  # (settings, client_id, *, will) -> client
 
 
 class AgentLink:
@@ -96,7 +97,11 @@ class AgentLink:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         telemetry: Callable[[], Telemetry] | None = None,
+        client_factory: ClientFactory = MqttClient,
     ) -> None:
+        """``client_factory(settings, client_id, will=...)`` makes the MQTT client (default
+        :class:`MqttClient`, threads of its own; a host serving many agents from one event
+        loop passes a client of the same interface)."""
         check_ident(identity.agent_id, "agent id")
         self.identity = identity
         self.telemetry = telemetry  # what the registration reports, built at each connect
@@ -108,7 +113,7 @@ class AgentLink:
         self.releases: Deployment | None = None  # set by serve_releases
         self._status_schedule: StatusSchedule | None = None
         self.intake = TaskIntake(me, p.intake(), clock=clock)  # before the will: its run
-        self.client = MqttClient(settings, me, will=self._will)
+        self.client = client_factory(settings, me, will=self._will)
         self.reader = InboundReader(me, identity.secret, identity.prototype)
         self.outbox = UpdateOutbox(
             self.client,

@@ -1,4 +1,4 @@
-"""The names under which algorithms and lambda strategies are registered.
+"""The names under which algorithms, lambda strategies and privacy units are registered.
 
 The registries (``takfl.algorithms``, ``takfl.lambdas``) hold the units, whose maths
 needs torch; a config is read where torch must not load (an agent's ``validate``,
@@ -15,6 +15,10 @@ from typing import TypeVar
 
 ALGORITHMS: tuple[str, ...] = ("takfl", "takfl-reg", "takfl-scaled", "feddf", "fedet", "fedavg")
 LAMBDA_STRATEGIES: tuple[str, ...] = ("heuristic", "fixed", "search", "learned", "unsupervised")
+PAPER_ALGORITHMS: tuple[str, ...] = ("fedavg", "feddf", "fedet", "takfl", "takfl-reg")  # Table 1
+PRIVACY_MODES: tuple[str, ...] = ("plain", "central-dp")  # takfl.privacy.modes
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")  # takfl.privacy.accountant
+CLIPPING_MODES: tuple[str, ...] = ("fixed", "adaptive")  # takfl.privacy.clipping
 
 U = TypeVar("U")
 

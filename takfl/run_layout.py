@@ -90,6 +90,9 @@ class RunState(TypedDict):
     open_round: NotRequired[OpenRound | None]
     checkpoints: NotRequired[dict[str, str]]  # prototype -> SHA-256 of its latest checkpoint
     round_metrics: NotRequired[list[dict[str, Any]]]  # the round's metrics.jsonl lines
+    # private modes: per prototype its noise, clipping bound and release history
+    # (coordinator.privacy.RunPrivacy.to_state)
+    privacy: NotRequired[dict[str, Any]]
     updated: NotRequired[float]  # unix time of the last write
 
 

@@ -18,7 +18,15 @@ pytestmark = [pytest.mark.mosquitto, SKIP_NO_MOSQUITTO]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "agents_scale.py"
 N = 5
-RECORD_FIELDS = {"command", "environment", "options", "federation", "results", "memory_slopes"}
+RECORD_FIELDS = {
+    "command",
+    "environment",
+    "options",
+    "federation",
+    "results",
+    "memory_slopes",
+    "goals",
+}
 ROUND_FIELDS = {"round", "wall_s", "received", "sampled", "timings"}
 RESULT_FIELDS = {
     "agents",
@@ -39,6 +47,10 @@ RESULT_FIELDS = {
     "parameters",
     "transport",
     "agent_counters",
+    "dropped",
+    "status_s",
+    "telemetry_bytes_per_record",
+    "load_before",
 }
 
 
@@ -85,6 +97,32 @@ def test_five_agents_register_and_answer_one_round(tmp_path: Path) -> None:
     assert result["parameters"] == 610
     assert result["rss_peak_mb"] >= result["rss_setup_mb"] > 0
     assert result["per_agent_ms"] == pytest.approx(result["round_s_median"] * 1000 / N)
+    assert result["dropped"] == 0 and result["status_online"] == N
+    assert result["telemetry_records"] >= 3 * N  # registration, presence, update
+    assert written["goals"]["dropped"]["met"]
+
+
+def test_json_keys_of_any_kind_are_written() -> None:
+    # Prepare: a record whose timings are keyed by (round, prototype)
+    control = sys.modules[load_benchmark().Child.__module__]
+    record = {"timings": {(0, "S"): 1.5, 3: {"x": (1, 2)}}}
+
+    # Execute
+    text = json.dumps(control.jsonable(record))
+
+    # Assert
+    assert json.loads(text) == {"timings": {"0/S": 1.5, "3": {"x": [1, 2]}}}
+
+
+def test_synthetic_shards_need_no_data_pool() -> None:
+    # Prepare
+    bench = load_benchmark()
+
+    # Execute
+    sizes = [bench.synthetic_samples(i) for i in range(10_000)]
+
+    # Assert: any number of agents gets a shard of 8 to 71 samples
+    assert min(sizes) == 8 and max(sizes) == 71
 
 
 def test_perturbation_is_deterministic_small_and_keeps_integers() -> None:

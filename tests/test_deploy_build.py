@@ -175,6 +175,7 @@ def test_unknown_prototypes_and_profiles_that_run_pytorch_are_refused(
         releases_from_run(run, ["XL"], signing)
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_release_command_rolls_out_each_tier_and_halts_one_with_nothing_to_roll_back(
     run: Path, tmp_path: Path
 ) -> None:

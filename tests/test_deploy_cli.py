@@ -104,6 +104,7 @@ def test_rollback_of_an_unknown_version_is_a_clean_error(tmp_path: Path) -> None
     assert code == 2 and "no release 4 of L" in output
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_rollback_over_the_embedded_broker_reinstates_the_old_release(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     signing = load_signing(run, "digits")

@@ -86,6 +86,7 @@ def completed(prototype: str, version: int, agents: list[str]) -> Rollout:
     return r
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_staged_rollout_with_a_timeout_and_a_halted_tier_rolled_back(tmp_path: Path) -> None:
     signing = signing_for(tmp_path / "keys")
     store = ReleaseStore(tmp_path / "run")

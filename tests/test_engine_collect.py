@@ -11,8 +11,11 @@ import torch
 
 from coordinator.engine import RoundEngine, RoundPolicy, ServerData, _Collector
 from coordinator.transport.base import ClientUpdate, Task, Transport
+from coordinator.transport.intake import Decision, refused_answer
 from takfl.algorithms import resolve_algorithm
 from takfl.config import load_federation, prototype_model
+from takfl.wire.messages import Ack
+from takfl.wire.validation import Refusal, refuse
 
 PLAN = {"S": ["S-000", "S-001"], "M": ["M-000", "M-001"], "L": ["L-000"]}
 
@@ -33,12 +36,18 @@ class ScriptedTransport(Transport):
         self.clock = clock
         self.script = sorted(script, key=lambda item: item[0])
         self.waits: list[float] = []
+        self.refusals: list[tuple[float, tuple[int, str]]] = []  # (time, (round, client))
 
     def clients(self) -> dict[str, list[str]]:
         return PLAN
 
     def send_tasks(self, tasks: list[Task]) -> None:
         return None
+
+    def refused_answers(self) -> list[tuple[int, str]]:
+        due = [r for t, r in self.refusals if t <= self.clock.now]
+        self.refusals = [(t, r) for t, r in self.refusals if t > self.clock.now]
+        return due
 
     def next_update(self, timeout: float) -> ClientUpdate | None:
         self.waits.append(timeout)
@@ -166,3 +175,69 @@ def test_stale_unknown_and_duplicate_updates_are_counted_and_ignored() -> None:
     got = collect(engine)
     assert got["S"] == {"S-000"}
     assert engine.rejected == 3
+
+
+def test_a_tier_of_thousands_is_collected_every_client_once() -> None:
+    # Prepare: 20,000 sampled clients answering at once (the loop's cost per update is
+    # measured by benchmarks/agents_scale.py; here only its bookkeeping)
+    engine, transport, clock = make_engine(RoundPolicy(deadline_s=60, quorum=1.0), {})
+    engine.guard = None  # this test is about the loop's bookkeeping
+    clients = [f"S-{i:05d}" for i in range(20_000)]
+    state = engine.globals["S"]
+    transport.script = [
+        (
+            clock.now,
+            ClientUpdate(round_id=1, prototype="S", client_id=c, num_samples=5, state=state),
+        )
+        for c in clients
+    ]
+    plan = {"S": clients}
+    collectors = {"S": _Collector(engine.aggregator, state, False)}
+
+    # Execute
+    got = engine.collect(1, plan, collectors)
+
+    # Assert
+    assert got == {"S": set(clients)}
+    assert engine.rejected == 0
+
+
+def test_clients_refused_on_receipt_are_not_awaited() -> None:
+    # Prepare: M-001 and L-000's updates are refused by the transport's intake (their
+    # final answer, e.g. over a bound); an old round's refusal of S-001 changes nothing
+    arrivals = {"S-000": 1.0, "S-001": 3.0, "M-000": 4.0}
+    engine, transport, clock = make_engine(
+        RoundPolicy(deadline_s=60, quorum=1.0, max_wait_s=600), arrivals
+    )
+    start = clock.now
+    transport.refusals = [(start + 2.0, (1, "M-001")), (start + 2.5, (1, "L-000"))]
+    transport.refusals.append((start + 0.5, (0, "S-001")))
+    # Execute
+    got = collect(engine)
+    # Assert: closed once the last awaited client answered, not at deadline + max_wait
+    assert got == {"S": {"S-000", "S-001"}, "M": {"M-000"}, "L": set()}
+    assert clock.now - start < 6
+
+
+@pytest.mark.parametrize(
+    "reason, final",
+    [
+        (Refusal.NORM_BOUND, True),  # over a bound: the agent will not offer it again
+        (Refusal.DIGEST_MISMATCH, True),
+        (Refusal.BAD_SIGNATURE, False),  # not known to be the agent's
+        (Refusal.STALE_ROUND, False),  # not this round's answer
+        (Refusal.DUPLICATE, False),  # the agent already answered
+    ],
+)
+def test_which_intake_refusals_are_a_clients_final_answer(reason: Refusal, final: bool) -> None:
+    ack = Ack(
+        subject="update",
+        agent_id="L-000",
+        round_id=2,
+        digest="ab" * 32,
+        accepted=False,
+        reason=reason.value,
+    )
+    decision = Decision(agent="L-000", verdict=refuse(reason, "x"), ack=ack)
+    assert refused_answer(decision) == ((2, "L-000") if final else None)
+    assert refused_answer(Decision(agent="L-000", verdict=refuse(reason, "x"))) is None  # no ack

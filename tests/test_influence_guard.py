@@ -21,10 +21,12 @@ from takfl.influence import (
     CostMargins,
     ValidationCost,
     ValidationScore,
+    ValidationScorer,
     partial_application,
     validation_cost,
     validation_score,
 )
+from takfl.models import build_model
 from takfl.wire.validation import Refusal, delta_norm
 
 torch.set_num_threads(1)
@@ -159,6 +161,7 @@ def absorbs(engine: RoundEngine, proto: str, state: dict[str, torch.Tensor]) -> 
     return engine.absorb(update, col)
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_a_poisoned_round_leaves_every_tier_within_5_points_of_a_clean_run() -> None:
     # Prepare / Execute: the same seed, once clean, once with L-001 poisoning round 4 (the
     # issue's round: L fell from 90.0 % to 13.9 %)
@@ -276,3 +279,59 @@ def test_validation_withheld_from_every_method_switches_the_cost_test_off(
     attack = row_attack(engine.globals["L"])
     assert withheld.judge("L", attack, engine.globals["L"], 0.5).accepted
     assert on.judge("L", attack, engine.globals["L"], 0.5).reason is Refusal.VALIDATION_COST
+
+
+def test_shares_of_a_large_tier_sum_its_allowances_once_per_plan() -> None:
+    # Prepare: 3,000 sampled clients, half with an allowance; the weight caps are counted
+    engine, _ = run(small_config((2, 2, 1)), 1, None)
+    clients = [f"S-{i:04d}" for i in range(3000)]
+    engine._plan = {"S": clients}
+    calls: list[str] = []
+
+    def cap(client: str) -> int | None:
+        calls.append(client)
+        return 10 + int(client[2:]) % 7 if int(client[2:]) % 2 else None
+
+    engine.weight_cap = cap
+    state = engine.globals["S"]
+
+    def expected(client: str, weight: float) -> float:  # the definition, peer by peer
+        others = sum(float(cap(c) or weight) for c in clients if c != client)
+        return weight / (weight + others)
+
+    # Execute
+    shares = [
+        engine.share(
+            ClientUpdate(round_id=2, prototype="S", client_id=c, num_samples=20, state=state),
+            20.0,
+        )
+        for c in clients
+    ]
+    counted = len(calls)
+
+    # Assert
+    assert counted == len(clients)
+    for i in (0, 1, 1500, 2999):
+        assert shares[i] == expected(clients[i], 20.0)
+
+
+@pytest.mark.parametrize("builder", ["mlp_digits", "cnn_digits_large"])
+def test_the_scorer_scores_exactly_as_the_functional_call(builder: str) -> None:
+    # Prepare: a model (with BatchNorm statistics for the CNN) and three states of it
+    torch.manual_seed(0)
+    model = build_model(builder, 10, (1, 8, 8))
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(37, 1, 8, 8), torch.randint(0, 10, (37,))
+    states = [
+        {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in own.items()}
+        for _ in range(3)
+    ]
+    scorer = ValidationScorer(model)
+
+    # Execute
+    fast = [scorer.score(s, x, y, batch_size=16) for s in states]
+    reference = [validation_score(model, s, x, y, batch_size=16) for s in states]
+
+    # Assert: the same numbers, and the caller's module untouched
+    assert fast == reference
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())

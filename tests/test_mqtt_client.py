@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -34,7 +34,7 @@ def broker(tmp_path: Path) -> Iterator[BrokerHandle]:
         yield b
 
 
-def test_full_inbox_drops_and_counts(broker: BrokerHandle) -> None:
+def test_full_inbox_holds_the_broker_back_and_loses_nothing(broker: BrokerHandle) -> None:
     release = threading.Event()
     handled: list[bytes] = []
 
@@ -52,18 +52,54 @@ def test_full_inbox_drops_and_counts(broker: BrokerHandle) -> None:
         for i in range(8):
             pub.publish(topics.up("a1", Up.UPDATE), bytes([i]))
         end = time.monotonic() + 10
-        while sub.counters.received < 8 and time.monotonic() < end:
+        while sub.counters.inbox_waits < 1 and time.monotonic() < end:
             time.sleep(0.05)
+        assert sub.counters.inbox_waits >= 1  # one in the handler, two queued, one waiting
         release.set()
-        assert sub.counters.received == 8
         end = time.monotonic() + 10
-        while len(handled) + sub.counters.dropped < 8 and time.monotonic() < end:
+        while len(handled) < 8 and time.monotonic() < end:
             time.sleep(0.05)
-        assert sub.counters.dropped >= 5  # one in the handler, two queued
-        assert len(handled) + sub.counters.dropped == 8
+        assert sorted(handled) == [bytes([i]) for i in range(8)]
+        assert sub.counters.dropped == 0
     finally:
         pub.stop()
         sub.stop()
+
+
+def message(n: int) -> tuple[Any, str, bytes, int, int]:
+    return (lambda _t, _p: None, "t/1", bytes([n]), n, 1)
+
+
+def test_a_full_inbox_makes_the_network_thread_wait_for_room() -> None:
+    # Prepare
+    client = MqttClient(replace(SETTINGS, port=1, inbox_size=1), "held")  # never started
+    client._hold(message(1))
+    waiting = threading.Thread(target=client._hold, args=(message(2),))
+
+    # Execute
+    waiting.start()
+    waiting.join(0.3)
+    held = waiting.is_alive()
+    first = client._inbox.get_nowait()
+    waiting.join(5)
+
+    # Assert
+    assert held and not waiting.is_alive()
+    assert first[2] == b"\x01" and client._inbox.get_nowait()[2] == b"\x02"
+    assert client.counters.inbox_waits == 1 and client.counters.dropped == 0
+
+
+def test_a_stopping_client_drops_what_it_cannot_queue() -> None:
+    # Prepare
+    client = MqttClient(replace(SETTINGS, port=1, inbox_size=1), "stopping")  # never started
+    client._hold(message(1))
+    client._stopping.set()
+
+    # Execute
+    client._hold(message(2))
+
+    # Assert
+    assert client.counters.dropped == 1 and client._inbox.qsize() == 1
 
 
 def test_full_outbox_refuses_and_counts() -> None:
@@ -147,3 +183,18 @@ def test_persistent_session_keeps_messages_while_away(
                 back.stop()
         finally:
             agent.stop()
+
+
+def test_the_outbox_can_grow_on_an_open_connection(broker: BrokerHandle) -> None:
+    # Prepare
+    client = MqttClient(replace(broker.coordinator_settings, outbox_size=2), COORDINATOR_USER)
+    client.start(timeout=10)
+    try:
+        # Execute
+        size = client.reserve_outbox(10_000)
+        sent = [client.publish("takfl/unit/x", bytes([i])) for i in range(50)]
+    finally:
+        client.stop()
+
+    # Assert
+    assert size == 10_000 and all(sent)

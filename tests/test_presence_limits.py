@@ -15,6 +15,7 @@ from coordinator.store import RunStore
 from coordinator.telemetry_log import TelemetryRecorder
 from coordinator.transport.mqtt import MqttTransport
 from coordinator.transport.presence import PresenceGate
+from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.ratelimit import MessageLimiter, MessageLimits
 from takfl.wire.messages import Status, encode_message
 from takfl.wire.signing import sign
@@ -70,6 +71,7 @@ def test_gate_keys_on_the_topics_agent() -> None:
     assert gate.registration("takfl/unit/nobody")  # names no agent: refused downstream
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_a_flood_of_signed_registrations_and_statuses_is_dropped_unread(tmp_path: Path) -> None:
     # Prepare: a1 floods with its own secret; a2 is honest
     registry = wire_registry({"a1": "S", "a2": "S"})
@@ -120,3 +122,25 @@ def test_a_flood_of_signed_registrations_and_statuses_is_dropped_unread(tmp_path
         assert transport.counters.refused["malformed"] <= 20
     presence = [e for e in store.telemetry() if e["kind"] == "presence" and e["agent_id"] == "a1"]
     assert len(presence) <= 42, len(presence)
+
+
+def test_a_fleet_larger_than_the_default_bucket_count_keeps_every_agents_limit() -> None:
+    # Prepare: 6,000 provisioned agents (default: 4,096 buckets); a1 used up its budget
+    n = 6_000
+    registry = wire_registry({f"a{i}": "S" for i in range(n)})
+    transport = MqttTransport(  # never started: only its units are used
+        MqttSettings(port=1), "unit", registry, num_classes=10, input_shape=(1, 8, 8)
+    )
+    gate, topics = transport.gate, transport.topics
+    while gate.registration(topics.up("a1", Up.REGISTER)):
+        pass
+
+    # Execute: every other agent registers once, then a1 tries again
+    for i in range(2, n):
+        gate.registration(topics.up(f"a{i}", Up.REGISTER))
+    again = gate.registration(topics.up("a1", Up.REGISTER))
+
+    # Assert
+    assert not again
+    assert transport.sender.limiter.limits.max_keys >= 3 * n
+    assert transport.intake.memory >= 2 * n

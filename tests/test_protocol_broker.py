@@ -73,6 +73,7 @@ def retained(settings: MqttSettings, topic_filter: str, listen_s: float = 2.0) -
     return seen
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_monitors_share_a_login_and_agents_cannot_take_each_others_session(
     tmp_path: Path,
 ) -> None:
@@ -147,6 +148,7 @@ def test_an_update_after_the_last_round_is_answered_run_finished(tmp_path: Path)
         assert transport.next_update(timeout=0.5) is None
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_no_retained_message_outlives_its_meaning(tmp_path: Path) -> None:
     registry = make_registry({"a1": "S"})
     t = Topics("test")
@@ -208,6 +210,7 @@ def test_a_stale_or_replayed_registration_is_not_answered(tmp_path: Path) -> Non
         assert transport.transport_counters.registrations == before + 1
 
 
+@pytest.mark.slow  # a real broker and seconds of waiting: the full suite runs it
 def test_an_agent_of_another_major_version_is_told_and_exits_3(tmp_path: Path) -> None:
     # Prepare: an agent process speaking protocol 2.0 (a test double), provisioned as S-000
     registry = make_registry({"S-000": "S"})

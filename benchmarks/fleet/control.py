@@ -35,9 +35,28 @@ class BenchError(RuntimeError):
     """A phase of the benchmark did not complete; the message says which and why."""
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with every mapping key JSON can hold: a tuple key (e.g. ``(round,
+    prototype)``) becomes its parts joined by "/", any other key its ``str``."""
+    if isinstance(value, dict):
+        return {_key(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _key(key: Any) -> Any:
+    if isinstance(key, str | int | float | bool) or key is None:
+        return key
+    if isinstance(key, tuple):
+        return "/".join(str(k) for k in key)
+    return str(key)
+
+
 def say(word: str, payload: Any = None) -> None:
     """One control line to the orchestrator: ``word`` and optional JSON."""
-    sys.stdout.write(word + ("" if payload is None else " " + json.dumps(payload)) + "\n")
+    line = word if payload is None else f"{word} {json.dumps(jsonable(payload))}"
+    sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 

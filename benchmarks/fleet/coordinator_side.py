@@ -35,23 +35,47 @@ from coordinator.engine import RoundEngine, RoundPolicy
 from coordinator.inputs import prototype_models, server_data
 from coordinator.registry import load_registry
 from coordinator.serve import COORDINATOR_USER, transport_policy, wire_registry
+from coordinator.store import RunStore
+from coordinator.telemetry_log import TelemetryRecorder, TelemetryWriter
 from coordinator.transport.base import ClientUpdate
 from coordinator.transport.mqtt import GLOBAL_ENCODING, MqttTransport
 from takfl.algorithms import resolve_algorithm
-from takfl.config import load_federation
+from takfl.config import FederationConfig, load_federation
 from takfl.federation_data import build_federation_data
 from takfl.mqtt.client import MqttSettings
+from takfl.run_layout import TELEMETRY_FILE
 from takfl.wire.codec import encode_state
 
 TOP_SITES = 6  # allocation sites listed after the traced registration
 MB = 1e6
-MQTT_COUNTERS = ("dropped", "publish_refused", "disconnects", "handler_errors")
+MQTT_COUNTERS = ("dropped", "publish_refused", "disconnects", "handler_errors", "inbox_waits")
 
 
 def peak_rss_mb() -> float:
     """Peak resident set of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MB if sys.platform == "darwin" else peak * 1024 / MB
+
+
+def server_only(cfg: FederationConfig) -> FederationConfig:
+    """``cfg`` with one client per prototype: what the coordinator's server data (test,
+    validation, public) need, whatever the number of agents (their shards are synthetic)."""
+    prototypes = [p.model_copy(update={"clients": 1}) for p in cfg.prototypes]
+    return cfg.model_copy(update={"prototypes": prototypes})
+
+
+class CountingRecorder(TelemetryRecorder):
+    """The run's telemetry recorder, counting records and the seconds its callers spent
+    handing them over (with a writer: the transport's dispatcher thread's cost)."""
+
+    records = 0
+    seconds = 0.0
+
+    def _write(self, kind: str, **fields: Any) -> None:
+        t = time.perf_counter()
+        super()._write(kind, **fields)
+        self.seconds += time.perf_counter() - t
+        self.records += 1
 
 
 def counters(link: MqttTransport) -> dict[str, Any]:
@@ -70,7 +94,10 @@ class CoordinatorSide:
         self.cfg = load_federation(spec["config"])
         self.prototype = self.cfg.prototypes[0].name
         self.registry = wire_registry(load_registry(Path(spec["agents_file"])))
-        self.data = build_federation_data(self.cfg, spec["seed"])
+        self.data = build_federation_data(server_only(self.cfg), spec["seed"])
+        self.store = RunStore(Path(spec["run_dir"]))
+        self.writer = TelemetryWriter(self.store)  # as serve runs it
+        self.recorder = CountingRecorder(self.store, writer=self.writer)
         self.settings = MqttSettings(
             host=spec["host"],
             port=spec["port"],
@@ -104,6 +131,7 @@ class CoordinatorSide:
             num_classes=self.data.num_classes,
             input_shape=self.data.input_shape,
             policy=transport_policy(self.cfg),
+            observer=self.recorder,
         )
 
     def on_update(self, upd: ClientUpdate) -> None:
@@ -162,6 +190,13 @@ class CoordinatorSide:
         rec["global_blob_bytes"] = len(encode_state(state, GLOBAL_ENCODING))
         rec["update_blob_bytes"] = max(self.upload_bytes, default=0.0)
         rec["transport"] = counters(self.first)
+        self.writer.flush()
+        size = self.store.root.joinpath(TELEMETRY_FILE).stat().st_size
+        rec["telemetry_batches"] = self.writer.batches
+        records = max(1, self.recorder.records)
+        rec["telemetry_records"] = self.recorder.records
+        rec["telemetry_bytes_per_record"] = size / records
+        rec["telemetry_ms_per_record"] = self.recorder.seconds * 1000 / records
 
     def restart(self) -> tuple[MqttTransport, float, int]:
         """Close the engine's transport, start a new one (same client id and session) and

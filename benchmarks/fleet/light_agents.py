@@ -1,22 +1,22 @@
 """Light agents: real ``AgentLink`` clients (one MQTT connection each) that do not train.
 
-A worker process serves its share of the agents from one loop: it connects them on
-``go``, answers every task at once with the global state plus a small deterministic
-perturbation (a valid, non-zero delta), and on ``stop`` closes them and reports their
+A worker process serves its share of the agents from one thread (:class:`SharedLoop`:
+every connection on one selector, ``AgentLink``'s own units deciding what to send). It
+connects them on ``go``; an agent answers each task as soon as its global model is
+complete, with the global state plus a small deterministic perturbation (a valid,
+non-zero delta), from the same thread; on ``stop`` it closes them and reports their
 counters.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import queue
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -32,7 +32,8 @@ from benchmarks.fleet.control import (
     read_commands,
     say,
 )
-from edge_agent.link import AgentIdentity, AgentLink, ReceivedTask
+from benchmarks.fleet.loop_client import LoopClient, SharedLoop
+from edge_agent.link import AgentIdentity, AgentLink, ClientFactory, LinkPolicy
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
 
@@ -53,57 +54,91 @@ def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
     return out
 
 
-def make_links(spec: dict[str, Any]) -> list[Served]:
-    """An unstarted link per agent of the spec, logging in with its own secret."""
-    links = []
-    for a in spec["agents"]:
-        secret = bytes.fromhex(a["secret_hex"])
-        settings = MqttSettings(
-            host=spec["host"],
-            port=spec["port"],
-            username=a["agent_id"],
-            password=mqtt_password(secret),
+CONNECT_BATCH = 50  # connections opened per turn of the loop
+
+
+class Fleet:
+    """The worker's agents on one :class:`SharedLoop`; each answers its tasks at once."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.loop = SharedLoop(tick_s=1.0)
+        self.links: list[Served] = []
+        self.answered = 0
+        policy = LinkPolicy()
+        for a in spec["agents"]:
+            secret = bytes.fromhex(a["secret_hex"])
+            settings = MqttSettings(
+                host=spec["host"],
+                port=spec["port"],
+                username=a["agent_id"],
+                password=mqtt_password(secret),
+            )
+            identity = AgentIdentity(
+                agent_id=a["agent_id"],
+                prototype=a["prototype"],
+                secret=secret,
+                profile=a["profile"],
+                hardware_class=a["hardware_class"],
+                num_samples=a["num_samples"],
+            )
+            link = AgentLink(
+                settings,
+                spec["fleet"],
+                identity,
+                policy=policy,
+                client_factory=cast(ClientFactory, self._client),
+            )
+            link.client.owner = (a["index"], link, a["num_samples"])  # type: ignore[attr-defined]
+            self.links.append((a["index"], link, a["num_samples"]))
+        self.loop.after_message = self._answer
+
+    def _client(self, settings: MqttSettings, client_id: str, **kw: Any) -> LoopClient:
+        return LoopClient(self.loop, settings, client_id, **kw)
+
+    def _answer(self, client: LoopClient) -> None:
+        """After a message to ``client``'s agent: answer the task it completed, if any."""
+        index, link, n = client.owner
+        task = link.next_task(0.0)
+        if task is not None:
+            seed = task.message.round_id * 100_003 + index
+            link.send_update(task, perturbed(task.global_state, seed), num_samples=n)
+            self.answered += 1
+
+    def connect(self, timeout_s: float) -> dict[str, Any]:
+        """Open every connection (in batches, on the loop thread); how many were connected
+        and subscribed within ``timeout_s`` and how long it took."""
+        t0 = time.perf_counter()
+        self.loop.start()
+        for k in range(0, len(self.links), CONNECT_BATCH):
+            batch = [link for _, link, _ in self.links[k : k + CONNECT_BATCH]]
+            done = threading.Event()
+
+            def open_batch(batch: list[AgentLink] = batch, done: threading.Event = done) -> None:
+                for link in batch:
+                    link.client.start(None)
+                done.set()
+
+            self.loop.call_soon(open_batch)
+            done.wait(timeout_s)
+        end = t0 + timeout_s
+        ready = sum(
+            link.client.wait_ready(max(0.0, end - time.perf_counter())) for _, link, _ in self.links
         )
-        identity = AgentIdentity(
-            agent_id=a["agent_id"],
-            prototype=a["prototype"],
-            secret=secret,
-            profile=a["profile"],
-            hardware_class=a["hardware_class"],
-            num_samples=a["num_samples"],
-        )
-        links.append((a["index"], AgentLink(settings, spec["fleet"], identity), a["num_samples"]))
-    return links
+        return {"connected": ready, "connect_s": time.perf_counter() - t0}
 
+    def close(self) -> None:
+        """Each agent's offline status and a clean disconnect, then the loop stops."""
+        done = threading.Event()
 
-def connect(links: list[Served], timeout_s: float) -> dict[str, Any]:
-    """Start every link; how many were connected within ``timeout_s`` and how long it took."""
-    t0 = time.perf_counter()
-    for _, link, _ in links:
-        link.start(timeout=None)
-    end = t0 + timeout_s
-    ready = sum(link.client.wait_ready(max(0.0, end - time.perf_counter())) for _, link, _ in links)
-    return {"connected": ready, "connect_s": time.perf_counter() - t0}
+        def close_all() -> None:
+            for _, link, _ in self.links:
+                link.close()
+            done.set()
 
-
-def answer_tasks(links: list[Served], commands: queue.Queue[str]) -> int:
-    """Answer every task at once until the orchestrator says stop (or goes away); the
-    number of updates sent."""
-    answered = 0
-    while True:
-        with contextlib.suppress(queue.Empty):
-            if commands.get_nowait() in (STOP, EOF):
-                return answered
-        busy = False
-        for index, link, n in links:
-            task: ReceivedTask | None = link.next_task(0.0)
-            if task is not None:
-                seed = task.message.round_id * 100_003 + index
-                link.send_update(task, perturbed(task.global_state, seed), num_samples=n)
-                answered += 1
-                busy = True
-        if not busy:
-            time.sleep(0.005)
+        self.loop.call_soon(close_all)
+        done.wait(60.0)
+        time.sleep(1.0)  # let the loop write what the closes queued
+        self.loop.stop()
 
 
 def link_counters(links: list[Served], answered: int) -> dict[str, int]:
@@ -124,14 +159,14 @@ def worker_main(spec_path: Path) -> int:
     torch.set_num_threads(1)
     spec = json.loads(spec_path.read_text())
     commands = read_commands(sys.stdin)
-    links = make_links(spec)
+    fleet = Fleet(spec)
     say(READY)
     try:
         await_command(commands, GO, spec["startup_timeout_s"])
-        say(STARTED, connect(links, spec["connect_timeout_s"]))
-        answered = answer_tasks(links, commands)
+        say(STARTED, fleet.connect(spec["connect_timeout_s"]))
+        while commands.get() not in (STOP, EOF):
+            pass
     finally:
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(lambda item: item[1].close(), links))
-    say(STOPPED, link_counters(links, answered))
+        fleet.close()
+    say(STOPPED, link_counters(fleet.links, fleet.answered))
     return 0

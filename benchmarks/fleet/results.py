@@ -9,11 +9,25 @@ from typing import Any
 
 from rich.table import Table
 
+GOAL_OVERHEAD_S = 5.0  # a round's overhead at the largest N
+GOAL_MEMORY_GROWTH = 0.10  # coordinator peak RSS, from 500 agents to the largest N
+GOAL_STATUS_S = 2.0  # takfl-coordinator status --broker
+
+
+def dropped(rec: dict[str, Any]) -> int:
+    """Messages lost on the way: the coordinator's (not queued while stopping, or refused
+    by its outbox), the agents' (the same), and the broker's (a session queue full)."""
+    c, a = rec.get("transport") or {}, rec.get("agent_counters") or {}
+    keys = ("mqtt_dropped", "mqtt_publish_refused")
+    return sum(c.get(k, 0) + a.get(k, 0) for k in keys) + rec.get("broker_dropped", 0)
+
 
 def summarise(rec: dict[str, Any]) -> dict[str, Any]:
-    """Medians over the rounds, per agent; memory above setup; status ok/partial/failed."""
+    """Medians over the rounds, per agent; memory above setup; messages lost; status
+    ok/partial/failed."""
     rounds = rec.get("rounds") or []
     n = rec["agents"]
+    rec["dropped"] = dropped(rec)
     if rounds:
         rec["round_s_median"] = statistics.median(r["wall_s"] for r in rounds)
         rec["per_agent_ms"] = rec["round_s_median"] / n * 1000
@@ -24,6 +38,43 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
     complete = len(rounds) > 0 and all(r["received"] == r["sampled"] == n for r in rounds)
     rec["status"] = "failed" if "error" in rec else "ok" if complete else "partial"
     return rec
+
+
+def goals(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fleet-scale goals against what was measured: a round's overhead at the largest
+    N (no training in it), peak RSS growth from 500 agents to the largest N, messages
+    lost, and the slowest ``status``; each with ``met`` (None: not measured)."""
+    done = [r for r in results if "round_s_median" in r]
+    if not done:
+        return {}
+    top = max(done, key=lambda r: r["agents"])
+    base = next((r for r in done if r["agents"] == 500), None)
+    growth = None
+    if base is not None and top is not base:
+        growth = top["rss_peak_mb"] / base["rss_peak_mb"] - 1
+    statuses = [r["status_s"] for r in results if r.get("status_s") is not None]
+    lost = sum(r.get("dropped", 0) for r in results)
+    return {
+        "overhead_s": {
+            "agents": top["agents"],
+            "measured": top["round_s_median"],
+            "goal": GOAL_OVERHEAD_S,
+            "met": top["round_s_median"] < GOAL_OVERHEAD_S,
+        },
+        "memory_growth": {
+            "from": 500,
+            "to": top["agents"],
+            "measured": growth,
+            "goal": GOAL_MEMORY_GROWTH,
+            "met": None if growth is None else growth <= GOAL_MEMORY_GROWTH,
+        },
+        "dropped": {"measured": lost, "goal": 0, "met": lost == 0},
+        "status_s": {
+            "measured": max(statuses, default=None),
+            "goal": GOAL_STATUS_S,
+            "met": None if not statuses else max(statuses) < GOAL_STATUS_S,
+        },
+    }
 
 
 def slopes(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -51,7 +102,10 @@ def cell(value: Any, fmt: str) -> str:
 
 
 def results_table(record: dict[str, Any]) -> Table:
-    t = Table(title="Coordinator vs N agents on one Mosquitto (fedavg, agents answer at once)")
+    t = Table(
+        title="Coordinator vs N agents on one Mosquitto (fedavg, agents answer at once: "
+        "a round is all overhead)"
+    )
     columns = {
         "agents": ("agents", "d"),
         "workers": ("workers", "d"),
@@ -64,6 +118,9 @@ def results_table(record: dict[str, Any]) -> Table:
         "absorb ms/agent": ("absorb_ms_per_agent", ".2f"),
         "RSS setup MB": ("rss_setup_mb", ".1f"),
         "RSS peak MB": ("rss_peak_mb", ".1f"),
+        "lost msgs": ("dropped", "d"),
+        "status s": ("status_s", ".2f"),
+        "telemetry B/rec": ("telemetry_bytes_per_record", ".0f"),
         "traced MB held/peak": ("", ""),
         "updates": ("", ""),
         "status": ("status", "s"),
@@ -86,6 +143,8 @@ def recovery_notes(rec: dict[str, Any]) -> str:
     agents = rec.get("agent_counters") or {}
     items = [
         ("coordinator inbox dropped", coordinator.get("mqtt_dropped")),
+        ("coordinator inbox full (network loop held back)", coordinator.get("mqtt_inbox_waits")),
+        ("broker dropped", rec.get("broker_dropped")),
         ("coordinator publishes refused", coordinator.get("mqtt_publish_refused")),
         ("chunk re-requests by the coordinator", coordinator.get("chunk_requests_sent")),
         ("tasks sent again", coordinator.get("task_retries")),

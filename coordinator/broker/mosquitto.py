@@ -19,8 +19,18 @@
                      agent id) writes only its own up/ tree and reads only its own down/ tree
                      and the fleet's broadcasts
     data/            the persistence database
+    systemd-limits.conf  a systemd drop-in for the mosquitto unit: the open-file limit the
+                     fleet needs (``LimitNOFILE``)
 
-``MosquittoProcess`` runs ``mosquitto -c mosquitto.conf`` and waits for the port.
+Sized with the fleet (:class:`FleetLimits`): each agent listener accepts every
+provisioned agent plus a margin (``max_connections``), the service listener a few
+monitors and services; a client's session may queue ``QUEUED_PER_AGENT`` messages per
+agent (the coordinator's session holds every agent's presence, registration, acks,
+update header and chunks while it is busy); the process needs a file descriptor per
+connection.
+
+``MosquittoProcess`` runs ``mosquitto -c mosquitto.conf`` (with its open-file limit
+raised to what the fleet needs, as far as the hard limit allows) and waits for the port.
 """
 
 from __future__ import annotations
@@ -39,6 +49,13 @@ from types import TracebackType
 
 from coordinator.broker.acl import fleet_acl, mosquitto_acl_text
 from coordinator.broker.errors import BrokerStartError
+from coordinator.broker.limits import (
+    LIMITS_NAME,
+    FleetLimits,
+    limits_dropin_text,
+    open_files_allowed,
+    open_files_setter,
+)
 from coordinator.broker.net import LOOPBACK, port_accepts, wait_port
 from takfl.files import atomic_write_text
 from takfl.wire.messages import CHUNK_HEADER_BYTES, MAX_CHUNK_BYTES, MAX_PACKET_BYTES
@@ -95,6 +112,7 @@ class MosquittoFiles:
     port: int
     password_method: str  # "mosquitto_passwd" or "python"
     service_port: int | None = None  # monitors and services (None: no such listener)
+    open_files: int = 1024  # file descriptors the broker needs (FleetLimits.open_files)
 
 
 def find_mosquitto(name: str = MOSQUITTO) -> str | None:
@@ -192,8 +210,12 @@ def conf_text(
     max_queued_messages: int = 10_000,
     max_packet_bytes: int | None = MAX_PACKET_BYTES,
     service: ServiceListener | None = None,
+    limits: FleetLimits | None = None,
 ) -> str:
     """``mosquitto.conf`` text (Mosquitto 2.x).
+
+    ``limits``: connections per listener and the session queue of a fleet
+    (:class:`FleetLimits`); None: ``max_queued_messages`` as given, connections unlimited.
 
     Sizes: a PUBLISH whose payload is over ``message_size_limit`` (a full chunk and its
     header) is dropped by the broker; a packet over ``max_packet_size`` closes the
@@ -214,8 +236,9 @@ def conf_text(
         f"persistence_location {data.resolve()}/",
         f"autosave_interval {autosave_interval_s}",
         "persistent_client_expiration 14d",
-        # a persistent session may queue a whole blob's chunks while its client is away
-        f"max_queued_messages {max_queued_messages}",
+        # a persistent session may queue a whole blob's chunks while its client is away, and
+        # the coordinator's every agent's messages while it is busy
+        f"max_queued_messages {limits.max_queued_messages if limits else max_queued_messages}",
         f"log_dest file {log_file.resolve()}",
         "log_type error",
         "log_type warning",
@@ -228,14 +251,17 @@ def conf_text(
         ]
     if run_as is not None:
         lines.append(f"user {run_as}")
-    lines += ["", f"listener {port} {host}", *agent_auth, "use_username_as_clientid true"]
+    agent_cap = [] if limits is None else [f"max_connections {limits.max_connections}"]
+    lines += ["", f"listener {port} {host}", *agent_auth, *agent_cap]
+    lines.append("use_username_as_clientid true")
     if tls is not None:
-        lines += tls_listener_lines(tls, host, agent_auth)
+        lines += tls_listener_lines(tls, host, [*agent_auth, *agent_cap])
     if service is not None:
         lines += [
             "",
             f"listener {service.port} {service.host}",
             *_auth_lines(service.passwords, acl),
+            *([] if limits is None else [f"max_connections {limits.service_connections}"]),
             "# monitors and services: client ids are their own (<login>-<random>)",
         ]
     return "\n".join(lines) + "\n"
@@ -313,6 +339,8 @@ def write_mosquitto_config(
     files_conf, passwords, acl = d / CONF_NAME, d / PASSWORDS_NAME, d / ACL_NAME
     data, log_file = d / DATA_DIR, d / LOG_NAME
     data.mkdir(exist_ok=True)
+    limits = FleetLimits.for_agents(len(agents))
+    atomic_write_text(d / LIMITS_NAME, limits_dropin_text(limits))
     users = {coordinator[0]: coordinator[1], **agents}
     for extra in (monitor, release):
         if extra is not None:
@@ -348,6 +376,7 @@ def write_mosquitto_config(
             run_as=run_as,
             max_packet_bytes=max_packet_bytes,
             service=service,
+            limits=limits,
         )
     )
     return MosquittoFiles(
@@ -361,6 +390,7 @@ def write_mosquitto_config(
         port=port,
         password_method=method,
         service_port=service_port,
+        open_files=limits.open_files,
     )
 
 
@@ -400,9 +430,19 @@ class MosquittoProcess:
         if port_accepts(self.host, self.port):
             raise BrokerStartError(f"{self.host}:{self.port} is already in use; pick another port")
         stderr_path = self.files.directory / "mosquitto.stderr"
+        allowed = open_files_allowed(self.files.open_files)
+        if allowed < self.files.open_files:
+            log.warning(
+                "mosquitto needs %d open files for this fleet; the hard limit allows %d",
+                self.files.open_files,
+                allowed,
+            )
         with open(stderr_path, "wb") as err:
             self._proc = subprocess.Popen(
-                [binary, "-c", str(self.files.conf)], stdout=subprocess.DEVNULL, stderr=err
+                [binary, "-c", str(self.files.conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                preexec_fn=open_files_setter(allowed),
             )
         ports = [p for p in (self.port, self.files.service_port) if p is not None]
         if not all(wait_port(self.host, p, timeout) for p in ports) or not self.running:

@@ -50,6 +50,28 @@ def accuracy_curves(metrics: list[dict[str, Any]]) -> dict[str, dict[str, list[l
     }
 
 
+def privacy_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round and prototype of a private run (seed 0 or the lowest, the first algorithm):
+    epsilon spent so far at delta, the noise multiplier and the clipping bound used."""
+    private = [m for m in metrics if m.get("privacy")]
+    if not private:
+        return []
+    alg = private[0].get("algorithm", "?")
+    seed = min(int(m.get("seed", 0)) for m in private if m.get("algorithm", "?") == alg)
+    return [
+        {
+            "round": int(m["round"]),
+            "prototype": m["prototype"],
+            "epsilon": float(m["privacy"]["epsilon"]),
+            "delta": float(m["privacy"]["delta"]),
+            "noise_multiplier": float(m["privacy"]["noise_multiplier"]),
+            "clip_norm": float(m["privacy"]["clip_norm"]),
+        }
+        for m in private
+        if m.get("algorithm", "?") == alg and int(m.get("seed", 0)) == seed
+    ]
+
+
 def lambda_grids(metrics: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """algorithm -> student -> {rounds, teachers, values[teacher][round]} (seed 0 or the
     lowest seed; a round without coefficients is left out)."""
@@ -322,6 +344,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
             alg: {p: pts[-1][1] for p, pts in protos.items()} for alg, protos in curves.items()
         },
         "lambdas": lambda_grids(metrics),
+        "privacy": privacy_rows(metrics),
         "devices": device_stats(events),
         "agents": sorted(
             agent_table(events),

@@ -141,6 +141,31 @@ def _accuracy(rep: dict[str, Any]) -> list[str]:
     ]
 
 
+def _privacy(rep: dict[str, Any]) -> list[str]:
+    """Epsilon spent per round and tier (private runs only)."""
+    rows = rep.get("privacy") or []
+    if not rows:
+        return []
+    delta = rows[0]["delta"]
+    return [
+        f"<h2>Privacy spent (epsilon at delta {delta:g}, central DP)</h2>",
+        _table(
+            ["round", "tier", "epsilon", "noise multiplier", "clip norm"],
+            [
+                [
+                    r["round"],
+                    r["prototype"],
+                    f"{r['epsilon']:.3f}",
+                    f"{r['noise_multiplier']:.3g}",
+                    f"{r['clip_norm']:.3g}",
+                ]
+                for r in rows
+            ],
+            left=2,
+        ),
+    ]
+
+
 def _lambdas(rep: dict[str, Any]) -> list[str]:
     """The merge coefficients of the run's algorithm (or the first that has some)."""
     main = rep["algorithm"]
@@ -299,6 +324,7 @@ def render_html(rep: dict[str, Any]) -> str:
         *_head(rep),
         _cards(rep),
         *_accuracy(rep),
+        *_privacy(rep),
         *_lambdas(rep),
         *_fleet(rep),
         *_agents(rep),

@@ -78,5 +78,11 @@ class Transport(ABC):
         reported where the transport keeps refusals; no-op otherwise)."""
         return None
 
+    def refused_answers(self) -> list[tuple[int, str]]:
+        """(round, client id) of every update the transport refused on receipt since the
+        last call, when the refusal is the client's final answer to its task (the engine
+        stops awaiting it); empty where the transport refuses nothing itself."""
+        return []
+
     def close(self) -> None:
         return None

@@ -119,8 +119,13 @@ class TaskDispatch:
                     )
         return started
 
+    def current_round(self) -> int:
+        """The round of the current assignments (-1 before the first), without copying them."""
+        with self._lock:
+            return self.round
+
     def current(self) -> tuple[int, dict[str, Assignment]]:
-        """The round and a snapshot of its assignments."""
+        """The round and a snapshot of its assignments (a copy: O(agents))."""
         with self._lock:
             return self.round, dict(self._assignments)
 

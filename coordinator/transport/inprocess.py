@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from takfl.vectorised_training import (
     vectorisable,
     worth_vectorising,
 )
+from takfl.wire.codecs import Codec
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +35,46 @@ class VirtualClient:
     training: TrainingSpec
 
 
-def codec_roundtrip(trained: State, base: State, compression: str) -> State:
-    """What the coordinator reconstructs from a delta sent with ``compression``."""
-    from takfl.wire.codec import apply_delta, decode_state, encode_state, make_delta
+@dataclass(frozen=True)
+class Carried:
+    """What the coordinator reconstructs from a client's encoded update."""
+
+    state: State  # full weights: the global + the decoded delta
+    residual: State | None  # the client's error-feedback residual for its next update
+    nbytes: int  # the encoded blob's size
+
+
+def codec_roundtrip(
+    trained: State, base: State, codec: Codec, residual: State | None, *, seed: int = 0
+) -> Carried:
+    """Send ``trained - base`` through ``codec`` as an agent would: with its error-feedback
+    residual when the codec keeps one (a residual that no longer fits is dropped)."""
+    from takfl.wire.codec import apply_delta, make_delta
+    from takfl.wire.codecs import encode_with_feedback
+    from takfl.wire.errors import CodecError
 
     delta = make_delta(trained, base)
-    return apply_delta(base, decode_state(encode_state(delta, compression)))
+    if not codec.error_feedback:
+        blob = codec.encode(delta, base, seed=seed)
+        return Carried(apply_delta(base, codec.decode(blob, base)), None, len(blob))
+    try:
+        sent = encode_with_feedback(codec, delta, base, residual, seed=seed)
+    except CodecError as e:
+        if residual is None:
+            raise
+        log.warning("error-feedback residual dropped: %s", e)
+        sent = encode_with_feedback(codec, delta, base, None, seed=seed)
+    return Carried(apply_delta(base, sent.delta), sent.residual, len(sent.blob))
 
 
 class InProcessTransport(Transport):
     """Trains a virtual client when the engine asks for the next update.
 
-    ``compression`` (fp32/fp16/int8, or one per prototype) applies the wire codec
-    to each delta, so a simulation sees exactly what the coordinator would
-    reconstruct from real agents.
+    ``codecs`` (prototype -> resolved wire codec; a prototype not named, or None: no
+    codec) applies the codec to each delta, so a simulation sees exactly what the
+    coordinator would reconstruct from real agents; a codec with error feedback keeps
+    each virtual client's residual across rounds, as an agent does. The update's
+    ``upload_bytes`` metric is the encoded blob's size.
 
     ``vectorise`` (True: wherever possible; None: where :func:`worth_vectorising` says so;
     False: never): when the engine asks for the first update of a prototype's round, every
@@ -63,7 +91,7 @@ class InProcessTransport(Transport):
         num_classes: int,
         input_shape: tuple[int, int, int],
         device: torch.device | str = "cpu",
-        compression: str | dict[str, str] | None = None,
+        codecs: Mapping[str, Codec] | None = None,
         vectorise: bool | None = False,
     ) -> None:
         self._clients = {c.client_id: c for c in clients}
@@ -73,8 +101,13 @@ class InProcessTransport(Transport):
         self.num_classes = num_classes
         self.input_shape = input_shape
         self.device = torch.device(device)
-        self.compression = compression
+        self.codecs = dict(codecs or {})
+        self._residuals: dict[str, State] = {}  # client -> error-feedback residual
         self.vectorise = vectorise
+
+    def residual(self, client_id: str) -> State | None:
+        """The error-feedback residual ``client_id`` will add to its next update."""
+        return self._residuals.get(client_id)
 
     def clients(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -145,18 +178,20 @@ class InProcessTransport(Transport):
                 model, client.x, client.y, self._spec(task), seed=task.seed, device=self.device
             )
         state = result.state
-        mode = (
-            self.compression.get(task.prototype)
-            if isinstance(self.compression, dict)
-            else self.compression
-        )
-        if mode is not None:
-            state = codec_roundtrip(state, task.global_state, mode)
+        metrics = {"train_loss": result.mean_loss, "train_s": result.seconds}
+        codec = self.codecs.get(task.prototype)
+        if codec is not None:
+            residual = self._residuals.pop(task.client_id, None)
+            carried = codec_roundtrip(state, task.global_state, codec, residual, seed=task.seed)
+            state = carried.state
+            if carried.residual is not None:
+                self._residuals[task.client_id] = carried.residual
+            metrics["upload_bytes"] = float(carried.nbytes)
         return ClientUpdate(
             round_id=task.round_id,
             prototype=task.prototype,
             client_id=task.client_id,
             num_samples=result.num_samples,
             state=state,
-            metrics={"train_loss": result.mean_loss, "train_s": result.seconds},
+            metrics=metrics,
         )

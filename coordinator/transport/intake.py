@@ -58,7 +58,7 @@ from takfl.wire.validation import (
 
 log = logging.getLogger(__name__)
 
-MEMORY = 4096  # decided headers remembered for idempotent re-acks
+MEMORY = 4096  # decided headers remembered for idempotent re-acks (at least 2 per agent)
 # Refusals of headers whose sender is not authenticated are not remembered: a forged
 # header must not decide the fate of a genuine one.
 UNAUTHENTICATED = frozenset({Refusal.UNKNOWN_AGENT, Refusal.BAD_SIGNATURE, Refusal.MALFORMED})
@@ -72,6 +72,20 @@ NOT_REMEMBERED = UNAUTHENTICATED | NOT_YET | RUN_STATE
 # Stale and replayed messages are never answered (an answer to a replayed copy could be
 # taken for the answer to the genuine header): counted and logged only.
 SILENT = frozenset({Refusal.STALE_MESSAGE, Refusal.REPLAYED})
+# A refusal that is not about the sender, the run's state or which round it is, sent to an
+# authenticated agent, is its final answer to its task: the agent stops offering that update
+# (its outbox takes the refusal as the ack), so the round engine stops awaiting it.
+NOT_AN_ANSWER = (
+    NOT_REMEMBERED
+    | SILENT
+    | {
+        Refusal.UNSUPPORTED_VERSION,
+        Refusal.STALE_ROUND,
+        Refusal.DUPLICATE,
+    }
+)
+
+
 LOGGED_DIGESTS = 1024  # unannounced digests remembered so each is logged once
 
 
@@ -111,6 +125,16 @@ class Decision:
         return self.update is not None
 
 
+def refused_answer(decision: Decision) -> tuple[int, str] | None:
+    """(round, agent) when ``decision`` refuses an agent's answer to its task for good."""
+    ack, reason = decision.ack, decision.verdict.reason
+    if decision.agent is None or ack is None or ack.accepted or ack.round_id is None:
+        return None
+    if ack.subject != "update" or reason is None or reason in NOT_AN_ANSWER:
+        return None
+    return ack.round_id, decision.agent
+
+
 NOTHING = Decision(agent=None, verdict=Verdict())
 
 
@@ -137,6 +161,7 @@ class UpdateIntake:
             p.limits, quiet_s=p.quiet_s, max_total_bytes=p.max_total_bytes, clock=clock
         )
         self.counters = IntakeCounters()
+        self.memory = max(MEMORY, 2 * len(registry))  # two rounds of every agent's header
         self._lock = threading.Lock()
         self._incoming: dict[tuple[str, str], UpdateHeader] = {}  # (agent, digest) -> header
         self._accepted: set[tuple[int, str]] = set()  # (round, agent)
@@ -182,7 +207,7 @@ class UpdateIntake:
     def _remember(self, header: UpdateHeader, ack: Ack) -> None:
         with self._lock:
             self._decided[header.content_ref()] = ack
-            while len(self._decided) > MEMORY:
+            while len(self._decided) > self.memory:
                 self._decided.popitem(last=False)
 
     # -- headers ------------------------------------------------------------------------
@@ -196,7 +221,7 @@ class UpdateIntake:
         admitted = self.admit(agent, header)
         if not admitted.accepted:
             return self._refuse(agent, admitted, header)
-        round_id, _ = self.dispatch.current()
+        round_id = self.dispatch.current_round()
         with self._lock:
             # a repeated header of this round gets the same answer; one of an earlier
             # round is checked again (and refused as stale)
@@ -384,7 +409,7 @@ class UpdateIntake:
                         agent, refuse(Refusal.EXPIRED, "blob incomplete at timeout"), header
                     )
                 )
-        round_id, _ = self.dispatch.current()
+        round_id = self.dispatch.current_round()
         with self._lock:
             stale = [(k, h) for k, h in self._incoming.items() if h.round_id < round_id]
         for key, header in stale:

@@ -34,12 +34,18 @@ from coordinator.transport.control import ControlDesk
 from coordinator.transport.dispatch import TaskDispatch, task_message
 from coordinator.transport.inbound import agent_of as read_agent
 from coordinator.transport.inbound import read
-from coordinator.transport.intake import Decision, IntakeCounters, IntakePolicy, UpdateIntake
+from coordinator.transport.intake import (
+    Decision,
+    IntakeCounters,
+    IntakePolicy,
+    UpdateIntake,
+    refused_answer,
+)
 from coordinator.transport.presence import AgentState, Presence, PresenceGate
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
-from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits
+from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits, with_room_for
 from takfl.state import State
 from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
@@ -67,6 +73,8 @@ S = TypeVar("S", bound=SignedMessage)
 
 COORDINATOR_ID = "coordinator"  # agent_id of the coordinator's own Status
 GLOBAL_ENCODING = "fp32"  # global models travel uncompressed
+KEY_MARGIN = 1024  # rate-limit buckets kept beyond one per provisioned agent
+OUTBOX_PER_AGENT = 8  # outbox room per provisioned agent beyond a round's tasks and models
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,13 +174,23 @@ class MqttTransport(Transport):
             client_id,
             will=Will(self.topics.coordinator_status(), encode_message(offline)),
         )
+        self._base_outbox = settings.outbox_size  # the outbox beyond a round's burst
+        # per-agent buckets for every provisioned agent (and a margin for unknown senders);
+        # a chunk request's limits keep three buckets per agent
+        agents = len(self.registry) + KEY_MARGIN
         self.sender = BlobSender(
             self.client,
             BlobStore(p.max_sent_blobs, p.max_sent_bytes),
-            ResendLimiter(p.resend, clock=clock),
+            ResendLimiter(with_room_for(p.resend, 3 * agents), clock=clock),
         )
         self._updates: queue.Queue[ClientUpdate] = queue.Queue()
-        self.gate = PresenceGate(self.topics, p.registrations, p.statuses, clock=clock)
+        self._refused: queue.Queue[tuple[int, str]] = queue.Queue()  # final refusals
+        self.gate = PresenceGate(
+            self.topics,
+            with_room_for(p.registrations, agents),
+            with_room_for(p.statuses, agents),
+            clock=clock,
+        )
         t = self.topics
         self.client.route(t.up_filter(Up.REGISTER), self._on_register, admit=self.gate.registration)
         self.client.route(t.up_filter(Up.STATUS), self._on_status, admit=self.gate.status)
@@ -255,6 +273,15 @@ class MqttTransport(Transport):
             self.observer.tasks_sent(round_id, proto, n, ref.size)
         if self.dispatch.assign(pairs):
             self.intake.new_round(self.dispatch.round)
+        # the whole burst waits in the outbox (a refused publish would cost the agent a
+        # task re-send): every task and its model's chunks, and room for what every agent
+        # may be sent while they go out (its acks, again for a header it re-announces while
+        # the coordinator is behind, its signed announcement, answers to chunk requests)
+        self.client.reserve_outbox(
+            self._base_outbox
+            + sum(1 + m.blob.count for _, m in pairs)
+            + OUTBOX_PER_AGENT * len(self.registry)
+        )
         for t, msg in pairs:
             self.client.publish(self.topics.down(t.client_id, Down.TASK), encode_message(msg))
             self.sender.publish(self.topics.down(t.client_id, Down.CHUNK), msg.blob.digest)
@@ -264,6 +291,14 @@ class MqttTransport(Transport):
             return self._updates.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
+
+    def refused_answers(self) -> list[tuple[int, str]]:
+        out = []
+        while True:
+            try:
+                out.append(self._refused.get_nowait())
+            except queue.Empty:
+                return out
 
     def publish_global(self, round_id: int, prototype: str, state: State) -> None:
         """Announce (retained) the digest and size of a prototype's new global model: to
@@ -376,6 +411,9 @@ class MqttTransport(Transport):
                 decision.ack.round_id if decision.ack is not None else None,
                 (decision.verdict.reason or Refusal.MALFORMED).value,
             )
+            answer = refused_answer(decision)
+            if answer is not None:
+                self._refused.put(answer)
         if decision.agent is not None and decision.ack is not None:
             self._ack(decision.agent, decision.ack)
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from takfl.config.base import ModelSpec, Strict
+from takfl.config.privacy import PrivacySpec
 from takfl.config.training import TrainingOverride
 from takfl.method_names import ALGORITHMS, LAMBDA_STRATEGIES, check_name
 
@@ -190,6 +191,7 @@ class FederationConfig(Strict):
     algorithm: AlgorithmSpec = AlgorithmSpec()
     aggregation: AggregationSpec = AggregationSpec()
     intake: IntakeSpec = IntakeSpec()
+    privacy: PrivacySpec = PrivacySpec()  # plain, or central-dp with its budget
 
     @field_validator("prototypes")
     @classmethod

@@ -4,9 +4,14 @@
   MQTT 5 ``clean_start=False`` with a session expiry), QoS 1 by default;
 - subscriptions are made in ``on_connect``, so every reconnect restores them;
 - topics are routed with ``message_callback_add``; the paho callbacks only copy
-  the message into a bounded inbox (full: dropped and counted), one dispatcher
-  thread hands it to its handler, so handlers never block the network loop and
-  all run on the same thread; periodic hooks run on that thread too;
+  the message into a bounded inbox, one dispatcher thread hands it to its handler,
+  so handlers all run on the same thread; periodic hooks run on that thread too. A
+  full inbox holds the network loop back until the dispatcher takes a message (counted
+  in ``inbox_waits``): nothing is dropped, the socket is not read meanwhile, and the
+  broker keeps what follows in the client's queue (Mosquitto's ``max_queued_messages``,
+  which provisioning sizes with the fleet). Only a client that is stopping drops
+  what it could not queue (unacknowledged: the broker delivers it again to the
+  session's next connection);
 - reconnects with exponential backoff and jitter (``reconnect_delay_set`` is
   re-armed with a jittered delay after every disconnect or failed attempt);
 - presence through a last will, armed afresh before every connection attempt when
@@ -103,7 +108,8 @@ class ClientCounters:
     connects: int = 0
     disconnects: int = 0
     received: int = 0
-    dropped: int = 0  # inbox full
+    dropped: int = 0  # not queued because the client was stopping (redelivered later)
+    inbox_waits: int = 0  # messages that waited for room in the inbox (backpressure)
     unrouted: int = 0  # no handler for the topic
     handler_errors: int = 0
     oversized: int = 0  # dropped for exceeding max_payload_bytes
@@ -194,6 +200,11 @@ class MqttClient:
         self._connect_hooks: list[Hook] = []
         self._tick_hooks: list[Hook] = []
         self._inbox: queue.Queue[Any] = queue.Queue(maxsize=settings.inbox_size)
+        # A network thread held back by a full inbox resumes once it is half empty (then
+        # reads on in a burst), not after every message taken: one wake-up per half inbox.
+        self._room = threading.Event()
+        self._held = False
+        self._low_water = settings.inbox_size // 2
         self._connected = threading.Event()
         self._subscribed = threading.Event()  # SUBACK of the current connection's subscriptions
         self._refused = threading.Event()  # the broker answered a CONNECT with a refusal
@@ -231,7 +242,10 @@ class MqttClient:
         self.connection_time = 0.0  # wall-clock time the current connection's will was armed
         self._arm_will()
         self._client.max_inflight_messages_set(settings.max_inflight)
-        self._client.max_queued_messages_set(settings.outbox_size)
+        # The outbox bound is this client's (unacknowledged QoS > 0 messages, counted until
+        # their PUBACK): paho's own cannot change once connected (reserve_outbox).
+        self._outbox_size = settings.outbox_size
+        self._client.max_queued_messages_set(0)
 
     def _arm_will(self) -> None:
         """Set the will for the next connection attempt (before paho reconnects)."""
@@ -279,16 +293,31 @@ class MqttClient:
                     self._client.ack(msg.mid, msg.qos)
                 return
             self.counters.bytes_received += size
-            try:
-                self._inbox.put_nowait((handler, msg.topic, bytes(msg.payload), msg.mid, msg.qos))
-            except queue.Full:
-                # Not acknowledged, so the broker delivers it again after a reconnect.
-                self.counters.dropped += 1
-                log.warning("%s: inbox full, deferred a message on %s", self.client_id, msg.topic)
+            self._hold((handler, msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
         self._client.message_callback_add(topic_filter, enqueue)
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=self.settings.qos)
+
+    def _hold(self, item: tuple[Handler, str, bytes, int, int]) -> None:
+        """Queue a received message for the dispatcher, waiting (on the network thread)
+        while the inbox is full; a client that stops meanwhile drops it, unacknowledged."""
+        try:
+            self._inbox.put_nowait(item)
+            return
+        except queue.Full:
+            self.counters.inbox_waits += 1
+        while not self._stopping.is_set():
+            self._room.clear()
+            self._held = True
+            try:
+                self._inbox.put_nowait(item)
+                self._held = False
+                return
+            except queue.Full:
+                self._room.wait(0.25)  # set by the dispatcher at the low-water mark
+        self._held = False
+        self.counters.dropped += 1  # not acknowledged: delivered again to the next session
 
     def on_connected(self, hook: Hook) -> None:
         """Run ``hook`` after every successful (re)connect, on the network thread."""
@@ -390,19 +419,30 @@ class MqttClient:
         with self._settled:
             self._settled.notify_all()
 
+    def reserve_outbox(self, messages: int) -> int:
+        """Let at least ``messages`` wait in the outbox (never fewer than the settings'
+        ``outbox_size``), for a burst the caller is about to publish, e.g. a round's tasks
+        and their models for thousands of agents; the outbox's size now."""
+        with self._pub_lock:
+            self._outbox_size = max(self._outbox_size, messages)
+            return self._outbox_size
+
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """Queue a message (QoS from settings). False if the outbox is full (counted).
 
         While disconnected, QoS > 0 messages wait in the outbox and go out on reconnect.
         """
+        if self.settings.qos > 0:
+            with self._pub_lock:
+                full = len(self._pub_topics) >= self._outbox_size
+            if full:
+                self.counters.publish_refused += 1
+                log.warning("%s: outbox full, refused a message on %s", self.client_id, topic)
+                return False
         info = self._client.publish(topic, payload, qos=self.settings.qos, retain=retain)
         self.counters.bytes_sent += len(payload)
-        if self.settings.qos > 0 and info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+        if self.settings.qos > 0:
             self._track(info.mid, topic)
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            self.counters.publish_refused += 1
-            log.warning("%s: outbox full, refused a message on %s", self.client_id, topic)
-            return False
         return info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
 
     def publish_confirmed(
@@ -426,7 +466,7 @@ class MqttClient:
         waiter: tuple[threading.Event, list[ReasonCode]] | None = None,
     ) -> None:
         """Remember which topic ``mid`` went to until its PUBACK; handle one already here."""
-        cap = self.settings.outbox_size + self.settings.max_inflight
+        cap = self._outbox_size + self.settings.max_inflight
         with self._pub_lock:
             early = self._early.pop(mid, None)
             if early is None:
@@ -558,6 +598,8 @@ class MqttClient:
                 item = None
             if item is _STOP:
                 break
+            if self._held and self._inbox.qsize() <= self._low_water:
+                self._room.set()
             if item is not None:
                 handler, topic, payload, mid, qos = item
                 try:

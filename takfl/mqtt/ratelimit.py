@@ -21,7 +21,8 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,16 @@ class ResendLimits:
     requester_bytes: int = 64 * 1024 * 1024  # per requester, all blobs, per window
     requests: int = 60  # requests per requester per window
     max_keys: int = 4096  # buckets kept (least recently used dropped first)
+
+
+L = TypeVar("L", "ResendLimits", "MessageLimits")
+
+
+def with_room_for(limits: L, keys: int) -> L:
+    """``limits`` keeping at least ``keys`` buckets: a limiter keyed by agent must hold
+    one bucket per agent of the fleet (a bucket dropped to make room comes back full,
+    so a fleet larger than ``max_keys`` would have its limits forgotten in turn)."""
+    return limits if limits.max_keys >= keys else replace(limits, max_keys=keys)
 
 
 UNLIMITED = ResendLimits(blob_copies=float("inf"), requester_bytes=2**62, requests=2**62)

@@ -2,15 +2,15 @@
 release key, verified against the fleet's TUF root like a release.
 
 A signed document is the document plus ``"signatures": [{"keyid": ..., "sig": ...}]``;
-what is signed is its canonical JSON without that key: keys sorted at every level,
-separators ``,`` and ``:``, non-ASCII escaped, floats as Python writes them (the
-documents hold floats, which TUF's own canonical form refuses). The check is the root's
+what is signed is its canonical JSON without that key, the wire protocol's form
+(:func:`takfl.wire.canonical.canonical_bytes`: keys sorted, no spaces, non-ASCII escaped,
+floats as Python writes them; the documents hold floats, which TUF's own canonical form
+refuses). The check is the root's
 ``targets`` role: the same key, threshold and verification as release metadata.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +19,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Root
 
 from takfl.release.metadata import RELEASE_ROLE
+from takfl.wire.canonical import canonical_bytes
 
 SIGNATURES = "signatures"
 
@@ -30,7 +31,7 @@ class SignatureError(ValueError):
 def signed_payload(doc: Mapping[str, Any]) -> bytes:
     """The bytes a signature covers: the canonical JSON of ``doc`` without its signatures."""
     body = {k: v for k, v in doc.items() if k != SIGNATURES}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return canonical_bytes(body)
 
 
 def sign_document(doc: Mapping[str, Any], signer: Signer) -> dict[str, Any]:

@@ -23,6 +23,11 @@ class CodecError(WireError):
     """A tensor blob cannot be encoded or is not a valid encoded state."""
 
 
+class LayoutMismatch(CodecError):
+    """A packed blob was made for another model layout (names, shapes or dtypes) than the
+    receiver's reference."""
+
+
 class BlobTooLarge(WireError):
     """A declared blob exceeds the size or chunk-count cap (checked before allocating)."""
 

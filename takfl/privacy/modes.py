@@ -1,0 +1,105 @@
+"""The privacy modes, each a registered unit resolved once at the entry point.
+
+A unit says what the mode protects and what it therefore forbids: under central DP
+nothing computed from one client's model may reach a released model except through
+the clipped, noised sum, so teachers come from the noised aggregate, and methods
+that need individual outputs (FedET's per-client logits; median, trimmed mean and
+clipped mean, whose result depends on individual updates in ways clipping does not
+bound) are refused. FedDF and TAKFL run in a DP-correct form: their teacher of a
+prototype is the logits of its noised averaged model on the public set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from takfl.algorithms import Algorithm
+from takfl.config.privacy import PrivacySpec
+from takfl.method_names import PRIVACY_MODES, registry, unknown_name
+from takfl.robust import Aggregator
+
+
+class PrivacyConfigError(ValueError):
+    """A federation whose algorithm or aggregation cannot run in its privacy mode.
+    ``problems`` lists each one with how to fix it."""
+
+    def __init__(self, mode: str, problems: list[str]) -> None:
+        self.mode = mode
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"privacy mode {mode!r} cannot run this federation:\n{lines}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyMode:
+    name: str
+    reference: str
+    spends_budget: bool  # updates are clipped and the sums noised; epsilon is tracked
+    teacher_from_aggregate: bool  # teacher logits from the released aggregate only
+    per_update_aggregation: bool  # aggregators over individual updates are allowed
+    per_client_outputs: bool  # algorithms using each client's outputs are allowed
+
+
+_UNITS: dict[str, PrivacyMode] = registry(
+    "privacy mode",
+    PRIVACY_MODES,
+    (
+        PrivacyMode(
+            name="plain",
+            reference="no formal privacy: the coordinator sees every update; intake checks apply",
+            spends_budget=False,
+            teacher_from_aggregate=False,
+            per_update_aggregation=True,
+            per_client_outputs=True,
+        ),
+        PrivacyMode(
+            name="central-dp",
+            reference="DP-FedAvg, McMahan et al. 2018 (arXiv 1710.06963), per prototype; "
+            "adaptive clipping, Andrew et al. 2021 (arXiv 1905.03871)",
+            spends_budget=True,
+            teacher_from_aggregate=True,
+            per_update_aggregation=False,
+            per_client_outputs=False,
+        ),
+    ),
+    lambda unit: unit.name,
+)
+
+
+def privacy_mode(name: str) -> PrivacyMode:
+    """The registered mode ``name``; ValueError listing the known ones."""
+    unit = _UNITS.get(name)
+    if unit is None:
+        raise ValueError(unknown_name("privacy mode", name, PRIVACY_MODES))
+    return unit
+
+
+def privacy_problems(mode: PrivacyMode, algorithm: Algorithm, aggregator: Aggregator) -> list[str]:
+    """Why ``algorithm`` with ``aggregator`` cannot run in ``mode`` (empty: it can)."""
+    problems = []
+    if algorithm.needs_client_logits and not mode.per_client_outputs:
+        problems.append(
+            f"algorithm {algorithm.name!r} distils from every client's own logits, which "
+            f"{mode.name} never releases; use takfl-reg, takfl or feddf (their teachers "
+            "come from each prototype's noised aggregate)"
+        )
+    if not aggregator.streaming and not mode.per_update_aggregation:
+        problems.append(
+            f"aggregation {aggregator.name!r} combines individual updates in a way clipping "
+            f"does not bound; {mode.name} clips every update and adds noise to the sum: set "
+            "aggregation.method to fedavg"
+        )
+    return problems
+
+
+def resolve_privacy(spec: PrivacySpec, algorithm: Algorithm, aggregator: Aggregator) -> PrivacyMode:
+    """The mode of ``spec``, checked against the algorithm and the aggregation.
+
+    Raises:
+        PrivacyConfigError: every reason they cannot run together.
+    """
+    mode = privacy_mode(spec.mode)
+    problems = privacy_problems(mode, algorithm, aggregator)
+    if problems:
+        raise PrivacyConfigError(mode.name, problems)
+    return mode
