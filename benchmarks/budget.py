@@ -239,9 +239,46 @@ def cmd_summarise(args: argparse.Namespace) -> None:
                     misses = goal_misses(points[tag], modes)
                     verdict = "met" if not misses else "NOT met: " + "; ".join(misses)
                     print(f"- goal, {case} {mode} {tag}: {verdict}")
+    print(settings_table(data, "p10"))
     if args.plots is not None:
         for case, modes in data.items():
-            plot_case(case, modes, args.plots / f"budget-{case}.png")
+            shown = {m: v for m, v in modes.items() if not args.plot_modes or m in args.plot_modes}
+            plot_case(case, shown, args.plots / f"budget-{case}.png")
+
+
+def settings_table(data: dict[str, Any], tag: str) -> str:
+    """Validation accuracy (mean over tiers, mean over seeds) of every method under every
+    rule and setting (mode folder) run at budget ``tag``, per case, and its mean over
+    cases for takfl-reg and over every method and case: the settings apply to every
+    method, so they are chosen on the latter. The test accuracy beside each is for
+    reading only."""
+    modes = sorted({m for c in data.values() for m, pts in c.items() if tag in pts})
+    cases = [c for c in data if any(tag in data[c].get(m, {}) for m in modes)]
+    head = " | ".join(f"{c} {a}" for c in cases for a in METHODS)
+    lines = [
+        f"\n### Validation (test) accuracy at {tag.lstrip('p')} passes, "
+        "mean over tiers and seeds\n",
+        f"| rule and setting | {head} | validation, takfl-reg | validation, every method |",
+        "|---|" + "---|" * (len(cases) * len(METHODS) + 2),
+    ]
+    for m in modes:
+        cells, own, every = [], [], []
+        for c in cases:
+            point = data[c].get(m, {}).get(tag, {})
+            for a in METHODS:
+                row = point.get(a)
+                if row is None:
+                    cells.append("–")
+                    continue
+                val = row["val"]["mean_over_tiers"]["mean"]
+                cells.append(f"{val:.1f} ({row['test']['mean_over_tiers']['mean']:.1f})")
+                every.append(val)
+                if a == "takfl-reg":
+                    own.append(val)
+        mean = f"{np.mean(own):.2f}" if len(own) == len(cases) else "–"
+        overall = f"{np.mean(every):.2f}" if len(every) == len(cases) * len(METHODS) else "–"
+        lines.append(f"| {m} | {' | '.join(cells)} | {mean} | {overall} |")
+    return "\n".join(lines)
 
 
 def goal_misses(point: dict[str, Any], modes: dict[str, Any]) -> list[str]:
@@ -352,7 +389,8 @@ def plot_case(case: str, modes: dict[str, Any], path: Path) -> None:
     tiers = list(next(iter(next(iter(first.values())).values()))["test"])
     fig, axes = plt.subplots(1, len(tiers), figsize=(4.2 * len(tiers), 3.6), squeeze=False)
     colours = {"takfl-reg": "C0", "fedet": "C1", "feddf": "C2"}
-    styles = {"fixed": "-", "adaptive": "--"}  # variants (other tags) dotted
+    # the bundled defaults solid, any other rule or setting dashed
+    styles = {"adaptive": "-", "fixed": "-"}
     for ax, tier in zip(axes[0], tiers, strict=True):
         for mode, points in modes.items():
             if mode == "fedavg":
@@ -368,7 +406,7 @@ def plot_case(case: str, modes: dict[str, Any], path: Path) -> None:
                 ax.plot(
                     xs,
                     mean,
-                    styles.get(mode, ":"),
+                    styles.get(mode, "--"),
                     color=colours[alg],
                     marker="o",
                     ms=3,
@@ -420,7 +458,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     trainings = {p.name: prototype_training(cfg, p.name) for p in cfg.prototypes}
     clients = [
-        VirtualClient(cid, proto, x, y, trainings[proto])
+        VirtualClient(client_id=cid, prototype=proto, x=x, y=y, training=trainings[proto])
         for cid, (proto, x, y) in data.clients.items()
     ]
     transport = InProcessTransport(
@@ -616,6 +654,12 @@ def main() -> None:
     summ.add_argument("--runs", default=str(RUNS))
     summ.add_argument("--json", type=Path, default=None)
     summ.add_argument("--plots", type=Path, default=None)
+    summ.add_argument(
+        "--plot-modes",
+        type=lambda v: v.split(","),
+        default=None,
+        help="comma-separated modes (folders) the plots draw; default: all",
+    )
     summ.set_defaults(fn=cmd_summarise)
     tr = sub.add_parser("trace")
     tr.add_argument("--case", choices=CASES, required=True)

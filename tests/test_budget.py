@@ -309,3 +309,17 @@ def test_steps_info_names_each_distillation() -> None:
         "distill_steps/L": 7.0,
         "distill_best/L": 7.0,
     }
+
+
+def test_the_budget_option_sets_the_rule_and_leaves_the_rest() -> None:
+    from coordinator.cli import with_budget_rule
+    from takfl.config import load_federation
+
+    cfg = load_federation("digits")
+    assert cfg.algorithm.distill.adaptive  # the default rule
+    fixed = with_budget_rule(cfg, "fixed")
+    assert not fixed.algorithm.distill.adaptive
+    assert fixed.algorithm.distill.steps == cfg.algorithm.distill.steps
+    assert fixed.model_dump(exclude={"algorithm"}) == cfg.model_dump(exclude={"algorithm"})
+    assert with_budget_rule(fixed, "adaptive").algorithm.distill.adaptive
+    assert with_budget_rule(cfg, None) is cfg

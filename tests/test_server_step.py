@@ -124,7 +124,7 @@ def test_takfl_is_the_merge_with_lambdas_summing_to_one_and_no_scale() -> None:
             student.model,
             student.avg_state,
             data.public_x,
-            takfl_objective(teacher.mean_logits, None, 3.0),
+            takfl_objective(teacher.mean_logits, None, spec.distill.temperature),
             settings,
             seed=3 * 1000 + 1,
         )
