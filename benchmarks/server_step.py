@@ -515,7 +515,12 @@ def configure(args: argparse.Namespace) -> FederationConfig:
     """The federation to time, with the distillation and lambda options applied."""
     config = args.config or ("cifar10-homo" if args.paper_scale else "digits")
     cfg = load_federation(config)
-    distill_changes: dict[str, object] = {"precision": args.precision, "compile": args.compile}
+    # a fixed budget: every variant runs every distillation to the configured steps
+    distill_changes: dict[str, object] = {
+        "precision": args.precision,
+        "compile": args.compile,
+        "adaptive": False,
+    }
     if args.epochs is not None:
         distill_changes.update(epochs=args.epochs)
     if args.steps is not None:

@@ -80,6 +80,20 @@ def apply_privacy(cfg: FederationConfig, overrides: dict[str, Any]) -> Federatio
         raise fail(f"invalid privacy options: {e}") from None
 
 
+BUDGET_RULES = ("adaptive", "fixed")
+
+
+def with_budget_rule(cfg: FederationConfig, rule: str | None) -> FederationConfig:
+    """``cfg`` with ``--budget`` applied to its distillation (unchanged when None)."""
+    if rule is None:
+        return cfg
+    if rule not in BUDGET_RULES:
+        raise fail(f"unknown --budget {rule!r}: one of {', '.join(BUDGET_RULES)}")
+    distill = cfg.algorithm.distill.model_copy(update={"adaptive": rule == "adaptive"})
+    algorithm = cfg.algorithm.model_copy(update={"distill": distill})
+    return cfg.model_copy(update={"algorithm": algorithm})
+
+
 def check_privacy(cfg: FederationConfig, algorithms: list[Any]) -> None:
     """Exit with every reason an algorithm (or the aggregation) cannot run in the config's
     privacy mode."""
@@ -156,6 +170,12 @@ def simulate(
         "one by one; same result within float rounding. Default: automatic (on CUDA; on a "
         "CPU for models up to 50k parameters).",
     ),
+    budget: str = typer.Option(
+        None,
+        help="Distillation budget rule for every method: 'adaptive' (each distillation stops "
+        "when its student stops improving, the configured budget its cap) or 'fixed' (every "
+        "distillation runs the whole budget). Default: the config's algorithm.distill.adaptive.",
+    ),
     out: Path = typer.Option(Path("runs/simulate"), help="Output folder."),
     privacy: str = PRIVACY_OPTION,
     epsilon: float = EPSILON_OPTION,
@@ -182,6 +202,7 @@ def simulate(
             "clipping": clipping,
         },
     )
+    cfg = with_budget_rule(cfg, budget)
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
     if compression is not None:
         try:

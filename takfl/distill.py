@@ -8,32 +8,22 @@ For student j and teacher i, starting from theta_avg_j, minimise over public x:
 where s are the student's logits, Z_i the teacher ensemble's mean logits and
 S_avg_j the logits of theta_avg_j itself (computed once).
 
-Batched distillation. Student j's m distillations (one per teacher) start from the
-same theta_avg_j and see the same batch sequence; only the target differs. They run
-together: m copies of the parameters and buffers are stacked along a new leading
-dimension, ``torch.func.functional_call`` runs under ``torch.vmap`` (stacked
-parameters and buffers in_dims=0, the shared input batch in_dims=None), and the loss
-is the sum over copies of each copy's own objective. Copy k's parameters receive
-only copy k's gradient, so one Adam over the stacked leaves is m separate Adams:
-Adam, its L2 weight decay and its moment estimates are all elementwise, and every
-copy takes the same number of steps. BatchNorm running statistics are updated in
-place on the stacked buffers, per copy, exactly as in m separate runs.
+Each distillation trains for the budget (:class:`DistillSettings`: steps, epochs or
+passes over the public set) or, under an early-stopping rule (:mod:`takfl.stopping`),
+until its student stops improving, the budget then its cap. A student's m
+distillations can run together, vmapped (:mod:`takfl.distill_batched`).
 
 Why vmap and not hand-written grouped convolutions: vmap applies to every model of
 the zoo without rewriting it (ResNets, MobileNet, VGG, ViT, the digits models), and
 its batching rules already lower a convolution whose weight is batched to one
 grouped convolution (``groups = m``) and a linear layer to one batched matmul, which
-is what a grouped rewrite would produce. A model whose forward cannot be vmapped
-(data-dependent Python control flow, ``.item()``) is detected once by a probe and
-distilled sequentially, with the reason logged.
+is what a grouped rewrite would produce.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -42,12 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from takfl.stacking import stack_copies, vmapped_forward
 from takfl.state import State
+from takfl.stopping import EarlyStopping, Tracker, agreement
 
 Precision = Literal["fp32", "bf16"]
-
-log = logging.getLogger(__name__)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -71,8 +59,10 @@ Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True, kw_only=True)
 class DistillSettings:
-    steps: int = 0  # optimiser steps (used when ``epochs`` is None)
-    epochs: int | None = None  # passes over the shuffled public set; overrides ``steps``
+    # the budget, one unit of three (epochs, else passes, else steps)
+    steps: int = 0  # optimiser steps
+    epochs: int | None = None  # whole passes over the shuffled public set
+    passes: float | None = None  # passes over the shuffled public set, fractions allowed
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam
     weight_decay: float = 0.0  # Adam's L2 penalty, as the reference code sets it
@@ -81,24 +71,24 @@ class DistillSettings:
     compile: bool = False  # torch.compile the (batched) forward
 
     def total_steps(self, n: int) -> int:
-        """Optimiser steps for a public set of ``n`` samples."""
-        if self.epochs is None:
-            return self.steps
-        return self.epochs * math.ceil(n / self.batch_size)
+        """Optimiser steps for a public set of ``n`` samples: with ``passes``, that many
+        passes of ceil(n / batch_size) batches, rounded up to a whole step."""
+        per_pass = math.ceil(n / self.batch_size)
+        if self.epochs is not None:
+            return self.epochs * per_pass
+        if self.passes is not None:
+            return max(1, math.ceil(self.passes * per_pass - 1e-9))
+        return self.steps
 
 
 @dataclass(frozen=True, kw_only=True)
-class EarlyStopping:
-    """Best-checkpoint selection on labelled validation (FedDF's official code).
+class Distilled:
+    """One distillation's outcome."""
 
-    ``score(model) -> float`` (higher is better) is called on the starting model and
-    every ``every`` steps; training stops after ``patience`` steps without a better
-    score, and the best checkpoint seen (the start included) is returned.
-    """
-
-    score: Callable[[nn.Module], float]
-    every: int = 20
-    patience: int = 100
+    state: State  # the kept checkpoint theta_ij (CPU tensors)
+    steps: int  # optimiser steps it trained for (the cap, or fewer when it stopped early)
+    best_step: int  # the step of the kept checkpoint (0: the start)
+    scores: tuple[tuple[int, float], ...] = ()  # (step, score) of every score taken
 
 
 def takfl_objective(
@@ -173,32 +163,56 @@ def takfl_objective_stacked(
 
 
 def batch_indices(n: int, settings: DistillSettings, seed: int) -> Iterator[torch.Tensor]:
-    """The batch sequence of one distillation: epochs of shuffled passes (the reference's
-    DataLoader with shuffle), or ``steps`` batches drawn with replacement."""
+    """The batch sequence of one distillation over samples 0..n-1: ``epochs`` shuffled
+    passes (the reference's DataLoader with shuffle); else ``passes``, the same cut to its
+    step count (a one-sample batch, which BatchNorm cannot train on, is left out); else
+    ``steps`` batches drawn with replacement."""
     gen = torch.Generator().manual_seed(seed)
-    b = min(settings.batch_size, n)
-    if settings.epochs is None:
+    if settings.epochs is not None:
+        for _ in range(settings.epochs):
+            yield from torch.randperm(n, generator=gen).split(settings.batch_size)
+        return
+    if settings.passes is None:
+        b = min(settings.batch_size, n)
         for _ in range(settings.steps):
             yield torch.randint(0, n, (b,), generator=gen)
         return
-    for _ in range(settings.epochs):
-        perm = torch.randperm(n, generator=gen)
-        yield from perm.split(settings.batch_size)
+    total, done = settings.total_steps(n), 0
+    while done < total:
+        for idx in torch.randperm(n, generator=gen).split(settings.batch_size):
+            if len(idx) < 2 <= n:
+                continue
+            yield idx
+            done += 1
+            if done == total:
+                return
 
 
 def device_batches(
-    n: int, settings: DistillSettings, seed: int, device: torch.device
+    n: int,
+    settings: DistillSettings,
+    seed: int,
+    device: torch.device,
+    pool: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """:func:`batch_indices` drawn up front and moved to ``device`` in one copy, so the
-    training loop issues no host-to-device transfer."""
+    training loop issues no host-to-device transfer. ``pool`` (P,): the public indices
+    to draw from (None: all ``n``); the batches then index the whole public set."""
+    if pool is not None:
+        n = len(pool)
     batches = list(batch_indices(n, settings, seed))
     if not batches:
         return []
     sizes = [len(b) for b in batches]
-    return list(torch.cat(batches).to(device).split(sizes))
+    flat = torch.cat(batches)
+    if pool is not None:
+        flat = pool.to("cpu")[flat]
+    return list(flat.to(device).split(sizes))
 
 
-def _autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+def precision_context(
+    device: torch.device, precision: Precision
+) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -206,6 +220,15 @@ def _autocast(device: torch.device, precision: Precision) -> contextlib.Abstract
 
 def _cpu_state(model: nn.Module) -> State:
     return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def _score(model: nn.Module, stop: EarlyStopping) -> float:
+    """Agreement of ``model`` (eval mode, left in train mode) with the stop rule's labels."""
+    model.eval()
+    logits = torch.cat([model(stop.x[i : i + 512]) for i in range(0, len(stop.x), 512)])
+    model.train()
+    return float(agreement(logits.float(), stop.labels_of(0)))
 
 
 def distill(
@@ -218,6 +241,23 @@ def distill(
     seed: int,
     early_stopping: EarlyStopping | None = None,
 ) -> State:
+    """The state of :func:`run_distillation` (see there)."""
+    return run_distillation(
+        model, start, public_x, objective, settings, seed=seed, early_stopping=early_stopping
+    ).state
+
+
+def run_distillation(
+    model: nn.Module,
+    start: State,
+    public_x: torch.Tensor,
+    objective: Objective,
+    settings: DistillSettings,
+    *,
+    seed: int,
+    early_stopping: EarlyStopping | None = None,
+    pool: torch.Tensor | None = None,
+) -> Distilled:
     """Train ``model``, loaded with ``start``, on public inputs to minimise ``objective``.
 
     Args:
@@ -226,165 +266,46 @@ def distill(
         public_x: (N, ...) public inputs, already on the compute device.
         objective: the loss on a batch (see :data:`Objective`).
         seed: fixes the batch sequence, so every teacher of a student sees the same batches.
-        early_stopping: when given, the best checkpoint on validation is returned.
+        early_stopping: when given, training stops on it and its best checkpoint is kept
+            (:mod:`takfl.stopping`); ``settings`` is then the cap.
+        pool: (P,) the public indices batches are drawn from (None: all N).
     Returns:
-        the distilled state dict theta_ij (CPU tensors).
+        the distilled state dict theta_ij (CPU tensors), with the steps it took.
     """
     model.load_state_dict(start)
     opt = torch.optim.Adam(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    best_score, best_state, best_step = -math.inf, None, 0
-    if early_stopping is not None:
-        best_score, best_state = early_stopping.score(model), _cpu_state(model)
+    stop, tracker, best = early_stopping, None, None
+    if stop is not None:
+        tracker = Tracker(copies=1, patience=stop.patience, ties_improve=stop.ties_improve)
+        tracker.observe(0, [_score(model, stop)])
+        best = _cpu_state(model)
     model.train()
     forward: Callable[[torch.Tensor], torch.Tensor] = model
     if settings.compile:
         forward = torch.compile(model)
-    batches = device_batches(public_x.shape[0], settings, seed, public_x.device)
-    for step, idx in enumerate(batches, start=1):
-        with _autocast(public_x.device, settings.precision):
+    ran = 0
+    for idx in device_batches(public_x.shape[0], settings, seed, public_x.device, pool):
+        with precision_context(public_x.device, settings.precision):
             logits = forward(public_x[idx])
         loss = objective(logits.float(), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if early_stopping is not None and step % early_stopping.every == 0:
-            score = early_stopping.score(model)
-            model.train()
-            if score > best_score:
-                best_score, best_state, best_step = score, _cpu_state(model), step
-            elif step - best_step >= early_stopping.patience:
+        ran += 1
+        if stop is not None and tracker is not None and ran % stop.every == 0:
+            if tracker.observe(ran, [_score(model, stop)]):
+                best = _cpu_state(model)
+            if tracker.done:
                 break
-    if early_stopping is not None:
-        score = early_stopping.score(model)
-        if score > best_score:
-            best_state = _cpu_state(model)
-        model.train()
-        if best_state is not None:
-            return best_state
-    return _cpu_state(model)
-
-
-_PROBED: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
-
-
-def vmap_unsupported(model: nn.Module, sample_x: torch.Tensor) -> str | None:
-    """Why ``model`` cannot be distilled batched (None: it can).
-
-    Probes once per module instance: two stacked copies of its parameters and
-    buffers (clones; the module is not changed) run forward and backward in train
-    mode under vmap on two public samples.
-    """
-    if model in _PROBED:
-        return _PROBED[model]
-    was_training = model.training
-    reason: str | None = None
-    try:
-        device = sample_x.device
-        params = {
-            k: stack_copies(v, 2, device).requires_grad_() for k, v in model.named_parameters()
-        }
-        buffers = {k: stack_copies(v, 2, device) for k, v in model.named_buffers()}
-        model.train()
-        vmapped_forward(model, shared_input=True)(
-            params, buffers, sample_x[:2]
-        ).float().sum().backward()
-    except Exception as e:  # any failure means: use the sequential path
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    finally:
-        model.train(was_training)
-    _PROBED[model] = reason
-    return reason
-
-
-# CPU cut-off for ``batched: auto``: forward FLOPs per sample of the student. Measured
-# on a 2-core x86_64 CPU (README, server step benchmark): batched distillation is
-# faster for the digits MLP (1.2 kFLOP) and small CNN (0.18 MFLOP), slower for the
-# large CNN (2.7 MFLOP per sample),
-# where the batching rules' extra passes (BatchNorm's affine applied as separate
-# multiplies, layout copies around pooling) outweigh the Python overhead saved.
-CPU_BATCHED_MAX_FLOPS = 1_000_000
-
-_FLOPS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-
-
-def forward_flops_per_sample(model: nn.Module, sample_x: torch.Tensor) -> int:
-    """FLOPs of one eval-mode forward on one sample (counted once per module instance)."""
-    if model not in _FLOPS:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(sample_x[:1])
-        model.train(was_training)
-        _FLOPS[model] = int(counter.get_total_flops())
-    return _FLOPS[model]
-
-
-def batched_pays(model: nn.Module, sample_x: torch.Tensor) -> bool:
-    """The ``auto`` choice: batch on CUDA (one launch per layer instead of m), and on
-    CPU for students cheaper than :data:`CPU_BATCHED_MAX_FLOPS` per sample."""
-    if sample_x.device.type == "cuda":
-        return True
-    return forward_flops_per_sample(model, sample_x) < CPU_BATCHED_MAX_FLOPS
-
-
-def distill_batched(
-    model: nn.Module,
-    start: State,
-    public_x: torch.Tensor,
-    objective: BatchedObjective,
-    copies: int,
-    settings: DistillSettings,
-    *,
-    seed: int,
-) -> list[State]:
-    """``copies`` distillations of ``model`` from the same ``start`` and batch sequence,
-    in one vmapped pass per batch; equal (within float rounding) to ``copies`` calls of
-    :func:`distill` with the per-copy objectives that ``objective`` sums.
-
-    The stacked parameters are the optimiser's leaves, shape (copies, *p.shape); one
-    Adam over them equals one Adam per copy, since Adam and its weight decay act
-    elementwise. The loop holds no host synchronisation: batch indices are on the
-    device beforehand and the loss is never read back.
-
-    Args:
-        model: a scratch module of the student's architecture; used as a function
-            only (its own tensors are not changed).
-        start: theta_avg_j, never modified.
-        public_x: (N, ...) public inputs, on the compute device.
-        objective: see :data:`BatchedObjective`.
-        seed: fixes the batch sequence shared by every copy.
-    Returns:
-        per copy, the distilled state dict (CPU tensors, ``start``'s keys).
-    """
-    device = public_x.device
-    own = dict(model.state_dict(keep_vars=True))
-    params = {
-        k: stack_copies(start[k], copies, device).requires_grad_()
-        for k, _ in model.named_parameters()
-    }
-    buffers = {
-        k: stack_copies(start[k] if k in start else own[k], copies, device)
-        for k, _ in model.named_buffers()
-    }
-    opt = torch.optim.Adam(
-        list(params.values()), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    if tracker is None or best is None or stop is None:
+        return Distilled(state=_cpu_state(model), steps=ran, best_step=ran)
+    if ran % stop.every != 0 and tracker.observe(ran, [_score(model, stop)]):
+        best = _cpu_state(model)
+    return Distilled(
+        state=best,
+        steps=tracker.steps_trained(0, ran),
+        best_step=tracker.best_step[0],
+        scores=tuple(tracker.history[0]),
     )
-    was_training = model.training
-    model.train()
-    forward = vmapped_forward(model, shared_input=True)
-    if settings.compile:
-        forward = torch.compile(forward)
-    for idx in device_batches(public_x.shape[0], settings, seed, device):
-        with _autocast(device, settings.precision):
-            logits = forward(params, buffers, public_x[idx])
-        loss = objective(logits.float(), idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.train(was_training)
-    stacked = {**params, **buffers}
-    return [{k: stacked[k][c].detach().to("cpu").clone() for k in start} for c in range(copies)]

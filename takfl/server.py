@@ -9,30 +9,34 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from takfl.baselines import feddf_objective, feddf_target, fedet_objective, fedet_targets
+from takfl.budget import Budget, distill_gflop, plan_budget, steps_info
+from takfl.budget import distill_settings as spec_settings
 from takfl.config.federation import AlgorithmSpec
 from takfl.distill import (
+    Distilled,
     DistillSettings,
-    EarlyStopping,
     Objective,
-    batched_pays,
-    distill,
-    distill_batched,
+    run_distillation,
     takfl_objective,
     takfl_objective_stacked,
+)
+from takfl.distill_batched import (
+    batched_pays,
+    forward_flops_per_sample,
+    run_distillations_batched,
     vmap_unsupported,
 )
 from takfl.lambdas import LambdaContext
 from takfl.state import State
 from takfl.task_arithmetic import MergeScorer, best_on_validation, merge, task_vector
-from takfl.training import accuracy, predict_logits
+from takfl.training import predict_logits
 
 if TYPE_CHECKING:
     from takfl.algorithms import Algorithm
@@ -75,16 +79,13 @@ class StepData:
 
 
 def distill_settings(spec: AlgorithmSpec) -> DistillSettings:
-    d = spec.distill
-    return DistillSettings(
-        steps=d.steps,
-        epochs=d.epochs,
-        batch_size=d.batch_size,
-        learning_rate=d.learning_rate,
-        weight_decay=d.weight_decay,
-        precision=d.precision,
-        compile=d.compile,
-    )
+    """The algorithm's distillation settings and budget (:func:`takfl.budget.distill_settings`)."""
+    return spec_settings(spec.distill)
+
+
+def plan(algo: Algorithm, data: StepData, seed: int) -> Budget:
+    """The round's budget for ``algo`` (the same for every method given the same spec)."""
+    return plan_budget(algo.spec.distill, data.public_x, data.val_x, data.val_y, seed=seed)
 
 
 def _add(timings: dict[str, float], key: str, since: float) -> float:
@@ -119,16 +120,18 @@ def takfl_step(
     lambda on the simplex. ``scaled`` (ablation) also picks a task-vector scale on
     validation from the configured grid and records it in the info. ``batched``
     (default: the spec's ``distill.batched``) runs a student's distillations together
-    (:func:`takfl.distill.distill_batched`) instead of one after another; ``"auto"``
-    decides per student (:func:`takfl.distill.batched_pays`)."""
+    (:mod:`takfl.distill_batched`) instead of one after another; ``"auto"`` decides per
+    student (:func:`takfl.distill_batched.batched_pays`). The info records the budget
+    each distillation used (:func:`takfl.budget.steps_info`) and its estimated GFLOP."""
     teachers = [(i, p) for i, p in enumerate(protos) if p.mean_logits is not None]
     if algo.lambda_strategy is None:
         raise ValueError(f"{algo.name} needs a lambda strategy")
-    settings = distill_settings(algo.spec)
+    budget = plan(algo, data, seed)
     d = algo.spec.distill
     gamma = d.self_reg_weight if self_reg else 0.0
     if batched is None:
         batched = d.batched
+    names = [t.name for _, t in teachers]
     out: dict[str, StepOutput] = {}
     for j, student in enumerate(protos):
         if not teachers:
@@ -140,10 +143,10 @@ def takfl_step(
             student.model.load_state_dict(student.avg_state)
             self_logits = predict_logits(student.model, data.public_x)
         targets = [t.mean_logits for _, t in teachers if t.mean_logits is not None]
-        thetas = _distill_all(
-            student, targets, self_logits, data, settings, algo, gamma, seed * 1000 + j, batched
+        runs, together = _distill_all(
+            student, targets, self_logits, data, budget, algo, gamma, seed * 1000 + j, batched
         )
-        vectors = [task_vector(theta, student.avg_state) for theta in thetas]
+        vectors = [task_vector(run.state, student.avg_state) for run in runs]
         t1 = _add(timings, "distill_s", t0)
         scorer = MergeScorer(student.model, student.avg_state, vectors, data.public_x.device)
         ctx = LambdaContext(
@@ -164,10 +167,30 @@ def takfl_step(
             info["scale"] = scale
         state = merge(student.avg_state, vectors, choice.lambdas, scale)
         _add(timings, "merge_s", t1)
-        names = [t.name for _, t in teachers]
+        info |= steps_info(runs, budget.cap, names)
+        info["distill_gflop"] = _gflop(student, runs, budget, data, together, self_logits)
         lam = dict(zip(names, choice.lambdas.tolist(), strict=True))
         out[student.name] = StepOutput(state, lam, info)
     return out
+
+
+def _gflop(
+    student: PrototypeInput,
+    runs: list[Distilled],
+    budget: Budget,
+    data: StepData,
+    batched: bool,
+    self_logits: torch.Tensor | None = None,
+) -> float:
+    """Estimated GFLOP of a student's distillations (:func:`takfl.budget.distill_gflop`)."""
+    return distill_gflop(
+        runs,
+        forward_flops=forward_flops_per_sample(student.model, data.public_x),
+        batch=min(budget.settings.batch_size, len(data.public_x)),
+        scored=budget.scored_samples,
+        batched=batched,
+        extra_forwards=0 if self_logits is None else len(self_logits),
+    )
 
 
 def _distill_all(
@@ -175,14 +198,17 @@ def _distill_all(
     targets: list[torch.Tensor],
     self_logits: torch.Tensor | None,
     data: StepData,
-    settings: DistillSettings,
+    budget: Budget,
     algo: Algorithm,
     gamma: float,
     seed: int,
     batched: bool | Literal["auto"],
-) -> list[State]:
-    """theta_ij for every teacher target Z_i (N, K), batched when asked and possible."""
+) -> tuple[list[Distilled], bool]:
+    """theta_ij for every teacher target Z_i (N, K), batched when asked and possible;
+    with whether they ran batched. Each stops on the budget's rule, scored against its
+    own teacher's labels when validation is withheld."""
     d = algo.spec.distill
+    rule = budget.rule(torch.stack([z.argmax(1) for z in targets]))
     if batched == "auto":
         batched = batched_pays(student.model, data.public_x)
     if batched and len(targets) > 1:
@@ -191,32 +217,38 @@ def _distill_all(
             objective = takfl_objective_stacked(
                 torch.stack(targets), self_logits, d.temperature, gamma, d.self_reg_temperature
             )
-            return distill_batched(
+            runs = run_distillations_batched(
                 student.model,
                 student.avg_state,
                 data.public_x,
                 objective,
                 len(targets),
-                settings,
+                budget.settings,
                 seed=seed,
+                early_stopping=rule,
+                pool=budget.pool,
             )
+            return runs, True
         log.warning(
             "prototype %s (%s) cannot be vmapped, distilling sequentially: %s",
             student.name,
             type(student.model).__name__,
             reason,
         )
-    return [
-        distill(
+    runs = [
+        run_distillation(
             student.model,
             student.avg_state,
             data.public_x,
             takfl_objective(z, self_logits, d.temperature, gamma, d.self_reg_temperature),
-            settings,
+            budget.settings,
             seed=seed,
+            early_stopping=None if rule is None else replace(rule, labels=rule.labels_of(i)),
+            pool=budget.pool,
         )
-        for z in targets
+        for i, z in enumerate(targets)
     ]
+    return runs, False
 
 
 def choose_scale(
@@ -234,10 +266,6 @@ def choose_scale(
     return best
 
 
-def _val_accuracy(model: nn.Module, *, x: torch.Tensor, y: torch.Tensor) -> float:
-    return accuracy(model, x, y)
-
-
 def _single_target(
     protos: list[PrototypeInput],
     data: StepData,
@@ -245,31 +273,30 @@ def _single_target(
     seed: int,
     timings: dict[str, float],
     objective: Objective,
+    target_labels: torch.Tensor,
 ) -> dict[str, StepOutput]:
-    """Every prototype distils from ``objective`` starting at its theta_avg; with
-    validation given, the best checkpoint on it (the start included) is kept."""
-    settings = distill_settings(algo.spec)
-    d = algo.spec.distill
+    """Every prototype distils from ``objective`` starting at its theta_avg, stopped by
+    the budget's rule for baselines (``target_labels`` (N,): the target's labels on the
+    public set, scored on held-out samples without validation); the info records the
+    steps used and the estimated GFLOP."""
+    budget = plan(algo, data, seed)
+    rule = budget.baseline_rule(target_labels)
     t0 = time.perf_counter()
     out = {}
     for j, p in enumerate(protos):
-        stopper = None
-        if data.has_validation and data.val_x is not None and data.val_y is not None:
-            stopper = EarlyStopping(
-                score=partial(_val_accuracy, x=data.val_x, y=data.val_y),
-                every=d.eval_every,
-                patience=d.patience,
-            )
-        state = distill(
+        run = run_distillation(
             p.model,
             p.avg_state,
             data.public_x,
             objective,
-            settings,
+            budget.settings,
             seed=seed * 1000 + j,
-            early_stopping=stopper,
+            early_stopping=rule,
+            pool=budget.pool,
         )
-        out[p.name] = StepOutput(state, None)
+        info = steps_info([run], budget.cap, None)
+        info["distill_gflop"] = _gflop(p, [run], budget, data, False)
+        out[p.name] = StepOutput(run.state, None, info)
     _add(timings, "distill_s", t0)
     return out
 
@@ -290,7 +317,7 @@ def feddf_step(
         [p.num_clients for p in teachers],
     )
     objective = feddf_objective(target, algo.spec.distill.temperature)
-    return _single_target(protos, data, algo, seed, timings, objective)
+    return _single_target(protos, data, algo, seed, timings, objective, target.argmax(1))
 
 
 def fedet_step(
@@ -308,7 +335,7 @@ def fedet_step(
     objective = fedet_objective(
         labels, diverse, has, algo.spec.distill.temperature, algo.spec.fedet.diversity_weight
     )
-    return _single_target(protos, data, algo, seed, timings, objective)
+    return _single_target(protos, data, algo, seed, timings, objective, labels)
 
 
 def server_step(

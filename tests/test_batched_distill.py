@@ -14,14 +14,16 @@ from torch import nn
 from takfl.algorithms import resolve_algorithm
 from takfl.config import AlgorithmSpec
 from takfl.distill import (
-    CPU_BATCHED_MAX_FLOPS,
     DistillSettings,
-    batched_pays,
     distill,
-    distill_batched,
-    forward_flops_per_sample,
     takfl_objective,
     takfl_objective_stacked,
+)
+from takfl.distill_batched import (
+    CPU_BATCHED_MAX_FLOPS,
+    batched_pays,
+    distill_batched,
+    forward_flops_per_sample,
     vmap_unsupported,
 )
 from takfl.models import build_model

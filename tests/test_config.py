@@ -37,6 +37,7 @@ BUNDLED_FEDERATIONS = [
     "cifar100-homo",
     "digits",
     "sensors",
+    "sensors16",
 ]
 
 GOOD_PROFILE: dict[str, Any] = {

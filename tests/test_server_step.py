@@ -18,7 +18,6 @@ from takfl.lambdas import (
 from takfl.models import build_model
 from takfl.server import PrototypeInput, StepData, server_step
 from takfl.task_arithmetic import MergeScorer, task_vector
-from takfl.training import accuracy
 
 SHAPE = (1, 8, 8)
 NAMES = ("S", "M", "L")
@@ -113,7 +112,7 @@ def test_every_algorithm_returns_a_state_per_prototype(name: str) -> None:
 def test_takfl_is_the_merge_with_lambdas_summing_to_one_and_no_scale() -> None:
     """With fixed lambdas, takfl's state equals theta_avg + sum lambda_i tau_i exactly."""
     protos, data = tiny_round()
-    spec = tiny_spec()
+    spec = tiny_spec(distill={"steps": 3, "batch_size": 8, "adaptive": False})
     algo = resolve_algorithm(spec, "takfl", lambda_strategy="fixed")
     out, _ = server_step(protos, data, algo, seed=3)
     student = protos[1]
@@ -125,7 +124,7 @@ def test_takfl_is_the_merge_with_lambdas_summing_to_one_and_no_scale() -> None:
             student.model,
             student.avg_state,
             data.public_x,
-            takfl_objective(teacher.mean_logits, None, 3.0),
+            takfl_objective(teacher.mean_logits, None, spec.distill.temperature),
             settings,
             seed=3 * 1000 + 1,
         )
@@ -258,7 +257,7 @@ def test_early_stopping_returns_the_best_checkpoint_on_validation() -> None:
     with torch.no_grad():
         y = student(x).argmax(1)  # the start is perfect on validation
     wrong = torch.nn.functional.one_hot((y + 1) % 10, 10).float() * 10  # a misleading teacher
-    stopper = EarlyStopping(score=lambda m: accuracy(m, x, y), every=5, patience=10)
+    stopper = EarlyStopping(x=x, labels=y, every=5, patience=10)
     theta = distill(
         student,
         start,

@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 
 from takfl.config import load_federation, prototype_model
 from takfl.data import DataError, load_dataset, load_npz
-from takfl.data.signals import CLASSES, make_sensor_signals
+from takfl.data.signals import CLASSES, class_templates, make_sensor_signals
 from takfl.federation_data import build_federation_data
 from takfl.models import build_model, count_parameters
 
@@ -91,3 +91,34 @@ def test_sensors_data_set_and_federation() -> None:
         for p in cfg.prototypes
     }
     assert sizes["L"] > 15 * sizes["S"]
+
+
+def test_sensors16_is_the_same_recipe_with_sixteen_classes() -> None:
+    x, y = make_sensor_signals(160, seed=3, classes=16)
+    again, _ = make_sensor_signals(160, seed=3, classes=16)
+    np.testing.assert_array_equal(x, again)
+    assert np.bincount(y, minlength=16).tolist() == [10] * 16
+    eight = class_templates()  # the 8-class benchmark does not move with the argument
+    for key, value in class_templates(8).items():
+        np.testing.assert_array_equal(value, eight[key])
+    assert len(set(class_templates(16)["cadence"].round(6))) == 8  # classes still in pairs
+    with pytest.raises(ValueError, match="pairs"):
+        class_templates(7)
+    train = load_dataset("sensors16")
+    assert train.num_classes == 16 and len(train) == 4800
+    assert len(load_dataset("sensors16", split="test")) == 1600
+    cfg = load_federation("sensors16")
+    data = build_federation_data(cfg, 0)
+    assert len(data.public_x) == 1000 and len(data.val_x) == 200 and len(data.test_x) == 1600
+    sizes = {
+        p.name: count_parameters(
+            build_model(
+                prototype_model(cfg, p.name).builder,
+                16,
+                (3, 1, 64),
+                **prototype_model(cfg, p.name).args,
+            )
+        )
+        for p in cfg.prototypes
+    }
+    assert sizes["L"] > 30 * sizes["S"]  # a larger gap than sensors' (15x)

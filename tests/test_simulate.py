@@ -157,6 +157,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path: Path) -> None:
         (["simulate", "--lambda-strategy", "magic"], "unknown lambda strategy"),
         (["simulate", "--algorithm", "takfl", "--no-validation"], "withholds"),
         (["simulate", "--compression", "bf8"], "unknown compression"),
+        (["simulate", "--budget", "greedy"], "unknown --budget"),
         (["simulate", "--config", str(tmp_path / "missing.yaml")], "file not found"),
     ]:
         result = CliRunner().invoke(app, args)

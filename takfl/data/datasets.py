@@ -196,18 +196,29 @@ def load_cifar(
 
 SENSORS_TRAIN_SIZE = 2400  # windows in the generated ``sensors`` train split
 SENSORS_TEST_SIZE = 1000
+SENSORS16_TRAIN_SIZE = 4800  # ``sensors16``: 16 classes, the same windows per class
+SENSORS16_TEST_SIZE = 1600
 
 
-def load_sensors(split: str = "train") -> TensorDataset:
+def load_sensors(split: str = "train", classes: int = 8) -> TensorDataset:
     """The generated sensor-signal benchmark (:mod:`takfl.data.signals`): 3 x 1 x 64,
-    8 classes; train and test splits come from different seeds."""
-    from takfl.data.signals import CLASS_NAMES, make_sensor_signals
+    8 classes (``sensors``) or 16 (``sensors16``); train and test splits come from
+    different seeds."""
+    from takfl.data.signals import class_names, make_sensor_signals
 
     if split not in ("train", "test"):
         raise DataError(f"unknown sensors split {split!r}; use train or test")
-    n, seed = (SENSORS_TRAIN_SIZE, 0) if split == "train" else (SENSORS_TEST_SIZE, 1)
-    x, y = make_sensor_signals(n, seed)
-    return _from_arrays(x, y, list(CLASS_NAMES), f"sensors-{split}")
+    sizes = {
+        8: (SENSORS_TRAIN_SIZE, SENSORS_TEST_SIZE),
+        16: (SENSORS16_TRAIN_SIZE, SENSORS16_TEST_SIZE),
+    }
+    if classes not in sizes:
+        raise DataError(f"the sensors benchmark has 8 or 16 classes, not {classes}")
+    train, test = sizes[classes]
+    n, seed = (train, 0) if split == "train" else (test, 1)
+    x, y = make_sensor_signals(n, seed, classes=classes)
+    name = "sensors" if classes == 8 else f"sensors{classes}"
+    return _from_arrays(x, y, class_names(classes), f"{name}-{split}")
 
 
 def _npz_layout(x: np.ndarray, layout: str, p: Path) -> np.ndarray:
@@ -291,13 +302,15 @@ def load_image_folder(path: str | Path, size: tuple[int, int] = (32, 32)) -> Ten
 def load_dataset(
     name: str, data_dir: str | Path | None = None, split: str = "train", layout: str = "images"
 ) -> TensorDataset:
-    """Load by name: ``digits``, ``sensors`` (generated), ``cifar10``, ``cifar100``, ``npz``
-    (data_dir is the file; ``layout`` images or signals), ``imagefolder`` (data_dir is the
-    root)."""
+    """Load by name: ``digits``, ``sensors`` and ``sensors16`` (generated), ``cifar10``,
+    ``cifar100``, ``npz`` (data_dir is the file; ``layout`` images or signals),
+    ``imagefolder`` (data_dir is the root)."""
     if name == "digits":
         return load_digits()
     if name == "sensors":
         return load_sensors(split)
+    if name == "sensors16":
+        return load_sensors(split, classes=16)
     if name in ("cifar10", "cifar100"):
         if data_dir is None:
             raise DataError(f"{name} needs --data-dir pointing at the python batches")
@@ -311,5 +324,6 @@ def load_dataset(
             raise DataError("imagefolder needs data_dir set to the root folder")
         return load_image_folder(data_dir)
     raise DataError(
-        f"unknown data set {name!r}; use digits, sensors, cifar10, cifar100, npz or imagefolder"
+        f"unknown data set {name!r}; use digits, sensors, sensors16, cifar10, cifar100, npz "
+        "or imagefolder"
     )

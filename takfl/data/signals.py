@@ -11,7 +11,11 @@ gets nuisances a real sensor has: a random start phase (the motion may begin
 anywhere in the window), cadence jitter, amplitude jitter, a gravity offset per
 axis, a slow drift, and white noise.
 
-Deterministic: the same (n, seed) gives the same arrays on every machine.
+``sensors16`` is the harder variant: the same recipe with 16 classes (8 pairs), so
+cadences lie closer together and cadence jitter confuses pairs with each other too.
+
+Deterministic: the same (n, seed, classes) gives the same arrays on every machine; the
+8-class benchmark is unchanged by the ``classes`` argument.
 """
 
 from __future__ import annotations
@@ -25,19 +29,27 @@ LENGTH = 64
 CLASS_NAMES = [f"activity-{k}" for k in range(CLASSES)]
 
 
-def class_templates() -> dict[str, np.ndarray]:
+def class_names(classes: int = CLASSES) -> list[str]:
+    return [f"activity-{k}" for k in range(classes)]
+
+
+def class_templates(classes: int = CLASSES) -> dict[str, np.ndarray]:
     """Per class: cadence (cycles per window), amplitudes and phases (K, harmonics, axes)."""
+    if classes < 2 or classes % 2:
+        raise ValueError(f"classes come in pairs: an even number >= 2, got {classes}")
     rng = np.random.default_rng(TEMPLATE_SEED)
-    pairs = CLASSES // 2
+    pairs = classes // 2
     cadence = np.repeat(rng.uniform(2.0, 6.0, size=pairs), 2)  # shared within a pair
     amp = np.repeat(rng.uniform(0.3, 1.0, size=(pairs, 3, CHANNELS)), 2, axis=0)
     amp[:, 1:] *= 0.6  # harmonics weaker than the fundamental
-    phase = rng.uniform(0, 2 * np.pi, size=(CLASSES, 3, CHANNELS))
+    phase = rng.uniform(0, 2 * np.pi, size=(classes, 3, CHANNELS))
     return {"cadence": cadence, "amplitude": amp, "phase": phase}
 
 
-def make_sensor_signals(n: int, seed: int, noise: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` windows with balanced labels.
+def make_sensor_signals(
+    n: int, seed: int, noise: float = 0.6, classes: int = CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` windows with balanced labels over ``classes`` activities.
 
     Returns:
         x: float32 (n, 3, 1, 64) (channels, height 1, time); y: int64 (n,).
@@ -45,9 +57,9 @@ def make_sensor_signals(n: int, seed: int, noise: float = 0.6) -> tuple[np.ndarr
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     t = np.arange(LENGTH) / LENGTH  # window time in [0, 1)
-    tpl = class_templates()
+    tpl = class_templates(classes)
     rng = np.random.default_rng(seed)
-    y = rng.permutation(np.arange(n) % CLASSES)
+    y = rng.permutation(np.arange(n) % classes)
     start = rng.uniform(0, 2 * np.pi, size=n)  # where in its cycle the motion starts
     cadence = tpl["cadence"][y] * rng.uniform(0.92, 1.08, size=n)
     scale = rng.uniform(0.8, 1.2, size=(n, 1, 1))
