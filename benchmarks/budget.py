@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from takfl.run_layout import CONFIG_FILE, METRICS_FILE, RESULTS_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "budget"
 METHODS = ("takfl-reg", "fedet", "feddf")
@@ -81,12 +83,12 @@ def run_point(
     """One simulate process for one budget point and seed (skipped when done); ``tag``
     names the folder of a variant (default: the mode), ``distill`` its other settings."""
     out = point_dir(case, tag or mode, passes, seed)
-    if (out / "results.json").is_file():
+    if (out / RESULTS_FILE).is_file():
         print(f"done already: {out}")
         return
     out.mkdir(parents=True, exist_ok=True)
     cfg = point_config(case, passes, adaptive=mode == "adaptive", **(distill or {}))
-    config = out / "config.yaml"
+    config = out / CONFIG_FILE
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [
         sys.executable,
@@ -137,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 # -- summarise ---------------------------------------------------------------------------
 def read_run(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (path / METRICS_FILE).read_text().splitlines()]
 
 
 def per_round_costs(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -214,7 +216,7 @@ def collect(root: Path) -> dict[str, Any]:
     for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for mode_dir in sorted(p for p in case_dir.iterdir() if p.is_dir()):
             for point in sorted(p for p in mode_dir.iterdir() if p.is_dir()):
-                runs = sorted(s for s in point.iterdir() if (s / "results.json").is_file())
+                runs = sorted(s for s in point.iterdir() if (s / RESULTS_FILE).is_file())
                 if runs:
                     summary = summarise_point(runs)
                     out.setdefault(case_dir.name, {}).setdefault(mode_dir.name, {})[point.name] = (

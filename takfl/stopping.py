@@ -61,7 +61,7 @@ def agreement(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).float().mean(-1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Tracker:
     """Per copy: the best score so far, the step it was reached at, and the step the copy
     stopped at (None while it runs)."""
