@@ -212,7 +212,7 @@ def provision(
     the coordinator, the read-only monitor and the release service, and with
     ``tls_hosts`` a fleet CA (``out_dir/tls``), a server certificate for those hosts and
     TLS listeners on ``tls_port`` at the addresses :func:`tls_listen_addresses` gives
-    (never every interface unless ``listen`` says "0.0.0.0"; the plain listener is on
+    (the wildcard address only if ``listen`` names it; the plain listener is on
     ``mosquitto_host``, loopback unless told otherwise), and a service listener on
     ``service_port`` (default ``mosquitto_port + 1``, on ``mosquitto_host``) where the
     monitor and the release service log in with client ids of their own.

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from takfl.config.federation import LambdaSpec
-from takfl.method_names import LAMBDA_STRATEGIES, registry, unknown_name
+from takfl.method_names import LAMBDA_STRATEGIES, lookup, registry
 from takfl.task_arithmetic import (
     MergeScorer,
     best_on_validation,
@@ -192,7 +192,4 @@ def lambda_strategies() -> dict[str, LambdaStrategy]:
 
 def resolve_lambda_strategy(name: str) -> LambdaStrategy:
     """The registered strategy ``name``; an unknown name is a ValueError listing the known."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(unknown_name("lambda strategy", name, LAMBDA_STRATEGIES)) from None
+    return lookup("lambda strategy", _REGISTRY, name)

@@ -10,7 +10,7 @@ adding its name here and its unit there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 ALGORITHMS: tuple[str, ...] = ("takfl", "takfl-reg", "takfl-scaled", "feddf", "fedet", "fedavg")
@@ -33,6 +33,15 @@ def check_name(kind: str, name: str, known: Sequence[str]) -> str:
     if name not in known:
         raise ValueError(unknown_name(kind, name, known))
     return name
+
+
+def lookup(kind: str, units: Mapping[str, U], name: str) -> U:
+    """The unit registered as ``name`` in ``units`` (a :func:`registry`); else a ValueError
+    listing the registered names."""
+    unit = units.get(name)
+    if unit is None:
+        raise ValueError(unknown_name(kind, name, list(units)))
+    return unit
 
 
 def registry(

@@ -2,8 +2,8 @@
 
 ``write_mosquitto_config`` writes into one directory::
 
-    mosquitto.conf   listener on host:port (+ optional TLS listeners on the addresses
-                     given, never every interface unless "0.0.0.0" is given) for agents, the
+    mosquitto.conf   listener on host:port (+ optional TLS listeners on exactly the
+                     addresses given; the wildcard address only if named) for agents, the
                      coordinator and site bridges, where the client id is forced to the
                      username (an agent cannot take over another's session); a service
                      listener (loopback by default) for monitors and the release service,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from takfl.method_names import ACCOUNTANTS, registry, unknown_name
+from takfl.method_names import ACCOUNTANTS, lookup, registry
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,10 +64,7 @@ _UNITS: dict[str, AccountantUnit] = registry(
 
 def accountant_unit(name: str) -> AccountantUnit:
     """The registered accountant ``name``; ValueError listing the known ones."""
-    unit = _UNITS.get(name)
-    if unit is None:
-        raise ValueError(unknown_name("accountant", name, ACCOUNTANTS))
-    return unit
+    return lookup("accountant", _UNITS, name)
 
 
 Step = tuple[float, float, int]  # (noise multiplier, sampling rate, rounds)

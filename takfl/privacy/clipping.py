@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from takfl.method_names import CLIPPING_MODES, registry, unknown_name
+from takfl.method_names import CLIPPING_MODES, lookup, registry
 from takfl.state import State, StateView
 
 
@@ -177,7 +177,4 @@ _RULES: dict[str, ClippingRule] = registry(
 
 def clipping_rule(name: str) -> ClippingRule:
     """The registered clipping rule ``name``; ValueError listing the known ones."""
-    rule = _RULES.get(name)
-    if rule is None:
-        raise ValueError(unknown_name("clipping mode", name, CLIPPING_MODES))
-    return rule
+    return lookup("clipping mode", _RULES, name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from takfl.algorithms import Algorithm
 from takfl.config.privacy import PrivacySpec
-from takfl.method_names import PRIVACY_MODES, registry, unknown_name
+from takfl.method_names import PRIVACY_MODES, lookup, registry
 from takfl.robust import Aggregator
 
 
@@ -68,10 +68,7 @@ _UNITS: dict[str, PrivacyMode] = registry(
 
 def privacy_mode(name: str) -> PrivacyMode:
     """The registered mode ``name``; ValueError listing the known ones."""
-    unit = _UNITS.get(name)
-    if unit is None:
-        raise ValueError(unknown_name("privacy mode", name, PRIVACY_MODES))
-    return unit
+    return lookup("privacy mode", _UNITS, name)
 
 
 def privacy_problems(mode: PrivacyMode, algorithm: Algorithm, aggregator: Aggregator) -> list[str]:
