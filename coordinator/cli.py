@@ -146,6 +146,12 @@ def simulate(
         "or 'profile' (each device profile's own). Codecs with error feedback keep each "
         "client's residual across rounds.",
     ),
+    downstream: str = typer.Option(
+        None,
+        help="Send each client its global model as a codec's delta against the model it "
+        "holds (the same codec forms as --compression, or 'profile'); default: the full "
+        "model every round.",
+    ),
     lambda_strategy: str = typer.Option(
         None, "--lambda-strategy", help=f"Override: {'|'.join(LAMBDA_STRATEGIES)}."
     ),
@@ -204,9 +210,11 @@ def simulate(
     )
     cfg = with_budget_rule(cfg, budget)
     algs = [a.strip() for a in (compare or algorithm or cfg.algorithm.name).split(",") if a.strip()]
-    if compression is not None:
+    for choice, down in ((compression, False), (downstream, True)):
+        if choice is None:
+            continue
         try:
-            resolve_compression(cfg, compression)
+            resolve_compression(cfg, choice, downstream=down)
         except CodecNameError as e:
             raise fail(f"{e} (or {PROFILE!r})") from None
     try:
@@ -234,6 +242,7 @@ def simulate(
         rounds=rounds,
         alpha=alpha,
         compression=compression,
+        downstream=downstream,
         data_dir=data_dir,
         vectorise=vectorise,
     )

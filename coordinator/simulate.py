@@ -39,16 +39,22 @@ class SimulationSpec:
     # ...; see takfl.wire.codec_names), one per prototype ("S=sign1:density=0.6;M=...")
     # or "profile" (each device profile's own)
     compression: str | None = None
+    # send each client its global as a codec's delta against the model it holds (the
+    # same forms as ``compression``; None: the full model every round)
+    downstream: str | None = None
     data_dir: str | None = None
     # train a prototype's sampled clients together (vmap) where that equals the loop:
     # True, False, or None (automatic: on accelerators, and for small models on a CPU)
     vectorise: bool | None = None
 
 
-def resolve_compression(cfg: FederationConfig, choice: str | None) -> dict[str, Codec] | None:
-    """Prototype -> the codec its updates go through: ``choice`` for every prototype;
-    ``profile``: each prototype's device-profile compression, as real agents send; or one
-    choice per prototype, ``S=sign1:density=0.6;M=sign1;L=fp16`` (every prototype named).
+def resolve_compression(
+    cfg: FederationConfig, choice: str | None, *, downstream: bool = False
+) -> dict[str, Codec] | None:
+    """Prototype -> the codec its updates (``downstream``: its globals) go through:
+    ``choice`` for every prototype; ``profile``: each prototype's device-profile choice
+    (``comms.compression``, ``comms.downstream``), as real agents have it; or one choice
+    per prototype, ``S=sign1:density=0.6;M=sign1;L=fp16`` (every prototype named).
 
     Raises:
         CodecNameError (a ValueError): an unknown codec, a bad setting, or a per-prototype
@@ -58,7 +64,10 @@ def resolve_compression(cfg: FederationConfig, choice: str | None) -> dict[str, 
         return None
     names = [p.name for p in cfg.prototypes]
     if choice == PROFILE:
-        return {n: resolve_codec(prototype_profile(cfg, n).comms.compression) for n in names}
+        comms = {n: prototype_profile(cfg, n).comms for n in names}
+        if downstream:
+            return {n: resolve_codec(c.downstream) for n, c in comms.items() if c.downstream}
+        return {n: resolve_codec(c.compression) for n, c in comms.items()}
     items = [i.strip() for i in choice.split(";") if i.strip()]
     heads = [i.partition("=")[0].strip() for i in items]
     if len(items) == 1 and heads[0] not in names:
@@ -91,19 +100,39 @@ def fp32_bytes(
 
 
 class UploadTally:
-    """Encoded update sizes of the round in progress, by prototype (an engine hook)."""
+    """Encoded update sizes of the round in progress, by prototype (an engine hook), and
+    the sizes of what those clients were sent."""
 
     def __init__(self) -> None:
         self.sizes: dict[str, list[float]] = {}
+        self.down: dict[str, list[tuple[float, bool]]] = {}  # (bytes, was the full model)
 
     def __call__(self, upd: ClientUpdate) -> None:
-        if "upload_bytes" in upd.metrics:
-            self.sizes.setdefault(upd.prototype, []).append(upd.metrics["upload_bytes"])
+        m = upd.metrics
+        if "upload_bytes" in m:
+            self.sizes.setdefault(upd.prototype, []).append(m["upload_bytes"])
+        if "download_bytes" in m:
+            sent = (m["download_bytes"], bool(m.get("download_full", 1.0)))
+            self.down.setdefault(upd.prototype, []).append(sent)
 
     def take(self) -> dict[str, float]:
         """Mean bytes per update per prototype since the last call; then start over."""
         out = {p: float(np.mean(v)) for p, v in self.sizes.items() if v}
         self.sizes = {}
+        return out
+
+    def take_down(self) -> dict[str, dict[str, float | None]]:
+        """Per prototype since the last call: the mean bytes sent down per client, the
+        mean over deltas alone (None: none) and how many got the full model."""
+        out: dict[str, dict[str, float | None]] = {}
+        for p, sent in self.down.items():
+            deltas = [b for b, full in sent if not full]
+            out[p] = {
+                "download_bytes": float(np.mean([b for b, _ in sent])),
+                "download_delta_bytes": float(np.mean(deltas)) if deltas else None,
+                "download_full": float(sum(full for _, full in sent)),
+            }
+        self.down = {}
         return out
 
 
@@ -113,9 +142,11 @@ def metrics_line(
     res: RoundResult,
     upload: dict[str, float] | None = None,
     fp32: dict[str, int] | None = None,
+    download: dict[str, dict[str, float | None]] | None = None,
 ) -> list[dict[str, Any]]:
     """One JSON-able record per prototype for a finished round; with a codec, the mean
-    encoded update size and the fp32 size of the same model's delta."""
+    encoded update size, the mean size of what each client was sent and the fp32 size
+    of the same model (its delta, its full global)."""
     strategy = algorithm.lambda_strategy
     return [
         {
@@ -140,6 +171,7 @@ def metrics_line(
             if upload is not None and fp32 is not None
             else {}
         )
+        | (download.get(proto, {}) if download else {})
         for proto, acc in res.accuracy.items()
     ]
 
@@ -176,6 +208,9 @@ def run_simulation(
     metrics_path = out_dir / METRICS_FILE
     metrics_path.write_text("")
     codecs = resolve_compression(cfg, spec.compression)
+    downlinks = resolve_compression(cfg, spec.downstream, downstream=True)
+    if downlinks is not None and codecs is None:  # sizes are reported against fp32
+        codecs = resolve_compression(cfg, "fp32")
     fp32: dict[str, int] | None = None
     for seed in range(spec.first_seed, spec.first_seed + spec.seeds):
         data = build_federation_data(cfg, seed, spec.data_dir, spec.alpha)
@@ -194,6 +229,7 @@ def run_simulation(
                 input_shape=data.input_shape,
                 device=device,
                 codecs=codecs,
+                downlinks=downlinks,
                 vectorise=spec.vectorise,
             )
             # seeded noise: reproducible figures (no protection against who knows the seed)
@@ -215,7 +251,8 @@ def run_simulation(
                 res = engine.run_round(r)
                 with metrics_path.open("a") as f:
                     upload = tally.take() if codecs is not None else None
-                    for rec in metrics_line(algo, seed, res, upload, fp32):
+                    download = tally.take_down() if codecs is not None else None
+                    for rec in metrics_line(algo, seed, res, upload, fp32, download):
                         f.write(json.dumps(rec) + "\n")
                 for p, a in res.accuracy.items():
                     per_proto[p].append(a)
@@ -234,6 +271,7 @@ def run_simulation(
                 "compression": spec.compression,
                 "privacy": cfg.privacy.model_dump(),
                 "codecs": {p: str(c) for p, c in codecs.items()} if codecs else None,
+                "downstream": {p: str(c) for p, c in downlinks.items()} if downlinks else None,
                 "validation": {a.name: a.validation for a in spec.algorithms},
                 "lambda_strategy": {
                     a.name: a.lambda_strategy.name for a in spec.algorithms if a.lambda_strategy

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from coordinator.broker.net import LOOPBACK, free_port
 from coordinator.registry import secret_path
 from coordinator.serve import COORDINATOR_USER, provision
 from coordinator.store import RunStore, RunStoreError
-from takfl.config import FederationConfig, load_federation
+from takfl.config import FederationConfig, load_federation, load_profile
 from takfl.federation_data import client_id
 
 # One thread per process keeps runs reproducible and lets 2-core machines cope.
@@ -142,15 +142,25 @@ def small_federation(
     name: str = "digits-e2e",
     rounds: int = 2,
     clients: tuple[int, int, int] = (2, 2, 1),
+    comms: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the config of digits with 2 S, 2 M and 1 L client (or ``clients``), everyone
-    sampled every round, short distillation, to ``tmp_path/<name>.yaml``; its path."""
+    sampled every round, short distillation, to ``tmp_path/<name>.yaml``; its path.
+    ``comms``: settings of every prototype's device profile's ``comms`` to change (e.g.
+    ``{"compression": "sign1", "downstream": "rot2"}``), written as profile files
+    beside the config."""
     cfg = load_federation("digits").model_dump(mode="json")
     cfg["name"] = name
     cfg["rounds"] = rounds
     for proto, count in zip(cfg["prototypes"], clients, strict=True):
         proto["clients"] = count
         proto["sample_rate"] = 1.0
+        if comms:
+            profile = load_profile(proto["profile"]).model_dump(mode="json")
+            profile["comms"] |= dict(comms)
+            path = tmp_path / f"{name}-{proto['name']}.profile.yaml"
+            path.write_text(yaml.safe_dump(profile))
+            proto["profile"] = str(path)
     cfg["algorithm"]["distill"]["steps"] = 10
     cfg["algorithm"]["lambdas"]["search_candidates"] = 4
     path = tmp_path / f"{name}.yaml"
@@ -204,14 +214,17 @@ class Federation:
         shard: int | None = None,
         secret: Path | None = None,
         extra: Sequence[str] = (),
+        broker: str | None = None,
+        prefix: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         """``takfl-agent run`` for ``agent_id`` (e.g. ``M-001``): by default its
-        prototype's profile, the shard of its index and its provisioned secret; ``extra``
-        options follow."""
+        prototype's profile, the shard of its index, its provisioned secret and the
+        federation's broker; ``extra`` options follow; ``prefix`` runs it under another
+        command (e.g. ``ip netns exec NS``)."""
         proto, _, idx = agent_id.rpartition("-")
         command = agent_command(
             profile=profile or next(p.profile for p in self.cfg.prototypes if p.name == proto),
-            broker=self.broker_url_agents,
+            broker=broker or self.broker_url_agents,
             agent_id=agent_id,
             secret=secret or secret_path(self.work, agent_id),
             federation=str(self.cfg_path),
@@ -219,7 +232,7 @@ class Federation:
             threads=1,
             extra=extra,
         )
-        return self._spawn(agent_id, command)
+        return self._spawn(agent_id, [*prefix, *command])
 
     def start_all_agents(self) -> None:
         for agent_id, _, _ in fleet_agents(self.cfg):
@@ -274,6 +287,7 @@ class Federation:
             seeds=1,
             rounds=cfg.rounds,
             compression="profile",
+            downstream="profile",
         )
         run_simulation(cfg, spec, out, torch.device("cpu"))
         return metrics(out)
@@ -294,12 +308,16 @@ class Federation:
 
 @contextmanager
 def federation(
-    tmp_path: Path, broker: str, rounds: int = 2, clients: tuple[int, int, int] = (2, 2, 1)
+    tmp_path: Path,
+    broker: str,
+    rounds: int = 2,
+    clients: tuple[int, int, int] = (2, 2, 1),
+    comms: Mapping[str, Any] | None = None,
 ) -> Iterator[Federation]:
     """Provision a small digits federation (:func:`small_federation`) under ``tmp_path``
     and its broker: ``mosquitto`` with generated passwords and ACL, started here, or
     ``embedded``, started by the coordinator itself. Everything stops on exit."""
-    cfg_path = small_federation(tmp_path, rounds=rounds, clients=clients)
+    cfg_path = small_federation(tmp_path, rounds=rounds, clients=clients, comms=comms)
     cfg = load_federation(cfg_path)
     work = tmp_path / "fed"
     port = free_port()

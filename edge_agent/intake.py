@@ -30,13 +30,14 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edge_agent.codec_state import CodecState
 from edge_agent.inbound import Inbound
 from edge_agent.programs import ProgramCache
 from edge_agent.retries import MEMORY
 from takfl.mqtt.blobs import REQUEST_BATCH, BlobReceiver, Missing
 from takfl.state import State, non_finite_entry
 from takfl.wire.chunking import ReassemblyLimits
-from takfl.wire.codec import decode_state
+from takfl.wire.downlink import BaseUnknown, ModelMismatch, received_model
 from takfl.wire.errors import WireError
 from takfl.wire.messages import Ack, TaskMessage, decode_chunk
 from takfl.wire.validation import Refusal
@@ -96,9 +97,12 @@ class TaskIntake:
         policy: IntakePolicy | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        held: CodecState | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.policy = policy or IntakePolicy()
+        # the global models received (a downstream delta applies to one of them)
+        self.held = held if held is not None else CodecState()
         self.receiver = BlobReceiver(self.policy.limits, quiet_s=self.policy.quiet_s, clock=clock)
         self.programs = ProgramCache()
         self.counters = IntakeCounters()
@@ -138,6 +142,14 @@ class TaskIntake:
         key = (task.round_id, task.blob.digest)
         if key in self._seen:
             return Decision(acks=(self._ack(task),), repeated=key)
+        if task.base is not None and self.held.model(task.base) is None:
+            log.info(
+                "%s: round %d's model is a delta against %s, not held: asking for the full model",
+                self.agent_id,
+                task.round_id,
+                task.base[:12],
+            )
+            return Decision(acks=(self._ack(task, Refusal.WRONG_BASE),))
         try:
             self.receiver.expect(COORDINATOR, task.blob)
         except WireError as e:
@@ -234,21 +246,54 @@ class TaskIntake:
         return Decision(ready=self._release(self._parked.pop(digest, [])))
 
     def _global_arrived(self, digest: str, blob: bytes) -> Decision:
-        """Decode and check a complete global model; its tasks are released or refused
-        (a poisoned global is never trained on; the agent stays up)."""
-        tasks = self._waiting.pop(digest, [])
+        """Decode and check a complete global model (a full one, or a delta applied to a
+        held model and checked against the task's model digest); its tasks are released
+        or refused (a poisoned or mismatched global is never trained on; the agent stays
+        up). A refused delta makes the coordinator send the full model."""
+        acks: list[Ack] = []
+        ready: list[ReceivedTask] = []
+        # tasks sharing the blob and the base share the outcome (counted once)
+        outcomes: dict[tuple[str | None, str], tuple[State | None, Refusal | None]] = {}
+        for t in self._waiting.pop(digest, []):
+            key = (t.base, t.global_digest)
+            if key not in outcomes:
+                outcomes[key] = self._model(t, blob)
+            state, reason = outcomes[key]
+            if state is not None:
+                ready.append(ReceivedTask(t, state))
+            elif reason is not None:
+                acks.append(self._ack(t, reason))
+        return Decision(acks=tuple(acks), ready=self._release(ready))
+
+    def _model(self, task: TaskMessage, blob: bytes) -> tuple[State | None, Refusal | None]:
+        """The model ``task`` trains from, or why not (None: not answered)."""
+        held = self.held.model(task.base) if task.base is not None else None
         try:
-            state = decode_state(blob, max_bytes=self.policy.limits.max_blob_bytes)
+            state = received_model(
+                blob,
+                base=task.base,
+                expected=task.global_digest,
+                held=held,
+                max_bytes=self.policy.limits.max_blob_bytes,
+            )
+        except BaseUnknown as e:
+            log.warning("%s: %s", self.agent_id, e)
+            return None, Refusal.WRONG_BASE
+        except ModelMismatch as e:
+            self.counters.blob_errors += 1
+            log.warning("%s: global model of round %d: %s", self.agent_id, task.round_id, e)
+            return None, Refusal.DIGEST_MISMATCH
         except WireError as e:
             self.counters.blob_errors += 1
             log.warning("%s: undecodable global model: %s", self.agent_id, e)
-            return NOTHING
+            return None, (Refusal.MALFORMED if task.base is not None else None)
         bad = non_finite_entry(state)
         if bad is not None:
             self.counters.blob_errors += 1
             log.warning("%s: refusing a global model with NaN/inf in %s", self.agent_id, bad)
-            return Decision(acks=tuple(self._ack(t, Refusal.NON_FINITE) for t in tasks))
-        return Decision(ready=self._release([ReceivedTask(t, state) for t in tasks]))
+            return None, Refusal.NON_FINITE
+        self.held.keep_model(task.global_digest, state)
+        return state, None
 
     def _release(self, received: list[ReceivedTask]) -> tuple[ReceivedTask, ...]:
         """Those of ``received`` ready to train; the ones whose program is not here yet are

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from edge_agent.codec_state import CodecState
 from edge_agent.identity import AgentIdentity
 from edge_agent.inbound import InboundReader
 from edge_agent.intake import COORDINATOR, Decision, ReceivedTask, TaskIntake
@@ -53,7 +54,6 @@ from takfl.wire.errors import WireError
 from takfl.wire.messages import (
     Ack,
     ChunkRequest,
-    Compression,
     GlobalAnnouncement,
     Registration,
     UpdateHeader,
@@ -99,10 +99,13 @@ class AgentLink:
         wall_clock: Callable[[], float] = time.time,
         telemetry: Callable[[], Telemetry] | None = None,
         client_factory: ClientFactory = MqttClient,
+        codec_state: CodecState | None = None,
     ) -> None:
         """``client_factory(settings, client_id, will=...)`` makes the MQTT client (default
         :class:`MqttClient`, threads of its own; a host serving many agents from one event
-        loop passes a client of the same interface)."""
+        loop passes a client of the same interface). ``codec_state``: where the agent
+        keeps its error-feedback residual and the global models it received (default: in
+        memory, lost at exit)."""
         check_ident(identity.agent_id, "agent id")
         self.identity = identity
         self.telemetry = telemetry  # what the registration reports, built at each connect
@@ -113,7 +116,9 @@ class AgentLink:
         me = identity.agent_id
         self.releases: Deployment | None = None  # set by serve_releases
         self._status_schedule: StatusSchedule | None = None
-        self.intake = TaskIntake(me, p.intake(), clock=clock)  # before the will: its run
+        self.codec_state = codec_state if codec_state is not None else CodecState()
+        # before the will: its run
+        self.intake = TaskIntake(me, p.intake(), clock=clock, held=self.codec_state)
         self.client = client_factory(settings, me, will=self._will)
         self.reader = InboundReader(me, identity.secret, identity.prototype)
         self.outbox = UpdateOutbox(
@@ -190,10 +195,12 @@ class AgentLink:
         *,
         num_samples: int,
         metrics: Mapping[str, float] | None = None,
-        compression: Compression | None = None,
+        compression: str | None = None,
         telemetry: Telemetry | None = None,
     ) -> UpdateHeader:
-        """Encode ``trained - global`` as the task asks, sign, and send header and chunks."""
+        """Encode ``trained - global`` as the task asks (adding the error-feedback residual
+        the codec keeps, and keeping the new one), sign, and send header and chunks."""
+        msg = task.message
         prepared = prepare_update(
             task.message,
             trained,
@@ -203,8 +210,10 @@ class AgentLink:
             metrics=metrics,
             compression=compression,
             telemetry=telemetry,
+            residual=self.codec_state.residual(msg.run, msg.prototype),
         )
-        return self.send_prepared(prepared, deadline=task.message.deadline)
+        self.codec_state.keep_residual(msg.run, msg.prototype, prepared.residual)
+        return self.send_prepared(prepared, deadline=msg.deadline)
 
     def send_prepared(
         self,

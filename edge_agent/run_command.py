@@ -54,7 +54,10 @@ def run(
         "which names the release key. Needs --state-dir.",
     ),
     state_dir: Path = typer.Option(
-        None, help="Where installed releases live (A/B slots, trust state)."
+        None,
+        help="The agent's own state: its codec state (the error-feedback residual and the "
+        "last global models, kept across restarts) and installed releases (A/B slots, "
+        "trust state). Without it, codec state is kept in memory only.",
     ),
     serve_on: str = typer.Option(
         None,
@@ -84,8 +87,8 @@ def run(
     if (data is None) == (demo_shard is None):
         console.print("[red]give exactly one of --data DIR and --demo-shard K[/red]")
         raise typer.Exit(2)
-    if (release_root is None) != (state_dir is None) or (serve_on and release_root is None):
-        console.print("[red]--release-root and --state-dir go together; --serve needs both[/red]")
+    if (release_root is not None and state_dir is None) or (serve_on and release_root is None):
+        console.print("[red]--release-root needs --state-dir; --serve needs both[/red]")
         raise typer.Exit(2)
     if mqtt_protocol not in ("5", "3.1.1"):
         console.print(f"[red]--mqtt-protocol {mqtt_protocol}: expected 5 or 3.1.1[/red]")
@@ -122,6 +125,7 @@ def run(
             report=lambda m: console.print(m, markup=False, highlight=False),
             patience_s=patience,
             releases=releases,
+            codec_dir=None if state_dir is None else state_dir / "codec",
         )
     except ExecuTorchMissing as e:
         console.print(f"[red]error:[/red] {e}")

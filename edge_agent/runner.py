@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from edge_agent.codec_state import CodecState
 from edge_agent.limits import apply_limits, over_memory, peak_rss_mb
 from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
 from edge_agent.telemetry import platform_info, task_telemetry
@@ -116,6 +117,7 @@ class Agent:
         report: Callable[[str], None] = print,
         patience_s: float = 60.0,
         releases: ReleaseOptions | None = None,
+        codec_dir: Path | None = None,
     ) -> None:
         if len(x) == 0:
             raise ValueError("the agent has no private data to train on")
@@ -142,6 +144,9 @@ class Agent:
             num_samples=len(x),
         )
         self.platform = platform_info()
+        # the error-feedback residual and received globals, kept across links (and, with
+        # a folder, across restarts)
+        self.codec_state = CodecState(codec_dir)
         self.link = self._new_link()
 
     def _new_link(self) -> AgentLink:
@@ -151,6 +156,7 @@ class Agent:
             self.identity,
             policy=self.policy,
             telemetry=self._registration_telemetry,
+            codec_state=self.codec_state,
         )
         link.client.on_publish_denied(lambda topic, reason: self._denials.put((topic, reason)))
         return link

@@ -31,6 +31,7 @@ from coordinator.broker.acl import BrokerAccess
 from coordinator.broker.mosquitto import MosquittoFiles, write_mosquitto_config
 from coordinator.broker.net import LOOPBACK
 from coordinator.transport.mqtt import MqttTransport, TransportPolicy
+from edge_agent.codec_state import CodecState
 from edge_agent.link import AgentIdentity, AgentLink, LinkPolicy
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.client import MqttSettings
@@ -249,15 +250,23 @@ def agent_link(
     *,
     num_samples: int = 10,
     policy: LinkPolicy = FAST_LINK,
+    codec_state: CodecState | None = None,
 ) -> Iterator[AgentLink]:
-    """A started :class:`AgentLink` for a provisioned agent; closed on exit."""
+    """A started :class:`AgentLink` for a provisioned agent (``codec_state``: where it
+    keeps its residual and received models; default: in memory); closed on exit."""
     identity = AgentIdentity(
         agent_id=record.agent_id,
         prototype=record.prototype,
         secret=record.secret,
         num_samples=num_samples,
     )
-    link = AgentLink(broker.settings_for(record.agent_id), broker.fleet, identity, policy=policy)
+    link = AgentLink(
+        broker.settings_for(record.agent_id),
+        broker.fleet,
+        identity,
+        policy=policy,
+        codec_state=codec_state,
+    )
     link.start(timeout=10)
     try:
         yield link

@@ -270,3 +270,41 @@ def test_stored_updates_are_checked_again() -> None:
     # without a registry (virtual clients) only the content and the count are checked
     no_registry = check_stored_update("anyone", "S", 0, good, ref, None, bounds=BOUNDS)
     assert no_registry.reason is Refusal.NO_SAMPLES
+
+
+@pytest.mark.parametrize("codec", ["sign1:density=0.6", "rot2", "topk-int8:density=0.5"])
+def test_packed_updates_are_decoded_against_the_reference(codec: str) -> None:
+    # Prepare
+    base = reference()
+    trained = {k: v + 0.1 if v.is_floating_point() else v + 1 for k, v in base.items()}
+    up = prepare_update(task(), trained, base, secret=SECRET, num_samples=10, compression=codec)
+    # Execute
+    verdict, delta = decode_update(up.header, up.blob, base, bounds=BOUNDS)
+    # Assert: the delta comes back in the reference's layout; the integer counter exact
+    assert verdict.accepted and delta is not None
+    assert delta["w"].shape == (4, 3) and int(delta["n"]) == 5
+    assert up.residual is not None  # every packed codec keeps one
+
+
+def test_a_packed_blob_is_refused_for_another_codec_or_a_field_out_of_bounds() -> None:
+    base = reference()
+    trained = {k: v + 0.1 if v.is_floating_point() else v for k, v in base.items()}
+    up = prepare_update(task(), trained, base, secret=SECRET, num_samples=10, compression="sign1")
+    claims_rot2 = signed_update_header(up.header, SECRET, compression="rot2")
+    verdict, _ = decode_update(claims_rot2, up.blob, base, bounds=BOUNDS)
+    assert verdict.reason is Refusal.CODEC_MISMATCH
+    # every byte of the blob flipped in turn (re-announced with its new digest): the
+    # decoder never raises; a changed frame, count or scale is refused as malformed, and a
+    # flipped sign bit is simply another update of the same layout
+    reasons = []
+    for i in range(len(up.blob)):
+        bad = bytearray(up.blob)
+        bad[i] ^= 0xFF
+        ref = blob_ref(bytes(bad), 64)
+        header = signed_update_header(up.header, SECRET, blob=ref.model_dump())
+        verdict, delta = decode_update(header, bytes(bad), base, bounds=BOUNDS)
+        assert (delta is None) == (not verdict.accepted)
+        reasons.append(verdict.reason)
+    refused = {r for r in reasons if r is not None}
+    assert refused <= {Refusal.MALFORMED, Refusal.CODEC_MISMATCH, Refusal.NORM_BOUND}
+    assert Refusal.MALFORMED in refused

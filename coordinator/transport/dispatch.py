@@ -32,7 +32,7 @@ from takfl.wire.validation import AgentRecord
 @dataclass(kw_only=True)
 class Assignment:
     message: TaskMessage
-    reference: State  # the global state the agent's delta is relative to (CPU)
+    reference: State  # the global the agent holds, its delta's base (CPU)
     sent_at: float
     wait: float  # seconds after sent_at before the task is sent again
     sends: int = 1
@@ -50,10 +50,13 @@ def task_message(
     program: BlobRef | None = None,
     run: str = "",
     input_norm: InputNorm | None = None,
+    base: str | None = None,
+    model_digest: str | None = None,
 ) -> TaskMessage:
     """The signed wire form of ``task`` in run ``run``, whose global model is the blob
-    ``ref``; ``program``: the training program offered with it, if any; ``input_norm``:
-    how the coordinator's data is standardised."""
+    ``ref`` (with ``base``: a delta against that model, making ``model_digest``);
+    ``program``: the training program offered with it, if any; ``input_norm``: how the
+    coordinator's data is standardised."""
     msg = TaskMessage(
         run=run,
         round_id=task.round_id,
@@ -68,6 +71,8 @@ def task_message(
         compression=comms.compression,
         chunk_size=comms.chunk_size_kib * 1024,
         blob=ref,
+        base=base,
+        model_digest=model_digest if base is not None else None,
         program=program,
         input_norm=input_norm,
     )
@@ -128,6 +133,21 @@ class TaskDispatch:
                         wait=self.retry.draw(1, self.rng),
                     )
         return started
+
+    def reassign(self, agent: str, message: TaskMessage, reference: State) -> bool:
+        """Replace ``agent``'s task of the current round by ``message`` (sent now, not yet
+        acknowledged); False when it has no task of that round."""
+        with self._lock:
+            a = self._assignments.get(agent)
+            if a is None or a.message.round_id != message.round_id:
+                return False
+            self._assignments[agent] = Assignment(
+                message=message,
+                reference=reference,
+                sent_at=self.clock(),
+                wait=self.retry.draw(1, self.rng),
+            )
+            return True
 
     def current_round(self) -> int:
         """The round of the current assignments (-1 before the first), without copying them."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from coordinator.transport.base import ClientUpdate, Task, Transport
+from coordinator.transport.downlinks import Downlinks
 from takfl.config.profile import TrainingSpec
 from takfl.models import build_model
 from takfl.state import State
@@ -50,21 +51,10 @@ def codec_roundtrip(
     """Send ``trained - base`` through ``codec`` as an agent would: with its error-feedback
     residual when the codec keeps one (a residual that no longer fits is dropped)."""
     from takfl.wire.codec import apply_delta, make_delta
-    from takfl.wire.codecs import encode_with_feedback
-    from takfl.wire.errors import CodecError
+    from takfl.wire.codecs import send_delta
 
-    delta = make_delta(trained, base)
-    if not codec.error_feedback:
-        blob = codec.encode(delta, base, seed=seed)
-        return Carried(apply_delta(base, codec.decode(blob, base)), None, len(blob))
-    try:
-        sent = encode_with_feedback(codec, delta, base, residual, seed=seed)
-    except CodecError as e:
-        if residual is None:
-            raise
-        log.warning("error-feedback residual dropped: %s", e)
-        sent = encode_with_feedback(codec, delta, base, None, seed=seed)
-    return Carried(apply_delta(base, sent.delta), sent.residual, len(sent.blob))
+    blob, delta, kept = send_delta(codec, make_delta(trained, base), base, residual, seed=seed)
+    return Carried(apply_delta(base, delta), kept, len(blob))
 
 
 class InProcessTransport(Transport):
@@ -75,6 +65,12 @@ class InProcessTransport(Transport):
     coordinator would reconstruct from real agents; a codec with error feedback keeps
     each virtual client's residual across rounds, as an agent does. The update's
     ``upload_bytes`` metric is the encoded blob's size.
+
+    ``downlinks`` (prototype -> downstream codec): a client of such a prototype is sent
+    its global as a delta against the model it holds (:class:`Downlinks`), trains from
+    the model it reconstructs, and sends its update against that; the update's
+    ``download_bytes`` metric is the size of what it was sent and ``download_full`` 1
+    when that was the full model (with ``codecs`` or ``downlinks`` set).
 
     ``vectorise`` (True: wherever possible; None: where :func:`worth_vectorising` says so;
     False: never): when the engine asks for the first update of a prototype's round, every
@@ -92,6 +88,7 @@ class InProcessTransport(Transport):
         input_shape: tuple[int, int, int],
         device: torch.device | str = "cpu",
         codecs: Mapping[str, Codec] | None = None,
+        downlinks: Mapping[str, Codec] | None = None,
         vectorise: bool | None = False,
     ) -> None:
         self._clients = {c.client_id: c for c in clients}
@@ -103,6 +100,10 @@ class InProcessTransport(Transport):
         self.device = torch.device(device)
         self.codecs = dict(codecs or {})
         self._residuals: dict[str, State] = {}  # client -> error-feedback residual
+        self.downlinks = Downlinks(downlinks) if downlinks else None
+        self._sent_bytes: dict[tuple[int, str], int] = {}  # (round, client) -> download
+        self._full_bytes: dict[str, int] = {}  # prototype -> its full model's size
+        self._sent_full: set[tuple[int, str]] = set()  # sent the full model, not a delta
         self.vectorise = vectorise
 
     def residual(self, client_id: str) -> State | None:
@@ -119,7 +120,26 @@ class InProcessTransport(Transport):
         for t in tasks:
             if t.client_id not in self._clients:
                 raise KeyError(f"no virtual client {t.client_id!r}")
+        if self.downlinks is not None or self.codecs:
+            tasks = [self._down(t) for t in tasks]
         self._queue.extend(tasks)
+
+    def _down(self, task: Task) -> Task:
+        """``task`` as its client receives it: the global it reconstructs (the same object
+        for every client holding the same model, so they still train together)."""
+        if self.downlinks is None:  # the full fp32 model; its size is fixed by the layout
+            from takfl.wire.downlink import full_blob
+
+            if task.prototype not in self._full_bytes:
+                self._full_bytes[task.prototype] = len(full_blob(task.global_state))
+            self._sent_bytes[(task.round_id, task.client_id)] = self._full_bytes[task.prototype]
+            return task
+        plan = self.downlinks.plan(task.round_id, task.prototype, task.client_id, task.global_state)
+        self.downlinks.holds(task.client_id, plan.digest)  # nothing is lost in process
+        self._sent_bytes[(task.round_id, task.client_id)] = len(plan.blob)
+        if plan.base is None:
+            self._sent_full.add((task.round_id, task.client_id))
+        return replace(task, global_state=plan.state)
 
     def _model(self, task: Task) -> nn.Module:
         if task.prototype not in self._models:
@@ -187,6 +207,12 @@ class InProcessTransport(Transport):
             if carried.residual is not None:
                 self._residuals[task.client_id] = carried.residual
             metrics["upload_bytes"] = float(carried.nbytes)
+        sent = self._sent_bytes.pop((task.round_id, task.client_id), None)
+        if sent is not None:
+            metrics["download_bytes"] = float(sent)
+            full = (task.round_id, task.client_id) in self._sent_full
+            self._sent_full.discard((task.round_id, task.client_id))
+            metrics["download_full"] = float(full or self.downlinks is None)
         return ClientUpdate(
             round_id=task.round_id,
             prototype=task.prototype,

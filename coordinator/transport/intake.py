@@ -40,7 +40,8 @@ from coordinator.transport.inbound import Inbound
 from takfl.mqtt.blobs import BlobReceiver, Missing
 from takfl.wire.bounds import StateBounds, check_state
 from takfl.wire.chunking import ReassemblyLimits
-from takfl.wire.codec import apply_delta, blob_compression, max_encoded_bytes
+from takfl.wire.codec import apply_delta
+from takfl.wire.codecs import resolve_codec
 from takfl.wire.errors import BlobTooLarge, DigestMismatch, WireError
 from takfl.wire.freshness import ReplayGuard
 from takfl.wire.messages import Ack, UpdateHeader, decode_chunk
@@ -270,8 +271,8 @@ class UpdateIntake:
         bounds = self.policy.bounds
         cap = bounds.max_blob_bytes
         if a is not None:
-            cap = min(cap, max_encoded_bytes(a.reference))
-        base = a.message.blob.digest if a is not None else None
+            cap = min(cap, resolve_codec(a.message.compression).max_bytes(a.reference))
+        base = a.message.global_digest if a is not None else None
         verdict = check_header(
             header, self.registry, current_round=round_id, base_digest=base, max_blob_bytes=cap
         )
@@ -343,10 +344,6 @@ class UpdateIntake:
             return self._refuse(
                 agent, refuse(Refusal.STALE_ROUND, "round closed before it completed"), header
             )
-        codec = blob_compression(blob)
-        if codec is not None and codec != header.compression:
-            detail = f"blob in {codec}, header says {header.compression}"
-            return self._refuse(agent, refuse(Refusal.CODEC_MISMATCH, detail), header)
         bounds = self.state_bounds.get(header.prototype)
         verdict, delta = decode_update(
             header,

@@ -24,7 +24,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Literal, TypeVar
 
@@ -32,6 +32,7 @@ from coordinator.observe import FleetObserver
 from coordinator.transport.base import ClientUpdate, Task, Transport
 from coordinator.transport.control import ControlDesk
 from coordinator.transport.dispatch import TaskDispatch, task_message
+from coordinator.transport.downlinks import Downlinks
 from coordinator.transport.inbound import agent_of as read_agent
 from coordinator.transport.inbound import read
 from coordinator.transport.intake import (
@@ -51,6 +52,8 @@ from takfl.state import State
 from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
 from takfl.wire.codec import encode_state
+from takfl.wire.codecs import resolve_codec
+from takfl.wire.downlink import FULL_ENCODING, Downlink
 from takfl.wire.envelope import new_run_id
 from takfl.wire.freshness import FreshnessPolicy, ReplayGuard
 from takfl.wire.messages import (
@@ -62,6 +65,7 @@ from takfl.wire.messages import (
     Registration,
     SignedMessage,
     Status,
+    TaskMessage,
     UpdateHeader,
     encode_message,
 )
@@ -73,7 +77,11 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=SignedMessage)
 
 COORDINATOR_ID = "coordinator"  # agent_id of the coordinator's own Status
-GLOBAL_ENCODING = "fp32"  # global models travel uncompressed
+GLOBAL_ENCODING = FULL_ENCODING  # a full global model travels uncompressed
+# an agent refusing a delta task for these gets the full model (takfl.wire.downlink)
+FULL_MODEL_REASONS = frozenset(
+    {Refusal.WRONG_BASE.value, Refusal.DIGEST_MISMATCH.value, Refusal.MALFORMED.value}
+)
 KEY_MARGIN = 1024  # rate-limit buckets kept beyond one per provisioned agent
 OUTBOX_PER_AGENT = 8  # outbox room per provisioned agent beyond a round's tasks and models
 
@@ -125,6 +133,7 @@ class TransportCounters:
     task_retries: int = 0
     registrations_dropped: int = 0  # over an agent's rate limit, dropped unread
     statuses_dropped: int = 0
+    full_resends: int = 0  # full global models sent after an agent refused a delta
 
 
 class MqttTransport(Transport):
@@ -169,6 +178,16 @@ class MqttTransport(Transport):
             self.registry, self.dispatch, p.intake(), clock=clock, guard=self.guard
         )
         self.desk = ControlDesk(self.dispatch)  # task acks and chunk requests
+        # downstream: full models, or deltas where a prototype's profile names a codec
+        self.downlinks = Downlinks(
+            {
+                name: resolve_codec(c.downstream)
+                for name, c in p.comms_by_prototype.items()
+                if c.downstream is not None
+            },
+            default=None if p.comms.downstream is None else resolve_codec(p.comms.downstream),
+        )
+        self._globals: dict[tuple[int, str], Task] = {}  # (round, prototype) -> a task of it
         self._counters = TransportCounters()
         offline = self._coordinator_status("offline", 0.0)
         self.client = MqttClient(
@@ -237,41 +256,35 @@ class MqttTransport(Transport):
         return self.presence.wait_for(agents, timeout)
 
     def send_tasks(self, tasks: list[Task]) -> None:
-        """Sign and publish each task, then its global model's chunks."""
+        """Sign and publish each task, then its global model's chunks: the full model, or
+        a delta against the model the agent holds where its prototype's profile names a
+        downstream codec (agents holding the same model share one blob)."""
         if not tasks:
             return
         self.dispatch.check(tasks)
-        refs: dict[tuple[int, str], BlobRef] = {}
+        refs: dict[tuple[int, str, str | None], BlobRef] = {}
+        sent: list[tuple[Task, Downlink]] = []
         for t in tasks:
-            if (t.round_id, t.prototype) not in refs:
-                blob = encode_state(t.global_state, GLOBAL_ENCODING)
-                refs[(t.round_id, t.prototype)] = self.sender.keep(
-                    blob, self.policy.global_chunk_size
-                )
+            plan = self.downlinks.plan(t.round_id, t.prototype, t.client_id, t.global_state)
+            key = (t.round_id, t.prototype, plan.base)
+            if key not in refs:
+                refs[key] = self.sender.keep(plan.blob, self.policy.global_chunk_size)
+            sent.append((replace(t, global_state=plan.state), plan))
+            self._globals[(t.round_id, t.prototype)] = t
+        self._globals = {k: v for k, v in self._globals.items() if k[0] >= self.newest(tasks)}
         programs = {
             name: self.sender.keep(program, self.policy.global_chunk_size)
             for name, program in self.policy.programs.items()
             if any(t.prototype == name for t in tasks)
         }
         pairs = [
-            (
-                t,
-                task_message(
-                    t,
-                    refs[(t.round_id, t.prototype)],
-                    self.registry[t.client_id].secret,
-                    comms=self.policy.comms_by_prototype.get(t.prototype, self.policy.comms),
-                    num_classes=self.num_classes,
-                    input_shape=self.input_shape,
-                    program=programs.get(t.prototype),
-                    run=self.run_id,
-                    input_norm=self.input_norm,
-                ),
-            )
-            for t in tasks
+            (t, self._task_message(t, refs[(t.round_id, t.prototype, plan.base)], plan, programs))
+            for t, plan in sent
         ]
-        for (round_id, proto), ref in refs.items():
-            n = sum(1 for t in tasks if (t.round_id, t.prototype) == (round_id, proto))
+        for (round_id, proto, base), ref in refs.items():
+            n = sum(
+                1 for t, p in sent if (t.round_id, t.prototype, p.base) == (round_id, proto, base)
+            )
             self.observer.tasks_sent(round_id, proto, n, ref.size)
         if self.dispatch.assign(pairs):
             self.intake.new_round(self.dispatch.round)
@@ -287,6 +300,52 @@ class MqttTransport(Transport):
         for t, msg in pairs:
             self.client.publish(self.topics.down(t.client_id, Down.TASK), encode_message(msg))
             self.sender.publish(self.topics.down(t.client_id, Down.CHUNK), msg.blob.digest)
+
+    @staticmethod
+    def newest(tasks: list[Task]) -> int:
+        return max(t.round_id for t in tasks)
+
+    def _task_message(
+        self, t: Task, ref: BlobRef, plan: Downlink, programs: Mapping[str, BlobRef]
+    ) -> TaskMessage:
+        return task_message(
+            t,
+            ref,
+            self.registry[t.client_id].secret,
+            comms=self.policy.comms_by_prototype.get(t.prototype, self.policy.comms),
+            num_classes=self.num_classes,
+            input_shape=self.input_shape,
+            program=programs.get(t.prototype),
+            run=self.run_id,
+            input_norm=self.input_norm,
+            base=plan.base,
+            model_digest=plan.digest,
+        )
+
+    def _send_full(self, agent: str, ack: Ack) -> None:
+        """``agent`` refused a delta (it does not hold the base, or the model it rebuilt
+        is not the signed one): send it the full model instead."""
+        a = self.dispatch.assignment(agent)
+        if a is None or a.message.base is None or ack.digest != a.message.blob.digest:
+            return
+        task = self._globals.get((a.message.round_id, a.message.prototype))
+        if task is None:
+            return
+        self.downlinks.forget(agent)
+        plan = self.downlinks.plan(task.round_id, task.prototype, agent, task.global_state)
+        ref = self.sender.keep(plan.blob, self.policy.global_chunk_size)
+        mine = replace(task, client_id=agent, global_state=plan.state, seed=a.message.seed)
+        program = a.message.program
+        msg = self._task_message(
+            mine, ref, plan, {} if program is None else {task.prototype: program}
+        )
+        if not self.dispatch.reassign(agent, msg, plan.state):
+            return
+        log.info("%s refused a delta (%s): sending the full model", agent, ack.reason)
+        self._counters.full_resends += 1
+        self.observer.tasks_sent(task.round_id, task.prototype, 1, ref.size)
+        self.client.publish(self.topics.down(agent, Down.TASK), encode_message(msg))
+        self.sender.publish(self.topics.down(agent, Down.CHUNK), msg.blob.digest)
 
     def next_update(self, timeout: float) -> ClientUpdate | None:
         try:
@@ -405,6 +464,8 @@ class MqttTransport(Transport):
             self._updates.put(decision.update)
             if decision.header is not None:
                 self.observer.accepted(decision.header)
+                # the agent trained on this model, so it holds it: the next goes as a delta
+                self.downlinks.holds(decision.update.client_id, decision.header.base_digest)
         elif not decision.verdict.accepted and decision.agent is not None:
             record = self.registry.get(decision.agent)
             self.observer.refused(
@@ -455,7 +516,12 @@ class MqttTransport(Transport):
             self.observer.presence(received.agent, self.registry[received.agent].prototype, online)
 
     def _on_task_ack(self, topic: str, payload: bytes) -> None:
-        self.desk.task_ack(read(Ack, self.topics, topic, payload, self.registry, guard=self.guard))
+        received = read(Ack, self.topics, topic, payload, self.registry, guard=self.guard)
+        self.desk.task_ack(received)
+        ack = received.message
+        refused = ack is not None and not ack.accepted and ack.reason in FULL_MODEL_REASONS
+        if received.ok and refused and ack is not None and received.agent is not None:
+            self._send_full(received.agent, ack)
 
     def _on_request(self, topic: str, payload: bytes) -> None:
         received = read(ChunkRequest, self.topics, topic, payload, self.registry, guard=self.guard)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from takfl.config.base import ModelSpec, Strict
 from takfl.config.training import LocalTraining
+from takfl.wire.codec_names import parse_codec
 
 HardwareClass = Literal["workstation", "jetson", "raspberry-pi", "phone", "microcontroller"]
 # The most memory (MB) a device of each class has: what its telemetry may plausibly report
@@ -56,9 +57,21 @@ class InferenceSpec(Strict):
     memory_limit_mb: int | None = Field(None, gt=0)
 
 
+def _codec_choice(text: str) -> str:
+    """A codec choice (takfl.wire.codec_names) in its canonical text."""
+    return str(parse_codec(text))
+
+
+CodecText = Annotated[str, AfterValidator(_codec_choice)]
+
+
 class CommsSpec(Strict):
     chunk_size_kib: int = Field(128, gt=0, le=16384)  # MQTT payload chunk size
-    compression: Literal["fp32", "fp16", "int8"] = "fp16"  # update delta encoding
+    # update delta encoding: a codec choice, e.g. fp16, int8, sign1:density=0.6
+    compression: CodecText = "fp16"
+    # the global model as a delta against the one the agent holds, through this codec
+    # (e.g. rot2, sign1); None: the full fp32 model every round
+    downstream: CodecText | None = None
     qos: Literal[0, 1, 2] = 1
     keepalive_s: int = Field(30, gt=0)
 

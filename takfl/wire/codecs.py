@@ -20,6 +20,7 @@ next residual; so the updates sent plus the last residual add up to the true upd
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ from takfl.wire.codec_names import CODECS, CodecChoice, CodecNameError, parse_co
 from takfl.wire.errors import CodecError
 from takfl.wire.packing import packed_codec
 from takfl.wire.sections import fed_back
+
+log = logging.getLogger(__name__)
 
 # encode(delta, base, choice, seed) -> blob; decode(blob, base, max_bytes) -> delta
 Encode = Callable[[StateView, StateView, CodecChoice, int], bytes]
@@ -265,6 +268,31 @@ def encode_with_feedback(
     return Sent(blob, decoded, {k: corrected[k] - decoded[k] for k in names})
 
 
+def send_delta(
+    codec: Codec,
+    delta: StateView,
+    base: StateView,
+    residual: StateView | None,
+    *,
+    seed: int = 0,
+) -> tuple[bytes, State, State | None]:
+    """What a sender sends of ``delta`` (against ``base``): the blob, the delta the
+    receiver reconstructs, and the residual to keep for the next one (None for a codec
+    without error feedback). A residual that no longer fits (the model changed shape) is
+    dropped with a log line."""
+    if not codec.error_feedback:
+        blob = codec.encode(delta, base, seed=seed)
+        return blob, codec.decode(blob, base), None
+    if residual is not None:
+        try:
+            check_residual(residual, delta)
+        except CodecError as e:
+            log.warning("error-feedback residual dropped: %s", e)
+            residual = None
+    sent = encode_with_feedback(codec, delta, base, residual, seed=seed)
+    return sent.blob, sent.delta, sent.residual
+
+
 __all__ = [
     "Codec",
     "CodecNameError",
@@ -274,4 +302,5 @@ __all__ = [
     "decode_blob",
     "encode_with_feedback",
     "resolve_codec",
+    "send_delta",
 ]

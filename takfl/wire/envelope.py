@@ -18,7 +18,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError
 
@@ -83,13 +83,21 @@ class SignedMessage(WireMessage):
 
     signature: Signature = ""
     _received: dict[str, Any] | None = PrivateAttr(default=None)  # the JSON object received
+    # optional fields added to 1.0 after its first messages: left out when absent, so a
+    # message that does not use them is the same bytes as before they existed
+    OMITTED_WHEN_ABSENT: ClassVar[frozenset[str]] = frozenset()
 
     def wire_object(self) -> dict[str, Any]:
         """This message as a JSON object: as it was received, or as this code builds it
-        (every field, ``null`` for an absent optional value)."""
+        (every field, ``null`` for an absent optional value, but those of
+        ``OMITTED_WHEN_ABSENT``, which are left out)."""
         if self._received is not None:
             return dict(self._received)
-        return self.model_dump(mode="json", by_alias=True)
+        obj = self.model_dump(mode="json", by_alias=True)
+        for key in self.OMITTED_WHEN_ABSENT:
+            if obj.get(key) is None:
+                obj.pop(key, None)
+        return obj
 
     def signing_payload(self) -> bytes:
         """Canonical bytes covered by the signature: the object without ``signature``."""

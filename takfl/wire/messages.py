@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     Field,
     StringConstraints,
     model_validator,
@@ -24,6 +25,7 @@ from pydantic import (
 
 from takfl.config.profile import HardwareClass
 from takfl.config.training import LocalTraining, Optimizer
+from takfl.wire.codec_names import CodecNameError, parse_codec
 from takfl.wire.envelope import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 from takfl.wire.envelope import WIRE_MODEL, Strict, validate_object
 from takfl.wire.envelope import SignedMessage as SignedMessage
@@ -44,8 +46,22 @@ MAX_MISSING = 4096  # chunk indices a receiver accepts in one ChunkRequest (send
 MAX_CHANNELS = 1024  # entries of a task's input normalisation
 DIGEST_BYTES = 32  # SHA-256
 
-Compression = Literal["fp32", "fp16", "int8"]
-COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8")  # the per-tensor codecs
+MAX_CODEC_CHARS = 64
+
+
+def _codec_choice(text: str) -> str:
+    try:
+        return str(parse_codec(text))
+    except CodecNameError as e:
+        raise ValueError(str(e)) from None
+
+
+# a codec choice (takfl.wire.codec_names) in its canonical text: a name, then the
+# settings it takes ("fp16", "sign1:block=256,density=0.6")
+Compression = Annotated[
+    str, StringConstraints(max_length=MAX_CODEC_CHARS), AfterValidator(_codec_choice)
+]
 
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, StringConstraints(pattern=f"^{IDENT_RE}$")]
@@ -132,6 +148,7 @@ class TaskMessage(SignedMessage):
     """One agent's work for one round; the global model follows as chunks of ``blob``."""
 
     kind: Literal["task"] = "task"
+    OMITTED_WHEN_ABSENT: ClassVar[frozenset[str]] = frozenset({"base", "model_digest"})
     round_id: NonNegInt
     agent_id: Ident
     prototype: Ident
@@ -144,7 +161,11 @@ class TaskMessage(SignedMessage):
     deadline: FiniteFloat  # unix time after which the update is no longer wanted
     compression: Compression  # how the agent encodes its update delta
     chunk_size: Annotated[int, Field(gt=0, le=MAX_CHUNK_BYTES)]  # chunk size of the update
-    blob: BlobRef  # the global model, encode_state(..., "fp32")
+    # the global model: the full model, encode_state(..., "fp32") (base None), or a
+    # codec's delta against the model the agent holds under ``base`` (takfl.wire.downlink)
+    blob: BlobRef
+    base: Digest | None = None  # model digest the blob is a delta against
+    model_digest: Digest | None = None  # the model's digest after the delta (with base)
     training: TrainingRef | None = None  # None: the agent's profile decides
     # ExecuTorch training program (.pte) for agents that train through ExecuTorch; the
     # same for every round of a prototype, so an agent caches it by digest and asks for
@@ -153,6 +174,18 @@ class TaskMessage(SignedMessage):
     # the standardisation the coordinator's data has (a native agent applies the same to
     # its raw inputs); None: not known to the coordinator
     input_norm: InputNorm | None = None
+
+    @property
+    def global_digest(self) -> str:
+        """The model digest of the global this task trains from (what an update's
+        ``base_digest`` names): the full blob's digest, or ``model_digest``."""
+        return self.blob.digest if self.base is None else str(self.model_digest)
+
+    @model_validator(mode="after")
+    def _delta_names_its_model(self) -> TaskMessage:
+        if (self.base is None) != (self.model_digest is None):
+            raise ValueError("base and model_digest come together (a delta) or not at all")
+        return self
 
     @model_validator(mode="after")
     def _norm_per_channel(self) -> TaskMessage:
@@ -171,8 +204,8 @@ class UpdateHeader(SignedMessage):
     round_id: NonNegInt
     agent_id: Ident
     prototype: Ident
-    base_digest: Digest  # digest of the global blob the delta is relative to
-    blob: BlobRef  # encode_state(trained - global, compression)
+    base_digest: Digest  # model digest of the global the delta is relative to
+    blob: BlobRef  # trained - global through the task's compression codec
     compression: Compression
     num_samples: NonNegInt
     metrics: Annotated[

@@ -7,20 +7,24 @@ from dataclasses import dataclass
 
 import torch
 
+from takfl.state import State, StateView
 from takfl.wire.chunking import blob_ref
-from takfl.wire.codec import encode_state, make_delta
+from takfl.wire.codec import make_delta
+from takfl.wire.codecs import resolve_codec, send_delta
 from takfl.wire.freshness import new_nonce
-from takfl.wire.messages import Compression, TaskMessage, UpdateHeader
+from takfl.wire.messages import TaskMessage, UpdateHeader
 from takfl.wire.signing import sign
 from takfl.wire.telemetry import Telemetry
 
 
 @dataclass(frozen=True)
 class PreparedUpdate:
-    """A signed update header and the delta blob it announces."""
+    """A signed update header, the delta blob it announces and, for a codec with error
+    feedback, the residual the sender keeps for its next update."""
 
     header: UpdateHeader
     blob: bytes
+    residual: State | None = None
 
 
 def prepare_update(
@@ -31,11 +35,12 @@ def prepare_update(
     secret: bytes,
     num_samples: int,
     metrics: Mapping[str, float] | None = None,
-    compression: Compression | None = None,
+    compression: str | None = None,
     chunk_size: int | None = None,
     telemetry: Telemetry | None = None,
+    residual: StateView | None = None,
 ) -> PreparedUpdate:
-    """Encode ``trained - base`` as the task asks and sign the header announcing it.
+    """Encode ``trained - base`` through the task's codec and sign the header announcing it.
 
     Args:
         task: the task being answered (run, round, agent, prototype, base digest, defaults).
@@ -43,21 +48,24 @@ def prepare_update(
         compression, chunk_size: override the task's choices (a coordinator refuses an
             update in another compression than its task's: ``codec_mismatch``).
         telemetry: the agent's report, signed with the header.
+        residual: the error-feedback residual kept from the last update (a codec with
+            error feedback adds it; one that no longer fits is dropped with a log line).
     """
-    blob = encode_state(make_delta(trained, base), compression or task.compression)
+    codec = resolve_codec(compression or task.compression)
+    blob, _, kept = send_delta(codec, make_delta(trained, base), base, residual, seed=task.seed)
     header = UpdateHeader(
         run=task.run,
         round_id=task.round_id,
         agent_id=task.agent_id,
         prototype=task.prototype,
-        base_digest=task.blob.digest,
+        base_digest=task.global_digest,
         blob=blob_ref(blob, chunk_size or task.chunk_size),
-        compression=compression or task.compression,
+        compression=str(codec),
         num_samples=num_samples,
         metrics=dict(metrics or {}),
         telemetry=telemetry,
     )
-    return PreparedUpdate(sign(header, secret), blob)
+    return PreparedUpdate(sign(header, secret), blob, kept)
 
 
 def signed_update_header(header: UpdateHeader, secret: bytes, **changes: object) -> UpdateHeader:

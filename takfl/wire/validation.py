@@ -19,7 +19,8 @@ import torch
 
 from takfl.state import State, non_finite_entry
 from takfl.wire.chunking import sha256
-from takfl.wire.codec import decode_state
+from takfl.wire.codec_names import parse_codec
+from takfl.wire.codecs import blob_codec, decode_blob
 from takfl.wire.errors import CodecError
 from takfl.wire.messages import Registration, UpdateHeader
 from takfl.wire.reasons import ACCEPTED, Refusal, Verdict, refuse
@@ -117,8 +118,8 @@ def check_header(
 
     Args:
         current_round: the round now collecting updates.
-        base_digest: digest of the global blob in this agent's task of this round,
-            None if the agent has no task.
+        base_digest: model digest of the global in this agent's task of this round
+            (:attr:`TaskMessage.global_digest`), None if the agent has no task.
         max_blob_bytes: cap on the declared blob size.
     """
     record = registry.get(header.agent_id)
@@ -217,15 +218,20 @@ def decode_update(
     bounds: UpdateBounds,
     reference_norm: float | None = None,
 ) -> tuple[Verdict, State | None]:
-    """Check a complete blob against its (already checked) header and decode the delta
-    (norm bound: :func:`check_delta`).
+    """Check a complete blob against its (already checked) header and decode the delta:
+    the blob must be of the header's codec, and its decoder checks every count, index and
+    scale against ``reference`` before it allocates (norm bound: :func:`check_delta`).
 
     Returns ``(ACCEPTED, delta)`` or ``(refusal, None)``.
     """
     if len(blob) != header.blob.size or sha256(blob).hex() != header.blob.digest:
         return refuse(Refusal.DIGEST_MISMATCH, "blob does not match its declared digest"), None
     try:
-        delta = decode_state(blob, max_bytes=bounds.max_blob_bytes)
+        name, declared = blob_codec(blob), parse_codec(header.compression).name
+        if name != declared:
+            detail = f"blob in {name}, header says {declared}"
+            return refuse(Refusal.CODEC_MISMATCH, detail), None
+        delta = decode_blob(blob, reference, max_bytes=bounds.max_blob_bytes)
     except CodecError as e:
         return refuse(Refusal.MALFORMED, str(e)), None
     verdict = check_delta(delta, reference, bounds=bounds, reference_norm=reference_norm)

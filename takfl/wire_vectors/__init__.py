@@ -60,6 +60,7 @@ from takfl.wire_vectors.releases import release_files, release_vectors
 from takfl.wire_vectors.round import (
     ack_vectors,
     chunk_files,
+    downlink_vectors,
     global_blob,
     global_vectors,
     golden_registration,
@@ -117,8 +118,9 @@ def _blob_entry(name: str, blob: bytes) -> dict[str, Any]:
     }
 
 
-def message_vectors() -> tuple[dict[str, Vector], Files, dict[str, Any]]:
-    """Every message vector by name, the blob files, and the manifest's ``updates``."""
+def message_vectors() -> tuple[dict[str, Vector], Files, dict[str, Any], dict[str, Any]]:
+    """Every message vector by name, the blob files, and the manifest's ``updates`` and
+    ``downlink``."""
     glob = global_blob()
     task, registration = golden_task(glob), golden_registration()
     base = round_vectors(task, registration)
@@ -130,9 +132,11 @@ def message_vectors() -> tuple[dict[str, Vector], Files, dict[str, Any]]:
     out |= edges.registration_variants(base["registration"])
     out |= edges.version_vectors(base["registration"])
     out |= release_vectors()
+    down_files, down_vectors, downlink = downlink_vectors(task)
+    out |= down_vectors
     files: Files = {"global.safetensors": glob, **chunk_files("global", glob), **blobs}
-    files |= {"program.pte": PROGRAM, **chunk_files("program", PROGRAM)}
-    return out, files, update_entries
+    files |= {"program.pte": PROGRAM, **chunk_files("program", PROGRAM)} | down_files
+    return out, files, update_entries, downlink
 
 
 def caps() -> dict[str, int]:
@@ -148,7 +152,7 @@ def caps() -> dict[str, int]:
 
 def vectors() -> tuple[Files, dict[str, Any]]:
     """(file name -> bytes, manifest) of the golden vectors."""
-    messages, files, updates = message_vectors()
+    messages, files, updates, downlink = message_vectors()
     for name, vector in messages.items():
         files |= vector.files(name)
     release, release_entry = release_files()
@@ -166,6 +170,7 @@ def vectors() -> tuple[Files, dict[str, Any]]:
         "global": _blob_entry("global.safetensors", glob) | {"tensors": tensors(global_state())},
         "trained": tensors(trained_state()),
         "updates": updates,
+        "downlink": downlink,
         "program": _blob_entry("program.pte", PROGRAM)
         | {"note": "stand-in bytes, not a real ExecuTorch program"},
         "registration_message_ref": message_ref_of(messages["registration"]),

@@ -10,6 +10,8 @@ from typing import Any
 
 from takfl.wire.chunking import blob_ref, split
 from takfl.wire.codec import decode_state, encode_state
+from takfl.wire.codecs import decode_blob, resolve_codec
+from takfl.wire.downlink import delta_downlink, model_digest
 from takfl.wire.messages import (
     COMPRESSIONS,
     Ack,
@@ -104,14 +106,20 @@ def golden_registration() -> Registration:
     )
 
 
+# the packed codecs shown (a delta against the global; no residual yet): one of each kind
+PACKED_SHOWN = ("topk-int8:density=0.25", "sign1", "rot2")
+
+
 def update_vectors(task: TaskMessage) -> tuple[Files, Vectors, dict[str, Any]]:
-    """The answer to ``task`` in every codec: (blob files, vectors, manifest ``updates``).
-    Only the task's compression (fp16) is accepted for this task; fp32 and int8 show the
-    other codecs' bytes (a task asking for them gets those)."""
+    """The answer to ``task`` in every per-tensor codec and one of each packed kind:
+    (blob files, vectors, manifest ``updates``). Only the task's compression (fp16) is
+    accepted for this task; the others show their bytes (a task asking for them gets
+    those)."""
     files: Files = {}
     vectors: Vectors = {}
     entries: dict[str, Any] = {}
-    for i, codec in enumerate(COMPRESSIONS):
+    for i, choice in enumerate(COMPRESSIONS + PACKED_SHOWN):
+        codec = choice.partition(":")[0]
         up = prepare_update(
             task,
             trained_state(),
@@ -119,7 +127,7 @@ def update_vectors(task: TaskMessage) -> tuple[Files, Vectors, dict[str, Any]]:
             secret=SECRET,
             num_samples=NUM_SAMPLES,
             metrics={"train_loss": 0.5},
-            compression=codec,  # type: ignore[arg-type]
+            compression=choice,
         )
         name = f"update-{codec}"
         header = stamped(up.header, name, offset=60 + i)
@@ -132,9 +140,43 @@ def update_vectors(task: TaskMessage) -> tuple[Files, Vectors, dict[str, Any]]:
             "signature": vectors[name].obj["signature"],
             "blob": f"{name}.safetensors",
             "chunks": len(split(up.blob, CHUNK_SIZE)),
-            "decoded_delta": tensors(decode_state(up.blob)),
+            "decoded_delta": tensors(decode_blob(up.blob, global_state())),
         }
     return files, vectors, entries
+
+
+DOWNLINK_CODEC = "rot2"
+
+
+def downlink_vectors(task: TaskMessage) -> tuple[Files, Vectors, dict[str, Any]]:
+    """The next round's task as a delta: the trained state as the new global, sent as a
+    ``rot2`` delta against the round's global (which the agent holds), with the model
+    digest of what the agent rebuilds."""
+    base = model_digest(decode_state(global_blob()))
+    plan = delta_downlink(
+        trained_state(), global_state(), base, resolve_codec(DOWNLINK_CODEC), seed=ROUND + 1
+    )
+    delta_task = task.model_copy(
+        update={
+            "round_id": ROUND + 1,
+            "blob": blob_ref(plan.blob, CHUNK_SIZE),
+            "base": base,
+            "model_digest": plan.digest,
+        }
+    )
+    name = "task-delta"
+    message = stamped(delta_task, name, offset=90)
+    vectors = {name: signed_vector(message, TOPICS.down(AGENT, Down.TASK), COORDINATOR)}
+    files = {"global-delta.bin": plan.blob, **chunk_files("global-delta", plan.blob)}
+    entry = {
+        "task": f"{name}.json",
+        "codec": str(resolve_codec(DOWNLINK_CODEC)),
+        "blob": "global-delta.bin",
+        "base": base,
+        "model_digest": plan.digest,
+        "reconstructed": tensors(plan.state),
+    }
+    return files, vectors, entry
 
 
 def round_vectors(task: TaskMessage, registration: Registration) -> Vectors:
