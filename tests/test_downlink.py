@@ -190,19 +190,7 @@ def test_a_residual_for_another_model_shape_is_dropped_when_the_update_is_made(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     base = full_downlink(state(0)).state
-    task = TaskMessage(
-        round_id=1,
-        agent_id="a1",
-        prototype="S",
-        model=ModelRef(builder="mlp_digits"),
-        num_classes=10,
-        input_shape=(1, 8, 8),
-        seed=1,
-        deadline=time.time() + 60,
-        compression="sign1",
-        chunk_size=CHUNK,
-        blob=blob_ref(full_downlink(base).blob, CHUNK),
-    )
+    task = task_message(full_downlink(base).blob, compression="sign1", round_id=1)
     stale = {"w": torch.zeros(3, 3), "b": torch.zeros(32)}
     with caplog.at_level(logging.WARNING, logger="takfl.wire.codecs"):
         up = prepare_update(
@@ -233,23 +221,26 @@ def test_held_models_are_kept_newest_first_and_checked_against_their_names(
 # -- the agent's intake of a delta task -------------------------------------------------
 
 
-def delta_task(blob: bytes, *, base: str, digest: str, round_id: int = 2) -> TaskMessage:
-    msg = TaskMessage(
-        round_id=round_id,
-        agent_id="a1",
-        prototype="S",
-        model=ModelRef(builder="mlp_digits"),
-        num_classes=10,
-        input_shape=(1, 8, 8),
-        seed=7,
-        deadline=time.time() + 60,
-        compression="fp16",
-        chunk_size=CHUNK,
-        blob=blob_ref(blob, CHUNK),
-        base=base,
-        model_digest=digest,
-    )
-    return sign(msg, SECRET)
+def task_message(blob: bytes, **fields: object) -> TaskMessage:
+    """A task of agent a1 (prototype S) offering ``blob``; ``fields`` change it."""
+    values: dict[str, object] = {
+        "round_id": 2,
+        "agent_id": "a1",
+        "prototype": "S",
+        "model": ModelRef(builder="mlp_digits"),
+        "num_classes": 10,
+        "input_shape": (1, 8, 8),
+        "seed": 7,
+        "deadline": time.time() + 60,
+        "compression": "fp16",
+        "chunk_size": CHUNK,
+        "blob": blob_ref(blob, CHUNK),
+    }
+    return TaskMessage.model_validate(values | fields)
+
+
+def delta_task(blob: bytes, *, base: str, digest: str) -> TaskMessage:
+    return sign(task_message(blob, base=base, model_digest=digest), SECRET)
 
 
 def deliver(
@@ -311,17 +302,22 @@ def test_an_agent_refuses_a_delta_that_does_not_rebuild_the_signed_model() -> No
 def test_a_task_names_a_base_only_with_the_model_it_makes() -> None:
     blob = encode_state(state(0), "fp32")
     with pytest.raises(ValueError, match="base and model_digest"):
-        TaskMessage(
-            round_id=1,
-            agent_id="a1",
-            prototype="S",
-            model=ModelRef(builder="mlp_digits"),
-            num_classes=10,
-            input_shape=(1, 8, 8),
-            seed=7,
-            deadline=time.time() + 60,
-            compression="fp16",
-            chunk_size=CHUNK,
-            blob=blob_ref(blob, CHUNK),
-            base="ab" * 32,
-        )
+        task_message(blob, base="ab" * 32)
+
+
+def test_only_the_newest_bases_of_a_prototype_are_kept_for_deltas() -> None:
+    # Prepare: agent k last received round k's model, for six rounds
+    from coordinator.transport.downlinks import MAX_BASES
+
+    down = Downlinks({"S": resolve_codec("rot2")})
+    g = state(0)
+    for r in range(1, 7):
+        g = moved(g, r)
+        plan = down.plan(r, "S", f"a{r}", g)
+        down.holds(f"a{r}", plan.digest)
+    # Execute: round 7 for every one of them
+    g = moved(g, 7)
+    plans = {a: down.plan(7, "S", a, g) for a in (f"a{r}" for r in range(1, 7))}
+    # Assert: the newest MAX_BASES holders get deltas, the older ones the full model
+    deltas = [a for a, p in plans.items() if p.base is not None]
+    assert deltas == [f"a{r}" for r in range(7 - MAX_BASES, 7)]

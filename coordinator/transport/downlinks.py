@@ -22,6 +22,11 @@ from takfl.wire.errors import CodecError
 
 log = logging.getLogger(__name__)
 
+# held models kept per prototype as bases for deltas (the newest): an agent holding an
+# older one gets the full model, so a round sends at most this many deltas and one full
+# blob per prototype (the MQTT transport keeps 16 blobs to answer chunk requests)
+MAX_BASES = 4
+
 
 class Downlinks:
     """Thread-safe (engine thread plans, the dispatcher thread records what agents hold)."""
@@ -33,6 +38,7 @@ class Downlinks:
         self.default = default  # for a prototype not in ``codecs`` (None: full models)
         self._held: dict[str, str] = {}  # agent -> model digest it holds
         self._models: dict[str, State] = {}  # model digest -> state (sent, maybe held)
+        self._made: dict[str, tuple[str, int]] = {}  # model digest -> (prototype, round)
         self._plans: dict[tuple[int, str, str | None], Downlink] = {}
         self._round = -1
         self._lock = threading.Lock()
@@ -81,14 +87,24 @@ class Downlinks:
         with self._lock:
             self._plans[key] = plan
             self._models.setdefault(plan.digest, plan.state)
+            self._made.setdefault(plan.digest, (prototype, round_id))
         return plan
 
     def _new_round(self, round_id: int) -> None:
-        """Drop last round's plans and every model no agent holds (lock held)."""
+        """Drop last round's plans, every model no agent holds, and all but the newest
+        :data:`MAX_BASES` held models of each prototype (lock held)."""
         self._round = round_id
         self._plans = {k: v for k, v in self._plans.items() if k[0] >= round_id}
-        keep = set(self._held.values()) | {p.digest for p in self._plans.values()}
+        by_proto: dict[str, list[tuple[int, str]]] = {}
+        for digest in set(self._held.values()):
+            proto, made = self._made[digest]
+            by_proto.setdefault(proto, []).append((made, digest))
+        keep = {p.digest for p in self._plans.values()}
+        for held in by_proto.values():
+            keep |= {d for _, d in sorted(held, reverse=True)[:MAX_BASES]}
+        self._held = {a: d for a, d in self._held.items() if d in keep}
         self._models = {d: s for d, s in self._models.items() if d in keep}
+        self._made = {d: m for d, m in self._made.items() if d in keep}
 
     def model(self, digest: str) -> State | None:
         with self._lock:

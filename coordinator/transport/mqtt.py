@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
@@ -271,7 +272,8 @@ class MqttTransport(Transport):
                 refs[key] = self.sender.keep(plan.blob, self.policy.global_chunk_size)
             sent.append((replace(t, global_state=plan.state), plan))
             self._globals[(t.round_id, t.prototype)] = t
-        self._globals = {k: v for k, v in self._globals.items() if k[0] >= self.newest(tasks)}
+        newest = max(t.round_id for t in tasks)
+        self._globals = {k: v for k, v in self._globals.items() if k[0] >= newest}
         programs = {
             name: self.sender.keep(program, self.policy.global_chunk_size)
             for name, program in self.policy.programs.items()
@@ -281,11 +283,9 @@ class MqttTransport(Transport):
             (t, self._task_message(t, refs[(t.round_id, t.prototype, plan.base)], plan, programs))
             for t, plan in sent
         ]
+        counts = Counter((t.round_id, t.prototype, p.base) for t, p in sent)
         for (round_id, proto, base), ref in refs.items():
-            n = sum(
-                1 for t, p in sent if (t.round_id, t.prototype, p.base) == (round_id, proto, base)
-            )
-            self.observer.tasks_sent(round_id, proto, n, ref.size)
+            self.observer.tasks_sent(round_id, proto, counts[(round_id, proto, base)], ref.size)
         if self.dispatch.assign(pairs):
             self.intake.new_round(self.dispatch.round)
         # the whole burst waits in the outbox (a refused publish would cost the agent a
@@ -300,10 +300,6 @@ class MqttTransport(Transport):
         for t, msg in pairs:
             self.client.publish(self.topics.down(t.client_id, Down.TASK), encode_message(msg))
             self.sender.publish(self.topics.down(t.client_id, Down.CHUNK), msg.blob.digest)
-
-    @staticmethod
-    def newest(tasks: list[Task]) -> int:
-        return max(t.round_id for t in tasks)
 
     def _task_message(
         self, t: Task, ref: BlobRef, plan: Downlink, programs: Mapping[str, BlobRef]
