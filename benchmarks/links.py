@@ -181,7 +181,8 @@ class DelayRelay:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+        with contextlib.suppress(asyncio.CancelledError):  # the relay is stopping
+            await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
