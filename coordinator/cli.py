@@ -63,7 +63,10 @@ NOISE_OPTION = typer.Option(
     help="central-dp: noise std / clip norm (default: calibrated to the budget over the rounds).",
 )
 CLIP_NORM_OPTION = typer.Option(
-    None, "--clip-norm", min=0.0, help="central-dp: L2 bound of each update (first, if adaptive)."
+    None,
+    "--clip-norm",
+    min=0.0,
+    help="L2 bound of each update: central-dp (first, if adaptive), secagg.",
 )
 CLIPPING_OPTION = typer.Option(
     None, "--clipping", help=f"central-dp clipping: {'|'.join(CLIPPING_MODES)}."

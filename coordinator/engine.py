@@ -19,7 +19,7 @@ from torch import nn
 
 from coordinator.influence import UpdateGuard
 from coordinator.privacy import RunPrivacy, build_privacy
-from coordinator.transport.base import ClientUpdate, Task, Transport
+from coordinator.transport.base import ClientUpdate, SecureSum, Task, Transport
 from takfl.algorithms import Algorithm, resolve_algorithm
 from takfl.config import FederationConfig, prototype_training
 from takfl.config.base import ModelSpec
@@ -27,6 +27,7 @@ from takfl.models import build_model
 from takfl.privacy.central import ClippedSum
 from takfl.privacy.modes import resolve_privacy
 from takfl.robust import Aggregator, LogitsAccumulator, StateAccumulator, make_aggregator
+from takfl.secagg.aggregate import SecureMean
 from takfl.server import PrototypeInput, StepData, server_step
 from takfl.state import State, non_finite_entry
 from takfl.training import accuracy, predict_logits
@@ -72,15 +73,16 @@ class RoundResult:
 class _Collector:
     """State of one round for one prototype: the aggregate of the client weights and of
     their teacher logits (streaming for FedAvg, per client for the robust methods).
-    ``private``: the clipped, noised sum of a private mode, which replaces the
-    aggregator's and is released even when nobody answered."""
+    ``private``: the accumulator of a private mode, which replaces the aggregator's: the
+    clipped, noised sum of central DP (released even when nobody answered), or the
+    secure sum's mean (released once the transport handed on the round's sum)."""
 
     def __init__(
         self,
         aggregator: Aggregator,
         reference: State,
         keep_client_logits: bool,
-        private: ClippedSum | None = None,
+        private: ClippedSum | SecureMean | None = None,
     ) -> None:
         self.private = private
         self.fedavg: StateAccumulator = (
@@ -93,6 +95,8 @@ class _Collector:
     @property
     def releases(self) -> bool:
         """Whether the round gives this prototype a new aggregate."""
+        if isinstance(self.private, SecureMean):
+            return self.private.releases
         return self.private is not None or self.fedavg.count > 0
 
 
@@ -350,6 +354,9 @@ class RoundEngine:
             upd = self.transport.next_update(timeout=min(1.0, max(0.05, deadline - now)))
             if upd is None:
                 continue
+            if isinstance(upd, SecureSum):
+                self._take_sum(round_id, upd, collectors, waiting, got)
+                continue
             if (
                 upd.round_id != round_id
                 or upd.prototype not in expected
@@ -368,6 +375,37 @@ class RoundEngine:
             if self.on_update is not None:
                 self.on_update(upd)
         return got
+
+    def _take_sum(
+        self,
+        round_id: int,
+        secure: SecureSum,
+        collectors: dict[str, _Collector],
+        waiting: dict[str, set[str]],
+        got: dict[str, set[str]],
+    ) -> None:
+        """A prototype's secure sum (or why there is none) closes its round: nobody of
+        it is awaited any longer; those in the sum count as received."""
+        col = collectors.get(secure.prototype)
+        private = col.private if col is not None else None
+        p = secure.prototype
+        if secure.round_id != round_id or not isinstance(private, SecureMean) or not waiting[p]:
+            self.rejected += 1
+            log.info("ignoring a secure sum of %s for round %d", p, secure.round_id)
+            return
+        if secure.total is None:
+            private.fail(secure.failure or "no sum")
+        else:
+            private.set_sum(secure.total, secure.clients)
+        waiting[p].clear()
+        got[p].clear()
+        got[p].update(private.contributors)
+        if private.failure is not None:
+            log.warning(
+                "round %d, prototype %s: secure aggregation: %s", round_id, p, private.failure
+            )
+        else:
+            log.info("round %d, prototype %s: secure sum of %d clients", round_id, p, private.count)
 
     # -- one round ----------------------------------------------------------
     def run_round(
@@ -414,7 +452,7 @@ class RoundEngine:
         for p in self.cfg.prototypes:
             col = collectors[p.name]
             protos.append(self._prototype_input(p.name, col, len(plan.get(p.name, [])), kept))
-            if col.private is not None:
+            if isinstance(col.private, ClippedSum):
                 released[p.name] = self.privacy.released(
                     p.name, col.private, plan[p.name], available.get(p.name, [])
                 )
@@ -468,6 +506,9 @@ class RoundEngine:
         ``kept``) and its teacher logits (the clients' mean, or under a private mode the
         logits of the released aggregate)."""
         has = col.releases
+        if not has and isinstance(col.private, SecureMean):
+            why = col.private.failure or "no secure sum arrived"
+            kept[name] = f"secure aggregation: {why}; previous global kept"
         avg = col.fedavg.result() if has else self.globals[name]
         bad = non_finite_entry(avg)
         if bad is not None:

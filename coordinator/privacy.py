@@ -31,6 +31,7 @@ from takfl.privacy.clipping import (
     sum_noise_multiplier,
 )
 from takfl.privacy.modes import PrivacyMode, privacy_mode
+from takfl.secagg.aggregate import SecureMean
 from takfl.state import StateView
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,12 @@ class RunPrivacy:
     # -- during ---------------------------------------------------------------------------
     def accumulator(
         self, round_id: int, prototype: str, reference: StateView, sampled: int
-    ) -> ClippedSum | None:
-        """The private accumulator of ``prototype``'s round (None: the aggregator's own,
-        in a mode without budget or for a prototype with nobody sampled)."""
+    ) -> ClippedSum | SecureMean | None:
+        """The private accumulator of ``prototype``'s round: the secure sum's mean under
+        secure aggregation, the clipped noised sum under central DP (None: the
+        aggregator's own, in plain mode or for a prototype with nobody sampled)."""
+        if self.mode.secure_sum:
+            return SecureMean(reference, bound=self.spec.secagg.clip_norm) if sampled else None
         b = self.budgets.get(prototype)
         if b is None or sampled < 1:
             return None
@@ -228,17 +232,21 @@ def round_sample_rate(sampled: Sequence[str], available: Sequence[str]) -> float
 def with_privacy(cfg: FederationConfig, overrides: Mapping[str, Any]) -> FederationConfig:
     """``cfg`` with its privacy section updated by the non-None entries of ``overrides``
     (``mode``, ``epsilon``, ``delta``, ``noise_multiplier``, ``accountant``, and
-    ``clipping``/``clip_norm`` for ``clipping.mode``/``clipping.norm``), validated again.
+    ``clipping``/``clip_norm`` for ``clipping.mode``/``clipping.norm``; under secagg
+    ``clip_norm`` sets ``secagg.clip_norm``), validated again.
 
     Raises:
         ValueError: the result is not a valid privacy section (pydantic's message).
     """
     section = cfg.privacy.model_dump()
     clip_keys = {"clipping": "mode", "clip_norm": "norm"}
+    mode = overrides.get("mode") or section["mode"]
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in clip_keys:
+        if key == "clip_norm" and privacy_mode(mode).secure_sum:
+            section["secagg"]["clip_norm"] = value
+        elif key in clip_keys:
             section["clipping"][clip_keys[key]] = value
         else:
             section[key] = value

@@ -184,10 +184,13 @@ def transport_policy(
 ) -> TransportPolicy:
     """Each prototype's agents encode updates as their device profile says; updates are
     bounded as the config's intake section says; ``programs``: the training programs
-    offered with the tasks of each prototype."""
+    offered with the tasks of each prototype; under secagg every round is secure."""
     comms = {p.name: prototype_profile(cfg, p.name).comms for p in cfg.prototypes}
     return TransportPolicy(
-        comms_by_prototype=comms, bounds=update_bounds(cfg), programs=programs or {}
+        comms_by_prototype=comms,
+        bounds=update_bounds(cfg),
+        programs=programs or {},
+        privacy=cfg.privacy,
     )
 
 

@@ -15,12 +15,14 @@ import torch
 from coordinator.engine import RoundEngine, RoundResult
 from coordinator.inputs import prototype_models, server_data
 from coordinator.privacy import build_privacy
-from coordinator.transport.base import ClientUpdate
+from coordinator.transport.base import ClientUpdate, Transport
 from coordinator.transport.inprocess import InProcessTransport, VirtualClient
+from coordinator.transport.secure_inprocess import SecureInProcess
 from takfl.algorithms import Algorithm
 from takfl.config import FederationConfig, prototype_profile, prototype_training
 from takfl.config.base import ModelSpec
 from takfl.federation_data import build_federation_data
+from takfl.privacy.modes import privacy_mode
 from takfl.run_layout import METRICS_FILE, PLOT_FILE, RESULTS_FILE
 from takfl.wire.codec_names import CodecNameError
 from takfl.wire.codecs import Codec, resolve_codec
@@ -207,6 +209,12 @@ def run_simulation(
     build_privacy(cfg, rounds=rounds)  # a budget the rounds would pass: refused before any work
     metrics_path = out_dir / METRICS_FILE
     metrics_path.write_text("")
+    secure = privacy_mode(cfg.privacy.mode).secure_sum
+    if secure and (spec.compression is not None or spec.downstream is not None):
+        raise ValueError(
+            "secagg sends each update as a masked fixed-point input, not through a codec: "
+            "drop --compression and --downstream"
+        )
     codecs = resolve_compression(cfg, spec.compression)
     downlinks = resolve_compression(cfg, spec.downstream, downstream=True)
     if downlinks is not None and codecs is None:  # sizes are reported against fp32
@@ -223,7 +231,7 @@ def run_simulation(
                 VirtualClient(client_id=cid, prototype=proto, x=x, y=y, training=trainings[proto])
                 for cid, (proto, x, y) in data.clients.items()
             ]
-            transport = InProcessTransport(
+            transport: Transport = InProcessTransport(
                 clients,
                 num_classes=data.num_classes,
                 input_shape=data.input_shape,
@@ -232,6 +240,8 @@ def run_simulation(
                 downlinks=downlinks,
                 vectorise=spec.vectorise,
             )
+            if secure:
+                transport = SecureInProcess(transport, cfg.privacy)
             # seeded noise: reproducible figures (no protection against who knows the seed)
             privacy = build_privacy(cfg, rounds=rounds, noise_seed=seed)
             tally = UploadTally()

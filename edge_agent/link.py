@@ -48,6 +48,7 @@ from edge_agent.link_policy import LinkCounters, LinkPolicy
 from edge_agent.outbox import UpdateOutbox
 from edge_agent.presence import RegistrationBook, RunFilter, coordinator_presence
 from edge_agent.programs import ProgramCache
+from edge_agent.secure_round import SecureInbox, SecureSend
 from takfl.mqtt.blobs import BlobSender, Missing
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
 from takfl.wire.errors import WireError
@@ -56,10 +57,12 @@ from takfl.wire.messages import (
     ChunkRequest,
     GlobalAnnouncement,
     Registration,
+    SignedMessage,
     UpdateHeader,
     decode_chunk,
     encode_message,
 )
+from takfl.wire.secure import SecAggDelivery, SecAggRoster, SecAggUnmask
 from takfl.wire.signing import sign
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import Down, Topics, Up, check_ident
@@ -137,12 +140,17 @@ class AgentLink:
         self._global: GlobalAnnouncement | None = None  # latest of this agent's prototype
         self.registrations = RegistrationBook()
         self.runs = RunFilter(me)
+        # a secure round's messages from the coordinator (takfl.wire.secure)
+        self.secure_inbox = SecureInbox()
         routes = {
             Down.TASK: self._on_task,
             Down.CHUNK: self._on_chunk,
             Down.REQUEST: self._on_request,
             Down.ACK: self._on_ack,
             Down.GLOBAL: self._on_global,
+            Down.SECAGG_ROSTER: self._secure_handler(SecAggRoster, "secure roster"),
+            Down.SECAGG_SHARES: self._secure_handler(SecAggDelivery, "secure shares"),
+            Down.SECAGG_UNMASK: self._secure_handler(SecAggUnmask, "unmasking request"),
         }
         for kind, handler in routes.items():
             self.client.route(self.topics.down(me, kind), handler)
@@ -226,6 +234,23 @@ class AgentLink:
         chunks (all, or only ``chunk_indices``; the rest can be requested). Returns the
         header as sent."""
         return self.outbox.send(prepared, deadline, chunk_indices)
+
+    def secure_send(self) -> SecureSend:
+        """How a secure round (:func:`edge_agent.secure_round.run_secure_round`) sends:
+        control messages signed with this agent's secret, the masked input as an update."""
+        me, secret = self.identity.agent_id, self.identity.secret
+
+        def publish(leaf: Up, message: SignedMessage) -> None:
+            self.client.publish(self.topics.up(me, leaf), encode_message(sign(message, secret)))
+
+        def send_update(prepared: PreparedUpdate, deadline: float) -> UpdateHeader:
+            return self.send_prepared(prepared, deadline=deadline)
+
+        return SecureSend(publish=publish, send_update=send_update, secret=secret)
+
+    def has_task(self) -> bool:
+        """Whether a task is waiting (a secure round still in progress gives way to it)."""
+        return not self._ready.empty()
 
     def traffic(self) -> tuple[int, int, int]:
         """(payload bytes sent, bytes received, retries: headers announced again plus
@@ -372,6 +397,16 @@ class AgentLink:
             return
         if self.runs.accepts("chunk request", request.run, self.outbox.run_of(request.digest)):
             self.outbox.answer(request, COORDINATOR)
+
+    def _secure_handler(
+        self, cls: type[SecAggRoster] | type[SecAggDelivery] | type[SecAggUnmask], what: str
+    ) -> Callable[[str, bytes], None]:
+        def handle(_topic: str, payload: bytes) -> None:
+            msg = self.reader.control(cls, payload, what)
+            if msg is not None and self.runs.accepts(what, msg.run, self.intake.run or None):
+                self.secure_inbox.put(msg)
+
+        return handle
 
     def _on_global(self, _topic: str, payload: bytes) -> None:
         # retained, so possibly older than the replay window: ordered by round instead

@@ -21,6 +21,7 @@ from torch import nn
 from edge_agent.codec_state import CodecState
 from edge_agent.limits import apply_limits, over_memory, peak_rss_mb
 from edge_agent.link import REGISTER_KEY, AgentIdentity, AgentLink, LinkPolicy, ReceivedTask
+from edge_agent.secure_round import run_secure_round
 from edge_agent.telemetry import platform_info, task_telemetry
 from edge_agent.watch import LinkWatch
 from takfl.config.profile import DeviceProfile, TrainingSpec
@@ -256,18 +257,35 @@ class Agent:
             retries=retries,
             deadline=msg.deadline,
         )
-        header = self.link.send_update(
-            task,
-            result.state,
-            num_samples=result.num_samples,
-            metrics={
-                "train_loss": result.mean_loss,
-                "train_s": result.seconds,
-                "steps": float(result.steps),
-                "peak_rss_mb": peak,
-            },
-            telemetry=telemetry,
-        )
+        metrics = {
+            "train_loss": result.mean_loss,
+            "train_s": result.seconds,
+            "steps": float(result.steps),
+            "peak_rss_mb": peak,
+        }
+        if msg.secagg is not None:
+            header = run_secure_round(
+                msg,
+                result.state,
+                task.global_state,
+                self.link.secure_inbox,
+                self.link.secure_send(),
+                num_samples=result.num_samples,
+                metrics=metrics,
+                telemetry=telemetry,
+                give_up=lambda: self.stop_event.is_set() or self.link.has_task(),
+            )
+            if header is None:
+                self.stats.tasks_skipped += 1
+                return
+        else:
+            header = self.link.send_update(
+                task,
+                result.state,
+                num_samples=result.num_samples,
+                metrics=metrics,
+                telemetry=telemetry,
+            )
         warning = over_memory(spec)
         if warning:
             log.warning(warning)
@@ -275,11 +293,12 @@ class Agent:
         self.stats.last_round = msg.round_id
         self.stats.rounds.append(msg.round_id)
         self.stats.seconds_training += result.seconds
+        what = "a masked input (secure round)" if msg.secagg is not None else header.compression
         self.report(
             f"round {msg.round_id}: trained {result.steps} steps through {spec.backend} "
             f"in {result.seconds:.1f}s "
             f"(loss {result.mean_loss:.3f}), sent {header.blob.size} bytes "
-            f"{header.compression}, peak RSS {peak:.0f} MB"
+            f"{what}, peak RSS {peak:.0f} MB"
         )
 
     def run(self, max_tasks: int | None = None) -> AgentStats:

@@ -124,15 +124,15 @@ def test_manifest_lists_every_vector_with_its_digest() -> None:
 
 
 def test_every_wire_message_has_a_vector_and_a_schema() -> None:
-    # Every JSON message class of takfl.wire.messages and takfl.wire.release is listed, and
+    # Every JSON message class of takfl.wire.messages, .release and .secure is listed, and
     # a native agent finds at least one vector of each kind, each on the topic the code uses.
-    from takfl.wire import messages, release
+    from takfl.wire import messages, release, secure
     from takfl.wire.canonical import canonical_bytes
     from takfl.wire.errors import UnsupportedVersion
 
     defined = {
         cls
-        for module in (messages, release)
+        for module in (messages, release, secure)
         for cls in vars(module).values()
         if isinstance(cls, type)
         and issubclass(cls, messages.WireMessage)

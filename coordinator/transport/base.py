@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from takfl.config.base import ModelSpec
 from takfl.config.profile import TrainingSpec
 from takfl.state import State
@@ -45,6 +47,21 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)  # train loss, seconds, ...
 
 
+@dataclass(frozen=True, kw_only=True)
+class SecureSum:
+    """A prototype's round under secure aggregation, as the transport hands it on: the
+    decoded sum of the surviving clients' clipped deltas (float64, laid out as
+    :func:`takfl.secagg.vector.delta_vector` lays one out), or ``failure`` (why there
+    is none). No individual update ever reaches the engine in this mode."""
+
+    round_id: int
+    prototype: str
+    clients: tuple[str, ...]  # whose inputs the sum holds
+    answered: tuple[str, ...]  # every sampled client that took part in some stage
+    total: np.ndarray | None = field(default=None, repr=False)
+    failure: str | None = None
+
+
 class Transport(ABC):
     """How the engine reaches clients. Implementations must be safe to call from
     the engine's thread only; they may run their own threads internally."""
@@ -58,8 +75,9 @@ class Transport(ABC):
         """Deliver tasks; returns without waiting for the work."""
 
     @abstractmethod
-    def next_update(self, timeout: float) -> ClientUpdate | None:
-        """The next validated update of the current round, or None after ``timeout`` s.
+    def next_update(self, timeout: float) -> ClientUpdate | SecureSum | None:
+        """The next validated update of the current round, or None after ``timeout`` s;
+        under secure aggregation, each prototype's :class:`SecureSum` instead.
 
         Refused updates are logged and counted by the transport, never returned.
         """

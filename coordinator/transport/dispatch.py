@@ -22,9 +22,11 @@ from takfl.wire.messages import (
     BlobRef,
     InputNorm,
     ModelRef,
+    SecAggTask,
     TaskMessage,
     TrainingRef,
 )
+from takfl.wire.secure import SECURE_COMPRESSION
 from takfl.wire.signing import restamp, sign
 from takfl.wire.validation import AgentRecord
 
@@ -52,11 +54,13 @@ def task_message(
     input_norm: InputNorm | None = None,
     base: str | None = None,
     model_digest: str | None = None,
+    secagg: SecAggTask | None = None,
 ) -> TaskMessage:
     """The signed wire form of ``task`` in run ``run``, whose global model is the blob
     ``ref`` (with ``base``: a delta against that model, making ``model_digest``);
     ``program``: the training program offered with it, if any; ``input_norm``: how the
-    coordinator's data is standardised."""
+    coordinator's data is standardised; ``secagg``: the agent's part in a secure round
+    (its update is then a masked input, and the compression ``fp32``)."""
     msg = TaskMessage(
         run=run,
         round_id=task.round_id,
@@ -68,13 +72,14 @@ def task_message(
         input_shape=input_shape,
         seed=task.seed,
         deadline=task.deadline,
-        compression=comms.compression,
+        compression=comms.compression if secagg is None else SECURE_COMPRESSION,
         chunk_size=comms.chunk_size_kib * 1024,
         blob=ref,
         base=base,
         model_digest=model_digest if base is not None else None,
         program=program,
         input_norm=input_norm,
+        secagg=secagg,
     )
     return sign(msg, secret)
 

@@ -139,6 +139,9 @@ def refused_answer(decision: Decision) -> tuple[int, str] | None:
 NOTHING = Decision(agent=None, verdict=Verdict())
 
 
+SecureInput = Callable[[str, UpdateHeader, bytes], Verdict]
+
+
 class UpdateIntake:
     """Judges update headers and chunks. ``header``, ``chunk`` and ``tick`` run on one
     thread (the transport's dispatcher); ``pending`` may be called from any."""
@@ -151,8 +154,12 @@ class UpdateIntake:
         *,
         clock: Callable[[], float] = time.monotonic,
         guard: ReplayGuard | None = None,
+        secure_input: SecureInput | None = None,
     ) -> None:
-        """``guard`` refuses stale and replayed headers (None: no freshness check)."""
+        """``guard`` refuses stale and replayed headers (None: no freshness check);
+        ``secure_input(agent, header, blob)`` takes the masked input of a task of a
+        secure round (the blob is never decoded here)."""
+        self.secure_input = secure_input
         self.registry = registry
         self.dispatch = dispatch
         self.guard = guard
@@ -204,6 +211,19 @@ class UpdateIntake:
         if header is not None and reason not in NOT_REMEMBERED:
             self._remember(header, ack)
         return Decision(agent=agent, verdict=verdict, ack=ack)
+
+    def _accept(self, agent: str, header: UpdateHeader) -> Ack:
+        """The ack of an accepted update, remembered for the header's repeats."""
+        ack = Ack(
+            subject="update",
+            agent_id=agent,
+            run=header.run,
+            round_id=header.round_id,
+            digest=header.blob.digest,
+            accepted=True,
+        )
+        self._remember(header, ack)
+        return ack
 
     def _remember(self, header: UpdateHeader, ack: Ack) -> None:
         with self._lock:
@@ -270,7 +290,10 @@ class UpdateIntake:
         a = self.dispatch.assignment(agent)
         bounds = self.policy.bounds
         cap = bounds.max_blob_bytes
-        if a is not None:
+        secure = a.message.secagg if a is not None else None
+        if secure is not None:  # a masked input: exactly ``length`` words
+            cap = min(cap, secure.bits // 8 * secure.length)
+        elif a is not None:
             cap = min(cap, resolve_codec(a.message.compression).max_bytes(a.reference))
         base = a.message.global_digest if a is not None else None
         verdict = check_header(
@@ -287,7 +310,9 @@ class UpdateIntake:
                 Refusal.CODEC_MISMATCH,
                 f"update in {header.compression}, its task asked {a.message.compression}",
             )
-        if time.time() > a.message.deadline:
+        # a masked input comes after the keys and shares stages: its secure round's stage
+        # timing decides, not the task's deadline
+        if secure is None and time.time() > a.message.deadline:
             return refuse(Refusal.EXPIRED, f"task deadline of round {header.round_id} passed")
         return verdict
 
@@ -344,6 +369,8 @@ class UpdateIntake:
             return self._refuse(
                 agent, refuse(Refusal.STALE_ROUND, "round closed before it completed"), header
             )
+        if a.message.secagg is not None:
+            return self._complete_secure(agent, header, blob)
         bounds = self.state_bounds.get(header.prototype)
         verdict, delta = decode_update(
             header,
@@ -375,16 +402,23 @@ class UpdateIntake:
             metrics=metrics,
         )
         self.counters.accepted += 1
-        ack = Ack(
-            subject="update",
-            agent_id=agent,
-            run=header.run,
-            round_id=header.round_id,
-            digest=header.blob.digest,
-            accepted=True,
-        )
-        self._remember(header, ack)
+        ack = self._accept(agent, header)
         return Decision(agent=agent, verdict=verdict, ack=ack, update=update, header=header)
+
+    def _complete_secure(self, agent: str, header: UpdateHeader, blob: bytes) -> Decision:
+        """A masked input: handed to the secure round (folded into its sum there), then
+        forgotten; acknowledged like an update, with no update for the engine."""
+        if self.secure_input is None:
+            verdict = refuse(Refusal.MALFORMED, "a masked input, and no secure round here")
+        else:
+            verdict = self.secure_input(agent, header, blob)
+        if not verdict.accepted:
+            return self._refuse(agent, verdict, header)
+        with self._lock:
+            self._accepted.add((header.round_id, agent))
+        self.counters.accepted += 1
+        ack = self._accept(agent, header)
+        return Decision(agent=agent, verdict=verdict, ack=ack)
 
     # -- periodic -----------------------------------------------------------------------
     def new_round(self, round_id: int) -> None:

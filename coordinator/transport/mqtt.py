@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 from coordinator.observe import FleetObserver
-from coordinator.transport.base import ClientUpdate, Task, Transport
+from coordinator.transport.base import ClientUpdate, SecureSum, Task, Transport
 from coordinator.transport.control import ControlDesk
 from coordinator.transport.dispatch import TaskDispatch, task_message
 from coordinator.transport.downlinks import Downlinks
@@ -44,11 +44,15 @@ from coordinator.transport.intake import (
     refused_answer,
 )
 from coordinator.transport.presence import AgentState, Presence, PresenceGate
+from coordinator.transport.secure_rounds import Outgoing, SecureRounds
+from takfl.config.privacy import PrivacySpec
 from takfl.config.profile import CommsSpec
 from takfl.mqtt.blobs import BlobReceiver, BlobSender, BlobStore
 from takfl.mqtt.client import MqttClient, MqttSettings, Will
 from takfl.mqtt.ratelimit import MessageLimits, ResendLimiter, ResendLimits, with_room_for
 from takfl.mqtt.retry import RetryPolicy
+from takfl.privacy.modes import privacy_mode
+from takfl.secagg.vector import vector_length
 from takfl.state import State
 from takfl.wire.bounds import StateBounds
 from takfl.wire.chunking import ReassemblyLimits, blob_ref
@@ -64,12 +68,14 @@ from takfl.wire.messages import (
     GlobalAnnouncement,
     InputNorm,
     Registration,
+    SecAggTask,
     SignedMessage,
     Status,
     TaskMessage,
     UpdateHeader,
     encode_message,
 )
+from takfl.wire.secure import SecAggKeys, SecAggReveal, SecAggShares
 from takfl.wire.signing import restamp, sign
 from takfl.wire.topics import Down, Topics, Up
 from takfl.wire.validation import AgentRecord, Refusal, UpdateBounds, Verdict
@@ -116,6 +122,12 @@ class TransportPolicy:
     # reconnects a minute; the excess is dropped unread, counted, logged once a window
     registrations: MessageLimits = field(default_factory=lambda: MessageLimits(per_window=10))
     statuses: MessageLimits = field(default_factory=lambda: MessageLimits(per_window=20))
+    # the run's privacy section: under secagg every prototype's round is a secure round
+    privacy: PrivacySpec | None = None
+
+    @property
+    def secure(self) -> bool:
+        return self.privacy is not None and privacy_mode(self.privacy.mode).secure_sum
 
     def intake(self) -> IntakePolicy:
         return IntakePolicy(
@@ -175,8 +187,17 @@ class MqttTransport(Transport):
         self.dispatch = TaskDispatch(
             self.registry, retry=p.task_retry, clock=clock, run=self.run_id
         )
+        # secure rounds (privacy mode secagg): masked inputs go to them, never decoded
+        self.secure: SecureRounds | None = None
+        if p.secure and p.privacy is not None:
+            self.secure = SecureRounds(p.privacy, self.run_id, clock=clock)
         self.intake = UpdateIntake(
-            self.registry, self.dispatch, p.intake(), clock=clock, guard=self.guard
+            self.registry,
+            self.dispatch,
+            p.intake(),
+            clock=clock,
+            guard=self.guard,
+            secure_input=self._secure_input if self.secure is not None else None,
         )
         self.desk = ControlDesk(self.dispatch)  # task acks and chunk requests
         # downstream: full models, or deltas where a prototype's profile names a codec
@@ -205,7 +226,7 @@ class MqttTransport(Transport):
             BlobStore(p.max_sent_blobs, p.max_sent_bytes),
             ResendLimiter(with_room_for(p.resend, 3 * agents), clock=clock),
         )
-        self._updates: queue.Queue[ClientUpdate] = queue.Queue()
+        self._updates: queue.Queue[ClientUpdate | SecureSum] = queue.Queue()
         self._refused: queue.Queue[tuple[int, str]] = queue.Queue()  # final refusals
         self.gate = PresenceGate(
             self.topics,
@@ -220,6 +241,14 @@ class MqttTransport(Transport):
         self.client.route(t.up_filter(Up.REQUEST), self._on_request)
         self.client.route(t.up_filter(Up.UPDATE), self._on_update)
         self.client.route(t.up_filter(Up.CHUNK), self._on_chunk)
+        if self.secure is not None:
+            rounds = self.secure
+            for leaf, handler in (
+                (Up.SECAGG_KEYS, self._secure_handler(SecAggKeys, rounds.keys)),
+                (Up.SECAGG_SHARES, self._secure_handler(SecAggShares, rounds.shares)),
+                (Up.SECAGG_REVEAL, self._secure_handler(SecAggReveal, rounds.reveal)),
+            ):
+                self.client.route(t.up_filter(leaf), handler)
         self.client.on_connected(self._announce)
         self.client.every_tick(self._tick)
 
@@ -263,6 +292,7 @@ class MqttTransport(Transport):
         if not tasks:
             return
         self.dispatch.check(tasks)
+        secure = self._open_secure_rounds(tasks)
         refs: dict[tuple[int, str, str | None], BlobRef] = {}
         sent: list[tuple[Task, Downlink]] = []
         for t in tasks:
@@ -280,7 +310,16 @@ class MqttTransport(Transport):
             if any(t.prototype == name for t in tasks)
         }
         pairs = [
-            (t, self._task_message(t, refs[(t.round_id, t.prototype, plan.base)], plan, programs))
+            (
+                t,
+                self._task_message(
+                    t,
+                    refs[(t.round_id, t.prototype, plan.base)],
+                    plan,
+                    programs,
+                    secure.get(t.client_id),
+                ),
+            )
             for t, plan in sent
         ]
         counts = Counter((t.round_id, t.prototype, p.base) for t, p in sent)
@@ -301,8 +340,33 @@ class MqttTransport(Transport):
             self.client.publish(self.topics.down(t.client_id, Down.TASK), encode_message(msg))
             self.sender.publish(self.topics.down(t.client_id, Down.CHUNK), msg.blob.digest)
 
+    def _open_secure_rounds(self, tasks: list[Task]) -> dict[str, SecAggTask]:
+        """Under secagg: open a secure round per prototype among its tasks' agents;
+        each agent's ``task.secagg`` by agent id (empty in other modes)."""
+        if self.secure is None:
+            return {}
+        groups: dict[tuple[int, str], list[Task]] = {}
+        for t in tasks:
+            groups.setdefault((t.round_id, t.prototype), []).append(t)
+        out: dict[str, SecAggTask] = {}
+        for (round_id, proto), group in sorted(groups.items()):
+            first = group[0]
+            out |= self.secure.open(
+                round_id,
+                proto,
+                [t.client_id for t in group],
+                vector_length(first.global_state),
+                max(0.0, first.deadline - time.time()),
+            )
+        return out
+
     def _task_message(
-        self, t: Task, ref: BlobRef, plan: Downlink, programs: Mapping[str, BlobRef]
+        self,
+        t: Task,
+        ref: BlobRef,
+        plan: Downlink,
+        programs: Mapping[str, BlobRef],
+        secagg: SecAggTask | None = None,
     ) -> TaskMessage:
         return task_message(
             t,
@@ -316,6 +380,7 @@ class MqttTransport(Transport):
             input_norm=self.input_norm,
             base=plan.base,
             model_digest=plan.digest,
+            secagg=secagg,
         )
 
     def _send_full(self, agent: str, ack: Ack) -> None:
@@ -333,7 +398,7 @@ class MqttTransport(Transport):
         mine = replace(task, client_id=agent, global_state=plan.state, seed=a.message.seed)
         program = a.message.program
         msg = self._task_message(
-            mine, ref, plan, {} if program is None else {task.prototype: program}
+            mine, ref, plan, {} if program is None else {task.prototype: program}, a.message.secagg
         )
         if not self.dispatch.reassign(agent, msg, plan.state):
             return
@@ -343,7 +408,7 @@ class MqttTransport(Transport):
         self.client.publish(self.topics.down(agent, Down.TASK), encode_message(msg))
         self.sender.publish(self.topics.down(agent, Down.CHUNK), msg.blob.digest)
 
-    def next_update(self, timeout: float) -> ClientUpdate | None:
+    def next_update(self, timeout: float) -> ClientUpdate | SecureSum | None:
         try:
             return self._updates.get(timeout=max(0.0, timeout))
         except queue.Empty:
@@ -536,7 +601,46 @@ class MqttTransport(Transport):
         agent = read_agent(self.topics, topic)
         self._decided(self.intake.chunk(agent, payload))
 
+    # -- secure rounds (dispatcher thread) -------------------------------------------------
+    def _secure_input(self, agent: str, header: UpdateHeader, blob: bytes) -> Verdict:
+        """The intake's hand-off of a masked input (the blob is dropped after this)."""
+        assert self.secure is not None
+        verdict, out = self.secure.masked_input(agent, header.round_id, header.prototype, blob)
+        self._secure_out(out)
+        return verdict
+
+    def _secure_handler(
+        self, cls: type[S], step: Callable[[str, S], list[Outgoing]]
+    ) -> Callable[[str, bytes], None]:
+        """A route handler for one kind of secure-round message: read (signed by the
+        topic's agent, fresh), of this run, then ``step`` and publish what it says."""
+
+        def handle(topic: str, payload: bytes) -> None:
+            received = read(cls, self.topics, topic, payload, self.registry, guard=self.guard)
+            msg, agent = received.message, received.agent
+            if received.ok and msg is not None and agent is not None and self._of_this_run(msg):
+                self._secure_out(step(agent, msg))
+
+        return handle
+
+    def _of_this_run(self, message: SignedMessage) -> bool:
+        if message.run == self.run_id:
+            return True
+        log.info("ignored a secure-round message of another run (%s)", message.run)
+        return False
+
+    def _secure_out(self, out: list[Outgoing]) -> None:
+        """Sign and publish a secure round's messages; hand finished rounds on."""
+        for o in out:
+            message = self._signed(o.agent, o.message)
+            self.client.publish(self.topics.down(o.agent, o.leaf), encode_message(message))
+        if self.secure is not None:
+            for result in self.secure.results():
+                self._updates.put(result)
+
     def _tick(self) -> None:
+        if self.secure is not None:
+            self._secure_out(self.secure.tick())
         requests, decisions = self.intake.tick()
         for m in requests:
             request = ChunkRequest(

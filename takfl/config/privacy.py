@@ -1,4 +1,5 @@
-"""Privacy section of a federation config: plain or central differential privacy.
+"""Privacy section of a federation config: plain, central differential privacy, or
+secure aggregation.
 
 ``central-dp`` (DP-FedAvg at the level of a device, McMahan et al. 2018, arXiv
 1710.06963): each update's delta against the round's global is clipped to an L2
@@ -8,6 +9,8 @@ privacy spent per prototype given its client sampling. See ``takfl.privacy``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -33,10 +36,33 @@ class ClippingSpec(Strict):
         return check_name("clipping mode", value, CLIPPING_MODES)
 
 
+class SecAggSpec(Strict):
+    """Secure aggregation within each prototype (``mode: secagg``; SecAgg+, Bell et al.
+    2020). Each sampled client clips its delta to ``clip_norm`` and masks it; the
+    coordinator learns the sum of a prototype's round only."""
+
+    # C: the L2 bound each client clips its delta to. It is also the range of the
+    # fixed-point encoding and what the sum is checked against (norm <= n C), so it
+    # bounds how far one client can move its prototype's mean (C / n). Unlike central
+    # DP's bound (no noise scales with it here), it should pass honest updates whole
+    clip_norm: float = Field(20.0, gt=0, le=1e6, allow_inf_nan=False)
+
+    # k, each client's neighbours in the masking graph (even below n - 1); null: the full
+    # graph up to 10 clients sampled, else 2 ceil(log2 n)
+    neighbours: int | None = Field(None, ge=2, le=1024)
+    # t, shares that recover a client's secrets; null: ceil((k + 1) / 2). The sum survives
+    # while t of each dropout's neighbours (and itself) stay
+    threshold: int | None = Field(None, ge=1, le=1025)
+    bits: Literal[32, 64] = 32  # the group Z_(2^bits) the masked inputs live in
+    # after a round's keys arrived: how long each later stage (shares, masked inputs,
+    # unmasking) waits for the clients still in before closing without the others
+    stage_timeout_s: float = Field(60.0, gt=0, le=3600, allow_inf_nan=False)
+
+
 class PrivacySpec(Strict):
     """How much of a device's update the coordinator and the released models may reveal."""
 
-    mode: str = "plain"  # plain | central-dp
+    mode: str = "plain"  # plain | central-dp | secagg
     # central-dp: the budget. The run refuses to start, or stops before a round, when the
     # epsilon at `delta` of any prototype would pass it.
     epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -46,6 +72,7 @@ class PrivacySpec(Strict):
     noise_multiplier: float | None = Field(None, gt=0, allow_inf_nan=False)
     accountant: str = "rdp"  # Opacus's RDP (Mironov 2017) or PRV (Gopi et al. 2021)
     clipping: ClippingSpec = ClippingSpec()
+    secagg: SecAggSpec = SecAggSpec()  # mode secagg: the masking graph and its timing
 
     @field_validator("mode")
     @classmethod

@@ -6,7 +6,10 @@ the clipped, noised sum, so teachers come from the noised aggregate, and methods
 that need individual outputs (FedET's per-client logits; median, trimmed mean and
 clipped mean, whose result depends on individual updates in ways clipping does not
 bound) are refused. FedDF and TAKFL run in a DP-correct form: their teacher of a
-prototype is the logits of its noised averaged model on the public set.
+prototype is the logits of its noised averaged model on the public set. Under secure
+aggregation the coordinator never holds a client's model at all, so the same rules
+follow from what it can compute: teachers from each prototype's aggregate, no
+per-client outputs, no aggregator over individual updates.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class PrivacyMode:
     teacher_from_aggregate: bool  # teacher logits from the released aggregate only
     per_update_aggregation: bool  # aggregators over individual updates are allowed
     per_client_outputs: bool  # algorithms using each client's outputs are allowed
+    secure_sum: bool = False  # the coordinator receives each prototype's sum, never an update
 
 
 _UNITS: dict[str, PrivacyMode] = registry(
@@ -61,6 +65,15 @@ _UNITS: dict[str, PrivacyMode] = registry(
             per_update_aggregation=False,
             per_client_outputs=False,
         ),
+        PrivacyMode(
+            name="secagg",
+            reference="SecAgg+, Bell et al. 2020 (arXiv 2009.08452), within each prototype",
+            spends_budget=False,
+            teacher_from_aggregate=True,
+            per_update_aggregation=False,
+            per_client_outputs=False,
+            secure_sum=True,
+        ),
     ),
     lambda unit: unit.name,
 )
@@ -78,14 +91,16 @@ def privacy_problems(mode: PrivacyMode, algorithm: Algorithm, aggregator: Aggreg
         problems.append(
             f"algorithm {algorithm.name!r} distils from every client's own logits, which "
             f"{mode.name} never releases; use takfl-reg, takfl or feddf (their teachers "
-            "come from each prototype's noised aggregate)"
+            "come from each prototype's aggregate)"
         )
     if not aggregator.streaming and not mode.per_update_aggregation:
-        problems.append(
-            f"aggregation {aggregator.name!r} combines individual updates in a way clipping "
-            f"does not bound; {mode.name} clips every update and adds noise to the sum: set "
-            "aggregation.method to fedavg"
+        why = (
+            "needs every individual update, and the coordinator receives only each prototype's sum"
+            if mode.secure_sum
+            else f"combines individual updates in a way clipping does not bound; {mode.name} "
+            "clips every update and adds noise to the sum"
         )
+        problems.append(f"aggregation {aggregator.name!r} {why}: set aggregation.method to fedavg")
     return problems
 
 

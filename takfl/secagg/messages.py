@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -30,6 +31,25 @@ class SecAggFailure(RuntimeError):
         super().__init__(f"secure aggregation failed ({reason.value}): {detail}")
 
 
+def round_graph(
+    n: int, neighbours: int | None = None, threshold: int | None = None
+) -> tuple[int, int]:
+    """(neighbours k, threshold t) for a round of ``n`` sampled clients. Defaults: the full
+    graph (SecAgg) up to 10 clients, else degree 2 ceil(log2 n) (SecAgg+, Bell et al.
+    2020); t a majority of each client's k neighbours and itself, ceil((k + 1) / 2), and
+    at least 2 (one survivor's "sum" would be its update). A
+    given k is capped at n - 1 and rounded up to even below it; t is capped at k + 1."""
+    if n < 2:
+        return 0, 1
+    if neighbours is None:
+        k = n - 1 if n <= 10 else 2 * math.ceil(math.log2(n))
+    else:
+        k = neighbours + (neighbours % 2)
+    k = min(k, n - 1)
+    t = max(2, math.ceil((k + 1) / 2)) if threshold is None else min(threshold, k + 1)
+    return k, t
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundParams:
     """What every participant of one round agrees on before it starts (public)."""
@@ -44,6 +64,9 @@ class RoundParams:
     bits: int = 32  # the group Z_(2^bits)
     bound: float  # clients clip to this L2 norm (so each coordinate is within it)
     length: int  # the update's number of coordinates
+    # n, the clients sampled in the round (the encoding must hold their sum): 0 for
+    # len(clients). An agent knows only itself and its neighbours, so it is told n
+    population: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.clients)
@@ -59,7 +82,7 @@ class RoundParams:
 
     @property
     def encoding(self) -> FixedPoint:
-        return fixed_point_for(self.bits, self.bound, len(self.clients))
+        return fixed_point_for(self.bits, self.bound, self.population or len(self.clients))
 
     def neighbours_of(self, client: str) -> tuple[str, ...]:
         """The clients ``client`` masks with and shares its seeds to: everyone else for full

@@ -29,6 +29,8 @@ from takfl.secagg.messages import (
     UnmaskRequest,
 )
 
+MIN_INPUTS = 2  # never unmask fewer inputs than this, whatever the threshold
+
 
 class ServerStage(Enum):
     KEYS = "keys"
@@ -124,6 +126,11 @@ class SecAggServer:
         """Close stage 2: who sent an input, and who shared keys but sent no input."""
         self._expect(ServerStage.INPUTS)
         self._need(len(self.inputs), Failure.TOO_FEW_INPUTS, "masked inputs arrived")
+        if len(self.inputs) < MIN_INPUTS:  # the sum of one client is its update
+            raise self._fail(
+                Failure.TOO_FEW_INPUTS,
+                f"{len(self.inputs)} masked input, at least {MIN_INPUTS} needed for a sum",
+            )
         self.stage = ServerStage.UNMASKING
         return UnmaskRequest(tuple(sorted(self.inputs)), tuple(sorted(self.shared - self.inputs)))
 

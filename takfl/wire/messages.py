@@ -44,6 +44,7 @@ MAX_PACKET_BYTES = MAX_CHUNK_BYTES + 64 * 1024
 MAX_METRICS = 32  # metric entries in an update header
 MAX_MISSING = 4096  # chunk indices a receiver accepts in one ChunkRequest (senders: 1024)
 MAX_CHANNELS = 1024  # entries of a task's input normalisation
+MAX_NEIGHBOURS = 256  # a client's neighbours in a secure round (a full graph: 257 clients)
 DIGEST_BYTES = 32  # SHA-256
 
 COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8")  # the per-tensor codecs
@@ -144,11 +145,34 @@ class InputNorm(Strict):
         return self
 
 
+class SecAggTask(Strict):
+    """``task.secagg``: this agent's part in its prototype's secure round."""
+
+    neighbours: Annotated[
+        list[Ident], Field(min_length=1, max_length=MAX_NEIGHBOURS)
+    ]  # the clients it masks with and shares its secrets to, sorted
+    threshold: Annotated[int, Field(ge=1, le=MAX_NEIGHBOURS + 1)]  # t shares recover a secret
+    clients: Annotated[int, Field(ge=2, le=1_000_000)]  # n, sampled in the prototype's round
+    bits: Literal[32, 64]  # the group Z_(2^bits) of the masked input
+    clip_norm: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]  # C
+    length: Annotated[int, Field(ge=1, le=2**32)]  # coordinates of the input vector
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecAggTask:
+        if sorted(set(self.neighbours)) != self.neighbours:
+            raise ValueError("neighbours must be distinct and sorted")
+        if self.threshold > len(self.neighbours) + 1:
+            raise ValueError(
+                f"threshold {self.threshold} exceeds the {len(self.neighbours) + 1} share holders"
+            )
+        return self
+
+
 class TaskMessage(SignedMessage):
     """One agent's work for one round; the global model follows as chunks of ``blob``."""
 
     kind: Literal["task"] = "task"
-    OMITTED_WHEN_ABSENT: ClassVar[frozenset[str]] = frozenset({"base", "model_digest"})
+    OMITTED_WHEN_ABSENT: ClassVar[frozenset[str]] = frozenset({"base", "model_digest", "secagg"})
     round_id: NonNegInt
     agent_id: Ident
     prototype: Ident
@@ -174,6 +198,8 @@ class TaskMessage(SignedMessage):
     # the standardisation the coordinator's data has (a native agent applies the same to
     # its raw inputs); None: not known to the coordinator
     input_norm: InputNorm | None = None
+    # a secure round (privacy mode secagg): the update is a masked input (takfl.wire.secure)
+    secagg: SecAggTask | None = None
 
     @property
     def global_digest(self) -> str:

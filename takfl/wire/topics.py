@@ -9,6 +9,9 @@ Layout (``<a>`` is an agent id, ``<p>`` a prototype name)::
     takfl/<fleet>/agent/<a>/up/request      agent -> coordinator  ChunkRequest for the global blob
     takfl/<fleet>/agent/<a>/up/ack          agent -> coordinator  Ack of a task
     takfl/<fleet>/agent/<a>/up/release      agent -> coordinator  ReleaseReport (install steps)
+    takfl/<fleet>/agent/<a>/up/secagg_keys    agent -> coordinator  SecAggKeys (secure rounds:
+    takfl/<fleet>/agent/<a>/up/secagg_shares  agent -> coordinator  SecAggShares  takfl.wire.secure)
+    takfl/<fleet>/agent/<a>/up/secagg_reveal  agent -> coordinator  SecAggReveal
     takfl/<fleet>/agent/<a>/down/task       coordinator -> agent  Task
     takfl/<fleet>/agent/<a>/down/chunk      coordinator -> agent  binary chunks of the global blob
     takfl/<fleet>/agent/<a>/down/request    coordinator -> agent  ChunkRequest for the update blob
@@ -16,6 +19,9 @@ Layout (``<a>`` is an agent id, ``<p>`` a prototype name)::
     takfl/<fleet>/agent/<a>/down/global     coordinator -> agent  GlobalAnnouncement (retained)
     takfl/<fleet>/agent/<a>/down/release    coordinator -> agent  ReleaseOffer (artifacts follow
                                                                   as chunks on down/chunk)
+    takfl/<fleet>/agent/<a>/down/secagg_roster  coordinator -> agent  SecAggRoster
+    takfl/<fleet>/agent/<a>/down/secagg_shares  coordinator -> agent  SecAggDelivery
+    takfl/<fleet>/agent/<a>/down/secagg_unmask  coordinator -> agent  SecAggUnmask
     takfl/<fleet>/broadcast/status          coordinator -> all    Status (retained; also last will)
     takfl/<fleet>/broadcast/global/<p>      coordinator -> all    GlobalAnnouncement (retained,
                                                                   unsigned: for monitors)
@@ -62,6 +68,9 @@ class Up(str, Enum):
     REQUEST = "request"
     ACK = "ack"
     RELEASE = "release"
+    SECAGG_KEYS = "secagg_keys"
+    SECAGG_SHARES = "secagg_shares"
+    SECAGG_REVEAL = "secagg_reveal"
 
 
 class Down(str, Enum):
@@ -73,6 +82,9 @@ class Down(str, Enum):
     ACK = "ack"
     GLOBAL = "global"
     RELEASE = "release"
+    SECAGG_ROSTER = "secagg_roster"
+    SECAGG_SHARES = "secagg_shares"
+    SECAGG_UNMASK = "secagg_unmask"
 
 
 def check_ident(value: str, what: str = "identifier") -> str:

@@ -38,6 +38,7 @@ from takfl.wire.messages import (
     UpdateHeader,
 )
 from takfl.wire.release import ReleaseOffer, ReleaseReport
+from takfl.wire.secure import SECURE_MESSAGES
 from takfl.wire.signing import DOMAIN
 from takfl.wire.version import PROTOCOL
 from takfl.wire_vectors import edges
@@ -71,6 +72,7 @@ from takfl.wire_vectors.round import (
     status_vectors,
     update_vectors,
 )
+from takfl.wire_vectors.secure import secure_vectors
 
 __all__ = ["COMPRESSIONS", "FLEET", "MESSAGES", "PROTOTYPE", "message_kind", "vectors", "write"]
 
@@ -84,6 +86,7 @@ MESSAGES: tuple[type[WireMessage], ...] = (
     GlobalAnnouncement,
     ReleaseOffer,
     ReleaseReport,
+    *SECURE_MESSAGES,
 )
 DEFAULT_OUT = Path("docs/protocol")
 DESCRIPTION = (
@@ -118,9 +121,11 @@ def _blob_entry(name: str, blob: bytes) -> dict[str, Any]:
     }
 
 
-def message_vectors() -> tuple[dict[str, Vector], Files, dict[str, Any], dict[str, Any]]:
-    """Every message vector by name, the blob files, and the manifest's ``updates`` and
-    ``downlink``."""
+def message_vectors() -> tuple[
+    dict[str, Vector], Files, dict[str, Any], dict[str, Any], dict[str, Any]
+]:
+    """Every message vector by name, the blob files, and the manifest's ``updates``,
+    ``downlink`` and ``secagg``."""
     glob = global_blob()
     task, registration = golden_task(glob), golden_registration()
     base = round_vectors(task, registration)
@@ -136,7 +141,10 @@ def message_vectors() -> tuple[dict[str, Vector], Files, dict[str, Any], dict[st
     out |= down_vectors
     files: Files = {"global.safetensors": glob, **chunk_files("global", glob), **blobs}
     files |= {"program.pte": PROGRAM, **chunk_files("program", PROGRAM)} | down_files
-    return out, files, update_entries, downlink
+    secure, secure_files, secagg = secure_vectors(task)
+    out |= secure
+    files |= secure_files
+    return out, files, update_entries, downlink, secagg
 
 
 def caps() -> dict[str, int]:
@@ -152,7 +160,7 @@ def caps() -> dict[str, int]:
 
 def vectors() -> tuple[Files, dict[str, Any]]:
     """(file name -> bytes, manifest) of the golden vectors."""
-    messages, files, updates, downlink = message_vectors()
+    messages, files, updates, downlink, secagg = message_vectors()
     for name, vector in messages.items():
         files |= vector.files(name)
     release, release_entry = release_files()
@@ -171,6 +179,7 @@ def vectors() -> tuple[Files, dict[str, Any]]:
         "trained": tensors(trained_state()),
         "updates": updates,
         "downlink": downlink,
+        "secagg": secagg,
         "program": _blob_entry("program.pte", PROGRAM)
         | {"note": "stand-in bytes, not a real ExecuTorch program"},
         "registration_message_ref": message_ref_of(messages["registration"]),
