@@ -142,12 +142,18 @@ class ScaleOptions:
     tracemalloc: bool = True  # trace Python allocations in the coordinator process
     width: int = 8  # hidden width of mlp_digits: 8 gives 610 parameters
     seed: int = 0
+    # the federation's privacy section (None: plain), e.g. {"mode": "secagg"}
+    privacy: dict[str, Any] | None = None
+    drop_fraction: float = 0.0  # of the agents, leave each secure round after sharing
+    restart: bool = True  # also time a restarted coordinator transport
 
 
 # -- configuration -----------------------------------------------------------------------------
-def federation_config(n: int, rounds: int, width: int = 8) -> dict[str, Any]:
+def federation_config(
+    n: int, rounds: int, width: int = 8, privacy: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A valid federation of one prototype with ``n`` clients (see the module docstring)."""
-    return {
+    return ({"privacy": privacy} if privacy else {}) | {
         "name": "agents-scale",
         "description": f"{n} light agents of prototype {PROTOTYPE} on one Mosquitto",
         "data": DATA,
@@ -172,9 +178,14 @@ def synthetic_samples(index: int) -> int:
     return 8 + (index * 37) % 64
 
 
-def agent_specs(records: list[RegistryEntry]) -> list[dict[str, Any]]:
-    """What a worker needs to serve each provisioned agent (its secret, its shard size)."""
+def agent_specs(records: list[RegistryEntry], drop_fraction: float = 0.0) -> list[dict[str, Any]]:
+    """What a worker needs to serve each provisioned agent (its secret, its shard size,
+    and whether it drops out of secure rounds: ``drop_fraction`` of them, spread
+    evenly)."""
     hardware = load_profile(PROFILE).hardware_class
+    dropping = round(drop_fraction * len(records))
+    every = len(records) / dropping if dropping else 0.0
+    drops = {int(k * every) for k in range(dropping)}
     return [
         {
             "index": i,
@@ -184,6 +195,7 @@ def agent_specs(records: list[RegistryEntry]) -> list[dict[str, Any]]:
             "secret_hex": r.secret_hex,
             "hardware_class": hardware,
             "num_samples": synthetic_samples(i),
+            "drops": i in drops,
         }
         for i, r in enumerate(records)
     ]
@@ -261,7 +273,9 @@ def measure(n: int, opts: ScaleOptions, report: Callable[[str], None] = print) -
         work = Path(tmp)
         cfg_path = work / "federation.yaml"
         cfg_path.write_text(
-            yaml.safe_dump(federation_config(n, opts.rounds, opts.width), sort_keys=False)
+            yaml.safe_dump(
+                federation_config(n, opts.rounds, opts.width, opts.privacy), sort_keys=False
+            )
         )
         try:
             cfg = load_federation(cfg_path)
@@ -288,10 +302,11 @@ def measure(n: int, opts: ScaleOptions, report: Callable[[str], None] = print) -
             "rounds": opts.rounds,
             "round_timeout_s": opts.round_timeout_s,
             "tracemalloc": opts.tracemalloc,
+            "restart": opts.restart,
             "register_timeout_s": opts.register_timeout_s,
             "run_dir": str(work / "run"),
         }
-        agents = agent_specs(records)
+        agents = agent_specs(records, opts.drop_fraction)
         status_spec = {
             "url": f"mqtt://{MONITOR_USER}@{files.host}:{files.service_port}",
             "password_file": str(work / "fed" / "monitor.password"),

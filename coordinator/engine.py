@@ -343,10 +343,13 @@ class RoundEngine:
             start + self.policy.deadline_s,
             start + self.policy.deadline_s + self.policy.max_wait_s,
         )
+        # a secure round's stages follow its keys; it ends with its sum (or its failure)
+        secure = self.privacy.mode.secure_sum
+        hard += self.privacy.secure_stages_s()
         waiting = {p: expected[p] - got[p] for p in plan}  # kept up to date: O(1) per update
         while any(waiting.values()):
             now = self.clock()
-            if now >= hard or (now >= deadline and self._quorum_met(plan, got)):
+            if now >= hard or (now >= deadline and not secure and self._quorum_met(plan, got)):
                 missing = {p: sorted(ids) for p, ids in waiting.items() if ids}
                 log.warning("round %d closes without %s", round_id, missing)
                 break

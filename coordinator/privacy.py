@@ -36,6 +36,7 @@ from takfl.state import StateView
 
 log = logging.getLogger(__name__)
 
+SECURE_MARGIN_S = 10.0  # past a secure round's stage timeouts: the sum, the unmasking
 EPSILON_SLACK = 1e-9  # relative: an epsilon this close to the budget is within it
 
 
@@ -120,6 +121,14 @@ class RunPrivacy:
     def _over(self, eps: float) -> bool:
         budget = self.spec.epsilon
         return budget is not None and eps > budget * (1 + EPSILON_SLACK)
+
+    def secure_stages_s(self) -> float:
+        """How long a secure round may run past its tasks' deadline: the keys stage closes
+        then, and shares, masked inputs and unmasking may each take their stage timeout
+        (0 in other modes)."""
+        if not self.mode.secure_sum:
+            return 0.0
+        return 3 * self.spec.secagg.stage_timeout_s + SECURE_MARGIN_S
 
     # -- during ---------------------------------------------------------------------------
     def accumulator(

@@ -179,6 +179,8 @@ class CoordinatorSide:
                 "sampled": res.sampled.get(self.prototype, 0),
                 "timings": res.timings,
             }
+            if res.kept_previous:
+                row["kept_previous"] = res.kept_previous
             rec["rounds"].append(row)
             say(PROGRESS, f"round {r}: {row['received']}/{row['sampled']} updates in {wall:.2f} s")
 
@@ -250,7 +252,8 @@ def coordinator_main(spec_path: Path) -> int:
         side.register(rec)
         side.timed_rounds(rec)
         side.model_figures(rec)
-        side.timed_restart(rec)
+        if spec.get("restart", True):
+            side.timed_restart(rec)
         if spec["tracemalloc"]:
             side.traced_pass(rec)
     except BenchError as e:

@@ -14,7 +14,7 @@ import json
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,12 +33,23 @@ from benchmarks.fleet.control import (
     say,
 )
 from benchmarks.fleet.loop_client import LoopClient, SharedLoop
-from edge_agent.link import AgentIdentity, AgentLink, ClientFactory, LinkPolicy
+from edge_agent.link import AgentIdentity, AgentLink, ClientFactory, LinkPolicy, ReceivedTask
+from edge_agent.secure_round import run_secure_round
 from takfl.mqtt.client import MqttSettings
 from takfl.mqtt.credentials import mqtt_password
+from takfl.wire.messages import SignedMessage, UpdateHeader
+from takfl.wire.topics import Up
+from takfl.wire.update import PreparedUpdate
 
 PERTURBATION = 1e-3
-MQTT_COUNTERS = ("dropped", "publish_refused", "disconnects", "handler_errors")
+MQTT_COUNTERS = (
+    "dropped",
+    "publish_refused",
+    "disconnects",
+    "handler_errors",
+    "bytes_sent",
+    "bytes_received",
+)
 Served = tuple[int, AgentLink, int]  # (agent index, link, num_samples)
 
 
@@ -64,6 +75,8 @@ class Fleet:
         self.loop = SharedLoop(tick_s=1.0)
         self.links: list[Served] = []
         self.answered = 0
+        # agents that leave a secure round after sharing their keys (before their input)
+        self.dropping = {a["agent_id"] for a in spec["agents"] if a.get("drops")}
         policy = LinkPolicy()
         for a in spec["agents"]:
             secret = bytes.fromhex(a["secret_hex"])
@@ -101,8 +114,46 @@ class Fleet:
         task = link.next_task(0.0)
         if task is not None:
             seed = task.message.round_id * 100_003 + index
-            link.send_update(task, perturbed(task.global_state, seed), num_samples=n)
+            trained = perturbed(task.global_state, seed)
+            if task.message.secagg is not None:  # its stages wait: a thread of its own
+                threading.Thread(
+                    target=self._secure, args=(link, task, trained, n), daemon=True
+                ).start()
+            else:
+                link.send_update(task, trained, num_samples=n)
             self.answered += 1
+
+    def _secure(
+        self, link: AgentLink, task: ReceivedTask, trained: dict[str, torch.Tensor], n: int
+    ) -> None:
+        """Take part in a secure round; an agent of ``dropping`` sends its keys and shares,
+        then nothing (the costliest dropout for the coordinator: its masks must be
+        recovered from its neighbours' shares)."""
+        own = link.secure_send()
+        me = link.identity.agent_id
+        gone = threading.Event()
+
+        # the shared loop's connections are written by the loop thread only
+        def publish(leaf: Up, message: SignedMessage) -> None:
+            self.loop.call_soon(lambda: own.publish(leaf, message))
+
+        def send_update(prepared: PreparedUpdate, deadline: float) -> UpdateHeader:
+            if me in self.dropping:
+                gone.set()
+            else:
+                self.loop.call_soon(lambda: own.send_update(prepared, deadline))
+            return prepared.header
+
+        send = replace(own, publish=publish, send_update=send_update)
+        run_secure_round(
+            task.message,
+            trained,
+            task.global_state,
+            link.secure_inbox,
+            send,
+            num_samples=n,
+            give_up=gone.is_set,
+        )
 
     def connect(self, timeout_s: float) -> dict[str, Any]:
         """Open every connection (in batches, on the loop thread); how many were connected
