@@ -1,5 +1,6 @@
 """docs/protocol.md read as an outside implementer reads it: every vector's canonical bytes
-and HMAC rebuilt from manifest.json with only json, hmac, hashlib and struct, by code
+and HMAC rebuilt from manifest.json with only json, hmac, hashlib and struct (and, for
+secure aggregation, the primitives it names from ``cryptography``), by code
 written from the document alone (the canonical JSON rules, the float rule, the password
 derivation, message references, the replay window, chunks and the safetensors layout).
 Nothing from the project is imported here: if a rule of the document were missing or
@@ -227,3 +228,91 @@ def test_int8_rule_with_float32_division() -> None:
         q0, q1 = entries[name]["data_offsets"]
         assert data[s0:s1] == scale.astype("<f4").tobytes()
         assert data[q0:q1] == q.tobytes()
+
+
+# -- secure aggregation, as docs/protocol.md states it ---------------------------------------------
+# The maths needs the primitives it names (X25519, HKDF-SHA256, AES-CTR, AES-GCM), taken
+# from ``cryptography`` as an implementer would; still nothing from the project.
+def test_a_secure_rounds_masked_inputs_and_sum_are_rebuilt_from_the_manifest() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    m = manifest()
+    s = m["secagg"]
+    run, rnd, proto = m["run"], s["context_text"].split("|")[2], s["context_text"].split("|")[3]
+    context = hashlib.sha256(f"takfl-secagg-1|{run}|{rnd}|{proto}".encode()).digest()
+    assert context.hex() == s["context_hex"]
+    n, bits, clip = len(s["clients"]), s["bits"], s["clip_norm"]
+    frac = bits - 2
+    while n * (clip * 2**frac + 0.5) >= 2 ** (bits - 1):
+        frac -= 1
+    assert frac == s["frac_bits"]
+    modulus = 2**bits
+
+    def private(name: str, which: str) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(bytes.fromhex(s["keys"][name][which]))
+
+    def kdf(mine: X25519PrivateKey, theirs: X25519PrivateKey, info: bytes) -> bytes:
+        shared = mine.exchange(theirs.public_key())
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=info).derive(shared)
+
+    def prg(seed: bytes, count: int) -> list[int]:
+        enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+        stream = enc.update(b"\0" * (count * bits // 8)) + enc.finalize()
+        width = bits // 8
+        return [
+            int.from_bytes(stream[i : i + width], "little") for i in range(0, len(stream), width)
+        ]
+
+    total = [0] * len(s["inputs"][s["clients"][0]])
+    for me in s["clients"]:
+        x = s["inputs"][me]
+        norm = sum(v * v for v in x) ** 0.5
+        clipped = [v * (clip / norm) if norm > clip else v for v in x]
+        assert clipped == pytest.approx(s["clipped"][me], abs=1e-12)
+        words = [round(v * 2**frac) % modulus for v in clipped]  # round(): ties to even
+        assert words == s["encoded_words"][me]
+        masked = [
+            (w + p) % modulus
+            for w, p in zip(
+                words, prg(bytes.fromhex(s["keys"][me]["self_mask_seed_hex"]), len(x)), strict=True
+            )
+        ]
+        for other in s["clients"]:
+            if other == me:
+                continue
+            seed = kdf(
+                private(me, "mask_private_hex"),
+                private(other, "mask_private_hex"),
+                b"takfl-secagg/v1 pairwise mask",
+            )
+            sign = 1 if other > me else -1
+            masked = [
+                (w + sign * p) % modulus for w, p in zip(masked, prg(seed, len(x)), strict=True)
+            ]
+        assert masked == s["masked_words"][me], me
+        total = [(t + w) % modulus for t, w in zip(total, masked, strict=True)]
+    if s["clients"][0] == "S-000":  # the vectors' agent: its masked input is the update blob
+        blob = (VEC / s["masked_input_blob"]).read_bytes()
+        assert blob == b"".join(w.to_bytes(bits // 8, "little") for w in s["masked_words"]["S-000"])
+    for me in s["clients"]:  # unmasking: every survivor's self mask comes off
+        for i, p in enumerate(prg(bytes.fromhex(s["keys"][me]["self_mask_seed_hex"]), len(total))):
+            total[i] = (total[i] - p) % modulus
+    decoded = [(t - modulus if t >= modulus // 2 else t) / 2**frac for t in total]
+    assert decoded == pytest.approx(s["sum"], abs=1e-12)
+    # a sealed share of the vectors' agent opens with the channel key the document derives
+    shares = m["messages"]["secagg-shares"]["object"]["shares"]
+    for receiver, sealed_hex in shares.items():
+        key = kdf(
+            private("S-000", "channel_private_hex"),
+            private(receiver, "channel_private_hex"),
+            b"takfl-secagg/v1 share channel",
+        )
+        sealed = bytes.fromhex(sealed_hex)
+        plain = AESGCM(key).decrypt(
+            sealed[:12], sealed[12:], context + f"|S-000|{receiver}".encode()
+        )
+        assert len(plain) == 2 + 32 + 32 and int.from_bytes(plain[:2], "big") >= 1
