@@ -1,5 +1,5 @@
 """The run's telemetry log, ``RUN/telemetry.jsonl``: one JSON object per line, appended
-atomically (the run store writes the whole new file and renames it into place).
+at the end of the file (whole lines; see below), never rewritten.
 
 Every record has ``kind`` and ``time`` (unix seconds, coordinator clock). Kinds::
 

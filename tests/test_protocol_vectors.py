@@ -316,3 +316,29 @@ def test_release_vectors_verify_as_a_device_verifies_them() -> None:
     assert release.version == offer["version"] == 4
     check_artifact(release.model, (VEC / rel["model"]["file"]).read_bytes())
     check_artifact(release.reference, (VEC / rel["reference"]["file"]).read_bytes())
+
+
+def test_missing_indices_caps_as_the_document_states() -> None:
+    # a receiver accepts up to 4,096 indices in one chunk_request; a sender asks for at
+    # most 1,024 at a time (what the manifest's caps say)
+    from pydantic import ValidationError
+
+    from takfl.mqtt.blobs import REQUEST_BATCH, BlobReceiver
+    from takfl.wire.chunking import ReassemblyLimits, blob_ref
+    from takfl.wire.messages import MAX_MISSING, ChunkRequest
+
+    caps = manifest()["caps"]
+    assert (caps["missing_indices_accepted"], caps["missing_indices_sent"]) == (4096, 1024)
+    assert (MAX_MISSING, REQUEST_BATCH) == (4096, 1024)
+    digest = "ab" * 32
+    ChunkRequest(agent_id="S-000", digest=digest, missing=list(range(4096)))
+    with pytest.raises(ValidationError):
+        ChunkRequest(agent_id="S-000", digest=digest, missing=list(range(4097)))
+    now = [0.0]
+    receiver = BlobReceiver(
+        ReassemblyLimits(max_pending=2, timeout_s=600.0), quiet_s=5.0, clock=lambda: now[0]
+    )
+    receiver.expect("S-000", blob_ref(bytes(3000), 1))  # 3,000 one-byte chunks, none arrived
+    now[0] = 6.0
+    asked = receiver.due_requests()
+    assert [len(m.indices) for m in asked] == [1024]

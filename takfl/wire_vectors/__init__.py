@@ -22,6 +22,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from takfl.mqtt.blobs import REQUEST_BATCH
 from takfl.wire.chunking import split
 from takfl.wire.envelope import MAX_MESSAGE_BYTES, WireMessage
 from takfl.wire.messages import (
@@ -154,7 +155,7 @@ def caps() -> dict[str, int]:
         "chunk_payload_bytes": MAX_CHUNK_BYTES,
         "metrics_entries": MAX_METRICS,
         "missing_indices_accepted": MAX_MISSING,
-        "missing_indices_sent": 1024,
+        "missing_indices_sent": REQUEST_BATCH,
     }
 
 
