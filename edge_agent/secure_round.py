@@ -27,7 +27,6 @@ import torch
 from takfl.secagg.client import SecAggClient, clip_vector
 from takfl.secagg.messages import RoundParams, SealedShare, SecAggFailure, UnmaskRequest
 from takfl.secagg.vector import delta_vector, round_context
-from takfl.wire.chunking import blob_ref
 from takfl.wire.envelope import SignedMessage
 from takfl.wire.messages import TaskMessage, UpdateHeader
 from takfl.wire.secure import (
@@ -39,10 +38,9 @@ from takfl.wire.secure import (
     SecAggShares,
     SecAggUnmask,
 )
-from takfl.wire.signing import sign
 from takfl.wire.telemetry import Telemetry
 from takfl.wire.topics import Up
-from takfl.wire.update import PreparedUpdate
+from takfl.wire.update import PreparedUpdate, prepare_blob
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=SignedMessage)
@@ -178,19 +176,15 @@ def run_secure_round(
         masked = client.mask(clip_vector(vector, spec.clip_norm), got)
         words = params.encoding.dtype.newbyteorder("<")
         blob = masked.masked.astype(words).tobytes()
-        header = UpdateHeader(
-            run=task.run,
-            round_id=rid,
-            agent_id=me,
-            prototype=proto,
-            base_digest=task.global_digest,
-            blob=blob_ref(blob, task.chunk_size),
-            compression=task.compression,
+        prepared = prepare_blob(
+            task,
+            blob,
+            secret=send.secret,
             num_samples=num_samples,
-            metrics=dict(metrics or {}),
+            metrics=metrics,
             telemetry=telemetry,
         )
-        sent = send.send_update(PreparedUpdate(sign(header, send.secret), blob), until)
+        sent = send.send_update(prepared, until)
         unmask = wait(SecAggUnmask, "unmasking request")
         if unmask is None:
             return sent

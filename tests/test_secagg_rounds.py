@@ -22,11 +22,12 @@ from takfl.config.privacy import PrivacySpec
 from takfl.secagg.client import clip_vector
 from takfl.secagg.vector import delta_vector, vector_length
 from takfl.wire.envelope import SignedMessage
-from takfl.wire.messages import BlobRef, ModelRef, TaskMessage, UpdateHeader, decode_message
+from takfl.wire.messages import TaskMessage, UpdateHeader, decode_message
 from takfl.wire.messages import encode_message as encode
 from takfl.wire.signing import sign
 from takfl.wire.topics import Up
 from takfl.wire.update import PreparedUpdate
+from tests.test_downlink import task_message
 from tests.test_secagg import _arrays, _holds
 
 SECRET = bytes(range(32))
@@ -99,21 +100,14 @@ class FakeClock:
         return self.now
 
 
-def _task(agent: str, section: Any, prototype: str = "M") -> TaskMessage:
-    ref = BlobRef(digest="0" * 64, size=10, chunk_size=1024, count=1)
-    return TaskMessage(
+def _task(agent: str, section: Any) -> TaskMessage:
+    return task_message(
+        bytes(10),
         run=RUN,
         round_id=4,
         agent_id=agent,
-        prototype=prototype,
-        model=ModelRef(builder="mlp"),
-        num_classes=10,
-        input_shape=(1, 8, 8),
-        seed=0,
-        deadline=time.time() + 60,
+        prototype="M",
         compression="fp32",
-        chunk_size=4096,
-        blob=ref,
         secagg=section,
     )
 

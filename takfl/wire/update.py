@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,6 +53,35 @@ def prepare_update(
     """
     codec = resolve_codec(compression or task.compression)
     blob, _, kept = send_delta(codec, make_delta(trained, base), base, residual, seed=task.seed)
+    return replace(
+        prepare_blob(
+            task,
+            blob,
+            secret=secret,
+            num_samples=num_samples,
+            metrics=metrics,
+            compression=str(codec),
+            chunk_size=chunk_size,
+            telemetry=telemetry,
+        ),
+        residual=kept,
+    )
+
+
+def prepare_blob(
+    task: TaskMessage,
+    blob: bytes,
+    *,
+    secret: bytes,
+    num_samples: int,
+    metrics: Mapping[str, float] | None = None,
+    compression: str | None = None,
+    chunk_size: int | None = None,
+    telemetry: Telemetry | None = None,
+) -> PreparedUpdate:
+    """The signed header announcing ``blob`` as the answer to ``task`` (in the task's
+    compression and chunk size unless told otherwise): an encoded delta, or a secure
+    round's masked input."""
     header = UpdateHeader(
         run=task.run,
         round_id=task.round_id,
@@ -60,12 +89,12 @@ def prepare_update(
         prototype=task.prototype,
         base_digest=task.global_digest,
         blob=blob_ref(blob, chunk_size or task.chunk_size),
-        compression=str(codec),
+        compression=compression or task.compression,
         num_samples=num_samples,
         metrics=dict(metrics or {}),
         telemetry=telemetry,
     )
-    return PreparedUpdate(sign(header, secret), blob, kept)
+    return PreparedUpdate(sign(header, secret), blob)
 
 
 def signed_update_header(header: UpdateHeader, secret: bytes, **changes: object) -> UpdateHeader:
