@@ -53,20 +53,23 @@ def load_config_or_exit(name: str) -> FederationConfig:
 # The privacy options of simulate and serve (each overrides the config's privacy section).
 PRIVACY_OPTION = typer.Option(None, "--privacy", help=f"Privacy mode: {'|'.join(PRIVACY_MODES)}.")
 EPSILON_OPTION = typer.Option(
-    None, "--epsilon", min=0.0, help="central-dp: the budget epsilon (the run stops before it)."
+    None,
+    "--epsilon",
+    min=0.0,
+    help="central-dp, secagg-dp: the budget epsilon (the run stops before it).",
 )
-DELTA_OPTION = typer.Option(None, "--delta", min=0.0, max=1.0, help="central-dp: delta.")
+DELTA_OPTION = typer.Option(None, "--delta", min=0.0, max=1.0, help="central-dp, secagg-dp: delta.")
 NOISE_OPTION = typer.Option(
     None,
     "--noise-multiplier",
     min=0.0,
-    help="central-dp: noise std / clip norm (default: calibrated to the budget over the rounds).",
+    help="central-dp, secagg-dp: noise std / clip norm (default: calibrated to the budget).",
 )
 CLIP_NORM_OPTION = typer.Option(
     None,
     "--clip-norm",
     min=0.0,
-    help="L2 bound of each update: central-dp (first, if adaptive), secagg.",
+    help="L2 bound of each update: central-dp (first, if adaptive), secagg, secagg-dp.",
 )
 CLIPPING_OPTION = typer.Option(
     None, "--clipping", help=f"central-dp clipping: {'|'.join(CLIPPING_MODES)}."

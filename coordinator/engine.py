@@ -236,6 +236,7 @@ class RoundEngine:
                         deadline=deadline,
                         seed=seed,
                         training=self.trainings[proto],
+                        noise_multiplier=self.privacy.client_noise(proto),
                     )
                 )
         return out
@@ -455,7 +456,11 @@ class RoundEngine:
         for p in self.cfg.prototypes:
             col = collectors[p.name]
             protos.append(self._prototype_input(p.name, col, len(plan.get(p.name, [])), kept))
-            if isinstance(col.private, ClippedSum):
+            if isinstance(col.private, ClippedSum) or (
+                isinstance(col.private, SecureMean)
+                and col.private.releases
+                and p.name in self.privacy.budgets
+            ):
                 released[p.name] = self.privacy.released(
                     p.name, col.private, plan[p.name], available.get(p.name, [])
                 )

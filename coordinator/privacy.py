@@ -32,6 +32,7 @@ from takfl.privacy.clipping import (
 )
 from takfl.privacy.modes import PrivacyMode, privacy_mode
 from takfl.secagg.aggregate import SecureMean
+from takfl.secagg.messages import client_noise_std, round_graph
 from takfl.state import StateView
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,12 @@ class RunPrivacy:
         budget = self.spec.epsilon
         return budget is not None and eps > budget * (1 + EPSILON_SLACK)
 
+    def client_noise(self, prototype: str) -> float:
+        """Under secagg-dp, the noise multiplier z of ``prototype``'s sum, whose share each
+        of its clients adds (0: the clients add none)."""
+        b = self.budgets.get(prototype)
+        return b.sum_multiplier if self.mode.secure_sum and b is not None else 0.0
+
     def secure_stages_s(self) -> float:
         """How long a secure round may run past its tasks' deadline: the keys stage closes
         then, and shares, masked inputs and unmasking may each take their stage timeout
@@ -138,7 +145,19 @@ class RunPrivacy:
         secure aggregation, the clipped noised sum under central DP (None: the
         aggregator's own, in plain mode or for a prototype with nobody sampled)."""
         if self.mode.secure_sum:
-            return SecureMean(reference, bound=self.spec.secagg.clip_norm) if sampled else None
+            if not sampled:
+                return None
+            b = self.budgets.get(prototype)
+            if b is None:
+                return SecureMean(reference, bound=self.spec.clip_bound)
+            s = self.spec.secagg
+            _, t = round_graph(sampled, s.neighbours, s.threshold)
+            return SecureMean(
+                reference,
+                bound=b.clip_norm,
+                denominator=sampled,
+                noise_std=client_noise_std(b.sum_multiplier, b.clip_norm, t),
+            )
         b = self.budgets.get(prototype)
         if b is None or sampled < 1:
             return None
@@ -160,7 +179,7 @@ class RunPrivacy:
     def released(
         self,
         prototype: str,
-        acc: ClippedSum,
+        acc: ClippedSum | SecureMean,
         sampled: Sequence[str],
         available: Sequence[str],
     ) -> dict[str, float]:
@@ -178,7 +197,7 @@ class RunPrivacy:
             "clip_norm": used,
             "sample_rate": q,
         }
-        if b.count_noise is not None:
+        if b.count_noise is not None and isinstance(acc, ClippedSum):
             c = self.spec.clipping
             fraction = acc.noised_unclipped_fraction(b.count_noise)
             b.clip_norm = next_bound(used, fraction, c.target_quantile, c.learning_rate)
@@ -290,7 +309,7 @@ def build_privacy(
                 count_noise = spec.clipping.count_noise or default_count_noise(expected)
             budget = PrototypeBudget(
                 noise_multiplier=z,
-                clip_norm=spec.clipping.norm,
+                clip_norm=spec.clip_bound,
                 sample_rate=q,
                 count_noise=count_noise,
                 ledger=PrivacyLedger(spec.accountant),
@@ -298,10 +317,11 @@ def build_privacy(
             _ = budget.sum_multiplier  # refuses a count noise too small for z, now
             budgets[p.name] = budget
             log.info(
-                "prototype %s: central DP, z=%.4g, C=%.4g, q=%.3g, budget eps=%g at delta=%g",
+                "prototype %s: %s, z=%.4g, C=%.4g, q=%.3g, budget eps=%g at delta=%g",
                 p.name,
+                mode.name,
                 z,
-                spec.clipping.norm,
+                spec.clip_bound,
                 q,
                 spec.epsilon,
                 spec.delta,

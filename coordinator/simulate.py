@@ -241,7 +241,7 @@ def run_simulation(
                 vectorise=spec.vectorise,
             )
             if secure:
-                transport = SecureInProcess(transport, cfg.privacy)
+                transport = SecureInProcess(transport, cfg.privacy, noise_seed=seed)
             # seeded noise: reproducible figures (no protection against who knows the seed)
             privacy = build_privacy(cfg, rounds=rounds, noise_seed=seed)
             tally = UploadTally()

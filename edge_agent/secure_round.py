@@ -1,6 +1,7 @@
 """The agent's side of a secure round (``task.secagg``; :mod:`takfl.wire.secure`).
 
-After training, the agent clips its delta to the task's bound, then runs SecAgg+'s four
+After training, the agent clips its delta to the task's bound (and under distributed DP
+adds its share of the noise), then runs SecAgg+'s four
 stages with the coordinator: its public keys up; its neighbours' keys down; its
 secrets' shares, sealed per neighbour, up; the shares sealed to it down; its masked
 input up as the update blob; which neighbours sent inputs down; the shares that unmask
@@ -16,16 +17,24 @@ this agent, as with a dropout.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
-from takfl.secagg.client import SecAggClient, clip_vector
-from takfl.secagg.messages import RoundParams, SealedShare, SecAggFailure, UnmaskRequest
+from takfl.secagg.client import SecAggClient, clip_vector, noised_input
+from takfl.secagg.messages import (
+    RoundParams,
+    SealedShare,
+    SecAggFailure,
+    UnmaskRequest,
+    encoding_bound,
+)
 from takfl.secagg.vector import delta_vector, round_context
 from takfl.wire.envelope import SignedMessage
 from takfl.wire.messages import TaskMessage, UpdateHeader
@@ -105,7 +114,7 @@ def params_of(task: TaskMessage) -> RoundParams:
         neighbours=len(spec.neighbours),
         threshold=spec.threshold,
         bits=spec.bits,
-        bound=spec.clip_norm,
+        bound=encoding_bound(spec.clip_norm, spec.noise_std),
         length=spec.length,
         population=spec.clients,
     )
@@ -173,7 +182,10 @@ def run_secure_round(
         if delivery is None:
             return None
         got = [SealedShare(s, me, bytes.fromhex(h)) for s, h in sorted(delivery.shares.items())]
-        masked = client.mask(clip_vector(vector, spec.clip_norm), got)
+        # distributed DP: its share of the noise, drawn from the system's entropy
+        rng = np.random.default_rng(secrets.randbits(128))
+        x = noised_input(clip_vector(vector, spec.clip_norm), spec.noise_std, params.bound, rng)
+        masked = client.mask(x, got)
         words = params.encoding.dtype.newbyteorder("<")
         blob = masked.masked.astype(words).tobytes()
         prepared = prepare_blob(

@@ -16,7 +16,12 @@ from typing import TypeVar
 ALGORITHMS: tuple[str, ...] = ("takfl", "takfl-reg", "takfl-scaled", "feddf", "fedet", "fedavg")
 LAMBDA_STRATEGIES: tuple[str, ...] = ("heuristic", "fixed", "search", "learned", "unsupervised")
 PAPER_ALGORITHMS: tuple[str, ...] = ("fedavg", "feddf", "fedet", "takfl", "takfl-reg")  # Table 1
-PRIVACY_MODES: tuple[str, ...] = ("plain", "central-dp", "secagg")  # takfl.privacy.modes
+PRIVACY_MODES: tuple[str, ...] = (
+    "plain",
+    "central-dp",
+    "secagg",
+    "secagg-dp",
+)  # takfl.privacy.modes
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")  # takfl.privacy.accountant
 CLIPPING_MODES: tuple[str, ...] = ("fixed", "adaptive")  # takfl.privacy.clipping
 

@@ -102,6 +102,27 @@ def _final(cfg: FederationConfig, out: Path) -> tuple[list[dict[str, Any]], dict
     return rows, {r["prototype"]: r["test_accuracy"] for r in rows if r["round"] == 2}
 
 
+def test_secagg_dp_needs_a_budget_and_releases_over_the_sampled() -> None:
+    with pytest.raises(ValueError, match="secagg-dp needs a budget"):
+        PrivacySpec(mode="secagg-dp")
+    base = _state()
+    mean = SecureMean(base, bound=1.0, denominator=4, noise_std=0.5)
+    mean.set_sum(np.full(10, 0.8), ("A", "B"))  # noised: within 2 x C + the noise's norm
+    assert mean.releases
+    assert torch.allclose(mean.result()["a.bias"], base["a.bias"] + 0.2)  # over 4 sampled
+
+
+@pytest.mark.slow
+def test_a_secagg_dp_simulation_spends_its_budget(tmp_path: Path) -> None:
+    cfg = load_federation(small_digits_config(tmp_path))
+    private = PrivacySpec(mode="secagg-dp", epsilon=8.0)
+    rows, _ = _final(cfg.model_copy(update={"privacy": private}), tmp_path / "dp")
+    for r in rows:
+        assert r["clients"] == r["sampled"] and 0 < r["privacy"]["epsilon"] <= 8.0 * (1 + 1e-9)
+    last = [r["privacy"]["epsilon"] for r in rows if r["round"] == 2]
+    assert min(last) > 7.0  # calibrated to spend the budget over the 2 rounds
+
+
 @pytest.mark.slow
 def test_a_secagg_simulation_aggregates_every_prototype_securely(tmp_path: Path) -> None:
     plain = load_federation(small_digits_config(tmp_path))

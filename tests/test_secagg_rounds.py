@@ -6,6 +6,7 @@ past the threshold the round fails with its reason; no individual input is held.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -130,7 +131,12 @@ def _states(agents: list[str], seed: int = 0) -> tuple[dict[str, torch.Tensor], 
 
 
 def run(
-    n: int, drop: dict[str, str], *, neighbours: int | None = None, threshold: int | None = None
+    n: int,
+    drop: dict[str, str],
+    *,
+    neighbours: int | None = None,
+    threshold: int | None = None,
+    noise_multiplier: float = 0.0,
 ) -> tuple[SecureSum, Hub, dict[str, np.ndarray]]:
     """One secure round of ``n`` agents; ``drop``: agent -> the stage it leaves before."""
     agents = [f"M-{i:03d}" for i in range(n)]
@@ -143,7 +149,7 @@ def run(
     clock = FakeClock()
     rounds = SecureRounds(spec, RUN, clock=clock)
     base, trained = _states(agents)
-    sections = rounds.open(4, "M", agents, vector_length(base), keys_s=30.0)
+    sections = rounds.open(4, "M", agents, vector_length(base), 30.0, noise_multiplier)
     hub = Hub(rounds, agents, drop)
     threads = []
     for a in agents:
@@ -248,3 +254,15 @@ def test_the_coordinator_never_holds_an_individual_input() -> None:
         for agent in hub.inputs:
             delta = clip_vector(deltas[agent], params.bound)
             assert not _holds(held, delta, params.encoding.encode(delta)), agent
+
+
+def test_distributed_dp_clients_add_their_share_of_the_sums_noise() -> None:
+    """Under secagg-dp each agent adds N(0, (z C)^2 / max(2, t)) per coordinate: the sum of
+    the round's inputs differs from the true sum by noise of about sqrt(m) times that."""
+    z, n = 0.5, 5
+    result, _, deltas = run(n, {}, noise_multiplier=z)
+    section_noise = z * 5.0 / math.sqrt(max(2, 3))  # C = 5, t = 3 for 5 agents
+    assert result.total is not None and len(result.clients) == n
+    residual = result.total - sum(deltas[a] for a in result.clients)
+    expected = math.sqrt(n) * section_noise
+    assert 0.5 * expected < float(np.std(residual)) < 2.0 * expected

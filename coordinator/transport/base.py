@@ -32,6 +32,8 @@ class Task:
     deadline: float  # unix time after which the update is no longer wanted
     seed: int = 0  # local-training seed: the same task trains identically everywhere
     training: TrainingSpec | None = None  # epochs/batch/lr dictated for this prototype
+    # secagg-dp: the noise multiplier z of the prototype's sum; its clients add their share
+    noise_multiplier: float = 0.0
 
 
 @dataclass(kw_only=True)

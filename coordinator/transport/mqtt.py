@@ -357,6 +357,7 @@ class MqttTransport(Transport):
                 [t.client_id for t in group],
                 vector_length(first.global_state),
                 max(0.0, first.deadline - time.time()),
+                first.noise_multiplier,
             )
         return out
 

@@ -17,9 +17,15 @@ import numpy as np
 
 from coordinator.transport.base import ClientUpdate, SecureSum, Task, Transport
 from takfl.config.privacy import PrivacySpec
-from takfl.secagg.client import clip_vector
+from takfl.secagg.client import clip_vector, noised_input
 from takfl.secagg.inprocess import Dropouts, run_round
-from takfl.secagg.messages import RoundParams, SecAggFailure, round_graph
+from takfl.secagg.messages import (
+    RoundParams,
+    SecAggFailure,
+    client_noise_std,
+    encoding_bound,
+    round_graph,
+)
 from takfl.secagg.vector import delta_vector, round_context
 from takfl.state import State
 
@@ -35,9 +41,13 @@ def secure_round(
     spec: PrivacySpec,
     sampled: list[str],
     inputs: dict[str, np.ndarray],
+    noise_multiplier: float = 0.0,
+    rng: np.random.Generator | None = None,
 ) -> SecureSum:
     """One prototype's SecAgg+ round among ``sampled`` in one process; ``inputs`` are the
-    clipped delta vectors of those that answered (the others drop out before keys)."""
+    clipped delta vectors of those that answered (the others drop out before keys).
+    ``noise_multiplier`` > 0 (distributed DP): each client adds its share of the sum's
+    noise, drawn from ``rng``."""
     sampled = sorted(sampled)
     answered = tuple(sorted(inputs))
     if len(sampled) < 2:
@@ -50,15 +60,19 @@ def secure_round(
         )
     k, t = round_graph(len(sampled), spec.secagg.neighbours, spec.secagg.threshold)
     length = len(next(iter(inputs.values()))) if inputs else 0
+    noise = client_noise_std(noise_multiplier, spec.secagg.clip_norm, t)
     params = RoundParams(
         context=round_context(run, round_id, prototype),
         clients=tuple(sampled),
         neighbours=k,
         threshold=t,
         bits=spec.secagg.bits,
-        bound=spec.secagg.clip_norm,
+        bound=encoding_bound(spec.secagg.clip_norm, noise),
         length=length,
     )
+    if noise > 0:
+        draw = rng or np.random.default_rng()
+        inputs = {c: noised_input(x, noise, params.bound, draw) for c, x in sorted(inputs.items())}
     try:
         total, trace = run_round(
             params, inputs, Dropouts(before_keys=frozenset(set(sampled) - set(inputs)))
@@ -83,10 +97,19 @@ def secure_round(
 class SecureInProcess(Transport):
     """``inner`` trains; each prototype's round reaches the engine as one secure sum."""
 
-    def __init__(self, inner: Transport, spec: PrivacySpec, run: str = SIMULATION_RUN) -> None:
+    def __init__(
+        self,
+        inner: Transport,
+        spec: PrivacySpec,
+        run: str = SIMULATION_RUN,
+        noise_seed: int | None = None,
+    ) -> None:
+        """``noise_seed``: distributed DP's noise, seeded for reproducible figures (None:
+        the system's entropy)."""
         self.inner = inner
         self.spec = spec
         self.run = run
+        self.noise_seed = noise_seed
         self._tasks: dict[tuple[int, str], dict[str, Task]] = {}
         self._ready: deque[SecureSum] = deque()
 
@@ -118,9 +141,24 @@ class SecureInProcess(Transport):
             )
         for key in sorted(self._tasks):
             round_id, prototype = key
-            sampled = list(self._tasks.pop(key))
+            tasks = self._tasks.pop(key)
+            z = max((t.noise_multiplier for t in tasks.values()), default=0.0)
+            seed = (
+                None
+                if self.noise_seed is None
+                else [self.noise_seed, round_id, *prototype.encode()]
+            )
             self._ready.append(
-                secure_round(self.run, round_id, prototype, self.spec, sampled, inputs.get(key, {}))
+                secure_round(
+                    self.run,
+                    round_id,
+                    prototype,
+                    self.spec,
+                    list(tasks),
+                    inputs.get(key, {}),
+                    z,
+                    np.random.default_rng(seed),
+                )
             )
 
     def publish_global(self, round_id: int, prototype: str, state: State) -> None:

@@ -35,6 +35,8 @@ from takfl.secagg.messages import (
     SealedShare,
     SecAggFailure,
     UnmaskReply,
+    client_noise_std,
+    encoding_bound,
     round_graph,
 )
 from takfl.secagg.server import SecAggServer, ServerStage
@@ -97,11 +99,18 @@ class SecureRounds:
 
     # -- opening -----------------------------------------------------------------------
     def open(
-        self, round_id: int, prototype: str, clients: list[str], length: int, keys_s: float
+        self,
+        round_id: int,
+        prototype: str,
+        clients: list[str],
+        length: int,
+        keys_s: float,
+        noise_multiplier: float = 0.0,
     ) -> dict[str, SecAggTask]:
         """Open ``prototype``'s round among ``clients`` (a round of it still open ends
         with ``failure``); returns each client's ``task.secagg``. ``keys_s``: seconds
-        until the keys stage closes (the tasks' deadline)."""
+        until the keys stage closes (the tasks' deadline); ``noise_multiplier``: the sum's
+        z under distributed DP (each client adds its share; 0: none)."""
         old = self._rounds.pop(prototype, None)
         if old is not None and not old.finished:
             self._finish(old, failure=f"round {round_id} began before round {old.round_id} ended")
@@ -119,13 +128,14 @@ class SecureRounds:
             return {}
         s = self.spec.secagg
         k, t = round_graph(len(clients), s.neighbours, s.threshold)
+        noise = client_noise_std(noise_multiplier, s.clip_norm, t)
         params = RoundParams(
             context=round_context(self.run, round_id, prototype),
             clients=tuple(clients),
             neighbours=k,
             threshold=t,
             bits=s.bits,
-            bound=s.clip_norm,
+            bound=encoding_bound(s.clip_norm, noise),
             length=length,
         )
         self._rounds[prototype] = _Round(
@@ -142,6 +152,7 @@ class SecureRounds:
                 bits=s.bits,
                 clip_norm=s.clip_norm,
                 length=length,
+                noise_std=noise,
             )
             for c in clients
         }

@@ -1,11 +1,17 @@
-"""Privacy section of a federation config: plain, central differential privacy, or
-secure aggregation.
+"""Privacy section of a federation config: plain, central differential privacy, secure
+aggregation, or secure aggregation with distributed differential privacy.
 
 ``central-dp`` (DP-FedAvg at the level of a device, McMahan et al. 2018, arXiv
 1710.06963): each update's delta against the round's global is clipped to an L2
 bound, each prototype's sum of clipped deltas gets Gaussian noise of standard
 deviation ``noise_multiplier x clip``, and an accountant from Opacus tracks the
 privacy spent per prototype given its client sampling. See ``takfl.privacy``.
+
+``secagg`` (SecAgg+): the coordinator learns only each prototype's sum per round;
+``secagg-dp``: the same, and each sampled client adds its share of the sum's Gaussian
+noise before masking, so the released models are DP without trusting the coordinator
+with the noise (the same accountant and budget as central DP). Both clip to
+``secagg.clip_norm``. See ``takfl.secagg``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from pydantic import Field, field_validator, model_validator
 
 from takfl.config.base import Strict
 from takfl.method_names import ACCOUNTANTS, CLIPPING_MODES, PRIVACY_MODES, check_name
+
+BUDGETED = ("central-dp", "secagg-dp")  # the modes that spend a privacy budget
+SECURE = ("secagg", "secagg-dp")  # the modes whose coordinator sees only sums
 
 
 class ClippingSpec(Strict):
@@ -62,7 +71,7 @@ class SecAggSpec(Strict):
 class PrivacySpec(Strict):
     """How much of a device's update the coordinator and the released models may reveal."""
 
-    mode: str = "plain"  # plain | central-dp | secagg
+    mode: str = "plain"  # plain | central-dp | secagg | secagg-dp
     # central-dp: the budget. The run refuses to start, or stops before a round, when the
     # epsilon at `delta` of any prototype would pass it.
     epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -79,6 +88,11 @@ class PrivacySpec(Strict):
     def _registered_mode(cls, value: str) -> str:
         return check_name("privacy mode", value, PRIVACY_MODES)
 
+    @property
+    def clip_bound(self) -> float:
+        """C: ``secagg.clip_norm`` in a secure mode, else ``clipping.norm``."""
+        return self.secagg.clip_norm if self.mode in SECURE else self.clipping.norm
+
     @field_validator("accountant")
     @classmethod
     def _registered_accountant(cls, value: str) -> str:
@@ -86,9 +100,15 @@ class PrivacySpec(Strict):
 
     @model_validator(mode="after")
     def _budget_given(self) -> PrivacySpec:
-        if self.mode == "central-dp" and self.epsilon is None:
+        if self.mode in BUDGETED and self.epsilon is None:
             raise ValueError(
-                "central-dp needs a budget: set privacy.epsilon (e.g. 3) and, if you wish, "
+                f"{self.mode} needs a budget: set privacy.epsilon (e.g. 3) and, if you wish, "
                 "privacy.delta (default 1e-5)"
+            )
+        if self.mode == "secagg-dp" and self.clipping.mode != "fixed":
+            raise ValueError(
+                "secagg-dp needs a fixed clipping bound (privacy.clipping.mode: fixed): "
+                "adaptive clipping learns from a count of unclipped updates, which the "
+                "coordinator never sees under secure aggregation"
             )
         return self

@@ -74,6 +74,17 @@ _UNITS: dict[str, PrivacyMode] = registry(
             per_client_outputs=False,
             secure_sum=True,
         ),
+        PrivacyMode(
+            name="secagg-dp",
+            reference="distributed DP under SecAgg+: each client adds its share of the "
+            "Gaussian noise before masking (Kairouz et al. 2021, continuous form); the "
+            "accountant as for central DP",
+            spends_budget=True,
+            teacher_from_aggregate=True,
+            per_update_aggregation=False,
+            per_client_outputs=False,
+            secure_sum=True,
+        ),
     ),
     lambda unit: unit.name,
 )

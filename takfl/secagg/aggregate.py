@@ -11,20 +11,39 @@ each client to scale its own input, and its count to be summed securely too.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from takfl.privacy.clipping import project_variances
 from takfl.secagg.checks import sum_problem
 from takfl.secagg.vector import add_vector, vector_length
 from takfl.state import State, StateView
 
+NOISE_CHECK = 2.0  # a noised sum's norm may pass n C by this many times its noise's norm
+
 
 class SecureMean:
     """The secure sum of one prototype's round, released as a mean; a state accumulator
-    with nothing to add (``add`` refuses: no individual update may reach it)."""
+    with nothing to add (``add`` refuses: no individual update may reach it).
 
-    def __init__(self, reference: StateView, *, bound: float) -> None:
+    Distributed DP (``noise_std`` > 0: what each client added per coordinate): the mean
+    is over ``denominator``, the clients sampled (fixed before anyone answered, as in
+    central DP), BatchNorm variances are raised to a floor (post-processing), and the
+    sum's norm may pass ``contributors x bound`` by the noise's expected norm, twice."""
+
+    def __init__(
+        self,
+        reference: StateView,
+        *,
+        bound: float,
+        denominator: int | None = None,
+        noise_std: float = 0.0,
+    ) -> None:
         self._reference = {k: v.detach().to("cpu").clone() for k, v in reference.items()}
         self.bound = bound
+        self.denominator = denominator
+        self.noise_std = noise_std
         self.length = vector_length(self._reference)
         self._total: np.ndarray | None = None
         self.contributors: tuple[str, ...] = ()
@@ -49,7 +68,9 @@ class SecureMean:
         if v.size != self.length:
             self.fail(f"a sum of {v.size} values for a model of {self.length}")
             return
-        problem = sum_problem(v, len(contributors), self.bound)
+        m = len(contributors)
+        slack = NOISE_CHECK * math.sqrt(m * v.size) * self.noise_std / max(m * self.bound, 1e-12)
+        problem = sum_problem(v, m, self.bound, slack=max(1e-6, slack))
         if problem is not None:
             self.fail(problem)
             return
@@ -61,4 +82,6 @@ class SecureMean:
     def result(self) -> State:
         if self._total is None:
             raise ValueError(f"no secure sum to release ({self.failure or 'none arrived'})")
-        return add_vector(self._reference, self._total, 1.0 / len(self.contributors))
+        n = self.denominator or len(self.contributors)
+        released = add_vector(self._reference, self._total, 1.0 / n)
+        return project_variances(released) if self.noise_std > 0 else released

@@ -49,6 +49,18 @@ def clip_vector(x: np.ndarray, bound: float) -> np.ndarray:
     return v if norm <= bound else v * (bound / norm)
 
 
+def noised_input(
+    clipped: np.ndarray, noise_std: float, bound: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Distributed DP: ``clipped`` plus N(0, noise_std^2) on every coordinate, clamped to
+    [-bound, bound] (the encoding's range, :func:`takfl.secagg.messages.encoding_bound`);
+    ``clipped`` itself when there is no noise."""
+    x = np.asarray(clipped, dtype=np.float64)
+    if noise_std <= 0:
+        return x
+    return np.clip(x + rng.normal(0.0, noise_std, x.shape), -bound, bound)
+
+
 def _associated(params: RoundParams, sender: str, receiver: str) -> bytes:
     return params.context + b"|" + sender.encode() + b"|" + receiver.encode()
 

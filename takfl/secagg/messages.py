@@ -31,6 +31,29 @@ class SecAggFailure(RuntimeError):
         super().__init__(f"secure aggregation failed ({reason.value}): {detail}")
 
 
+MIN_INPUTS = 2  # never unmask fewer inputs than this, whatever the threshold
+NOISE_RANGE = 10.0  # distributed DP: the encoding holds C + this many noise deviations
+
+
+def least_inputs(threshold: int) -> int:
+    """The fewest masked inputs a sum is ever unmasked from: max(2, t)."""
+    return max(MIN_INPUTS, threshold)
+
+
+def client_noise_std(noise_multiplier: float, bound: float, threshold: int) -> float:
+    """Distributed DP: the Gaussian noise each client adds per coordinate, so that any sum
+    the coordinator may unmask (at least :func:`least_inputs` inputs) carries noise of
+    standard deviation at least ``noise_multiplier x bound``, as central DP's sum does."""
+    return noise_multiplier * bound / math.sqrt(least_inputs(threshold))
+
+
+def encoding_bound(bound: float, noise_std: float) -> float:
+    """The range of one input's coordinates: the clipping bound, plus ``NOISE_RANGE``
+    noise deviations (a client clamps its noised coordinates to it; beyond 10 deviations
+    the chance is below 1e-23 per coordinate)."""
+    return bound + NOISE_RANGE * noise_std
+
+
 def round_graph(
     n: int, neighbours: int | None = None, threshold: int | None = None
 ) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import numpy as np
 from takfl.secagg.crypto import SecAggCryptoError, combine_secret, expand_mask
 from takfl.secagg.masks import apply_mask, pair_sign, pairwise_mask
 from takfl.secagg.messages import (
+    MIN_INPUTS,
     Failure,
     KeysAdvert,
     MaskedInput,
@@ -28,8 +29,6 @@ from takfl.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-
-MIN_INPUTS = 2  # never unmask fewer inputs than this, whatever the threshold
 
 
 class ServerStage(Enum):

@@ -156,6 +156,9 @@ class SecAggTask(Strict):
     bits: Literal[32, 64]  # the group Z_(2^bits) of the masked input
     clip_norm: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]  # C
     length: Annotated[int, Field(ge=1, le=2**32)]  # coordinates of the input vector
+    # distributed DP: the Gaussian noise the agent adds per coordinate after clipping (0:
+    # none); its coordinates are then clamped to clip_norm + 10 noise_std, the encoding's range
+    noise_std: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 0.0
 
     @model_validator(mode="after")
     def _consistent(self) -> SecAggTask:
