@@ -22,7 +22,7 @@ pytestmark = [
 
 @pytest.mark.parametrize(
     ("rounds", "privacy"),
-    [(2, ["--privacy", "secagg"]), (1, ["--privacy", "secagg-dp", "--epsilon", "8"])],
+    [(1, ["--privacy", "secagg"]), (1, ["--privacy", "secagg-dp", "--epsilon", "8"])],
     ids=["secagg", "secagg-dp"],
 )
 def test_a_secure_aggregation_federation_over_mosquitto_completes(
