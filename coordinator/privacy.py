@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from coordinator.transport.secure_rounds import round_noise
 from takfl.config import FederationConfig
 from takfl.config.privacy import PrivacySpec
 from takfl.privacy.accountant import PrivacyLedger, calibrate_noise
@@ -32,7 +33,6 @@ from takfl.privacy.clipping import (
 )
 from takfl.privacy.modes import PrivacyMode, privacy_mode
 from takfl.secagg.aggregate import SecureMean
-from takfl.secagg.messages import client_noise_std, round_graph
 from takfl.state import StateView
 
 log = logging.getLogger(__name__)
@@ -150,13 +150,11 @@ class RunPrivacy:
             b = self.budgets.get(prototype)
             if b is None:
                 return SecureMean(reference, bound=self.spec.clip_bound)
-            s = self.spec.secagg
-            _, t = round_graph(sampled, s.neighbours, s.threshold)
             return SecureMean(
                 reference,
                 bound=b.clip_norm,
                 denominator=sampled,
-                noise_std=client_noise_std(b.sum_multiplier, b.clip_norm, t),
+                noise_std=round_noise(self.spec, sampled, b.sum_multiplier),
             )
         b = self.budgets.get(prototype)
         if b is None or sampled < 1:

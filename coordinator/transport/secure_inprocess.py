@@ -16,17 +16,14 @@ from collections import deque
 import numpy as np
 
 from coordinator.transport.base import ClientUpdate, SecureSum, Task, Transport
+from coordinator.transport.secure_rounds import TOO_FEW_SAMPLED, round_noise, round_params
 from takfl.config.privacy import PrivacySpec
 from takfl.secagg.client import clip_vector, noised_input
 from takfl.secagg.inprocess import Dropouts, run_round
 from takfl.secagg.messages import (
-    RoundParams,
     SecAggFailure,
-    client_noise_std,
-    encoding_bound,
-    round_graph,
 )
-from takfl.secagg.vector import delta_vector, round_context
+from takfl.secagg.vector import delta_vector
 from takfl.state import State
 
 log = logging.getLogger(__name__)
@@ -56,20 +53,11 @@ def secure_round(
             prototype=prototype,
             clients=(),
             answered=answered,
-            failure="secure aggregation needs two or more sampled clients",
+            failure=TOO_FEW_SAMPLED,
         )
-    k, t = round_graph(len(sampled), spec.secagg.neighbours, spec.secagg.threshold)
     length = len(next(iter(inputs.values()))) if inputs else 0
-    noise = client_noise_std(noise_multiplier, spec.secagg.clip_norm, t)
-    params = RoundParams(
-        context=round_context(run, round_id, prototype),
-        clients=tuple(sampled),
-        neighbours=k,
-        threshold=t,
-        bits=spec.secagg.bits,
-        bound=encoding_bound(spec.secagg.clip_norm, noise),
-        length=length,
-    )
+    params = round_params(spec, run, round_id, prototype, sampled, length, noise_multiplier)
+    noise = round_noise(spec, len(sampled), noise_multiplier)
     if noise > 0:
         draw = rng or np.random.default_rng()
         inputs = {c: noised_input(x, noise, params.bound, draw) for c, x in sorted(inputs.items())}

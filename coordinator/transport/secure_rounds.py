@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +77,41 @@ class _Round:
     finished: bool = False
 
 
+TOO_FEW_SAMPLED = "secure aggregation needs two or more sampled clients"
+
+
+def round_noise(spec: PrivacySpec, sampled: int, noise_multiplier: float) -> float:
+    """The noise each client of a round of ``sampled`` clients adds per coordinate under
+    distributed DP (0 without it): from the round's threshold and the clipping bound."""
+    _, t = round_graph(sampled, spec.secagg.neighbours, spec.secagg.threshold)
+    return client_noise_std(noise_multiplier, spec.secagg.clip_norm, t)
+
+
+def round_params(
+    spec: PrivacySpec,
+    run: str,
+    round_id: int,
+    prototype: str,
+    clients: Sequence[str],
+    length: int,
+    noise_multiplier: float = 0.0,
+) -> RoundParams:
+    """The public parameters of one prototype's secure round among ``clients`` (two or
+    more, sorted): the graph, the threshold, the group and the encoding's bound."""
+    s = spec.secagg
+    k, t = round_graph(len(clients), s.neighbours, s.threshold)
+    noise = round_noise(spec, len(clients), noise_multiplier)
+    return RoundParams(
+        context=round_context(run, round_id, prototype),
+        clients=tuple(clients),
+        neighbours=k,
+        threshold=t,
+        bits=s.bits,
+        bound=encoding_bound(s.clip_norm, noise),
+        length=length,
+    )
+
+
 def input_words(blob: bytes, params: RoundParams) -> np.ndarray | None:
     """A masked input blob as the group's words (None: not ``length`` words)."""
     dtype = params.encoding.dtype
@@ -122,22 +157,15 @@ class SecureRounds:
                     prototype=prototype,
                     clients=(),
                     answered=(),
-                    failure="secure aggregation needs two or more sampled clients",
+                    failure=TOO_FEW_SAMPLED,
                 )
             )
             return {}
         s = self.spec.secagg
-        k, t = round_graph(len(clients), s.neighbours, s.threshold)
-        noise = client_noise_std(noise_multiplier, s.clip_norm, t)
-        params = RoundParams(
-            context=round_context(self.run, round_id, prototype),
-            clients=tuple(clients),
-            neighbours=k,
-            threshold=t,
-            bits=s.bits,
-            bound=encoding_bound(s.clip_norm, noise),
-            length=length,
+        params = round_params(
+            self.spec, self.run, round_id, prototype, clients, length, noise_multiplier
         )
+        noise = round_noise(self.spec, len(clients), noise_multiplier)
         self._rounds[prototype] = _Round(
             round_id=round_id,
             prototype=prototype,
@@ -147,7 +175,7 @@ class SecureRounds:
         return {
             c: SecAggTask(
                 neighbours=sorted(params.neighbours_of(c)),
-                threshold=t,
+                threshold=params.threshold,
                 clients=len(clients),
                 bits=s.bits,
                 clip_norm=s.clip_norm,
@@ -156,14 +184,6 @@ class SecureRounds:
             )
             for c in clients
         }
-
-    def is_secure(self, round_id: int, prototype: str) -> bool:
-        r = self._rounds.get(prototype)
-        return r is not None and r.round_id == round_id
-
-    def params(self, round_id: int, prototype: str) -> RoundParams | None:
-        r = self._round(round_id, prototype)
-        return r.server.params if r is not None else None
 
     def _round(self, round_id: int, prototype: str) -> _Round | None:
         r = self._rounds.get(prototype)
